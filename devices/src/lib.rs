@@ -1,1 +1,14 @@
+//! Devices of a godwit VM: the I/O buses the vCPUs dispatch to, the legacy
+//! platform devices (serial console, i8042 reset line), and later virtio.
+//!
+//! Every device keeps its guest-visible state in a plain state struct
+//! (see [`godwit_migration::persist::Persist`]) so that it can be captured and
+//! rebuilt on another host.
 
+pub mod bus;
+pub mod i8042;
+pub mod serial;
+
+/// Guest memory as every device sees it: mmap'd regions with a dirty bitmap
+/// that records the VMM's own writes (needed by live migration).
+pub type GuestMemory = vm_memory::GuestMemoryMmap<vm_memory::bitmap::AtomicBitmap>;

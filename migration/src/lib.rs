@@ -1,1 +1,4 @@
+//! State formats, the live-migration wire protocol, and the rules that decide
+//! whether a VM's state fits a host.
 
+pub mod persist;
