@@ -1,0 +1,718 @@
+//! The API socket server: accept thread, per-connection threads and event
+//! broadcasting.
+//!
+//! Every connection has a reader thread, which parses input and runs
+//! commands, and a writer thread, which is the only code writing to the
+//! socket. Replies and events reach the writer through the connection's
+//! outbox, so lines never interleave, a client that does not read only ever
+//! blocks its own writer thread (and is disconnected after
+//! [`WRITE_TIMEOUT`]), and [`EventSender::emit`] never waits for a client: it
+//! only appends to outboxes, dropping events for clients that have too many
+//! pending.
+
+use std::collections::VecDeque;
+use std::fs;
+use std::io::{self, ErrorKind, Read, Write};
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::{self, JoinHandle};
+use std::time::Duration;
+
+use serde_json::Value;
+use tracing::{debug, info, warn};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::poll::PollContext;
+
+use super::framing::{Frame, JsonFramer};
+use super::protocol::{self, CommandHandler, QmpError};
+
+/// A write to a client that does not complete within this time disconnects
+/// the client.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Events queued for one client beyond this are dropped until it catches up.
+pub const MAX_QUEUED_EVENTS: usize = 4096;
+/// Connections beyond this are refused with an error line.
+pub const MAX_CONNECTIONS: usize = 64;
+/// Largest incomplete JSON value accepted from a client.
+pub const MAX_INPUT_SIZE: usize = 1 << 20;
+/// Unix socket paths must be shorter than `sizeof(sun_path)`.
+const SUN_PATH_MAX: usize = 108;
+
+/// Errors starting the API server.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// Another process accepts connections on the socket.
+    #[error(
+        "API socket {} is already served by another process (a test connection to it \
+         succeeded); stop that process or choose another --api-socket path",
+        path.display()
+    )]
+    SocketInUse {
+        /// Socket path.
+        path: PathBuf,
+    },
+    /// The path exists and is not a socket.
+    #[error(
+        "API socket path {} exists and is not a socket; refusing to replace it: remove it \
+         or choose another --api-socket path",
+        path.display()
+    )]
+    NotASocket {
+        /// Socket path.
+        path: PathBuf,
+    },
+    /// The existing path could not be inspected or probed.
+    #[error(
+        "cannot check whether the existing API socket {} is in use: {source}; check the \
+         permissions of the path or choose another --api-socket path",
+        path.display()
+    )]
+    Probe {
+        /// Socket path.
+        path: PathBuf,
+        /// Underlying error.
+        source: io::Error,
+    },
+    /// A stale socket file could not be removed.
+    #[error(
+        "cannot remove the stale API socket {} (nothing listens on it): {source}; remove it \
+         by hand or choose another --api-socket path",
+        path.display()
+    )]
+    RemoveStale {
+        /// Socket path.
+        path: PathBuf,
+        /// Underlying error.
+        source: io::Error,
+    },
+    /// The path does not fit in a `sockaddr_un`.
+    #[error(
+        "API socket path {} is {len} bytes long, but Unix socket paths must be shorter \
+         than {SUN_PATH_MAX} bytes; choose a shorter --api-socket path",
+        path.display()
+    )]
+    PathTooLong {
+        /// Socket path.
+        path: PathBuf,
+        /// Its length in bytes.
+        len: usize,
+    },
+    /// `bind(2)`/`listen(2)` failed.
+    #[error(
+        "cannot create the API socket {}: {source}; check that its directory exists and is \
+         writable",
+        path.display()
+    )]
+    Bind {
+        /// Socket path.
+        path: PathBuf,
+        /// Underlying error.
+        source: io::Error,
+    },
+    /// Creating the server's internal resources failed.
+    #[error("cannot start the API server ({what}): {source}; the system may be out of resources")]
+    Setup {
+        /// What was being created.
+        what: &'static str,
+        /// Underlying error.
+        source: io::Error,
+    },
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding one of these locks leaves consistent data (every
+    // critical section is a few field updates), so poisoning is ignored.
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+// ---------------------------------------------------------------------------
+// Connections and their outboxes.
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// Normal operation.
+    Open,
+    /// The client stopped sending: write what is queued, then close.
+    Draining,
+    /// Close now; drop whatever is queued.
+    Closed,
+}
+
+enum Outgoing {
+    Line(String),
+    Event(Arc<str>),
+}
+
+impl Outgoing {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Outgoing::Line(line) => line.as_bytes(),
+            Outgoing::Event(line) => line.as_bytes(),
+        }
+    }
+}
+
+struct Outbox {
+    items: VecDeque<Outgoing>,
+    queued_events: usize,
+    dropped_events: u64,
+    negotiated: bool,
+    state: State,
+}
+
+struct Connection {
+    id: u64,
+    server: u64,
+    /// A handle on the socket, used only to shut it down.
+    socket: UnixStream,
+    outbox: Mutex<Outbox>,
+    wake: Condvar,
+}
+
+impl Connection {
+    fn push_line(&self, line: String, negotiated_now: bool) {
+        let mut out = lock(&self.outbox);
+        if out.state != State::Open {
+            return;
+        }
+        out.items.push_back(Outgoing::Line(line));
+        // Set under the lock after queueing the reply, so no event can be
+        // queued before the `qmp_capabilities` reply.
+        if negotiated_now {
+            out.negotiated = true;
+        }
+        self.wake.notify_one();
+    }
+
+    fn is_negotiated(&self) -> bool {
+        lock(&self.outbox).negotiated
+    }
+
+    fn is_closed(&self) -> bool {
+        lock(&self.outbox).state == State::Closed
+    }
+
+    /// Queues an event if the client negotiated; never blocks on I/O.
+    fn push_event(&self, line: &Arc<str>) -> bool {
+        let mut out = lock(&self.outbox);
+        if out.state != State::Open || !out.negotiated {
+            return false;
+        }
+        if out.queued_events >= MAX_QUEUED_EVENTS {
+            out.dropped_events += 1;
+            if out.dropped_events == 1 {
+                warn!(
+                    conn = self.id,
+                    "API client is not reading; dropping its events until it catches up"
+                );
+            }
+            return false;
+        }
+        out.items.push_back(Outgoing::Event(Arc::clone(line)));
+        out.queued_events += 1;
+        self.wake.notify_one();
+        true
+    }
+
+    /// Waits for the next item to write; `None` when the writer should stop.
+    fn next_item(&self) -> Option<Outgoing> {
+        let mut out = lock(&self.outbox);
+        loop {
+            if out.state == State::Closed {
+                return None;
+            }
+            if let Some(item) = out.items.pop_front() {
+                if matches!(item, Outgoing::Event(_)) {
+                    out.queued_events = out.queued_events.saturating_sub(1);
+                    if out.queued_events == 0 && out.dropped_events > 0 {
+                        info!(
+                            conn = self.id,
+                            dropped = out.dropped_events,
+                            "API client caught up; events were dropped while it was not reading"
+                        );
+                        out.dropped_events = 0;
+                    }
+                }
+                return Some(item);
+            }
+            if out.state == State::Draining {
+                return None;
+            }
+            out = self
+                .wake
+                .wait(out)
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+        }
+    }
+
+    fn set_state(&self, state: State) {
+        let mut out = lock(&self.outbox);
+        if out.state == State::Open || state == State::Closed {
+            out.state = state;
+        }
+        self.wake.notify_all();
+    }
+
+    /// Closes the connection now; wakes both of its threads.
+    fn close(&self) {
+        self.set_state(State::Closed);
+        // Errors only mean that the socket is already shut down.
+        let _ = self.socket.shutdown(std::net::Shutdown::Both);
+    }
+}
+
+/// The connections of all servers sharing an [`EventSender`].
+#[derive(Default)]
+struct Hub {
+    conns: Mutex<Vec<Arc<Connection>>>,
+}
+
+impl Hub {
+    fn add(&self, conn: Arc<Connection>) -> Result<(), Arc<Connection>> {
+        let mut conns = lock(&self.conns);
+        if conns.iter().filter(|c| c.server == conn.server).count() >= MAX_CONNECTIONS {
+            return Err(conn);
+        }
+        conns.push(conn);
+        Ok(())
+    }
+
+    fn remove(&self, id: u64) {
+        lock(&self.conns).retain(|c| c.id != id);
+    }
+
+    fn of_server(&self, server: u64) -> Vec<Arc<Connection>> {
+        lock(&self.conns)
+            .iter()
+            .filter(|c| c.server == server)
+            .cloned()
+            .collect()
+    }
+}
+
+/// Broadcasts events to every negotiated API client. Cheap to clone; `emit`
+/// never blocks on a client.
+#[derive(Clone, Default)]
+pub struct EventSender {
+    hub: Arc<Hub>,
+}
+
+impl std::fmt::Debug for EventSender {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EventSender")
+            .field("connections", &lock(&self.hub.conns).len())
+            .finish()
+    }
+}
+
+impl EventSender {
+    /// A sender not yet attached to a server (events go nowhere until it is
+    /// passed to [`ApiServer::start_with_events`]). Useful to build a command
+    /// handler that emits events before the server exists, or to run without
+    /// an API socket.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Sends `{"event": name, "data": data, "timestamp": ...}` to every client
+    /// that completed capabilities negotiation. `data` is normally an object;
+    /// `Value::Null` is sent as `{}`.
+    pub fn emit(&self, name: &str, data: Value) {
+        let line: Arc<str> = protocol::event_line(name, &data).into();
+        let conns = lock(&self.hub.conns);
+        let mut sent = 0;
+        for conn in conns.iter() {
+            if conn.push_event(&line) {
+                sent += 1;
+            }
+        }
+        debug!(event = name, clients = sent, "API event");
+    }
+
+    /// Number of connected clients that receive events.
+    pub fn listeners(&self) -> usize {
+        lock(&self.hub.conns)
+            .iter()
+            .filter(|c| c.is_negotiated())
+            .count()
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The server.
+
+static NEXT_SERVER_ID: AtomicU64 = AtomicU64::new(1);
+static NEXT_CONN_ID: AtomicU64 = AtomicU64::new(1);
+
+/// A running API server. Dropping it (or calling [`ApiServer::shutdown`])
+/// stops accepting, closes the connections and removes the socket file.
+pub struct ApiServer {
+    id: u64,
+    path: PathBuf,
+    /// Device and inode of the socket file we created.
+    inode: Option<(u64, u64)>,
+    hub: Arc<Hub>,
+    stop: EventFd,
+    accept_thread: Option<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for ApiServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApiServer")
+            .field("path", &self.path)
+            .field("running", &self.accept_thread.is_some())
+            .finish()
+    }
+}
+
+impl ApiServer {
+    /// Serves the QMP API on a Unix socket at `path`, dispatching commands to
+    /// `handler`. Returns the server and the sender for events.
+    ///
+    /// An existing socket file at `path` is replaced only when nothing
+    /// accepts connections on it.
+    pub fn start(
+        path: &Path,
+        handler: Arc<dyn CommandHandler>,
+    ) -> Result<(ApiServer, EventSender), ApiError> {
+        let events = EventSender::new();
+        let server = Self::start_with_events(path, handler, events.clone())?;
+        Ok((server, events))
+    }
+
+    /// Like [`ApiServer::start`], with an [`EventSender`] created beforehand
+    /// (for instance one the handler already holds).
+    pub fn start_with_events(
+        path: &Path,
+        handler: Arc<dyn CommandHandler>,
+        events: EventSender,
+    ) -> Result<ApiServer, ApiError> {
+        let len = path.as_os_str().len();
+        if len >= SUN_PATH_MAX {
+            return Err(ApiError::PathTooLong {
+                path: path.to_path_buf(),
+                len,
+            });
+        }
+        remove_stale_socket(path)?;
+        let listener = UnixListener::bind(path).map_err(|source| ApiError::Bind {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let inode = fs::metadata(path).ok().map(|m| (m.dev(), m.ino()));
+        let mut server = ApiServer {
+            id: NEXT_SERVER_ID.fetch_add(1, Ordering::Relaxed),
+            path: path.to_path_buf(),
+            inode,
+            hub: Arc::clone(&events.hub),
+            stop: EventFd::new(EFD_NONBLOCK).map_err(|source| ApiError::Setup {
+                what: "eventfd",
+                source,
+            })?,
+            accept_thread: None,
+        };
+        // From here on, dropping `server` removes the socket file.
+        listener
+            .set_nonblocking(true)
+            .map_err(|source| ApiError::Setup {
+                what: "non-blocking listener",
+                source,
+            })?;
+        let poll = PollContext::<u32>::new().map_err(|e| ApiError::Setup {
+            what: "epoll",
+            source: e.into(),
+        })?;
+        poll.add(&listener, TOKEN_LISTENER)
+            .and_then(|()| poll.add(&server.stop, TOKEN_STOP))
+            .map_err(|e| ApiError::Setup {
+                what: "epoll registration",
+                source: e.into(),
+            })?;
+        let accept = Acceptor {
+            server: server.id,
+            listener,
+            hub: Arc::clone(&server.hub),
+            handler,
+        };
+        let thread = thread::Builder::new()
+            .name("api-accept".to_string())
+            .spawn(move || accept.run(poll))
+            .map_err(|source| ApiError::Setup {
+                what: "accept thread",
+                source,
+            })?;
+        server.accept_thread = Some(thread);
+        info!(path = %path.display(), "API server listening");
+        Ok(server)
+    }
+
+    /// The socket path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Stops accepting connections, closes the open ones and removes the
+    /// socket file. Commands already running finish on their own threads;
+    /// their replies are discarded. Idempotent.
+    pub fn shutdown(&mut self) {
+        let Some(thread) = self.accept_thread.take() else {
+            return;
+        };
+        if let Err(err) = self.stop.write(1) {
+            warn!("cannot signal the API accept thread to stop: {err}");
+        } else if thread.join().is_err() {
+            warn!("the API accept thread panicked");
+        }
+        for conn in self.hub.of_server(self.id) {
+            conn.close();
+            self.hub.remove(conn.id);
+        }
+        // Remove the socket file only if it is still the one we created.
+        match fs::symlink_metadata(&self.path) {
+            Ok(meta) if Some((meta.dev(), meta.ino())) == self.inode => {
+                if let Err(err) = fs::remove_file(&self.path) {
+                    warn!(path = %self.path.display(), "cannot remove the API socket: {err}");
+                }
+            }
+            Ok(_) => info!(
+                path = %self.path.display(),
+                "API socket path was replaced by someone else; leaving it"
+            ),
+            Err(_) => {}
+        }
+        info!(path = %self.path.display(), "API server stopped");
+    }
+}
+
+impl Drop for ApiServer {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// Removes a socket file at `path` that nothing listens on.
+fn remove_stale_socket(path: &Path) -> Result<(), ApiError> {
+    let meta = match fs::symlink_metadata(path) {
+        Ok(meta) => meta,
+        Err(err) if err.kind() == ErrorKind::NotFound => return Ok(()),
+        Err(source) => {
+            return Err(ApiError::Probe {
+                path: path.to_path_buf(),
+                source,
+            })
+        }
+    };
+    if !meta.file_type().is_socket() {
+        return Err(ApiError::NotASocket {
+            path: path.to_path_buf(),
+        });
+    }
+    match UnixStream::connect(path) {
+        Ok(_) => Err(ApiError::SocketInUse {
+            path: path.to_path_buf(),
+        }),
+        Err(err) if err.kind() == ErrorKind::ConnectionRefused => {
+            fs::remove_file(path).map_err(|source| ApiError::RemoveStale {
+                path: path.to_path_buf(),
+                source,
+            })?;
+            info!(path = %path.display(), "removed stale API socket");
+            Ok(())
+        }
+        Err(source) => Err(ApiError::Probe {
+            path: path.to_path_buf(),
+            source,
+        }),
+    }
+}
+
+const TOKEN_LISTENER: u32 = 0;
+const TOKEN_STOP: u32 = 1;
+
+struct Acceptor {
+    server: u64,
+    listener: UnixListener,
+    hub: Arc<Hub>,
+    handler: Arc<dyn CommandHandler>,
+}
+
+impl Acceptor {
+    fn run(self, poll: PollContext<u32>) {
+        loop {
+            let ready: Vec<u32> = match poll.wait() {
+                Ok(events) => events.iter_readable().map(|e| e.token()).collect(),
+                Err(err) if err.errno() == libc::EINTR => continue,
+                Err(err) => {
+                    warn!("API accept loop: waiting for connections failed: {err}; stopping");
+                    return;
+                }
+            };
+            if ready.contains(&TOKEN_STOP) {
+                debug!("API accept thread stopping");
+                return;
+            }
+            if ready.contains(&TOKEN_LISTENER) {
+                self.accept_pending();
+            }
+        }
+    }
+
+    fn accept_pending(&self) {
+        loop {
+            match self.listener.accept() {
+                Ok((stream, _)) => self.serve(stream),
+                Err(err) if err.kind() == ErrorKind::WouldBlock => return,
+                Err(err) if err.kind() == ErrorKind::Interrupted => continue,
+                Err(err) => {
+                    // E.g. out of file descriptors: back off instead of spinning.
+                    warn!("cannot accept an API connection: {err}");
+                    thread::sleep(Duration::from_millis(100));
+                    return;
+                }
+            }
+        }
+    }
+
+    fn serve(&self, stream: UnixStream) {
+        let id = NEXT_CONN_ID.fetch_add(1, Ordering::Relaxed);
+        if let Err(err) = self.spawn_connection(id, stream) {
+            warn!(conn = id, "cannot set up an API connection: {err}");
+        }
+    }
+
+    fn spawn_connection(&self, id: u64, stream: UnixStream) -> io::Result<()> {
+        stream.set_nonblocking(false)?;
+        stream.set_write_timeout(Some(WRITE_TIMEOUT))?;
+        let conn = Arc::new(Connection {
+            id,
+            server: self.server,
+            socket: stream.try_clone()?,
+            outbox: Mutex::new(Outbox {
+                items: VecDeque::from([Outgoing::Line(protocol::greeting_line())]),
+                queued_events: 0,
+                dropped_events: 0,
+                negotiated: false,
+                state: State::Open,
+            }),
+            wake: Condvar::new(),
+        });
+        let writer_stream = stream.try_clone()?;
+        if let Err(conn) = self.hub.add(Arc::clone(&conn)) {
+            warn!(conn = id, "too many API connections; refusing one");
+            let err = QmpError::generic(format!(
+                "too many API connections (limit {MAX_CONNECTIONS}); close one and retry"
+            ));
+            let mut stream = stream;
+            stream.write_all(protocol::error_line(&err, None).as_bytes())?;
+            conn.close();
+            return Ok(());
+        }
+        info!(conn = id, "API client connected");
+
+        let writer = {
+            let conn = Arc::clone(&conn);
+            thread::Builder::new()
+                .name(format!("api-conn{id}-wr"))
+                .spawn(move || write_loop(&conn, writer_stream))
+        };
+        let writer = match writer {
+            Ok(writer) => writer,
+            Err(err) => {
+                self.hub.remove(id);
+                conn.close();
+                return Err(err);
+            }
+        };
+        let reader = {
+            let conn = Arc::clone(&conn);
+            let hub = Arc::clone(&self.hub);
+            let handler = Arc::clone(&self.handler);
+            thread::Builder::new()
+                .name(format!("api-conn{id}-rd"))
+                .spawn(move || {
+                    read_loop(&conn, stream, handler.as_ref());
+                    // No more events for this client; flush the replies.
+                    hub.remove(conn.id);
+                    conn.set_state(State::Draining);
+                    if writer.join().is_err() {
+                        warn!(conn = conn.id, "API writer thread panicked");
+                    }
+                    conn.close();
+                    info!(conn = conn.id, "API client disconnected");
+                })
+        };
+        if let Err(err) = reader {
+            self.hub.remove(id);
+            conn.close();
+            return Err(err);
+        }
+        Ok(())
+    }
+}
+
+fn write_loop(conn: &Connection, mut stream: UnixStream) {
+    while let Some(item) = conn.next_item() {
+        if let Err(err) = stream.write_all(item.bytes()) {
+            match err.kind() {
+                ErrorKind::WouldBlock | ErrorKind::TimedOut => warn!(
+                    conn = conn.id,
+                    "API client did not read for {WRITE_TIMEOUT:?}; disconnecting it"
+                ),
+                _ => debug!(conn = conn.id, "cannot write to API client: {err}"),
+            }
+            conn.close();
+            return;
+        }
+    }
+}
+
+fn read_loop(conn: &Connection, mut stream: UnixStream, handler: &dyn CommandHandler) {
+    let mut framer = JsonFramer::new(MAX_INPUT_SIZE);
+    let mut chunk = [0u8; 8192];
+    let mut negotiated = false;
+    loop {
+        let n = match stream.read(&mut chunk) {
+            Ok(0) => return,
+            Ok(n) => n,
+            Err(err) if err.kind() == ErrorKind::Interrupted => continue,
+            Err(err) => {
+                debug!(conn = conn.id, "cannot read from API client: {err}");
+                return;
+            }
+        };
+        framer.push(&chunk[..n]);
+        while let Some(frame) = framer.next_frame() {
+            if conn.is_closed() {
+                return;
+            }
+            let (line, negotiated_now) = match frame {
+                Frame::Value(value) => {
+                    let done = protocol::process(handler, negotiated, value);
+                    if let Some(command) = &done.command {
+                        debug!(conn = conn.id, command, "API command done");
+                    }
+                    (done.line, done.negotiated)
+                }
+                Frame::Syntax(msg) => {
+                    debug!(conn = conn.id, "API input is not JSON: {msg}");
+                    let err = QmpError::generic(format!(
+                        "JSON parse error: {msg}; input up to the next newline was discarded"
+                    ));
+                    (protocol::error_line(&err, None), false)
+                }
+                Frame::TooLarge(len) => {
+                    let err = QmpError::generic(format!(
+                        "QMP input exceeds {MAX_INPUT_SIZE} bytes ({len} bytes without a \
+                         complete JSON value); input up to the next newline was discarded"
+                    ));
+                    (protocol::error_line(&err, None), false)
+                }
+            };
+            negotiated |= negotiated_now;
+            conn.push_line(line, negotiated_now);
+        }
+    }
+}
