@@ -1,1 +1,139 @@
-fn main(){}
+//! The `godwit` command.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+use godwit_vmm::boot::KernelImage;
+use godwit_vmm::config::{parse_size, SerialSpec, VmConfig, DEFAULT_CMDLINE};
+use godwit_vmm::machine::{Machine, VmOutcome};
+use godwit_vmm::test_guest::{TEST_GUEST_ELF, TEST_GUEST_NAME};
+
+/// Exit statuses, documented in the README.
+const EXIT_START_FAILED: u8 = 1;
+const EXIT_GUEST_FAILED: u8 = 3;
+
+#[derive(Parser)]
+#[command(
+    name = "godwit",
+    version,
+    about = "A minimal VMM on KVM whose virtio-net ABI is explicit, checked and portable"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Boot a VM (the built-in test guest unless --kernel is given).
+    Run(RunArgs),
+    /// Send one command to a running godwit's management API and print the result.
+    Ctl(CtlArgs),
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// Linux kernel: bzImage or ELF vmlinux. Default: the built-in test guest.
+    #[arg(long, value_name = "PATH")]
+    kernel: Option<PathBuf>,
+    /// Initial ramdisk.
+    #[arg(long, value_name = "PATH")]
+    initrd: Option<PathBuf>,
+    /// Kernel command line.
+    #[arg(long, value_name = "STR", default_value = DEFAULT_CMDLINE)]
+    cmdline: String,
+    /// Guest RAM, e.g. 512M or 2G (a bare number is MiB).
+    #[arg(long, value_name = "SIZE", value_parser = parse_size_arg, default_value = "128M")]
+    memory: u64,
+    /// Number of vCPUs.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    vcpus: u32,
+    /// Serial console: stdio, null, or file:PATH.
+    #[arg(long, value_name = "SPEC", default_value = "stdio")]
+    serial: SerialSpec,
+    /// Serve the QMP-style management API on this Unix socket.
+    #[arg(long, value_name = "PATH")]
+    api_socket: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct CtlArgs {
+    /// The socket given to `godwit run --api-socket`.
+    #[arg(long, value_name = "PATH")]
+    api_socket: PathBuf,
+    /// A QMP command, e.g. query-status, stop, cont, quit.
+    command: String,
+    /// The command's arguments as a JSON object.
+    json_args: Option<String>,
+}
+
+fn parse_size_arg(s: &str) -> Result<u64, String> {
+    parse_size(s).map_err(|e| e.to_string())
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("GODWIT_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+}
+
+fn run(args: RunArgs) -> ExitCode {
+    let kernel = match args.kernel {
+        Some(path) => KernelImage::File(path),
+        None => KernelImage::Embedded {
+            name: TEST_GUEST_NAME,
+            bytes: TEST_GUEST_ELF,
+        },
+    };
+    let config = VmConfig {
+        kernel,
+        initrd: args.initrd,
+        cmdline: args.cmdline,
+        memory: args.memory,
+        vcpus: args.vcpus,
+        serial: args.serial,
+        api_socket: args.api_socket,
+    };
+    let machine = match Machine::build(&config) {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!("godwit: error: {e}");
+            return ExitCode::from(EXIT_START_FAILED);
+        }
+    };
+    match machine.run() {
+        VmOutcome::GuestPoweroff | VmOutcome::Quit => ExitCode::SUCCESS,
+        VmOutcome::GuestFailed(e) => {
+            eprintln!("godwit: guest failed: {e}");
+            ExitCode::from(EXIT_GUEST_FAILED)
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    match cli.command {
+        Command::Run(args) => run(args),
+        Command::Ctl(args) => match godwit_vmm::api::run_ctl(
+            &args.api_socket,
+            &args.command,
+            args.json_args.as_deref(),
+        ) {
+            Ok(out) => {
+                println!("{out}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("godwit: {e}");
+                ExitCode::from(EXIT_START_FAILED)
+            }
+        },
+    }
+}

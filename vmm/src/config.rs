@@ -1,0 +1,115 @@
+//! What a VM is made of, as the CLI (and later the API) gives it, with the
+//! parsers for its textual forms.
+
+use std::path::PathBuf;
+use std::str::FromStr;
+
+use crate::boot::KernelImage;
+
+/// Used when `--cmdline` is not given: a serial console, reset through the
+/// i8042 (the only way out without ACPI), the MP table instead of ACPI.
+pub const DEFAULT_CMDLINE: &str =
+    "console=ttyS0 reboot=k panic=1 pci=off acpi=off i8042.noaux i8042.nomux i8042.nopnp";
+pub const DEFAULT_MEMORY: u64 = 128 << 20;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error("invalid size '{0}': use a number with an optional K, M, G or T suffix (a bare number means MiB, as in QEMU), e.g. 512M or 2G")]
+    Size(String),
+    #[error("invalid serial '{0}': use stdio, null, or file:PATH")]
+    Serial(String),
+}
+
+/// Parses `512`, `512M`, `512MiB`, `2G`, `64k`. A bare number is MiB.
+pub fn parse_size(text: &str) -> Result<u64, ConfigError> {
+    let err = || ConfigError::Size(text.to_string());
+    let t = text.trim();
+    let digits_end = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (number, suffix) = t.split_at(digits_end);
+    let value: u64 = number.parse().map_err(|_| err())?;
+    let shift = match suffix.to_ascii_lowercase().as_str() {
+        "" | "m" | "mb" | "mib" => 20,
+        "b" => 0,
+        "k" | "kb" | "kib" => 10,
+        "g" | "gb" | "gib" => 30,
+        "t" | "tb" | "tib" => 40,
+        _ => return Err(err()),
+    };
+    value
+        .checked_mul(1u64 << shift)
+        .filter(|v| *v > 0)
+        .ok_or_else(err)
+}
+
+/// Where the guest's serial console goes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SerialSpec {
+    /// Output to stdout, input from stdin.
+    Stdio,
+    /// Output appended to a file; no input.
+    File(PathBuf),
+    /// Discarded.
+    Null,
+}
+
+impl FromStr for SerialSpec {
+    type Err = ConfigError;
+    fn from_str(s: &str) -> Result<Self, ConfigError> {
+        match s {
+            "stdio" => Ok(SerialSpec::Stdio),
+            "null" => Ok(SerialSpec::Null),
+            _ => match s.strip_prefix("file:") {
+                Some(path) if !path.is_empty() => Ok(SerialSpec::File(PathBuf::from(path))),
+                _ => Err(ConfigError::Serial(s.to_string())),
+            },
+        }
+    }
+}
+
+pub struct VmConfig {
+    pub kernel: KernelImage,
+    pub initrd: Option<PathBuf>,
+    pub cmdline: String,
+    pub memory: u64,
+    pub vcpus: u32,
+    pub serial: SerialSpec,
+    pub api_socket: Option<PathBuf>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("512"), Ok(512 << 20));
+        assert_eq!(parse_size("512M"), Ok(512 << 20));
+        assert_eq!(parse_size("512MiB"), Ok(512 << 20));
+        assert_eq!(parse_size("2G"), Ok(2 << 30));
+        assert_eq!(parse_size("2g"), Ok(2 << 30));
+        assert_eq!(parse_size("64k"), Ok(64 << 10));
+        assert_eq!(parse_size("4096B"), Ok(4096));
+        assert_eq!(parse_size("1T"), Ok(1 << 40));
+        for bad in [
+            "",
+            "M",
+            "12X",
+            "-1",
+            "1.5G",
+            "0",
+            "99999999999999T",
+            "1 G G",
+        ] {
+            assert_eq!(parse_size(bad), Err(ConfigError::Size(bad.into())), "{bad}");
+        }
+    }
+
+    #[test]
+    fn serial_specs() {
+        assert_eq!("stdio".parse(), Ok(SerialSpec::Stdio));
+        assert_eq!("null".parse(), Ok(SerialSpec::Null));
+        assert_eq!("file:/tmp/x".parse(), Ok(SerialSpec::File("/tmp/x".into())));
+        assert!("file:".parse::<SerialSpec>().is_err());
+        assert!("tcp:1".parse::<SerialSpec>().is_err());
+    }
+}

@@ -1,0 +1,13 @@
+//! godwit's virtual machine monitor: the KVM VM and its vCPUs, Linux boot,
+//! the management API, and the pieces that tie devices to a VM.
+
+pub mod api;
+pub mod boot;
+pub mod config;
+pub mod cpuid;
+pub mod layout;
+pub mod machine;
+pub mod memory;
+pub mod test_guest;
+pub mod vcpu;
+pub mod vm;

@@ -1,0 +1,393 @@
+//! Builds a VM from its configuration and runs it to the end: KVM, memory,
+//! kernel, devices, vCPUs, console, management API.
+
+use std::fs::OpenOptions;
+use std::io::{LineWriter, Read};
+use std::path::PathBuf;
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use serde_json::{json, Map, Value};
+use vmm_sys_util::eventfd::EventFd;
+
+use godwit_devices::bus::BusError;
+use godwit_devices::i8042::{I8042, I8042_BASE, I8042_LEN};
+use godwit_devices::serial::{SerialDevice, SerialOutput, COM1_BASE, COM1_IRQ, COM1_LEN};
+
+use crate::api::{self, ApiServer, CommandHandler, EventSender, QmpError};
+use crate::boot::{self, BootConfig, BootError};
+use crate::config::{SerialSpec, VmConfig};
+use crate::memory::{GuestRam, MemoryError};
+use crate::vcpu::{register_kick_signal, IoBuses, VcpuExitError, VcpuThreads};
+use crate::vm::{self, Vm, VmError, VmEvent};
+
+/// Why a VM could not start. Each message says what to change.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    #[error(transparent)]
+    Regs(#[from] boot::regs::RegsError),
+    #[error(transparent)]
+    MpTable(#[from] boot::mptable::MpTableError),
+    #[error("cannot open serial output file {}: {source}", path.display())]
+    SerialFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot set up {what}: {source}")]
+    Host {
+        what: &'static str,
+        source: std::io::Error,
+    },
+    #[error("device layout: {0}")]
+    Bus(#[from] BusError),
+    #[error("cannot start the API server: {0}")]
+    Api(#[from] api::ApiError),
+}
+
+/// How a VM ended.
+#[derive(Debug)]
+pub enum VmOutcome {
+    /// The guest reset or powered off the machine.
+    GuestPoweroff,
+    /// A management client sent `quit`.
+    Quit,
+    /// The guest crashed in a way KVM reports (triple fault, emulation failure).
+    GuestFailed(VcpuExitError),
+}
+
+/// Run state as QMP `query-status` reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RunState {
+    Running,
+    Paused,
+    Shutdown,
+}
+
+impl RunState {
+    fn as_str(self) -> &'static str {
+        match self {
+            RunState::Running => "running",
+            RunState::Paused => "paused",
+            RunState::Shutdown => "shutdown",
+        }
+    }
+}
+
+/// What management commands act on while the VM runs.
+pub struct VmHandle {
+    vcpus: VcpuThreads,
+    state: Mutex<RunState>,
+    vm_events: Mutex<Sender<VmEvent>>,
+    api_events: EventSender,
+}
+
+impl VmHandle {
+    pub fn run_state(&self) -> RunState {
+        *self
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn set_state(&self, new: RunState) -> RunState {
+        let mut s = self
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        std::mem::replace(&mut *s, new)
+    }
+
+    /// Pauses every vCPU. Returns false when the VM was not running.
+    pub fn pause(&self) -> bool {
+        if self.run_state() != RunState::Running {
+            return false;
+        }
+        self.vcpus.pause();
+        if self.set_state(RunState::Paused) == RunState::Running {
+            self.api_events.emit("STOP", json!({}));
+        }
+        true
+    }
+
+    /// Resumes the vCPUs. Returns false when the VM was not paused.
+    pub fn resume(&self) -> bool {
+        if self.run_state() != RunState::Paused {
+            return false;
+        }
+        self.set_state(RunState::Running);
+        self.vcpus.resume();
+        self.api_events.emit("RESUME", json!({}));
+        true
+    }
+
+    pub fn request_quit(&self) {
+        let tx = self
+            .vm_events
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let _ = tx.send(VmEvent::Quit);
+    }
+}
+
+/// The QMP commands of a running VM.
+struct VmCommands {
+    vm: Arc<VmHandle>,
+}
+
+impl CommandHandler for VmCommands {
+    fn execute(&self, command: &str, args: Map<String, Value>) -> Result<Value, QmpError> {
+        match command {
+            "query-version" => {
+                api::no_args(args)?;
+                Ok(version_info())
+            }
+            "query-status" => {
+                api::no_args(args)?;
+                let state = self.vm.run_state();
+                Ok(
+                    json!({"running": state == RunState::Running, "status": state.as_str(), "singlestep": false}),
+                )
+            }
+            "stop" => {
+                api::no_args(args)?;
+                self.vm.pause();
+                Ok(json!({}))
+            }
+            "cont" => {
+                api::no_args(args)?;
+                if self.vm.run_state() == RunState::Shutdown {
+                    return Err(QmpError::generic(
+                        "the VM has shut down and cannot be resumed",
+                    ));
+                }
+                self.vm.resume();
+                Ok(json!({}))
+            }
+            "quit" => {
+                api::no_args(args)?;
+                self.vm.request_quit();
+                Ok(json!({}))
+            }
+            other => Err(QmpError::command_not_found(format!(
+                "The command {other} has not been found"
+            ))),
+        }
+    }
+
+    fn commands(&self) -> Vec<&'static str> {
+        vec!["query-version", "query-status", "stop", "cont", "quit"]
+    }
+}
+
+pub fn version_info() -> Value {
+    let mut parts = env!("CARGO_PKG_VERSION")
+        .split('.')
+        .map(|p| p.parse::<u64>().unwrap_or(0));
+    let (major, minor, micro) = (
+        parts.next().unwrap_or(0),
+        parts.next().unwrap_or(0),
+        parts.next().unwrap_or(0),
+    );
+    json!({"godwit": {"major": major, "minor": minor, "micro": micro}, "package": format!("godwit {}", env!("CARGO_PKG_VERSION"))})
+}
+
+fn serial_output(spec: &SerialSpec) -> Result<SerialOutput, StartError> {
+    Ok(match spec {
+        SerialSpec::Stdio => Box::new(LineWriter::new(std::io::stdout())),
+        SerialSpec::Null => Box::new(std::io::sink()),
+        SerialSpec::File(path) => {
+            let file = OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(|source| StartError::SerialFile {
+                    path: path.clone(),
+                    source,
+                })?;
+            Box::new(LineWriter::new(file))
+        }
+    })
+}
+
+/// Feeds stdin to the serial receive FIFO until EOF.
+fn spawn_stdin_reader(serial: Arc<Mutex<SerialDevice>>) {
+    let spawned = std::thread::Builder::new()
+        .name("serial-stdin".into())
+        .spawn(move || {
+            let mut stdin = std::io::stdin().lock();
+            let mut buf = [0u8; 64];
+            loop {
+                let n = match stdin.read(&mut buf) {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => n,
+                };
+                let mut pending = &buf[..n];
+                while !pending.is_empty() {
+                    let taken = serial
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .enqueue_input(pending);
+                    pending = &pending[taken..];
+                    if !pending.is_empty() {
+                        // The guest has not drained its FIFO yet.
+                        std::thread::sleep(std::time::Duration::from_millis(5));
+                    }
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::warn!("serial input disabled: cannot start the stdin thread: {e}");
+    }
+}
+
+/// A VM that is built and ready to run.
+pub struct Machine {
+    handle: Arc<VmHandle>,
+    vm_events: Receiver<VmEvent>,
+    serial: Arc<Mutex<SerialDevice>>,
+    api: Option<ApiServer>,
+    // Dropped last: vCPUs and KVM slots refer to guest memory.
+    _vm: Vm,
+    _ram: GuestRam,
+}
+
+impl Machine {
+    /// Builds the VM: every check that can fail happens here, before any
+    /// vCPU runs.
+    pub fn build(config: &VmConfig) -> Result<Self, StartError> {
+        let started = Instant::now();
+        let kvm = vm::open_kvm()?;
+        let num_vcpus = vm::check_vcpus(&kvm, config.vcpus)?;
+        let ram = GuestRam::new(config.memory)?;
+        let vm = Vm::new(kvm, &ram.memory)?;
+
+        let boot_entry = boot::load(
+            &ram.memory,
+            &BootConfig {
+                kernel: &config.kernel,
+                initrd: config.initrd.as_deref(),
+                cmdline: &config.cmdline,
+                memory_size: config.memory,
+            },
+        )?;
+        boot::mptable::setup(&ram.memory, num_vcpus)?;
+
+        let (event_tx, event_rx) = mpsc::channel();
+        let mut buses = IoBuses::default();
+        let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| StartError::Host {
+            what: "the serial interrupt eventfd",
+            source,
+        })?;
+        vm.fd
+            .register_irqfd(&serial_irq, COM1_IRQ)
+            .map_err(|e| VmError::Kvm {
+                what: "wiring the serial interrupt (irqfd)",
+                source: e,
+            })?;
+        let serial = Arc::new(Mutex::new(SerialDevice::new(
+            serial_irq,
+            serial_output(&config.serial)?,
+        )));
+        buses
+            .pio
+            .insert(u64::from(COM1_BASE), u64::from(COM1_LEN), serial.clone())?;
+        let reset_tx = Mutex::new(event_tx.clone());
+        let i8042 = I8042::new(Box::new(move || {
+            let _ = reset_tx
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .send(VmEvent::GuestReset);
+        }));
+        buses.pio.insert(
+            u64::from(I8042_BASE),
+            u64::from(I8042_LEN),
+            Arc::new(Mutex::new(i8042)),
+        )?;
+
+        let mut vcpus = Vec::with_capacity(usize::from(num_vcpus));
+        for id in 0..num_vcpus {
+            vcpus.push(vm.create_vcpu(id, num_vcpus)?);
+        }
+        boot::regs::setup_boot_cpu(&vcpus[0].fd, &ram.memory, &boot_entry)?;
+
+        register_kick_signal().map_err(|e| StartError::Host {
+            what: "the vCPU kick signal handler",
+            source: std::io::Error::from_raw_os_error(e.errno()),
+        })?;
+        // vCPU threads start parked so that the API can come up first.
+        let threads = VcpuThreads::start(vcpus, Arc::new(buses), event_tx.clone(), true).map_err(
+            |source| StartError::Host {
+                what: "vCPU threads",
+                source,
+            },
+        )?;
+        let api_events = EventSender::new();
+        let handle = Arc::new(VmHandle {
+            vcpus: threads,
+            state: Mutex::new(RunState::Paused),
+            vm_events: Mutex::new(event_tx),
+            api_events: api_events.clone(),
+        });
+        let api = match &config.api_socket {
+            Some(path) => Some(ApiServer::start_with_events(
+                path,
+                Arc::new(VmCommands { vm: handle.clone() }),
+                api_events,
+            )?),
+            None => None,
+        };
+        if matches!(config.serial, SerialSpec::Stdio) {
+            spawn_stdin_reader(serial.clone());
+        }
+        tracing::debug!(
+            elapsed_us = started.elapsed().as_micros() as u64,
+            "VM built"
+        );
+        Ok(Machine {
+            handle,
+            vm_events: event_rx,
+            serial,
+            api,
+            _vm: vm,
+            _ram: ram,
+        })
+    }
+
+    /// Runs the guest until it powers off, fails, or is told to quit.
+    pub fn run(mut self) -> VmOutcome {
+        self.handle.set_state(RunState::Running);
+        self.handle.vcpus.resume();
+        let outcome = match self.vm_events.recv() {
+            Ok(VmEvent::GuestReset) => VmOutcome::GuestPoweroff,
+            Ok(VmEvent::Quit) | Err(_) => VmOutcome::Quit,
+            Ok(VmEvent::VcpuFailed(e)) => VmOutcome::GuestFailed(e),
+        };
+        self.handle.set_state(RunState::Shutdown);
+        self.handle.vcpus.exit();
+        self.serial
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .flush_output();
+        let (guest, reason) = match &outcome {
+            VmOutcome::GuestPoweroff => (true, "guest-reset"),
+            VmOutcome::Quit => (false, "host-qmp-quit"),
+            VmOutcome::GuestFailed(_) => (true, "guest-panic"),
+        };
+        self.handle
+            .api_events
+            .emit("SHUTDOWN", json!({"guest": guest, "reason": reason}));
+        if let Some(api) = self.api.as_mut() {
+            // Let clients read the SHUTDOWN event before the socket closes.
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            api.shutdown();
+        }
+        outcome
+    }
+}

@@ -1,0 +1,398 @@
+//! vCPU threads: the KVM_RUN loop, I/O exit dispatch, and the pause/resume
+//! protocol the VMM uses to stop every vCPU outside KVM_RUN.
+//!
+//! A vCPU is stopped by setting the wanted state and sending its thread a
+//! signal. The signal handler sets `immediate_exit` in the thread's own
+//! `kvm_run`, so a signal that lands just before KVM_RUN is entered still
+//! makes KVM_RUN return at once.
+
+use std::cell::Cell;
+use std::sync::mpsc::Sender;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use kvm_bindings::kvm_run;
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
+
+use godwit_devices::bus::Bus;
+
+use crate::vm::VmEvent;
+
+/// The port and MMIO buses every vCPU dispatches to.
+#[derive(Default)]
+pub struct IoBuses {
+    pub pio: Bus,
+    pub mmio: Bus,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum VcpuExitError {
+    #[error("vCPU {vcpu} triple-faulted (KVM_EXIT_SHUTDOWN) at RIP {rip:#x}: the guest kernel crashed during boot or reset without the i8042")]
+    TripleFault { vcpu: u8, rip: u64 },
+    #[error("vCPU {vcpu}: KVM could not emulate the instruction at RIP {rip:#x} (bytes: {bytes}); on hosts that emulate guest code (nested, PVM) SSE/AVX, cmpxchg16b and xsave fail")]
+    EmulationFailure { vcpu: u8, rip: u64, bytes: String },
+    #[error("vCPU {vcpu}: KVM internal error, suberror {suberror} at RIP {rip:#x}")]
+    InternalError { vcpu: u8, suberror: u32, rip: u64 },
+    #[error(
+        "vCPU {vcpu}: KVM failed to enter the guest, hardware reason {reason:#x} at RIP {rip:#x}"
+    )]
+    FailEntry { vcpu: u8, reason: u64, rip: u64 },
+    #[error("vCPU {vcpu}: unexpected KVM exit {exit} at RIP {rip:#x}")]
+    Unexpected { vcpu: u8, exit: String, rip: u64 },
+    #[error("vCPU {vcpu}: KVM_RUN failed: {source}")]
+    Run { vcpu: u8, source: kvm_ioctls::Error },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Target {
+    Run,
+    Pause,
+    Exit,
+}
+
+struct ControlState {
+    target: Target,
+    /// vCPU threads parked in the pause wait.
+    parked: usize,
+    /// vCPU threads that have not returned.
+    alive: usize,
+}
+
+/// What the vCPU threads are asked to do, shared with the VMM.
+pub struct RunControl {
+    state: Mutex<ControlState>,
+    changed: Condvar,
+}
+
+enum Step {
+    Run,
+    Exit,
+}
+
+impl RunControl {
+    fn new(start_paused: bool) -> Self {
+        RunControl {
+            state: Mutex::new(ControlState {
+                target: if start_paused {
+                    Target::Pause
+                } else {
+                    Target::Run
+                },
+                parked: 0,
+                alive: 0,
+            }),
+            changed: Condvar::new(),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, ControlState> {
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn next_step(&self) -> Step {
+        let mut s = self.lock();
+        if s.target == Target::Pause {
+            s.parked += 1;
+            self.changed.notify_all();
+            while s.target == Target::Pause {
+                s = self
+                    .changed
+                    .wait(s)
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+            }
+            s.parked -= 1;
+        }
+        match s.target {
+            Target::Exit => Step::Exit,
+            _ => Step::Run,
+        }
+    }
+}
+
+thread_local! {
+    static THREAD_KVM_RUN: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    let run = THREAD_KVM_RUN.with(Cell::get);
+    if !run.is_null() {
+        // SAFETY: the pointer is this thread's own kvm_run mapping, set while
+        // the thread owns its VcpuFd and cleared before the fd is dropped; a
+        // single byte store is async-signal-safe.
+        unsafe { std::ptr::write_volatile(&mut (*run).immediate_exit, 1) };
+    }
+}
+
+/// Installs the kick signal handler once per process.
+pub fn register_kick_signal() -> Result<(), vmm_sys_util::errno::Error> {
+    static REGISTERED: std::sync::OnceLock<Result<(), vmm_sys_util::errno::Error>> =
+        std::sync::OnceLock::new();
+    REGISTERED
+        .get_or_init(|| register_signal_handler(SIGRTMIN(), kick_handler))
+        .clone()
+}
+
+pub struct Vcpu {
+    pub id: u8,
+    pub fd: VcpuFd,
+}
+
+/// The running vCPU threads of a VM.
+pub struct VcpuThreads {
+    control: Arc<RunControl>,
+    handles: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl VcpuThreads {
+    /// Starts one thread per vCPU, running or parked.
+    pub fn start(
+        vcpus: Vec<Vcpu>,
+        buses: Arc<IoBuses>,
+        events: Sender<VmEvent>,
+        start_paused: bool,
+    ) -> std::io::Result<Self> {
+        let control = Arc::new(RunControl::new(start_paused));
+        control.lock().alive = vcpus.len();
+        let mut handles = Vec::with_capacity(vcpus.len());
+        for vcpu in vcpus {
+            let (thread_control, buses, events) = (control.clone(), buses.clone(), events.clone());
+            let spawned = std::thread::Builder::new()
+                .name(format!("vcpu{}", vcpu.id))
+                .spawn(move || run_vcpu(vcpu, &thread_control, &buses, &events));
+            match spawned {
+                Ok(h) => handles.push(h),
+                Err(e) => {
+                    control.lock().alive = handles.len();
+                    let threads = VcpuThreads {
+                        control,
+                        handles: Mutex::new(handles),
+                    };
+                    threads.exit();
+                    return Err(e);
+                }
+            }
+        }
+        Ok(VcpuThreads {
+            control,
+            handles: Mutex::new(handles),
+        })
+    }
+
+    fn handles(&self) -> MutexGuard<'_, Vec<JoinHandle<()>>> {
+        self.handles
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn kick_all(&self) {
+        for h in self.handles().iter() {
+            if !h.is_finished() {
+                // A thread that exited between the check and the kill is
+                // harmless: ESRCH.
+                let _ = h.kill(SIGRTMIN());
+            }
+        }
+    }
+
+    /// Stops every vCPU outside KVM_RUN and returns once all are parked.
+    pub fn pause(&self) {
+        let mut s = self.control.lock();
+        if s.target == Target::Exit {
+            return;
+        }
+        s.target = Target::Pause;
+        while s.parked < s.alive {
+            drop(s);
+            self.kick_all();
+            s = self.control.lock();
+            if s.parked >= s.alive {
+                break;
+            }
+            s = self
+                .control
+                .changed
+                .wait_timeout(s, Duration::from_millis(2))
+                .map(|(g, _)| g)
+                .unwrap_or_else(|e| e.into_inner().0);
+        }
+    }
+
+    pub fn resume(&self) {
+        let mut s = self.control.lock();
+        if s.target == Target::Pause {
+            s.target = Target::Run;
+            self.control.changed.notify_all();
+        }
+    }
+
+    pub fn is_paused(&self) -> bool {
+        self.control.lock().target == Target::Pause
+    }
+
+    /// Ends every vCPU thread and waits for them.
+    pub fn exit(&self) {
+        {
+            let mut s = self.control.lock();
+            s.target = Target::Exit;
+            self.control.changed.notify_all();
+        }
+        while self.handles().iter().any(|h| !h.is_finished()) {
+            self.kick_all();
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let handles: Vec<_> = self.handles().drain(..).collect();
+        for h in handles {
+            let _ = h.join();
+        }
+    }
+}
+
+impl Drop for VcpuThreads {
+    fn drop(&mut self) {
+        self.exit();
+    }
+}
+
+fn rip_of(fd: &VcpuFd) -> u64 {
+    fd.get_regs().map(|r| r.rip).unwrap_or(u64::MAX)
+}
+
+/// KVM_INTERNAL_ERROR_EMULATION
+const INTERNAL_ERROR_EMULATION: u32 = 1;
+/// KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES
+const EMULATION_FLAG_INSTRUCTION_BYTES: u64 = 1;
+
+fn internal_error(vcpu: &mut Vcpu) -> VcpuExitError {
+    let id = vcpu.id;
+    let run = vcpu.fd.get_kvm_run();
+    // SAFETY: the exit reason is KVM_EXIT_INTERNAL_ERROR, so KVM filled the
+    // `internal` member of the exit union.
+    let internal = unsafe { run.__bindgen_anon_1.internal };
+    let suberror = internal.suberror;
+    let rip = rip_of(&vcpu.fd);
+    if suberror == INTERNAL_ERROR_EMULATION {
+        // With the flag, data[0] holds flags, data[1] the instruction length
+        // and data[2..] up to 15 instruction bytes.
+        let ndata = (internal.ndata as usize).min(internal.data.len());
+        let data = &internal.data[..ndata];
+        let bytes = if ndata >= 3 && data[0] & EMULATION_FLAG_INSTRUCTION_BYTES != 0 {
+            let len = (data[1] as usize).min(15);
+            data[2..]
+                .iter()
+                .flat_map(|w| w.to_le_bytes())
+                .take(len)
+                .map(|b| format!("{b:02x}"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        } else {
+            "not reported".to_string()
+        };
+        return VcpuExitError::EmulationFailure {
+            vcpu: id,
+            rip,
+            bytes,
+        };
+    }
+    VcpuExitError::InternalError {
+        vcpu: id,
+        suberror,
+        rip,
+    }
+}
+
+fn run_vcpu(mut vcpu: Vcpu, control: &RunControl, buses: &IoBuses, events: &Sender<VmEvent>) {
+    THREAD_KVM_RUN.with(|c| c.set(vcpu.fd.get_kvm_run() as *mut kvm_run));
+    let outcome = vcpu_loop(&mut vcpu, control, buses);
+    THREAD_KVM_RUN.with(|c| c.set(std::ptr::null_mut()));
+    {
+        let mut s = control.lock();
+        s.alive -= 1;
+        control.changed.notify_all();
+    }
+    if let Some(event) = outcome {
+        let _ = events.send(event);
+    }
+}
+
+/// Runs until told to exit (None) or until the guest ends the VM.
+fn vcpu_loop(vcpu: &mut Vcpu, control: &RunControl, buses: &IoBuses) -> Option<VmEvent> {
+    let id = vcpu.id;
+    loop {
+        vcpu.fd.set_kvm_immediate_exit(0);
+        if let Step::Exit = control.next_step() {
+            return None;
+        }
+        let exit = match vcpu.fd.run() {
+            Ok(exit) => exit,
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => continue,
+            Err(source) => {
+                return Some(VmEvent::VcpuFailed(VcpuExitError::Run { vcpu: id, source }))
+            }
+        };
+        match exit {
+            VcpuExit::IoIn(port, data) => {
+                if !buses.pio.read(u64::from(port), data) {
+                    data.fill(0xff);
+                }
+            }
+            VcpuExit::IoOut(port, data) => {
+                buses.pio.write(u64::from(port), data);
+            }
+            VcpuExit::MmioRead(addr, data) => {
+                if !buses.mmio.read(addr, data) {
+                    data.fill(0xff);
+                }
+            }
+            VcpuExit::MmioWrite(addr, data) => {
+                buses.mmio.write(addr, data);
+            }
+            VcpuExit::Hlt => {
+                // Only without an in-kernel LAPIC; a halted vCPU with no
+                // interrupt source would never wake, so it ends here.
+                tracing::info!("vCPU {id} halted");
+                return None;
+            }
+            VcpuExit::Shutdown => {
+                let rip = rip_of(&vcpu.fd);
+                return Some(VmEvent::VcpuFailed(VcpuExitError::TripleFault {
+                    vcpu: id,
+                    rip,
+                }));
+            }
+            VcpuExit::SystemEvent(kind, _) => {
+                return Some(match kind {
+                    kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN
+                    | kvm_bindings::KVM_SYSTEM_EVENT_RESET => VmEvent::GuestReset,
+                    other => VmEvent::VcpuFailed(VcpuExitError::Unexpected {
+                        vcpu: id,
+                        exit: format!("system event {other}"),
+                        rip: rip_of(&vcpu.fd),
+                    }),
+                });
+            }
+            VcpuExit::InternalError => return Some(VmEvent::VcpuFailed(internal_error(vcpu))),
+            VcpuExit::FailEntry(reason, _cpu) => {
+                let rip = rip_of(&vcpu.fd);
+                return Some(VmEvent::VcpuFailed(VcpuExitError::FailEntry {
+                    vcpu: id,
+                    reason,
+                    rip,
+                }));
+            }
+            VcpuExit::Intr => {}
+            other => {
+                let exit = format!("{other:?}");
+                let rip = rip_of(&vcpu.fd);
+                return Some(VmEvent::VcpuFailed(VcpuExitError::Unexpected {
+                    vcpu: id,
+                    exit,
+                    rip,
+                }));
+            }
+        }
+    }
+}

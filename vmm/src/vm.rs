@@ -1,0 +1,170 @@
+//! The KVM virtual machine: /dev/kvm, guest RAM slots, the in-kernel
+//! irqchip (PIC, IOAPIC, LAPICs) and PIT, and the vCPU file descriptors.
+
+use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Cap, Kvm, VmFd};
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+
+use godwit_devices::GuestMemory;
+
+use crate::cpuid::{self, HostCaps};
+use crate::layout::{KVM_IDENTITY_MAP_ADDR, KVM_TSS_ADDR, MAX_VCPUS};
+use crate::vcpu::{Vcpu, VcpuExitError};
+
+/// Why the VM ends, sent to the VMM's main thread.
+#[derive(Debug)]
+pub enum VmEvent {
+    /// The guest reset or powered off the machine (i8042, reboot=k).
+    GuestReset,
+    /// A vCPU stopped on an error the guest cannot recover from.
+    VcpuFailed(VcpuExitError),
+    /// The management API asked godwit to quit.
+    Quit,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error("/dev/kvm does not exist: this host offers no KVM. Load kvm_intel or kvm_amd, or enable nested virtualisation for this machine")]
+    NoKvm,
+    #[error("permission denied opening /dev/kvm: run godwit as root or add your user to the group that owns /dev/kvm (usually 'kvm')")]
+    KvmPermission,
+    #[error("cannot open /dev/kvm: {0}")]
+    OpenKvm(kvm_ioctls::Error),
+    #[error("KVM API version {0} is not the stable version 12 godwit needs")]
+    ApiVersion(i32),
+    #[error("this host's KVM lacks {0}, which godwit needs")]
+    MissingCap(&'static str),
+    #[error("--vcpus {requested} is more than {limit} (this host's KVM allows {kvm_max}; godwit's MP table allows {MAX_VCPUS})")]
+    TooManyVcpus {
+        requested: u32,
+        limit: u32,
+        kvm_max: usize,
+    },
+    #[error("--vcpus 0: a VM needs at least one vCPU")]
+    NoVcpus,
+    #[error(transparent)]
+    Regs(#[from] crate::boot::regs::RegsError),
+    #[error("KVM refused {what}: {source}")]
+    Kvm {
+        what: &'static str,
+        source: kvm_ioctls::Error,
+    },
+}
+
+fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
+    move |source| VmError::Kvm { what, source }
+}
+
+/// Opens /dev/kvm and checks everything godwit relies on.
+pub fn open_kvm() -> Result<Kvm, VmError> {
+    let kvm = Kvm::new().map_err(|e| match e.errno() {
+        libc::ENOENT | libc::ENODEV | libc::ENXIO => VmError::NoKvm,
+        libc::EACCES | libc::EPERM => VmError::KvmPermission,
+        _ => VmError::OpenKvm(e),
+    })?;
+    let version = kvm.get_api_version();
+    if version != 12 {
+        return Err(VmError::ApiVersion(version));
+    }
+    for (cap, name) in [
+        (Cap::Irqchip, "an in-kernel irqchip (KVM_CAP_IRQCHIP)"),
+        (Cap::Irqfd, "irqfd (KVM_CAP_IRQFD)"),
+        (Cap::Ioeventfd, "ioeventfd (KVM_CAP_IOEVENTFD)"),
+        (Cap::Pit2, "the in-kernel PIT (KVM_CAP_PIT2)"),
+        (Cap::UserMemory, "user memory slots (KVM_CAP_USER_MEMORY)"),
+        (Cap::ImmediateExit, "KVM_CAP_IMMEDIATE_EXIT"),
+        (Cap::ExtCpuid, "KVM_GET_SUPPORTED_CPUID (KVM_CAP_EXT_CPUID)"),
+    ] {
+        if !kvm.check_extension(cap) {
+            return Err(VmError::MissingCap(name));
+        }
+    }
+    Ok(kvm)
+}
+
+/// The largest --vcpus this host accepts.
+pub fn max_vcpus(kvm: &Kvm) -> u32 {
+    (kvm.get_max_vcpus() as u32).min(u32::from(MAX_VCPUS))
+}
+
+pub fn check_vcpus(kvm: &Kvm, requested: u32) -> Result<u8, VmError> {
+    if requested == 0 {
+        return Err(VmError::NoVcpus);
+    }
+    let limit = max_vcpus(kvm);
+    if requested > limit {
+        return Err(VmError::TooManyVcpus {
+            requested,
+            limit,
+            kvm_max: kvm.get_max_vcpus(),
+        });
+    }
+    Ok(requested as u8)
+}
+
+pub struct Vm {
+    pub kvm: Kvm,
+    pub fd: VmFd,
+}
+
+impl Vm {
+    /// Creates the VM with its irqchip and PIT and maps guest RAM into it.
+    pub fn new(kvm: Kvm, memory: &GuestMemory) -> Result<Self, VmError> {
+        let fd = kvm.create_vm().map_err(kvm_err("creating a VM"))?;
+        fd.set_tss_address(KVM_TSS_ADDR as usize)
+            .map_err(kvm_err("setting the TSS address"))?;
+        fd.set_identity_map_address(KVM_IDENTITY_MAP_ADDR)
+            .map_err(kvm_err("setting the identity map address"))?;
+        fd.create_irq_chip()
+            .map_err(kvm_err("creating the in-kernel irqchip"))?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        fd.create_pit2(pit)
+            .map_err(kvm_err("creating the in-kernel PIT"))?;
+        let vm = Vm { kvm, fd };
+        vm.map_memory(memory, 0)?;
+        Ok(vm)
+    }
+
+    /// Registers every RAM region as a KVM memory slot.
+    pub fn map_memory(&self, memory: &GuestMemory, flags: u32) -> Result<(), VmError> {
+        for (slot, region) in memory.iter().enumerate() {
+            let host_addr = memory
+                .get_host_address(region.start_addr())
+                .map_err(|_| VmError::MissingCap("a host mapping for guest RAM"))?;
+            let mem_region = kvm_userspace_memory_region {
+                slot: slot as u32,
+                flags,
+                guest_phys_addr: region.start_addr().0,
+                memory_size: region.len(),
+                userspace_addr: host_addr as u64,
+            };
+            // SAFETY: the region is a live mapping owned by `memory`, which
+            // outlives the VM (the VMM drops the VM before guest memory).
+            unsafe { self.fd.set_user_memory_region(mem_region) }
+                .map_err(kvm_err("registering guest memory"))?;
+        }
+        Ok(())
+    }
+
+    /// Creates vCPU `id` of `num_vcpus` with its CPUID and reset-time state.
+    pub fn create_vcpu(&self, id: u8, num_vcpus: u8) -> Result<Vcpu, VmError> {
+        let fd = self
+            .fd
+            .create_vcpu(u64::from(id))
+            .map_err(kvm_err("creating a vCPU"))?;
+        let mut cpuid = self
+            .kvm
+            .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+            .map_err(kvm_err("reporting supported CPUID"))?;
+        let host = HostCaps {
+            tsc_deadline_timer: self.kvm.check_extension(Cap::TscDeadlineTimer),
+        };
+        cpuid::filter(cpuid.as_mut_slice(), id, num_vcpus, host);
+        fd.set_cpuid2(&cpuid).map_err(kvm_err("setting CPUID"))?;
+        crate::boot::regs::setup_cpu_common(&fd)?;
+        Ok(Vcpu { id, fd })
+    }
+}
