@@ -1,0 +1,34 @@
+# godwit: build, demo, tests and benchmarks. See README.md.
+CARGO ?= cargo
+GODWIT := target/debug/godwit
+GODWIT_RELEASE := target/release/godwit
+
+.PHONY: all build release demo test lint bench clean
+
+all: build
+
+build:
+	$(CARGO) build --workspace --all-targets
+
+release:
+	$(CARGO) build --release --workspace
+
+# Boots the bundled test guest with two vCPUs and its serial console on stdout.
+demo: build
+	resources/demo.sh $(GODWIT)
+
+# Unit and end-to-end tests: real KVM, real TAP devices in namespaces the
+# tests create and remove. Needs root.
+test: build
+	$(CARGO) test --workspace -- --test-threads=2
+
+lint:
+	$(CARGO) fmt --all --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+# Benchmarks; results go to BENCHMARKS.md by hand, with this command.
+bench: release
+	$(CARGO) run --release -p godwit-tests --bin godwit-bench -- all
+
+clean:
+	$(CARGO) clean
