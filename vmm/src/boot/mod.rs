@@ -397,8 +397,8 @@ mod tests {
         }
         let big = e820_map(5 * 1024 * MIB);
         let last = big.last().unwrap();
-        assert_eq!(last.addr, MMIO_HOLE_END);
-        assert_eq!(last.size, 2 * 1024 * MIB);
+        assert_eq!({ last.addr }, MMIO_HOLE_END);
+        assert_eq!({ last.size }, 2 * 1024 * MIB);
         assert!(big
             .iter()
             .all(|e| e.addr + e.size <= MMIO_HOLE_START || e.addr >= MMIO_HOLE_END));
