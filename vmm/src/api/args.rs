@@ -225,7 +225,10 @@ mod tests {
     #[test]
     fn names_the_faulty_parameter() {
         let cases = [
-            (json!({"size": 1, "foo": 2}), "Parameter 'foo' is unexpected"),
+            (
+                json!({"size": 1, "foo": 2}),
+                "Parameter 'foo' is unexpected",
+            ),
             (json!({}), "Parameter 'size' is missing"),
             (
                 json!({"size": "x"}),
@@ -279,6 +282,9 @@ mod tests {
         let Value::Object(map) = json!({"x": 1}) else {
             unreachable!()
         };
-        assert_eq!(no_args(map).unwrap_err().desc, "Parameter 'x' is unexpected");
+        assert_eq!(
+            no_args(map).unwrap_err().desc,
+            "Parameter 'x' is unexpected"
+        );
     }
 }

@@ -363,7 +363,11 @@ fn kind(value: &Value) -> &'static str {
 
 /// `godwit ctl --api-socket PATH COMMAND [JSON-ARGS]`: runs one command and
 /// returns its pretty-printed `return` value.
-pub fn run_ctl(socket: &Path, command: &str, json_args: Option<&str>) -> Result<String, ClientError> {
+pub fn run_ctl(
+    socket: &Path,
+    command: &str,
+    json_args: Option<&str>,
+) -> Result<String, ClientError> {
     let args = match json_args {
         None => Value::Null,
         Some(text) => match serde_json::from_str::<Value>(text) {
