@@ -1,0 +1,46 @@
+#include "check.h"
+#include "io.h"
+#include "print.h"
+
+static u32 failures;
+
+void fail_begin(void)
+{
+	print_lock();
+	put_str(GUEST_PREFIX "check failed: ");
+}
+
+void fail_end(void)
+{
+	put_char('\n');
+	__atomic_fetch_add(&failures, 1, __ATOMIC_RELAXED);
+	print_unlock();
+}
+
+void fail_msg(const char *what)
+{
+	fail_begin();
+	put_str(what);
+	fail_end();
+}
+
+u32 failure_count(void)
+{
+	return __atomic_load_n(&failures, __ATOMIC_RELAXED);
+}
+
+void finish(void)
+{
+	if (failure_count() == 0)
+		println(GUEST_PREFIX "checks passed");
+	else
+		println(GUEST_PREFIX "checks FAILED");
+	poweroff();
+}
+
+void poweroff(void)
+{
+	println(GUEST_PREFIX "poweroff");
+	outb(0x64, 0xfe); /* i8042 "pulse reset line": Linux reboot=k */
+	halt_forever();
+}
