@@ -58,7 +58,7 @@ pub enum ClientError {
     },
     /// No answer in time.
     #[error(
-        "no answer from godwit on {} after {timeout:?} while {action}; godwit may be busy or hung",
+        "timed out after {timeout:?} on API socket {} while {action}; godwit may be busy or hung",
         path.display()
     )]
     Timeout {
@@ -159,7 +159,7 @@ impl QmpClient {
             timeout,
         };
         let deadline = Instant::now() + timeout;
-        let greeting = client.read_message(deadline, "waiting for the QMP greeting")?;
+        let greeting = client.read_message(deadline, timeout, "waiting for the QMP greeting")?;
         if let Some(err) = greeting.get("error") {
             return Err(qmp_error(err));
         }
@@ -219,7 +219,7 @@ impl QmpClient {
 
         let deadline = Instant::now() + self.timeout;
         loop {
-            let msg = self.read_message(deadline, &action)?;
+            let msg = self.read_message(deadline, self.timeout, &action)?;
             if msg.get("event").is_some() {
                 self.events.push_back(msg);
                 continue;
@@ -263,7 +263,7 @@ impl QmpClient {
         let deadline = Instant::now() + timeout;
         let action = format!("waiting for event {name}");
         loop {
-            let msg = self.read_message(deadline, &action)?;
+            let msg = self.read_message(deadline, timeout, &action)?;
             if is_event(&msg, name) {
                 return Ok(msg);
             }
@@ -283,8 +283,14 @@ impl QmpClient {
         }
     }
 
-    /// Reads the next message, waiting until `deadline`.
-    fn read_message(&mut self, deadline: Instant, action: &str) -> Result<Value, ClientError> {
+    /// Reads the next message, waiting until `deadline` (`timeout` from the
+    /// start of the wait, for the error message).
+    fn read_message(
+        &mut self,
+        deadline: Instant,
+        timeout: Duration,
+        action: &str,
+    ) -> Result<Value, ClientError> {
         let mut chunk = [0u8; 8192];
         loop {
             match self.framer.next_frame() {
@@ -307,7 +313,7 @@ impl QmpClient {
             let timed_out = || ClientError::Timeout {
                 path: self.path.clone(),
                 action: action.to_string(),
-                timeout: self.timeout,
+                timeout,
             };
             if left.is_zero() {
                 return Err(timed_out());
@@ -322,7 +328,7 @@ impl QmpClient {
                         action: action.to_string(),
                     })
                 }
-                Ok(n) => self.framer.push(&chunk[..n]),
+                Ok(n) => self.framer.push(chunk.get(..n).unwrap_or_default()),
                 Err(err) if err.kind() == ErrorKind::Interrupted => {}
                 Err(err) if matches!(err.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
                     return Err(timed_out())

@@ -34,6 +34,9 @@ use super::protocol::{self, CommandHandler, QmpError};
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Events queued for one client beyond this are dropped until it catches up.
 pub const MAX_QUEUED_EVENTS: usize = 4096;
+/// Replies queued for one client beyond this stop its reader thread (and so
+/// the client's further commands) until the client reads.
+const MAX_QUEUED_REPLIES: usize = 256;
 /// Connections beyond this are refused with an error line.
 pub const MAX_CONNECTIONS: usize = 64;
 /// Largest incomplete JSON value accepted from a client.
@@ -159,6 +162,7 @@ impl Outgoing {
 
 struct Outbox {
     items: VecDeque<Outgoing>,
+    queued_replies: usize,
     queued_events: usize,
     dropped_events: u64,
     negotiated: bool,
@@ -171,16 +175,29 @@ struct Connection {
     /// A handle on the socket, used only to shut it down.
     socket: UnixStream,
     outbox: Mutex<Outbox>,
+    /// Signalled when there is something to write or the state changed.
     wake: Condvar,
+    /// Signalled when a queued reply was written or the state changed.
+    space: Condvar,
 }
 
 impl Connection {
+    /// Queues a reply. Waits while too many replies are pending: a client
+    /// that sends commands without reading the replies is slowed down to the
+    /// pace at which it reads.
     fn push_line(&self, line: String, negotiated_now: bool) {
         let mut out = lock(&self.outbox);
+        while out.state == State::Open && out.queued_replies >= MAX_QUEUED_REPLIES {
+            out = self
+                .space
+                .wait(out)
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+        }
         if out.state != State::Open {
             return;
         }
         out.items.push_back(Outgoing::Line(line));
+        out.queued_replies += 1;
         // Set under the lock after queueing the reply, so no event can be
         // queued before the `qmp_capabilities` reply.
         if negotiated_now {
@@ -227,7 +244,10 @@ impl Connection {
                 return None;
             }
             if let Some(item) = out.items.pop_front() {
-                if matches!(item, Outgoing::Event(_)) {
+                if matches!(item, Outgoing::Line(_)) {
+                    out.queued_replies = out.queued_replies.saturating_sub(1);
+                    self.space.notify_one();
+                } else {
                     out.queued_events = out.queued_events.saturating_sub(1);
                     if out.queued_events == 0 && out.dropped_events > 0 {
                         info!(
@@ -256,6 +276,7 @@ impl Connection {
             out.state = state;
         }
         self.wake.notify_all();
+        self.space.notify_all();
     }
 
     /// Closes the connection now; wakes both of its threads.
@@ -359,13 +380,14 @@ pub struct ApiServer {
     hub: Arc<Hub>,
     stop: EventFd,
     accept_thread: Option<JoinHandle<()>>,
+    stopped: bool,
 }
 
 impl std::fmt::Debug for ApiServer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ApiServer")
             .field("path", &self.path)
-            .field("running", &self.accept_thread.is_some())
+            .field("running", &!self.stopped)
             .finish()
     }
 }
@@ -399,36 +421,44 @@ impl ApiServer {
                 len,
             });
         }
+        // Everything that can fail for lack of resources comes before the
+        // socket file exists, so that a failed start leaves no file behind.
+        let stop = EventFd::new(EFD_NONBLOCK).map_err(|source| ApiError::Setup {
+            what: "eventfd",
+            source,
+        })?;
+        let poll = PollContext::<u32>::new().map_err(|e| ApiError::Setup {
+            what: "epoll",
+            source: e.into(),
+        })?;
+        poll.add(&stop, TOKEN_STOP).map_err(|e| ApiError::Setup {
+            what: "epoll registration",
+            source: e.into(),
+        })?;
+
         remove_stale_socket(path)?;
         let listener = UnixListener::bind(path).map_err(|source| ApiError::Bind {
             path: path.to_path_buf(),
             source,
         })?;
         let inode = fs::metadata(path).ok().map(|m| (m.dev(), m.ino()));
+        // From here on, dropping `server` removes the socket file.
         let mut server = ApiServer {
             id: NEXT_SERVER_ID.fetch_add(1, Ordering::Relaxed),
             path: path.to_path_buf(),
             inode,
             hub: Arc::clone(&events.hub),
-            stop: EventFd::new(EFD_NONBLOCK).map_err(|source| ApiError::Setup {
-                what: "eventfd",
-                source,
-            })?,
+            stop,
             accept_thread: None,
+            stopped: false,
         };
-        // From here on, dropping `server` removes the socket file.
         listener
             .set_nonblocking(true)
             .map_err(|source| ApiError::Setup {
                 what: "non-blocking listener",
                 source,
             })?;
-        let poll = PollContext::<u32>::new().map_err(|e| ApiError::Setup {
-            what: "epoll",
-            source: e.into(),
-        })?;
         poll.add(&listener, TOKEN_LISTENER)
-            .and_then(|()| poll.add(&server.stop, TOKEN_STOP))
             .map_err(|e| ApiError::Setup {
                 what: "epoll registration",
                 source: e.into(),
@@ -460,13 +490,16 @@ impl ApiServer {
     /// socket file. Commands already running finish on their own threads;
     /// their replies are discarded. Idempotent.
     pub fn shutdown(&mut self) {
-        let Some(thread) = self.accept_thread.take() else {
+        if self.stopped {
             return;
-        };
-        if let Err(err) = self.stop.write(1) {
-            warn!("cannot signal the API accept thread to stop: {err}");
-        } else if thread.join().is_err() {
-            warn!("the API accept thread panicked");
+        }
+        self.stopped = true;
+        if let Some(thread) = self.accept_thread.take() {
+            if let Err(err) = self.stop.write(1) {
+                warn!("cannot signal the API accept thread to stop: {err}");
+            } else if thread.join().is_err() {
+                warn!("the API accept thread panicked");
+            }
         }
         for conn in self.hub.of_server(self.id) {
             conn.close();
@@ -594,12 +627,14 @@ impl Acceptor {
             socket: stream.try_clone()?,
             outbox: Mutex::new(Outbox {
                 items: VecDeque::from([Outgoing::Line(protocol::greeting_line())]),
+                queued_replies: 1,
                 queued_events: 0,
                 dropped_events: 0,
                 negotiated: false,
                 state: State::Open,
             }),
             wake: Condvar::new(),
+            space: Condvar::new(),
         });
         let writer_stream = stream.try_clone()?;
         if let Err(conn) = self.hub.add(Arc::clone(&conn)) {
@@ -685,7 +720,7 @@ fn read_loop(conn: &Connection, mut stream: UnixStream, handler: &dyn CommandHan
                 return;
             }
         };
-        framer.push(&chunk[..n]);
+        framer.push(chunk.get(..n).unwrap_or_default());
         while let Some(frame) = framer.next_frame() {
             if conn.is_closed() {
                 return;

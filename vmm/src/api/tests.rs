@@ -963,3 +963,66 @@ fn many_clients_in_parallel() {
     }
     assert_eq!(results.lock().expect("lock").len(), 16);
 }
+
+#[test]
+fn pipelined_commands_without_reading_replies() {
+    let s = setup();
+    let mut c = Raw::negotiated(&s.path);
+    let mut writer = c.stream.try_clone().expect("clone");
+    // 3000 replies of ~250 bytes: more than a socket buffer holds.
+    let pad = "p".repeat(200);
+    let sent_pad = pad.clone();
+    let sender = thread::spawn(move || {
+        let pad = sent_pad;
+        for id in 0..3000 {
+            let line = format!(
+                "{{\"execute\": \"echo\", \"arguments\": {{\"n\": {id}, \"pad\": \"{pad}\"}}, \"id\": {id}}}\n"
+            );
+            writer.write_all(line.as_bytes()).expect("send");
+        }
+    });
+    // Let replies pile up; the server must hold back instead of buffering
+    // without bound, and other clients must not notice.
+    thread::sleep(Duration::from_millis(300));
+    let mut other = Raw::negotiated(&s.path);
+    assert_eq!(
+        other.request(r#"{"execute": "echo"}"#),
+        json!({"return": {}})
+    );
+    for id in 0..3000 {
+        assert_eq!(c.recv(), json!({"return": {"n": id, "pad": pad}, "id": id}));
+    }
+    sender.join().expect("sender");
+}
+
+#[test]
+fn connections_beyond_the_limit_are_refused() {
+    let s = setup();
+    let mut clients: Vec<Raw> = (0..MAX_CONNECTIONS)
+        .map(|_| Raw::greeted(&s.path))
+        .collect();
+    let mut extra = Raw::connect(&s.path);
+    let refused = extra.recv();
+    assert_eq!(refused["error"]["class"], "GenericError");
+    assert_eq!(
+        refused["error"]["desc"],
+        format!("too many API connections (limit {MAX_CONNECTIONS}); close one and retry")
+    );
+    assert!(extra.at_eof());
+    // Room again once a client leaves.
+    clients.pop();
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        let mut c = Raw::connect(&s.path);
+        if c.recv().get("QMP").is_some() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no room after a client left");
+        thread::sleep(Duration::from_millis(20));
+    }
+    let c = clients.first_mut().expect("client");
+    assert_eq!(
+        c.request(r#"{"execute": "qmp_capabilities"}"#),
+        json!({"return": {}})
+    );
+}
