@@ -35,5 +35,5 @@ pub use client::{run_ctl, ClientError, QmpClient};
 pub use protocol::{CommandHandler, ErrorClass, QmpError, QMP_CAPABILITIES, QUERY_COMMANDS};
 pub use server::{
     ApiError, ApiServer, EventSender, MAX_CONNECTIONS, MAX_INPUT_SIZE, MAX_QUEUED_EVENTS,
-    WRITE_TIMEOUT,
+    SHUTDOWN_FLUSH_TIMEOUT, WRITE_TIMEOUT,
 };

@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::{self, JoinHandle};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use tracing::{debug, info, warn};
@@ -37,6 +37,9 @@ pub const MAX_QUEUED_EVENTS: usize = 4096;
 /// Replies queued for one client beyond this stop its reader thread (and so
 /// the client's further commands) until the client reads.
 const MAX_QUEUED_REPLIES: usize = 256;
+/// How long [`ApiServer::shutdown`] waits for queued replies and events to
+/// be written before closing the connections.
+pub const SHUTDOWN_FLUSH_TIMEOUT: Duration = Duration::from_secs(1);
 /// Connections beyond this are refused with an error line.
 pub const MAX_CONNECTIONS: usize = 64;
 /// Largest incomplete JSON value accepted from a client.
@@ -486,9 +489,11 @@ impl ApiServer {
         &self.path
     }
 
-    /// Stops accepting connections, closes the open ones and removes the
-    /// socket file. Commands already running finish on their own threads;
-    /// their replies are discarded. Idempotent.
+    /// Stops accepting connections, removes the socket file and closes the
+    /// open connections. Input not yet read is ignored; replies and events
+    /// already queued, and the replies of commands that finish meanwhile, are
+    /// still written, for at most [`SHUTDOWN_FLUSH_TIMEOUT`] in all (so the
+    /// reply to a `quit` command reaches its client). Idempotent.
     pub fn shutdown(&mut self) {
         if self.stopped {
             return;
@@ -500,10 +505,6 @@ impl ApiServer {
             } else if thread.join().is_err() {
                 warn!("the API accept thread panicked");
             }
-        }
-        for conn in self.hub.of_server(self.id) {
-            conn.close();
-            self.hub.remove(conn.id);
         }
         // Remove the socket file only if it is still the one we created.
         match fs::symlink_metadata(&self.path) {
@@ -517,6 +518,24 @@ impl ApiServer {
                 "API socket path was replaced by someone else; leaving it"
             ),
             Err(_) => {}
+        }
+        // Stop reading; each reader thread then flushes its connection's
+        // outbox and closes it.
+        let conns = self.hub.of_server(self.id);
+        for conn in &conns {
+            // An error only means that the socket is already shut down.
+            let _ = conn.socket.shutdown(std::net::Shutdown::Read);
+        }
+        let deadline = Instant::now() + SHUTDOWN_FLUSH_TIMEOUT;
+        while Instant::now() < deadline && conns.iter().any(|c| !c.is_closed()) {
+            thread::sleep(Duration::from_millis(2));
+        }
+        for conn in &conns {
+            if !conn.is_closed() {
+                debug!(conn = conn.id, "API client not flushed in time; closing it");
+            }
+            conn.close();
+            self.hub.remove(conn.id);
         }
         info!(path = %self.path.display(), "API server stopped");
     }

@@ -17,9 +17,11 @@ use super::*;
 const TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A command handler for tests.
+#[derive(Default)]
 struct Fake {
     events: EventSender,
     finished: AtomicUsize,
+    quit_requested: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Deserialize)]
@@ -64,6 +66,13 @@ impl CommandHandler for Fake {
                 Ok(json!({}))
             }
             "boom" => panic!("boom"),
+            "quit" => {
+                // Like a VM core: ask the main thread to stop (which drops the
+                // server), and return a moment later.
+                self.quit_requested.store(true, Ordering::SeqCst);
+                thread::sleep(Duration::from_millis(50));
+                Ok(json!({}))
+            }
             // Listed but not implemented: the handler's own error.
             _ => Err(QmpError::command_not_found(format!(
                 "The command {command} has not been found"
@@ -80,6 +89,7 @@ impl CommandHandler for Fake {
             "typed",
             "emit",
             "boom",
+            "quit",
         ]
     }
 }
@@ -99,7 +109,7 @@ fn setup() -> Setup {
     let events = EventSender::new();
     let handler = Arc::new(Fake {
         events: events.clone(),
-        finished: AtomicUsize::new(0),
+        ..Fake::default()
     });
     let server = ApiServer::start_with_events(&path, handler.clone(), events.clone())
         .expect("start API server");
@@ -330,7 +340,8 @@ fn query_commands_lists_protocol_and_handler_commands() {
             "sleep",
             "typed",
             "emit",
-            "boom"
+            "boom",
+            "quit"
         ]
     );
     assert_eq!(
@@ -691,10 +702,7 @@ fn stale_socket_is_replaced() {
     let path = dir.as_path().join("api.sock");
     drop(UnixListener::bind(&path).expect("bind"));
     assert!(path.exists(), "stale socket file should remain");
-    let handler = Arc::new(Fake {
-        events: EventSender::new(),
-        finished: AtomicUsize::new(0),
-    });
+    let handler = Arc::new(Fake::default());
     let (server, _events) = ApiServer::start(&path, handler).expect("replace stale socket");
     let mut c = Raw::negotiated(&path);
     assert_eq!(c.request(r#"{"execute": "echo"}"#), json!({"return": {}}));
@@ -708,10 +716,7 @@ fn non_socket_file_is_not_replaced() {
     let dir = TempDir::new_with_prefix("/tmp/godwit-api-test").expect("temp dir");
     let path = dir.as_path().join("api.sock");
     std::fs::write(&path, "precious").expect("write");
-    let handler = Arc::new(Fake {
-        events: EventSender::new(),
-        finished: AtomicUsize::new(0),
-    });
+    let handler = Arc::new(Fake::default());
     let err = ApiServer::start(&path, handler).expect_err("must refuse");
     assert!(matches!(err, ApiError::NotASocket { .. }), "{err}");
     assert!(
@@ -725,10 +730,7 @@ fn non_socket_file_is_not_replaced() {
 fn live_socket_is_not_stolen() {
     let s = setup();
     let mut c = Raw::negotiated(&s.path);
-    let handler = Arc::new(Fake {
-        events: EventSender::new(),
-        finished: AtomicUsize::new(0),
-    });
+    let handler = Arc::new(Fake::default());
     let err = ApiServer::start(&s.path, handler).expect_err("must refuse");
     assert!(matches!(err, ApiError::SocketInUse { .. }), "{err}");
     assert_eq!(
@@ -761,17 +763,11 @@ fn shutdown_leaves_a_replaced_socket_alone() {
 #[test]
 fn path_too_long_is_reported() {
     let long = PathBuf::from(format!("/tmp/{}.sock", "x".repeat(120)));
-    let handler = Arc::new(Fake {
-        events: EventSender::new(),
-        finished: AtomicUsize::new(0),
-    });
+    let handler = Arc::new(Fake::default());
     let err = ApiServer::start(&long, handler).expect_err("must refuse");
     assert!(matches!(err, ApiError::PathTooLong { .. }), "{err}");
     let missing_dir = Path::new("/nonexistent-godwit-dir/api.sock");
-    let handler = Arc::new(Fake {
-        events: EventSender::new(),
-        finished: AtomicUsize::new(0),
-    });
+    let handler = Arc::new(Fake::default());
     let err = ApiServer::start(missing_dir, handler).expect_err("must refuse");
     assert!(
         err.to_string().starts_with(
@@ -867,10 +863,7 @@ fn client_connect_retry_waits_for_the_server() {
     let server_path = path.clone();
     let server = thread::spawn(move || {
         thread::sleep(Duration::from_millis(100));
-        let handler = Arc::new(Fake {
-            events: EventSender::new(),
-            finished: AtomicUsize::new(0),
-        });
+        let handler = Arc::new(Fake::default());
         ApiServer::start(&server_path, handler).expect("start")
     });
     let mut client = QmpClient::connect_retry(&path, TIMEOUT).expect("connect");
@@ -1024,5 +1017,57 @@ fn connections_beyond_the_limit_are_refused() {
     assert_eq!(
         c.request(r#"{"execute": "qmp_capabilities"}"#),
         json!({"return": {}})
+    );
+}
+
+#[test]
+fn quit_reply_and_last_events_are_delivered_on_shutdown() {
+    let mut s = setup();
+    let mut c = Raw::negotiated(&s.path);
+    let mut watcher = Raw::negotiated(&s.path);
+    let mut quiet = Raw::greeted(&s.path);
+    c.send("{\"execute\": \"quit\", \"id\": \"q\"}\n");
+    // The "main thread": as soon as quit is requested, emit SHUTDOWN and
+    // drop the server, while the command has not returned yet.
+    wait_until("quit requested", || {
+        s.handler.quit_requested.load(Ordering::SeqCst)
+    });
+    s.events.emit(
+        "SHUTDOWN",
+        json!({"guest": false, "reason": "host-qmp-quit"}),
+    );
+    let start = Instant::now();
+    s.server.shutdown();
+    assert!(start.elapsed() < SHUTDOWN_FLUSH_TIMEOUT + Duration::from_secs(1));
+    assert!(!s.path.exists());
+
+    let mut got = [c.recv(), c.recv()];
+    got.sort_by_key(|m| m.get("event").is_none());
+    assert_eq!(got[0]["event"], "SHUTDOWN");
+    assert_eq!(got[1], json!({"return": {}, "id": "q"}));
+    assert!(c.at_eof());
+    assert_eq!(watcher.recv()["event"], "SHUTDOWN");
+    assert!(watcher.at_eof());
+    assert!(quiet.at_eof());
+}
+
+#[test]
+fn shutdown_does_not_wait_long_for_stuck_clients() {
+    let mut s = setup();
+    let mut stuck = UnixStream::connect(&s.path).expect("connect");
+    stuck
+        .write_all(b"{\"execute\": \"qmp_capabilities\"}\n")
+        .expect("send");
+    wait_until("listener", || s.events.listeners() == 1);
+    let blob = "b".repeat(10_000);
+    for _ in 0..200 {
+        s.events.emit("BIG", json!({ "blob": blob }));
+    }
+    let start = Instant::now();
+    s.server.shutdown();
+    let took = start.elapsed();
+    assert!(
+        took < SHUTDOWN_FLUSH_TIMEOUT + Duration::from_millis(500),
+        "shutdown took {took:?}"
     );
 }
