@@ -138,3 +138,20 @@ fn missing_kvm_is_explained() {
     assert!(stderr.contains("/dev/kvm does not exist"), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
+
+#[test]
+fn a_broken_stderr_does_not_stop_the_vm() {
+    // Logging from a vCPU thread into a full stderr once killed that thread
+    // and left godwit waiting forever.
+    let full = std::fs::OpenOptions::new().write(true).open("/dev/full").expect("/dev/full");
+    let child = std::process::Command::new(godwit_tests::godwit_bin())
+        .args(["run", "--serial", "null"])
+        .env("GODWIT_LOG", "debug")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(full)
+        .spawn()
+        .expect("spawn godwit");
+    let out = godwit_tests::wait_with_deadline(child, DEADLINE);
+    assert_eq!(out.code(), Some(0), "{out:?}");
+}

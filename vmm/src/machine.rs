@@ -364,6 +364,7 @@ impl Machine {
     pub fn run(mut self) -> VmOutcome {
         self.handle.set_state(RunState::Running);
         self.handle.vcpus.resume();
+        tracing::info!("vCPUs released");
         let outcome = match self.vm_events.recv() {
             Ok(VmEvent::GuestReset) => VmOutcome::GuestPoweroff,
             Ok(VmEvent::Quit) | Err(_) => VmOutcome::Quit,

@@ -1,5 +1,6 @@
 //! The `godwit` command.
 
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -73,12 +74,34 @@ fn parse_size_arg(s: &str) -> Result<u64, String> {
     parse_size(s).map_err(|e| e.to_string())
 }
 
+/// Standard error that never fails: a closed or full stderr must not take
+/// down a thread that logs (a vCPU thread, say); the lines are lost instead.
+struct LossyStderr;
+
+impl Write for LossyStderr {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let _ = std::io::stderr().write_all(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        let _ = std::io::stderr().flush();
+        Ok(())
+    }
+}
+
+/// Prints one line on stderr, ignoring a broken stderr.
+macro_rules! report {
+    ($($arg:tt)*) => {{
+        let _ = writeln!(LossyStderr, $($arg)*);
+    }};
+}
+
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("GODWIT_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(|| LossyStderr)
         .with_target(false)
         .init();
 }
@@ -103,14 +126,14 @@ fn run(args: RunArgs) -> ExitCode {
     let machine = match Machine::build(&config) {
         Ok(m) => m,
         Err(e) => {
-            eprintln!("godwit: error: {e}");
+            report!("godwit: error: {e}");
             return ExitCode::from(EXIT_START_FAILED);
         }
     };
     match machine.run() {
         VmOutcome::GuestPoweroff | VmOutcome::Quit => ExitCode::SUCCESS,
         VmOutcome::GuestFailed(e) => {
-            eprintln!("godwit: guest failed: {e}");
+            report!("godwit: guest failed: {e}");
             ExitCode::from(EXIT_GUEST_FAILED)
         }
     }
@@ -127,11 +150,11 @@ fn main() -> ExitCode {
             args.json_args.as_deref(),
         ) {
             Ok(out) => {
-                println!("{out}");
+                let _ = writeln!(std::io::stdout(), "{out}");
                 ExitCode::SUCCESS
             }
             Err(e) => {
-                eprintln!("godwit: {e}");
+                report!("godwit: {e}");
                 ExitCode::from(EXIT_START_FAILED)
             }
         },

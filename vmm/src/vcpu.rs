@@ -43,6 +43,8 @@ pub enum VcpuExitError {
     Unexpected { vcpu: u8, exit: String, rip: u64 },
     #[error("vCPU {vcpu}: KVM_RUN failed: {source}")]
     Run { vcpu: u8, source: kvm_ioctls::Error },
+    #[error("vCPU {vcpu}: the vCPU thread failed: {message}")]
+    ThreadPanicked { vcpu: u8, message: String },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -306,7 +308,20 @@ fn internal_error(vcpu: &mut Vcpu) -> VcpuExitError {
 
 fn run_vcpu(mut vcpu: Vcpu, control: &RunControl, buses: &IoBuses, events: &Sender<VmEvent>) {
     THREAD_KVM_RUN.with(|c| c.set(vcpu.fd.get_kvm_run() as *mut kvm_run));
-    let outcome = vcpu_loop(&mut vcpu, control, buses);
+    let id = vcpu.id;
+    // A vCPU thread that dies silently would leave the VMM waiting forever
+    // for a VM event; whatever happens here, the VMM hears of it.
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        vcpu_loop(&mut vcpu, control, buses)
+    }))
+    .unwrap_or_else(|panic| {
+        let message = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown panic".to_string());
+        Some(VmEvent::VcpuFailed(VcpuExitError::ThreadPanicked { vcpu: id, message }))
+    });
     THREAD_KVM_RUN.with(|c| c.set(std::ptr::null_mut()));
     {
         let mut s = control.lock();
@@ -350,12 +365,9 @@ fn vcpu_loop(vcpu: &mut Vcpu, control: &RunControl, buses: &IoBuses) -> Option<V
             VcpuExit::MmioWrite(addr, data) => {
                 buses.mmio.write(addr, data);
             }
-            VcpuExit::Hlt => {
-                // Only without an in-kernel LAPIC; a halted vCPU with no
-                // interrupt source would never wake, so it ends here.
-                tracing::info!("vCPU {id} halted");
-                return None;
-            }
+            // The in-kernel LAPIC handles HLT; should a host report it
+            // anyway, entering KVM_RUN again waits for the next interrupt.
+            VcpuExit::Hlt => {}
             VcpuExit::Shutdown => {
                 let rip = rip_of(&vcpu.fd);
                 return Some(VmEvent::VcpuFailed(VcpuExitError::TripleFault {

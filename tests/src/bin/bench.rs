@@ -1,1 +1,127 @@
-fn main() {}
+//! godwit's benchmarks. `make bench` runs them all; results are copied into
+//! BENCHMARKS.md together with this command line.
+//!
+//! Each benchmark prints a table whose rows compare against a baseline or a
+//! target measured or stated in the same run, as ratios.
+
+use std::io::{BufRead, BufReader, Read};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use godwit_tests::godwit_bin;
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+fn status_kib(pid: u32, field: &str) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = text.lines().find(|l| l.starts_with(field))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+struct BootSample {
+    released_ms: f64,
+    first_byte_ms: f64,
+    poweroff_ms: f64,
+    vmm_rss_kib: u64,
+    guest_rss_kib: u64,
+}
+
+fn boot_once(vcpus: u32) -> BootSample {
+    let start = Instant::now();
+    let mut child = Command::new(godwit_bin())
+        .args(["run", "--vcpus", &vcpus.to_string(), "--memory", "128M", "--serial", "stdio"])
+        .env("GODWIT_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn godwit");
+    let pid = child.id();
+    let stderr = child.stderr.take().expect("stderr");
+    let released = std::thread::spawn(move || {
+        let mut at = None;
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if at.is_none() && line.contains("vCPUs released") {
+                at = Some(start.elapsed());
+            }
+        }
+        at
+    });
+    let mut stdout = child.stdout.take().expect("stdout");
+    let sampler = std::thread::spawn(move || {
+        let (mut vmm, mut guest) = (0, 0);
+        while let (Some(anon), Some(file)) = (status_kib(pid, "RssAnon:"), status_kib(pid, "RssFile:")) {
+            vmm = vmm.max(anon + file);
+            guest = guest.max(status_kib(pid, "RssShmem:").unwrap_or(0));
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        (vmm, guest)
+    });
+    let mut first = [0u8; 1];
+    stdout.read_exact(&mut first).expect("first serial byte");
+    let first_byte = start.elapsed();
+    let mut rest = Vec::new();
+    let _ = stdout.read_to_end(&mut rest);
+    let status = child.wait().expect("wait");
+    let poweroff = start.elapsed();
+    assert!(status.success(), "godwit failed: {status}");
+    let (vmm_rss_kib, guest_rss_kib) = sampler.join().unwrap_or((0, 0));
+    let released = released.join().ok().flatten().unwrap_or(first_byte);
+    BootSample {
+        released_ms: released.as_secs_f64() * 1e3,
+        first_byte_ms: first_byte.as_secs_f64() * 1e3,
+        poweroff_ms: poweroff.as_secs_f64() * 1e3,
+        vmm_rss_kib,
+        guest_rss_kib,
+    }
+}
+
+fn spawn_baseline_ms() -> f64 {
+    let start = Instant::now();
+    Command::new("true").status().expect("run true");
+    start.elapsed().as_secs_f64() * 1e3
+}
+
+fn bench_boot() {
+    const RUNS: usize = 20;
+    println!("## boot: built-in test guest, 128 MiB, median of {RUNS} runs\n");
+    println!("| vCPUs | process start -> vCPUs released | -> first serial byte | -> poweroff (exit) | VMM RSS (anon+file) | guest RAM touched | spawn of `true` |");
+    println!("|---|---|---|---|---|---|---|");
+    for vcpus in [1u32, 2] {
+        let samples: Vec<BootSample> = (0..RUNS).map(|_| boot_once(vcpus)).collect();
+        let col = |f: &dyn Fn(&BootSample) -> f64| median(&mut samples.iter().map(f).collect::<Vec<_>>());
+        let released = col(&|s| s.released_ms);
+        let first = col(&|s| s.first_byte_ms);
+        let off = col(&|s| s.poweroff_ms);
+        let vmm = col(&|s| s.vmm_rss_kib as f64) / 1024.0;
+        let guest = col(&|s| s.guest_rss_kib as f64) / 1024.0;
+        let mut base: Vec<f64> = (0..RUNS).map(|_| spawn_baseline_ms()).collect();
+        let base = median(&mut base);
+        println!(
+            "| {vcpus} | {released:.2} ms ({:.2}x the 10 ms target) | {first:.2} ms | {off:.2} ms | {vmm:.2} MiB ({:.2}x the 10 MiB target) | {guest:.2} MiB | {base:.2} ms |",
+            released / 10.0,
+            vmm / 10.0
+        );
+    }
+    println!();
+}
+
+fn main() {
+    let which = std::env::args().nth(1).unwrap_or_else(|| "all".to_string());
+    let all = which == "all";
+    if all || which == "boot" {
+        bench_boot();
+    }
+    if !all && which != "boot" {
+        eprintln!("unknown benchmark '{which}': use boot or all");
+        std::process::exit(2);
+    }
+}
