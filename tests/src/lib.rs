@@ -36,7 +36,8 @@ impl TempDir {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.subsec_nanos())
             .unwrap_or(0);
-        let path = std::env::temp_dir().join(format!("godwit-{tag}-{}-{nanos}", std::process::id()));
+        let path =
+            std::env::temp_dir().join(format!("godwit-{tag}-{}-{nanos}", std::process::id()));
         std::fs::create_dir_all(&path).expect("create temp dir");
         TempDir(path)
     }
@@ -110,7 +111,11 @@ pub fn wait_with_deadline(mut child: Child, deadline: Duration) -> Finished {
             Err(e) => panic!("waiting for godwit: {e}"),
         }
     }
-    let Output { status, stdout, stderr } = child.wait_with_output().expect("collect output");
+    let Output {
+        status,
+        stdout,
+        stderr,
+    } = child.wait_with_output().expect("collect output");
     Finished {
         status,
         stdout: String::from_utf8_lossy(&stdout).into_owned(),
@@ -195,13 +200,19 @@ impl RunningVm {
                 while let Ok(line) = self.lines.recv_timeout(Duration::from_millis(200)) {
                     self.seen.push(line);
                 }
-                let err = self.stderr.recv_timeout(Duration::from_secs(5)).unwrap_or_default();
+                let err = self
+                    .stderr
+                    .recv_timeout(Duration::from_secs(5))
+                    .unwrap_or_default();
                 return (status, err);
             }
             if Instant::now() > deadline {
                 let _ = child.kill();
                 let _ = child.wait();
-                panic!("godwit did not exit within {timeout:?}; console:\n{}", self.seen.join("\n"));
+                panic!(
+                    "godwit did not exit within {timeout:?}; console:\n{}",
+                    self.seen.join("\n")
+                );
             }
             std::thread::sleep(Duration::from_millis(10));
         }

@@ -23,7 +23,9 @@ fn hardware_virtualisation() -> bool {
 #[test]
 fn boots_a_real_linux_kernel_when_available() {
     let Some(kernel) = std::env::var_os("GODWIT_LINUX_KERNEL") else {
-        println!("not run: set GODWIT_LINUX_KERNEL to a bzImage or vmlinux to boot a real Linux kernel");
+        println!(
+            "not run: set GODWIT_LINUX_KERNEL to a bzImage or vmlinux to boot a real Linux kernel"
+        );
         return;
     };
     if !hardware_virtualisation() {

@@ -68,7 +68,7 @@ pub fn host_memory_bytes() -> Option<u64> {
 }
 
 pub fn check_size(size: u64) -> Result<(), MemoryError> {
-    if size % 4096 != 0 {
+    if !size.is_multiple_of(4096) {
         return Err(MemoryError::Unaligned { size });
     }
     if size < MIN_MEMORY {

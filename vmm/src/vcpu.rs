@@ -133,9 +133,7 @@ extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc
 pub fn register_kick_signal() -> Result<(), vmm_sys_util::errno::Error> {
     static REGISTERED: std::sync::OnceLock<Result<(), vmm_sys_util::errno::Error>> =
         std::sync::OnceLock::new();
-    REGISTERED
-        .get_or_init(|| register_signal_handler(SIGRTMIN(), kick_handler))
-        .clone()
+    *REGISTERED.get_or_init(|| register_signal_handler(SIGRTMIN(), kick_handler))
 }
 
 pub struct Vcpu {
@@ -320,7 +318,10 @@ fn run_vcpu(mut vcpu: Vcpu, control: &RunControl, buses: &IoBuses, events: &Send
             .map(|s| s.to_string())
             .or_else(|| panic.downcast_ref::<String>().cloned())
             .unwrap_or_else(|| "unknown panic".to_string());
-        Some(VmEvent::VcpuFailed(VcpuExitError::ThreadPanicked { vcpu: id, message }))
+        Some(VmEvent::VcpuFailed(VcpuExitError::ThreadPanicked {
+            vcpu: id,
+            message,
+        }))
     });
     THREAD_KVM_RUN.with(|c| c.set(std::ptr::null_mut()));
     {

@@ -37,7 +37,15 @@ struct BootSample {
 fn boot_once(vcpus: u32) -> BootSample {
     let start = Instant::now();
     let mut child = Command::new(godwit_bin())
-        .args(["run", "--vcpus", &vcpus.to_string(), "--memory", "128M", "--serial", "stdio"])
+        .args([
+            "run",
+            "--vcpus",
+            &vcpus.to_string(),
+            "--memory",
+            "128M",
+            "--serial",
+            "stdio",
+        ])
         .env("GODWIT_LOG", "info")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -58,7 +66,9 @@ fn boot_once(vcpus: u32) -> BootSample {
     let mut stdout = child.stdout.take().expect("stdout");
     let sampler = std::thread::spawn(move || {
         let (mut vmm, mut guest) = (0, 0);
-        while let (Some(anon), Some(file)) = (status_kib(pid, "RssAnon:"), status_kib(pid, "RssFile:")) {
+        while let (Some(anon), Some(file)) =
+            (status_kib(pid, "RssAnon:"), status_kib(pid, "RssFile:"))
+        {
             vmm = vmm.max(anon + file);
             guest = guest.max(status_kib(pid, "RssShmem:").unwrap_or(0));
             std::thread::sleep(Duration::from_millis(2));
@@ -97,7 +107,8 @@ fn bench_boot() {
     println!("|---|---|---|---|---|---|---|");
     for vcpus in [1u32, 2] {
         let samples: Vec<BootSample> = (0..RUNS).map(|_| boot_once(vcpus)).collect();
-        let col = |f: &dyn Fn(&BootSample) -> f64| median(&mut samples.iter().map(f).collect::<Vec<_>>());
+        let col =
+            |f: &dyn Fn(&BootSample) -> f64| median(&mut samples.iter().map(f).collect::<Vec<_>>());
         let released = col(&|s| s.released_ms);
         let first = col(&|s| s.first_byte_ms);
         let off = col(&|s| s.poweroff_ms);
