@@ -187,6 +187,13 @@ impl RunningVm {
         }
     }
 
+    /// The next console line, if one arrives within `timeout`.
+    pub fn try_line(&mut self, timeout: Duration) -> Option<String> {
+        let line = self.lines.recv_timeout(timeout).ok()?;
+        self.seen.push(line.clone());
+        Some(line)
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.as_ref().map(|c| c.id()).unwrap_or(0)
     }

@@ -1,0 +1,208 @@
+//! The management API against a running VM: stop/cont/query-status/quit,
+//! events, errors, and clients that misbehave.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use godwit_tests::{qmp_connect, RunningVm, TempDir};
+
+const BOOT: Duration = Duration::from_secs(30);
+
+/// A test guest that stays up, printing `heartbeat N` every 100 ms.
+fn serving_vm(dir: &TempDir, vcpus: u32) -> (RunningVm, std::path::PathBuf) {
+    let socket = dir.join("api.sock");
+    let vm = RunningVm::spawn(&[
+        "run",
+        "--vcpus",
+        &vcpus.to_string(),
+        "--api-socket",
+        socket.to_str().unwrap(),
+        "--cmdline",
+        "console=ttyS0 reboot=k godwit.mode=serve godwit.heartbeat_ms=100",
+    ]);
+    (vm, socket)
+}
+
+fn heartbeat_number(line: &str) -> u64 {
+    line.trim()
+        .strip_prefix("heartbeat ")
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("not a heartbeat line: {line:?}"))
+}
+
+#[test]
+fn stop_cont_query_status_and_quit() {
+    let dir = TempDir::new("api");
+    let (mut vm, socket) = serving_vm(&dir, 2);
+    vm.wait_line("heartbeat 2", BOOT);
+    let mut qmp = qmp_connect(&socket);
+
+    let version = qmp.execute("query-version", Value::Null).unwrap();
+    assert!(version["package"].as_str().unwrap().starts_with("godwit "), "{version}");
+    let status = qmp.execute("query-status", Value::Null).unwrap();
+    assert_eq!(status["status"], "running");
+    assert_eq!(status["running"], true);
+
+    assert_eq!(qmp.execute("stop", Value::Null).unwrap(), json!({}));
+    qmp.wait_event("STOP", Duration::from_secs(5)).unwrap();
+    assert_eq!(qmp.execute("query-status", Value::Null).unwrap()["status"], "paused");
+    // While paused, the guest makes no progress: once the lines already in
+    // the pipe are read, no heartbeat follows.
+    let mut last = 0;
+    while let Some(l) = vm.try_line(Duration::from_millis(150)) {
+        if l.starts_with("heartbeat ") {
+            last = heartbeat_number(&l);
+        }
+    }
+    if last == 0 {
+        last = vm.seen.iter().rev().find(|l| l.starts_with("heartbeat ")).map(|l| heartbeat_number(l)).unwrap();
+    }
+    if let Some(l) = vm.try_line(Duration::from_millis(800)) {
+        panic!("the guest printed {l:?} while paused");
+    }
+
+    // A second stop is harmless; cont resumes and the counter continues.
+    qmp.execute("stop", Value::Null).unwrap();
+    assert_eq!(qmp.execute("cont", Value::Null).unwrap(), json!({}));
+    qmp.wait_event("RESUME", Duration::from_secs(5)).unwrap();
+    assert_eq!(qmp.execute("query-status", Value::Null).unwrap()["status"], "running");
+    let next = format!("heartbeat {}", last + 3);
+    vm.wait_line(&next, Duration::from_secs(10));
+
+    assert_eq!(qmp.execute("quit", Value::Null).unwrap(), json!({}));
+    let shutdown = qmp.wait_event("SHUTDOWN", Duration::from_secs(5)).unwrap();
+    assert_eq!(shutdown["data"]["reason"], "host-qmp-quit");
+    let (status, stderr) = vm.wait_exit(Duration::from_secs(10));
+    assert_eq!(status.code(), Some(0), "{stderr}");
+    assert!(!socket.exists(), "the API socket is removed at exit");
+}
+
+#[test]
+fn ctl_client_round_trip() {
+    let dir = TempDir::new("ctl");
+    let (mut vm, socket) = serving_vm(&dir, 1);
+    vm.wait_line("heartbeat 1", BOOT);
+    let ctl = |args: &[&str]| {
+        let out = std::process::Command::new(godwit_tests::godwit_bin())
+            .args(["ctl", "--api-socket", socket.to_str().unwrap()])
+            .args(args)
+            .output()
+            .expect("run godwit ctl");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, out, err) = ctl(&["stop"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(out.trim(), "{}");
+    let (code, out, _) = ctl(&["query-status"]);
+    assert_eq!(code, Some(0));
+    let v: Value = serde_json::from_str(&out).expect("ctl prints JSON");
+    assert_eq!(v["status"], "paused");
+    let (code, _, err) = ctl(&["no-such-command"]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("CommandNotFound"), "{err}");
+    let (code, _, err) = ctl(&["stop", "{not json"]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("invalid JSON-ARGS"), "{err}");
+    let (code, _, err) = ctl(&["stop", r#"{"force": true}"#]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("'force'"), "{err}");
+    let (code, _, _) = ctl(&["cont"]);
+    assert_eq!(code, Some(0));
+    let (code, _, _) = ctl(&["quit"]);
+    assert_eq!(code, Some(0));
+    let (status, stderr) = vm.wait_exit(Duration::from_secs(10));
+    assert_eq!(status.code(), Some(0), "{stderr}");
+
+    let (code, _, err) = ctl(&["query-status"]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("cannot connect to") && err.contains("--api-socket"), "{err}");
+}
+
+fn read_line(stream: &mut UnixStream) -> Value {
+    let mut buf = Vec::new();
+    let mut byte = [0u8; 1];
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        match stream.read(&mut byte) {
+            Ok(1) if byte[0] == b'\n' => break,
+            Ok(1) => buf.push(byte[0]),
+            _ => break,
+        }
+    }
+    serde_json::from_slice(&buf).unwrap_or_else(|e| panic!("bad line {:?}: {e}", String::from_utf8_lossy(&buf)))
+}
+
+#[test]
+fn malformed_requests_keep_the_connection_and_the_vm() {
+    let dir = TempDir::new("apibad");
+    let (mut vm, socket) = serving_vm(&dir, 1);
+    vm.wait_line("heartbeat 1", BOOT);
+    let mut raw = UnixStream::connect(&socket).unwrap();
+    raw.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    assert!(read_line(&mut raw).get("QMP").is_some());
+    raw.write_all(b"{\"execute\": \"qmp_capabilities\"}\n").unwrap();
+    assert_eq!(read_line(&mut raw)["return"], json!({}));
+    for (input, needle) in [
+        ("{\"execute\": \n", ""),
+        ("}}}garbage\n", "JSON parse error"),
+        ("[1,2]\n", "object"),
+        ("{\"arguments\": {}}\n", "'execute' is missing"),
+        ("{\"execute\": \"frobnicate\"}\n", "frobnicate"),
+        ("{\"execute\": \"stop\", \"arguments\": {\"now\": 1}}\n", "'now'"),
+        ("{\"execute\": \"stop\", \"arguments\": 5}\n", "arguments"),
+    ] {
+        raw.write_all(input.as_bytes()).unwrap();
+        if needle.is_empty() {
+            continue; // incomplete: completed (as garbage) by the next line
+        }
+        let reply = read_line(&mut raw);
+        let desc = reply["error"]["desc"].as_str().unwrap_or_else(|| panic!("{input:?} -> {reply}"));
+        assert!(desc.contains(needle), "{input:?} -> {desc}");
+    }
+    raw.write_all(b"{\"execute\": \"query-status\", \"id\": 9}\n").unwrap();
+    let reply = read_line(&mut raw);
+    assert_eq!(reply["id"], 9);
+    assert_eq!(reply["return"]["status"], "running");
+
+    // A client that sends half a command and disappears does not disturb the VM.
+    let mut gone = UnixStream::connect(&socket).unwrap();
+    gone.write_all(b"{\"execute\": \"qmp_capabilities\"}\n{\"execute\": \"st").unwrap();
+    drop(gone);
+    let last = vm.seen.iter().rev().find(|l| l.starts_with("heartbeat ")).cloned().unwrap();
+    vm.wait_line(&format!("heartbeat {}", heartbeat_number(&last) + 3), Duration::from_secs(10));
+    let mut qmp = qmp_connect(&socket);
+    assert_eq!(qmp.execute("query-status", Value::Null).unwrap()["status"], "running");
+    qmp.execute("quit", Value::Null).unwrap();
+    assert_eq!(vm.wait_exit(Duration::from_secs(10)).0.code(), Some(0));
+}
+
+#[test]
+fn api_socket_in_use_is_refused() {
+    let dir = TempDir::new("apiuse");
+    let (mut vm, socket) = serving_vm(&dir, 1);
+    vm.wait_line("heartbeat 1", BOOT);
+    let out = godwit_tests::run_godwit(&["run", "--api-socket", socket.to_str().unwrap()], Duration::from_secs(30));
+    assert_eq!(out.code(), Some(1), "{out:?}");
+    assert!(out.stderr.contains("cannot start the API server"), "{out:?}");
+    let mut qmp = qmp_connect(&socket);
+    qmp.execute("quit", Value::Null).unwrap();
+    assert_eq!(vm.wait_exit(Duration::from_secs(10)).0.code(), Some(0));
+}
+
+#[test]
+fn guest_crashes_are_reported_with_rip() {
+    for (mode, needle) in [("triple", "triple-faulted"), ("sse", "could not emulate the instruction at RIP 0x")] {
+        let cmdline = format!("console=ttyS0 reboot=k godwit.crash={mode}");
+        let out = godwit_tests::run_godwit(&["run", "--cmdline", &cmdline], Duration::from_secs(30));
+        assert_eq!(out.code(), Some(3), "{mode}: {out:?}");
+        assert!(out.stderr.contains(needle), "{mode}: {out:?}");
+        assert!(out.stderr.contains("RIP 0x"), "{mode}: {out:?}");
+    }
+}
