@@ -8,6 +8,7 @@ pub mod cpuid;
 pub mod layout;
 pub mod machine;
 pub mod memory;
+pub mod net_spec;
 pub mod test_guest;
 pub mod vcpu;
 pub mod vm;
