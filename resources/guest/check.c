@@ -29,12 +29,17 @@ u32 failure_count(void)
 	return __atomic_load_n(&failures, __ATOMIC_RELAXED);
 }
 
+bool verdict(void)
+{
+	bool ok = failure_count() == 0;
+
+	println(ok ? GUEST_PREFIX "checks passed" : GUEST_PREFIX "checks FAILED");
+	return ok;
+}
+
 void finish(void)
 {
-	if (failure_count() == 0)
-		println(GUEST_PREFIX "checks passed");
-	else
-		println(GUEST_PREFIX "checks FAILED");
+	verdict();
 	poweroff();
 }
 

@@ -13,6 +13,8 @@ void fail_end(void);
 void fail_msg(const char *what); /* a whole failure line without values */
 u32 failure_count(void);
 
+/* Print the verdict ("checks passed" / "checks FAILED"); true if passed. */
+bool verdict(void);
 /* Print the verdict ("checks passed" / "checks FAILED") and power off. */
 NORETURN void finish(void);
 /* Print "poweroff", reset through the i8042 (0x64 <- 0xfe), then hlt forever. */

@@ -8,11 +8,11 @@ void cmdline_set(const char *s) { boot_cmdline = s ? s : ""; }
 
 static bool is_space(char c) { return c == ' ' || c == '\t' || c == '\n' || c == '\r'; }
 
-bool cmdline_find(const char *cmdline, const char *key, struct str *value)
+/* The next word `key` or `key=...` at or after *cursor; *cursor moves past it. */
+static bool next_word(const char **cursor, const char *key, struct str *value)
 {
 	size_t klen = strlen(key);
-	const char *p = cmdline;
-	bool found = false;
+	const char *p = *cursor;
 
 	while (*p) {
 		while (is_space(*p))
@@ -35,13 +35,13 @@ bool cmdline_find(const char *cmdline, const char *key, struct str *value)
 		if (name_len != klen || memcmp(word, key, klen) != 0)
 			continue;
 
-		found = true; /* keep scanning: the last occurrence wins */
+		*cursor = p;
 		if (!value)
-			continue;
+			return true;
 		if (!eq) {
 			value->p = p;
 			value->len = 0;
-			continue;
+			return true;
 		}
 		const char *v = eq + 1;
 		size_t vlen = (size_t)(p - v);
@@ -51,8 +51,31 @@ bool cmdline_find(const char *cmdline, const char *key, struct str *value)
 		}
 		value->p = v;
 		value->len = vlen;
+		return true;
+	}
+	*cursor = p;
+	return false;
+}
+
+bool cmdline_find(const char *cmdline, const char *key, struct str *value)
+{
+	const char *cursor = cmdline;
+	struct str v;
+	bool found = false;
+
+	while (next_word(&cursor, key, &v)) { /* the last occurrence wins */
+		found = true;
+		if (value)
+			*value = v;
 	}
 	return found;
+}
+
+bool cmdline_next(const char **cursor, const char *key, struct str *value)
+{
+	if (!*cursor)
+		*cursor = boot_cmdline;
+	return next_word(cursor, key, value);
 }
 
 bool cmdline_value(const char *key, struct str *value)

@@ -18,7 +18,10 @@ void cmdline_set(const char *s);
 /* Value of `key=...` in `cmdline`. Returns false if the key is absent. A bare
  * `key` yields true with an empty value. */
 bool cmdline_find(const char *cmdline, const char *key, struct str *value);
-/* Same, on the boot command line. */
+/* Every occurrence of `key` on the boot command line, in order: start with
+ * *cursor = NULL; returns false after the last one. */
+bool cmdline_next(const char **cursor, const char *key, struct str *value);
+/* Same as cmdline_find, on the boot command line. */
 bool cmdline_value(const char *key, struct str *value);
 /* Decimal value of `key=N`, or `dflt` if absent or not a number. */
 u64 cmdline_u64(const char *key, u64 dflt);

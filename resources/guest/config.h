@@ -23,4 +23,10 @@
 #define TRAMP_PARAMS_SIZE  24
 #define TRAMP_SIPI_VECTOR  (TRAMP_BASE >> 12)
 
+/* Interrupt vectors (serve mode): IOAPIC pin n -> IRQ_VECTOR_BASE + n. */
+#define IRQ_VECTOR_BASE    0x30
+#define IOAPIC_PINS        24
+#define TIMER_VECTOR       0xe0          /* LAPIC timer */
+#define SPURIOUS_VECTOR    0xff          /* LAPIC spurious (no EOI) */
+
 #endif

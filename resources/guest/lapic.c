@@ -1,5 +1,6 @@
 #include "lapic.h"
 #include "check.h"
+#include "config.h"
 #include "io.h"
 #include "paging.h"
 #include "print.h"
@@ -9,7 +10,6 @@
 #define APIC_BASE_X2APIC (1ULL << 10)
 #define APIC_BASE_ENABLE (1ULL << 11)
 #define SVR_ENABLE       (1u << 8)
-#define SPURIOUS_VECTOR  0xff
 
 static u64 base = LAPIC_DEFAULT_BASE;
 
@@ -17,6 +17,7 @@ u64 lapic_base(void) { return base; }
 u32 lapic_read(u32 reg) { return mmio_read32(base + reg); }
 void lapic_write(u32 reg, u32 v) { mmio_write32(base + reg, v); }
 u32 lapic_id(void) { return lapic_read(LAPIC_ID) >> 24; }
+void lapic_eoi(void) { lapic_write(LAPIC_EOI, 0); }
 
 void lapic_init(void)
 {

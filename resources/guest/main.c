@@ -1,9 +1,11 @@
-/* godwit test guest: boot report and self-checks, then power off. */
+/* godwit test guest: boot report and self-checks, then what godwit.mode=
+ * asks for (modes.c): power off, or serve the network forever. */
 #include "bootparams.h"
 #include "check.h"
 #include "cmdline.h"
 #include "io.h"
 #include "lapic.h"
+#include "modes.h"
 #include "mptable.h"
 #include "paging.h"
 #include "print.h"
@@ -37,7 +39,7 @@ void kmain(u64 zero_page)
 	print_unlock();
 
 	smp_boot(mp, bsp, cmdline_u64("godwit.ap_timeout_ms", DEFAULT_AP_TIMEOUT_MS));
-	finish();
+	modes_run();
 }
 
 void ap_main(u32 cpu)

@@ -56,6 +56,34 @@ void put_dec(u64 v)
 		put_char(buf[--n]);
 }
 
+void put_hex_fixed(u64 v, u32 digits)
+{
+	put_str("0x");
+	if (digits > 16)
+		digits = 16;
+	while (digits--)
+		put_char("0123456789abcdef"[(v >> (digits * 4)) & 0xf]);
+}
+
+void put_mac(const u8 mac[6])
+{
+	for (int i = 0; i < 6; i++) {
+		if (i)
+			put_char(':');
+		put_char("0123456789abcdef"[mac[i] >> 4]);
+		put_char("0123456789abcdef"[mac[i] & 0xf]);
+	}
+}
+
+void put_ipv4(u32 ip)
+{
+	for (int i = 3; i >= 0; i--) {
+		put_dec((ip >> (i * 8)) & 0xff);
+		if (i)
+			put_char('.');
+	}
+}
+
 void println(const char *s)
 {
 	print_lock();

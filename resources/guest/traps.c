@@ -1,27 +1,10 @@
 #include "traps.h"
 #include "check.h"
-#include "config.h"
+#include "idt.h"
 #include "io.h"
 #include "print.h"
 
-struct idt_entry {
-	u16 off_lo;
-	u16 sel;
-	u8 ist;
-	u8 type;
-	u16 off_mid;
-	u32 off_hi;
-	u32 zero;
-} __attribute__((packed));
-
-struct idt_ptr {
-	u16 limit;
-	u64 base;
-} __attribute__((packed));
-
 extern const u64 isr_table[32]; /* isr.S */
-
-static struct idt_entry idt[32] __attribute__((aligned(16)));
 
 static const char *const names[32] = {
 	"#DE", "#DB", "NMI", "#BP", "#OF", "#BR", "#UD", "#NM", "#DF", "09", "#TS", "#NP",
@@ -30,22 +13,13 @@ static const char *const names[32] = {
 
 void traps_init(void)
 {
-	for (int v = 0; v < 32; v++) {
-		u64 h = isr_table[v];
-		idt[v].off_lo = (u16)h;
-		idt[v].sel = KERNEL_CS;
-		idt[v].ist = 0;
-		idt[v].type = 0x8e; /* present, DPL 0, 64-bit interrupt gate */
-		idt[v].off_mid = (u16)(h >> 16);
-		idt[v].off_hi = (u32)(h >> 32);
-		idt[v].zero = 0;
-	}
+	for (int v = 0; v < 32; v++)
+		idt_set_gate((u8)v, isr_table[v]);
 }
 
 void traps_load(void)
 {
-	struct idt_ptr p = { sizeof(idt) - 1, (u64)idt };
-	__asm__ volatile("lidt %0" : : "m"(p));
+	idt_load();
 }
 
 void trap_handler(struct trap_frame *f)

@@ -1,4 +1,4 @@
-/* Exception vectors 0-31: any CPU exception is reported as a failed check
+/* Exception vectors 0-31 (in the IDT of idt.c): any CPU exception is reported as a failed check
  * and the guest powers off (no exception is expected). */
 #ifndef GUEST_TRAPS_H
 #define GUEST_TRAPS_H

@@ -2,13 +2,23 @@
 //! cannot execute SSE/AVX/MMX/x87 instructions, `cmpxchg16b` or the
 //! `xsave`/`fxsave` family (see resources/guest/README.md). Disassemble the
 //! guest actually embedded in godwit (`godwit_vmm::test_guest::TEST_GUEST_ELF`)
-//! and fail on any such instruction, listing every offending line.
+//! and fail on any such instruction, listing every offending line. The one
+//! exception is the deliberate crash of `godwit.crash=sse`, excused by symbol
+//! name (`DELIBERATE_SSE_SYMBOL`) and instruction.
 
 use std::path::Path;
 use std::process::Command;
 
 use godwit_tests::TempDir;
 use godwit_vmm::test_guest::TEST_GUEST_ELF;
+
+/// The one deliberate exception: `godwit.crash=sse` makes the guest execute a
+/// single SSE instruction so that godwit's tests can check how an emulation
+/// failure is reported (resources/guest/crash_insn.S). It is allowed only in
+/// this function, only this instruction, and exactly once; the guest never
+/// calls it unless asked to crash.
+const DELIBERATE_SSE_SYMBOL: &str = "crash_sse_movd_xmm0";
+const DELIBERATE_SSE_INSN: &str = "movd %eax,%xmm0";
 
 /// Mnemonics (after prefixes) the emulator cannot run, exact match.
 const BAD_MNEMONICS: &[&str] = &[
@@ -141,6 +151,13 @@ struct Disassembly {
     instructions: usize,
     offending: Vec<String>,
     symbols: Vec<String>,
+    /// Unsafe instructions found in DELIBERATE_SSE_SYMBOL, as objdump printed them.
+    deliberate: Vec<String>,
+}
+
+/// objdump's instruction text with runs of blanks collapsed ("movd   %eax,%xmm0").
+fn normalize(insn: &str) -> String {
+    insn.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
 /// Scan objdump -d output ("  addr:\tinsn" lines, "<sym>:" headers).
@@ -149,6 +166,7 @@ fn scan(listing: &str, what: &str) -> Disassembly {
         instructions: 0,
         offending: Vec::new(),
         symbols: Vec::new(),
+        deliberate: Vec::new(),
     };
     let mut func = String::from("?");
     for line in listing.lines() {
@@ -169,6 +187,10 @@ fn scan(listing: &str, what: &str) -> Disassembly {
         }
         d.instructions += 1;
         if let Some(reason) = unsafe_reason(insn) {
+            if func == DELIBERATE_SSE_SYMBOL {
+                d.deliberate.push(normalize(insn));
+                continue;
+            }
             d.offending.push(format!(
                 "{what} <{func}> {}: {}   <- {reason}",
                 addr.trim(),
@@ -213,6 +235,16 @@ fn embedded_guest_has_no_instructions_the_emulator_cannot_run() {
         d.symbols
     );
     let mut offending = d.offending;
+    // The deliberate crash instruction: present, alone, and exactly the one allowed.
+    assert!(
+        d.symbols.iter().any(|s| s == DELIBERATE_SSE_SYMBOL),
+        "symbol {DELIBERATE_SSE_SYMBOL} (godwit.crash=sse) not found in the test guest"
+    );
+    assert_eq!(
+        d.deliberate,
+        vec![DELIBERATE_SSE_INSN.to_string()],
+        "{DELIBERATE_SSE_SYMBOL} may contain exactly one unsafe instruction, `{DELIBERATE_SSE_INSN}`"
+    );
 
     // The AP trampoline is copied out of .rodata and runs in three modes;
     // disassemble each part in its own mode.
@@ -326,6 +358,22 @@ fn embedded_guest_elf_layout_matches_the_boot_contract() {
     );
 }
 
+/// The deliberate SSE instruction is excused only inside its own symbol.
+#[test]
+fn scanner_excuses_the_deliberate_sse_instruction_only_in_its_symbol() {
+    let listing = "\
+0000000000100000 <crash_sse_movd_xmm0>:
+  100000:\tmovd   %eax,%xmm0
+  100004:\tud2
+0000000000100010 <other>:
+  100010:\tmovd   %eax,%xmm0
+";
+    let d = scan(listing, "text");
+    assert_eq!(d.deliberate, vec![DELIBERATE_SSE_INSN.to_string()]);
+    assert_eq!(d.offending.len(), 1, "{:?}", d.offending);
+    assert!(d.offending[0].contains("<other>"), "{:?}", d.offending);
+}
+
 /// The scanner itself must catch what it is meant to catch.
 #[test]
 fn scanner_flags_unsafe_instructions_and_passes_integer_code() {
@@ -337,6 +385,7 @@ fn scanner_flags_unsafe_instructions_and_passes_integer_code() {
         "movq   %mm0,%rax",
         "kmovw  %k1,%eax",
         "lock cmpxchg16b (%rdi)",
+        "movd   %eax,%xmm0",
         "xsave  (%rdi)",
         "xsaveopt64 (%rsi)",
         "xrstors (%rdi)",

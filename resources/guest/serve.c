@@ -1,0 +1,58 @@
+#include "serve.h"
+#include "check.h"
+#include "cmdline.h"
+#include "dirty.h"
+#include "heartbeat.h"
+#include "ioapic.h"
+#include "irq.h"
+#include "mem.h"
+#include "print.h"
+#include "timer.h"
+
+#define DEFAULT_HEARTBEAT_MS 1000
+#define FINE_TICK_MS 10 /* when dirtying or bursting */
+
+static u64 poweroff_after;
+
+static void after_heartbeat(u64 n)
+{
+	if (dirty_active())
+		dirty_report();
+	if (poweroff_after && n >= poweroff_after)
+		poweroff();
+}
+
+static u32 choose_tick_ms(u64 heartbeat_ms)
+{
+	u64 tick = heartbeat_ms;
+
+	if (dirty_active() && (tick == 0 || tick > FINE_TICK_MS))
+		tick = FINE_TICK_MS;
+	return tick > 0xffffffffu ? 0xffffffffu : (u32)tick;
+}
+
+void serve_run(void)
+{
+	u64 heartbeat_ms = cmdline_u64("godwit.heartbeat_ms", DEFAULT_HEARTBEAT_MS);
+	poweroff_after = cmdline_u64("godwit.poweroff_after", 0);
+
+	irq_init();
+	ioapic_init();
+	timer_calibrate();
+	mem_init();
+	dirty_init();
+	heartbeat_init(heartbeat_ms, after_heartbeat);
+	println("serve: ready");
+	timer_start(choose_tick_ms(heartbeat_ms));
+
+	u64 last_ms = 0;
+	for (;;) {
+		u32 ev = irq_wait_events();
+		if (ev & EV_TIMER) {
+			u64 now = timer_now_ms(), elapsed = now - last_ms;
+			last_ms = now;
+			dirty_advance(elapsed);
+			heartbeat_advance(elapsed);
+		}
+	}
+}

@@ -1,0 +1,87 @@
+#include "timer.h"
+#include "config.h"
+#include "io.h"
+#include "irq.h"
+#include "lapic.h"
+#include "print.h"
+#include "tsc.h"
+
+#define PIT_HZ          1193182u
+#define CALIBRATE_MS    10u
+#define DIVIDE_BY_16    0x3u
+#define ASSUMED_PER_MS  62500u /* KVM's 1 GHz APIC bus, divided by 16 */
+
+#define PORT_PIT_CH2    0x42
+#define PORT_PIT_CMD    0x43
+#define PORT_SPEAKER    0x61
+#define SPK_GATE2       0x01
+#define SPK_DATA        0x02
+#define SPK_OUT2        0x20
+
+static u32 per_ms = ASSUMED_PER_MS;
+static u32 tick_ms;
+static u64 ticks;
+
+/* LAPIC timer counts down from ~0 while PIT channel 2 (mode 0) counts
+ * CALIBRATE_MS; returns the LAPIC ticks per ms, 0 if the PIT did not answer. */
+static u32 measure(void)
+{
+	u16 count = (u16)(PIT_HZ * CALIBRATE_MS / 1000);
+	u8 spk = inb(PORT_SPEAKER);
+
+	outb(PORT_SPEAKER, (u8)((spk & ~SPK_DATA) | SPK_GATE2));
+	outb(PORT_PIT_CMD, 0xb0); /* channel 2, lobyte/hibyte, mode 0, binary */
+	outb(PORT_PIT_CH2, (u8)count);
+	outb(PORT_PIT_CH2, (u8)(count >> 8)); /* counting starts */
+	lapic_write(LAPIC_TIMER_INIT, 0xffffffffu);
+
+	struct deadline d = deadline_ms(20 * CALIBRATE_MS);
+	bool done = false;
+	while (!(done = (inb(PORT_SPEAKER) & SPK_OUT2) != 0) && !deadline_passed(d))
+		;
+	u32 cur = lapic_read(LAPIC_TIMER_CUR);
+	lapic_write(LAPIC_TIMER_INIT, 0);
+	outb(PORT_SPEAKER, spk);
+	return done ? (0xffffffffu - cur) / CALIBRATE_MS : 0;
+}
+
+void timer_calibrate(void)
+{
+	lapic_write(LAPIC_TIMER_DIV, DIVIDE_BY_16);
+	lapic_write(LAPIC_LVT_TIMER, LVT_MASKED | TIMER_VECTOR); /* one-shot, masked */
+
+	u32 m = measure();
+	/* Plausible: 10 kHz .. 1 GHz after the divider. */
+	bool ok = m >= 10 && m <= 1000000;
+	if (ok)
+		per_ms = m;
+
+	print_lock();
+	put_str("timer: lapic ");
+	put_dec(per_ms);
+	put_str(ok ? " ticks/ms (pit)\n" : " ticks/ms (assumed)\n");
+	print_unlock();
+}
+
+static void timer_irq(void *ctx)
+{
+	(void)ctx;
+	ticks++;
+	irq_raise(EV_TIMER);
+}
+
+void timer_start(u32 ms)
+{
+	if (ms == 0)
+		return;
+	if ((u64)per_ms * ms > 0xffffffffu)
+		ms = 0xffffffffu / per_ms;
+	tick_ms = ms;
+	irq_add_handler(TIMER_VECTOR, timer_irq, NULL);
+	lapic_write(LAPIC_TIMER_DIV, DIVIDE_BY_16);
+	lapic_write(LAPIC_LVT_TIMER, TIMER_VECTOR | LVT_TIMER_PERIODIC);
+	lapic_write(LAPIC_TIMER_INIT, per_ms * ms);
+}
+
+u64 timer_now_ms(void) { return __atomic_load_n(&ticks, __ATOMIC_RELAXED) * tick_ms; }
+u32 timer_tick_ms(void) { return tick_ms; }
