@@ -1,4 +1,6 @@
 //! State formats, the live-migration wire protocol, and the rules that decide
 //! whether a VM's state fits a host.
 
+pub mod atomic;
+pub mod format;
 pub mod persist;
