@@ -2,5 +2,6 @@
 //! whether a VM's state fits a host.
 
 pub mod atomic;
+pub mod cpu_compat;
 pub mod format;
 pub mod persist;
