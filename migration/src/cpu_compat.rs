@@ -499,7 +499,7 @@ fn list(problems: &[CpuidIncompatibility]) -> String {
         .join("; ")
 }
 
-fn find<'a>(table: &'a [CpuidEntry], leaf: u32, subleaf: u32) -> Option<&'a CpuidEntry> {
+fn find(table: &[CpuidEntry], leaf: u32, subleaf: u32) -> Option<&CpuidEntry> {
     table.iter().find(|e| {
         e.function == leaf && (e.flags & FLAG_SIGNIFICANT_INDEX == 0 || e.index == subleaf)
     })
