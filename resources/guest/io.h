@@ -40,6 +40,9 @@ static inline void mmio_write32(u64 a, u32 v) { *(volatile u32 *)a = v; }
 static inline void mmio_write64(u64 a, u64 v) { *(volatile u64 *)a = v; }
 
 static inline void barrier(void) { __asm__ volatile("" : : : "memory"); }
+/* Full barrier (store-load ordering) without mfence, which is not
+ * emulator-safe: a locked no-op on the stack, as Linux does on x86-64. */
+static inline void mb(void) { __asm__ volatile("lock; addl $0, (%%rsp)" : : : "memory", "cc"); }
 static inline void cpu_relax(void) { __asm__ volatile("pause" : : : "memory"); }
 
 static inline void cpuid(u32 leaf, u32 subleaf, u32 *a, u32 *b, u32 *c, u32 *d)

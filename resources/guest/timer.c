@@ -20,7 +20,8 @@
 
 static u32 per_ms = ASSUMED_PER_MS;
 static u32 tick_ms;
-static u64 ticks;
+static u64 now_ms;     /* advanced by the interrupt handler */
+static bool handler_set;
 
 /* LAPIC timer counts down from ~0 while PIT channel 2 (mode 0) counts
  * CALIBRATE_MS; returns the LAPIC ticks per ms, 0 if the PIT did not answer. */
@@ -66,22 +67,26 @@ void timer_calibrate(void)
 static void timer_irq(void *ctx)
 {
 	(void)ctx;
-	ticks++;
+	now_ms += tick_ms;
 	irq_raise(EV_TIMER);
 }
 
 void timer_start(u32 ms)
 {
-	if (ms == 0)
-		return;
 	if ((u64)per_ms * ms > 0xffffffffu)
 		ms = 0xffffffffu / per_ms;
+	if (!handler_set)
+		handler_set = irq_add_handler(TIMER_VECTOR, timer_irq, NULL);
+	lapic_write(LAPIC_TIMER_INIT, 0); /* stop */
 	tick_ms = ms;
-	irq_add_handler(TIMER_VECTOR, timer_irq, NULL);
+	if (ms == 0) {
+		lapic_write(LAPIC_LVT_TIMER, LVT_MASKED | TIMER_VECTOR);
+		return;
+	}
 	lapic_write(LAPIC_TIMER_DIV, DIVIDE_BY_16);
 	lapic_write(LAPIC_LVT_TIMER, TIMER_VECTOR | LVT_TIMER_PERIODIC);
 	lapic_write(LAPIC_TIMER_INIT, per_ms * ms);
 }
 
-u64 timer_now_ms(void) { return __atomic_load_n(&ticks, __ATOMIC_RELAXED) * tick_ms; }
+u64 timer_now_ms(void) { return __atomic_load_n(&now_ms, __ATOMIC_RELAXED); }
 u32 timer_tick_ms(void) { return tick_ms; }

@@ -8,9 +8,10 @@
 
 /* Measure the timer rate; prints "timer: lapic <n> ticks/ms (<pit|assumed>)". */
 void timer_calibrate(void);
-/* Start the periodic tick (TIMER_VECTOR) every tick_ms; each tick raises EV_TIMER. */
+/* (Re)start the periodic tick (TIMER_VECTOR) every tick_ms, 0 stops it; each
+ * tick raises EV_TIMER. */
 void timer_start(u32 tick_ms);
-/* Milliseconds of ticks so far (tick count * tick_ms, kept in guest memory). */
+/* Milliseconds of ticks so far (kept in guest memory). */
 u64 timer_now_ms(void);
 u32 timer_tick_ms(void);
 
