@@ -4,4 +4,5 @@
 pub mod atomic;
 pub mod cpu_compat;
 pub mod format;
+pub mod memory_file;
 pub mod persist;
