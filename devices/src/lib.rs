@@ -7,7 +7,9 @@
 
 pub mod bus;
 pub mod i8042;
+pub mod net;
 pub mod serial;
+pub mod virtio;
 
 /// Guest memory as every device sees it: mmap'd regions with a dirty bitmap
 /// that records the VMM's own writes (needed by live migration).

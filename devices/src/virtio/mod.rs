@@ -1,0 +1,164 @@
+//! Virtio devices and the virtio-mmio transport that exposes them.
+//!
+//! The split follows rust-vmm / Cloud Hypervisor: a transport
+//! ([`mmio::MmioTransport`]) owns the guest-visible registers, the feature and
+//! status negotiation and the queue configuration; a device
+//! ([`VirtioDevice`], e.g. [`net::VirtioNet`]) owns the device-specific
+//! configuration space and, once the driver sets DRIVER_OK, the queues and the
+//! datapath that serves them.
+
+pub mod mmio;
+pub mod net;
+pub(crate) mod ratelimit;
+pub mod testing;
+
+use std::sync::Arc;
+
+use virtio_queue::Queue;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::GuestMemory;
+
+/// VIRTIO_F_VERSION_1: the modern (1.0+) interface. Every godwit device
+/// offers it and the mmio transport refuses drivers that do not accept it.
+pub const VIRTIO_F_VERSION_1: u32 = virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+/// VIRTIO_F_RING_INDIRECT_DESC.
+pub const VIRTIO_RING_F_INDIRECT_DESC: u32 =
+    virtio_bindings::virtio_ring::VIRTIO_RING_F_INDIRECT_DESC;
+/// VIRTIO_F_RING_EVENT_IDX.
+pub const VIRTIO_RING_F_EVENT_IDX: u32 = virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
+
+/// Device status bits (virtio 1.2, 2.1).
+pub mod status {
+    pub const ACKNOWLEDGE: u32 = 0x01;
+    pub const DRIVER: u32 = 0x02;
+    pub const DRIVER_OK: u32 = 0x04;
+    pub const FEATURES_OK: u32 = 0x08;
+    pub const DEVICE_NEEDS_RESET: u32 = 0x40;
+    pub const FAILED: u32 = 0x80;
+}
+
+/// `1 << bit` for a feature bit number.
+pub const fn feature(bit: u32) -> u64 {
+    1u64 << bit
+}
+
+/// Which interrupt a device raises.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum InterruptKind {
+    /// The device put buffers into the used ring of this queue.
+    Queue(u16),
+    /// The device configuration space changed (or the device needs a reset).
+    Config,
+}
+
+/// How an activated device reaches the driver: the transport implements it.
+pub trait VirtioInterrupt: Send + Sync {
+    /// Raises a used-buffer or configuration-change notification.
+    fn trigger(&self, kind: InterruptKind) -> std::io::Result<()>;
+
+    /// The device hit an error it cannot recover from without a reset (a
+    /// corrupt ring, say): the transport sets DEVICE_NEEDS_RESET in the device
+    /// status and raises a configuration-change interrupt, and the driver is
+    /// expected to reset the device.
+    fn signal_needs_reset(&self);
+}
+
+/// What a device gets when the driver sets DRIVER_OK.
+pub struct ActivateParams {
+    /// Guest memory; every access to rings and buffers goes through it.
+    pub mem: GuestMemory,
+    pub interrupt: Arc<dyn VirtioInterrupt>,
+    /// One entry per queue of [`VirtioDevice::queue_max_sizes`], in index
+    /// order, as the driver configured it (a queue the driver did not enable
+    /// has `ready() == false`), with the eventfd the driver's notifications
+    /// for that queue arrive on.
+    pub queues: Vec<(Queue, EventFd)>,
+}
+
+/// Where a queue's processing stands: saved with the transport state so that a
+/// restored device continues where this one stopped.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct QueuePosition {
+    pub next_avail: u16,
+    pub next_used: u16,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ActivateError {
+    #[error("the {device} device is already active; reset it before activating it again")]
+    AlreadyActive { device: &'static str },
+    #[error(
+        "the driver did not enable queue {index} ({name}), which the {device} device needs: \
+         the guest driver is broken or does not support this device's features"
+    )]
+    QueueNotReady {
+        device: &'static str,
+        index: usize,
+        name: &'static str,
+    },
+    #[error(
+        "the transport passed {got} queues but the {device} device has {expected}: \
+         this is a godwit bug"
+    )]
+    QueueCount {
+        device: &'static str,
+        expected: usize,
+        got: usize,
+    },
+    #[error("the {device} device has lost its backend ({reason}); it cannot be activated again until the VM is restarted")]
+    BackendLost {
+        device: &'static str,
+        reason: String,
+    },
+    #[error("cannot start the {device} device: {reason}")]
+    Backend {
+        device: &'static str,
+        reason: String,
+    },
+    #[error("cannot start the datapath thread of the {device} device: {source}")]
+    Thread {
+        device: &'static str,
+        source: std::io::Error,
+    },
+}
+
+/// A virtio device model, independent of the transport that exposes it.
+pub trait VirtioDevice: Send {
+    /// The virtio device ID (1 for network, ...).
+    fn device_type(&self) -> u32;
+
+    /// Maximum size of each queue; the number of entries is the number of
+    /// queues the device has.
+    fn queue_max_sizes(&self) -> &[u16];
+
+    /// The features the device offers, VIRTIO_F_VERSION_1 included.
+    fn device_features(&self) -> u64;
+
+    /// The features the driver accepted, when it sets FEATURES_OK. The
+    /// transport has checked that they are a subset of [`Self::device_features`].
+    fn ack_features(&mut self, features: u64);
+
+    /// Reads from the device configuration space. Bytes beyond its end read 0.
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+
+    /// Writes to the device configuration space.
+    fn write_config(&mut self, offset: u64, data: &[u8]);
+
+    /// The driver set DRIVER_OK: start serving the queues.
+    fn activate(&mut self, params: ActivateParams) -> Result<(), ActivateError>;
+
+    /// Stops the datapath and returns the device to its state before
+    /// activation (features not acked, configuration as constructed), so that
+    /// the driver can initialise it again. Never fails: a device that cannot
+    /// stop cleanly logs why.
+    fn reset(&mut self);
+
+    /// Whether the device is active (between `activate` and `reset`).
+    fn is_active(&self) -> bool;
+
+    /// Ring positions of the active device's queues, in queue order, or
+    /// `None` when the device is not active. Exact once the driver stopped
+    /// notifying (vCPUs paused) and the device finished its current batch.
+    fn queue_positions(&self) -> Option<Vec<QueuePosition>>;
+}

@@ -1,0 +1,968 @@
+//! virtio-net over real TAP devices, each test in its own network namespace
+//! (needs root). The "guest" is [`GuestDriver`] on plain guest memory; the
+//! "host" side is the namespace's kernel stack.
+
+use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use virtio_bindings::virtio_net::*;
+use virtio_bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+use vm_memory::GuestAddress;
+
+use super::*;
+use crate::net::tap::{TUN_F_CSUM, TUN_F_TSO4};
+use crate::net::{Tap, TapError, VnetHdr};
+use crate::virtio::mmio::MmioTransport;
+use crate::virtio::testing::*;
+use crate::virtio::{status, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+
+const GUEST_MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
+const HOST_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 1);
+const GUEST_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 2);
+const TIMEOUT: Duration = Duration::from_secs(3);
+const MEM_SIZE: usize = 64 << 20;
+const TAP: &str = "gwtap0";
+
+fn f(bit: u32) -> u64 {
+    feature(bit)
+}
+
+struct Rig {
+    ns: NetNs,
+    net: Arc<Mutex<VirtioNet>>,
+    transport: Arc<Mutex<MmioTransport>>,
+    driver: GuestDriver,
+    host_mac: [u8; 6],
+}
+
+/// A namespace with TAP `gwtap0` (10.0.0.1/24, up, static neighbour entry
+/// for the guest), a virtio-net device on it offering `features`, an mmio
+/// transport and a driver (not yet initialised).
+fn rig(tag: &str, vnet: VnetHdr, features: u64) -> Rig {
+    let ns = NetNs::new(tag).expect("create namespace");
+    // No IPv6 chatter (router solicitations, MLD) on the TAP.
+    ns.sysctl("net.ipv6.conf.all.disable_ipv6", "1").unwrap();
+    ns.sysctl("net.ipv6.conf.default.disable_ipv6", "1")
+        .unwrap();
+    let tap = ns
+        .enter(|| Tap::open(TAP, vnet))
+        .unwrap()
+        .expect("open TAP");
+    ns.ip(&["addr", "add", "10.0.0.1/24", "dev", TAP]).unwrap();
+    ns.ip(&["link", "set", TAP, "up"]).unwrap();
+    ns.ip(&[
+        "neigh",
+        "add",
+        "10.0.0.2",
+        "lladdr",
+        &format_mac(&GUEST_MAC),
+        "dev",
+        TAP,
+    ])
+    .unwrap();
+    let host_mac = tap.host_mac().unwrap();
+    let net = VirtioNet::new(tap, NetConfig::new(GUEST_MAC, features)).expect("create device");
+    let net = Arc::new(Mutex::new(net));
+    let mem = guest_memory(MEM_SIZE);
+    let dev: Arc<Mutex<dyn VirtioDevice>> = net.clone();
+    let transport = Arc::new(Mutex::new(MmioTransport::new(mem.clone(), dev).unwrap()));
+    let driver = GuestDriver::new(mem, transport.clone()).unwrap();
+    Rig {
+        ns,
+        net,
+        transport,
+        driver,
+        host_mac,
+    }
+}
+
+impl Rig {
+    fn udp_socket(&self, port: u16) -> UdpSocket {
+        let s = self
+            .ns
+            .enter(|| UdpSocket::bind(SocketAddrV4::new(HOST_IP, port)))
+            .unwrap()
+            .unwrap();
+        s.set_read_timeout(Some(TIMEOUT)).unwrap();
+        s
+    }
+
+    /// A frame from the guest to the namespace's UDP port.
+    fn to_host(&self, dport: u16, payload: &[u8], csum: UdpCsum) -> Vec<u8> {
+        udp_frame(
+            GUEST_MAC,
+            self.host_mac,
+            GUEST_IP,
+            HOST_IP,
+            4000,
+            dport,
+            payload,
+            csum,
+        )
+    }
+
+    fn stats(&self) -> NetStats {
+        self.net.lock().unwrap().stats()
+    }
+
+    /// Sends a good frame from the guest and checks the namespace gets it.
+    fn tx_roundtrip(&mut self, sock: &UdpSocket, payload: &[u8]) {
+        let frame = self.to_host(sock.local_addr().unwrap().port(), payload, UdpCsum::Full);
+        self.driver.send(&[0; NET_HDR_LEN], &frame, true).unwrap();
+        let mut buf = [0u8; 2048];
+        let (n, from) = sock
+            .recv_from(&mut buf)
+            .expect("namespace receives the frame");
+        assert_eq!(&buf[..n], payload);
+        assert_eq!(from.ip(), std::net::IpAddr::V4(GUEST_IP));
+    }
+
+    /// Sends a datagram from the namespace to the guest.
+    fn host_sends(&self, sock: &UdpSocket, dport: u16, payload: &[u8]) {
+        sock.send_to(payload, SocketAddrV4::new(GUEST_IP, dport))
+            .unwrap();
+    }
+}
+
+/// Received frames that are UDP to `dport`, as (header, view).
+fn udp_to(frames: &[RxFrame], dport: u16) -> Vec<(RxFrame, UdpView)> {
+    frames
+        .iter()
+        .filter_map(|f| parse_udp(&f.frame).map(|v| (f.clone(), v)))
+        .filter(|(_, v)| v.dport == dport)
+        .collect()
+}
+
+fn basic_traffic(vnet: VnetHdr, features: u64, tag: &str) {
+    let mut r = rig(tag, vnet, features);
+    let acked = r.driver.init(features, 256).unwrap();
+    assert_eq!(r.net.lock().unwrap().acked_features(), acked);
+    let sock = r.udp_socket(5000);
+
+    // TX, gathered from two descriptors, one descriptor, and indirect.
+    for i in 0..20u32 {
+        let payload = format!("guest datagram {i}").into_bytes();
+        r.tx_roundtrip(&sock, &payload);
+    }
+    let frame = r.to_host(5000, b"indirect", UdpCsum::Full);
+    let buf = r
+        .driver
+        .alloc((NET_HDR_LEN + frame.len()) as u64, 8)
+        .unwrap();
+    r.driver.write_mem(buf, &[0; NET_HDR_LEN]).unwrap();
+    let data = GuestAddress(buf.0 + NET_HDR_LEN as u64);
+    r.driver.write_mem(data, &frame).unwrap();
+    r.driver
+        .add_indirect(
+            TX_QUEUE,
+            &[
+                Buf::read(buf, NET_HDR_LEN as u32),
+                Buf::read(data, frame.len() as u32),
+            ],
+        )
+        .unwrap();
+    r.driver.kick(TX_QUEUE).unwrap();
+    let mut b = [0u8; 64];
+    let (n, _) = sock.recv_from(&mut b).unwrap();
+    assert_eq!(&b[..n], b"indirect");
+    let used = r.driver.wait_used(TX_QUEUE, 21, TIMEOUT).unwrap();
+    assert!(used.iter().all(|u| u.len == 0));
+
+    // RX.
+    r.driver.fill_rx(32, 2048).unwrap();
+    for i in 0..20u32 {
+        r.host_sends(&sock, 6000, format!("host datagram {i}").as_bytes());
+    }
+    let mut got = Vec::new();
+    let deadline = Instant::now() + TIMEOUT;
+    while got.len() < 20 && Instant::now() < deadline {
+        let frames = r.driver.recv_frames(1, TIMEOUT).unwrap();
+        got.extend(udp_to(&frames, 6000));
+    }
+    assert_eq!(got.len(), 20);
+    for (i, (hdr, v)) in got.iter().enumerate() {
+        assert_eq!(v.payload, format!("host datagram {i}").into_bytes());
+        assert_eq!(v.dst_mac, GUEST_MAC);
+        assert_eq!(hdr.num_buffers(), 1);
+        if vnet == VnetHdr::Off {
+            assert_eq!(hdr.hdr[..10], [0; 10], "godwit writes an empty header");
+        }
+        assert!(v.ip_csum_ok);
+    }
+    let s = r.stats();
+    assert_eq!(s.tx_packets, 21);
+    assert!(s.rx_packets >= 20);
+    assert_eq!(s.tx_faults.total() + s.rx_faults.total(), 0, "{s:?}");
+    // Positions are published for snapshots.
+    let pos = r.net.lock().unwrap().queue_positions().unwrap();
+    assert_eq!(pos[TX_QUEUE].next_avail, 21);
+    assert_eq!(pos[TX_QUEUE].next_used, 21);
+}
+
+#[test]
+fn traffic_with_vnet_hdr() {
+    let features = f(VIRTIO_NET_F_MAC)
+        | f(VIRTIO_NET_F_CSUM)
+        | f(VIRTIO_NET_F_GUEST_CSUM)
+        | f(VIRTIO_RING_F_EVENT_IDX)
+        | f(VIRTIO_RING_F_INDIRECT_DESC);
+    basic_traffic(VnetHdr::On, features, "vnet");
+}
+
+#[test]
+fn traffic_without_vnet_hdr() {
+    let features = f(VIRTIO_NET_F_MAC) | f(VIRTIO_NET_F_MRG_RXBUF) | f(VIRTIO_RING_F_INDIRECT_DESC);
+    basic_traffic(VnetHdr::Off, features, "plain");
+}
+
+#[test]
+fn partial_checksum_from_the_guest_arrives_valid() {
+    let features = f(VIRTIO_NET_F_MAC) | f(VIRTIO_NET_F_CSUM) | f(VIRTIO_RING_F_EVENT_IDX);
+    let mut r = rig("csum", VnetHdr::On, features);
+    // A second, header-less TAP that the namespace forwards to: the kernel
+    // must finish the checksum before handing the frame to it.
+    let out =
+        r.ns.enter(|| Tap::open("gwout0", VnetHdr::Off))
+            .unwrap()
+            .unwrap();
+    r.ns.ip(&["addr", "add", "10.0.1.1/24", "dev", "gwout0"])
+        .unwrap();
+    r.ns.ip(&["link", "set", "gwout0", "up"]).unwrap();
+    r.ns.ip(&[
+        "neigh",
+        "add",
+        "10.0.1.2",
+        "lladdr",
+        "02:00:00:00:00:02",
+        "dev",
+        "gwout0",
+    ])
+    .unwrap();
+    r.ns.sysctl("net.ipv4.ip_forward", "1").unwrap();
+    r.ns.sysctl("net.ipv4.conf.all.rp_filter", "0").unwrap();
+    r.ns.sysctl(&format!("net.ipv4.conf.{TAP}.rp_filter"), "0")
+        .unwrap();
+    r.driver.init(features, 256).unwrap();
+
+    let dst = Ipv4Addr::new(10, 0, 1, 2);
+    let send = |r: &mut Rig, dport: u16, flags: u8| {
+        let payload: Vec<u8> = (0..333u32).map(|i| (i * 7) as u8).collect();
+        let frame = udp_frame(
+            GUEST_MAC,
+            r.host_mac,
+            GUEST_IP,
+            dst,
+            4000,
+            dport,
+            &payload,
+            UdpCsum::Partial,
+        );
+        let hdr = net_hdr(flags, 0, 0, 0, UDP_OFFSET as u16, 6);
+        r.driver.send(&hdr, &frame, false).unwrap();
+    };
+    let recv = |dport: u16| -> UdpView {
+        let deadline = Instant::now() + TIMEOUT;
+        let mut buf = vec![0u8; 4096];
+        while Instant::now() < deadline {
+            match out.read(&mut buf) {
+                Ok(n) => {
+                    if let Some(v) = parse_udp(&buf[..n]).filter(|v| v.dport == dport) {
+                        return v;
+                    }
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(5)),
+            }
+        }
+        panic!("no forwarded frame to port {dport}");
+    };
+    send(&mut r, 7001, VIRTIO_NET_HDR_F_NEEDS_CSUM as u8);
+    let v = recv(7001);
+    assert!(
+        v.udp_csum_ok && v.csum != 0,
+        "checksum completed by the host: {v:?}"
+    );
+    assert_eq!(v.payload.len(), 333);
+    // Control: the same frame without NEEDS_CSUM keeps its (wrong) partial sum.
+    send(&mut r, 7002, 0);
+    let v = recv(7002);
+    assert!(
+        !v.udp_csum_ok,
+        "without NEEDS_CSUM the partial sum is forwarded as is"
+    );
+}
+
+/// Sends `len` bytes as one UDP_SEGMENT (USO) send of `seg`-byte segments.
+fn send_uso(sock: &UdpSocket, len: usize, seg: u16, dport: u16) -> Vec<u8> {
+    let seg = libc::c_int::from(seg);
+    // SAFETY: setsockopt with a live int and its size.
+    let rc = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_UDP,
+            libc::UDP_SEGMENT,
+            (&seg as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0, "UDP_SEGMENT: {}", std::io::Error::last_os_error());
+    let payload: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+    sock.send_to(&payload, SocketAddrV4::new(GUEST_IP, dport))
+        .unwrap();
+    payload
+}
+
+#[test]
+fn large_udp_send_arrives_through_mergeable_buffers() {
+    let want = f(VIRTIO_NET_F_MAC)
+        | f(VIRTIO_NET_F_GUEST_CSUM)
+        | f(VIRTIO_NET_F_GUEST_TSO4)
+        | f(VIRTIO_NET_F_GUEST_USO4)
+        | f(VIRTIO_NET_F_GUEST_USO6)
+        | f(VIRTIO_NET_F_MRG_RXBUF)
+        | f(VIRTIO_RING_F_EVENT_IDX);
+    let mut r = rig("uso", VnetHdr::On, want);
+    r.driver.init(want, 256).unwrap();
+    let offload = r.net.lock().unwrap().tap().offload();
+    assert_eq!(offload & (TUN_F_CSUM | TUN_F_TSO4), TUN_F_CSUM | TUN_F_TSO4);
+    let sock = r.udp_socket(5000);
+    // 1526-byte buffers, like a Linux guest's at MTU 1500.
+    r.driver.fill_rx(64, 1526).unwrap();
+    let payload = send_uso(&sock, 4000, 1400, 6000);
+    let frames = r.driver.recv_frames(1, TIMEOUT).unwrap();
+    let got = udp_to(&frames, 6000);
+    assert_eq!(got.len(), 1, "one USO super-frame, not segments");
+    let (hdr, v) = &got[0];
+    assert_eq!(u32::from(hdr.gso_type()), VIRTIO_NET_HDR_GSO_UDP_L4);
+    assert_eq!(hdr.gso_size(), 1400);
+    assert_eq!(hdr.num_buffers(), hdr.buffers);
+    assert!(hdr.buffers >= 3, "spread over {} buffers", hdr.buffers);
+    assert_eq!(v.payload, payload);
+}
+
+#[test]
+fn large_frame_goes_straight_into_a_big_buffer() {
+    let want = f(VIRTIO_NET_F_MAC)
+        | f(VIRTIO_NET_F_GUEST_CSUM)
+        | f(VIRTIO_NET_F_GUEST_USO4)
+        | f(VIRTIO_NET_F_GUEST_USO6);
+    let mut r = rig("big", VnetHdr::On, want);
+    r.driver.init(want, 256).unwrap();
+    let sock = r.udp_socket(5000);
+    // "Big packets" mode without MRG_RXBUF: one chain holds a 64 KiB frame
+    // (here 18 pages, like Linux).
+    for _ in 0..4 {
+        let mut bufs = Vec::new();
+        for _ in 0..18 {
+            bufs.push(Buf::write(r.driver.alloc(4096, 4096).unwrap(), 4096));
+        }
+        r.driver.add_chain(RX_QUEUE, &bufs).unwrap();
+    }
+    r.driver.kick(RX_QUEUE).unwrap();
+    let payload = send_uso(&sock, 20000, 1200, 6000);
+    let frames = r.driver.recv_frames(1, TIMEOUT).unwrap();
+    let got = udp_to(&frames, 6000);
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].0.num_buffers(), 1);
+    assert_eq!(u32::from(got[0].0.gso_type()), VIRTIO_NET_HDR_GSO_UDP_L4);
+    assert_eq!(got[0].1.payload, payload);
+    // Without USO acked (only csum), the host segments the same send.
+    let want = f(VIRTIO_NET_F_MAC) | f(VIRTIO_NET_F_GUEST_CSUM) | f(VIRTIO_NET_F_MRG_RXBUF);
+    r.driver.init(want, 256).unwrap();
+    r.driver.fill_rx(32, 1526).unwrap();
+    let payload = send_uso(&sock, 4000, 1400, 6001);
+    let frames = r.driver.recv_frames(3, TIMEOUT).unwrap();
+    let got = udp_to(&frames, 6001);
+    assert_eq!(got.len(), 3);
+    let joined: Vec<u8> = got.iter().flat_map(|(_, v)| v.payload.clone()).collect();
+    assert_eq!(joined, payload);
+}
+
+#[test]
+fn full_rx_ring_holds_frames_back_instead_of_dropping() {
+    let want = f(VIRTIO_NET_F_MAC) | f(VIRTIO_RING_F_EVENT_IDX);
+    let mut r = rig("bp", VnetHdr::On, want);
+    r.driver.init(want, 256).unwrap();
+    let sock = r.udp_socket(5000);
+    const N: usize = 64;
+    for i in 0..N {
+        r.host_sends(&sock, 6000, format!("held {i:03}").as_bytes());
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let s = r.stats();
+    assert_eq!(s.rx_packets, 0);
+    assert_eq!(s.rx_faults.total(), 0);
+    r.driver.fill_rx(N + 16, 2048).unwrap();
+    let mut got = Vec::new();
+    let deadline = Instant::now() + TIMEOUT;
+    while got.len() < N && Instant::now() < deadline {
+        let frames = r.driver.recv_frames(1, TIMEOUT).unwrap();
+        got.extend(udp_to(&frames, 6000));
+    }
+    let payloads: Vec<String> = got
+        .iter()
+        .map(|(_, v)| String::from_utf8_lossy(&v.payload).into_owned())
+        .collect();
+    let expected: Vec<String> = (0..N).map(|i| format!("held {i:03}")).collect();
+    assert_eq!(payloads, expected, "every frame, in order");
+    assert_eq!(r.stats().rx_faults.total(), 0);
+}
+
+#[test]
+fn mergeable_frames_wait_for_enough_buffers() {
+    // 1000-byte datagrams need 3 buffers of 512 bytes; the guest posts one
+    // buffer at a time, so every frame waits (pending) at least twice.
+    let want = f(VIRTIO_NET_F_MAC) | f(VIRTIO_NET_F_MRG_RXBUF) | f(VIRTIO_RING_F_EVENT_IDX);
+    for (tag, vnet) in [("mrgv", VnetHdr::On), ("mrgp", VnetHdr::Off)] {
+        let mut r = rig(tag, vnet, want);
+        r.driver.init(want, 256).unwrap();
+        let sock = r.udp_socket(5000);
+        const N: usize = 16;
+        for i in 0..N {
+            let mut p = vec![b'x'; 1000];
+            p[..4].copy_from_slice(&(i as u32).to_le_bytes());
+            r.host_sends(&sock, 6000, &p);
+        }
+        let mut got = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while got.len() < N && Instant::now() < deadline {
+            r.driver.fill_rx(1, 512).unwrap();
+            if let Ok(frames) = r.driver.recv_frames(1, Duration::from_millis(30)) {
+                got.extend(udp_to(&frames, 6000));
+            }
+        }
+        assert_eq!(got.len(), N, "{tag}");
+        for (i, (hdr, v)) in got.iter().enumerate() {
+            assert_eq!(v.payload[..4], (i as u32).to_le_bytes());
+            assert_eq!(v.payload.len(), 1000);
+            assert_eq!(hdr.buffers, 3);
+        }
+        assert_eq!(r.stats().rx_faults.total(), 0, "{tag}");
+    }
+}
+
+#[test]
+fn malformed_chains_are_dropped_and_the_device_keeps_serving() {
+    let want = f(VIRTIO_NET_F_MAC) | f(VIRTIO_RING_F_INDIRECT_DESC) | f(VIRTIO_RING_F_EVENT_IDX);
+    let mut r = rig("bad", VnetHdr::On, want);
+    r.driver.init(want, 16).unwrap();
+    let sock = r.udp_socket(5000);
+    let good = r.to_host(5000, b"x", UdpCsum::Full);
+    let buf = r.driver.alloc(256, 16).unwrap();
+    r.driver.write_mem(buf, &[0; NET_HDR_LEN]).unwrap();
+    r.driver
+        .write_mem(GuestAddress(buf.0 + NET_HDR_LEN as u64), &good)
+        .unwrap();
+    let len = (NET_HDR_LEN + good.len()) as u32;
+    let next = VRING_DESC_F_NEXT as u16;
+    let d = |addr: u64, len: u32, flags: u16, next: u16| RawDesc {
+        addr,
+        len,
+        flags,
+        next,
+    };
+    let table = r.driver.alloc(64, 16).unwrap();
+    type Case = (&'static str, Fault, Vec<(u16, RawDesc)>);
+    let cases: Vec<Case> = vec![
+        (
+            "loop",
+            Fault::BrokenChain,
+            vec![(10, d(buf.0, 6, next, 11)), (11, d(buf.0 + 6, 6, next, 10))],
+        ),
+        (
+            "next out of range",
+            Fault::BrokenChain,
+            vec![(10, d(buf.0, len, next, 99))],
+        ),
+        (
+            "out of guest memory",
+            Fault::OutOfBounds,
+            vec![(10, d(MEM_SIZE as u64 + 0x1000, len, 0, 0))],
+        ),
+        (
+            "wrapping address",
+            Fault::OutOfBounds,
+            vec![(10, d(u64::MAX - 4, len, 0, 0))],
+        ),
+        (
+            "shorter than the header",
+            Fault::TooShort,
+            vec![(10, d(buf.0, 8, 0, 0))],
+        ),
+        (
+            "device-writable",
+            Fault::WrongDirection,
+            vec![(10, d(buf.0, len, VRING_DESC_F_WRITE as u16, 0))],
+        ),
+        (
+            "bad indirect table",
+            Fault::BrokenChain,
+            vec![(10, d(table.0, 17, VRING_DESC_F_INDIRECT as u16, 0))],
+        ),
+    ];
+    // An indirect table whose entries loop: 0 -> 1 -> 0.
+    r.driver
+        .write_mem(table, &d(buf.0, 6, next, 1).to_bytes())
+        .unwrap();
+    r.driver
+        .write_mem(
+            GuestAddress(table.0 + 16),
+            &d(buf.0 + 6, 6, next, 0).to_bytes(),
+        )
+        .unwrap();
+    let mut cases = cases;
+    cases.push((
+        "indirect loop",
+        Fault::BrokenChain,
+        vec![(10, d(table.0, 32, VRING_DESC_F_INDIRECT as u16, 0))],
+    ));
+    let mut expected = FaultCounts::default();
+    for (i, (name, fault, descs)) in cases.iter().enumerate() {
+        r.driver.add_raw(TX_QUEUE, descs, 10).unwrap();
+        r.driver.kick(TX_QUEUE).unwrap();
+        r.tx_roundtrip(&sock, format!("after {name}").as_bytes());
+        let used = r.driver.wait_used(TX_QUEUE, 2, TIMEOUT).unwrap();
+        assert!(
+            used.iter().any(|u| u.head == 10 && u.len == 0),
+            "{name}: {used:?}"
+        );
+        match fault {
+            Fault::BrokenChain => expected.broken_chain += 1,
+            Fault::OutOfBounds => expected.out_of_bounds += 1,
+            Fault::TooShort => expected.too_short += 1,
+            Fault::WrongDirection => expected.wrong_direction += 1,
+            _ => {}
+        }
+        assert_eq!(r.stats().tx_faults, expected, "after case {i} ({name})");
+    }
+    assert_eq!(r.driver.status() & status::DEVICE_NEEDS_RESET, 0);
+
+    // Receive side: bad buffers are returned unused, the frame goes to the
+    // next good one.
+    let rbuf = r.driver.alloc(4096, 16).unwrap();
+    let bad_rx: Vec<Vec<(u16, RawDesc)>> = vec![
+        vec![(12, d(rbuf.0, 2048, 0, 0))], // read-only
+        vec![(12, d(MEM_SIZE as u64, 2048, VRING_DESC_F_WRITE as u16, 0))], // outside memory
+        vec![(12, d(rbuf.0, 8, VRING_DESC_F_WRITE as u16, 0))], // too short
+    ];
+    for descs in &bad_rx {
+        r.driver.add_raw(RX_QUEUE, descs, 12).unwrap();
+        r.driver.kick(RX_QUEUE).unwrap();
+        // The device only looks at rx buffers when a frame arrives.
+        r.driver.fill_rx(1, 2048).unwrap();
+        r.host_sends(&sock, 6000, b"rx after a bad buffer");
+        let frames = r.driver.recv_frames(1, TIMEOUT).unwrap();
+        assert_eq!(udp_to(&frames, 6000)[0].1.payload, b"rx after a bad buffer");
+    }
+    assert_eq!(r.driver.rx_rejected, 3);
+    let s = r.stats();
+    assert_eq!(
+        (
+            s.rx_faults.wrong_direction,
+            s.rx_faults.out_of_bounds,
+            s.rx_faults.too_short
+        ),
+        (1, 1, 1)
+    );
+}
+
+#[test]
+fn corrupt_ring_needs_reset_and_reset_recovers() {
+    let want = f(VIRTIO_NET_F_MAC) | f(VIRTIO_RING_F_EVENT_IDX);
+    let mut r = rig("ring", VnetHdr::On, want);
+    r.driver.init(want, 16).unwrap();
+    let sock = r.udp_socket(5000);
+    r.tx_roundtrip(&sock, b"before");
+    // The available index jumps by more than the queue size.
+    r.driver.set_avail_idx(TX_QUEUE, 1 + 16 + 5).unwrap();
+    r.driver.kick(TX_QUEUE).unwrap();
+    let deadline = Instant::now() + TIMEOUT;
+    let mut irq = 0;
+    while irq & 2 == 0 && Instant::now() < deadline {
+        irq |= r.driver.wait_irq(Duration::from_millis(50)).unwrap();
+    }
+    assert_ne!(irq & 2, 0, "configuration interrupt");
+    assert_ne!(r.driver.status() & status::DEVICE_NEEDS_RESET, 0);
+    // Reset and initialise again: same TAP, traffic flows.
+    r.driver.init(want, 16).unwrap();
+    assert_eq!(r.driver.status() & status::DEVICE_NEEDS_RESET, 0);
+    r.tx_roundtrip(&sock, b"after reset");
+    r.driver.fill_rx(4, 2048).unwrap();
+    r.host_sends(&sock, 6000, b"rx after reset");
+    let frames = r.driver.recv_frames(1, TIMEOUT).unwrap();
+    assert_eq!(udp_to(&frames, 6000)[0].1.payload, b"rx after reset");
+    // A head index beyond the queue is corrupt too.
+    r.driver.publish(TX_QUEUE, 40).unwrap();
+    r.driver.kick(TX_QUEUE).unwrap();
+    let deadline = Instant::now() + TIMEOUT;
+    while r.driver.status() & status::DEVICE_NEEDS_RESET == 0 && Instant::now() < deadline {
+        r.driver.wait_irq(Duration::from_millis(50)).unwrap();
+    }
+    assert_ne!(r.driver.status() & status::DEVICE_NEEDS_RESET, 0);
+}
+
+#[test]
+fn control_queue_commands() {
+    let want = f(VIRTIO_NET_F_MAC)
+        | f(VIRTIO_NET_F_STATUS)
+        | f(VIRTIO_NET_F_CTRL_VQ)
+        | f(VIRTIO_NET_F_CTRL_RX)
+        | f(VIRTIO_NET_F_CTRL_MAC_ADDR)
+        | f(VIRTIO_NET_F_GUEST_ANNOUNCE)
+        | f(VIRTIO_NET_F_MQ);
+    let mut r = rig("ctrl", VnetHdr::On, want);
+    r.driver.init(want, 64).unwrap();
+    assert_eq!(
+        r.driver.config(8, 2),
+        1u16.to_le_bytes(),
+        "max_virtqueue_pairs"
+    );
+    let cmd = |r: &mut Rig, class: u32, command: u32, data: &[u8]| -> u8 {
+        let mut bytes = vec![class as u8, command as u8];
+        bytes.extend_from_slice(data);
+        let out = r.driver.alloc(bytes.len() as u64, 8).unwrap();
+        r.driver.write_mem(out, &bytes).unwrap();
+        let ack = r.driver.alloc(1, 1).unwrap();
+        r.driver.write_mem(ack, &[0xee]).unwrap();
+        r.driver
+            .add_chain(
+                CTRL_QUEUE,
+                &[Buf::read(out, bytes.len() as u32), Buf::write(ack, 1)],
+            )
+            .unwrap();
+        r.driver.kick(CTRL_QUEUE).unwrap();
+        let used = r.driver.wait_used(CTRL_QUEUE, 1, TIMEOUT).unwrap();
+        assert_eq!(used[0].len, 1);
+        r.driver.read_mem(ack, 1).unwrap()[0]
+    };
+    let ok = VIRTIO_NET_OK as u8;
+    let err = VIRTIO_NET_ERR as u8;
+    assert_eq!(
+        cmd(&mut r, VIRTIO_NET_CTRL_RX, VIRTIO_NET_CTRL_RX_PROMISC, &[0]),
+        ok
+    );
+    assert_eq!(
+        cmd(
+            &mut r,
+            VIRTIO_NET_CTRL_RX,
+            VIRTIO_NET_CTRL_RX_ALLMULTI,
+            &[1]
+        ),
+        ok
+    );
+    assert_eq!(
+        cmd(&mut r, VIRTIO_NET_CTRL_RX, VIRTIO_NET_CTRL_RX_NOBCAST, &[1]),
+        err
+    );
+    let mut table = Vec::new();
+    table.extend_from_slice(&0u32.to_le_bytes());
+    table.extend_from_slice(&1u32.to_le_bytes());
+    table.extend_from_slice(&[0x01, 0x00, 0x5e, 0, 0, 1]);
+    assert_eq!(
+        cmd(
+            &mut r,
+            VIRTIO_NET_CTRL_MAC,
+            VIRTIO_NET_CTRL_MAC_TABLE_SET,
+            &table
+        ),
+        ok
+    );
+    assert_eq!(
+        cmd(
+            &mut r,
+            VIRTIO_NET_CTRL_MAC,
+            VIRTIO_NET_CTRL_MAC_TABLE_SET,
+            &table[..5]
+        ),
+        err
+    );
+    let new_mac = [0x52, 0x54, 0, 0xaa, 0xbb, 0xcc];
+    assert_eq!(
+        cmd(
+            &mut r,
+            VIRTIO_NET_CTRL_MAC,
+            VIRTIO_NET_CTRL_MAC_ADDR_SET,
+            &new_mac
+        ),
+        ok
+    );
+    assert_eq!(r.driver.config(0, 6), new_mac);
+    let info = r.net.lock().unwrap().info();
+    assert!(!info.rx_filter.promiscuous && info.rx_filter.all_multicast);
+    assert_eq!(info.rx_filter.multicast.len(), 1);
+    assert_eq!(
+        cmd(
+            &mut r,
+            VIRTIO_NET_CTRL_MQ,
+            VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET,
+            &2u16.to_le_bytes()
+        ),
+        err
+    );
+    assert_eq!(
+        cmd(
+            &mut r,
+            VIRTIO_NET_CTRL_MQ,
+            VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET,
+            &1u16.to_le_bytes()
+        ),
+        ok
+    );
+    assert_eq!(
+        cmd(
+            &mut r,
+            VIRTIO_NET_CTRL_VLAN,
+            VIRTIO_NET_CTRL_VLAN_ADD,
+            &[0, 1]
+        ),
+        err
+    );
+    assert_eq!(cmd(&mut r, 0x7f, 0, &[]), err);
+    // Not negotiated: CTRL_GUEST_OFFLOADS was not offered.
+    assert_eq!(
+        cmd(
+            &mut r,
+            VIRTIO_NET_CTRL_GUEST_OFFLOADS,
+            0,
+            &0u64.to_le_bytes()
+        ),
+        err
+    );
+
+    // Announce: status bit + config interrupt, cleared by ANNOUNCE_ACK.
+    let _ = r.driver.wait_irq(Duration::from_millis(1));
+    assert!(r.net.lock().unwrap().announce());
+    assert_ne!(r.driver.wait_irq(TIMEOUT).unwrap() & 2, 0);
+    let st = u16::from_le_bytes(r.driver.config(6, 2).try_into().unwrap());
+    assert_eq!(u32::from(st), VIRTIO_NET_S_LINK_UP | VIRTIO_NET_S_ANNOUNCE);
+    assert_eq!(
+        cmd(
+            &mut r,
+            VIRTIO_NET_CTRL_ANNOUNCE,
+            VIRTIO_NET_CTRL_ANNOUNCE_ACK,
+            &[]
+        ),
+        ok
+    );
+    let st = u16::from_le_bytes(r.driver.config(6, 2).try_into().unwrap());
+    assert_eq!(u32::from(st), VIRTIO_NET_S_LINK_UP);
+
+    // Link changes raise a configuration interrupt.
+    r.net.lock().unwrap().set_link(false);
+    assert_ne!(r.driver.wait_irq(TIMEOUT).unwrap() & 2, 0);
+    assert_eq!(r.driver.config(6, 2), [0, 0]);
+    r.net.lock().unwrap().set_link(true);
+    assert_ne!(r.driver.wait_irq(TIMEOUT).unwrap() & 2, 0);
+    assert_eq!(r.driver.config(6, 2), [1, 0]);
+
+    // A malformed control chain (no writable ack byte) is returned unanswered.
+    let out = r.driver.alloc(2, 2).unwrap();
+    r.driver
+        .add_chain(CTRL_QUEUE, &[Buf::read(out, 2)])
+        .unwrap();
+    r.driver.kick(CTRL_QUEUE).unwrap();
+    let used = r.driver.wait_used(CTRL_QUEUE, 1, TIMEOUT).unwrap();
+    assert_eq!(used[0].len, 0);
+    assert_eq!(r.stats().ctrl_faults, 1);
+
+    // Reset restores the configured MAC.
+    r.driver.reset();
+    assert_eq!(r.driver.config(0, 6), GUEST_MAC);
+}
+
+#[test]
+fn guest_offloads_can_be_switched_through_the_control_queue() {
+    let want = f(VIRTIO_NET_F_MAC)
+        | f(VIRTIO_NET_F_GUEST_CSUM)
+        | f(VIRTIO_NET_F_GUEST_TSO4)
+        | f(VIRTIO_NET_F_CTRL_VQ)
+        | f(VIRTIO_NET_F_CTRL_GUEST_OFFLOADS);
+    let mut r = rig("goff", VnetHdr::On, want);
+    r.driver.init(want, 64).unwrap();
+    let tap = r.net.lock().unwrap().tap().clone();
+    assert_eq!(tap.offload(), TUN_F_CSUM | TUN_F_TSO4);
+    let send = |r: &mut Rig, v: u64| -> u8 {
+        let mut bytes = vec![
+            VIRTIO_NET_CTRL_GUEST_OFFLOADS as u8,
+            VIRTIO_NET_CTRL_GUEST_OFFLOADS_SET as u8,
+        ];
+        bytes.extend_from_slice(&v.to_le_bytes());
+        let out = r.driver.alloc(10, 8).unwrap();
+        r.driver.write_mem(out, &bytes).unwrap();
+        let ack = r.driver.alloc(1, 1).unwrap();
+        r.driver
+            .add_chain(CTRL_QUEUE, &[Buf::read(out, 10), Buf::write(ack, 1)])
+            .unwrap();
+        r.driver.kick(CTRL_QUEUE).unwrap();
+        r.driver.wait_used(CTRL_QUEUE, 1, TIMEOUT).unwrap();
+        r.driver.read_mem(ack, 1).unwrap()[0]
+    };
+    assert_eq!(
+        send(&mut r, f(VIRTIO_NET_F_GUEST_CSUM)),
+        VIRTIO_NET_OK as u8
+    );
+    assert_eq!(tap.offload(), TUN_F_CSUM);
+    assert_eq!(send(&mut r, 0), VIRTIO_NET_OK as u8);
+    assert_eq!(tap.offload(), 0);
+    // Offloads that were not acked are refused.
+    assert_eq!(
+        send(&mut r, f(VIRTIO_NET_F_GUEST_UFO)),
+        VIRTIO_NET_ERR as u8
+    );
+    assert_eq!(tap.offload(), 0);
+}
+
+#[test]
+fn probe_offloads_on_vnet_and_plain_taps() {
+    let ns = NetNs::new("probe").unwrap();
+    let vnet = ns
+        .enter(|| Tap::open("gwv0", VnetHdr::On))
+        .unwrap()
+        .unwrap();
+    let plain = ns
+        .enter(|| Tap::open("gwp0", VnetHdr::Off))
+        .unwrap()
+        .unwrap();
+    vnet.set_offload(TUN_F_CSUM | TUN_F_TSO4).unwrap();
+    let caps = vnet.probe_offloads();
+    // What this kernel (6.18) accepts, per platform.md.
+    assert!(
+        caps.vnet_hdr && caps.csum && caps.tso4 && caps.tso6 && caps.tso_ecn,
+        "{caps:?}"
+    );
+    assert!(caps.ufo && caps.uso, "{caps:?}");
+    assert_eq!(
+        vnet.offload(),
+        TUN_F_CSUM | TUN_F_TSO4,
+        "restored after probing"
+    );
+    assert_eq!(plain.probe_offloads(), TapOffloads::default());
+    assert!(!plain.has_vnet_hdr());
+    let e = plain.set_offload(TUN_F_CSUM).unwrap_err();
+    assert!(e.to_string().contains("vnet_hdr=on"), "{e}");
+    // The kernel's rules: flags without CSUM, lone USO4 are refused.
+    assert!(matches!(
+        vnet.set_offload(TUN_F_TSO4),
+        Err(TapError::SetOffload { .. })
+    ));
+    assert!(vnet.set_offload(TUN_F_CSUM | libc::TUN_F_USO4).is_err());
+    // MTU and link helpers reach the TAP's namespace from here.
+    vnet.set_mtu(1400).unwrap();
+    assert_eq!(vnet.mtu().unwrap(), 1400);
+    assert!(!vnet.is_up().unwrap());
+    vnet.set_up(true).unwrap();
+    assert!(vnet.is_up().unwrap());
+
+    // Devices refuse features the TAP cannot do, naming them.
+    let e = VirtioNet::new(
+        plain,
+        NetConfig::new(GUEST_MAC, f(VIRTIO_NET_F_CSUM) | f(VIRTIO_NET_F_GUEST_CSUM)),
+    )
+    .err()
+    .unwrap();
+    let msg = e.to_string();
+    assert!(
+        msg.contains("csum")
+            && msg.contains("guest_csum")
+            && msg.contains("gwp0")
+            && msg.contains("vnet_hdr=on"),
+        "{msg}"
+    );
+    let e = VirtioNet::new(vnet, NetConfig::new(GUEST_MAC, f(VIRTIO_NET_F_GUEST_TSO4)))
+        .err()
+        .unwrap();
+    assert!(e.to_string().contains("guest_tso4 needs guest_csum"), "{e}");
+}
+
+fn dup(fd: i32) -> OwnedFd {
+    // SAFETY: dup of a live fd returns a new fd we own (checked below).
+    let n = unsafe { libc::dup(fd) };
+    assert!(n >= 0);
+    // SAFETY: n is a fresh fd.
+    unsafe { OwnedFd::from_raw_fd(n) }
+}
+
+#[test]
+fn adopting_fds() {
+    let ns = NetNs::new("fd").unwrap();
+    let vnet = ns
+        .enter(|| Tap::open("gwa0", VnetHdr::On))
+        .unwrap()
+        .unwrap();
+    let adopted = Tap::from_fd(dup(vnet.as_raw_fd()), VnetHdr::Auto).unwrap();
+    assert_eq!(adopted.name(), "gwa0");
+    assert!(adopted.has_vnet_hdr());
+    let e = Tap::from_fd(dup(vnet.as_raw_fd()), VnetHdr::Off).unwrap_err();
+    assert!(matches!(e, TapError::UnexpectedVnetHdr { .. }), "{e}");
+    drop(adopted);
+
+    let plain = ns
+        .enter(|| Tap::open("gwa1", VnetHdr::Off))
+        .unwrap()
+        .unwrap();
+    let e = Tap::from_fd(dup(plain.as_raw_fd()), VnetHdr::On).unwrap_err();
+    let msg = e.to_string();
+    assert!(
+        msg.contains("gwa1") && msg.contains("without IFF_VNET_HDR") && msg.contains("vnet_hdr"),
+        "{msg}"
+    );
+    let adopted = Tap::from_fd(dup(plain.as_raw_fd()), VnetHdr::Off).unwrap();
+    assert!(!adopted.has_vnet_hdr());
+
+    // Not TAPs.
+    let evt = vmm_sys_util::eventfd::EventFd::new(0).unwrap();
+    let raw = dup(evt.as_raw_fd());
+    let n = raw.as_raw_fd();
+    let e = Tap::from_fd(raw, VnetHdr::Auto).unwrap_err();
+    assert!(
+        e.to_string()
+            .starts_with(&format!("fd {n} is not a TAP device")),
+        "{e}"
+    );
+    let unattached = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/net/tun")
+        .unwrap();
+    let e = Tap::from_fd(unattached.into(), VnetHdr::Auto).unwrap_err();
+    assert!(e.to_string().contains("not attached"), "{e}");
+
+    // Opening errors.
+    assert!(matches!(
+        Tap::open("bad/name", VnetHdr::On),
+        Err(TapError::InvalidName { .. })
+    ));
+    let e = ns
+        .enter(|| Tap::open("lo", VnetHdr::On))
+        .unwrap()
+        .unwrap_err();
+    assert!(matches!(e, TapError::NameTaken { .. }), "{e}");
+    let e = ns
+        .enter(|| Tap::open("gwa0", VnetHdr::On))
+        .unwrap()
+        .unwrap_err();
+    assert!(matches!(e, TapError::Busy { .. }), "{e}");
+    assert!(e.to_string().contains("another process"), "{e}");
+}
+
+#[test]
+fn transport_state_round_trips_with_a_live_net_device() {
+    let want = f(VIRTIO_NET_F_MAC) | f(VIRTIO_RING_F_EVENT_IDX);
+    let mut r = rig("snap", VnetHdr::On, want);
+    r.driver.init(want, 64).unwrap();
+    let sock = r.udp_socket(5000);
+    for i in 0..5u8 {
+        r.tx_roundtrip(&sock, &[i; 10]);
+    }
+    r.driver.wait_used(TX_QUEUE, 5, TIMEOUT).unwrap();
+    let state = {
+        use godwit_migration::persist::Persist;
+        r.transport.lock().unwrap().save()
+    };
+    assert_eq!(state.queues[TX_QUEUE].next_avail, 5);
+    assert_eq!(state.queues[TX_QUEUE].next_used, 5);
+    assert_eq!(state.queues[RX_QUEUE].next_avail, 0);
+    assert!(state.queues.iter().all(|q| q.ready));
+    assert_eq!(state.driver_features, r.driver.features());
+}

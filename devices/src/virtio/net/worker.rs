@@ -1,0 +1,1244 @@
+//! The datapath of one active virtio-net device: a thread running an epoll
+//! loop over the queue notification eventfds, the TAP fd and a stop eventfd.
+//!
+//! TX: available chains are drained in batches; each chain's readable
+//! buffers are handed to the TAP with one `writev` straight from guest
+//! memory (no copy). Used entries have length 0.
+//!
+//! RX: when the first available chain is large enough for any frame the TAP
+//! can deliver, the TAP is read with `readv` straight into it. Otherwise the
+//! frame is read into a bounce buffer and copied into as many chains as it
+//! needs (MRG_RXBUF) or into the one chain. A frame that does not fit the
+//! buffers the guest has posted stays in the bounce buffer, the TAP stops
+//! being polled, and delivery resumes when the guest adds buffers (rx queue
+//! notification): godwit never drops a frame for lack of buffers; the frames
+//! behind it wait in the TAP's queue in the kernel.
+//!
+//! Bad guest input is contained per chain: a malformed chain is returned with
+//! length 0 (and counted, and logged at a limited rate) and the next one is
+//! served. A corrupt ring (an available index that jumps more than the queue
+//! size, a head index outside the queue, rings outside guest memory) cannot
+//! be served at all: the device sets DEVICE_NEEDS_RESET and the thread stops.
+
+use std::io;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use virtio_bindings::virtio_net::*;
+use virtio_bindings::virtio_ring::VRING_AVAIL_F_NO_INTERRUPT;
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::features::{tun_offloads_for_guest, GUEST_OFFLOADS};
+use super::{Fault, Shared, CTRL_QUEUE, NET_HDR_LEN, RX_QUEUE, TX_QUEUE};
+use crate::net::Tap;
+use crate::virtio::ratelimit::LogLimiter;
+use crate::virtio::{feature, ActivateParams, InterruptKind, VirtioInterrupt};
+use crate::GuestMemory;
+
+/// Largest frame (virtio-net header included) the TAP can hand us: a 64 KiB
+/// GSO super-frame plus a VLAN tag and the header, with room to spare.
+pub(crate) const RX_BUF_LEN: usize = 68 * 1024;
+/// Largest frame (header included) accepted from the guest.
+const TX_MAX_LEN: usize = RX_BUF_LEN;
+/// Most segments in one chain (the kernel's UIO_MAXIOV).
+const MAX_SEGS: usize = 1024;
+/// Frames / chains handled before the loop looks at other events.
+const RX_BUDGET: usize = 256;
+const TX_BUDGET: usize = 256;
+/// Largest control command (a MAC table of ~10000 entries).
+const CTRL_MAX_LEN: usize = 64 * 1024;
+
+const TOKEN_STOP: u64 = 0;
+const TOKEN_RX: u64 = 1;
+const TOKEN_TX: u64 = 2;
+const TOKEN_CTRL: u64 = 3;
+const TOKEN_TAP: u64 = 4;
+
+/// Log limiter slots.
+const LOG_RX: usize = 0; // + Fault
+const LOG_TX: usize = Fault::COUNT; // + Fault
+const LOG_CTRL: usize = 2 * Fault::COUNT;
+const LOG_TAP_READ: usize = LOG_CTRL + 1;
+const LOG_TAP_GONE: usize = LOG_CTRL + 2;
+const LOG_IRQ: usize = LOG_CTRL + 3;
+const LOG_SLOTS: usize = LOG_CTRL + 4;
+
+/// The ring itself cannot be used any more.
+#[derive(Debug)]
+pub(crate) struct Fatal(String);
+
+fn ring_err(queue: &'static str, what: &'static str) -> impl Fn(virtio_queue::Error) -> Fatal {
+    move |e| Fatal(format!("{queue} queue: {what}: {e}"))
+}
+
+/// One guest buffer: a descriptor's address, length and direction.
+#[derive(Clone, Copy, Debug)]
+struct Seg {
+    addr: GuestAddress,
+    len: u32,
+    write: bool,
+}
+
+/// A parsed receive chain: its head and its segments in the scratch vector.
+#[derive(Clone, Copy, Debug)]
+struct RxChain {
+    head: u16,
+    segs: (usize, usize),
+    cap: usize,
+}
+
+/// A popped receive chain: parsed, or rejected (head and why).
+type PoppedRx = Result<RxChain, (u16, Fault)>;
+
+/// Unicast and multicast MAC tables of VIRTIO_NET_CTRL_MAC_TABLE_SET.
+type MacTables = (Vec<[u8; 6]>, Vec<[u8; 6]>);
+
+enum Delivery {
+    Done,
+    /// Dropped (counted); go on with the next frame.
+    Dropped,
+    /// Not enough buffers; `seen` is the available index examined.
+    NoRoom(u16),
+}
+
+enum ReadStep {
+    Delivered,
+    /// A frame is waiting in the bounce buffer.
+    Pending,
+    NoBuffers(u16),
+    /// The TAP has nothing (or is gone).
+    Empty,
+}
+
+/// Walks a chain, appending its non-empty descriptors to `segs`. Fails when
+/// the chain is broken (loop, longer than the queue, bad next index, bad
+/// indirect table: the iterator stops early while the last descriptor still
+/// says NEXT), a buffer lies outside guest memory, or it has too many
+/// segments. On failure `segs` may hold part of the chain; callers truncate.
+fn parse_chain(
+    chain: DescriptorChain<&GuestMemory>,
+    mem: &GuestMemory,
+    segs: &mut Vec<Seg>,
+) -> Result<(), Fault> {
+    let start = segs.len();
+    let mut any = false;
+    let mut last_next = false;
+    for d in chain {
+        any = true;
+        last_next = d.has_next();
+        if d.len() == 0 {
+            continue;
+        }
+        if !GuestMemoryBackend::check_range(mem, d.addr(), d.len() as usize) {
+            return Err(Fault::OutOfBounds);
+        }
+        if segs.len() - start >= MAX_SEGS {
+            return Err(Fault::TooLarge);
+        }
+        segs.push(Seg {
+            addr: d.addr(),
+            len: d.len(),
+            write: d.is_write_only(),
+        });
+    }
+    if !any || last_next {
+        return Err(Fault::BrokenChain);
+    }
+    Ok(())
+}
+
+fn seg_total(segs: &[Seg]) -> usize {
+    segs.iter().map(|s| s.len as usize).sum()
+}
+
+/// Copies `data` into the buffers `segs`, starting `offset` bytes in.
+/// Returns how many bytes were written. Marks the pages dirty.
+fn write_to_segs(mem: &GuestMemory, segs: &[Seg], mut offset: usize, mut data: &[u8]) -> usize {
+    let mut written = 0;
+    for s in segs {
+        if data.is_empty() {
+            break;
+        }
+        let len = s.len as usize;
+        if offset >= len {
+            offset -= len;
+            continue;
+        }
+        let n = (len - offset).min(data.len());
+        let Some(addr) = s.addr.checked_add(offset as u64) else {
+            break;
+        };
+        // The range was checked when the chain was parsed; a failure here
+        // means guest memory changed under us, which we report as short.
+        if mem.write_slice(&data[..n], addr).is_err() {
+            break;
+        }
+        written += n;
+        data = &data[n..];
+        offset = 0;
+    }
+    written
+}
+
+/// Copies up to `out.len()` bytes out of the buffers `segs`.
+fn read_from_segs(mem: &GuestMemory, segs: &[Seg], out: &mut [u8]) -> usize {
+    let mut done = 0;
+    for s in segs {
+        let n = (s.len as usize).min(out.len() - done);
+        if n == 0 {
+            break;
+        }
+        if mem.read_slice(&mut out[done..done + n], s.addr).is_err() {
+            break;
+        }
+        done += n;
+    }
+    done
+}
+
+/// Marks `len` bytes starting `skip` bytes into `segs` dirty (for writes
+/// done through raw pointers, which bypass the bitmap).
+fn mark_dirty(mem: &GuestMemory, segs: &[Seg], mut skip: usize, mut len: usize) {
+    for s in segs {
+        if len == 0 {
+            break;
+        }
+        let slen = s.len as usize;
+        if skip >= slen {
+            skip -= slen;
+            continue;
+        }
+        let n = (slen - skip).min(len);
+        let Some(addr) = s.addr.checked_add(skip as u64) else {
+            break;
+        };
+        for slice in GuestMemoryBackend::get_slices(mem, addr, n).flatten() {
+            vm_memory::bitmap::Bitmap::mark_dirty(slice.bitmap(), 0, slice.len());
+        }
+        len -= n;
+        skip = 0;
+    }
+}
+
+/// Builds iovecs over `segs` (skipping the first `skip` bytes) into `iov`,
+/// keeping the pointer guards alive in `guards`. False if a buffer is no
+/// longer in guest memory or there are too many pieces.
+fn build_iovecs(
+    mem: &GuestMemory,
+    segs: &[Seg],
+    mut skip: usize,
+    iov: &mut Vec<libc::iovec>,
+    guards: &mut Vec<vm_memory::volatile_memory::PtrGuardMut>,
+) -> bool {
+    iov.clear();
+    guards.clear();
+    for s in segs {
+        let len = s.len as usize;
+        if skip >= len {
+            skip -= len;
+            continue;
+        }
+        let Some(addr) = s.addr.checked_add(skip as u64) else {
+            return false;
+        };
+        for slice in GuestMemoryBackend::get_slices(mem, addr, len - skip) {
+            let Ok(slice) = slice else { return false };
+            if iov.len() >= MAX_SEGS {
+                return false;
+            }
+            let guard = slice.ptr_guard_mut();
+            iov.push(libc::iovec {
+                iov_base: guard.as_ptr().cast(),
+                iov_len: slice.len(),
+            });
+            guards.push(guard);
+        }
+        skip = 0;
+    }
+    true
+}
+
+pub(crate) struct Worker {
+    mem: GuestMemory,
+    tap: Arc<Tap>,
+    vnet_hdr: bool,
+    mrg_rxbuf: bool,
+    acked: u64,
+    rx: Queue,
+    rx_evt: EventFd,
+    tx: Queue,
+    tx_evt: EventFd,
+    ctrl: Option<(Queue, EventFd)>,
+    interrupt: Arc<dyn VirtioInterrupt>,
+    /// Registered in `epoll`; kept open for as long as the loop runs.
+    _stop: EventFd,
+    epoll: Epoll,
+    shared: Arc<Shared>,
+    tap_interest: EventSet,
+    tap_gone: bool,
+    rx_starved: bool,
+    tx_blocked: bool,
+    /// Used entries added per queue since the last interrupt decision.
+    added: [usize; 3],
+    /// Of those, receive entries written by add_used_rx_batch.
+    rx_batched: usize,
+    batch: Vec<(u16, u32)>,
+    bounce: Vec<u8>,
+    pending: usize,
+    segs: Vec<Seg>,
+    chains: Vec<RxChain>,
+    bad: Vec<(u16, Fault)>,
+    iov: Vec<libc::iovec>,
+    guards: Vec<vm_memory::volatile_memory::PtrGuardMut>,
+    log: LogLimiter<LOG_SLOTS>,
+}
+
+// SAFETY: the raw pointers in `iov` and `guards` are scratch space that only
+// holds values during one syscall on the worker thread; between calls they
+// are cleared and never dereferenced. Everything else is Send.
+unsafe impl Send for Worker {}
+
+impl Worker {
+    pub(crate) fn new(
+        params: ActivateParams,
+        tap: Arc<Tap>,
+        acked: u64,
+        shared: Arc<Shared>,
+        stop: EventFd,
+    ) -> io::Result<Worker> {
+        let ActivateParams {
+            mem,
+            interrupt,
+            queues,
+        } = params;
+        let mut queues = queues.into_iter();
+        let (Some((rx, rx_evt)), Some((tx, tx_evt))) = (queues.next(), queues.next()) else {
+            return Err(io::Error::other(
+                "virtio-net needs a receive and a transmit queue",
+            ));
+        };
+        let ctrl = queues
+            .next()
+            .filter(|_| acked & feature(VIRTIO_NET_F_CTRL_VQ) != 0);
+        let epoll = Epoll::new()?;
+        let add = |fd: i32, token: u64| {
+            epoll.ctl(
+                ControlOperation::Add,
+                fd,
+                EpollEvent::new(EventSet::IN, token),
+            )
+        };
+        use std::os::fd::AsRawFd;
+        add(stop.as_raw_fd(), TOKEN_STOP)?;
+        add(rx_evt.as_raw_fd(), TOKEN_RX)?;
+        add(tx_evt.as_raw_fd(), TOKEN_TX)?;
+        if let Some((_, evt)) = &ctrl {
+            add(evt.as_raw_fd(), TOKEN_CTRL)?;
+        }
+        let w = Worker {
+            vnet_hdr: tap.has_vnet_hdr(),
+            mrg_rxbuf: acked & feature(VIRTIO_NET_F_MRG_RXBUF) != 0,
+            mem,
+            tap,
+            acked,
+            rx,
+            rx_evt,
+            tx,
+            tx_evt,
+            ctrl,
+            interrupt,
+            _stop: stop,
+            epoll,
+            shared,
+            tap_interest: EventSet::empty(),
+            tap_gone: false,
+            rx_starved: false,
+            tx_blocked: false,
+            added: [0; 3],
+            rx_batched: 0,
+            batch: Vec::with_capacity(64),
+            bounce: vec![0u8; RX_BUF_LEN],
+            pending: 0,
+            segs: Vec::with_capacity(64),
+            chains: Vec::with_capacity(64),
+            bad: Vec::new(),
+            iov: Vec::with_capacity(64),
+            guards: Vec::with_capacity(64),
+            log: LogLimiter::default(),
+        };
+        w.publish_positions();
+        Ok(w)
+    }
+
+    pub(crate) fn run(mut self) {
+        tracing::debug!(tap = self.tap.name(), "virtio-net datapath started");
+        self.update_tap_interest();
+        // Notifications may have arrived before activation; the eventfds
+        // would report them, but serving both queues once is cheap and also
+        // covers buffers posted without a notification.
+        let first = self.process_tx().and_then(|_| self.process_rx());
+        if let Err(e) = first {
+            self.fail(e);
+            return;
+        }
+        let mut events = vec![EpollEvent::default(); 8];
+        loop {
+            let n = match self.epoll.wait(-1, &mut events) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    self.fail(Fatal(format!("epoll_wait failed: {e}")));
+                    return;
+                }
+            };
+            for ev in &events[..n] {
+                let res = match ev.data() {
+                    TOKEN_STOP => {
+                        self.publish_positions();
+                        tracing::debug!(tap = self.tap.name(), "virtio-net datapath stopped");
+                        return;
+                    }
+                    TOKEN_RX => {
+                        let _ = self.rx_evt.read();
+                        self.rx_kick()
+                    }
+                    TOKEN_TX => {
+                        let _ = self.tx_evt.read();
+                        self.process_tx()
+                    }
+                    TOKEN_CTRL => {
+                        if let Some((_, evt)) = &self.ctrl {
+                            let _ = evt.read();
+                        }
+                        self.process_ctrl()
+                    }
+                    TOKEN_TAP => self.tap_event(ev.event_set()),
+                    _ => Ok(()),
+                };
+                if let Err(e) = res {
+                    self.fail(e);
+                    return;
+                }
+            }
+            self.publish_positions();
+        }
+    }
+
+    fn fail(&mut self, e: Fatal) {
+        self.publish_positions();
+        tracing::error!(
+            tap = self.tap.name(),
+            "virtio-net stopped serving its queues: {}; the guest driver must reset the device \
+             (DEVICE_NEEDS_RESET is set)",
+            e.0
+        );
+        self.interrupt.signal_needs_reset();
+    }
+
+    fn publish_positions(&self) {
+        let pack = |q: &Queue| u32::from(q.next_avail()) | (u32::from(q.next_used()) << 16);
+        self.shared.positions[RX_QUEUE].store(pack(&self.rx), Ordering::SeqCst);
+        self.shared.positions[TX_QUEUE].store(pack(&self.tx), Ordering::SeqCst);
+        if let Some((q, _)) = &self.ctrl {
+            self.shared.positions[CTRL_QUEUE].store(pack(q), Ordering::SeqCst);
+        }
+    }
+
+    fn log_limited(&mut self, slot: usize, msg: std::fmt::Arguments<'_>) {
+        if let Some(suppressed) = self.log.check(slot) {
+            tracing::warn!(
+                tap = self.tap.name(),
+                suppressed,
+                "virtio-net: {msg} (similar events are logged at most every {}s)",
+                crate::virtio::ratelimit::LOG_INTERVAL.as_secs()
+            );
+        }
+    }
+
+    fn update_tap_interest(&mut self) {
+        let mut want = EventSet::empty();
+        if !self.tap_gone {
+            if !self.rx_starved {
+                want |= EventSet::IN;
+            }
+            if self.tx_blocked {
+                want |= EventSet::OUT;
+            }
+        }
+        if want == self.tap_interest {
+            return;
+        }
+        let op = if self.tap_interest.is_empty() {
+            ControlOperation::Add
+        } else if want.is_empty() {
+            ControlOperation::Delete
+        } else {
+            ControlOperation::Modify
+        };
+        match self
+            .epoll
+            .ctl(op, self.tap.raw_fd(), EpollEvent::new(want, TOKEN_TAP))
+        {
+            Ok(()) => self.tap_interest = want,
+            Err(e) => tracing::error!(tap = self.tap.name(), "cannot change TAP polling: {e}"),
+        }
+    }
+
+    fn tap_event(&mut self, ev: EventSet) -> Result<(), Fatal> {
+        if ev.intersects(EventSet::ERROR | EventSet::HANG_UP) {
+            self.log_limited(
+                LOG_TAP_GONE,
+                format_args!("the TAP reports an error or hang-up (was the interface deleted?); no longer polling it"),
+            );
+            self.tap_gone = true;
+            self.update_tap_interest();
+            return Ok(());
+        }
+        if ev.contains(EventSet::OUT) && self.tx_blocked {
+            self.tx_blocked = false;
+            self.update_tap_interest();
+            self.process_tx()?;
+        }
+        if ev.contains(EventSet::IN) {
+            self.process_rx()?;
+        }
+        Ok(())
+    }
+
+    fn signal_used(&mut self, index: usize) -> Result<(), Fatal> {
+        let added = std::mem::take(&mut self.added[index]);
+        if added == 0 {
+            return Ok(());
+        }
+        let mem = &self.mem;
+        let (q, name) = match index {
+            RX_QUEUE => (&mut self.rx, "receive"),
+            TX_QUEUE => (&mut self.tx, "transmit"),
+            _ => match &mut self.ctrl {
+                Some((q, _)) => (q, "control"),
+                None => return Ok(()),
+            },
+        };
+        let notify = if q.event_idx_enabled() {
+            let crate_says = q
+                .needs_notification(mem)
+                .map_err(|e| Fatal(format!("{name} queue: reading used_event: {e}")))?;
+            // Entries written by add_used_rx_batch were not counted by
+            // virtio-queue: decide over the whole range they published.
+            let batched = index == RX_QUEUE && std::mem::take(&mut self.rx_batched) > 0;
+            crate_says
+                || (batched && {
+                    let at = GuestAddress(q.avail_ring())
+                        .checked_add(4 + 2 * u64::from(q.size()))
+                        .ok_or_else(|| {
+                            Fatal(format!("{name} queue: used_event address overflows"))
+                        })?;
+                    let event: u16 = mem
+                        .load(at, Ordering::Acquire)
+                        .map(u16::from_le)
+                        .map_err(|e| Fatal(format!("{name} queue: reading used_event: {e}")))?;
+                    let new = q.next_used();
+                    let old = new.wrapping_sub(added as u16);
+                    // vring_need_event(event, new, old)
+                    new.wrapping_sub(event).wrapping_sub(1) < new.wrapping_sub(old)
+                })
+        } else {
+            // virtio-queue does not look at VRING_AVAIL_F_NO_INTERRUPT.
+            let flags: u16 = mem
+                .load(q_avail(q), Ordering::Acquire)
+                .map_err(|e| Fatal(format!("reading the available ring flags: {e}")))?;
+            u16::from_le(flags) & VRING_AVAIL_F_NO_INTERRUPT as u16 == 0
+        };
+        if notify {
+            if let Err(e) = self.interrupt.trigger(InterruptKind::Queue(index as u16)) {
+                self.log_limited(LOG_IRQ, format_args!("cannot interrupt the guest: {e}"));
+            }
+        }
+        Ok(())
+    }
+
+    fn add_used(&mut self, index: usize, head: u16, len: u32) -> Result<(), Fatal> {
+        let mem = &self.mem;
+        let (q, name) = match index {
+            RX_QUEUE => (&mut self.rx, "receive"),
+            TX_QUEUE => (&mut self.tx, "transmit"),
+            _ => match &mut self.ctrl {
+                Some((q, _)) => (q, "control"),
+                None => return Ok(()),
+            },
+        };
+        q.add_used(mem, head, len)
+            .map_err(|e| Fatal(format!("{name} queue: returning descriptor {head}: {e}")))?;
+        self.added[index] += 1;
+        Ok(())
+    }
+
+    /// Puts the used entries of one receive frame into the ring and
+    /// publishes them with a single used-index update: a driver that sees
+    /// the first buffer of a MRG_RXBUF frame must see all `num_buffers` of
+    /// them (Linux drops the frame otherwise). virtio-queue publishes every
+    /// `add_used`, so all but the last entry are written directly.
+    fn add_used_rx_batch(&mut self, entries: &[(u16, u32)]) -> Result<(), Fatal> {
+        let Some((&(last_head, last_len), rest)) = entries.split_last() else {
+            return Ok(());
+        };
+        let size = self.rx.size();
+        let base = self.rx.next_used();
+        for (i, &(head, len)) in rest.iter().enumerate() {
+            if head >= size {
+                return Err(Fatal(format!(
+                    "receive queue: descriptor head {head} is outside the queue of {size}"
+                )));
+            }
+            let slot = base.wrapping_add(i as u16) % size;
+            let addr = GuestAddress(self.rx.used_ring())
+                .checked_add(4 + 8 * u64::from(slot))
+                .ok_or_else(|| Fatal("receive queue: used ring address overflows".into()))?;
+            let mut elem = [0u8; 8];
+            elem[..4].copy_from_slice(&u32::from(head).to_le_bytes());
+            elem[4..].copy_from_slice(&len.to_le_bytes());
+            self.mem
+                .write_slice(&elem, addr)
+                .map_err(|e| Fatal(format!("receive queue: writing the used ring: {e}")))?;
+        }
+        self.rx.set_next_used(base.wrapping_add(rest.len() as u16));
+        self.rx_batched += rest.len();
+        self.added[RX_QUEUE] += rest.len();
+        // Publishes the used index with release ordering, after the writes above.
+        self.add_used(RX_QUEUE, last_head, last_len)
+    }
+
+    // ---------------------------------------------------------------- TX --
+
+    fn process_tx(&mut self) -> Result<(), Fatal> {
+        if self.tx_blocked {
+            return Ok(());
+        }
+        let mut budget = TX_BUDGET;
+        loop {
+            self.tx
+                .disable_notification(&self.mem)
+                .map_err(ring_err("transmit", "disabling notifications"))?;
+            while budget > 0 {
+                let Some(chain) = self
+                    .tx
+                    .iter(&self.mem)
+                    .map_err(ring_err("transmit", "reading the available ring"))?
+                    .next()
+                else {
+                    break;
+                };
+                budget -= 1;
+                let head = chain.head_index();
+                self.segs.clear();
+                let parsed = parse_chain(chain, &self.mem, &mut self.segs);
+                if !self.transmit(head, parsed)? {
+                    // The TAP is full: the chain was put back.
+                    self.signal_used(TX_QUEUE)?;
+                    return Ok(());
+                }
+            }
+            self.signal_used(TX_QUEUE)?;
+            if budget == 0 {
+                // Let the other events run; come back through our own eventfd.
+                if let Err(e) = self.tx_evt.write(1) {
+                    tracing::error!(tap = self.tap.name(), "cannot reschedule transmission: {e}");
+                }
+                return Ok(());
+            }
+            if !self
+                .tx
+                .enable_notification(&self.mem)
+                .map_err(ring_err("transmit", "enabling notifications"))?
+            {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Sends the chain parsed into `self.segs`. Ok(false) when the TAP would block (chain put back).
+    fn transmit(&mut self, head: u16, parsed: Result<(), Fault>) -> Result<bool, Fatal> {
+        let mut fault = parsed.err();
+        let total = seg_total(&self.segs);
+        if fault.is_none() {
+            fault = if self.segs.iter().any(|s| s.write) {
+                Some(Fault::WrongDirection)
+            } else if total < NET_HDR_LEN {
+                Some(Fault::TooShort)
+            } else if total > TX_MAX_LEN {
+                Some(Fault::TooLarge)
+            } else {
+                None
+            };
+        }
+        if let Some(f) = fault {
+            self.tx_drop(
+                head,
+                f,
+                format_args!("dropping a transmit chain (head {head}): {}", f.name()),
+            )?;
+            return Ok(true);
+        }
+        let skip = if self.vnet_hdr { 0 } else { NET_HDR_LEN };
+        if !build_iovecs(&self.mem, &self.segs, skip, &mut self.iov, &mut self.guards) {
+            self.tx_drop(
+                head,
+                Fault::TooLarge,
+                format_args!("transmit chain (head {head}) has too many pieces"),
+            )?;
+            return Ok(true);
+        }
+        // SAFETY: the iovecs point into guest memory mapped by `self.mem`
+        // (ranges checked by parse_chain and resolved by get_slices), which
+        // stays mapped for the whole call; the kernel only reads them.
+        let res = unsafe { self.tap.writev(&self.iov) };
+        self.iov.clear();
+        self.guards.clear();
+        match res {
+            Ok(_) => {
+                self.shared.counters.tx(total - NET_HDR_LEN);
+                self.add_used(TX_QUEUE, head, 0)?;
+                Ok(true)
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                self.tx.go_to_previous_position();
+                self.tx_blocked = true;
+                self.update_tap_interest();
+                Ok(false)
+            }
+            Err(e) => {
+                self.tx_drop(
+                    head,
+                    Fault::Peer,
+                    format_args!(
+                        "the TAP refused a frame of {} bytes: {e}",
+                        total - NET_HDR_LEN
+                    ),
+                )?;
+                Ok(true)
+            }
+        }
+    }
+
+    fn tx_drop(&mut self, head: u16, f: Fault, msg: std::fmt::Arguments<'_>) -> Result<(), Fatal> {
+        self.shared.counters.tx_fault(f);
+        self.log_limited(LOG_TX + f as usize, msg);
+        self.add_used(TX_QUEUE, head, 0)
+    }
+
+    // ---------------------------------------------------------------- RX --
+
+    fn rx_kick(&mut self) -> Result<(), Fatal> {
+        if self.rx_starved {
+            self.rx_starved = false;
+            // Buffers arrive while we read the TAP: no kicks needed for now.
+            self.rx
+                .disable_notification(&self.mem)
+                .map_err(ring_err("receive", "disabling notifications"))?;
+            self.update_tap_interest();
+        }
+        self.process_rx()
+    }
+
+    /// Arms the receive notification for buffers beyond available index
+    /// `seen` and stops polling the TAP. Ok(true) if buffers beyond `seen`
+    /// arrived meanwhile (keep going instead).
+    fn starve(&mut self, seen: u16) -> Result<bool, Fatal> {
+        let next = self.rx.next_avail();
+        self.rx.set_next_avail(seen);
+        let more = self.rx.enable_notification(&self.mem);
+        self.rx.set_next_avail(next);
+        if more.map_err(ring_err("receive", "enabling notifications"))? {
+            return Ok(true);
+        }
+        self.rx_starved = true;
+        self.update_tap_interest();
+        Ok(false)
+    }
+
+    fn process_rx(&mut self) -> Result<(), Fatal> {
+        let mut frames = 0;
+        while frames < RX_BUDGET {
+            if self.pending > 0 {
+                match self.deliver_pending()? {
+                    Delivery::Done | Delivery::Dropped => frames += 1,
+                    Delivery::NoRoom(seen) => {
+                        if !self.starve(seen)? {
+                            break;
+                        }
+                    }
+                }
+                continue;
+            }
+            if self.tap_gone || self.rx_starved {
+                break;
+            }
+            match self.read_frame()? {
+                ReadStep::Delivered => frames += 1,
+                ReadStep::Pending => {}
+                ReadStep::NoBuffers(seen) => {
+                    if !self.starve(seen)? {
+                        break;
+                    }
+                }
+                ReadStep::Empty => break,
+            }
+        }
+        self.signal_used(RX_QUEUE)
+    }
+
+    /// Pops the next chain and parses it as a receive buffer.
+    /// Ok(None): no chain available. Ok(Some(Err)): a bad chain (popped).
+    fn pop_rx_chain(&mut self) -> Result<Option<PoppedRx>, Fatal> {
+        let Some(chain) = self
+            .rx
+            .iter(&self.mem)
+            .map_err(ring_err("receive", "reading the available ring"))?
+            .next()
+        else {
+            return Ok(None);
+        };
+        let head = chain.head_index();
+        let start = self.segs.len();
+        let res = parse_chain(chain, &self.mem, &mut self.segs).and_then(|()| {
+            let segs = &self.segs[start..];
+            if segs.iter().any(|s| !s.write) {
+                Err(Fault::WrongDirection)
+            } else if seg_total(segs) < NET_HDR_LEN {
+                Err(Fault::TooShort)
+            } else {
+                Ok(())
+            }
+        });
+        Ok(Some(match res {
+            Ok(()) => Ok(RxChain {
+                head,
+                segs: (start, self.segs.len()),
+                cap: seg_total(&self.segs[start..]),
+            }),
+            Err(f) => {
+                self.segs.truncate(start);
+                Err((head, f))
+            }
+        }))
+    }
+
+    fn return_bad_rx(&mut self, head: u16, f: Fault) -> Result<(), Fatal> {
+        self.shared.counters.rx_fault(f);
+        self.log_limited(
+            LOG_RX + f as usize,
+            format_args!(
+                "returning a bad receive chain (head {head}) unused: {}",
+                f.name()
+            ),
+        );
+        self.add_used(RX_QUEUE, head, 0)
+    }
+
+    /// Reads the next frame from the TAP: straight into the first chain when
+    /// it can hold any frame, else into the bounce buffer.
+    fn read_frame(&mut self) -> Result<ReadStep, Fatal> {
+        self.segs.clear();
+        let first = loop {
+            match self.pop_rx_chain()? {
+                None => return Ok(ReadStep::NoBuffers(self.rx.next_avail())),
+                Some(Err((head, f))) => self.return_bad_rx(head, f)?,
+                Some(Ok(c)) => break c,
+            }
+        };
+        let skip = if self.vnet_hdr { 0 } else { NET_HDR_LEN };
+        if first.cap >= RX_BUF_LEN {
+            return self.read_direct(first, skip);
+        }
+        // Put the chain back: the bounce path collects chains itself.
+        self.rx.go_to_previous_position();
+        let res = if self.vnet_hdr {
+            self.tap.read(&mut self.bounce)
+        } else {
+            self.bounce[..NET_HDR_LEN].fill(0);
+            self.tap.read(&mut self.bounce[NET_HDR_LEN..])
+        };
+        match res {
+            Ok(n) if n + skip > self.bounce.len() => {
+                self.rx_frame_lost(Fault::Peer, format_args!("the TAP delivered a frame of {n} bytes, larger than godwit's {RX_BUF_LEN}-byte buffer; it was truncated and dropped"));
+                Ok(ReadStep::Delivered)
+            }
+            Ok(n) if n + skip <= NET_HDR_LEN => {
+                self.rx_frame_lost(
+                    Fault::Peer,
+                    format_args!("the TAP delivered an empty frame"),
+                );
+                Ok(ReadStep::Delivered)
+            }
+            Ok(n) => {
+                self.pending = n + skip;
+                Ok(ReadStep::Pending)
+            }
+            Err(e) => self.tap_read_error(e),
+        }
+    }
+
+    fn tap_read_error(&mut self, e: io::Error) -> Result<ReadStep, Fatal> {
+        if e.kind() == io::ErrorKind::WouldBlock {
+            return Ok(ReadStep::Empty);
+        }
+        if e.kind() == io::ErrorKind::Interrupted {
+            return Ok(ReadStep::Pending);
+        }
+        self.log_limited(LOG_TAP_READ, format_args!("reading the TAP failed: {e}"));
+        if e.raw_os_error() == Some(libc::EBADFD) {
+            self.tap_gone = true;
+            self.update_tap_interest();
+        }
+        Ok(ReadStep::Empty)
+    }
+
+    fn rx_frame_lost(&mut self, f: Fault, msg: std::fmt::Arguments<'_>) {
+        self.shared.counters.rx_fault(f);
+        self.log_limited(LOG_RX + f as usize, msg);
+    }
+
+    fn read_direct(&mut self, chain: RxChain, skip: usize) -> Result<ReadStep, Fatal> {
+        let segs = &self.segs[chain.segs.0..chain.segs.1];
+        if !build_iovecs(&self.mem, segs, skip, &mut self.iov, &mut self.guards) {
+            self.segs.truncate(chain.segs.0);
+            self.return_bad_rx(chain.head, Fault::TooLarge)?;
+            return Ok(ReadStep::Delivered);
+        }
+        // SAFETY: the iovecs point into guest memory mapped by `self.mem`
+        // (ranges checked by parse_chain, resolved by get_slices) that stays
+        // mapped for the call; the chain is device-writable, so the guest
+        // expects the device to write there.
+        let res = unsafe { self.tap.readv(&self.iov) };
+        self.iov.clear();
+        self.guards.clear();
+        let n = match res {
+            Ok(n) => n,
+            Err(e) => {
+                self.rx.go_to_previous_position();
+                return self.tap_read_error(e);
+            }
+        };
+        let segs = &self.segs[chain.segs.0..chain.segs.1];
+        let written = n.min(chain.cap - skip);
+        mark_dirty(&self.mem, segs, skip, written);
+        if n + skip > chain.cap || n + skip <= NET_HDR_LEN {
+            // Truncated (the TAP reports the full length) or empty.
+            self.rx_frame_lost(
+                Fault::Peer,
+                format_args!(
+                    "the TAP delivered a frame of {n} bytes that does not fit a {}-byte buffer",
+                    chain.cap
+                ),
+            );
+            self.add_used(RX_QUEUE, chain.head, 0)?;
+            return Ok(ReadStep::Delivered);
+        }
+        if self.vnet_hdr {
+            // The TAP wrote the header and zeroed num_buffers.
+            write_to_segs(&self.mem, segs, 10, &1u16.to_le_bytes());
+        } else {
+            let mut hdr = [0u8; NET_HDR_LEN];
+            hdr[10..12].copy_from_slice(&1u16.to_le_bytes());
+            write_to_segs(&self.mem, segs, 0, &hdr);
+        }
+        let len = n + skip;
+        self.shared.counters.rx(len - NET_HDR_LEN);
+        self.add_used(RX_QUEUE, chain.head, len as u32)?;
+        Ok(ReadStep::Delivered)
+    }
+
+    /// Places the frame in the bounce buffer into guest buffers.
+    fn deliver_pending(&mut self) -> Result<Delivery, Fatal> {
+        let len = self.pending;
+        self.segs.clear();
+        self.chains.clear();
+        self.bad.clear();
+        let mut cap = 0;
+        // Bad chains before the first good one can be returned right away;
+        // later ones wait so the frame's buffers stay consecutive in the used
+        // ring (MRG_RXBUF's num_buffers counts consecutive entries).
+        let mut prefix_end = self.rx.next_avail();
+        while cap < len && (self.mrg_rxbuf || self.chains.is_empty()) {
+            match self.pop_rx_chain()? {
+                None => {
+                    let seen = self.rx.next_avail();
+                    let examined = seen.wrapping_sub(prefix_end);
+                    return self.no_room(prefix_end, seen, examined);
+                }
+                Some(Err((head, f))) => {
+                    if self.chains.is_empty() {
+                        self.return_bad_rx(head, f)?;
+                        prefix_end = self.rx.next_avail();
+                    } else {
+                        self.bad.push((head, f));
+                    }
+                }
+                Some(Ok(c)) => {
+                    cap += c.cap;
+                    self.chains.push(c);
+                }
+            }
+        }
+        if cap < len {
+            // Without MRG_RXBUF one chain must hold the frame, and this one
+            // cannot: the guest's buffers are too small for it (an MTU or
+            // offload mismatch). Drop the frame and keep the buffer.
+            self.rx.go_to_previous_position();
+            self.pending = 0;
+            self.rx_frame_lost(Fault::TooLarge, format_args!("dropping a received frame of {} bytes: the guest's receive buffers hold {cap} (MTU or offload mismatch?)", len - NET_HDR_LEN));
+            return Ok(Delivery::Dropped);
+        }
+        let count = u16::try_from(self.chains.len()).unwrap_or(u16::MAX);
+        self.bounce[10..12].copy_from_slice(&count.to_le_bytes());
+        let mut offset = 0;
+        let mut batch = std::mem::take(&mut self.batch);
+        batch.clear();
+        for c in &self.chains {
+            let n = (len - offset).min(c.cap);
+            let segs = &self.segs[c.segs.0..c.segs.1];
+            let w = write_to_segs(&self.mem, segs, 0, &self.bounce[offset..offset + n]);
+            offset += n;
+            batch.push((c.head, w as u32));
+        }
+        let res = self.add_used_rx_batch(&batch);
+        self.batch = batch;
+        res?;
+        for (head, f) in std::mem::take(&mut self.bad) {
+            self.return_bad_rx(head, f)?;
+        }
+        self.pending = 0;
+        self.shared.counters.rx(len - NET_HDR_LEN);
+        Ok(Delivery::Done)
+    }
+
+    /// Not enough buffers for the pending frame: put back the chains taken
+    /// since `rewind_to`, unless they are the whole ring, in which case the
+    /// frame can never fit and is dropped.
+    fn no_room(&mut self, rewind_to: u16, seen: u16, examined: u16) -> Result<Delivery, Fatal> {
+        self.bad.clear();
+        self.rx.set_next_avail(rewind_to);
+        if examined >= self.rx.size() {
+            let len = self.pending - NET_HDR_LEN;
+            self.pending = 0;
+            self.rx_frame_lost(Fault::TooLarge, format_args!("dropping a received frame of {len} bytes: it does not fit even the whole receive ring"));
+            return Ok(Delivery::Dropped);
+        }
+        Ok(Delivery::NoRoom(seen))
+    }
+
+    // -------------------------------------------------------------- CTRL --
+
+    fn process_ctrl(&mut self) -> Result<(), Fatal> {
+        loop {
+            let Some((q, _)) = &mut self.ctrl else {
+                return Ok(());
+            };
+            let Some(chain) = q
+                .iter(&self.mem)
+                .map_err(ring_err("control", "reading the available ring"))?
+                .next()
+            else {
+                break;
+            };
+            let head = chain.head_index();
+            self.segs.clear();
+            let mut fault = parse_chain(chain, &self.mem, &mut self.segs).err();
+            let split = self
+                .segs
+                .iter()
+                .position(|s| s.write)
+                .unwrap_or(self.segs.len());
+            if fault.is_none() {
+                let (out, inp) = self.segs.split_at(split);
+                fault = if inp.iter().any(|s| !s.write) {
+                    Some(Fault::WrongDirection)
+                } else if inp.is_empty() || seg_total(out) < 2 {
+                    Some(Fault::TooShort)
+                } else if seg_total(out) > CTRL_MAX_LEN {
+                    Some(Fault::TooLarge)
+                } else {
+                    None
+                };
+            }
+            if let Some(f) = fault {
+                self.shared.counters.ctrl_fault();
+                self.log_limited(
+                    LOG_CTRL,
+                    format_args!(
+                        "returning a bad control chain (head {head}) unanswered: {}",
+                        f.name()
+                    ),
+                );
+                self.add_used(CTRL_QUEUE, head, 0)?;
+                continue;
+            }
+            let mut cmd = vec![0u8; seg_total(&self.segs[..split])];
+            let got = read_from_segs(&self.mem, &self.segs[..split], &mut cmd);
+            cmd.truncate(got);
+            let ack = self.handle_ctrl(&cmd);
+            if ack != VIRTIO_NET_OK as u8 {
+                self.shared.counters.ctrl_error();
+            }
+            let w = write_to_segs(&self.mem, &self.segs[split..], 0, &[ack]);
+            self.add_used(CTRL_QUEUE, head, w as u32)?;
+        }
+        self.signal_used(CTRL_QUEUE)
+    }
+
+    fn has(&self, bit: u32) -> bool {
+        self.acked & feature(bit) != 0
+    }
+
+    /// Executes one control command; returns VIRTIO_NET_OK or VIRTIO_NET_ERR.
+    fn handle_ctrl(&mut self, cmd: &[u8]) -> u8 {
+        let (ok, err) = (VIRTIO_NET_OK as u8, VIRTIO_NET_ERR as u8);
+        let (class, command, data) = match cmd {
+            [class, command, data @ ..] => (u32::from(*class), u32::from(*command), data),
+            _ => return err,
+        };
+        let result = match (class, command) {
+            (VIRTIO_NET_CTRL_RX, VIRTIO_NET_CTRL_RX_PROMISC | VIRTIO_NET_CTRL_RX_ALLMULTI)
+                if self.has(VIRTIO_NET_F_CTRL_RX) =>
+            {
+                match data {
+                    [on] => {
+                        let on = *on != 0;
+                        self.shared.with_filter(|f| {
+                            if command == VIRTIO_NET_CTRL_RX_PROMISC {
+                                f.promiscuous = on;
+                            } else {
+                                f.all_multicast = on;
+                            }
+                        });
+                        true
+                    }
+                    _ => false,
+                }
+            }
+            (VIRTIO_NET_CTRL_MAC, VIRTIO_NET_CTRL_MAC_TABLE_SET)
+                if self.has(VIRTIO_NET_F_CTRL_RX) =>
+            {
+                match parse_mac_tables(data) {
+                    Some((uni, multi)) => {
+                        self.shared.with_filter(|f| {
+                            f.unicast = uni;
+                            f.multicast = multi;
+                        });
+                        true
+                    }
+                    None => false,
+                }
+            }
+            (VIRTIO_NET_CTRL_MAC, VIRTIO_NET_CTRL_MAC_ADDR_SET)
+                if self.has(VIRTIO_NET_F_CTRL_MAC_ADDR) =>
+            {
+                match <[u8; 6]>::try_from(data) {
+                    Ok(mac) if mac[0] & 1 == 0 => {
+                        self.shared.set_mac(mac);
+                        true
+                    }
+                    _ => false,
+                }
+            }
+            (VIRTIO_NET_CTRL_ANNOUNCE, VIRTIO_NET_CTRL_ANNOUNCE_ACK)
+                if self.has(VIRTIO_NET_F_GUEST_ANNOUNCE) =>
+            {
+                self.shared
+                    .status
+                    .fetch_and(!(VIRTIO_NET_S_ANNOUNCE as u16), Ordering::SeqCst);
+                true
+            }
+            (VIRTIO_NET_CTRL_MQ, VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET) if self.has(VIRTIO_NET_F_MQ) => {
+                data == 1u16.to_le_bytes()
+            }
+            (VIRTIO_NET_CTRL_GUEST_OFFLOADS, VIRTIO_NET_CTRL_GUEST_OFFLOADS_SET)
+                if self.has(VIRTIO_NET_F_CTRL_GUEST_OFFLOADS) =>
+            {
+                match <[u8; 8]>::try_from(data).map(u64::from_le_bytes) {
+                    Ok(offloads) if offloads & !(self.acked & GUEST_OFFLOADS) == 0 => {
+                        match self.tap.set_offload(tun_offloads_for_guest(offloads)) {
+                            Ok(()) => {
+                                self.shared.guest_offloads.store(offloads, Ordering::SeqCst);
+                                true
+                            }
+                            Err(e) => {
+                                tracing::warn!(
+                                    tap = self.tap.name(),
+                                    "guest offload change refused: {e}"
+                                );
+                                false
+                            }
+                        }
+                    }
+                    _ => false,
+                }
+            }
+            _ => false,
+        };
+        if !result {
+            self.log_limited(
+                LOG_CTRL,
+                format_args!("answering control command class {class} command {command} ({} bytes) with VIRTIO_NET_ERR: not supported or malformed", data.len()),
+            );
+        }
+        if result {
+            ok
+        } else {
+            err
+        }
+    }
+}
+
+fn q_avail(q: &Queue) -> GuestAddress {
+    GuestAddress(q.avail_ring())
+}
+
+/// Two `virtio_net_ctrl_mac` tables (le32 count + 6-byte entries), unicast
+/// then multicast, filling `data` exactly.
+fn parse_mac_tables(data: &[u8]) -> Option<MacTables> {
+    fn table(data: &[u8]) -> Option<(Vec<[u8; 6]>, &[u8])> {
+        let (n, rest) = data.split_first_chunk::<4>()?;
+        let n = usize::try_from(u32::from_le_bytes(*n)).ok()?;
+        let bytes = n.checked_mul(6)?;
+        if rest.len() < bytes {
+            return None;
+        }
+        let (entries, rest) = rest.split_at(bytes);
+        let macs = entries
+            .chunks_exact(6)
+            .filter_map(|c| <[u8; 6]>::try_from(c).ok())
+            .collect();
+        Some((macs, rest))
+    }
+    let (uni, rest) = table(data)?;
+    let (multi, rest) = table(rest)?;
+    rest.is_empty().then_some((uni, multi))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mac_tables() {
+        let mut d = Vec::new();
+        d.extend_from_slice(&1u32.to_le_bytes());
+        d.extend_from_slice(&[2, 0, 0, 0, 0, 1]);
+        d.extend_from_slice(&2u32.to_le_bytes());
+        d.extend_from_slice(&[1, 0, 0x5e, 0, 0, 1, 1, 0, 0x5e, 0, 0, 2]);
+        let (u, m) = parse_mac_tables(&d).unwrap();
+        assert_eq!(u, vec![[2, 0, 0, 0, 0, 1]]);
+        assert_eq!(m.len(), 2);
+        assert!(parse_mac_tables(&d[..d.len() - 1]).is_none());
+        let mut extra = d.clone();
+        extra.push(0);
+        assert!(parse_mac_tables(&extra).is_none());
+        let mut huge = Vec::new();
+        huge.extend_from_slice(&u32::MAX.to_le_bytes());
+        assert!(parse_mac_tables(&huge).is_none());
+    }
+}
