@@ -446,6 +446,51 @@ impl GuestDriver {
         self.write_mem(addr, &idx.to_le_bytes())
     }
 
+    /// The used ring's index as the device last published it.
+    pub fn used_idx(&mut self, q: usize) -> Result<u16, DriverError> {
+        let at = GuestAddress(self.q(q)?.used.0 + 2);
+        let b = self.read_mem(at, 2)?;
+        Ok(u16::from_le_bytes([b[0], b[1]]))
+    }
+
+    /// Writes `used_event` (EVENT_IDX): the device interrupts once it
+    /// publishes the used entry with this index. [`Self::reap`] sets it to
+    /// the next entry; tests overwrite it to check suppression.
+    pub fn set_used_event(&mut self, q: usize, v: u16) -> Result<(), DriverError> {
+        let dq = self.q(q)?;
+        let at = GuestAddress(dq.avail.0 + 4 + 2 * u64::from(dq.size));
+        self.write_mem(at, &v.to_le_bytes())
+    }
+
+    /// Writes the available ring's flags (VRING_AVAIL_F_NO_INTERRUPT).
+    pub fn set_avail_flags(&mut self, q: usize, flags: u16) -> Result<(), DriverError> {
+        let at = self.q(q)?.avail;
+        self.write_mem(at, &flags.to_le_bytes())
+    }
+
+    /// Polls until the device has published used index `idx` on queue `q`.
+    pub fn wait_used_idx(
+        &mut self,
+        q: usize,
+        idx: u16,
+        timeout: Duration,
+    ) -> Result<(), DriverError> {
+        let deadline = Instant::now() + timeout;
+        while self.used_idx(q)? != idx {
+            if Instant::now() >= deadline {
+                return Err(DriverError::Timeout(timeout, "the used index"));
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        Ok(())
+    }
+
+    /// Whether an interrupt is pending on the eventfd (consumes it, does
+    /// not touch InterruptStatus).
+    pub fn take_irq_signal(&self) -> bool {
+        self.irq.read().is_ok()
+    }
+
     /// Adds a chain of `bufs` using free descriptors and publishes it.
     pub fn add_chain(&mut self, q: usize, bufs: &[Buf]) -> Result<u16, DriverError> {
         let dq = self.q(q)?;

@@ -266,6 +266,11 @@ pub(crate) struct Worker {
     tap: Arc<Tap>,
     vnet_hdr: bool,
     mrg_rxbuf: bool,
+    /// The guest takes checksum flags (GUEST_CSUM acked and not switched
+    /// off through the control queue). Without it the header's flags must
+    /// be 0, but the TAP sets DATA_VALID whenever the host verified a
+    /// checksum.
+    guest_csum: bool,
     acked: u64,
     rx: Queue,
     rx_evt: EventFd,
@@ -341,6 +346,7 @@ impl Worker {
         let w = Worker {
             vnet_hdr: tap.has_vnet_hdr(),
             mrg_rxbuf: acked & feature(VIRTIO_NET_F_MRG_RXBUF) != 0,
+            guest_csum: acked & feature(VIRTIO_NET_F_GUEST_CSUM) != 0,
             mem,
             tap,
             acked,
@@ -939,6 +945,9 @@ impl Worker {
         }
         if self.vnet_hdr {
             // The TAP wrote the header and zeroed num_buffers.
+            if !self.guest_csum {
+                write_to_segs(&self.mem, segs, 0, &[0]);
+            }
             write_to_segs(&self.mem, segs, 10, &1u16.to_le_bytes());
         } else {
             let mut hdr = [0u8; NET_HDR_LEN];
@@ -994,6 +1003,9 @@ impl Worker {
         }
         let count = u16::try_from(self.chains.len()).unwrap_or(u16::MAX);
         self.bounce[10..12].copy_from_slice(&count.to_le_bytes());
+        if !self.guest_csum {
+            self.bounce[0] = 0;
+        }
         let mut offset = 0;
         let mut batch = std::mem::take(&mut self.batch);
         batch.clear();
@@ -1163,6 +1175,7 @@ impl Worker {
                         match self.tap.set_offload(tun_offloads_for_guest(offloads)) {
                             Ok(()) => {
                                 self.shared.guest_offloads.store(offloads, Ordering::SeqCst);
+                                self.guest_csum = offloads & feature(VIRTIO_NET_F_GUEST_CSUM) != 0;
                                 true
                             }
                             Err(e) => {
