@@ -324,7 +324,9 @@ impl MemoryFileInfo {
                 .guest_addr
                 .checked_add(r.size)
                 .ok_or_else(|| format!("region {i} ends past the 64-bit address space"))?;
-            offset += r.size;
+            offset = offset
+                .checked_add(r.size)
+                .ok_or_else(|| format!("region {i} ends past a 64-bit file"))?;
         }
         if offset != self.ram_size {
             return Err(format!(

@@ -1,0 +1,450 @@
+//! Save and restore against the real KVM: vCPUs are created and their state
+//! read and written, but never run.
+
+use godwit_migration::format::{Container, ContainerWriter, FormatError};
+use kvm_bindings::{
+    kvm_clock_data, kvm_msr_entry, Msrs, KVM_CLOCK_REALTIME, KVM_IRQCHIP_IOAPIC,
+    KVM_MP_STATE_HALTED, KVM_MP_STATE_UNINITIALIZED, KVM_VCPUEVENT_VALID_NMI_PENDING,
+};
+
+use super::vcpu::{check_cpuid, host_cpuid, msr_name, MsrEntry, VCPU_SECTION};
+use super::vm::{ClockRestore, VM_SECTION};
+use super::*;
+use crate::memory::{GuestRam, MIB};
+use crate::vcpu::Vcpu;
+use crate::vm::{open_kvm, Vm};
+
+const MSR_IA32_TSC: u32 = 0x10;
+const MSR_TSC_DEADLINE: u32 = 0x6e0;
+const NUM_VCPUS: u8 = 2;
+/// Word offsets in the XSAVE area: XMM3 in the legacy area, XSTATE_BV in
+/// the XSAVE header.
+const XMM3: usize = (160 + 3 * 16) / 4;
+const XSTATE_BV: usize = 512 / 4;
+
+fn xmm3_words() -> [u32; 4] {
+    let b = b"godwit-xmm3-test";
+    std::array::from_fn(|i| {
+        u32::from_le_bytes([b[4 * i], b[4 * i + 1], b[4 * i + 2], b[4 * i + 3]])
+    })
+}
+
+struct TestVm {
+    vm: Vm,
+    vcpus: Vec<Vcpu>,
+    // Dropped after the VM.
+    _ram: GuestRam,
+}
+
+fn new_vm() -> TestVm {
+    let kvm = open_kvm().unwrap();
+    let ram = GuestRam::new(16 * MIB).unwrap();
+    let vm = Vm::new(kvm, &ram.memory).unwrap();
+    let vcpus = (0..NUM_VCPUS)
+        .map(|id| vm.create_vcpu(id, NUM_VCPUS).unwrap())
+        .collect();
+    TestVm {
+        vm,
+        vcpus,
+        _ram: ram,
+    }
+}
+
+fn set_msrs(fd: &kvm_ioctls::VcpuFd, msrs: &[(u32, u64)]) {
+    for &(index, data) in msrs {
+        let list = Msrs::from_entries(&[kvm_msr_entry {
+            index,
+            data,
+            ..Default::default()
+        }])
+        .unwrap();
+        assert_eq!(
+            fd.set_msrs(&list).unwrap(),
+            1,
+            "KVM refused {} = {data:#x}",
+            msr_name(index)
+        );
+    }
+}
+
+fn lapic_write(lapic: &mut kvm_bindings::kvm_lapic_state, reg: usize, value: u32) {
+    for (i, b) in value.to_le_bytes().into_iter().enumerate() {
+        lapic.regs[reg + i] = b as _;
+    }
+}
+
+const DISTINCT_MSRS: &[(u32, u64)] = &[
+    (0x174, 0x10),                        // SYSENTER_CS
+    (0x175, 0xffff_8880_0012_3000),       // SYSENTER_ESP
+    (0x176, 0xffff_ffff_8100_1000),       // SYSENTER_EIP
+    (0xc000_0081, 0x0023_0010_0000_0000), // STAR
+    (0xc000_0082, 0xffff_ffff_8160_0000), // LSTAR
+    (0xc000_0083, 0xffff_ffff_8160_1000), // CSTAR
+    (0xc000_0084, 0x4_7700),              // SYSCALL_MASK
+    (0xc000_0102, 0xffff_8880_0000_1000), // KERNEL_GS_BASE
+    (0x277, 0x0007_0106_0007_0406),       // PAT
+    (0x2ff, 0xc06),                       // MTRRdefType
+    (0x200, 0x6),                         // MTRRphysBase0
+    (0x201, 0xf_ff00_0800),               // MTRRphysMask0
+    (0x4b56_4d01, 0x5001),                // KVM_SYSTEM_TIME_NEW, enabled
+    (0x4b56_4d00, 0x6000),                // KVM_WALL_CLOCK_NEW
+];
+
+/// Gives vCPU 0 and the VM values no fresh VM has.
+fn make_distinctive(t: &TestVm) {
+    let fd = &t.vcpus[0].fd;
+    let regs = kvm_bindings::kvm_regs {
+        rax: 0x1122_3344_5566_7788,
+        rbx: 0x99aa_bbcc_ddee_ff00,
+        rsp: 0x8ff0,
+        rip: 0x10_0123,
+        rflags: 0x246,
+        r15: 0xf15,
+        ..Default::default()
+    };
+    fd.set_regs(&regs).unwrap();
+    let sregs = crate::boot::regs::long_mode_sregs(fd.get_sregs().unwrap());
+    fd.set_sregs(&sregs).unwrap();
+    // FPU state goes in through XSAVE with its XSTATE_BV bits: KVM_SET_FPU
+    // alone leaves XSTATE_BV clear on a vCPU that never ran, and XSAVE then
+    // reports the init state.
+    let caps = KvmCaps::probe(&t.vm.kvm, &t.vm.fd).unwrap();
+    assert!(caps.xsave && caps.xsave2_size <= 4096);
+    let mut xsave = fd.get_xsave().unwrap();
+    xsave.region[0] = (xsave.region[0] & !0xffff) | 0x27f; // FCW
+    xsave.region[6] = 0x7f80; // MXCSR
+    xsave.region[XMM3..XMM3 + 4].copy_from_slice(&xmm3_words());
+    xsave.region[XSTATE_BV] |= 0x3; // x87 and SSE state present
+                                    // SAFETY: this host's KVM takes at most 4096 bytes of XSAVE state
+                                    // (checked above), the size of kvm_xsave.
+    unsafe { fd.set_xsave(&xsave) }.unwrap();
+    let mut xcrs = fd.get_xcrs().unwrap();
+    xcrs.nr_xcrs = 1;
+    xcrs.xcrs[0].xcr = 0;
+    xcrs.xcrs[0].value = 0x3;
+    fd.set_xcrs(&xcrs).unwrap();
+    let mut dregs = fd.get_debug_regs().unwrap();
+    dregs.db = [0x1000, 0x2000, 0, 0xdead_0000];
+    dregs.dr7 = 0x405;
+    fd.set_debug_regs(&dregs).unwrap();
+    let mut lapic = fd.get_lapic().unwrap();
+    lapic_write(&mut lapic, 0x80, 0x20); // TPR
+    lapic_write(&mut lapic, 0xf0, 0x1ff); // SPIV: enabled, vector 0xff
+    lapic_write(&mut lapic, 0x320, 0xec | (2 << 17)); // LVTT: TSC deadline
+    fd.set_lapic(&lapic).unwrap();
+    set_msrs(fd, DISTINCT_MSRS);
+    set_msrs(fd, &[(MSR_IA32_TSC, 0x1_0000_0000)]);
+    // Far in the future, so the timer never fires during the test.
+    set_msrs(fd, &[(MSR_TSC_DEADLINE, 0x7000_0000_0000_0000)]);
+    let mut events = fd.get_vcpu_events().unwrap();
+    events.nmi.pending = 1;
+    events.flags |= KVM_VCPUEVENT_VALID_NMI_PENDING;
+    fd.set_vcpu_events(&events).unwrap();
+    fd.set_mp_state(kvm_bindings::kvm_mp_state {
+        mp_state: KVM_MP_STATE_HALTED,
+    })
+    .unwrap();
+
+    let vm = &t.vm.fd;
+    let mut pit = vm.get_pit2().unwrap();
+    pit.channels[0].count = 0x2e9b;
+    pit.channels[0].mode = 2;
+    pit.channels[0].rw_mode = 3;
+    vm.set_pit2(&pit).unwrap();
+    let mut ioapic = kvm_bindings::kvm_irqchip {
+        chip_id: KVM_IRQCHIP_IOAPIC,
+        ..Default::default()
+    };
+    vm.get_irqchip(&mut ioapic).unwrap();
+    // Serial IRQ 4 unmasked to vector 0x24, and the IOAPIC ID.
+    // SAFETY: KVM_GET_IRQCHIP filled the union for KVM_IRQCHIP_IOAPIC, so
+    // `ioapic` is its initialised member, made only of integers.
+    let mut state = unsafe { ioapic.chip.ioapic };
+    state.redirtbl[4].bits = 0x24;
+    state.id = 2 << 24;
+    ioapic.chip.ioapic = state;
+    vm.set_irqchip(&ioapic).unwrap();
+    vm.set_clock(&kvm_clock_data {
+        clock: 5_000_000_000,
+        ..Default::default()
+    })
+    .unwrap();
+}
+
+struct Saved {
+    vm: VmState,
+    vcpus: Vec<VcpuState>,
+}
+
+fn save_all(t: &TestVm) -> Saved {
+    let caps = KvmCaps::probe(&t.vm.kvm, &t.vm.fd).unwrap();
+    let vcpus: Vec<_> = t
+        .vcpus
+        .iter()
+        .map(|v| VcpuState::save(&v.fd, u32::from(v.id), &caps).unwrap())
+        .collect();
+    let mut needed = Vec::new();
+    for v in &vcpus {
+        needed.extend(v.needed_caps());
+    }
+    let vm = VmState::save(&t.vm.fd, &needed).unwrap();
+    Saved { vm, vcpus }
+}
+
+fn restore_all(saved: &Saved, clock: ClockRestore) -> TestVm {
+    let t = new_vm();
+    saved.vm.check_host(&t.vm.fd).unwrap();
+    let host = host_cpuid(&t.vm.kvm, NUM_VCPUS).unwrap();
+    for v in &saved.vcpus {
+        check_cpuid(v, &host).unwrap();
+    }
+    let caps = KvmCaps::probe(&t.vm.kvm, &t.vm.fd).unwrap();
+    saved.vm.restore(&t.vm.fd, &caps, clock).unwrap();
+    for (v, fd) in saved.vcpus.iter().zip(&t.vcpus) {
+        v.restore(&fd.fd, &caps).unwrap();
+    }
+    t
+}
+
+fn msr(state: &VcpuState, index: u32) -> Option<u64> {
+    state.msrs.iter().find(|m| m.index == index).map(|m| m.data)
+}
+
+/// The state with the values that move with time cleared: TSC, the PIT's
+/// load timestamps and kvmclock, which are checked on their own.
+fn timeless(s: &Saved) -> (VmState, Vec<VcpuState>) {
+    let mut vm = s.vm.clone();
+    for c in vm.pit.0.channels.iter_mut() {
+        c.count_load_time = 0;
+    }
+    vm.clock.0 = kvm_clock_data::default();
+    let vcpus = s
+        .vcpus
+        .iter()
+        .map(|v| {
+            let mut v = v.clone();
+            v.msrs.retain(|m| m.index != MSR_IA32_TSC);
+            v
+        })
+        .collect();
+    (vm, vcpus)
+}
+
+fn container(saved: &Saved) -> Vec<u8> {
+    let mut w = ContainerWriter::new("godwit-test").unwrap();
+    w.add(&VM_SECTION, 0, &saved.vm).unwrap();
+    for v in &saved.vcpus {
+        w.add(&VCPU_SECTION, v.id, v).unwrap();
+    }
+    w.to_bytes()
+}
+
+#[test]
+fn host_caps_are_probed() {
+    let t = new_vm();
+    let caps = KvmCaps::probe(&t.vm.kvm, &t.vm.fd).unwrap();
+    assert!(caps.irqchip && caps.pit2 && caps.adjust_clock && caps.mp_state);
+    for m in [MSR_IA32_TSC, 0x4b56_4d01, 0xc000_0082, 0x2ff, 0x277] {
+        assert!(caps.msrs_to_save.contains(&m), "{} not saved", msr_name(m));
+    }
+    assert!(!caps
+        .msrs_to_save
+        .iter()
+        .any(|&m| (0x480..=0x492).contains(&m)));
+    let (read, refused) = vcpu::read_msrs(&t.vcpus[0].fd, &caps.msrs_to_save).unwrap();
+    assert_eq!(read.len() + refused.len(), caps.msrs_to_save.len());
+    eprintln!(
+        "KVM here: {} MSRs saved, refused: [{}]; XSAVE2 size {}, TSC control {}",
+        read.len(),
+        refused
+            .iter()
+            .map(|&i| msr_name(i))
+            .collect::<Vec<_>>()
+            .join(", "),
+        caps.xsave2_size,
+        caps.tsc_control
+    );
+}
+
+#[test]
+fn save_restore_save_gives_the_same_state() {
+    let original = new_vm();
+    make_distinctive(&original);
+    let first = save_all(&original);
+
+    // The distinctive values were captured.
+    let v0 = &first.vcpus[0];
+    assert_eq!(v0.regs.0.rax, 0x1122_3344_5566_7788);
+    assert_eq!(v0.mp_state.0.mp_state, KVM_MP_STATE_HALTED);
+    assert_eq!(
+        first.vcpus[1].mp_state.0.mp_state,
+        KVM_MP_STATE_UNINITIALIZED
+    );
+    assert_eq!(v0.events.0.nmi.pending, 1);
+    assert_eq!(v0.debugregs.0.db[3], 0xdead_0000);
+    for &(index, data) in DISTINCT_MSRS {
+        assert_eq!(msr(v0, index), Some(data), "{}", msr_name(index));
+    }
+    assert_eq!(msr(v0, MSR_TSC_DEADLINE), Some(0x7000_0000_0000_0000));
+    assert_eq!(v0.cpuid, first.vcpus[0].cpuid);
+    assert!(!v0.cpuid.is_empty());
+
+    // Through the container and back, as a snapshot file would carry it.
+    let bytes = container(&first);
+    let c = Container::from_bytes(bytes, &[VM_SECTION, VCPU_SECTION]).unwrap();
+    let decoded = Saved {
+        vm: c.section(&VM_SECTION, 0).unwrap(),
+        vcpus: c
+            .instances(&VCPU_SECTION)
+            .into_iter()
+            .map(|i| c.section(&VCPU_SECTION, i).unwrap())
+            .collect(),
+    };
+    assert_eq!(decoded.vm, first.vm);
+    assert_eq!(decoded.vcpus, first.vcpus);
+
+    let restored = restore_all(&decoded, ClockRestore::Continue);
+    let clock_after_restore = restored.vm.fd.get_clock().unwrap().clock;
+    let second = save_all(&restored);
+
+    let (vm1, vcpus1) = timeless(&first);
+    let (vm2, vcpus2) = timeless(&second);
+    for (a, b) in vcpus1.iter().zip(&vcpus2) {
+        assert_eq!(a.msrs, b.msrs, "vCPU {} MSRs", a.id);
+        assert_eq!(a, b, "vCPU {}", a.id);
+    }
+    assert_eq!(vm1, vm2);
+
+    // The guest's TSC continues from where it was.
+    let tsc = |s: &Saved| msr(&s.vcpus[0], MSR_IA32_TSC).unwrap();
+    assert!(tsc(&second) >= tsc(&first));
+    // kvmclock continues: not reset to 0, at most a little later.
+    let saved_clock = first.vm.clock.0.clock;
+    assert!(saved_clock >= 5_000_000_000);
+    assert!(
+        (saved_clock..saved_clock + 2_000_000_000).contains(&clock_after_restore),
+        "kvmclock was {saved_clock} when saved and {clock_after_restore} after restore"
+    );
+    // The FPU registers came through XSAVE.
+    let xsave = restored.vcpus[0].fd.get_xsave().unwrap();
+    assert_eq!(xsave.region[XMM3..XMM3 + 4], xmm3_words());
+    assert_eq!(xsave.region[6], 0x7f80);
+    assert_eq!(xsave.region[0] & 0xffff, 0x27f);
+}
+
+#[test]
+fn kvmclock_can_advance_by_wall_clock_time() {
+    let original = new_vm();
+    make_distinctive(&original);
+    let saved = save_all(&original);
+    let caps = KvmCaps::probe(&original.vm.kvm, &original.vm.fd).unwrap();
+    let target = new_vm();
+    let result = saved
+        .vm
+        .restore(&target.vm.fd, &caps, ClockRestore::AdvanceByWallClock);
+    if saved.vm.clock.0.flags & KVM_CLOCK_REALTIME == 0 {
+        assert!(matches!(result, Err(StateError::NoRealtime)), "{result:?}");
+        return;
+    }
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    let advanced = saved
+        .vm
+        .restore(&target.vm.fd, &caps, ClockRestore::AdvanceByWallClock);
+    advanced.unwrap();
+    let now = target.vm.fd.get_clock().unwrap().clock;
+    assert!(now >= saved.vm.clock.0.clock + 100_000_000, "{now}");
+}
+
+#[test]
+fn restore_names_what_this_host_lacks() {
+    let original = new_vm();
+    make_distinctive(&original);
+    let saved = save_all(&original);
+    let target = new_vm();
+    let caps = KvmCaps::probe(&target.vm.kvm, &target.vm.fd).unwrap();
+    let fd = &target.vcpus[0].fd;
+
+    let no_xcrs = KvmCaps {
+        xcrs: false,
+        ..caps.clone()
+    };
+    let err = saved.vcpus[0].restore(fd, &no_xcrs).unwrap_err();
+    assert!(
+        err.to_string().starts_with(
+            "this host's KVM lacks KVM_CAP_XCRS, which the saved state needs for XCR0"
+        ),
+        "{err}"
+    );
+
+    let mut bogus = saved.vcpus[0].clone();
+    bogus.msrs.push(MsrEntry {
+        index: 0xdead_beef,
+        data: 1,
+    });
+    let err = bogus.restore(fd, &caps).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            StateError::MsrRefused {
+                vcpu: 0,
+                index: 0xdead_beef,
+                ..
+            }
+        ),
+        "{err}"
+    );
+
+    let mut big = saved.vcpus[0].clone();
+    let xsave = big.xsave.as_mut().unwrap();
+    xsave.0.resize(caps.xsave2_size.max(4096) + 64, 0xff);
+    let err = big.restore(fd, &caps).unwrap_err();
+    assert!(matches!(err, StateError::XsaveTooLarge { .. }), "{err}");
+
+    if let Some(khz) = saved.vcpus[0].tsc_khz {
+        let mut fast = saved.vcpus[0].clone();
+        fast.tsc_khz = Some(khz * 2);
+        let no_scaling = KvmCaps {
+            tsc_control: false,
+            ..caps.clone()
+        };
+        let err = fast.restore(fd, &no_scaling).unwrap_err();
+        assert!(matches!(err, StateError::TscFrequency { .. }), "{err}");
+    }
+
+    let mut avx512 = saved.vcpus[1].clone();
+    let leaf7 = avx512
+        .cpuid
+        .iter_mut()
+        .find(|e| e.function == 7 && e.index == 0)
+        .unwrap();
+    leaf7.ebx = u32::MAX;
+    let host = host_cpuid(&target.vm.kvm, NUM_VCPUS).unwrap();
+    check_cpuid(&saved.vcpus[1], &host).unwrap();
+    let err = check_cpuid(&avx512, &host).unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        msg.starts_with(
+            "vCPU 1's CPUID does not fit this host: leaf 0x7 sub-leaf 0 EBX: the guest was shown"
+        ),
+        "{msg}"
+    );
+}
+
+#[test]
+fn saved_state_with_a_wrong_sized_blob_is_refused() {
+    let original = new_vm();
+    let saved = save_all(&original);
+    let mut json = serde_json::to_value(&saved.vcpus[0]).unwrap();
+    let regs = json["regs"].as_str().unwrap().to_string();
+    json["regs"] = serde_json::Value::String(regs[..regs.len() - 2].to_string());
+    let mut w = ContainerWriter::new("godwit-test").unwrap();
+    w.add(&VCPU_SECTION, 0, &json).unwrap();
+    let c = Container::from_bytes(w.to_bytes(), &[VCPU_SECTION]).unwrap();
+    let err = c.section::<VcpuState>(&VCPU_SECTION, 0).unwrap_err();
+    assert!(matches!(err, FormatError::Payload { .. }));
+    assert!(
+        err.to_string()
+            .contains("kvm_regs has 143 bytes, expected 144"),
+        "{err}"
+    );
+}
