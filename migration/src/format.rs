@@ -180,6 +180,40 @@ pub struct Header {
     pub sections: Vec<SectionEntry>,
 }
 
+impl Header {
+    /// What the file holds, one line per section, marking the kinds absent
+    /// from `known`: what `godwit` can say about any snapshot, readable or
+    /// not.
+    pub fn describe(&self, known: &[SectionKind]) -> String {
+        let mut out = format!(
+            "godwit snapshot, format version {}, {} machine '{}', {} bytes, {} sections\n",
+            self.format_version,
+            self.arch,
+            self.machine_type,
+            self.file_len,
+            self.sections.len()
+        );
+        for s in &self.sections {
+            let status = match known.iter().find(|k| k.id == s.kind) {
+                None if s.required() => "unknown to this godwit, required".to_string(),
+                None => "unknown to this godwit, optional".to_string(),
+                Some(k) if s.version > k.version => {
+                    format!("too new: this godwit reads up to version {}", k.version)
+                }
+                Some(k) if s.version < k.min_version => {
+                    format!("too old: this godwit reads from version {}", k.min_version)
+                }
+                Some(_) => "readable".to_string(),
+            };
+            out.push_str(&format!(
+                "  '{}': kind {}, version {}, {} bytes: {status}\n",
+                s.name, s.kind, s.version, s.length
+            ));
+        }
+        out
+    }
+}
+
 /// Why a container could not be written or read. Every message says which
 /// part of the file failed and what to do.
 #[derive(Debug, thiserror::Error)]
@@ -737,7 +771,7 @@ impl ContainerWriter {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use serde::{Deserialize, Serialize};
     use vmm_sys_util::tempdir::TempDir;
@@ -1098,6 +1132,79 @@ mod tests {
             ..VCPU
         };
         assert!(w.add(&long, 0, &1u8).is_err());
+    }
+
+    #[test]
+    fn the_header_describes_sections_this_godwit_cannot_read() {
+        let mut w = sample();
+        w.add(&NOTES, 0, &"x").unwrap();
+        let newer = SectionKind { version: 9, ..VM };
+        let mut w2 = ContainerWriter::new("m").unwrap();
+        w2.add(&newer, 0, &1u8).unwrap();
+        let text = read_header(&w.to_bytes()).unwrap().describe(KNOWN);
+        assert!(text.starts_with(&format!(
+            "godwit snapshot, format version 1, {HOST_ARCH} machine 'godwit-pc-1'"
+        )));
+        assert!(text.contains("'vcpu 1': kind 3, version 1,"), "{text}");
+        assert!(
+            text.contains(
+                "'notes': kind 999, version 1, 3 bytes: unknown to this godwit, optional"
+            ),
+            "{text}"
+        );
+        let text = read_header(&w2.to_bytes()).unwrap().describe(KNOWN);
+        assert!(
+            text.contains("'vm': kind 2, version 9, 1 bytes: too new"),
+            "{text}"
+        );
+    }
+
+    /// A xorshift generator: deterministic damage for the robustness tests.
+    pub(crate) fn xorshift(seed: &mut u64) -> u64 {
+        *seed ^= *seed << 13;
+        *seed ^= *seed >> 7;
+        *seed ^= *seed << 17;
+        *seed
+    }
+
+    #[test]
+    fn random_damage_is_an_error_never_a_panic() {
+        let bytes = sample().to_bytes();
+        let header_len = read_header(&bytes).unwrap().header_len as usize;
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut r = move || xorshift(&mut seed);
+        for _ in 0..20_000 {
+            let mut b = bytes.clone();
+            match r() % 3 {
+                0 => b.truncate(r() as usize % (b.len() + 1)),
+                1 => {
+                    for _ in 0..1 + r() % 4 {
+                        let at = r() as usize % b.len();
+                        b[at] = r() as u8;
+                    }
+                }
+                _ => {
+                    // Plausible-looking numbers in the header fields.
+                    let at = 8 + 4 * (r() as usize % ((header_len - 8) / 4));
+                    let v = [0, 1, u32::MAX, r() as u32 % 4096, bytes.len() as u32];
+                    b[at..at + 4].copy_from_slice(&v[r() as usize % v.len()].to_le_bytes());
+                }
+            }
+            // Often make the checksums agree, to reach the later checks.
+            if r() % 2 == 0 && b.len() >= PREAMBLE_LEN {
+                let c = crc(&b[..16]);
+                b[16..20].copy_from_slice(&c.to_le_bytes());
+                let hl = u32_at(&b, 12) as usize;
+                if (PREAMBLE_LEN + CRC_LEN..=b.len()).contains(&hl) {
+                    let c = crc(&b[..hl - 4]);
+                    b[hl - 4..hl].copy_from_slice(&c.to_le_bytes());
+                }
+            }
+            if let Ok(c) = Container::from_bytes(b, KNOWN) {
+                let _ = c.section::<VmPayload>(&VM, 0);
+                let _ = c.section::<VcpuPayload>(&VCPU, 1);
+            }
+        }
     }
 
     #[test]

@@ -57,6 +57,7 @@ use vm_memory::{
 };
 
 use crate::atomic::{write_atomically, AtomicWriteError};
+use crate::format::{kind_ids, SectionKind};
 
 pub const MAGIC: [u8; 8] = *b"GODWITMF";
 /// The layout this godwit writes and the newest it reads.
@@ -72,6 +73,18 @@ const REGION_LEN: usize = 24;
 const CRC_LEN: usize = 4;
 /// The header fits in the first page.
 pub const MAX_REGIONS: usize = (PAGE_SIZE as usize - FIXED_LEN - CRC_LEN) / REGION_LEN;
+
+/// The state-container section that records the memory file of a snapshot:
+/// its payload is the [`MemoryFileInfo`] [`save`] returned, which restore
+/// passes back to [`map_private`] or [`restore_to_memfd`].
+pub const MEMORY_SECTION: SectionKind = SectionKind {
+    id: kind_ids::MEMORY,
+    name: "memory",
+    version: 1,
+    min_version: 1,
+    required: true,
+    instanced: false,
+};
 
 /// One guest RAM region in the file.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -964,6 +977,49 @@ mod tests {
             MemoryFileInfo::decode_header("m", &info.encode_header(), info.file_len).unwrap(),
             info
         );
+    }
+
+    #[test]
+    fn random_headers_are_an_error_never_a_panic() {
+        let info = MemoryFileInfo {
+            id: new_id(),
+            page_size: PAGE_SIZE,
+            ram_size: 8 * MIB,
+            data_offset: DATA_OFFSET,
+            file_len: DATA_OFFSET + 8 * MIB,
+            regions: vec![
+                MemoryRegionInfo {
+                    guest_addr: 0,
+                    size: 4 * MIB,
+                    offset: 0,
+                },
+                MemoryRegionInfo {
+                    guest_addr: 0x1_0000_0000,
+                    size: 4 * MIB,
+                    offset: 4 * MIB,
+                },
+            ],
+        };
+        let good = info.encode_header();
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut r = move || crate::format::tests::xorshift(&mut seed);
+        for _ in 0..20_000 {
+            let mut h = good.clone();
+            let at = 20 + 4 * (r() as usize % ((h.len() - 24) / 4));
+            let v = [0, 1, u32::MAX, r() as u32, 4096];
+            h[at..at + 4].copy_from_slice(&v[r() as usize % v.len()].to_le_bytes());
+            if r() % 4 == 0 {
+                h.truncate(r() as usize % h.len());
+            }
+            if h.len() >= PREAMBLE_LEN {
+                let hl = (u32_at(&h, 12) as usize).min(h.len());
+                if hl >= 4 {
+                    let c = crc(&h[..hl - 4]);
+                    h[hl - 4..hl].copy_from_slice(&c.to_le_bytes());
+                }
+            }
+            let _ = MemoryFileInfo::decode_header("m", &h, r() % (2 * info.file_len));
+        }
     }
 
     /// Save throughput against a plain sequential write of the same bytes.
