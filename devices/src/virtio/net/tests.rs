@@ -1083,3 +1083,191 @@ fn plain_tap_reads_straight_into_big_buffers() {
         "pages not written stay clean"
     );
 }
+
+/// xorshift64*: deterministic randomness from a printed seed.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+    fn pick<T: Copy>(&mut self, v: &[T]) -> T {
+        v[self.below(v.len() as u64) as usize]
+    }
+}
+
+/// Counts panics on godwit's datapath threads (the default hook still runs).
+fn datapath_panics() -> &'static std::sync::atomic::AtomicUsize {
+    static COUNT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    static HOOK: std::sync::Once = std::sync::Once::new();
+    HOOK.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if std::thread::current()
+                .name()
+                .is_some_and(|n| n.starts_with("gw-net-"))
+            {
+                COUNT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+            previous(info);
+        }));
+    });
+    &COUNT
+}
+
+const SCRATCH: u64 = 32 << 20;
+
+fn random_desc(rng: &mut Rng, table: u64) -> RawDesc {
+    let mem = MEM_SIZE as u64;
+    let addr = match rng.below(8) {
+        0 => SCRATCH + rng.below(mem - SCRATCH),
+        1 => mem - rng.below(100),
+        2 => mem + rng.below(1 << 20),
+        3 => u64::MAX - rng.below(64),
+        4 => table,
+        5 => rng.next(),
+        _ => SCRATCH + 4096 * rng.below(16),
+    };
+    let len = match rng.below(10) {
+        0 => 0,
+        1 => rng.pick(&[1, 11, 12, 13]),
+        2 => 60,
+        3 => 1500,
+        4 => 4096,
+        5 => 65536,
+        6 => 70000,
+        7 => u32::MAX,
+        8 => 16 * rng.below(20) as u32,
+        _ => rng.next() as u32,
+    };
+    RawDesc {
+        addr,
+        len,
+        flags: rng.below(8) as u16,
+        next: rng.below(20) as u16,
+    }
+}
+
+#[test]
+fn random_descriptors_never_stop_the_device() {
+    let panics = datapath_panics();
+    let seed = random_u64() | 1;
+    eprintln!("random_descriptors_never_stop_the_device: seed {seed:#x}");
+    let mut rng = Rng(seed);
+    for mrg in [false, true] {
+        let mut want =
+            f(VIRTIO_NET_F_MAC) | f(VIRTIO_RING_F_INDIRECT_DESC) | f(VIRTIO_RING_F_EVENT_IDX);
+        if mrg {
+            want |= f(VIRTIO_NET_F_MRG_RXBUF);
+        }
+        let mut r = rig(if mrg { "fuzzm" } else { "fuzz" }, VnetHdr::On, want);
+        r.driver.init(want, 16).unwrap();
+        let sock = r.udp_socket(5000);
+        let table = SCRATCH + (1 << 20);
+        let good = r.to_host(5000, b"good", UdpCsum::Full);
+        let good_buf = SCRATCH + (2 << 20);
+        r.driver
+            .write_mem(GuestAddress(good_buf), &[0; NET_HDR_LEN])
+            .unwrap();
+        r.driver
+            .write_mem(GuestAddress(good_buf + NET_HDR_LEN as u64), &good)
+            .unwrap();
+        let rx_buf = SCRATCH + (3 << 20);
+        let (mut tx_published, mut rx_published) = (0u16, 0u16);
+        for i in 0..150 {
+            // A fresh random indirect table every round.
+            for e in 0..16 {
+                let d = random_desc(&mut rng, table);
+                r.driver
+                    .write_mem(GuestAddress(table + 16 * e), &d.to_bytes())
+                    .unwrap();
+            }
+            // TX: 1-4 random descriptors at indexes 0..8, random head.
+            for _ in 0..=rng.below(4) {
+                let d = random_desc(&mut rng, table);
+                r.driver
+                    .write_desc(TX_QUEUE, rng.below(8) as u16, d)
+                    .unwrap();
+            }
+            r.driver.publish(TX_QUEUE, rng.below(8) as u16).unwrap();
+            tx_published = tx_published.wrapping_add(1);
+            // And a good frame at index 15.
+            r.driver
+                .write_desc(
+                    TX_QUEUE,
+                    15,
+                    RawDesc {
+                        addr: good_buf,
+                        len: (NET_HDR_LEN + good.len()) as u32,
+                        flags: 0,
+                        next: 0,
+                    },
+                )
+                .unwrap();
+            r.driver.publish(TX_QUEUE, 15).unwrap();
+            tx_published = tx_published.wrapping_add(1);
+            r.driver.kick(TX_QUEUE).unwrap();
+            r.driver
+                .wait_used_idx(TX_QUEUE, tx_published, TIMEOUT)
+                .unwrap_or_else(|e| panic!("seed {seed:#x} round {i} tx: {e}"));
+            let mut b = [0u8; 16];
+            let (n, _) = sock
+                .recv_from(&mut b)
+                .expect("the good frame after random ones");
+            assert_eq!(&b[..n], b"good");
+
+            // RX: a random chain, then a good one, then two frames.
+            for _ in 0..=rng.below(3) {
+                let d = random_desc(&mut rng, table);
+                r.driver
+                    .write_desc(RX_QUEUE, rng.below(8) as u16, d)
+                    .unwrap();
+            }
+            r.driver.publish(RX_QUEUE, rng.below(8) as u16).unwrap();
+            let slot = 8 + (i % 8) as u16;
+            r.driver
+                .write_desc(
+                    RX_QUEUE,
+                    slot,
+                    RawDesc {
+                        addr: rx_buf + 4096 * u64::from(slot),
+                        len: 2048,
+                        flags: VRING_DESC_F_WRITE as u16,
+                        next: 0,
+                    },
+                )
+                .unwrap();
+            r.driver.publish(RX_QUEUE, slot).unwrap();
+            rx_published = rx_published.wrapping_add(2);
+            r.driver.kick(RX_QUEUE).unwrap();
+            r.host_sends(&sock, 6000, b"one");
+            r.host_sends(&sock, 6000, b"two");
+            r.driver
+                .wait_used_idx(RX_QUEUE, rx_published, TIMEOUT)
+                .unwrap_or_else(|e| panic!("seed {seed:#x} round {i} rx: {e}"));
+            let st = r.driver.status();
+            assert_eq!(
+                st & status::DEVICE_NEEDS_RESET,
+                0,
+                "seed {seed:#x} round {i}"
+            );
+        }
+        let s = r.stats();
+        eprintln!("mrg={mrg}: {s:?}");
+        assert!(s.tx_packets >= 150);
+        assert!(s.tx_faults.total() > 0 && s.rx_faults.total() > 0);
+        // Still fully functional after a reset.
+        // (A fresh socket: random chains may have linked to the good
+        // descriptor and sent extra copies to the first one.)
+        r.driver.init(want, 64).unwrap();
+        let fresh = r.udp_socket(5001);
+        r.tx_roundtrip(&fresh, b"after fuzzing");
+    }
+    assert_eq!(panics.load(std::sync::atomic::Ordering::SeqCst), 0);
+}

@@ -994,11 +994,23 @@ impl Worker {
         }
         if cap < len {
             // Without MRG_RXBUF one chain must hold the frame, and this one
-            // cannot: the guest's buffers are too small for it (an MTU or
-            // offload mismatch). Drop the frame and keep the buffer.
-            self.rx.go_to_previous_position();
+            // cannot: an MTU or offload mismatch, or a bad guest. Drop the
+            // frame and return the chain unused; putting it back instead
+            // would let it block every later frame that does not fit it.
+            let small = self.chains[0];
             self.pending = 0;
-            self.rx_frame_lost(Fault::TooLarge, format_args!("dropping a received frame of {} bytes: the guest's receive buffers hold {cap} (MTU or offload mismatch?)", len - NET_HDR_LEN));
+            self.rx_frame_lost(
+                Fault::TooLarge,
+                format_args!(
+                    "dropping a received frame of {} bytes: the guest's receive buffer holds {cap} \
+                     (MTU or offload mismatch?)",
+                    len - NET_HDR_LEN
+                ),
+            );
+            self.add_used(RX_QUEUE, small.head, 0)?;
+            for (head, f) in std::mem::take(&mut self.bad) {
+                self.return_bad_rx(head, f)?;
+            }
             return Ok(Delivery::Dropped);
         }
         let count = u16::try_from(self.chains.len()).unwrap_or(u16::MAX);
