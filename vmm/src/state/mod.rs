@@ -62,14 +62,25 @@ pub enum StateError {
         saved: usize,
         host: usize,
     },
-    #[error("vCPU {vcpu} ran its TSC at {saved} kHz but this host's runs at {host} kHz and its KVM cannot scale TSCs (no KVM_CAP_TSC_CONTROL): restore on a host with the same TSC frequency or with TSC scaling")]
-    TscFrequency { vcpu: u32, saved: u32, host: u32 },
+    #[error("vCPU {vcpu} ran its TSC at {saved} kHz but this host's runs at {} and its KVM cannot scale TSCs (no KVM_CAP_TSC_CONTROL): restore on a host with the same TSC frequency or with TSC scaling", khz(.host))]
+    TscFrequency {
+        vcpu: u32,
+        saved: u32,
+        host: Option<u32>,
+    },
     #[error("the saved state asks to advance kvmclock by wall-clock time, but the saving host's KVM did not record its wall-clock time (no KVM_CLOCK_REALTIME): restore with the clock continuing instead")]
     NoRealtime,
     #[error(transparent)]
     Cpuid(#[from] godwit_migration::cpu_compat::CpuCompatError),
     #[error("invalid saved state: {0}")]
     Invalid(String),
+}
+
+fn khz(v: &Option<u32>) -> String {
+    match v {
+        Some(k) => format!("{k} kHz"),
+        None => "a frequency KVM cannot tell".to_string(),
+    }
 }
 
 pub(crate) fn kvm_err(what: impl Into<String>) -> impl FnOnce(kvm_ioctls::Error) -> StateError {

@@ -319,12 +319,13 @@ fn words_to_bytes(words: &[u32]) -> Vec<u8> {
 }
 
 fn read_xsave(fd: &VcpuFd, caps: &KvmCaps) -> Result<Vec<u8>, StateError> {
-    if caps.xsave2_size > XSAVE_LEN {
-        let extra = (caps.xsave2_size - XSAVE_LEN).div_ceil(4);
+    if caps.xsave2_size > 0 {
+        let extra = caps.xsave2_size.saturating_sub(XSAVE_LEN).div_ceil(4);
         let mut xsave = Xsave::new(extra).map_err(fam_err("allocating the XSAVE buffer"))?;
-        // SAFETY: the buffer holds KVM_CHECK_EXTENSION(KVM_CAP_XSAVE2) bytes,
-        // the most KVM_GET_XSAVE2 writes; godwit enables no dynamic XSTATE
-        // feature after that size was read.
+        // SAFETY: the buffer holds at least KVM_CHECK_EXTENSION(KVM_CAP_XSAVE2)
+        // bytes (and never less than kvm_xsave), the most KVM_GET_XSAVE2
+        // writes; godwit enables no dynamic XSTATE feature after that size
+        // was read.
         unsafe { fd.get_xsave2(&mut xsave) }
             .map_err(kvm_err("reading the XSAVE area (KVM_GET_XSAVE2)"))?;
         let mut bytes = words_to_bytes(&xsave.as_fam_struct_ref().xsave.region);
@@ -556,7 +557,7 @@ impl VcpuState {
             return Err(StateError::TscFrequency {
                 vcpu: self.id,
                 saved,
-                host: host.unwrap_or(0),
+                host,
             });
         }
         fd.set_tsc_khz(saved).map_err(kvm_err(format!(
