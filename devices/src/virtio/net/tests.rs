@@ -1271,3 +1271,132 @@ fn random_descriptors_never_stop_the_device() {
     }
     assert_eq!(panics.load(std::sync::atomic::Ordering::SeqCst), 0);
 }
+
+/// Datapath rates through a real TAP; run with
+/// `cargo test --release -p godwit-devices measure_datapath -- --ignored --nocapture`.
+/// The "guest" is the test harness on another thread, so the numbers are a
+/// lower bound of what the device itself can do.
+#[test]
+#[ignore = "measurement, not a check; run explicitly"]
+fn measure_datapath() {
+    let want = f(VIRTIO_NET_F_MAC)
+        | f(VIRTIO_NET_F_CSUM)
+        | f(VIRTIO_NET_F_HOST_TSO4)
+        | f(VIRTIO_NET_F_GUEST_CSUM)
+        | f(VIRTIO_NET_F_GUEST_TSO4)
+        | f(VIRTIO_NET_F_GUEST_USO4)
+        | f(VIRTIO_NET_F_GUEST_USO6)
+        | f(VIRTIO_NET_F_MRG_RXBUF)
+        | f(VIRTIO_RING_F_EVENT_IDX);
+    let mut r = rig("measure", VnetHdr::On, want);
+    r.driver.init(want, 256).unwrap();
+
+    // TX: frames to a MAC nobody has: the namespace drops them right after
+    // the TAP, so this measures godwit's transmit path and the TAP write.
+    for size in [64usize, 1514] {
+        let mut frame = udp_frame(
+            GUEST_MAC,
+            [2, 0, 0, 0, 0, 0x99],
+            GUEST_IP,
+            HOST_IP,
+            1,
+            9,
+            &vec![0u8; size - 42],
+            UdpCsum::None,
+        );
+        frame.truncate(size);
+        let buf = r.driver.alloc((NET_HDR_LEN + size) as u64, 64).unwrap();
+        r.driver.write_mem(buf, &[0; NET_HDR_LEN]).unwrap();
+        r.driver
+            .write_mem(GuestAddress(buf.0 + NET_HDR_LEN as u64), &frame)
+            .unwrap();
+        let total = 200_000usize;
+        let (mut sent, mut done) = (0usize, 0usize);
+        let start = Instant::now();
+        while done < total {
+            let free = r.driver.queue(TX_QUEUE).unwrap().free_descriptors();
+            for _ in 0..free.min(total - sent) {
+                r.driver
+                    .add_chain(TX_QUEUE, &[Buf::read(buf, (NET_HDR_LEN + size) as u32)])
+                    .unwrap();
+                sent += 1;
+            }
+            r.driver.kick(TX_QUEUE).unwrap();
+            let got = r.driver.reap(TX_QUEUE).unwrap();
+            if got.is_empty() {
+                r.driver.wait_irq(Duration::from_millis(5)).unwrap();
+            }
+            done += got.len();
+        }
+        let secs = start.elapsed().as_secs_f64();
+        eprintln!(
+            "TX {size:>5}-byte frames: {:.0} kpps, {:.2} Gbit/s",
+            total as f64 / secs / 1e3,
+            (total * size * 8) as f64 / secs / 1e9
+        );
+    }
+
+    // RX: USO super-frames (64 KiB sends in 1400-byte segments) from the
+    // namespace, into mergeable 4 KiB buffers (bounce + copy path).
+    let sock = r.udp_socket(5000);
+    for _ in 0..256 {
+        let b = r.driver.alloc(4096, 4096).unwrap();
+        r.driver
+            .add_chain(RX_QUEUE, &[Buf::write(b, 4096)])
+            .unwrap();
+    }
+    r.driver.kick(RX_QUEUE).unwrap();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sender = {
+        let sock = sock.try_clone().unwrap();
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let seg: libc::c_int = 1400;
+            // SAFETY: setsockopt with a live int and its size.
+            unsafe {
+                libc::setsockopt(
+                    sock.as_raw_fd(),
+                    libc::SOL_UDP,
+                    libc::UDP_SEGMENT,
+                    (&seg as *const libc::c_int).cast(),
+                    4,
+                )
+            };
+            let payload = vec![0u8; 1400 * 45];
+            let mut n = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                if sock
+                    .send_to(&payload, SocketAddrV4::new(GUEST_IP, 6000))
+                    .is_ok()
+                {
+                    n += 1;
+                }
+            }
+            n
+        })
+    };
+    let start = Instant::now();
+    let (mut bytes, mut entries) = (0u64, 0u64);
+    while start.elapsed() < Duration::from_secs(2) {
+        let got = r.driver.reap(RX_QUEUE).unwrap();
+        if got.is_empty() {
+            r.driver.wait_irq(Duration::from_millis(5)).unwrap();
+            continue;
+        }
+        entries += got.len() as u64;
+        bytes += got.iter().map(|u| u64::from(u.len)).sum::<u64>();
+        r.driver.refill_rx(&got).unwrap();
+    }
+    let secs = start.elapsed().as_secs_f64();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let sends = sender.join().unwrap();
+    let s = r.stats();
+    eprintln!(
+        "RX USO 63000-byte sends into 4 KiB mergeable buffers: {:.2} Gbit/s, {:.0} buffers/s, {} frames ({} sends), faults {:?}",
+        (bytes * 8) as f64 / secs / 1e9,
+        entries as f64 / secs,
+        s.rx_packets,
+        sends,
+        s.rx_faults
+    );
+}
