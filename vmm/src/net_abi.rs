@@ -1,0 +1,498 @@
+//! Decides the virtio-net ABI a device shows its guest: the machine type's
+//! defaults plus the user's overrides are *required*; the peer's probed
+//! capabilities say what can be carried. With strict on, a gap refuses the
+//! start with remedies to paste; with strict off, the gap is dropped with a
+//! warning and the VM gets a migration blocker.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use godwit_devices::virtio::net::features::{self, by_name, check_dependencies, FEATURES};
+
+use crate::machine_types::{MachineType, MACHINE_TYPES};
+
+fn bit(b: u32) -> u64 {
+    1u64 << b
+}
+
+fn bits(set: u64) -> impl Iterator<Item = u32> {
+    (0..64).filter(move |b| set & bit(*b) != 0)
+}
+
+/// What a network peer can carry, and why not where it cannot.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerSupport {
+    /// `tap`, `vhost-user`, `vhost-net`.
+    pub kind: &'static str,
+    /// Human description, e.g. `TAP gwt0`.
+    pub name: String,
+    /// Feature bits the peer carries (those needing nothing from a peer included).
+    pub supported: u64,
+    /// For unsupported bits that matter: why the peer lacks them.
+    pub why_not: BTreeMap<u32, String>,
+}
+
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum NetConfigError {
+    #[error("{device}: unknown property '{name}'; feature properties are: {}", valid_feature_names().join(", "))]
+    UnknownFeature { device: String, name: String },
+    #[error("{device}: {name}=on is not possible: godwit's virtio-net device does not implement {name} (bit {bit})")]
+    Unimplemented {
+        device: String,
+        name: String,
+        bit: u32,
+    },
+    #[error("{device}: version_1=off is not possible: godwit's virtio-mmio devices are modern (virtio 1.x) only")]
+    Version1Off { device: String },
+    #[error(
+        "{device}: {first}={first_value} conflicts with {second}={second_value}: {why}; set {fix}"
+    )]
+    Conflict {
+        device: String,
+        first: String,
+        first_value: &'static str,
+        second: String,
+        second_value: &'static str,
+        why: String,
+        fix: String,
+    },
+}
+
+pub fn valid_feature_names() -> Vec<&'static str> {
+    FEATURES
+        .iter()
+        .filter(|f| f.supported)
+        .map(|f| f.name)
+        .collect()
+}
+
+/// Machine type defaults with the user's `name=on|off` properties applied.
+pub fn required_features(
+    device: &str,
+    machine: &MachineType,
+    overrides: &BTreeMap<String, bool>,
+) -> Result<u64, NetConfigError> {
+    let mut set = machine.net_features();
+    for (name, on) in overrides {
+        let Some(f) = by_name(name) else {
+            return Err(NetConfigError::UnknownFeature {
+                device: device.into(),
+                name: name.clone(),
+            });
+        };
+        if f.always && !on {
+            return Err(NetConfigError::Version1Off {
+                device: device.into(),
+            });
+        }
+        if *on && !f.supported {
+            return Err(NetConfigError::Unimplemented {
+                device: device.into(),
+                name: name.clone(),
+                bit: f.bit,
+            });
+        }
+        if *on {
+            set |= bit(f.bit);
+        } else {
+            set &= !bit(f.bit);
+        }
+    }
+    check_conflicts(device, set, overrides)?;
+    Ok(set)
+}
+
+/// Spec dependency rules, reported with both property names.
+fn check_conflicts(
+    device: &str,
+    set: u64,
+    overrides: &BTreeMap<String, bool>,
+) -> Result<(), NetConfigError> {
+    for f in FEATURES.iter().filter(|f| set & bit(f.bit) != 0) {
+        for &needed in f.requires_all {
+            if set & bit(needed) == 0 {
+                let needed_name = features::name_of(needed);
+                // The user's own word comes first in the message.
+                let user_turned_off = overrides.get(&needed_name) == Some(&false);
+                let (first, fv, second, sv) = if user_turned_off {
+                    (needed_name.clone(), "off", f.name.to_string(), "on")
+                } else {
+                    (f.name.to_string(), "on", needed_name.clone(), "off")
+                };
+                return Err(NetConfigError::Conflict {
+                    device: device.into(),
+                    first,
+                    first_value: fv,
+                    second,
+                    second_value: sv,
+                    why: format!("{} requires {needed_name}", f.name),
+                    fix: format!("{}=off as well, or {needed_name}=on", f.name),
+                });
+            }
+        }
+        if !f.requires_any.is_empty() && !f.requires_any.iter().any(|b| set & bit(*b) != 0) {
+            let names: Vec<String> = f
+                .requires_any
+                .iter()
+                .map(|b| features::name_of(*b))
+                .collect();
+            return Err(NetConfigError::Conflict {
+                device: device.into(),
+                first: f.name.to_string(),
+                first_value: "on",
+                second: names.join("/"),
+                second_value: "off",
+                why: format!("{} requires one of {}", f.name, names.join(", ")),
+                fix: format!("{}=off as well, or one of {} on", f.name, names.join(", ")),
+            });
+        }
+    }
+    debug_assert!(check_dependencies(set).is_empty());
+    Ok(())
+}
+
+/// `missing` and every feature in `set` that depends on one of them.
+pub fn with_dependents(set: u64, missing: u64) -> u64 {
+    let mut drop = missing;
+    loop {
+        let remaining = set & !drop;
+        let mut more = 0;
+        for f in FEATURES.iter().filter(|f| remaining & bit(f.bit) != 0) {
+            let lacks_all = f.requires_all.iter().any(|b| remaining & bit(*b) == 0);
+            let lacks_any = !f.requires_any.is_empty()
+                && f.requires_any.iter().all(|b| remaining & bit(*b) == 0);
+            if lacks_all || lacks_any {
+                more |= bit(f.bit);
+            }
+        }
+        if more == 0 {
+            return drop & set;
+        }
+        drop |= more;
+    }
+}
+
+fn describe(set: u64) -> String {
+    bits(set)
+        .map(|b| format!("{} (bit {b})", features::name_of(b)))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Start-up refused: the peer lacks features the VM requires, strict is on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StrictRefusal {
+    pub device: String,
+    pub peer: String,
+    pub machine: &'static str,
+    pub missing: Vec<(u32, String, Option<String>)>,
+    /// Remedy 1: the `--net` text with overrides that make this peer work.
+    pub override_spec: String,
+    pub override_features: Vec<String>,
+    /// Remedy 2: the newest machine type this peer supports fully.
+    pub machine_remedy: Option<&'static str>,
+    /// Remedy 3: the `--net` text with strict=off.
+    pub strict_off_spec: String,
+}
+
+impl fmt::Display for StrictRefusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "{}: the network peer ({}) lacks features that machine type {} requires, and strict=on:",
+            self.device, self.peer, self.machine
+        )?;
+        for (b, name, why) in &self.missing {
+            match why {
+                Some(why) => writeln!(f, "  - {name} (bit {b}): {why}")?,
+                None => writeln!(f, "  - {name} (bit {b})")?,
+            }
+        }
+        writeln!(f, "Remedies (any one):")?;
+        writeln!(f, "  1. turn the missing features off explicitly (the guest will not see {}; start this VM with the same overrides on every host it may migrate to):", self.override_features.join(", "))?;
+        writeln!(f, "       --net {}", self.override_spec)?;
+        match self.machine_remedy {
+            Some(m) => writeln!(
+                f,
+                "  2. use the newest machine type this peer supports fully (its ABI is fixed and migratable to any host that supports it):\n       --machine {m}"
+            )?,
+            None => writeln!(f, "  2. (no machine type works with this peer as configured)")?,
+        }
+        write!(
+            f,
+            "  3. let godwit drop what the peer lacks (the VM boots anywhere, but gets a migration blocker: no snapshot, no migration):\n       --net {}",
+            self.strict_off_spec
+        )
+    }
+}
+
+impl std::error::Error for StrictRefusal {}
+
+/// The ABI a device ends up with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetAbiDecision {
+    pub required: u64,
+    pub offered: u64,
+    pub strict: bool,
+    /// Required features dropped because strict was off.
+    pub dropped: u64,
+    /// Set when strict is off: why the VM cannot migrate.
+    pub blocker: Option<String>,
+}
+
+/// Appends `extra` properties to a `--net` text.
+fn spec_with(spec_text: &str, extra: &[String]) -> String {
+    let mut parts: Vec<String> = spec_text.split(',').map(str::to_string).collect();
+    for e in extra {
+        let key = e.split('=').next().unwrap_or_default();
+        parts.retain(|p| p.split('=').next() != Some(key) || !p.contains('='));
+        parts.push(e.clone());
+    }
+    parts.join(",")
+}
+
+/// Why a device's ABI could not be decided.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NetAbiError {
+    #[error(transparent)]
+    Config(#[from] NetConfigError),
+    #[error(transparent)]
+    Strict(#[from] Box<StrictRefusal>),
+}
+
+/// Decides the offered features, or refuses with remedies.
+pub fn decide(
+    device: &str,
+    spec_text: &str,
+    machine: &'static MachineType,
+    overrides: &BTreeMap<String, bool>,
+    strict: bool,
+    peer: &PeerSupport,
+) -> Result<NetAbiDecision, NetAbiError> {
+    let required = required_features(device, machine, overrides)?;
+    let missing = required & !peer.supported;
+    if missing == 0 {
+        return Ok(NetAbiDecision {
+            required,
+            offered: required,
+            strict,
+            dropped: 0,
+            blocker: (!strict).then(|| {
+                format!(
+                    "{device}: strict=off: the machine type no longer guarantees this device's ABI"
+                )
+            }),
+        });
+    }
+    let dropped = with_dependents(required, missing);
+    if !strict {
+        for b in bits(dropped) {
+            let why = peer
+                .why_not
+                .get(&b)
+                .cloned()
+                .unwrap_or_else(|| "it depends on a dropped feature".into());
+            tracing::warn!(
+                "{device}: dropping {} (bit {b}), which machine type {} requires: {why}",
+                features::name_of(b),
+                machine.name
+            );
+        }
+        return Ok(NetAbiDecision {
+            required,
+            offered: required & !dropped,
+            strict,
+            dropped,
+            blocker: Some(format!(
+                "{device}: strict=off and the peer ({}) lacks {}: the guest does not see the ABI of machine type {}",
+                peer.name,
+                describe(dropped),
+                machine.name
+            )),
+        });
+    }
+    let override_features: Vec<String> = bits(dropped).map(features::name_of).collect();
+    let override_props: Vec<String> = override_features
+        .iter()
+        .map(|n| format!("{n}=off"))
+        .collect();
+    let machine_remedy = MACHINE_TYPES.iter().rev().find_map(|m| {
+        let req = required_features(device, m, overrides).ok()?;
+        (req & !peer.supported == 0).then_some(m.name)
+    });
+    Err(NetAbiError::Strict(Box::new(StrictRefusal {
+        device: device.into(),
+        peer: peer.name.clone(),
+        machine: machine.name,
+        missing: bits(missing)
+            .map(|b| (b, features::name_of(b), peer.why_not.get(&b).cloned()))
+            .collect(),
+        override_spec: spec_with(spec_text, &override_props),
+        override_features,
+        machine_remedy,
+        strict_off_spec: spec_with(spec_text, &["strict=off".to_string()]),
+    })))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::machine_types::resolve;
+
+    fn peer(supported_names: &[&str]) -> PeerSupport {
+        let supported = crate::machine_types::bits_of(supported_names) | features::always_offered();
+        PeerSupport {
+            kind: "tap",
+            name: "TAP t0".into(),
+            supported,
+            why_not: BTreeMap::new(),
+        }
+    }
+
+    fn no_overrides() -> BTreeMap<String, bool> {
+        BTreeMap::new()
+    }
+
+    fn refusal(e: NetAbiError) -> StrictRefusal {
+        match e {
+            NetAbiError::Strict(r) => *r,
+            other => panic!("expected a strict refusal, got {other}"),
+        }
+    }
+
+    #[test]
+    fn full_peer_gets_the_machine_abi() {
+        let m = resolve("godwit-1.1").unwrap();
+        let p = peer(m.net.features);
+        let d = decide("net0", "tap,ifname=t0", m, &no_overrides(), true, &p).unwrap();
+        assert_eq!(d.offered, m.net_features());
+        assert_eq!(d.blocker, None);
+    }
+
+    #[test]
+    fn strict_refusal_names_features_and_remedies_that_work() {
+        let m11 = resolve("godwit-1.1").unwrap();
+        let m10 = resolve("godwit-1.0").unwrap();
+        let mut p = peer(m10.net.features); // a kernel without USO
+        p.why_not.insert(54, "kernel lacks USO".into());
+        let err =
+            refusal(decide("net0", "tap,ifname=t0", m11, &no_overrides(), true, &p).unwrap_err());
+        let text = err.to_string();
+        assert!(
+            text.contains("guest_uso4 (bit 54): kernel lacks USO"),
+            "{text}"
+        );
+        assert!(text.contains("host_uso (bit 56)"), "{text}");
+        assert_eq!(
+            err.override_spec,
+            "tap,ifname=t0,guest_uso4=off,guest_uso6=off,host_uso=off"
+        );
+        assert_eq!(err.machine_remedy, Some("godwit-1.0"));
+        assert_eq!(err.strict_off_spec, "tap,ifname=t0,strict=off");
+        // Remedy 1 pasted: the overrides make it start.
+        let spec: crate::net_spec::NetSpec = err.override_spec.parse().unwrap();
+        assert!(decide("net0", &err.override_spec, m11, &spec.features, true, &p).is_ok());
+        // Remedy 2 pasted.
+        assert!(decide("net0", "tap,ifname=t0", m10, &no_overrides(), true, &p).is_ok());
+    }
+
+    #[test]
+    fn dependents_are_dropped_with_what_they_need() {
+        let m = resolve("godwit-1.1").unwrap();
+        // A TAP without vnet header: nothing of the offloads remains.
+        let p = peer(&[
+            "mtu",
+            "mac",
+            "mrg_rxbuf",
+            "status",
+            "ctrl_vq",
+            "ctrl_rx",
+            "guest_announce",
+            "indirect_desc",
+            "event_idx",
+        ]);
+        let err =
+            refusal(decide("net0", "tap,ifname=t0", m, &no_overrides(), true, &p).unwrap_err());
+        for name in [
+            "csum",
+            "guest_csum",
+            "guest_tso4",
+            "guest_ecn",
+            "host_ecn",
+            "host_uso",
+        ] {
+            assert!(
+                err.override_features.iter().any(|n| n == name),
+                "{name}: {:?}",
+                err.override_features
+            );
+        }
+        assert_eq!(err.machine_remedy, None);
+        let spec: crate::net_spec::NetSpec = err.override_spec.parse().unwrap();
+        let d = decide("net0", &err.override_spec, m, &spec.features, true, &p).unwrap();
+        assert_eq!(d.offered & !p.supported, 0);
+    }
+
+    #[test]
+    fn strict_off_drops_warns_and_blocks() {
+        let m = resolve("godwit-1.1").unwrap();
+        let p = peer(resolve("godwit-1.0").unwrap().net.features);
+        let d = decide("net0", "tap,ifname=t0", m, &no_overrides(), false, &p).unwrap();
+        assert_eq!(
+            d.dropped,
+            crate::machine_types::bits_of(&["guest_uso4", "guest_uso6", "host_uso"])
+        );
+        let blocker = d.blocker.unwrap();
+        assert!(
+            blocker.contains("guest_uso4 (bit 54)") && blocker.contains("net0"),
+            "{blocker}"
+        );
+        // strict=off always blocks, even with nothing to drop.
+        let full = peer(m.net.features);
+        assert!(
+            decide("net0", "tap,ifname=t0", m, &no_overrides(), false, &full)
+                .unwrap()
+                .blocker
+                .is_some()
+        );
+    }
+
+    #[test]
+    fn configuration_errors_name_both_properties() {
+        let m = resolve("godwit-1.1").unwrap();
+        let mut o = BTreeMap::new();
+        o.insert("guest_csum".to_string(), false);
+        let err = required_features("net0", m, &o).unwrap_err().to_string();
+        assert!(
+            err.contains("guest_csum=off conflicts with guest_"),
+            "{err}"
+        );
+        let mut o = BTreeMap::new();
+        o.insert("host_tso4".to_string(), false);
+        o.insert("host_tso6".to_string(), false);
+        let err = required_features("net0", m, &o).unwrap_err().to_string();
+        assert!(
+            err.contains("host_ecn=on") && err.contains("host_tso4"),
+            "{err}"
+        );
+        let mut o = BTreeMap::new();
+        o.insert("frobnicate".to_string(), true);
+        let err = required_features("net0", m, &o).unwrap_err().to_string();
+        assert!(
+            err.contains("unknown property 'frobnicate'") && err.contains("host_uso"),
+            "{err}"
+        );
+        let mut o = BTreeMap::new();
+        o.insert("packed".to_string(), true);
+        assert!(matches!(
+            required_features("net0", m, &o),
+            Err(NetConfigError::Unimplemented { .. })
+        ));
+        let mut o = BTreeMap::new();
+        o.insert("version_1".to_string(), false);
+        assert!(matches!(
+            required_features("net0", m, &o),
+            Err(NetConfigError::Version1Off { .. })
+        ));
+    }
+}
