@@ -254,6 +254,22 @@ impl GuestDriver {
         })
     }
 
+    /// Continues with another transport (e.g. one restored from a
+    /// snapshot of the first), keeping the rings and buffers as they are.
+    pub fn rebind(&mut self, transport: Arc<Mutex<MmioTransport>>) -> Result<(), DriverError> {
+        {
+            let t = transport.lock().unwrap_or_else(PoisonError::into_inner);
+            self.irq = t.interrupt_eventfd().try_clone()?;
+            self.notify = t
+                .queue_notify_eventfds()
+                .iter()
+                .map(|e| e.try_clone())
+                .collect::<io::Result<Vec<_>>>()?;
+        }
+        self.transport = transport;
+        Ok(())
+    }
+
     pub fn mem(&self) -> &GuestMemory {
         &self.mem
     }

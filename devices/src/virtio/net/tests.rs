@@ -1400,3 +1400,113 @@ fn measure_datapath() {
         s.rx_faults
     );
 }
+
+#[test]
+fn restored_transport_continues_on_a_new_tap() {
+    use godwit_migration::persist::Persist;
+    let want = f(VIRTIO_NET_F_MAC) | f(VIRTIO_NET_F_MRG_RXBUF) | f(VIRTIO_RING_F_EVENT_IDX);
+    let mut r = rig("restore", VnetHdr::On, want);
+    r.driver.init(want, 64).unwrap();
+    let sock = r.udp_socket(5000);
+    for i in 0..7u8 {
+        r.tx_roundtrip(&sock, &[i; 8]);
+    }
+    r.driver.wait_used(TX_QUEUE, 7, TIMEOUT).unwrap();
+    r.driver.fill_rx(8, 2048).unwrap();
+    r.host_sends(&sock, 6000, b"before");
+    r.driver.recv_frames(1, TIMEOUT).unwrap();
+    // Quiesce, save, tear down the source device (its TAP goes away).
+    std::thread::sleep(Duration::from_millis(50));
+    let state = r.transport.lock().unwrap().save();
+    assert_eq!(state.queues[TX_QUEUE].next_avail, 7);
+    assert_eq!(state.queues[RX_QUEUE].next_used, 1);
+    let old_transport = std::mem::replace(
+        &mut r.transport,
+        Arc::new(Mutex::new(
+            MmioTransport::new(guest_memory(4096), Arc::new(Mutex::new(NullDevice))).unwrap(),
+        )),
+    );
+    drop(old_transport);
+    let old = std::mem::replace(&mut r.net, Arc::new(Mutex::new(placeholder_net(&r.ns))));
+    drop(old);
+
+    // Destination: a new TAP with the same address, a fresh device,
+    // restored transport on the same guest memory.
+    let tap =
+        r.ns.enter(|| Tap::open("gwtap9", VnetHdr::On))
+            .unwrap()
+            .unwrap();
+    r.ns.ip(&["addr", "add", "10.0.0.1/24", "dev", "gwtap9"])
+        .unwrap();
+    r.ns.ip(&["link", "set", "gwtap9", "up"]).unwrap();
+    r.ns.ip(&[
+        "neigh",
+        "replace",
+        "10.0.0.2",
+        "lladdr",
+        &format_mac(&GUEST_MAC),
+        "dev",
+        "gwtap9",
+    ])
+    .unwrap();
+    r.host_mac = tap.host_mac().unwrap();
+    let net = Arc::new(Mutex::new(
+        VirtioNet::new(tap, NetConfig::new(GUEST_MAC, want)).unwrap(),
+    ));
+    let dev: Arc<Mutex<dyn VirtioDevice>> = net.clone();
+    let restored = MmioTransport::restore((r.driver.mem().clone(), dev), &state).unwrap();
+    let restored = Arc::new(Mutex::new(restored));
+    r.driver.rebind(restored.clone()).unwrap();
+    r.net = net;
+    r.transport = restored;
+    assert_eq!(r.net.lock().unwrap().acked_features(), r.driver.features());
+    assert_eq!(r.driver.status() & status::DRIVER_OK, status::DRIVER_OK);
+    // Traffic continues where the rings stood.
+    let sock = r.udp_socket(5002);
+    r.tx_roundtrip(&sock, b"after restore");
+    let used = r.driver.wait_used(TX_QUEUE, 1, TIMEOUT).unwrap();
+    assert_eq!(used.len(), 1);
+    r.host_sends(&sock, 6000, b"rx after restore");
+    let frames = r.driver.recv_frames(1, TIMEOUT).unwrap();
+    assert_eq!(udp_to(&frames, 6000)[0].1.payload, b"rx after restore");
+    let pos = r.net.lock().unwrap().queue_positions().unwrap();
+    assert_eq!(pos[TX_QUEUE].next_avail, 8);
+}
+
+/// A device with no queues, to park a rig's transport slot.
+struct NullDevice;
+
+impl VirtioDevice for NullDevice {
+    fn device_type(&self) -> u32 {
+        0
+    }
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[]
+    }
+    fn device_features(&self) -> u64 {
+        0
+    }
+    fn ack_features(&mut self, _: u64) {}
+    fn read_config(&self, _: u64, data: &mut [u8]) {
+        data.fill(0);
+    }
+    fn write_config(&mut self, _: u64, _: &[u8]) {}
+    fn activate(&mut self, _: ActivateParams) -> Result<(), ActivateError> {
+        Ok(())
+    }
+    fn reset(&mut self) {}
+    fn is_active(&self) -> bool {
+        false
+    }
+    fn queue_positions(&self) -> Option<Vec<QueuePosition>> {
+        None
+    }
+}
+
+fn placeholder_net(ns: &NetNs) -> VirtioNet {
+    let tap = ns
+        .enter(|| Tap::open("gwpark0", VnetHdr::Off))
+        .unwrap()
+        .unwrap();
+    VirtioNet::new(tap, NetConfig::new(GUEST_MAC, 0)).unwrap()
+}
