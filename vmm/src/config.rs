@@ -67,6 +67,9 @@ impl FromStr for SerialSpec {
 }
 
 pub struct VmConfig {
+    /// A machine type name or the alias; resolved when the VM is built.
+    pub machine: String,
+    pub nets: Vec<crate::net_spec::NetSpec>,
     pub kernel: KernelImage,
     pub initrd: Option<PathBuf>,
     pub cmdline: String,

@@ -18,7 +18,9 @@ use godwit_devices::serial::{SerialDevice, SerialOutput, COM1_BASE, COM1_IRQ, CO
 use crate::api::{self, ApiServer, CommandHandler, EventSender, QmpError};
 use crate::boot::{self, BootConfig, BootError};
 use crate::config::{SerialSpec, VmConfig};
+use crate::machine_types::{self, MachineType, MachineTypeError};
 use crate::memory::{GuestRam, MemoryError};
+use crate::net::{NetDevice, NetSetupError};
 use crate::vcpu::{register_kick_signal, IoBuses, VcpuExitError, VcpuThreads};
 use crate::vm::{self, Vm, VmError, VmEvent};
 
@@ -49,6 +51,17 @@ pub enum StartError {
     Bus(#[from] BusError),
     #[error("cannot start the API server: {0}")]
     Api(#[from] api::ApiError),
+    #[error(transparent)]
+    MachineType(#[from] MachineTypeError),
+    #[error(transparent)]
+    Net(#[from] NetSetupError),
+}
+
+impl StartError {
+    /// The strict check refused a network peer (its own exit status).
+    pub fn is_strict_refusal(&self) -> bool {
+        matches!(self, StartError::Net(e) if e.is_strict_refusal())
+    }
 }
 
 /// How a VM ended.
@@ -82,6 +95,10 @@ impl RunState {
 
 /// What management commands act on while the VM runs.
 pub struct VmHandle {
+    pub machine: &'static MachineType,
+    pub nets: Vec<NetDevice>,
+    /// Why this VM cannot be snapshotted or migrated.
+    blockers: Mutex<Vec<String>>,
     vcpus: VcpuThreads,
     state: Mutex<RunState>,
     vm_events: Mutex<Sender<VmEvent>>,
@@ -125,6 +142,13 @@ impl VmHandle {
         self.vcpus.resume();
         self.api_events.emit("RESUME", json!({}));
         true
+    }
+
+    pub fn blockers(&self) -> Vec<String> {
+        self.blockers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
     pub fn request_quit(&self) {
@@ -175,6 +199,20 @@ impl CommandHandler for VmCommands {
                 self.vm.request_quit();
                 Ok(json!({}))
             }
+            "query-net" => {
+                api::no_args(args)?;
+                Ok(Value::Array(
+                    self.vm.nets.iter().map(NetDevice::query).collect(),
+                ))
+            }
+            "query-machines" => {
+                api::no_args(args)?;
+                Ok(query_machines(Some(self.vm.machine)))
+            }
+            "query-migrate" => {
+                api::no_args(args)?;
+                Ok(json!({"status": "none", "blocked-reasons": self.vm.blockers()}))
+            }
             other => Err(QmpError::command_not_found(format!(
                 "The command {other} has not been found"
             ))),
@@ -182,8 +220,41 @@ impl CommandHandler for VmCommands {
     }
 
     fn commands(&self) -> Vec<&'static str> {
-        vec!["query-version", "query-status", "stop", "cont", "quit"]
+        vec![
+            "query-version",
+            "query-status",
+            "stop",
+            "cont",
+            "quit",
+            "query-net",
+            "query-machines",
+            "query-migrate",
+        ]
     }
+}
+
+/// QMP `query-machines`: every type with its resolved virtio-net ABI.
+pub fn query_machines(current: Option<&MachineType>) -> Value {
+    let newest = machine_types::newest().name;
+    Value::Array(
+        machine_types::MACHINE_TYPES
+            .iter()
+            .rev()
+            .map(|m| {
+                let mut v = serde_json::to_value(m.resolved()).unwrap_or(Value::Null);
+                if let Value::Object(o) = &mut v {
+                    o.insert("is-default".into(), json!(m.name == newest));
+                    if m.name == newest {
+                        o.insert("alias".into(), json!(machine_types::ALIAS));
+                    }
+                    if let Some(c) = current {
+                        o.insert("is-current".into(), json!(c.name == m.name));
+                    }
+                }
+                v
+            })
+            .collect(),
+    )
 }
 
 pub fn version_info() -> Value {
@@ -265,22 +336,42 @@ impl Machine {
         let started = Instant::now();
         let kvm = vm::open_kvm()?;
         let num_vcpus = vm::check_vcpus(&kvm, config.vcpus)?;
+        let machine = machine_types::resolve(&config.machine)?;
+        // Spec and feature-name errors need no VM: report them first.
+        for (index, spec) in config.nets.iter().enumerate() {
+            let id = spec.id.clone().unwrap_or_else(|| format!("net{index}"));
+            crate::net_abi::required_features(&id, machine, &spec.features)
+                .map_err(|e| NetSetupError::from(crate::net_abi::NetAbiError::from(e)))?;
+        }
         let ram = GuestRam::new(config.memory)?;
         let vm = Vm::new(kvm, &ram.memory)?;
+
+        let mut buses = IoBuses::default();
+        // Every peer is probed and checked before the guest exists.
+        let nets =
+            crate::net::build_all(&config.nets, machine, &ram.memory, &vm.fd, &mut buses.mmio)?;
+        let mut cmdline = config.cmdline.clone();
+        for net in &nets {
+            cmdline.push(' ');
+            cmdline.push_str(&net.cmdline_fragment());
+        }
+        let blockers: Vec<String> = nets
+            .iter()
+            .filter_map(|n| n.decision.blocker.clone())
+            .collect();
 
         let boot_entry = boot::load(
             &ram.memory,
             &BootConfig {
                 kernel: &config.kernel,
                 initrd: config.initrd.as_deref(),
-                cmdline: &config.cmdline,
+                cmdline: &cmdline,
                 memory_size: config.memory,
             },
         )?;
         boot::mptable::setup(&ram.memory, num_vcpus)?;
 
         let (event_tx, event_rx) = mpsc::channel();
-        let mut buses = IoBuses::default();
         let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| StartError::Host {
             what: "the serial interrupt eventfd",
             source,
@@ -330,6 +421,9 @@ impl Machine {
         )?;
         let api_events = EventSender::new();
         let handle = Arc::new(VmHandle {
+            machine,
+            nets,
+            blockers: Mutex::new(blockers),
             vcpus: threads,
             state: Mutex::new(RunState::Paused),
             vm_events: Mutex::new(event_tx),

@@ -9,11 +9,14 @@ use clap::{Args, Parser, Subcommand};
 use godwit_vmm::boot::KernelImage;
 use godwit_vmm::config::{parse_size, SerialSpec, VmConfig, DEFAULT_CMDLINE};
 use godwit_vmm::machine::{Machine, VmOutcome};
+use godwit_vmm::machine_types;
+use godwit_vmm::net_spec::NetSpec;
 use godwit_vmm::test_guest::{TEST_GUEST_ELF, TEST_GUEST_NAME};
 
 /// Exit statuses, documented in the README.
 const EXIT_START_FAILED: u8 = 1;
 const EXIT_GUEST_FAILED: u8 = 3;
+const EXIT_STRICT_REFUSAL: u8 = 4;
 
 #[derive(Parser)]
 #[command(
@@ -32,10 +35,27 @@ enum Command {
     Run(RunArgs),
     /// Send one command to a running godwit's management API and print the result.
     Ctl(CtlArgs),
+    /// List the machine types, the alias, and what each version adds.
+    Machines,
+    /// Report what a network peer supports, without starting a VM.
+    Probe(ProbeArgs),
+}
+
+#[derive(Args)]
+struct ProbeArgs {
+    /// The peer, as given to `godwit run --net`, e.g. tap,ifname=tap0.
+    #[arg(long, value_name = "SPEC")]
+    net: NetSpec,
 }
 
 #[derive(Args)]
 struct RunArgs {
+    /// Machine type (`godwit machines` lists them; `help`, or TYPE,help for one type's ABI).
+    #[arg(long, value_name = "TYPE", default_value = machine_types::ALIAS)]
+    machine: String,
+    /// A virtio-net device and its peer: tap,ifname=NAME|fd=N[,vnet_hdr=on|off][,mac=..][,mtu=..][,strict=on|off][,FEATURE=on|off...]. Repeatable.
+    #[arg(long, value_name = "SPEC")]
+    net: Vec<NetSpec>,
     /// Linux kernel: bzImage or ELF vmlinux. Default: the built-in test guest.
     #[arg(long, value_name = "PATH")]
     kernel: Option<PathBuf>,
@@ -106,7 +126,42 @@ fn init_logging() {
         .init();
 }
 
+/// `--machine help` and `--machine TYPE,help`; None when it is a real choice.
+fn machine_help(machine: &str) -> Option<ExitCode> {
+    if machine == "help" {
+        print!("{}", machine_types::help_text());
+        return Some(ExitCode::SUCCESS);
+    }
+    let name = machine.strip_suffix(",help")?;
+    Some(match machine_types::resolve(name) {
+        Ok(m) => {
+            print!("{}", machine_types::type_help_text(m));
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            report!("godwit: error: {e}");
+            ExitCode::from(EXIT_START_FAILED)
+        }
+    })
+}
+
+fn probe(args: ProbeArgs) -> ExitCode {
+    match godwit_vmm::net::probe_report(&args.net) {
+        Ok(report) => {
+            let _ = writeln!(std::io::stdout(), "{report:#}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            report!("godwit: error: {e}");
+            ExitCode::from(EXIT_START_FAILED)
+        }
+    }
+}
+
 fn run(args: RunArgs) -> ExitCode {
+    if let Some(code) = machine_help(&args.machine) {
+        return code;
+    }
     let kernel = match args.kernel {
         Some(path) => KernelImage::File(path),
         None => KernelImage::Embedded {
@@ -115,6 +170,8 @@ fn run(args: RunArgs) -> ExitCode {
         },
     };
     let config = VmConfig {
+        machine: args.machine,
+        nets: args.net,
         kernel,
         initrd: args.initrd,
         cmdline: args.cmdline,
@@ -127,7 +184,12 @@ fn run(args: RunArgs) -> ExitCode {
         Ok(m) => m,
         Err(e) => {
             report!("godwit: error: {e}");
-            return ExitCode::from(EXIT_START_FAILED);
+            let code = if e.is_strict_refusal() {
+                EXIT_STRICT_REFUSAL
+            } else {
+                EXIT_START_FAILED
+            };
+            return ExitCode::from(code);
         }
     };
     match machine.run() {
@@ -144,6 +206,11 @@ fn main() -> ExitCode {
     init_logging();
     match cli.command {
         Command::Run(args) => run(args),
+        Command::Machines => {
+            print!("{}", machine_types::help_text());
+            ExitCode::SUCCESS
+        }
+        Command::Probe(args) => probe(args),
         Command::Ctl(args) => match godwit_vmm::api::run_ctl(
             &args.api_socket,
             &args.command,
