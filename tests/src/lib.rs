@@ -81,10 +81,28 @@ impl std::fmt::Debug for Finished {
     }
 }
 
+/// `godwit ARGS`, inside network namespace `ns` when given.
+pub fn godwit_command(ns: Option<&str>, args: &[&str]) -> Command {
+    let mut cmd = match ns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns]).arg(godwit_bin());
+            c
+        }
+        None => Command::new(godwit_bin()),
+    };
+    cmd.args(args);
+    cmd
+}
+
 /// Runs `godwit ARGS` with stdin closed and kills it after `deadline`.
 pub fn run_godwit(args: &[&str], deadline: Duration) -> Finished {
-    let child = Command::new(godwit_bin())
-        .args(args)
+    run_godwit_in(None, args, deadline)
+}
+
+/// Like [`run_godwit`], inside network namespace `ns` when given.
+pub fn run_godwit_in(ns: Option<&str>, args: &[&str], deadline: Duration) -> Finished {
+    let child = godwit_command(ns, args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -133,8 +151,16 @@ pub struct RunningVm {
 
 impl RunningVm {
     pub fn spawn(args: &[&str]) -> Self {
-        let mut child = Command::new(godwit_bin())
-            .args(args)
+        Self::spawn_cmd(godwit_command(None, args))
+    }
+
+    /// Runs godwit inside network namespace `ns`.
+    pub fn spawn_in(ns: &str, args: &[&str]) -> Self {
+        Self::spawn_cmd(godwit_command(Some(ns), args))
+    }
+
+    fn spawn_cmd(mut cmd: Command) -> Self {
+        let mut child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -239,4 +265,144 @@ impl Drop for RunningVm {
 pub fn qmp_connect(socket: &Path) -> QmpClient {
     QmpClient::connect_retry(socket, Duration::from_secs(10))
         .unwrap_or_else(|e| panic!("cannot connect to {}: {e}", socket.display()))
+}
+
+/// The repository's resources/ directory.
+pub fn resources_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../resources")
+}
+
+fn unique_suffix() -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static COUNTER: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "{}{}",
+        std::process::id() % 100_000,
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// A network namespace with a TAP for a guest and an address on it, made
+/// by resources/netns.sh and removed (with everything in it) on drop.
+pub struct NetHost {
+    pub ns: String,
+    pub tap: String,
+    pub host_ip: String,
+}
+
+impl NetHost {
+    /// `vnet_hdr`: whether the TAP is created with IFF_VNET_HDR. The subnet
+    /// is 10.<subnet>.0.0/24 with the host at .1.
+    pub fn new(vnet_hdr: bool, subnet: u8) -> Self {
+        let ns = format!("gwt{}", unique_suffix());
+        let tap = "gwtap0".to_string();
+        let host_ip = format!("10.{subnet}.0.1");
+        let status = Command::new(resources_dir().join("netns.sh"))
+            .args([
+                "up",
+                &ns,
+                &tap,
+                &format!("{host_ip}/24"),
+                if vnet_hdr { "vnet_hdr" } else { "plain" },
+            ])
+            .status()
+            .expect("run resources/netns.sh");
+        assert!(status.success(), "resources/netns.sh up {ns} failed");
+        NetHost { ns, tap, host_ip }
+    }
+
+    /// The guest's address in this host's subnet.
+    pub fn guest_ip(&self) -> String {
+        self.host_ip.replacen(".0.1", ".0.2", 1)
+    }
+
+    /// The kernel `ip=` parameter for a guest on this host.
+    pub fn guest_ip_param(&self) -> String {
+        format!("ip={}::{}:255.255.255.0", self.guest_ip(), self.host_ip)
+    }
+
+    /// Runs a command inside the namespace.
+    pub fn exec(&self, args: &[&str]) -> Output {
+        Command::new("ip")
+            .args(["netns", "exec", &self.ns])
+            .args(args)
+            .output()
+            .expect("ip netns exec")
+    }
+
+    /// Runs `f` on a thread that entered this namespace (sockets it opens
+    /// live there).
+    pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let path = format!("/var/run/netns/{}", self.ns);
+        std::thread::spawn(move || {
+            let file = std::fs::File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
+            use std::os::fd::AsRawFd;
+            // SAFETY: setns on a valid namespace fd only changes this
+            // (short-lived, test-owned) thread's network namespace.
+            let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(
+                rc,
+                0,
+                "setns into {path}: {}",
+                std::io::Error::last_os_error()
+            );
+            f()
+        })
+        .join()
+        .expect("namespace thread")
+    }
+}
+
+impl Drop for NetHost {
+    fn drop(&mut self) {
+        let _ = Command::new(resources_dir().join("netns.sh"))
+            .args(["down", &self.ns])
+            .status();
+    }
+}
+
+/// Sends `count` UDP datagrams (sizes cycling through `sizes`) to an echo
+/// server, at most `window` unanswered at a time, and returns how many came
+/// back with the same payload.
+pub fn udp_echo(
+    target: &str,
+    count: usize,
+    sizes: &[usize],
+    window: usize,
+    timeout: Duration,
+) -> usize {
+    let sock = std::net::UdpSocket::bind("0.0.0.0:0").expect("bind UDP");
+    sock.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let mut sent: std::collections::HashMap<u32, Vec<u8>> = std::collections::HashMap::new();
+    let (mut next, mut ok) = (0usize, 0usize);
+    let deadline = Instant::now() + timeout;
+    let mut buf = vec![0u8; 65536];
+    while (ok < count) && Instant::now() < deadline {
+        while next < count && sent.len() < window {
+            let size = sizes[next % sizes.len()].max(4);
+            let mut payload: Vec<u8> = (0..size).map(|i| (i as u8) ^ (next as u8)).collect();
+            payload[..4].copy_from_slice(&(next as u32).to_le_bytes());
+            sock.send_to(&payload, target).expect("send");
+            sent.insert(next as u32, payload);
+            next += 1;
+        }
+        match sock.recv_from(&mut buf) {
+            Ok((n, _)) if n >= 4 => {
+                let seq = u32::from_le_bytes(buf[..4].try_into().unwrap());
+                if sent.get(&seq).is_some_and(|p| p.as_slice() == &buf[..n]) {
+                    sent.remove(&seq);
+                    ok += 1;
+                }
+            }
+            Ok(_) => {}
+            Err(_) => {
+                // Lost or still in flight: resend what is outstanding.
+                for (_, p) in sent.iter() {
+                    let _ = sock.send_to(p, target);
+                }
+            }
+        }
+    }
+    ok
 }

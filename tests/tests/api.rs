@@ -41,14 +41,20 @@ fn stop_cont_query_status_and_quit() {
     let mut qmp = qmp_connect(&socket);
 
     let version = qmp.execute("query-version", Value::Null).unwrap();
-    assert!(version["package"].as_str().unwrap().starts_with("godwit "), "{version}");
+    assert!(
+        version["package"].as_str().unwrap().starts_with("godwit "),
+        "{version}"
+    );
     let status = qmp.execute("query-status", Value::Null).unwrap();
     assert_eq!(status["status"], "running");
     assert_eq!(status["running"], true);
 
     assert_eq!(qmp.execute("stop", Value::Null).unwrap(), json!({}));
     qmp.wait_event("STOP", Duration::from_secs(5)).unwrap();
-    assert_eq!(qmp.execute("query-status", Value::Null).unwrap()["status"], "paused");
+    assert_eq!(
+        qmp.execute("query-status", Value::Null).unwrap()["status"],
+        "paused"
+    );
     // While paused, the guest makes no progress: once the lines already in
     // the pipe are read, no heartbeat follows.
     let mut last = 0;
@@ -58,7 +64,13 @@ fn stop_cont_query_status_and_quit() {
         }
     }
     if last == 0 {
-        last = vm.seen.iter().rev().find(|l| l.starts_with("heartbeat ")).map(|l| heartbeat_number(l)).unwrap();
+        last = vm
+            .seen
+            .iter()
+            .rev()
+            .find(|l| l.starts_with("heartbeat "))
+            .map(|l| heartbeat_number(l))
+            .unwrap();
     }
     if let Some(l) = vm.try_line(Duration::from_millis(800)) {
         panic!("the guest printed {l:?} while paused");
@@ -68,7 +80,10 @@ fn stop_cont_query_status_and_quit() {
     qmp.execute("stop", Value::Null).unwrap();
     assert_eq!(qmp.execute("cont", Value::Null).unwrap(), json!({}));
     qmp.wait_event("RESUME", Duration::from_secs(5)).unwrap();
-    assert_eq!(qmp.execute("query-status", Value::Null).unwrap()["status"], "running");
+    assert_eq!(
+        qmp.execute("query-status", Value::Null).unwrap()["status"],
+        "running"
+    );
     let next = format!("heartbeat {}", last + 3);
     vm.wait_line(&next, Duration::from_secs(10));
 
@@ -122,7 +137,10 @@ fn ctl_client_round_trip() {
 
     let (code, _, err) = ctl(&["query-status"]);
     assert_eq!(code, Some(1));
-    assert!(err.contains("cannot connect to") && err.contains("--api-socket"), "{err}");
+    assert!(
+        err.contains("cannot connect to") && err.contains("--api-socket"),
+        "{err}"
+    );
 }
 
 fn read_line(stream: &mut UnixStream) -> Value {
@@ -136,7 +154,8 @@ fn read_line(stream: &mut UnixStream) -> Value {
             _ => break,
         }
     }
-    serde_json::from_slice(&buf).unwrap_or_else(|e| panic!("bad line {:?}: {e}", String::from_utf8_lossy(&buf)))
+    serde_json::from_slice(&buf)
+        .unwrap_or_else(|e| panic!("bad line {:?}: {e}", String::from_utf8_lossy(&buf)))
 }
 
 #[test]
@@ -147,7 +166,8 @@ fn malformed_requests_keep_the_connection_and_the_vm() {
     let mut raw = UnixStream::connect(&socket).unwrap();
     raw.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     assert!(read_line(&mut raw).get("QMP").is_some());
-    raw.write_all(b"{\"execute\": \"qmp_capabilities\"}\n").unwrap();
+    raw.write_all(b"{\"execute\": \"qmp_capabilities\"}\n")
+        .unwrap();
     assert_eq!(read_line(&mut raw)["return"], json!({}));
     for (input, needle) in [
         ("{\"execute\": \n", ""),
@@ -155,7 +175,10 @@ fn malformed_requests_keep_the_connection_and_the_vm() {
         ("[1,2]\n", "object"),
         ("{\"arguments\": {}}\n", "'execute' is missing"),
         ("{\"execute\": \"frobnicate\"}\n", "frobnicate"),
-        ("{\"execute\": \"stop\", \"arguments\": {\"now\": 1}}\n", "'now'"),
+        (
+            "{\"execute\": \"stop\", \"arguments\": {\"now\": 1}}\n",
+            "'now'",
+        ),
         ("{\"execute\": \"stop\", \"arguments\": 5}\n", "arguments"),
     ] {
         raw.write_all(input.as_bytes()).unwrap();
@@ -163,22 +186,38 @@ fn malformed_requests_keep_the_connection_and_the_vm() {
             continue; // incomplete: completed (as garbage) by the next line
         }
         let reply = read_line(&mut raw);
-        let desc = reply["error"]["desc"].as_str().unwrap_or_else(|| panic!("{input:?} -> {reply}"));
+        let desc = reply["error"]["desc"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{input:?} -> {reply}"));
         assert!(desc.contains(needle), "{input:?} -> {desc}");
     }
-    raw.write_all(b"{\"execute\": \"query-status\", \"id\": 9}\n").unwrap();
+    raw.write_all(b"{\"execute\": \"query-status\", \"id\": 9}\n")
+        .unwrap();
     let reply = read_line(&mut raw);
     assert_eq!(reply["id"], 9);
     assert_eq!(reply["return"]["status"], "running");
 
     // A client that sends half a command and disappears does not disturb the VM.
     let mut gone = UnixStream::connect(&socket).unwrap();
-    gone.write_all(b"{\"execute\": \"qmp_capabilities\"}\n{\"execute\": \"st").unwrap();
+    gone.write_all(b"{\"execute\": \"qmp_capabilities\"}\n{\"execute\": \"st")
+        .unwrap();
     drop(gone);
-    let last = vm.seen.iter().rev().find(|l| l.starts_with("heartbeat ")).cloned().unwrap();
-    vm.wait_line(&format!("heartbeat {}", heartbeat_number(&last) + 3), Duration::from_secs(10));
+    let last = vm
+        .seen
+        .iter()
+        .rev()
+        .find(|l| l.starts_with("heartbeat "))
+        .cloned()
+        .unwrap();
+    vm.wait_line(
+        &format!("heartbeat {}", heartbeat_number(&last) + 3),
+        Duration::from_secs(10),
+    );
     let mut qmp = qmp_connect(&socket);
-    assert_eq!(qmp.execute("query-status", Value::Null).unwrap()["status"], "running");
+    assert_eq!(
+        qmp.execute("query-status", Value::Null).unwrap()["status"],
+        "running"
+    );
     qmp.execute("quit", Value::Null).unwrap();
     assert_eq!(vm.wait_exit(Duration::from_secs(10)).0.code(), Some(0));
 }
@@ -188,9 +227,15 @@ fn api_socket_in_use_is_refused() {
     let dir = TempDir::new("apiuse");
     let (mut vm, socket) = serving_vm(&dir, 1);
     vm.wait_line("heartbeat 1", BOOT);
-    let out = godwit_tests::run_godwit(&["run", "--api-socket", socket.to_str().unwrap()], Duration::from_secs(30));
+    let out = godwit_tests::run_godwit(
+        &["run", "--api-socket", socket.to_str().unwrap()],
+        Duration::from_secs(30),
+    );
     assert_eq!(out.code(), Some(1), "{out:?}");
-    assert!(out.stderr.contains("cannot start the API server"), "{out:?}");
+    assert!(
+        out.stderr.contains("cannot start the API server"),
+        "{out:?}"
+    );
     let mut qmp = qmp_connect(&socket);
     qmp.execute("quit", Value::Null).unwrap();
     assert_eq!(vm.wait_exit(Duration::from_secs(10)).0.code(), Some(0));
@@ -198,9 +243,13 @@ fn api_socket_in_use_is_refused() {
 
 #[test]
 fn guest_crashes_are_reported_with_rip() {
-    for (mode, needle) in [("triple", "triple-faulted"), ("sse", "could not emulate the instruction at RIP 0x")] {
+    for (mode, needle) in [
+        ("triple", "triple-faulted"),
+        ("sse", "could not emulate the instruction at RIP 0x"),
+    ] {
         let cmdline = format!("console=ttyS0 reboot=k godwit.crash={mode}");
-        let out = godwit_tests::run_godwit(&["run", "--cmdline", &cmdline], Duration::from_secs(30));
+        let out =
+            godwit_tests::run_godwit(&["run", "--cmdline", &cmdline], Duration::from_secs(30));
         assert_eq!(out.code(), Some(3), "{mode}: {out:?}");
         assert!(out.stderr.contains(needle), "{mode}: {out:?}");
         assert!(out.stderr.contains("RIP 0x"), "{mode}: {out:?}");
