@@ -63,7 +63,7 @@ fn tap_without_vnet_hdr_is_refused_and_each_remedy_works() {
         );
         let err = &out.stderr;
         assert!(
-            err.contains(&format!("requires, and strict=on")) && err.contains(machine),
+            err.contains("requires, and strict=on") && err.contains(machine),
             "{err}"
         );
         assert!(
