@@ -9,6 +9,7 @@
 
 pub mod mmio;
 pub mod net;
+pub mod pause;
 pub(crate) mod ratelimit;
 pub mod testing;
 

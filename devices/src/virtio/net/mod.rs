@@ -21,6 +21,8 @@
 //! activation.
 
 pub mod features;
+mod state;
+pub use state::VirtioNetState;
 mod worker;
 
 #[cfg(test)]
@@ -39,6 +41,7 @@ use virtio_queue::QueueT;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::net::{Tap, TapOffloads};
+use crate::virtio::pause::{PauseError, PauseGate};
 use crate::virtio::{
     feature, ActivateError, ActivateParams, InterruptKind, QueuePosition, VirtioDevice,
     VirtioInterrupt,
@@ -272,7 +275,7 @@ pub struct NetStats {
 /// The receive filter the driver asked for through the control queue.
 /// godwit does not filter: the TAP delivers everything and the guest's own
 /// stack drops what is not for it; these are recorded for introspection.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct RxFilter {
     pub promiscuous: bool,
     pub all_multicast: bool,
@@ -356,6 +359,8 @@ pub struct VirtioNet {
     shared: Arc<Shared>,
     interrupt: Option<Arc<dyn VirtioInterrupt>>,
     worker: Option<WorkerHandle>,
+    /// Parks the datapath while the VM's state is captured.
+    gate: Arc<PauseGate>,
     config_write_logged: bool,
 }
 
@@ -414,6 +419,7 @@ impl VirtioNet {
             }),
             interrupt: None,
             worker: None,
+            gate: Arc::new(PauseGate::new().map_err(NetError::EventFd)?),
             config_write_logged: false,
         })
     }
@@ -487,6 +493,16 @@ impl VirtioNet {
             .fetch_or(VIRTIO_NET_S_ANNOUNCE as u16, Ordering::SeqCst);
         self.config_interrupt("announce");
         true
+    }
+
+    /// Parks the datapath (if active) with everything it holds, so guest
+    /// memory and rings stay still until [`VirtioNet::resume_datapath`].
+    pub fn pause_datapath(&self) -> Result<(), PauseError> {
+        self.gate.pause()
+    }
+
+    pub fn resume_datapath(&self) {
+        self.gate.resume();
     }
 
     /// Counters since the device was created.
@@ -639,6 +655,7 @@ impl VirtioDevice for VirtioNet {
             self.acked,
             self.shared.clone(),
             worker_stop,
+            self.gate.clone(),
         )
         .map_err(|source| ActivateError::Thread {
             device: DEVICE_NAME,
@@ -648,12 +665,16 @@ impl VirtioDevice for VirtioNet {
             .chars()
             .take(15)
             .collect();
+        self.gate.attach();
         let thread = std::thread::Builder::new()
             .name(name)
             .spawn(move || worker.run())
-            .map_err(|source| ActivateError::Thread {
-                device: DEVICE_NAME,
-                source,
+            .map_err(|source| {
+                self.gate.detach();
+                ActivateError::Thread {
+                    device: DEVICE_NAME,
+                    source,
+                }
             })?;
         self.worker = Some(WorkerHandle { stop, thread });
         self.interrupt = Some(interrupt);

@@ -24,6 +24,7 @@ use std::io;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use crate::virtio::pause::PauseGate;
 use virtio_bindings::virtio_net::*;
 use virtio_bindings::virtio_ring::VRING_AVAIL_F_NO_INTERRUPT;
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
@@ -56,6 +57,7 @@ const TOKEN_RX: u64 = 1;
 const TOKEN_TX: u64 = 2;
 const TOKEN_CTRL: u64 = 3;
 const TOKEN_TAP: u64 = 4;
+const TOKEN_PAUSE: u64 = 5;
 
 /// Log limiter slots.
 const LOG_RX: usize = 0; // + Fault
@@ -280,6 +282,8 @@ pub(crate) struct Worker {
     interrupt: Arc<dyn VirtioInterrupt>,
     /// Registered in `epoll`; kept open for as long as the loop runs.
     _stop: EventFd,
+    /// Parks this thread while the VM's state is captured.
+    gate: Arc<PauseGate>,
     epoll: Epoll,
     shared: Arc<Shared>,
     tap_interest: EventSet,
@@ -313,6 +317,7 @@ impl Worker {
         acked: u64,
         shared: Arc<Shared>,
         stop: EventFd,
+        gate: Arc<PauseGate>,
     ) -> io::Result<Worker> {
         let ActivateParams {
             mem,
@@ -338,6 +343,7 @@ impl Worker {
         };
         use std::os::fd::AsRawFd;
         add(stop.as_raw_fd(), TOKEN_STOP)?;
+        add(gate.wake_fd().as_raw_fd(), TOKEN_PAUSE)?;
         add(rx_evt.as_raw_fd(), TOKEN_RX)?;
         add(tx_evt.as_raw_fd(), TOKEN_TX)?;
         if let Some((_, evt)) = &ctrl {
@@ -357,6 +363,7 @@ impl Worker {
             ctrl,
             interrupt,
             _stop: stop,
+            gate,
             epoll,
             shared,
             tap_interest: EventSet::empty(),
@@ -380,6 +387,12 @@ impl Worker {
     }
 
     pub(crate) fn run(mut self) {
+        let gate = self.gate.clone();
+        self.serve();
+        gate.detach();
+    }
+
+    fn serve(&mut self) {
         tracing::debug!(tap = self.tap.name(), "virtio-net datapath started");
         self.update_tap_interest();
         // Notifications may have arrived before activation; the eventfds
@@ -422,6 +435,12 @@ impl Worker {
                         self.process_ctrl()
                     }
                     TOKEN_TAP => self.tap_event(ev.event_set()),
+                    TOKEN_PAUSE => {
+                        // Rings and positions are consistent between events.
+                        self.publish_positions();
+                        self.gate.park();
+                        Ok(())
+                    }
                     _ => Ok(()),
                 };
                 if let Err(e) = res {
