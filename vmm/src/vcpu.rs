@@ -145,6 +145,9 @@ pub struct Vcpu {
 pub struct VcpuThreads {
     control: Arc<RunControl>,
     handles: Mutex<Vec<JoinHandle<()>>>,
+    /// Each vCPU's fd; its thread holds the lock only inside KVM_RUN, so a
+    /// paused vCPU's state can be read and written from here.
+    fds: Vec<Arc<Mutex<VcpuFd>>>,
 }
 
 impl VcpuThreads {
@@ -158,11 +161,15 @@ impl VcpuThreads {
         let control = Arc::new(RunControl::new(start_paused));
         control.lock().alive = vcpus.len();
         let mut handles = Vec::with_capacity(vcpus.len());
-        for vcpu in vcpus {
+        let fds: Vec<(u8, Arc<Mutex<VcpuFd>>)> = vcpus
+            .into_iter()
+            .map(|v| (v.id, Arc::new(Mutex::new(v.fd))))
+            .collect();
+        for (id, fd) in fds.iter().cloned() {
             let (thread_control, buses, events) = (control.clone(), buses.clone(), events.clone());
             let spawned = std::thread::Builder::new()
-                .name(format!("vcpu{}", vcpu.id))
-                .spawn(move || run_vcpu(vcpu, &thread_control, &buses, &events));
+                .name(format!("vcpu{id}"))
+                .spawn(move || run_vcpu(id, &fd, &thread_control, &buses, &events));
             match spawned {
                 Ok(h) => handles.push(h),
                 Err(e) => {
@@ -170,6 +177,7 @@ impl VcpuThreads {
                     let threads = VcpuThreads {
                         control,
                         handles: Mutex::new(handles),
+                        fds: Vec::new(),
                     };
                     threads.exit();
                     return Err(e);
@@ -179,6 +187,7 @@ impl VcpuThreads {
         Ok(VcpuThreads {
             control,
             handles: Mutex::new(handles),
+            fds: fds.into_iter().map(|(_, fd)| fd).collect(),
         })
     }
 
@@ -233,6 +242,23 @@ impl VcpuThreads {
         self.control.lock().target == Target::Pause
     }
 
+    /// The vCPU fds, locked, in vCPU order: only while every vCPU is parked
+    /// (after [`VcpuThreads::pause`]); None otherwise.
+    pub fn paused_fds(&self) -> Option<Vec<MutexGuard<'_, VcpuFd>>> {
+        {
+            let s = self.control.lock();
+            if s.target != Target::Pause || s.parked < s.alive {
+                return None;
+            }
+        }
+        Some(
+            self.fds
+                .iter()
+                .map(|fd| fd.lock().unwrap_or_else(std::sync::PoisonError::into_inner))
+                .collect(),
+        )
+    }
+
     /// Ends every vCPU thread and waits for them.
     pub fn exit(&self) {
         {
@@ -266,14 +292,13 @@ const INTERNAL_ERROR_EMULATION: u32 = 1;
 /// KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES
 const EMULATION_FLAG_INSTRUCTION_BYTES: u64 = 1;
 
-fn internal_error(vcpu: &mut Vcpu) -> VcpuExitError {
-    let id = vcpu.id;
-    let run = vcpu.fd.get_kvm_run();
+fn internal_error(id: u8, fd: &mut VcpuFd) -> VcpuExitError {
+    let run = fd.get_kvm_run();
     // SAFETY: the exit reason is KVM_EXIT_INTERNAL_ERROR, so KVM filled the
     // `internal` member of the exit union.
     let internal = unsafe { run.__bindgen_anon_1.internal };
     let suberror = internal.suberror;
-    let rip = rip_of(&vcpu.fd);
+    let rip = rip_of(fd);
     if suberror == INTERNAL_ERROR_EMULATION {
         // With the flag, data[0] holds flags, data[1] the instruction length
         // and data[2..] up to 15 instruction bytes.
@@ -304,13 +329,23 @@ fn internal_error(vcpu: &mut Vcpu) -> VcpuExitError {
     }
 }
 
-fn run_vcpu(mut vcpu: Vcpu, control: &RunControl, buses: &IoBuses, events: &Sender<VmEvent>) {
-    THREAD_KVM_RUN.with(|c| c.set(vcpu.fd.get_kvm_run() as *mut kvm_run));
-    let id = vcpu.id;
+fn lock_fd(fd: &Mutex<VcpuFd>) -> MutexGuard<'_, VcpuFd> {
+    fd.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn run_vcpu(
+    id: u8,
+    fd: &Mutex<VcpuFd>,
+    control: &RunControl,
+    buses: &IoBuses,
+    events: &Sender<VmEvent>,
+) {
+    // The kvm_run mapping lives as long as the fd, which outlives this thread.
+    THREAD_KVM_RUN.with(|c| c.set(lock_fd(fd).get_kvm_run() as *mut kvm_run));
     // A vCPU thread that dies silently would leave the VMM waiting forever
     // for a VM event; whatever happens here, the VMM hears of it.
     let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        vcpu_loop(&mut vcpu, control, buses)
+        vcpu_loop(id, fd, control, buses)
     }))
     .unwrap_or_else(|panic| {
         let message = panic
@@ -335,14 +370,21 @@ fn run_vcpu(mut vcpu: Vcpu, control: &RunControl, buses: &IoBuses, events: &Send
 }
 
 /// Runs until told to exit (None) or until the guest ends the VM.
-fn vcpu_loop(vcpu: &mut Vcpu, control: &RunControl, buses: &IoBuses) -> Option<VmEvent> {
-    let id = vcpu.id;
+fn vcpu_loop(id: u8, fd: &Mutex<VcpuFd>, control: &RunControl, buses: &IoBuses) -> Option<VmEvent> {
     loop {
-        vcpu.fd.set_kvm_immediate_exit(0);
         if let Step::Exit = control.next_step() {
             return None;
         }
-        let exit = match vcpu.fd.run() {
+        let mut guard = lock_fd(fd);
+        let fd = &mut *guard;
+        // A kick that lands after this still stops KVM_RUN (the handler sets
+        // immediate_exit again); one that landed just before is repeated by
+        // `pause`, which kicks until every vCPU is parked.
+        fd.set_kvm_immediate_exit(0);
+        if control.lock().target != Target::Run {
+            continue;
+        }
+        let exit = match fd.run() {
             Ok(exit) => exit,
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => continue,
             Err(source) => {
@@ -370,7 +412,7 @@ fn vcpu_loop(vcpu: &mut Vcpu, control: &RunControl, buses: &IoBuses) -> Option<V
             // anyway, entering KVM_RUN again waits for the next interrupt.
             VcpuExit::Hlt => {}
             VcpuExit::Shutdown => {
-                let rip = rip_of(&vcpu.fd);
+                let rip = rip_of(fd);
                 return Some(VmEvent::VcpuFailed(VcpuExitError::TripleFault {
                     vcpu: id,
                     rip,
@@ -383,13 +425,13 @@ fn vcpu_loop(vcpu: &mut Vcpu, control: &RunControl, buses: &IoBuses) -> Option<V
                     other => VmEvent::VcpuFailed(VcpuExitError::Unexpected {
                         vcpu: id,
                         exit: format!("system event {other}"),
-                        rip: rip_of(&vcpu.fd),
+                        rip: rip_of(fd),
                     }),
                 });
             }
-            VcpuExit::InternalError => return Some(VmEvent::VcpuFailed(internal_error(vcpu))),
+            VcpuExit::InternalError => return Some(VmEvent::VcpuFailed(internal_error(id, fd))),
             VcpuExit::FailEntry(reason, _cpu) => {
-                let rip = rip_of(&vcpu.fd);
+                let rip = rip_of(fd);
                 return Some(VmEvent::VcpuFailed(VcpuExitError::FailEntry {
                     vcpu: id,
                     reason,
@@ -399,7 +441,7 @@ fn vcpu_loop(vcpu: &mut Vcpu, control: &RunControl, buses: &IoBuses) -> Option<V
             VcpuExit::Intr => {}
             other => {
                 let exit = format!("{other:?}");
-                let rip = rip_of(&vcpu.fd);
+                let rip = rip_of(fd);
                 return Some(VmEvent::VcpuFailed(VcpuExitError::Unexpected {
                     vcpu: id,
                     exit,
