@@ -12,6 +12,7 @@ pub mod memory;
 pub mod net;
 pub mod net_abi;
 pub mod net_spec;
+pub mod snapshot;
 pub mod state;
 pub mod test_guest;
 pub mod vcpu;

@@ -55,12 +55,18 @@ pub enum StartError {
     MachineType(#[from] MachineTypeError),
     #[error(transparent)]
     Net(#[from] NetSetupError),
+    #[error(transparent)]
+    Restore(Box<crate::snapshot::RestoreError>),
 }
 
 impl StartError {
     /// The strict check refused a network peer (its own exit status).
     pub fn is_strict_refusal(&self) -> bool {
-        matches!(self, StartError::Net(e) if e.is_strict_refusal())
+        match self {
+            StartError::Net(e) => e.is_strict_refusal(),
+            StartError::Restore(e) => e.is_peer_refusal(),
+            _ => false,
+        }
     }
 }
 
@@ -95,14 +101,21 @@ impl RunState {
 
 /// What management commands act on while the VM runs.
 pub struct VmHandle {
-    pub machine: &'static MachineType,
+    // Dropped in this order: vCPU threads and device datapaths stop before
+    // the VM and the guest memory they use go away.
+    pub(crate) vcpus: VcpuThreads,
     pub nets: Vec<NetDevice>,
+    pub(crate) serial: Arc<Mutex<SerialDevice>>,
+    pub machine: &'static MachineType,
     /// Why this VM cannot be snapshotted or migrated.
     blockers: Mutex<Vec<String>>,
-    vcpus: VcpuThreads,
     state: Mutex<RunState>,
     vm_events: Mutex<Sender<VmEvent>>,
-    api_events: EventSender,
+    pub(crate) api_events: EventSender,
+    pub(crate) vm: Vm,
+    pub(crate) ram: GuestRam,
+    /// Serializes whole-VM operations (snapshot, migration) with stop/cont.
+    pub(crate) operation: Mutex<()>,
 }
 
 impl VmHandle {
@@ -113,7 +126,7 @@ impl VmHandle {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    fn set_state(&self, new: RunState) -> RunState {
+    pub(crate) fn set_state(&self, new: RunState) -> RunState {
         let mut s = self
             .state
             .lock()
@@ -127,6 +140,15 @@ impl VmHandle {
             return false;
         }
         self.vcpus.pause();
+        for net in &self.nets {
+            let dev = net
+                .device
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if let Err(e) = dev.pause_datapath() {
+                tracing::warn!("{}: the datapath did not pause: {e}", net.id);
+            }
+        }
         if self.set_state(RunState::Paused) == RunState::Running {
             self.api_events.emit("STOP", json!({}));
         }
@@ -139,6 +161,12 @@ impl VmHandle {
             return false;
         }
         self.set_state(RunState::Running);
+        for net in &self.nets {
+            net.device
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .resume_datapath();
+        }
         self.vcpus.resume();
         self.api_events.emit("RESUME", json!({}));
         true
@@ -209,6 +237,18 @@ impl CommandHandler for VmCommands {
                 api::no_args(args)?;
                 Ok(query_machines(Some(self.vm.machine)))
             }
+            "snapshot-save" => {
+                #[derive(serde::Deserialize)]
+                #[serde(deny_unknown_fields)]
+                struct Args {
+                    dir: std::path::PathBuf,
+                }
+                let a: Args = api::parse_args(args)?;
+                match crate::snapshot::save(&self.vm, &a.dir) {
+                    Ok(stats) => Ok(serde_json::to_value(stats).unwrap_or(Value::Null)),
+                    Err(e) => Err(QmpError::generic(e.to_string())),
+                }
+            }
             "query-migrate" => {
                 api::no_args(args)?;
                 Ok(json!({"status": "none", "blocked-reasons": self.vm.blockers()}))
@@ -229,6 +269,7 @@ impl CommandHandler for VmCommands {
             "query-net",
             "query-machines",
             "query-migrate",
+            "snapshot-save",
         ]
     }
 }
@@ -322,11 +363,68 @@ fn spawn_stdin_reader(serial: Arc<Mutex<SerialDevice>>) {
 pub struct Machine {
     handle: Arc<VmHandle>,
     vm_events: Receiver<VmEvent>,
-    serial: Arc<Mutex<SerialDevice>>,
     api: Option<ApiServer>,
-    // Dropped last: vCPUs and KVM slots refer to guest memory.
-    _vm: Vm,
-    _ram: GuestRam,
+}
+
+/// Everything of a VM that exists before its vCPU threads start.
+pub(crate) struct BuiltVm {
+    pub machine: &'static MachineType,
+    pub vm: Vm,
+    pub ram: GuestRam,
+    pub buses: IoBuses,
+    pub nets: Vec<NetDevice>,
+    pub serial: Arc<Mutex<SerialDevice>>,
+    pub vcpus: Vec<crate::vcpu::Vcpu>,
+    pub event_tx: Sender<VmEvent>,
+    pub event_rx: Receiver<VmEvent>,
+}
+
+/// COM1 and the i8042 reset line on the port bus. `state` restores the UART.
+pub(crate) fn platform_devices(
+    vm: &Vm,
+    buses: &mut IoBuses,
+    serial_spec: &SerialSpec,
+    state: Option<&godwit_devices::serial::SerialDeviceState>,
+    event_tx: &Sender<VmEvent>,
+) -> Result<Arc<Mutex<SerialDevice>>, StartError> {
+    let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| StartError::Host {
+        what: "the serial interrupt eventfd",
+        source,
+    })?;
+    vm.fd
+        .register_irqfd(&serial_irq, COM1_IRQ)
+        .map_err(|e| VmError::Kvm {
+            what: "wiring the serial interrupt (irqfd)",
+            source: e,
+        })?;
+    let output = serial_output(serial_spec)?;
+    let device = match state {
+        None => SerialDevice::new(serial_irq, output),
+        Some(state) => {
+            use godwit_migration::persist::Persist;
+            SerialDevice::restore((serial_irq, output), state).map_err(|e| StartError::Host {
+                what: "the serial port from its saved state",
+                source: std::io::Error::other(e.to_string()),
+            })?
+        }
+    };
+    let serial = Arc::new(Mutex::new(device));
+    buses
+        .pio
+        .insert(u64::from(COM1_BASE), u64::from(COM1_LEN), serial.clone())?;
+    let reset_tx = Mutex::new(event_tx.clone());
+    let i8042 = I8042::new(Box::new(move || {
+        let _ = reset_tx
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .send(VmEvent::GuestReset);
+    }));
+    buses.pio.insert(
+        u64::from(I8042_BASE),
+        u64::from(I8042_LEN),
+        Arc::new(Mutex::new(i8042)),
+    )?;
+    Ok(serial)
 }
 
 impl Machine {
@@ -372,62 +470,66 @@ impl Machine {
         boot::mptable::setup(&ram.memory, num_vcpus)?;
 
         let (event_tx, event_rx) = mpsc::channel();
-        let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| StartError::Host {
-            what: "the serial interrupt eventfd",
-            source,
-        })?;
-        vm.fd
-            .register_irqfd(&serial_irq, COM1_IRQ)
-            .map_err(|e| VmError::Kvm {
-                what: "wiring the serial interrupt (irqfd)",
-                source: e,
-            })?;
-        let serial = Arc::new(Mutex::new(SerialDevice::new(
-            serial_irq,
-            serial_output(&config.serial)?,
-        )));
-        buses
-            .pio
-            .insert(u64::from(COM1_BASE), u64::from(COM1_LEN), serial.clone())?;
-        let reset_tx = Mutex::new(event_tx.clone());
-        let i8042 = I8042::new(Box::new(move || {
-            let _ = reset_tx
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .send(VmEvent::GuestReset);
-        }));
-        buses.pio.insert(
-            u64::from(I8042_BASE),
-            u64::from(I8042_LEN),
-            Arc::new(Mutex::new(i8042)),
-        )?;
+        let serial = platform_devices(&vm, &mut buses, &config.serial, None, &event_tx)?;
 
         let mut vcpus = Vec::with_capacity(usize::from(num_vcpus));
         for id in 0..num_vcpus {
             vcpus.push(vm.create_vcpu(id, num_vcpus)?);
         }
         boot::regs::setup_boot_cpu(&vcpus[0].fd, &ram.memory, &boot_entry)?;
+        let built = BuiltVm {
+            machine,
+            vm,
+            ram,
+            buses,
+            nets,
+            serial,
+            vcpus,
+            event_tx,
+            event_rx,
+        };
+        let m = Self::assemble(config, built, blockers)?;
+        tracing::debug!(
+            elapsed_us = started.elapsed().as_micros() as u64,
+            "VM built"
+        );
+        Ok(m)
+    }
 
+    /// Starts the (parked) vCPU threads, the API and the console input.
+    pub(crate) fn assemble(
+        config: &VmConfig,
+        built: BuiltVm,
+        blockers: Vec<String>,
+    ) -> Result<Self, StartError> {
         register_kick_signal().map_err(|e| StartError::Host {
             what: "the vCPU kick signal handler",
             source: std::io::Error::from_raw_os_error(e.errno()),
         })?;
         // vCPU threads start parked so that the API can come up first.
-        let threads = VcpuThreads::start(vcpus, Arc::new(buses), event_tx.clone(), true).map_err(
-            |source| StartError::Host {
-                what: "vCPU threads",
-                source,
-            },
-        )?;
+        let threads = VcpuThreads::start(
+            built.vcpus,
+            Arc::new(built.buses),
+            built.event_tx.clone(),
+            true,
+        )
+        .map_err(|source| StartError::Host {
+            what: "vCPU threads",
+            source,
+        })?;
         let api_events = EventSender::new();
         let handle = Arc::new(VmHandle {
-            machine,
-            nets,
-            blockers: Mutex::new(blockers),
             vcpus: threads,
+            nets: built.nets,
+            serial: built.serial.clone(),
+            machine: built.machine,
+            blockers: Mutex::new(blockers),
             state: Mutex::new(RunState::Paused),
-            vm_events: Mutex::new(event_tx),
+            vm_events: Mutex::new(built.event_tx),
             api_events: api_events.clone(),
+            vm: built.vm,
+            ram: built.ram,
+            operation: Mutex::new(()),
         });
         let api = match &config.api_socket {
             Some(path) => Some(ApiServer::start_with_events(
@@ -438,19 +540,12 @@ impl Machine {
             None => None,
         };
         if matches!(config.serial, SerialSpec::Stdio) {
-            spawn_stdin_reader(serial.clone());
+            spawn_stdin_reader(built.serial);
         }
-        tracing::debug!(
-            elapsed_us = started.elapsed().as_micros() as u64,
-            "VM built"
-        );
         Ok(Machine {
             handle,
-            vm_events: event_rx,
-            serial,
+            vm_events: built.event_rx,
             api,
-            _vm: vm,
-            _ram: ram,
         })
     }
 
@@ -466,7 +561,8 @@ impl Machine {
         };
         self.handle.set_state(RunState::Shutdown);
         self.handle.vcpus.exit();
-        self.serial
+        self.handle
+            .serial
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .flush_output();

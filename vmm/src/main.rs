@@ -77,6 +77,10 @@ struct RunArgs {
     /// Serve the QMP-style management API on this Unix socket.
     #[arg(long, value_name = "PATH")]
     api_socket: Option<PathBuf>,
+    /// Start from a snapshot directory (written by snapshot-save) instead of
+    /// booting; --net gives this host's peers, one per saved device, in order.
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["kernel", "initrd", "cmdline", "memory", "vcpus", "machine"])]
+    restore: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -170,7 +174,7 @@ fn run(args: RunArgs) -> ExitCode {
         },
     };
     let config = VmConfig {
-        machine: args.machine,
+        machine: args.machine.clone(),
         nets: args.net,
         kernel,
         initrd: args.initrd,
@@ -180,7 +184,11 @@ fn run(args: RunArgs) -> ExitCode {
         serial: args.serial,
         api_socket: args.api_socket,
     };
-    let machine = match Machine::build(&config) {
+    let built = match &args.restore {
+        Some(dir) => godwit_vmm::snapshot::restore(&config, dir),
+        None => Machine::build(&config),
+    };
+    let machine = match built {
         Ok(m) => m,
         Err(e) => {
             report!("godwit: error: {e}");
@@ -201,6 +209,21 @@ fn run(args: RunArgs) -> ExitCode {
     }
 }
 
+/// `godwit ctl`: QMP commands, plus `snapshot DIR` for snapshot-save.
+fn ctl(args: &CtlArgs) -> Result<String, godwit_vmm::api::ClientError> {
+    if args.command == "snapshot" {
+        if let Some(dir) = args
+            .json_args
+            .as_deref()
+            .filter(|a| !a.trim_start().starts_with('{'))
+        {
+            let json = serde_json::json!({ "dir": dir }).to_string();
+            return godwit_vmm::api::run_ctl(&args.api_socket, "snapshot-save", Some(&json));
+        }
+    }
+    godwit_vmm::api::run_ctl(&args.api_socket, &args.command, args.json_args.as_deref())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging();
@@ -211,11 +234,7 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Probe(args) => probe(args),
-        Command::Ctl(args) => match godwit_vmm::api::run_ctl(
-            &args.api_socket,
-            &args.command,
-            args.json_args.as_deref(),
-        ) {
+        Command::Ctl(args) => match ctl(&args) {
             Ok(out) => {
                 let _ = writeln!(std::io::stdout(), "{out}");
                 ExitCode::SUCCESS

@@ -1,0 +1,691 @@
+//! Snapshot and restore. A snapshot is a directory with two files:
+//! `state.gws` (the versioned container of migration::format: machine
+//! configuration, VM, vCPUs, memory layout, devices) and `memory.gwm` (guest
+//! RAM, sparse). Restore checks everything this host must provide (machine
+//! type, KVM capabilities, CPUID, memory, and each network peer against the
+//! features the guest was *offered*) before any vCPU runs, and never writes
+//! to the snapshot.
+
+use std::path::{Path, PathBuf};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+
+use godwit_devices::serial::SerialDeviceState;
+use godwit_devices::virtio::mmio::{
+    MmioTransport, MmioTransportState, MMIO_SLOT_SIZE, NOTIFY_OFFSET,
+};
+use godwit_devices::virtio::net::features;
+use godwit_devices::virtio::net::{NetConfig, VirtioNet, VirtioNetState};
+use godwit_devices::virtio::VirtioDevice;
+use godwit_migration::format::{kind_ids, Container, ContainerWriter, FormatError, SectionKind};
+use godwit_migration::memory_file::{self, MemoryFileError, MemoryFileInfo, MEMORY_SECTION};
+use godwit_migration::persist::Persist;
+use kvm_ioctls::IoEventAddress;
+
+use crate::config::VmConfig;
+use crate::machine::{platform_devices, BuiltVm, Machine, StartError, VmHandle};
+use crate::machine_types::{self, MachineType};
+use crate::memory::{self, GuestRam};
+use crate::net::{open_tap, tap_support, NetDevice, NetSetupError};
+use crate::net_abi::{NetAbiDecision, PeerSupport};
+use crate::state::vcpu::{check_cpuid, host_cpuid, VCPU_SECTION};
+use crate::state::vm::{ClockRestore, VM_SECTION};
+use crate::state::{KvmCaps, StateError, VcpuState, VmState};
+use crate::vcpu::IoBuses;
+use crate::vm::{self, Vm, VmError};
+
+pub const STATE_FILE: &str = "state.gws";
+pub const MEMORY_FILE: &str = "memory.gwm";
+
+pub const MACHINE_SECTION: SectionKind = SectionKind {
+    id: kind_ids::MACHINE_CONFIG,
+    name: "machine",
+    version: 1,
+    min_version: 1,
+    required: true,
+    instanced: false,
+};
+pub const SERIAL_SECTION: SectionKind = SectionKind {
+    id: kind_ids::FIRST_DEVICE,
+    name: "serial",
+    version: 1,
+    min_version: 1,
+    required: true,
+    instanced: false,
+};
+pub const NET_SECTION: SectionKind = SectionKind {
+    id: kind_ids::FIRST_DEVICE + 1,
+    name: "net",
+    version: 1,
+    min_version: 1,
+    required: true,
+    instanced: true,
+};
+
+/// Every section kind this godwit reads.
+pub const KNOWN_SECTIONS: &[SectionKind] = &[
+    MACHINE_SECTION,
+    VM_SECTION,
+    VCPU_SECTION,
+    MEMORY_SECTION,
+    SERIAL_SECTION,
+    NET_SECTION,
+];
+
+/// The VM's configuration, as restore needs it to rebuild the VM.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct MachineSnapshot {
+    pub machine_type: String,
+    pub memory_size: u64,
+    pub vcpus: u8,
+    pub nets: u32,
+}
+
+/// One virtio-net device: its ABI, its peer kind, and its state.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct NetSnapshot {
+    pub id: String,
+    pub peer_kind: String,
+    /// The `--net` text it was started with (for messages).
+    pub spec_text: String,
+    pub strict: bool,
+    pub required: u64,
+    /// What the guest was offered: every peer it runs on must carry all of it.
+    pub offered: u64,
+    pub interface: Option<String>,
+    pub mmio_base: u64,
+    pub irq: u32,
+    pub device: VirtioNetState,
+    pub transport: MmioTransportState,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error("the VM cannot be snapshotted: {}", .0.join("; "))]
+    Blocked(Vec<String>),
+    #[error("cannot create snapshot directory {}: {source}", path.display())]
+    Dir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot pause {what}: {detail}")]
+    Pause { what: String, detail: String },
+    #[error("saving {what}: {source}")]
+    State { what: String, source: StateError },
+    #[error("writing guest memory: {0}")]
+    Memory(#[from] MemoryFileError),
+    #[error("writing the state file: {0}")]
+    Format(#[from] FormatError),
+    #[error("another snapshot or migration of this VM is in progress")]
+    Busy,
+}
+
+/// What a save measured.
+#[derive(Clone, Debug, Serialize)]
+pub struct SnapshotStats {
+    pub dir: PathBuf,
+    pub memory_bytes: u64,
+    pub data_bytes: u64,
+    pub zero_pages: u64,
+    pub state_bytes: u64,
+    pub paused_ms: f64,
+    pub total_ms: f64,
+}
+
+/// Pauses vCPUs and device datapaths; resumes them on drop unless the VM
+/// was paused before.
+pub(crate) struct Quiesced<'a> {
+    handle: &'a VmHandle,
+    resume: bool,
+}
+
+impl<'a> Quiesced<'a> {
+    /// Pauses a running VM (vCPUs, then device datapaths); a VM paused
+    /// already stays as it is.
+    pub(crate) fn new(handle: &'a VmHandle) -> Result<Self, SnapshotError> {
+        let resume = handle.pause();
+        if handle.vcpus.paused_fds().is_none() {
+            let q = Quiesced { handle, resume };
+            drop(q);
+            return Err(SnapshotError::Pause {
+                what: "the vCPUs".into(),
+                detail: "the VM is not running".into(),
+            });
+        }
+        Ok(Quiesced { handle, resume })
+    }
+}
+
+impl Drop for Quiesced<'_> {
+    fn drop(&mut self) {
+        if self.resume {
+            self.handle.resume();
+        }
+    }
+}
+
+/// Captures everything but guest memory from a quiesced VM.
+pub(crate) fn capture_state(handle: &VmHandle) -> Result<ContainerWriter, SnapshotError> {
+    let state_err = |what: &str| {
+        let what = what.to_string();
+        move |source| SnapshotError::State { what, source }
+    };
+    let fds = handle
+        .vcpus
+        .paused_fds()
+        .ok_or_else(|| SnapshotError::Pause {
+            what: "the vCPUs".into(),
+            detail: "not every vCPU is parked".into(),
+        })?;
+    let caps =
+        KvmCaps::probe(&handle.vm.kvm, &handle.vm.fd).map_err(state_err("KVM capabilities"))?;
+    let mut vcpu_states = Vec::with_capacity(fds.len());
+    for (id, fd) in fds.iter().enumerate() {
+        vcpu_states
+            .push(VcpuState::save(fd, id as u32, &caps).map_err(state_err(&format!("vCPU {id}")))?);
+    }
+    let mut needed: Vec<_> = vcpu_states.iter().flat_map(|v| v.needed_caps()).collect();
+    needed.sort_by_key(|c| c.name());
+    needed.dedup();
+    let vm_state = VmState::save(&handle.vm.fd, &needed).map_err(state_err("the VM"))?;
+    drop(fds);
+
+    let mut w = ContainerWriter::new(handle.machine.name)?;
+    w.add(
+        &MACHINE_SECTION,
+        0,
+        &MachineSnapshot {
+            machine_type: handle.machine.name.to_string(),
+            memory_size: handle.ram.size,
+            vcpus: vcpu_states.len() as u8,
+            nets: handle.nets.len() as u32,
+        },
+    )?;
+    w.add(&VM_SECTION, 0, &vm_state)?;
+    for (id, v) in vcpu_states.iter().enumerate() {
+        w.add(&VCPU_SECTION, id as u32, v)?;
+    }
+    let serial = handle
+        .serial
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .save();
+    w.add(&SERIAL_SECTION, 0, &serial)?;
+    for (i, net) in handle.nets.iter().enumerate() {
+        w.add(&NET_SECTION, i as u32, &net_snapshot(net))?;
+    }
+    Ok(w)
+}
+
+pub(crate) fn net_snapshot(net: &NetDevice) -> NetSnapshot {
+    let device = net
+        .device
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .device_state();
+    let transport = net
+        .transport
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .save();
+    NetSnapshot {
+        id: net.id.clone(),
+        peer_kind: net.peer.kind.to_string(),
+        spec_text: net.spec.text.clone(),
+        strict: net.decision.strict,
+        required: net.decision.required,
+        offered: device.offered,
+        interface: None,
+        mmio_base: net.mmio_base,
+        irq: net.irq,
+        device,
+        transport,
+    }
+}
+
+/// `snapshot-save`: refuses with every blocker, else writes `dir`.
+pub fn save(handle: &VmHandle, dir: &Path) -> Result<SnapshotStats, SnapshotError> {
+    let blockers = handle.blockers();
+    if !blockers.is_empty() {
+        return Err(SnapshotError::Blocked(blockers));
+    }
+    let _op = handle
+        .operation
+        .try_lock()
+        .map_err(|_| SnapshotError::Busy)?;
+    let started = Instant::now();
+    std::fs::create_dir_all(dir).map_err(|source| SnapshotError::Dir {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    let quiet = Quiesced::new(handle)?;
+    let paused_at = Instant::now();
+    tracing::info!("snapshot: VM paused, saving state to {}", dir.display());
+    let mut writer = capture_state(handle)?;
+    let stats = memory_file::save(&handle.ram.memory, &dir.join(MEMORY_FILE))?;
+    tracing::info!(
+        "snapshot: guest memory written: {} MiB of data, {} zero pages left as holes",
+        stats.data_bytes >> 20,
+        stats.zero_pages
+    );
+    writer.add(&MEMORY_SECTION, 0, &stats.info)?;
+    let bytes = writer.to_bytes();
+    writer.write_file(&dir.join(STATE_FILE))?;
+    let paused_ms = paused_at.elapsed().as_secs_f64() * 1e3;
+    drop(quiet);
+    let out = SnapshotStats {
+        dir: dir.to_path_buf(),
+        memory_bytes: handle.ram.size,
+        data_bytes: stats.data_bytes,
+        zero_pages: stats.zero_pages,
+        state_bytes: bytes.len() as u64,
+        paused_ms,
+        total_ms: started.elapsed().as_secs_f64() * 1e3,
+    };
+    tracing::info!(
+        "snapshot: done in {:.1} ms (guest paused {:.1} ms)",
+        out.total_ms,
+        out.paused_ms
+    );
+    Ok(out)
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    #[error("snapshot {}: {source}", path.display())]
+    Format { path: PathBuf, source: FormatError },
+    #[error("snapshot {}: {source}", path.display())]
+    Memory {
+        path: PathBuf,
+        source: MemoryFileError,
+    },
+    #[error("snapshot {}: section 'machine': {source}", path.display())]
+    MachineType {
+        path: PathBuf,
+        source: machine_types::MachineTypeError,
+    },
+    #[error("snapshot {}: section '{section}': {detail}", path.display())]
+    Invalid {
+        path: PathBuf,
+        section: String,
+        detail: String,
+    },
+    #[error("this host cannot run the saved VM: {0}")]
+    Host(#[from] StateError),
+    #[error("the snapshot has {saved} network device(s) ({}), but {given} --net were given: give one --net per device, in the same order, with this host's peer", names.join(", "))]
+    NetCount {
+        saved: usize,
+        given: usize,
+        names: Vec<String>,
+    },
+    #[error("{device}: the snapshot's device is on a {saved} peer but --net gives a {given} peer: give a {saved} peer")]
+    PeerKind {
+        device: String,
+        saved: String,
+        given: String,
+    },
+    #[error("{device}: this host's peer ({peer}) lacks features the guest was offered when the snapshot was taken, so restoring is refused before the guest runs (the guest may use them at any moment, and renegotiates them after a reboot):\n{}\nRemedies (any one):\n  1. give this VM a peer that carries them (for a TAP: vnet_hdr=on, on a kernel with the listed offloads; check with godwit probe --net SPEC)\n  2. restore on a host whose peer carries them", missing.join("\n"))]
+    PeerLacks {
+        device: String,
+        peer: String,
+        missing: Vec<String>,
+    },
+}
+
+impl RestoreError {
+    pub fn is_peer_refusal(&self) -> bool {
+        matches!(self, RestoreError::PeerLacks { .. })
+    }
+}
+
+fn invalid(path: &Path, section: &str, detail: impl Into<String>) -> RestoreError {
+    RestoreError::Invalid {
+        path: path.to_path_buf(),
+        section: section.into(),
+        detail: detail.into(),
+    }
+}
+
+/// Checks a peer against what the guest was offered.
+pub fn check_peer(device: &str, offered: u64, peer: &PeerSupport) -> Result<(), RestoreError> {
+    let missing = offered & !peer.supported;
+    if missing == 0 {
+        return Ok(());
+    }
+    let lines = (0..64)
+        .filter(|b| missing & (1 << b) != 0)
+        .map(|b| {
+            let why = peer
+                .why_not
+                .get(&b)
+                .cloned()
+                .unwrap_or_else(|| "not supported".into());
+            format!("  - {} (bit {b}): {why}", features::name_of(b))
+        })
+        .collect();
+    Err(RestoreError::PeerLacks {
+        device: device.to_string(),
+        peer: peer.name.clone(),
+        missing: lines,
+    })
+}
+
+/// The state a restore (or an incoming migration) rebuilds a VM from.
+pub struct SavedVm {
+    pub machine: &'static MachineType,
+    pub config: MachineSnapshot,
+    pub vm_state: VmState,
+    pub vcpus: Vec<VcpuState>,
+    pub serial: SerialDeviceState,
+    pub nets: Vec<NetSnapshot>,
+    pub memory: Option<MemoryFileInfo>,
+}
+
+/// Reads and checks every section of a container.
+pub fn read_saved(container: &Container, path: &Path) -> Result<SavedVm, RestoreError> {
+    let format = |source| RestoreError::Format {
+        path: path.to_path_buf(),
+        source,
+    };
+    let config: MachineSnapshot = container.section(&MACHINE_SECTION, 0).map_err(format)?;
+    let machine = machine_types::resolve(&config.machine_type).map_err(|source| {
+        RestoreError::MachineType {
+            path: path.to_path_buf(),
+            source,
+        }
+    })?;
+    let vm_state: VmState = container.section(&VM_SECTION, 0).map_err(format)?;
+    let mut vcpus = Vec::new();
+    for id in 0..u32::from(config.vcpus) {
+        vcpus.push(
+            container
+                .section::<VcpuState>(&VCPU_SECTION, id)
+                .map_err(format)?,
+        );
+    }
+    if container.instances(&VCPU_SECTION).len() != usize::from(config.vcpus) {
+        return Err(invalid(
+            path,
+            "machine",
+            format!(
+                "it names {} vCPUs but the file holds {} vCPU sections",
+                config.vcpus,
+                container.instances(&VCPU_SECTION).len()
+            ),
+        ));
+    }
+    let serial = container.section(&SERIAL_SECTION, 0).map_err(format)?;
+    let mut nets = Vec::new();
+    for i in 0..config.nets {
+        let net: NetSnapshot = container.section(&NET_SECTION, i).map_err(format)?;
+        if net.peer_kind != "tap" {
+            return Err(invalid(
+                path,
+                &NET_SECTION.section_name(i),
+                format!("unknown peer kind '{}'", net.peer_kind),
+            ));
+        }
+        nets.push(net);
+    }
+    let memory = container
+        .optional_section(&MEMORY_SECTION, 0)
+        .map_err(format)?;
+    Ok(SavedVm {
+        machine,
+        config,
+        vm_state,
+        vcpus,
+        serial,
+        nets,
+        memory,
+    })
+}
+
+/// Opens and checks this host's peers for the saved devices.
+pub fn open_peers(
+    saved: &[NetSnapshot],
+    config: &VmConfig,
+) -> Result<Vec<(godwit_devices::net::tap::Tap, PeerSupport)>, StartError> {
+    if saved.len() != config.nets.len() {
+        return Err(RestoreError::NetCount {
+            saved: saved.len(),
+            given: config.nets.len(),
+            names: saved
+                .iter()
+                .map(|n| format!("{} ({})", n.id, n.spec_text))
+                .collect(),
+        }
+        .into());
+    }
+    let mut peers = Vec::new();
+    for (net, spec) in saved.iter().zip(&config.nets) {
+        if spec.peer.kind() != net.peer_kind {
+            return Err(RestoreError::PeerKind {
+                device: net.id.clone(),
+                saved: net.peer_kind.clone(),
+                given: spec.peer.kind().to_string(),
+            }
+            .into());
+        }
+        let tap = open_tap(&net.id, spec)?;
+        let peer = tap_support(tap.name(), &tap.probe_offloads());
+        check_peer(&net.id, net.offered, &peer)?;
+        peers.push((tap, peer));
+    }
+    Ok(peers)
+}
+
+/// Rebuilds the saved devices on this host's peers, wired to `vm`.
+pub(crate) fn rebuild_nets(
+    saved: &[NetSnapshot],
+    peers: Vec<(godwit_devices::net::tap::Tap, PeerSupport)>,
+    config: &VmConfig,
+    machine: &'static MachineType,
+    ram: &GuestRam,
+    vm: &Vm,
+    buses: &mut IoBuses,
+) -> Result<Vec<NetDevice>, StartError> {
+    let mut out = Vec::new();
+    for ((net, (tap, peer)), spec) in saved.iter().zip(peers).zip(&config.nets) {
+        let setup = |detail: String| NetSetupError::Transport {
+            device: net.id.clone(),
+            detail,
+        };
+        let queue_size = net
+            .transport
+            .queues
+            .first()
+            .map(|q| q.max_size)
+            .unwrap_or(machine.net.queue_size);
+        let mut dev = VirtioNet::new(
+            tap,
+            NetConfig {
+                mac: net.device.mac,
+                features: net.offered,
+                mtu: Some(net.device.mtu),
+                queue_size,
+            },
+        )
+        .map_err(|source| NetSetupError::Device {
+            device: net.id.clone(),
+            source,
+        })?;
+        dev.restore_device_state(&net.device);
+        let device = Arc::new(Mutex::new(dev));
+        let as_virtio: Arc<Mutex<dyn VirtioDevice>> = device.clone();
+        let transport = MmioTransport::restore((ram.memory.clone(), as_virtio), &net.transport)
+            .map_err(|e| setup(e.to_string()))?;
+        for (queue, evt) in transport.queue_notify_eventfds().iter().enumerate() {
+            vm.fd
+                .register_ioevent(
+                    evt,
+                    &IoEventAddress::Mmio(net.mmio_base + NOTIFY_OFFSET),
+                    queue as u32,
+                )
+                .map_err(|source| NetSetupError::Kvm {
+                    device: net.id.clone(),
+                    what: "a queue notification ioeventfd",
+                    source,
+                })?;
+        }
+        vm.fd
+            .register_irqfd(transport.interrupt_eventfd(), net.irq)
+            .map_err(|source| NetSetupError::Kvm {
+                device: net.id.clone(),
+                what: "the device interrupt irqfd",
+                source,
+            })?;
+        let transport = Arc::new(Mutex::new(transport));
+        buses
+            .mmio
+            .insert(net.mmio_base, MMIO_SLOT_SIZE, transport.clone())
+            .map_err(|e| setup(e.to_string()))?;
+        out.push(NetDevice {
+            id: net.id.clone(),
+            spec: spec.clone(),
+            machine,
+            decision: NetAbiDecision {
+                required: net.required,
+                offered: net.offered,
+                strict: net.strict,
+                dropped: 0,
+                blocker: None,
+            },
+            peer,
+            device,
+            transport,
+            mmio_base: net.mmio_base,
+            irq: net.irq,
+        });
+    }
+    Ok(out)
+}
+
+/// Creates the VM's vCPUs and puts their saved state back.
+pub(crate) fn restore_vm_state(
+    vm: &Vm,
+    saved: &SavedVm,
+) -> Result<Vec<crate::vcpu::Vcpu>, StartError> {
+    let caps = KvmCaps::probe(&vm.kvm, &vm.fd).map_err(RestoreError::Host)?;
+    saved
+        .vm_state
+        .check_host(&vm.fd)
+        .map_err(RestoreError::Host)?;
+    saved
+        .vm_state
+        .restore(&vm.fd, &caps, ClockRestore::Continue)
+        .map_err(RestoreError::Host)?;
+    let mut vcpus = Vec::new();
+    for state in &saved.vcpus {
+        let vcpu = vm.create_vcpu(state.id as u8, saved.config.vcpus)?;
+        state.restore(&vcpu.fd, &caps).map_err(RestoreError::Host)?;
+        vcpus.push(vcpu);
+    }
+    Ok(vcpus)
+}
+
+/// `godwit run --restore DIR`: every check first, then the VM, paused.
+pub fn restore(config: &VmConfig, dir: &Path) -> Result<Machine, StartError> {
+    let state_path = dir.join(STATE_FILE);
+    let started = Instant::now();
+    let container = Container::read_file(&state_path, KNOWN_SECTIONS).map_err(|source| {
+        RestoreError::Format {
+            path: state_path.clone(),
+            source,
+        }
+    })?;
+    let saved = read_saved(&container, &state_path)?;
+    let mem_info = saved
+        .memory
+        .clone()
+        .ok_or_else(|| invalid(&state_path, "memory", "the snapshot has no memory section"))?;
+    if mem_info.ram_size != saved.config.memory_size {
+        return Err(invalid(
+            &state_path,
+            "memory",
+            format!(
+                "the memory file holds {} bytes but the machine has {}",
+                mem_info.ram_size, saved.config.memory_size
+            ),
+        )
+        .into());
+    }
+    memory::check_size(saved.config.memory_size)?;
+    let kvm = vm::open_kvm()?;
+    vm::check_vcpus(&kvm, u32::from(saved.config.vcpus))?;
+    let host = host_cpuid(&kvm, saved.config.vcpus).map_err(RestoreError::Host)?;
+    for v in &saved.vcpus {
+        check_cpuid(v, &host).map_err(RestoreError::Host)?;
+    }
+    let peers = open_peers(&saved.nets, config)?;
+
+    // TAP peers never map guest memory, so the memory file is mapped
+    // privately: no copy, pages fault in as the guest touches them.
+    let mem_path = dir.join(MEMORY_FILE);
+    let restored =
+        memory_file::map_private(&mem_path, &mem_info).map_err(|source| RestoreError::Memory {
+            path: mem_path.clone(),
+            source,
+        })?;
+    let ram = GuestRam {
+        memory: restored.memory,
+        file: restored.file,
+        size: saved.config.memory_size,
+    };
+    let vm = Vm::new(kvm, &ram.memory).map_err(StartError::from)?;
+    let vcpus = restore_vm_state(&vm, &saved)?;
+    let mut buses = IoBuses::default();
+    let nets = rebuild_nets(
+        &saved.nets,
+        peers,
+        config,
+        saved.machine,
+        &ram,
+        &vm,
+        &mut buses,
+    )?;
+    let (event_tx, event_rx) = mpsc::channel();
+    let serial = platform_devices(
+        &vm,
+        &mut buses,
+        &config.serial,
+        Some(&saved.serial),
+        &event_tx,
+    )?;
+    let built = BuiltVm {
+        machine: saved.machine,
+        vm,
+        ram,
+        buses,
+        nets,
+        serial,
+        vcpus,
+        event_tx,
+        event_rx,
+    };
+    let m = Machine::assemble(config, built, Vec::new())?;
+    tracing::info!(
+        "restored {} in {:.1} ms",
+        dir.display(),
+        started.elapsed().as_secs_f64() * 1e3
+    );
+    Ok(m)
+}
+
+impl From<RestoreError> for StartError {
+    fn from(e: RestoreError) -> Self {
+        StartError::Restore(Box::new(e))
+    }
+}
+
+impl From<VmError> for RestoreError {
+    fn from(e: VmError) -> Self {
+        RestoreError::Invalid {
+            path: PathBuf::new(),
+            section: "vm".into(),
+            detail: e.to_string(),
+        }
+    }
+}
