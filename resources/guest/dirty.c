@@ -4,9 +4,25 @@
 #include "parse.h"
 #include "print.h"
 
+#define RESERVE (1u << 20) /* left for whatever is allocated later */
+
 static u8 *buf;
 static u64 npages, rate, cursor, written, carry_milli;
 static u8 pass = 1;
+
+/* A plain number is KiB; with a K/M/G suffix it is a size in bytes. */
+static bool parse_kib(struct str s, u64 *kib)
+{
+	char last = s.len ? s.p[s.len - 1] : 0;
+	bool suffix = last == 'k' || last == 'K' || last == 'm' || last == 'M' || last == 'g' ||
+		      last == 'G';
+	u64 v;
+
+	if (suffix ? !parse_size(s, &v) : !parse_u64(s, &v))
+		return false;
+	*kib = suffix ? v >> 10 : v;
+	return true;
+}
 
 bool dirty_init(void)
 {
@@ -17,7 +33,7 @@ bool dirty_init(void)
 		return false;
 	rest = v;
 	if (!str_next_field(&rest, ':', &f_kib) || !str_next_field(&rest, ':', &f_rate) ||
-	    rest.p || !parse_size(f_kib, &kib) || !parse_u64(f_rate, &r) || kib < 4) {
+	    rest.p || !parse_kib(f_kib, &kib) || !parse_u64(f_rate, &r) || kib < 4) {
 		print_lock();
 		put_str("serve: ignoring godwit.dirty=");
 		put_strn_printable(v.p, v.len);
@@ -26,9 +42,10 @@ bool dirty_init(void)
 		return false;
 	}
 	npages = kib / 4;
-	u64 avail = mem_available(PAGE_SIZE) / PAGE_SIZE;
+	u64 avail = mem_available(PAGE_SIZE);
+	avail = avail > RESERVE ? (avail - RESERVE) / PAGE_SIZE : 0;
 	if (npages > avail)
-		npages = avail;
+		npages = avail; /* the line below shows the size actually used */
 	buf = mem_alloc_raw(npages * PAGE_SIZE, PAGE_SIZE);
 	if (!buf)
 		npages = 0;

@@ -1,4 +1,5 @@
-/* godwit.dirty=<KiB>:<pages_per_s>: write one byte per 4 KiB page of a
+/* godwit.dirty=<KiB>:<pages_per_s> (KiB, or a size with a K/M/G suffix):
+ * write one byte per 4 KiB page of a
  * buffer of that size, cycling through it at that rate, driven by the timer
  * tick (live migration tests use it to dirty memory at a known rate). */
 #ifndef GUEST_DIRTY_H

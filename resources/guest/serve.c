@@ -51,8 +51,8 @@ void serve_run(void)
 	mem_init();
 	udp_echo_init();
 	virtio_net_init_all();
-	dirty_init();
 	udp_burst_init();
+	dirty_init(); /* last: it may take most of the free memory */
 	heartbeat_init(heartbeat_ms, after_heartbeat);
 	println("serve: ready");
 	tick_ms = choose_tick_ms();
