@@ -213,6 +213,27 @@ impl RunningVm {
         }
     }
 
+    /// Waits for a console line that starts with `prefix`, among lines not
+    /// yet seen; returns it.
+    pub fn wait_prefix(&mut self, prefix: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.seen.push(line.clone());
+                    if line.starts_with(prefix) {
+                        return line;
+                    }
+                }
+                Err(_) => panic!(
+                    "no new console line starting with {prefix:?} within {timeout:?}; console so far:\n{}",
+                    self.seen.join("\n")
+                ),
+            }
+        }
+    }
+
     /// The next console line, if one arrives within `timeout`.
     pub fn try_line(&mut self, timeout: Duration) -> Option<String> {
         let line = self.lines.recv_timeout(timeout).ok()?;

@@ -66,7 +66,32 @@ impl FromStr for SerialSpec {
     }
 }
 
+/// How `--restore` brings guest memory back.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum RestoreMemory {
+    /// Map the memory file privately: no copy, pages load on first touch.
+    #[default]
+    Map,
+    /// Copy the file into a fresh shared memfd (what a peer that maps guest
+    /// memory itself, vhost-user, needs).
+    Copy,
+}
+
+impl FromStr for RestoreMemory {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "map" => Ok(RestoreMemory::Map),
+            "copy" => Ok(RestoreMemory::Copy),
+            _ => Err(format!(
+                "invalid restore memory mode '{s}': use map or copy"
+            )),
+        }
+    }
+}
+
 pub struct VmConfig {
+    pub restore_memory: RestoreMemory,
     /// A machine type name or the alias; resolved when the VM is built.
     pub machine: String,
     pub nets: Vec<crate::net_spec::NetSpec>,

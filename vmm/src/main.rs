@@ -81,6 +81,10 @@ struct RunArgs {
     /// booting; --net gives this host's peers, one per saved device, in order.
     #[arg(long, value_name = "DIR", conflicts_with_all = ["kernel", "initrd", "cmdline", "memory", "vcpus", "machine"])]
     restore: Option<PathBuf>,
+    /// With --restore: `map` the memory file privately (no copy; the
+    /// default) or `copy` it into shared memory (needed by vhost-user peers).
+    #[arg(long, value_name = "MODE", default_value = "map", requires = "restore")]
+    restore_memory: godwit_vmm::config::RestoreMemory,
 }
 
 #[derive(Args)]
@@ -174,6 +178,7 @@ fn run(args: RunArgs) -> ExitCode {
         },
     };
     let config = VmConfig {
+        restore_memory: args.restore_memory,
         machine: args.machine.clone(),
         nets: args.net,
         kernel,

@@ -24,7 +24,7 @@ use godwit_migration::memory_file::{self, MemoryFileError, MemoryFileInfo, MEMOR
 use godwit_migration::persist::Persist;
 use kvm_ioctls::IoEventAddress;
 
-use crate::config::VmConfig;
+use crate::config::{RestoreMemory, VmConfig};
 use crate::machine::{platform_devices, BuiltVm, Machine, StartError, VmHandle};
 use crate::machine_types::{self, MachineType};
 use crate::memory::{self, GuestRam};
@@ -619,16 +619,26 @@ pub fn restore(config: &VmConfig, dir: &Path) -> Result<Machine, StartError> {
     for v in &saved.vcpus {
         check_cpuid(v, &host).map_err(RestoreError::Host)?;
     }
-    let peers = open_peers(&saved.nets, config)?;
-
-    // TAP peers never map guest memory, so the memory file is mapped
-    // privately: no copy, pages fault in as the guest touches them.
+    // Mapped privately unless asked otherwise: no copy, pages fault in as
+    // the guest touches them. A peer that maps guest memory itself
+    // (vhost-user) needs it copied into a shared memfd.
     let mem_path = dir.join(MEMORY_FILE);
-    let restored =
-        memory_file::map_private(&mem_path, &mem_info).map_err(|source| RestoreError::Memory {
-            path: mem_path.clone(),
-            source,
-        })?;
+    let mem_err = |source| RestoreError::Memory {
+        path: mem_path.clone(),
+        source,
+    };
+    let restored = match config.restore_memory {
+        RestoreMemory::Map => memory_file::map_private(&mem_path, &mem_info).map_err(mem_err)?,
+        RestoreMemory::Copy => {
+            memory_file::restore_to_memfd(&mem_path, &mem_info).map_err(mem_err)?
+        }
+    };
+    tracing::info!(
+        "restore: guest memory from {} ({:?})",
+        mem_path.display(),
+        config.restore_memory
+    );
+    let peers = open_peers(&saved.nets, config)?;
     let ram = GuestRam {
         memory: restored.memory,
         file: restored.file,

@@ -549,6 +549,8 @@ impl VirtioNet {
 
     fn stop_worker(&mut self) {
         let Some(w) = self.worker.take() else { return };
+        // A parked datapath must wake to see the stop.
+        self.gate.resume();
         if let Err(e) = w.stop.write(1) {
             tracing::error!(
                 tap = self.tap.name(),
