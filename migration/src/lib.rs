@@ -6,3 +6,4 @@ pub mod cpu_compat;
 pub mod format;
 pub mod memory_file;
 pub mod persist;
+pub mod protocol;

@@ -1,0 +1,433 @@
+//! The live-migration wire protocol: typed messages, each behind a fixed
+//! 16-byte header checked on receipt.
+//!
+//! | offset | size | field |
+//! |-------:|-----:|-------|
+//! | 0  | 4 | magic `GWMG` |
+//! | 4  | 2 | protocol version |
+//! | 6  | 2 | message kind |
+//! | 8  | 4 | payload length |
+//! | 12 | 4 | CRC-32C of the payload |
+//!
+//! A session: the source sends `Hello` (what the VM is and needs); the
+//! destination probes its own host and answers `HelloReply` (accept, or
+//! every reason to refuse, and what it offers). Only after an accept do
+//! `Pages`/`ZeroPages` flow in rounds (`RoundEnd` closes each), then the
+//! source stops the guest and sends the last pages and `State` (the
+//! snapshot container's bytes), then `Complete`. The destination loads,
+//! resumes, and answers `Resumed`; only then does the source end. `Abort`
+//! ends a session from either side with a reason.
+
+use std::io::{Read, Write};
+
+use serde::{Deserialize, Serialize};
+
+pub const MAGIC: [u8; 4] = *b"GWMG";
+pub const PROTOCOL_VERSION: u16 = 1;
+pub const HEADER_LEN: usize = 16;
+/// Large enough for a 1 MiB page batch plus its table, and for the state.
+pub const MAX_PAYLOAD: u32 = 64 << 20;
+pub const PAGE_SIZE: u64 = 4096;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u16)]
+pub enum Kind {
+    Hello = 1,
+    HelloReply = 2,
+    Pages = 3,
+    ZeroPages = 4,
+    RoundEnd = 5,
+    State = 6,
+    Complete = 7,
+    Resumed = 8,
+    Abort = 9,
+}
+
+impl Kind {
+    fn from_u16(v: u16) -> Option<Kind> {
+        Some(match v {
+            1 => Kind::Hello,
+            2 => Kind::HelloReply,
+            3 => Kind::Pages,
+            4 => Kind::ZeroPages,
+            5 => Kind::RoundEnd,
+            6 => Kind::State,
+            7 => Kind::Complete,
+            8 => Kind::Resumed,
+            9 => Kind::Abort,
+            _ => return None,
+        })
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProtocolError {
+    #[error("the migration connection failed: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("the peer closed the migration connection")]
+    Closed,
+    #[error(
+        "not a godwit migration stream (magic {0:02x?}); is the other end a godwit --incoming?"
+    )]
+    Magic([u8; 4]),
+    #[error("the peer speaks migration protocol version {theirs}; this godwit speaks {ours}: use the same godwit release on both hosts, or a newer one on the destination")]
+    Version { theirs: u16, ours: u16 },
+    #[error(
+        "unknown migration message kind {0}: the stream is corrupt or from an incompatible godwit"
+    )]
+    UnknownKind(u16),
+    #[error("a {kind:?} message of {len} bytes exceeds the {MAX_PAYLOAD}-byte limit: the stream is corrupt")]
+    TooLong { kind: Kind, len: u32 },
+    #[error("a {kind:?} message is corrupt: checksum {actual:#010x}, expected {expected:#010x}")]
+    Checksum {
+        kind: Kind,
+        expected: u32,
+        actual: u32,
+    },
+    #[error("expected a {expected} message, got {got:?}")]
+    Unexpected { expected: &'static str, got: Kind },
+    #[error("a {kind:?} message is malformed: {detail}")]
+    Malformed { kind: Kind, detail: String },
+    #[error("the peer aborted the migration: {0}")]
+    Aborted(String),
+}
+
+/// One received message.
+#[derive(Debug)]
+pub struct Message {
+    pub kind: Kind,
+    pub payload: Vec<u8>,
+}
+
+impl Message {
+    pub fn json<T: for<'de> Deserialize<'de>>(&self) -> Result<T, ProtocolError> {
+        serde_json::from_slice(&self.payload).map_err(|e| ProtocolError::Malformed {
+            kind: self.kind,
+            detail: e.to_string(),
+        })
+    }
+}
+
+pub fn write_message<W: Write>(w: &mut W, kind: Kind, payload: &[u8]) -> Result<(), ProtocolError> {
+    let mut header = [0u8; HEADER_LEN];
+    header[0..4].copy_from_slice(&MAGIC);
+    header[4..6].copy_from_slice(&PROTOCOL_VERSION.to_le_bytes());
+    header[6..8].copy_from_slice(&(kind as u16).to_le_bytes());
+    header[8..12].copy_from_slice(&(payload.len() as u32).to_le_bytes());
+    header[12..16].copy_from_slice(&crc32c::crc32c(payload).to_le_bytes());
+    w.write_all(&header)?;
+    w.write_all(payload)?;
+    Ok(())
+}
+
+pub fn write_json<W: Write, T: Serialize>(
+    w: &mut W,
+    kind: Kind,
+    value: &T,
+) -> Result<(), ProtocolError> {
+    let bytes = serde_json::to_vec(value).map_err(|e| ProtocolError::Malformed {
+        kind,
+        detail: e.to_string(),
+    })?;
+    write_message(w, kind, &bytes)
+}
+
+fn read_exact_or_closed<R: Read>(r: &mut R, buf: &mut [u8]) -> Result<(), ProtocolError> {
+    r.read_exact(buf).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::UnexpectedEof {
+            ProtocolError::Closed
+        } else {
+            ProtocolError::Io(e)
+        }
+    })
+}
+
+/// Reads and checks one message; an `Abort` becomes an error.
+pub fn read_message<R: Read>(r: &mut R) -> Result<Message, ProtocolError> {
+    let mut header = [0u8; HEADER_LEN];
+    read_exact_or_closed(r, &mut header)?;
+    let magic: [u8; 4] = header[0..4].try_into().unwrap_or_default();
+    if magic != MAGIC {
+        return Err(ProtocolError::Magic(magic));
+    }
+    let version = u16::from_le_bytes([header[4], header[5]]);
+    if version != PROTOCOL_VERSION {
+        return Err(ProtocolError::Version {
+            theirs: version,
+            ours: PROTOCOL_VERSION,
+        });
+    }
+    let raw_kind = u16::from_le_bytes([header[6], header[7]]);
+    let kind = Kind::from_u16(raw_kind).ok_or(ProtocolError::UnknownKind(raw_kind))?;
+    let len = u32::from_le_bytes(header[8..12].try_into().unwrap_or_default());
+    if len > MAX_PAYLOAD {
+        return Err(ProtocolError::TooLong { kind, len });
+    }
+    let expected = u32::from_le_bytes(header[12..16].try_into().unwrap_or_default());
+    let mut payload = vec![0u8; len as usize];
+    read_exact_or_closed(r, &mut payload)?;
+    let actual = crc32c::crc32c(&payload);
+    if actual != expected {
+        return Err(ProtocolError::Checksum {
+            kind,
+            expected,
+            actual,
+        });
+    }
+    if kind == Kind::Abort {
+        return Err(ProtocolError::Aborted(
+            String::from_utf8_lossy(&payload).into_owned(),
+        ));
+    }
+    Ok(Message { kind, payload })
+}
+
+/// Reads a message that must be of `kind`.
+pub fn expect<R: Read>(
+    r: &mut R,
+    kind: Kind,
+    name: &'static str,
+) -> Result<Message, ProtocolError> {
+    let m = read_message(r)?;
+    if m.kind != kind {
+        return Err(ProtocolError::Unexpected {
+            expected: name,
+            got: m.kind,
+        });
+    }
+    Ok(m)
+}
+
+/// A run of pages: `Pages` carries their bytes after the table, `ZeroPages`
+/// only the table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PageRun {
+    pub gpa: u64,
+    pub pages: u32,
+}
+
+/// Encodes a page batch: `count u32`, `count × (gpa u64, pages u32)`, data.
+pub fn encode_runs(runs: &[PageRun], data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(4 + runs.len() * 12 + data.len());
+    out.extend_from_slice(&(runs.len() as u32).to_le_bytes());
+    for r in runs {
+        out.extend_from_slice(&r.gpa.to_le_bytes());
+        out.extend_from_slice(&r.pages.to_le_bytes());
+    }
+    out.extend_from_slice(data);
+    out
+}
+
+/// Decodes a batch; `with_data` checks the data length matches the runs.
+pub fn decode_runs(
+    kind: Kind,
+    payload: &[u8],
+    with_data: bool,
+) -> Result<(Vec<PageRun>, &[u8]), ProtocolError> {
+    let bad = |detail: String| ProtocolError::Malformed { kind, detail };
+    if payload.len() < 4 {
+        return Err(bad("shorter than its run count".into()));
+    }
+    let count = u32::from_le_bytes(payload[0..4].try_into().unwrap_or_default()) as usize;
+    let table_end = count
+        .checked_mul(12)
+        .and_then(|n| n.checked_add(4))
+        .filter(|end| *end <= payload.len())
+        .ok_or_else(|| {
+            bad(format!(
+                "{count} runs do not fit in {} bytes",
+                payload.len()
+            ))
+        })?;
+    let mut runs = Vec::with_capacity(count);
+    let mut total: u64 = 0;
+    for i in 0..count {
+        let at = 4 + i * 12;
+        let gpa = u64::from_le_bytes(payload[at..at + 8].try_into().unwrap_or_default());
+        let pages = u32::from_le_bytes(payload[at + 8..at + 12].try_into().unwrap_or_default());
+        if gpa % PAGE_SIZE != 0 {
+            return Err(bad(format!(
+                "run {i} starts at {gpa:#x}, not on a page boundary"
+            )));
+        }
+        total += u64::from(pages) * PAGE_SIZE;
+        runs.push(PageRun { gpa, pages });
+    }
+    let data = &payload[table_end..];
+    if with_data && data.len() as u64 != total {
+        return Err(bad(format!(
+            "the runs cover {total} bytes but {} bytes of data follow",
+            data.len()
+        )));
+    }
+    if !with_data && !data.is_empty() {
+        return Err(bad("zero-page runs carry data".into()));
+    }
+    Ok((runs, data))
+}
+
+/// One virtio-net device as the source describes it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DeviceOffer {
+    pub id: String,
+    pub kind: String,
+    pub peer_kind: String,
+    pub offered: u64,
+    pub acked: u64,
+    pub queue_sizes: Vec<u16>,
+    pub interface: Option<String>,
+}
+
+/// What the source sends first.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Hello {
+    pub godwit_version: String,
+    pub format_version: u32,
+    pub machine_type: String,
+    pub memory_size: u64,
+    pub vcpus: u8,
+    /// (guest address, size) of each RAM range.
+    pub memory_layout: Vec<(u64, u64)>,
+    pub devices: Vec<DeviceOffer>,
+    /// The CPUID the guest sees (vCPU 0), for the destination to check.
+    pub cpuid: Vec<crate::cpu_compat::CpuidEntry>,
+    /// KVM capabilities restoring the vCPUs needs.
+    pub kvm_caps: Vec<String>,
+}
+
+/// What the destination can carry for one device.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DevicePeer {
+    pub id: String,
+    pub peer_kind: String,
+    pub peer: String,
+    pub supported: u64,
+}
+
+/// The destination's answer to `Hello`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct HelloReply {
+    pub accept: bool,
+    /// Every reason to refuse (empty when accepted).
+    pub reasons: Vec<String>,
+    pub godwit_version: String,
+    pub machine_types: Vec<String>,
+    pub devices: Vec<DevicePeer>,
+    pub host_cpuid: Vec<crate::cpu_compat::CpuidEntry>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RoundEnd {
+    pub round: u32,
+    pub pages: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Resumed {
+    pub restore_ms: f64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_round_trip_and_damage_is_named() {
+        let mut buf = Vec::new();
+        write_json(&mut buf, Kind::RoundEnd, &RoundEnd { round: 3, pages: 9 }).unwrap();
+        let m = read_message(&mut buf.as_slice()).unwrap();
+        assert_eq!(m.kind, Kind::RoundEnd);
+        assert_eq!(m.json::<RoundEnd>().unwrap().round, 3);
+
+        let mut bad = buf.clone();
+        bad[HEADER_LEN + 2] ^= 1;
+        assert!(matches!(
+            read_message(&mut bad.as_slice()),
+            Err(ProtocolError::Checksum {
+                kind: Kind::RoundEnd,
+                ..
+            })
+        ));
+        let mut bad = buf.clone();
+        bad[0] = b'X';
+        assert!(matches!(
+            read_message(&mut bad.as_slice()),
+            Err(ProtocolError::Magic(_))
+        ));
+        let mut bad = buf.clone();
+        bad[4] = 9;
+        assert!(read_message(&mut bad.as_slice())
+            .unwrap_err()
+            .to_string()
+            .contains("protocol version 9"));
+        let mut bad = buf.clone();
+        bad[6] = 77;
+        assert!(matches!(
+            read_message(&mut bad.as_slice()),
+            Err(ProtocolError::UnknownKind(77))
+        ));
+        let mut bad = buf.clone();
+        bad[8..12].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(matches!(
+            read_message(&mut bad.as_slice()),
+            Err(ProtocolError::TooLong { .. })
+        ));
+        assert!(matches!(
+            read_message(&mut &buf[..10]),
+            Err(ProtocolError::Closed)
+        ));
+        assert!(matches!(
+            read_message(&mut &buf[..buf.len() - 1]),
+            Err(ProtocolError::Closed)
+        ));
+
+        let mut abort = Vec::new();
+        write_message(&mut abort, Kind::Abort, b"destination out of memory").unwrap();
+        assert!(read_message(&mut abort.as_slice())
+            .unwrap_err()
+            .to_string()
+            .contains("out of memory"));
+        assert!(matches!(
+            expect(&mut buf.as_slice(), Kind::Hello, "Hello"),
+            Err(ProtocolError::Unexpected { .. })
+        ));
+    }
+
+    #[test]
+    fn page_runs_are_checked() {
+        let runs = [
+            PageRun {
+                gpa: 0x1000,
+                pages: 2,
+            },
+            PageRun {
+                gpa: 0x10000,
+                pages: 1,
+            },
+        ];
+        let data = vec![7u8; 3 * 4096];
+        let p = encode_runs(&runs, &data);
+        let (r, d) = decode_runs(Kind::Pages, &p, true).unwrap();
+        assert_eq!(r, runs);
+        assert_eq!(d.len(), data.len());
+        assert!(decode_runs(Kind::Pages, &p[..p.len() - 1], true).is_err());
+        assert!(decode_runs(Kind::Pages, &p[..20], true).is_err());
+        let unaligned = encode_runs(
+            &[PageRun {
+                gpa: 0x1001,
+                pages: 1,
+            }],
+            &[0u8; 4096],
+        );
+        assert!(decode_runs(Kind::Pages, &unaligned, true)
+            .unwrap_err()
+            .to_string()
+            .contains("page boundary"));
+        let z = encode_runs(&runs, &[]);
+        assert!(decode_runs(Kind::ZeroPages, &z, false).is_ok());
+        assert!(decode_runs(Kind::ZeroPages, &p, false).is_err());
+        let mut huge = Vec::new();
+        huge.extend_from_slice(&u32::MAX.to_le_bytes());
+        assert!(decode_runs(Kind::Pages, &huge, true).is_err());
+    }
+}
