@@ -20,6 +20,13 @@
 //! notification raised after that read writes the irqfd again and produces a
 //! new edge, so nothing is lost. A level-triggered pin would need a resample
 //! fd; godwit does not offer that configuration.
+//!
+//! Devices whose datapath runs outside godwit (vhost-user, kernel vhost-net;
+//! [`VirtioDevice::interrupt_bypasses_transport`]) hand the irqfd to their
+//! backend as its call fd, so the transport does not see their used-buffer
+//! interrupts. For them InterruptStatus reads with the used-buffer bit set
+//! whenever the device is live (DRIVER_OK), plus any pending configuration
+//! bit: the driver's interrupt handler then always checks its rings.
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -148,6 +155,10 @@ impl VirtioInterrupt for MmioInterrupt {
         }
     }
 
+    fn irqfd(&self) -> Option<&EventFd> {
+        Some(&self.irq)
+    }
+
     fn signal_needs_reset(&self) {
         let old = self
             .device_status
@@ -166,6 +177,8 @@ pub struct MmioTransport {
     device: Arc<Mutex<dyn VirtioDevice>>,
     device_type: u32,
     device_features: u64,
+    /// The device's used-buffer interrupts bypass the transport (vhost).
+    interrupt_bypass: bool,
     queues: Vec<Queue>,
     queue_evts: Vec<EventFd>,
     interrupt: Arc<MmioInterrupt>,
@@ -191,12 +204,13 @@ impl MmioTransport {
     /// Wraps `device`. Guest memory accesses (ring validation, the device's
     /// datapath) use `mem`.
     pub fn new(mem: GuestMemory, device: Arc<Mutex<dyn VirtioDevice>>) -> Result<Self, MmioError> {
-        let (device_type, device_features, maxes) = {
+        let (device_type, device_features, maxes, interrupt_bypass) = {
             let d = lock(&device);
             (
                 d.device_type(),
                 d.device_features(),
                 d.queue_max_sizes().to_vec(),
+                d.interrupt_bypasses_transport(),
             )
         };
         let mut queues = Vec::with_capacity(maxes.len());
@@ -224,6 +238,7 @@ impl MmioTransport {
             device,
             device_type,
             device_features,
+            interrupt_bypass,
             queues,
             queue_evts,
             interrupt: Arc::new(MmioInterrupt {
@@ -307,7 +322,14 @@ impl MmioTransport {
             },
             reg::QUEUE_NUM_MAX => q.map_or(0, |q| u32::from(q.max_size())),
             reg::QUEUE_READY => q.map_or(0, |q| u32::from(q.ready())),
-            reg::INTERRUPT_STATUS => self.interrupt_status(),
+            reg::INTERRUPT_STATUS => {
+                let pending = self.interrupt_status();
+                if self.interrupt_bypass && self.is_live() {
+                    pending | INT_VRING
+                } else {
+                    pending
+                }
+            }
             reg::STATUS => self.device_status(),
             reg::CONFIG_GENERATION => self.interrupt.config_generation.load(Ordering::SeqCst),
             // No shared memory regions: length ~0 means "no such region".
@@ -902,6 +924,7 @@ mod tests {
         resets: usize,
         config: [u8; 8],
         fail_activation: bool,
+        bypass: bool,
     }
 
     impl VirtioDevice for Dummy {
@@ -946,6 +969,9 @@ mod tests {
         }
         fn is_active(&self) -> bool {
             self.active.is_some()
+        }
+        fn interrupt_bypasses_transport(&self) -> bool {
+            self.bypass
         }
         fn queue_positions(&self) -> Option<Vec<QueuePosition>> {
             self.active.as_ref().map(|qs| {
@@ -1148,6 +1174,50 @@ mod tests {
         assert_ne!(t.device_status() & status::DEVICE_NEEDS_RESET, 0);
         wr(&mut t, reg::STATUS, 0);
         assert_eq!(t.device_status(), 0);
+    }
+
+    /// A vhost device's backend writes the irqfd itself: while live, the
+    /// used-buffer bit reads as set (with any pending config bit), so the
+    /// driver's handler looks at its rings; before DRIVER_OK it does not.
+    #[test]
+    fn interrupt_bypass_reports_the_vring_bit_while_live() {
+        let mem = guest_memory(1 << 20);
+        let dev = Arc::new(Mutex::new(Dummy {
+            bypass: true,
+            ..Dummy::default()
+        }));
+        let mut t = MmioTransport::new(mem, dev).unwrap();
+        assert!(t.interrupt.irqfd().is_some());
+        assert_eq!(rd(&mut t, reg::INTERRUPT_STATUS), 0);
+        negotiate(&mut t, feature(VIRTIO_F_VERSION_1));
+        setup_queue(&mut t, 0, 16, 0x10000);
+        setup_queue(&mut t, 1, 8, 0x20000);
+        assert_eq!(rd(&mut t, reg::INTERRUPT_STATUS), 0);
+        wr(
+            &mut t,
+            reg::STATUS,
+            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK,
+        );
+        assert_eq!(rd(&mut t, reg::INTERRUPT_STATUS), INT_VRING);
+        wr(&mut t, reg::INTERRUPT_ACK, INT_VRING);
+        assert_eq!(rd(&mut t, reg::INTERRUPT_STATUS), INT_VRING);
+        t.interrupt.trigger(InterruptKind::Config).unwrap();
+        assert_eq!(rd(&mut t, reg::INTERRUPT_STATUS), INT_VRING | INT_CONFIG);
+        wr(&mut t, reg::INTERRUPT_ACK, INT_VRING | INT_CONFIG);
+        assert_eq!(rd(&mut t, reg::INTERRUPT_STATUS), INT_VRING);
+        wr(&mut t, reg::STATUS, 0);
+        assert_eq!(rd(&mut t, reg::INTERRUPT_STATUS), 0);
+        // A device without the capability reports only what was raised.
+        let (mut plain, _) = setup();
+        negotiate(&mut plain, feature(VIRTIO_F_VERSION_1));
+        setup_queue(&mut plain, 0, 16, 0x10000);
+        setup_queue(&mut plain, 1, 8, 0x20000);
+        wr(
+            &mut plain,
+            reg::STATUS,
+            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK,
+        );
+        assert_eq!(rd(&mut plain, reg::INTERRUPT_STATUS), 0);
     }
 
     #[test]

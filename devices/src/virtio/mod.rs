@@ -63,6 +63,15 @@ pub trait VirtioInterrupt: Send + Sync {
     /// status and raises a configuration-change interrupt, and the driver is
     /// expected to reset the device.
     fn signal_needs_reset(&self);
+
+    /// The eventfd that interrupts the guest directly (the transport's irqfd),
+    /// for devices whose datapath runs outside godwit
+    /// ([`VirtioDevice::interrupt_bypasses_transport`]): a vhost backend
+    /// writes it as its call fd, so used-buffer interrupts never pass
+    /// through godwit. `None` when the transport has no such eventfd.
+    fn irqfd(&self) -> Option<&EventFd> {
+        None
+    }
 }
 
 /// What a device gets when the driver sets DRIVER_OK.
@@ -162,4 +171,17 @@ pub trait VirtioDevice: Send {
     /// `None` when the device is not active. Exact once the driver stopped
     /// notifying (vCPUs paused) and the device finished its current batch.
     fn queue_positions(&self) -> Option<Vec<QueuePosition>>;
+
+    /// Whether used-buffer interrupts reach the guest without passing through
+    /// the transport: a vhost backend (vhost-user, kernel vhost-net) writes
+    /// the transport's irqfd ([`VirtioInterrupt::irqfd`]) itself, so the
+    /// transport never learns that a queue interrupt is pending. A driver
+    /// that reads InterruptStatus first (Linux's virtio_mmio ignores an
+    /// interrupt whose VRING bit is clear) would then miss it; the transport
+    /// therefore reports the used-buffer bit as always set while such a
+    /// device is live. A spurious used-buffer indication only makes the
+    /// driver look at rings with nothing new, which drivers handle.
+    fn interrupt_bypasses_transport(&self) -> bool {
+        false
+    }
 }

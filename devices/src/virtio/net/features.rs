@@ -1,6 +1,7 @@
 //! The virtio-net feature bits: one table with, for each bit, its canonical
-//! (QEMU property) name, what it needs from a TAP peer, which other bits the
-//! spec requires with it, and whether godwit's device model implements it.
+//! (QEMU property) name, what it needs from a TAP peer, what it needs from a
+//! vhost backend (vhost-user, kernel vhost-net), which other bits the spec
+//! requires with it, and whether godwit's device model implements it.
 //!
 //! Everything else — validating a configured feature set, masking it by what
 //! a TAP can do, computing the TAP offloads for what a guest acked — is
@@ -60,6 +61,46 @@ impl TapNeed {
     }
 }
 
+/// What a feature needs from a vhost backend: a process (vhost-user) or the
+/// kernel (`/dev/vhost-net`) that serves the receive and transmit rings
+/// directly, so that packets never pass through godwit. godwit's frontend
+/// still owns the configuration space and serves the control queue.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VhostNeed {
+    /// Served by godwit's frontend itself (configuration space fields, the
+    /// control queue, announce): nothing from the backend. Passed on in
+    /// SET_FEATURES only when the backend offers it too.
+    Frontend,
+    /// Served by the frontend (`max_virtqueue_pairs`), but every queue pair
+    /// needs a receive and a transmit ring at the backend (vhost-user:
+    /// GET_QUEUE_NUM when the backend has protocol feature MQ).
+    QueuePairs,
+    /// Ring layout, notification or buffer handling, done by whoever
+    /// processes the rings: the backend must offer it (vhost-user:
+    /// GET_FEATURES; kernel vhost-net: `/dev/vhost-net`'s VHOST_GET_FEATURES).
+    Ring,
+    /// Packet format and offloads. vhost-user: the backend must offer it (it
+    /// reads and writes the frames). Kernel vhost-net: the TAP carries it, so
+    /// the bit's [`TapNeed`] applies to the TAP behind `/dev/vhost-net`.
+    Packet,
+}
+
+impl VhostNeed {
+    /// Whether a vhost-user backend must offer the bit in GET_FEATURES.
+    pub fn vhost_user_backend_must_offer(&self) -> bool {
+        matches!(self, VhostNeed::Ring | VhostNeed::Packet)
+    }
+
+    pub fn describe(&self) -> &'static str {
+        match self {
+            VhostNeed::Frontend => "served by godwit's frontend (config space or control queue)",
+            VhostNeed::QueuePairs => "served by godwit's frontend; the backend needs 2 rings per queue pair",
+            VhostNeed::Ring => "ring feature: the backend processing the rings must offer it",
+            VhostNeed::Packet => "packet format or offload: the backend (vhost-user) or the TAP (vhost-net) must carry it",
+        }
+    }
+}
+
 /// One feature bit.
 #[derive(Clone, Copy, Debug)]
 pub struct NetFeature {
@@ -69,6 +110,8 @@ pub struct NetFeature {
     /// Name in the virtio spec.
     pub spec_name: &'static str,
     pub tap: TapNeed,
+    /// What it needs from a vhost backend (vhost-user, kernel vhost-net).
+    pub vhost: VhostNeed,
     /// Bits that must all be present with this one.
     pub requires_all: &'static [u32],
     /// Of these bits at least one must be present with this one (empty: no rule).
@@ -84,6 +127,7 @@ const fn f(
     name: &'static str,
     spec_name: &'static str,
     tap: TapNeed,
+    vhost: VhostNeed,
     requires_all: &'static [u32],
     requires_any: &'static [u32],
     supported: bool,
@@ -93,6 +137,7 @@ const fn f(
         name,
         spec_name,
         tap,
+        vhost,
         requires_all,
         requires_any,
         supported,
@@ -101,6 +146,7 @@ const fn f(
 }
 
 use TapNeed::{Nothing, Offload, VnetHdr};
+use VhostNeed::{Frontend, Packet, QueuePairs, Ring};
 
 const CSUM: u32 = VIRTIO_NET_F_CSUM;
 const GUEST_CSUM: u32 = VIRTIO_NET_F_GUEST_CSUM;
@@ -108,12 +154,22 @@ const CTRL_VQ: u32 = VIRTIO_NET_F_CTRL_VQ;
 
 /// Every virtio-net feature bit godwit knows, in bit order.
 pub static FEATURES: &[NetFeature] = &[
-    f(CSUM, "csum", "VIRTIO_NET_F_CSUM", VnetHdr, &[], &[], true),
+    f(
+        CSUM,
+        "csum",
+        "VIRTIO_NET_F_CSUM",
+        VnetHdr,
+        Packet,
+        &[],
+        &[],
+        true,
+    ),
     f(
         GUEST_CSUM,
         "guest_csum",
         "VIRTIO_NET_F_GUEST_CSUM",
         Offload(TUN_F_CSUM),
+        Packet,
         &[],
         &[],
         true,
@@ -123,6 +179,7 @@ pub static FEATURES: &[NetFeature] = &[
         "ctrl_guest_offloads",
         "VIRTIO_NET_F_CTRL_GUEST_OFFLOADS",
         Nothing,
+        Packet,
         &[CTRL_VQ],
         &[],
         true,
@@ -133,6 +190,7 @@ pub static FEATURES: &[NetFeature] = &[
         "mtu",
         "VIRTIO_NET_F_MTU",
         Nothing,
+        Frontend,
         &[],
         &[],
         true,
@@ -142,6 +200,7 @@ pub static FEATURES: &[NetFeature] = &[
         "mac",
         "VIRTIO_NET_F_MAC",
         Nothing,
+        Frontend,
         &[],
         &[],
         true,
@@ -151,6 +210,7 @@ pub static FEATURES: &[NetFeature] = &[
         "gso",
         "VIRTIO_NET_F_GSO",
         VnetHdr,
+        Packet,
         &[],
         &[],
         false,
@@ -160,6 +220,7 @@ pub static FEATURES: &[NetFeature] = &[
         "guest_tso4",
         "VIRTIO_NET_F_GUEST_TSO4",
         Offload(TUN_F_CSUM | TUN_F_TSO4),
+        Packet,
         &[GUEST_CSUM],
         &[],
         true,
@@ -169,6 +230,7 @@ pub static FEATURES: &[NetFeature] = &[
         "guest_tso6",
         "VIRTIO_NET_F_GUEST_TSO6",
         Offload(TUN_F_CSUM | TUN_F_TSO6),
+        Packet,
         &[GUEST_CSUM],
         &[],
         true,
@@ -178,6 +240,7 @@ pub static FEATURES: &[NetFeature] = &[
         "guest_ecn",
         "VIRTIO_NET_F_GUEST_ECN",
         Offload(TUN_F_CSUM | TUN_F_TSO_ECN),
+        Packet,
         &[],
         &[VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6],
         true,
@@ -187,6 +250,7 @@ pub static FEATURES: &[NetFeature] = &[
         "guest_ufo",
         "VIRTIO_NET_F_GUEST_UFO",
         Offload(TUN_F_CSUM | TUN_F_UFO),
+        Packet,
         &[GUEST_CSUM],
         &[],
         true,
@@ -196,6 +260,7 @@ pub static FEATURES: &[NetFeature] = &[
         "host_tso4",
         "VIRTIO_NET_F_HOST_TSO4",
         VnetHdr,
+        Packet,
         &[CSUM],
         &[],
         true,
@@ -205,6 +270,7 @@ pub static FEATURES: &[NetFeature] = &[
         "host_tso6",
         "VIRTIO_NET_F_HOST_TSO6",
         VnetHdr,
+        Packet,
         &[CSUM],
         &[],
         true,
@@ -214,6 +280,7 @@ pub static FEATURES: &[NetFeature] = &[
         "host_ecn",
         "VIRTIO_NET_F_HOST_ECN",
         VnetHdr,
+        Packet,
         &[],
         &[VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6],
         true,
@@ -224,6 +291,7 @@ pub static FEATURES: &[NetFeature] = &[
         "host_ufo",
         "VIRTIO_NET_F_HOST_UFO",
         Offload(TUN_F_CSUM | TUN_F_UFO),
+        Packet,
         &[CSUM],
         &[],
         true,
@@ -235,6 +303,7 @@ pub static FEATURES: &[NetFeature] = &[
         "mrg_rxbuf",
         "VIRTIO_NET_F_MRG_RXBUF",
         Nothing,
+        Ring,
         &[],
         &[],
         true,
@@ -244,6 +313,7 @@ pub static FEATURES: &[NetFeature] = &[
         "status",
         "VIRTIO_NET_F_STATUS",
         Nothing,
+        Frontend,
         &[],
         &[],
         true,
@@ -253,6 +323,7 @@ pub static FEATURES: &[NetFeature] = &[
         "ctrl_vq",
         "VIRTIO_NET_F_CTRL_VQ",
         Nothing,
+        Frontend,
         &[],
         &[],
         true,
@@ -262,6 +333,7 @@ pub static FEATURES: &[NetFeature] = &[
         "ctrl_rx",
         "VIRTIO_NET_F_CTRL_RX",
         Nothing,
+        Frontend,
         &[CTRL_VQ],
         &[],
         true,
@@ -271,6 +343,7 @@ pub static FEATURES: &[NetFeature] = &[
         "ctrl_vlan",
         "VIRTIO_NET_F_CTRL_VLAN",
         Nothing,
+        Frontend,
         &[CTRL_VQ],
         &[],
         false,
@@ -280,6 +353,7 @@ pub static FEATURES: &[NetFeature] = &[
         "ctrl_rx_extra",
         "VIRTIO_NET_F_CTRL_RX_EXTRA",
         Nothing,
+        Frontend,
         &[CTRL_VQ, VIRTIO_NET_F_CTRL_RX],
         &[],
         false,
@@ -289,6 +363,7 @@ pub static FEATURES: &[NetFeature] = &[
         "guest_announce",
         "VIRTIO_NET_F_GUEST_ANNOUNCE",
         Nothing,
+        Frontend,
         &[CTRL_VQ],
         &[],
         true,
@@ -299,6 +374,7 @@ pub static FEATURES: &[NetFeature] = &[
         "mq",
         "VIRTIO_NET_F_MQ",
         Nothing,
+        QueuePairs,
         &[CTRL_VQ],
         &[],
         true,
@@ -308,6 +384,7 @@ pub static FEATURES: &[NetFeature] = &[
         "ctrl_mac_addr",
         "VIRTIO_NET_F_CTRL_MAC_ADDR",
         Nothing,
+        Frontend,
         &[CTRL_VQ],
         &[],
         true,
@@ -317,6 +394,7 @@ pub static FEATURES: &[NetFeature] = &[
         "notify_on_empty",
         "VIRTIO_F_NOTIFY_ON_EMPTY",
         Nothing,
+        Ring,
         &[],
         &[],
         false,
@@ -326,6 +404,7 @@ pub static FEATURES: &[NetFeature] = &[
         "any_layout",
         "VIRTIO_F_ANY_LAYOUT",
         Nothing,
+        Ring,
         &[],
         &[],
         false,
@@ -335,6 +414,7 @@ pub static FEATURES: &[NetFeature] = &[
         "indirect_desc",
         "VIRTIO_F_INDIRECT_DESC",
         Nothing,
+        Ring,
         &[],
         &[],
         true,
@@ -344,6 +424,7 @@ pub static FEATURES: &[NetFeature] = &[
         "event_idx",
         "VIRTIO_F_EVENT_IDX",
         Nothing,
+        Ring,
         &[],
         &[],
         true,
@@ -355,6 +436,7 @@ pub static FEATURES: &[NetFeature] = &[
             "version_1",
             "VIRTIO_F_VERSION_1",
             Nothing,
+            Ring,
             &[],
             &[],
             true,
@@ -365,6 +447,7 @@ pub static FEATURES: &[NetFeature] = &[
         "iommu_platform",
         "VIRTIO_F_ACCESS_PLATFORM",
         Nothing,
+        Ring,
         &[],
         &[],
         false,
@@ -374,6 +457,7 @@ pub static FEATURES: &[NetFeature] = &[
         "packed",
         "VIRTIO_F_RING_PACKED",
         Nothing,
+        Ring,
         &[],
         &[],
         false,
@@ -383,6 +467,7 @@ pub static FEATURES: &[NetFeature] = &[
         "in_order",
         "VIRTIO_F_IN_ORDER",
         Nothing,
+        Ring,
         &[],
         &[],
         false,
@@ -392,6 +477,7 @@ pub static FEATURES: &[NetFeature] = &[
         "notification_data",
         "VIRTIO_F_NOTIFICATION_DATA",
         Nothing,
+        Ring,
         &[],
         &[],
         false,
@@ -401,6 +487,7 @@ pub static FEATURES: &[NetFeature] = &[
         "queue_reset",
         "VIRTIO_F_RING_RESET",
         Nothing,
+        Ring,
         &[],
         &[],
         false,
@@ -410,6 +497,7 @@ pub static FEATURES: &[NetFeature] = &[
         "guest_uso4",
         "VIRTIO_NET_F_GUEST_USO4",
         Offload(TUN_F_CSUM | TUN_F_USO4 | TUN_F_USO6),
+        Packet,
         &[GUEST_CSUM],
         &[],
         true,
@@ -419,6 +507,7 @@ pub static FEATURES: &[NetFeature] = &[
         "guest_uso6",
         "VIRTIO_NET_F_GUEST_USO6",
         Offload(TUN_F_CSUM | TUN_F_USO4 | TUN_F_USO6),
+        Packet,
         &[GUEST_CSUM],
         &[],
         true,
@@ -428,6 +517,7 @@ pub static FEATURES: &[NetFeature] = &[
         "host_uso",
         "VIRTIO_NET_F_HOST_USO",
         Offload(TUN_F_CSUM | TUN_F_USO4 | TUN_F_USO6),
+        Packet,
         &[CSUM],
         &[],
         true,
@@ -437,6 +527,7 @@ pub static FEATURES: &[NetFeature] = &[
         "hash",
         "VIRTIO_NET_F_HASH_REPORT",
         VnetHdr,
+        Packet,
         &[],
         &[],
         false,
@@ -446,6 +537,7 @@ pub static FEATURES: &[NetFeature] = &[
         "rss",
         "VIRTIO_NET_F_RSS",
         Nothing,
+        Packet,
         &[CTRL_VQ],
         &[],
         false,
@@ -455,6 +547,7 @@ pub static FEATURES: &[NetFeature] = &[
         "guest_rsc_ext",
         "VIRTIO_NET_F_RSC_EXT",
         VnetHdr,
+        Packet,
         &[],
         &[VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6],
         false,
@@ -464,6 +557,7 @@ pub static FEATURES: &[NetFeature] = &[
         "failover",
         "VIRTIO_NET_F_STANDBY",
         Nothing,
+        Frontend,
         &[],
         &[],
         false,
@@ -473,6 +567,7 @@ pub static FEATURES: &[NetFeature] = &[
         "speed_duplex",
         "VIRTIO_NET_F_SPEED_DUPLEX",
         Nothing,
+        Frontend,
         &[],
         &[],
         false,
@@ -768,6 +863,38 @@ mod tests {
         assert_eq!(by_name("host_uso").unwrap().bit, 56);
         assert_eq!(name_of(VIRTIO_F_VERSION_1), "version_1");
         assert_eq!(always_offered(), feature(VIRTIO_F_VERSION_1));
+    }
+
+    #[test]
+    fn vhost_column() {
+        let need = |n: &str| by_name(n).unwrap().vhost;
+        // godwit keeps the configuration space and serves the control queue.
+        for n in [
+            "mac",
+            "status",
+            "mtu",
+            "ctrl_vq",
+            "ctrl_rx",
+            "ctrl_mac_addr",
+            "guest_announce",
+        ] {
+            assert_eq!(need(n), VhostNeed::Frontend, "{n}");
+            assert!(!need(n).vhost_user_backend_must_offer(), "{n}");
+        }
+        assert_eq!(need("mq"), VhostNeed::QueuePairs);
+        for n in [
+            "mrg_rxbuf",
+            "event_idx",
+            "indirect_desc",
+            "version_1",
+            "packed",
+        ] {
+            assert_eq!(need(n), VhostNeed::Ring, "{n}");
+        }
+        for n in ["csum", "guest_csum", "host_tso4", "guest_uso4", "host_uso"] {
+            assert_eq!(need(n), VhostNeed::Packet, "{n}");
+            assert!(need(n).vhost_user_backend_must_offer(), "{n}");
+        }
     }
 
     #[test]
