@@ -9,6 +9,7 @@ pub mod layout;
 pub mod machine;
 pub mod machine_types;
 pub mod memory;
+pub mod migrate;
 pub mod net;
 pub mod net_abi;
 pub mod net_spec;

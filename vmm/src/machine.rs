@@ -57,6 +57,14 @@ pub enum StartError {
     Net(#[from] NetSetupError),
     #[error(transparent)]
     Restore(Box<crate::snapshot::RestoreError>),
+    #[error(transparent)]
+    Incoming(Box<crate::migrate::IncomingError>),
+}
+
+impl From<crate::migrate::IncomingError> for StartError {
+    fn from(e: crate::migrate::IncomingError) -> Self {
+        StartError::Incoming(Box::new(e))
+    }
 }
 
 impl StartError {
@@ -79,6 +87,8 @@ pub enum VmOutcome {
     Quit,
     /// The guest crashed in a way KVM reports (triple fault, emulation failure).
     GuestFailed(VcpuExitError),
+    /// The guest was migrated away and runs on the destination.
+    Migrated,
 }
 
 /// Run state as QMP `query-status` reports it.
@@ -116,6 +126,7 @@ pub struct VmHandle {
     pub(crate) ram: GuestRam,
     /// Serializes whole-VM operations (snapshot, migration) with stop/cont.
     pub(crate) operation: Mutex<()>,
+    pub(crate) migration: crate::migrate::MigrationState,
 }
 
 impl VmHandle {
@@ -251,7 +262,78 @@ impl CommandHandler for VmCommands {
             }
             "query-migrate" => {
                 api::no_args(args)?;
-                Ok(json!({"status": "none", "blocked-reasons": self.vm.blockers()}))
+                let mut info = serde_json::to_value(self.vm.migration.info()).unwrap_or(json!({}));
+                if let Value::Object(o) = &mut info {
+                    o.insert("blocked-reasons".into(), json!(self.vm.blockers()));
+                }
+                Ok(info)
+            }
+            "migrate" => {
+                #[derive(serde::Deserialize)]
+                #[serde(deny_unknown_fields)]
+                struct Args {
+                    uri: String,
+                }
+                let a: Args = api::parse_args(args)?;
+                let tx = self
+                    .vm
+                    .vm_events
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .clone();
+                crate::migrate::start(&self.vm, &a.uri, tx)
+                    .map_err(|e| QmpError::generic(e.to_string()))?;
+                Ok(json!({}))
+            }
+            "migrate_cancel" => {
+                api::no_args(args)?;
+                self.vm.migration.cancel();
+                Ok(json!({}))
+            }
+            "migrate-set-parameters" => {
+                #[derive(serde::Deserialize)]
+                #[serde(deny_unknown_fields)]
+                struct Args {
+                    #[serde(rename = "downtime-limit")]
+                    downtime_limit: Option<u64>,
+                    #[serde(rename = "max-bandwidth")]
+                    max_bandwidth: Option<u64>,
+                    #[serde(rename = "max-rounds")]
+                    max_rounds: Option<u32>,
+                }
+                let a: Args = api::parse_args(args)?;
+                let mut p = self
+                    .vm
+                    .migration
+                    .params
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                if let Some(d) = a.downtime_limit {
+                    p.downtime_limit_ms = d;
+                }
+                if let Some(b) = a.max_bandwidth {
+                    p.max_bandwidth = b;
+                }
+                if let Some(r) = a.max_rounds {
+                    if r == 0 {
+                        return Err(QmpError::generic(
+                            "Parameter 'max-rounds' must be at least 1",
+                        ));
+                    }
+                    p.max_rounds = r;
+                }
+                Ok(json!({}))
+            }
+            "query-migrate-parameters" => {
+                api::no_args(args)?;
+                let p = self
+                    .vm
+                    .migration
+                    .params
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .clone();
+                Ok(serde_json::to_value(p).unwrap_or(json!({})))
             }
             other => Err(QmpError::command_not_found(format!(
                 "The command {other} has not been found"
@@ -270,6 +352,10 @@ impl CommandHandler for VmCommands {
             "query-machines",
             "query-migrate",
             "snapshot-save",
+            "migrate",
+            "migrate_cancel",
+            "migrate-set-parameters",
+            "query-migrate-parameters",
         ]
     }
 }
@@ -360,10 +446,14 @@ fn spawn_stdin_reader(serial: Arc<Mutex<SerialDevice>>) {
 }
 
 /// A VM that is built and ready to run.
+/// Runs once the guest runs (an incoming migration confirms to its source).
+pub type OnRunning = Box<dyn FnOnce(&VmHandle) + Send>;
+
 pub struct Machine {
     handle: Arc<VmHandle>,
     vm_events: Receiver<VmEvent>,
     api: Option<ApiServer>,
+    on_running: Option<OnRunning>,
 }
 
 /// Everything of a VM that exists before its vCPU threads start.
@@ -530,6 +620,7 @@ impl Machine {
             vm: built.vm,
             ram: built.ram,
             operation: Mutex::new(()),
+            migration: crate::migrate::MigrationState::default(),
         });
         let api = match &config.api_socket {
             Some(path) => Some(ApiServer::start_with_events(
@@ -546,7 +637,13 @@ impl Machine {
             handle,
             vm_events: built.event_rx,
             api,
+            on_running: None,
         })
+    }
+
+    /// Sets what runs right after the guest is resumed by [`Machine::run`].
+    pub fn on_running(&mut self, f: OnRunning) {
+        self.on_running = Some(f);
     }
 
     /// Runs the guest until it powers off, fails, or is told to quit.
@@ -554,10 +651,20 @@ impl Machine {
         self.handle.set_state(RunState::Running);
         self.handle.vcpus.resume();
         tracing::info!("vCPUs released");
+        for net in &self.handle.nets {
+            net.device
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .resume_datapath();
+        }
+        if let Some(f) = self.on_running.take() {
+            f(&self.handle);
+        }
         let outcome = match self.vm_events.recv() {
             Ok(VmEvent::GuestReset) => VmOutcome::GuestPoweroff,
             Ok(VmEvent::Quit) | Err(_) => VmOutcome::Quit,
             Ok(VmEvent::VcpuFailed(e)) => VmOutcome::GuestFailed(e),
+            Ok(VmEvent::Migrated) => VmOutcome::Migrated,
         };
         self.handle.set_state(RunState::Shutdown);
         self.handle.vcpus.exit();
@@ -570,6 +677,7 @@ impl Machine {
             VmOutcome::GuestPoweroff => (true, "guest-reset"),
             VmOutcome::Quit => (false, "host-qmp-quit"),
             VmOutcome::GuestFailed(_) => (true, "guest-panic"),
+            VmOutcome::Migrated => (false, "migrated"),
         };
         self.handle
             .api_events

@@ -81,6 +81,10 @@ struct RunArgs {
     /// booting; --net gives this host's peers, one per saved device, in order.
     #[arg(long, value_name = "DIR", conflicts_with_all = ["kernel", "initrd", "cmdline", "memory", "vcpus", "machine"])]
     restore: Option<PathBuf>,
+    /// Wait for a live migration on tcp:ADDR:PORT or unix:PATH instead of
+    /// booting; --net gives this host's peers, one per device, in order.
+    #[arg(long, value_name = "URI", conflicts_with_all = ["kernel", "initrd", "cmdline", "memory", "vcpus", "machine", "restore"])]
+    incoming: Option<String>,
     /// With --restore: `map` the memory file privately (no copy; the
     /// default) or `copy` it into shared memory (needed by vhost-user peers).
     #[arg(long, value_name = "MODE", default_value = "map", requires = "restore")]
@@ -189,9 +193,10 @@ fn run(args: RunArgs) -> ExitCode {
         serial: args.serial,
         api_socket: args.api_socket,
     };
-    let built = match &args.restore {
-        Some(dir) => godwit_vmm::snapshot::restore(&config, dir),
-        None => Machine::build(&config),
+    let built = match (&args.restore, &args.incoming) {
+        (Some(dir), _) => godwit_vmm::snapshot::restore(&config, dir),
+        (None, Some(uri)) => godwit_vmm::migrate::incoming(&config, uri),
+        (None, None) => Machine::build(&config),
     };
     let machine = match built {
         Ok(m) => m,
@@ -206,7 +211,7 @@ fn run(args: RunArgs) -> ExitCode {
         }
     };
     match machine.run() {
-        VmOutcome::GuestPoweroff | VmOutcome::Quit => ExitCode::SUCCESS,
+        VmOutcome::GuestPoweroff | VmOutcome::Quit | VmOutcome::Migrated => ExitCode::SUCCESS,
         VmOutcome::GuestFailed(e) => {
             report!("godwit: guest failed: {e}");
             ExitCode::from(EXIT_GUEST_FAILED)
@@ -214,8 +219,74 @@ fn run(args: RunArgs) -> ExitCode {
     }
 }
 
-/// `godwit ctl`: QMP commands, plus `snapshot DIR` for snapshot-save.
+/// `godwit ctl migrate URI`: starts a migration and shows its progress
+/// until it ends; fails when the migration fails.
+fn ctl_migrate(
+    socket: &std::path::Path,
+    uri: &str,
+) -> Result<String, godwit_vmm::api::ClientError> {
+    use godwit_vmm::api::{ClientError, QmpClient};
+    use std::time::Duration;
+    let mut client = QmpClient::connect(socket, Duration::from_secs(10))?;
+    client.execute("migrate", serde_json::json!({ "uri": uri }))?;
+    let mut last = serde_json::Value::Null;
+    loop {
+        let info = match client.execute("query-migrate", serde_json::Value::Null) {
+            Ok(info) => info,
+            // The source ends once the destination runs the guest.
+            Err(ClientError::Closed { .. }) | Err(ClientError::Io { .. })
+                if last["status"] == "active" || last["status"] == "completed" =>
+            {
+                return Ok("migration completed: the guest runs on the destination".into());
+            }
+            Err(e) => return Err(e),
+        };
+        let status = info["status"].as_str().unwrap_or("?").to_string();
+        let line = format!(
+            "{status}: round {}, {} MiB sent, {} MiB remaining, {:.0} Mbit/s, expected downtime {} ms",
+            info["rounds"],
+            info["transferred-bytes"].as_u64().unwrap_or(0) >> 20,
+            info["remaining-bytes"].as_u64().unwrap_or(0) >> 20,
+            info["throughput-mbps"].as_f64().unwrap_or(0.0),
+            info["expected-downtime-ms"]
+        );
+        report!("{line}");
+        match status.as_str() {
+            "completed" => {
+                return Ok(format!(
+                    "migration completed in {:.0} ms, downtime {:.1} ms",
+                    info["total-time-ms"].as_f64().unwrap_or(0.0),
+                    info["downtime-ms"].as_f64().unwrap_or(0.0)
+                ))
+            }
+            "failed" | "cancelled" => {
+                return Err(ClientError::Qmp {
+                    class: "GenericError".into(),
+                    desc: format!(
+                        "migration {status}: {}",
+                        info["error"].as_str().unwrap_or("")
+                    ),
+                })
+            }
+            _ => {}
+        }
+        last = info;
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// `godwit ctl`: QMP commands, plus `snapshot DIR` for snapshot-save and
+/// `migrate URI` with progress.
 fn ctl(args: &CtlArgs) -> Result<String, godwit_vmm::api::ClientError> {
+    if args.command == "migrate" {
+        if let Some(uri) = args
+            .json_args
+            .as_deref()
+            .filter(|a| !a.trim_start().starts_with('{'))
+        {
+            return ctl_migrate(&args.api_socket, uri);
+        }
+    }
     if args.command == "snapshot" {
         if let Some(dir) = args
             .json_args

@@ -158,6 +158,13 @@ impl<'a> Quiesced<'a> {
     }
 }
 
+impl Quiesced<'_> {
+    /// Leaves the VM paused (its guest now runs elsewhere).
+    pub(crate) fn keep_paused(mut self) {
+        self.resume = false;
+    }
+}
+
 impl Drop for Quiesced<'_> {
     fn drop(&mut self) {
         if self.resume {

@@ -238,6 +238,11 @@ impl VcpuThreads {
         }
     }
 
+    /// How many vCPUs the VM has.
+    pub fn count(&self) -> usize {
+        self.fds.len()
+    }
+
     pub fn is_paused(&self) -> bool {
         self.control.lock().target == Target::Pause
     }

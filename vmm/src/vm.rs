@@ -20,6 +20,8 @@ pub enum VmEvent {
     VcpuFailed(VcpuExitError),
     /// The management API asked godwit to quit.
     Quit,
+    /// The guest now runs on a migration destination.
+    Migrated,
 }
 
 #[derive(Debug, thiserror::Error)]
