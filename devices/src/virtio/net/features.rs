@@ -122,6 +122,8 @@ pub struct NetFeature {
     pub always: bool,
 }
 
+/// One row of [`FEATURES`], its columns in table order.
+#[allow(clippy::too_many_arguments)]
 const fn f(
     bit: u32,
     name: &'static str,

@@ -20,6 +20,7 @@
 //! (see `worker.rs`); `reset` stops it and keeps the TAP for the next
 //! activation.
 
+mod ctrl;
 pub mod features;
 mod state;
 pub use state::VirtioNetState;

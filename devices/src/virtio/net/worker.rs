@@ -26,13 +26,12 @@ use std::sync::Arc;
 
 use crate::virtio::pause::PauseGate;
 use virtio_bindings::virtio_net::*;
-use virtio_bindings::virtio_ring::VRING_AVAIL_F_NO_INTERRUPT;
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::features::{tun_offloads_for_guest, GUEST_OFFLOADS};
+use super::features::tun_offloads_for_guest;
 use super::{Fault, Shared, CTRL_QUEUE, NET_HDR_LEN, RX_QUEUE, TX_QUEUE};
 use crate::net::Tap;
 use crate::virtio::ratelimit::LogLimiter;
@@ -49,8 +48,6 @@ const MAX_SEGS: usize = 1024;
 /// Frames / chains handled before the loop looks at other events.
 const RX_BUDGET: usize = 256;
 const TX_BUDGET: usize = 256;
-/// Largest control command (a MAC table of ~10000 entries).
-const CTRL_MAX_LEN: usize = 64 * 1024;
 
 const TOKEN_STOP: u64 = 0;
 const TOKEN_RX: u64 = 1;
@@ -70,7 +67,7 @@ const LOG_SLOTS: usize = LOG_CTRL + 4;
 
 /// The ring itself cannot be used any more.
 #[derive(Debug)]
-pub(crate) struct Fatal(String);
+pub(crate) struct Fatal(pub(crate) String);
 
 fn ring_err(queue: &'static str, what: &'static str) -> impl Fn(virtio_queue::Error) -> Fatal {
     move |e| Fatal(format!("{queue} queue: {what}: {e}"))
@@ -78,10 +75,10 @@ fn ring_err(queue: &'static str, what: &'static str) -> impl Fn(virtio_queue::Er
 
 /// One guest buffer: a descriptor's address, length and direction.
 #[derive(Clone, Copy, Debug)]
-struct Seg {
-    addr: GuestAddress,
-    len: u32,
-    write: bool,
+pub(crate) struct Seg {
+    pub(crate) addr: GuestAddress,
+    pub(crate) len: u32,
+    pub(crate) write: bool,
 }
 
 /// A parsed receive chain: its head and its segments in the scratch vector.
@@ -94,9 +91,6 @@ struct RxChain {
 
 /// A popped receive chain: parsed, or rejected (head and why).
 type PoppedRx = Result<RxChain, (u16, Fault)>;
-
-/// Unicast and multicast MAC tables of VIRTIO_NET_CTRL_MAC_TABLE_SET.
-type MacTables = (Vec<[u8; 6]>, Vec<[u8; 6]>);
 
 enum Delivery {
     Done,
@@ -120,7 +114,7 @@ enum ReadStep {
 /// indirect table: the iterator stops early while the last descriptor still
 /// says NEXT), a buffer lies outside guest memory, or it has too many
 /// segments. On failure `segs` may hold part of the chain; callers truncate.
-fn parse_chain(
+pub(crate) fn parse_chain(
     chain: DescriptorChain<&GuestMemory>,
     mem: &GuestMemory,
     segs: &mut Vec<Seg>,
@@ -152,13 +146,18 @@ fn parse_chain(
     Ok(())
 }
 
-fn seg_total(segs: &[Seg]) -> usize {
+pub(crate) fn seg_total(segs: &[Seg]) -> usize {
     segs.iter().map(|s| s.len as usize).sum()
 }
 
 /// Copies `data` into the buffers `segs`, starting `offset` bytes in.
 /// Returns how many bytes were written. Marks the pages dirty.
-fn write_to_segs(mem: &GuestMemory, segs: &[Seg], mut offset: usize, mut data: &[u8]) -> usize {
+pub(crate) fn write_to_segs(
+    mem: &GuestMemory,
+    segs: &[Seg],
+    mut offset: usize,
+    mut data: &[u8],
+) -> usize {
     let mut written = 0;
     for s in segs {
         if data.is_empty() {
@@ -186,7 +185,7 @@ fn write_to_segs(mem: &GuestMemory, segs: &[Seg], mut offset: usize, mut data: &
 }
 
 /// Copies up to `out.len()` bytes out of the buffers `segs`.
-fn read_from_segs(mem: &GuestMemory, segs: &[Seg], out: &mut [u8]) -> usize {
+pub(crate) fn read_from_segs(mem: &GuestMemory, segs: &[Seg], out: &mut [u8]) -> usize {
     let mut done = 0;
     for s in segs {
         let n = (s.len as usize).min(out.len() - done);
@@ -547,36 +546,24 @@ impl Worker {
                 None => return Ok(()),
             },
         };
-        let notify = if q.event_idx_enabled() {
-            let crate_says = q
-                .needs_notification(mem)
-                .map_err(|e| Fatal(format!("{name} queue: reading used_event: {e}")))?;
-            // Entries written by add_used_rx_batch were not counted by
-            // virtio-queue: decide over the whole range they published.
-            let batched = index == RX_QUEUE && std::mem::take(&mut self.rx_batched) > 0;
-            crate_says
-                || (batched && {
-                    let at = GuestAddress(q.avail_ring())
-                        .checked_add(4 + 2 * u64::from(q.size()))
-                        .ok_or_else(|| {
-                            Fatal(format!("{name} queue: used_event address overflows"))
-                        })?;
-                    let event: u16 = mem
-                        .load(at, Ordering::Acquire)
-                        .map(u16::from_le)
-                        .map_err(|e| Fatal(format!("{name} queue: reading used_event: {e}")))?;
-                    let new = q.next_used();
-                    let old = new.wrapping_sub(added as u16);
-                    // vring_need_event(event, new, old)
-                    new.wrapping_sub(event).wrapping_sub(1) < new.wrapping_sub(old)
-                })
-        } else {
-            // virtio-queue does not look at VRING_AVAIL_F_NO_INTERRUPT.
-            let flags: u16 = mem
-                .load(q_avail(q), Ordering::Acquire)
-                .map_err(|e| Fatal(format!("reading the available ring flags: {e}")))?;
-            u16::from_le(flags) & VRING_AVAIL_F_NO_INTERRUPT as u16 == 0
-        };
+        let crate_says = super::ctrl::wants_interrupt(q, mem, name)?;
+        // Entries written by add_used_rx_batch were not counted by
+        // virtio-queue: decide over the whole range they published.
+        let batched = index == RX_QUEUE && std::mem::take(&mut self.rx_batched) > 0;
+        let notify = crate_says
+            || (q.event_idx_enabled() && batched && {
+                let at = GuestAddress(q.avail_ring())
+                    .checked_add(4 + 2 * u64::from(q.size()))
+                    .ok_or_else(|| Fatal(format!("{name} queue: used_event address overflows")))?;
+                let event: u16 = mem
+                    .load(at, Ordering::Acquire)
+                    .map(u16::from_le)
+                    .map_err(|e| Fatal(format!("{name} queue: reading used_event: {e}")))?;
+                let new = q.next_used();
+                let old = new.wrapping_sub(added as u16);
+                // vring_need_event(event, new, old)
+                new.wrapping_sub(event).wrapping_sub(1) < new.wrapping_sub(old)
+            });
         if notify {
             if let Err(e) = self.interrupt.trigger(InterruptKind::Queue(index as u16)) {
                 self.log_limited(LOG_IRQ, format_args!("cannot interrupt the guest: {e}"));
@@ -1076,213 +1063,46 @@ impl Worker {
     // -------------------------------------------------------------- CTRL --
 
     fn process_ctrl(&mut self) -> Result<(), Fatal> {
-        loop {
-            let Some((q, _)) = &mut self.ctrl else {
-                return Ok(());
+        let Some((q, _)) = &mut self.ctrl else {
+            return Ok(());
+        };
+        let tap = &self.tap;
+        let limiter = &mut self.log;
+        let mut applied = None;
+        let mut set_offloads =
+            |offloads: u64| match tap.set_offload(tun_offloads_for_guest(offloads)) {
+                Ok(()) => {
+                    applied = Some(offloads);
+                    true
+                }
+                Err(e) => {
+                    tracing::warn!(tap = tap.name(), "guest offload change refused: {e}");
+                    false
+                }
             };
-            let Some(chain) = q
-                .iter(&self.mem)
-                .map_err(ring_err("control", "reading the available ring"))?
-                .next()
-            else {
-                break;
-            };
-            let head = chain.head_index();
-            self.segs.clear();
-            let mut fault = parse_chain(chain, &self.mem, &mut self.segs).err();
-            let split = self
-                .segs
-                .iter()
-                .position(|s| s.write)
-                .unwrap_or(self.segs.len());
-            if fault.is_none() {
-                let (out, inp) = self.segs.split_at(split);
-                fault = if inp.iter().any(|s| !s.write) {
-                    Some(Fault::WrongDirection)
-                } else if inp.is_empty() || seg_total(out) < 2 {
-                    Some(Fault::TooShort)
-                } else if seg_total(out) > CTRL_MAX_LEN {
-                    Some(Fault::TooLarge)
-                } else {
-                    None
-                };
-            }
-            if let Some(f) = fault {
-                self.shared.counters.ctrl_fault();
-                self.log_limited(
-                    LOG_CTRL,
-                    format_args!(
-                        "returning a bad control chain (head {head}) unanswered: {}",
-                        f.name()
-                    ),
+        let mut log = |msg: std::fmt::Arguments<'_>| {
+            if let Some(suppressed) = limiter.check(LOG_CTRL) {
+                tracing::warn!(
+                    tap = tap.name(),
+                    suppressed,
+                    "virtio-net: {msg} (similar events are logged at most every {}s)",
+                    crate::virtio::ratelimit::LOG_INTERVAL.as_secs()
                 );
-                self.add_used(CTRL_QUEUE, head, 0)?;
-                continue;
             }
-            let mut cmd = vec![0u8; seg_total(&self.segs[..split])];
-            let got = read_from_segs(&self.mem, &self.segs[..split], &mut cmd);
-            cmd.truncate(got);
-            let ack = self.handle_ctrl(&cmd);
-            if ack != VIRTIO_NET_OK as u8 {
-                self.shared.counters.ctrl_error();
-            }
-            let w = write_to_segs(&self.mem, &self.segs[split..], 0, &[ack]);
-            self.add_used(CTRL_QUEUE, head, w as u32)?;
+        };
+        let added = super::ctrl::serve_ctrl_queue(
+            q,
+            &self.mem,
+            &self.shared,
+            self.acked,
+            &mut self.segs,
+            &mut set_offloads,
+            &mut log,
+        )?;
+        if let Some(offloads) = applied {
+            self.guest_csum = offloads & feature(VIRTIO_NET_F_GUEST_CSUM) != 0;
         }
+        self.added[CTRL_QUEUE] += added;
         self.signal_used(CTRL_QUEUE)
-    }
-
-    fn has(&self, bit: u32) -> bool {
-        self.acked & feature(bit) != 0
-    }
-
-    /// Executes one control command; returns VIRTIO_NET_OK or VIRTIO_NET_ERR.
-    fn handle_ctrl(&mut self, cmd: &[u8]) -> u8 {
-        let (ok, err) = (VIRTIO_NET_OK as u8, VIRTIO_NET_ERR as u8);
-        let (class, command, data) = match cmd {
-            [class, command, data @ ..] => (u32::from(*class), u32::from(*command), data),
-            _ => return err,
-        };
-        let result = match (class, command) {
-            (VIRTIO_NET_CTRL_RX, VIRTIO_NET_CTRL_RX_PROMISC | VIRTIO_NET_CTRL_RX_ALLMULTI)
-                if self.has(VIRTIO_NET_F_CTRL_RX) =>
-            {
-                match data {
-                    [on] => {
-                        let on = *on != 0;
-                        self.shared.with_filter(|f| {
-                            if command == VIRTIO_NET_CTRL_RX_PROMISC {
-                                f.promiscuous = on;
-                            } else {
-                                f.all_multicast = on;
-                            }
-                        });
-                        true
-                    }
-                    _ => false,
-                }
-            }
-            (VIRTIO_NET_CTRL_MAC, VIRTIO_NET_CTRL_MAC_TABLE_SET)
-                if self.has(VIRTIO_NET_F_CTRL_RX) =>
-            {
-                match parse_mac_tables(data) {
-                    Some((uni, multi)) => {
-                        self.shared.with_filter(|f| {
-                            f.unicast = uni;
-                            f.multicast = multi;
-                        });
-                        true
-                    }
-                    None => false,
-                }
-            }
-            (VIRTIO_NET_CTRL_MAC, VIRTIO_NET_CTRL_MAC_ADDR_SET)
-                if self.has(VIRTIO_NET_F_CTRL_MAC_ADDR) =>
-            {
-                match <[u8; 6]>::try_from(data) {
-                    Ok(mac) if mac[0] & 1 == 0 => {
-                        self.shared.set_mac(mac);
-                        true
-                    }
-                    _ => false,
-                }
-            }
-            (VIRTIO_NET_CTRL_ANNOUNCE, VIRTIO_NET_CTRL_ANNOUNCE_ACK)
-                if self.has(VIRTIO_NET_F_GUEST_ANNOUNCE) =>
-            {
-                self.shared
-                    .status
-                    .fetch_and(!(VIRTIO_NET_S_ANNOUNCE as u16), Ordering::SeqCst);
-                true
-            }
-            (VIRTIO_NET_CTRL_MQ, VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET) if self.has(VIRTIO_NET_F_MQ) => {
-                data == 1u16.to_le_bytes()
-            }
-            (VIRTIO_NET_CTRL_GUEST_OFFLOADS, VIRTIO_NET_CTRL_GUEST_OFFLOADS_SET)
-                if self.has(VIRTIO_NET_F_CTRL_GUEST_OFFLOADS) =>
-            {
-                match <[u8; 8]>::try_from(data).map(u64::from_le_bytes) {
-                    Ok(offloads) if offloads & !(self.acked & GUEST_OFFLOADS) == 0 => {
-                        match self.tap.set_offload(tun_offloads_for_guest(offloads)) {
-                            Ok(()) => {
-                                self.shared.guest_offloads.store(offloads, Ordering::SeqCst);
-                                self.guest_csum = offloads & feature(VIRTIO_NET_F_GUEST_CSUM) != 0;
-                                true
-                            }
-                            Err(e) => {
-                                tracing::warn!(
-                                    tap = self.tap.name(),
-                                    "guest offload change refused: {e}"
-                                );
-                                false
-                            }
-                        }
-                    }
-                    _ => false,
-                }
-            }
-            _ => false,
-        };
-        if !result {
-            self.log_limited(
-                LOG_CTRL,
-                format_args!("answering control command class {class} command {command} ({} bytes) with VIRTIO_NET_ERR: not supported or malformed", data.len()),
-            );
-        }
-        if result {
-            ok
-        } else {
-            err
-        }
-    }
-}
-
-fn q_avail(q: &Queue) -> GuestAddress {
-    GuestAddress(q.avail_ring())
-}
-
-/// Two `virtio_net_ctrl_mac` tables (le32 count + 6-byte entries), unicast
-/// then multicast, filling `data` exactly.
-fn parse_mac_tables(data: &[u8]) -> Option<MacTables> {
-    fn table(data: &[u8]) -> Option<(Vec<[u8; 6]>, &[u8])> {
-        let (n, rest) = data.split_first_chunk::<4>()?;
-        let n = usize::try_from(u32::from_le_bytes(*n)).ok()?;
-        let bytes = n.checked_mul(6)?;
-        if rest.len() < bytes {
-            return None;
-        }
-        let (entries, rest) = rest.split_at(bytes);
-        let macs = entries
-            .chunks_exact(6)
-            .filter_map(|c| <[u8; 6]>::try_from(c).ok())
-            .collect();
-        Some((macs, rest))
-    }
-    let (uni, rest) = table(data)?;
-    let (multi, rest) = table(rest)?;
-    rest.is_empty().then_some((uni, multi))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn mac_tables() {
-        let mut d = Vec::new();
-        d.extend_from_slice(&1u32.to_le_bytes());
-        d.extend_from_slice(&[2, 0, 0, 0, 0, 1]);
-        d.extend_from_slice(&2u32.to_le_bytes());
-        d.extend_from_slice(&[1, 0, 0x5e, 0, 0, 1, 1, 0, 0x5e, 0, 0, 2]);
-        let (u, m) = parse_mac_tables(&d).unwrap();
-        assert_eq!(u, vec![[2, 0, 0, 0, 0, 1]]);
-        assert_eq!(m.len(), 2);
-        assert!(parse_mac_tables(&d[..d.len() - 1]).is_none());
-        let mut extra = d.clone();
-        extra.push(0);
-        assert!(parse_mac_tables(&extra).is_none());
-        let mut huge = Vec::new();
-        huge.extend_from_slice(&u32::MAX.to_le_bytes());
-        assert!(parse_mac_tables(&huge).is_none());
     }
 }
