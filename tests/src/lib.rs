@@ -427,3 +427,126 @@ pub fn udp_echo(
     }
     ok
 }
+
+/// Two hosts and a client on one L2 segment (resources/twohosts.sh),
+/// removed on drop. Host A is 10.<s>.0.11, B 10.<s>.0.12, the client
+/// 10.<s>.0.100, the guest 10.<s>.0.2; each host's guest TAP is `gwtap0`.
+pub struct TwoHosts {
+    pub prefix: String,
+    pub subnet: u8,
+}
+
+impl TwoHosts {
+    pub fn new(subnet: u8, vnet_hdr_a: bool, vnet_hdr_b: bool) -> Self {
+        let prefix = format!("gwm{}", unique_suffix());
+        let mode = |v: bool| if v { "vnet_hdr" } else { "plain" };
+        let status = Command::new(resources_dir().join("twohosts.sh"))
+            .args([
+                "up",
+                &prefix,
+                &subnet.to_string(),
+                mode(vnet_hdr_a),
+                mode(vnet_hdr_b),
+            ])
+            .status()
+            .expect("run resources/twohosts.sh");
+        assert!(status.success(), "resources/twohosts.sh up {prefix} failed");
+        TwoHosts { prefix, subnet }
+    }
+    pub fn ns_a(&self) -> String {
+        format!("{}-a", self.prefix)
+    }
+    pub fn ns_b(&self) -> String {
+        format!("{}-b", self.prefix)
+    }
+    pub fn ns_c(&self) -> String {
+        format!("{}-c", self.prefix)
+    }
+    pub fn addr_b(&self) -> String {
+        format!("10.{}.0.12", self.subnet)
+    }
+    pub fn guest_ip(&self) -> String {
+        format!("10.{}.0.2", self.subnet)
+    }
+    /// The guest's `ip=`: its gateway is the client.
+    pub fn guest_ip_param(&self) -> String {
+        format!(
+            "ip={}::10.{}.0.100:255.255.255.0",
+            self.guest_ip(),
+            self.subnet
+        )
+    }
+    /// Runs `f` on a thread inside namespace `ns`.
+    pub fn run_in<T: Send + 'static>(
+        ns: &str,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> std::thread::JoinHandle<T> {
+        let path = format!("/var/run/netns/{ns}");
+        std::thread::spawn(move || {
+            use std::os::fd::AsRawFd;
+            let file = std::fs::File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
+            // SAFETY: setns on a valid namespace fd only changes this
+            // test-owned thread's network namespace.
+            let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(
+                rc,
+                0,
+                "setns into {path}: {}",
+                std::io::Error::last_os_error()
+            );
+            f()
+        })
+    }
+}
+
+impl Drop for TwoHosts {
+    fn drop(&mut self) {
+        let _ = Command::new(resources_dir().join("twohosts.sh"))
+            .args(["down", &self.prefix])
+            .status();
+    }
+}
+
+/// A client that keeps sending UDP echo requests (one every `every`) until
+/// told to stop, counting replies, with the time of each reply.
+pub struct EchoClient {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    handle: Option<std::thread::JoinHandle<(u64, Vec<Instant>)>>,
+}
+
+impl EchoClient {
+    pub fn start(ns: &str, target: String, every: Duration) -> Self {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let s = stop.clone();
+        let handle = TwoHosts::run_in(ns, move || {
+            let sock = std::net::UdpSocket::bind("0.0.0.0:0").expect("bind");
+            sock.set_read_timeout(Some(every)).unwrap();
+            let (mut sent, mut replies) = (0u64, Vec::new());
+            let mut buf = [0u8; 2048];
+            while !s.load(std::sync::atomic::Ordering::SeqCst) {
+                let _ = sock.send_to(&sent.to_le_bytes(), &target);
+                sent += 1;
+                while let Ok((n, _)) = sock.recv_from(&mut buf) {
+                    if n == 8 {
+                        replies.push(Instant::now());
+                    }
+                }
+            }
+            (sent, replies)
+        });
+        EchoClient {
+            stop,
+            handle: Some(handle),
+        }
+    }
+
+    /// Stops; returns (requests sent, reply times).
+    pub fn finish(mut self) -> (u64, Vec<Instant>) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.handle
+            .take()
+            .expect("running")
+            .join()
+            .expect("echo client")
+    }
+}

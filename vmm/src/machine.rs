@@ -73,6 +73,7 @@ impl StartError {
         match self {
             StartError::Net(e) => e.is_strict_refusal(),
             StartError::Restore(e) => e.is_peer_refusal(),
+            StartError::Incoming(e) => matches!(**e, crate::migrate::IncomingError::Refused(_)),
             _ => false,
         }
     }

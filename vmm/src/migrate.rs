@@ -826,7 +826,9 @@ fn receive(config: &VmConfig, conn: &mut Conn) -> Result<Machine, StartError> {
             match crate::net::open_tap(&dev.id, spec) {
                 Ok(tap) => {
                     let support = crate::net::tap_support(tap.name(), &tap.probe_offloads());
-                    if let Err(e) = snapshot::check_peer(&dev.id, dev.offered, &support) {
+                    if let Err(e) =
+                        snapshot::check_peer(&dev.id, dev.offered, &support, "on the source")
+                    {
                         reasons.push(e.to_string());
                     }
                     device_peers.push(DevicePeer {

@@ -333,10 +333,11 @@ pub enum RestoreError {
         saved: String,
         given: String,
     },
-    #[error("{device}: this host's peer ({peer}) lacks features the guest was offered when the snapshot was taken, so restoring is refused before the guest runs (the guest may use them at any moment, and renegotiates them after a reboot):\n{}\nRemedies (any one):\n  1. give this VM a peer that carries them (for a TAP: vnet_hdr=on, on a kernel with the listed offloads; check with godwit probe --net SPEC)\n  2. restore on a host whose peer carries them", missing.join("\n"))]
+    #[error("{device}: this host's peer ({peer}) lacks features the guest was offered {when}, so the VM is refused before it runs here (the guest may use them at any moment, and renegotiates them after a reboot):\n{}\n  Remedies (any one): give this VM a peer that carries them (for a TAP: vnet_hdr=on, on a kernel with the listed offloads; check with godwit probe --net SPEC), or run it on a host whose peer does", missing.join("\n"))]
     PeerLacks {
         device: String,
         peer: String,
+        when: String,
         missing: Vec<String>,
     },
 }
@@ -355,27 +356,40 @@ fn invalid(path: &Path, section: &str, detail: impl Into<String>) -> RestoreErro
     }
 }
 
-/// Checks a peer against what the guest was offered.
-pub fn check_peer(device: &str, offered: u64, peer: &PeerSupport) -> Result<(), RestoreError> {
+/// Checks a peer against what the guest was offered; `when` says where the
+/// offer was made ("when the snapshot was taken", "on the source").
+pub fn check_peer(
+    device: &str,
+    offered: u64,
+    peer: &PeerSupport,
+    when: &str,
+) -> Result<(), RestoreError> {
     let missing = offered & !peer.supported;
     if missing == 0 {
         return Ok(());
     }
-    let lines = (0..64)
-        .filter(|b| missing & (1 << b) != 0)
-        .map(|b| {
-            let why = peer
-                .why_not
-                .get(&b)
-                .cloned()
-                .unwrap_or_else(|| "not supported".into());
-            format!("  - {} (bit {b}): {why}", features::name_of(b))
-        })
-        .collect();
+    // One line per reason: a TAP without vnet header explains a dozen bits.
+    let mut by_reason: Vec<(String, Vec<String>)> = Vec::new();
+    for b in (0..64).filter(|b| missing & (1u64 << b) != 0) {
+        let why = peer
+            .why_not
+            .get(&b)
+            .cloned()
+            .unwrap_or_else(|| "not supported".into());
+        let item = format!("{} (bit {b})", features::name_of(b));
+        match by_reason.iter_mut().find(|(r, _)| *r == why) {
+            Some((_, items)) => items.push(item),
+            None => by_reason.push((why, vec![item])),
+        }
+    }
     Err(RestoreError::PeerLacks {
         device: device.to_string(),
         peer: peer.name.clone(),
-        missing: lines,
+        when: when.to_string(),
+        missing: by_reason
+            .into_iter()
+            .map(|(why, items)| format!("    {}: {why}", items.join(", ")))
+            .collect(),
     })
 }
 
@@ -478,7 +492,7 @@ pub fn open_peers(
         }
         let tap = open_tap(&net.id, spec)?;
         let peer = tap_support(tap.name(), &tap.probe_offloads());
-        check_peer(&net.id, net.offered, &peer)?;
+        check_peer(&net.id, net.offered, &peer, "when the snapshot was taken")?;
         peers.push((tap, peer));
     }
     Ok(peers)
