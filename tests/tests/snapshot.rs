@@ -246,12 +246,17 @@ fn digest(dir: &Path) -> Vec<(String, u32, u64)> {
     out
 }
 
+/// kind, version, flags, instance, encoding, name, bytes.
+type Section = (u32, u32, u32, u32, u32, String, Vec<u8>);
+/// What, state file bytes, memory file bytes (None: intact, empty: missing), expected text.
+type Case = (String, Vec<u8>, Option<Vec<u8>>, String);
+
 /// A container taken apart along its documented layout.
 struct Parsed {
     version: u32,
     arch: String,
     machine: String,
-    sections: Vec<(u32, u32, u32, u32, u32, String, Vec<u8>)>,
+    sections: Vec<Section>,
 }
 
 fn tag(b: &[u8]) -> String {
@@ -344,7 +349,7 @@ fn damaged_snapshots_are_refused_naming_section_and_reason() {
         "the test's reading of the documented layout is exact"
     );
 
-    let mut cases: Vec<(String, Vec<u8>, Option<Vec<u8>>, String)> = Vec::new();
+    let mut cases: Vec<Case> = Vec::new();
     // A flipped bit in every section, and in the header.
     for (off, len, name) in &spans {
         let mut b = state.clone();

@@ -338,7 +338,7 @@ fn hello_of(handle: &VmHandle) -> Result<Hello, MigrateError> {
 /// What the source checks of the destination's reply.
 fn check_destination(hello: &Hello, reply: &HelloReply) -> Vec<String> {
     let mut problems = Vec::new();
-    if !reply.machine_types.iter().any(|m| *m == hello.machine_type) {
+    if !reply.machine_types.contains(&hello.machine_type) {
         problems.push(format!(
             "the destination's godwit {} does not know machine type {} (it knows {})",
             reply.godwit_version,
