@@ -13,7 +13,8 @@ build:
 release:
 	$(CARGO) build --release --workspace
 
-# Boots the bundled test guest with two vCPUs and its serial console on stdout.
+# Boots the test guest with networking on one local host and live-migrates it
+# to a second one (network namespaces; needs root).
 demo: build
 	resources/demo.sh $(GODWIT)
 
