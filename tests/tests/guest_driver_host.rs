@@ -19,6 +19,12 @@ fn guest_driver_scenarios_pass_under_sanitizers() {
         .expect("run make (install make and gcc)");
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "host scenarios failed:\n{stdout}\n{stderr}");
-    assert!(stdout.contains("0 scenario(s) failed"), "{stdout}\n{stderr}");
+    assert!(
+        out.status.success(),
+        "host scenarios failed:\n{stdout}\n{stderr}"
+    );
+    assert!(
+        stdout.contains("0 scenario(s) failed"),
+        "{stdout}\n{stderr}"
+    );
 }
