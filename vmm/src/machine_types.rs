@@ -17,8 +17,10 @@ pub const ALIAS: &str = "godwit";
 /// The guest-visible ABI of one virtio-net device.
 #[derive(Clone, Copy, Debug)]
 pub struct NetAbi {
-    /// Feature property names offered by default (VERSION_1 is always offered).
-    pub features: &'static [&'static str],
+    /// Feature property names offered by default, as groups (a version
+    /// names its predecessor's groups and adds its own). VERSION_1 is
+    /// always offered.
+    pub features: &'static [&'static [&'static str]],
     pub queue_pairs: u16,
     pub queue_size: u16,
     pub mtu: u16,
@@ -59,31 +61,8 @@ const BASE_FEATURES: &[&str] = &[
     "version_1",
 ];
 
-const USO_FEATURES: &[&str] = &[
-    "csum",
-    "guest_csum",
-    "mtu",
-    "mac",
-    "guest_tso4",
-    "guest_tso6",
-    "guest_ecn",
-    "guest_ufo",
-    "host_tso4",
-    "host_tso6",
-    "host_ecn",
-    "host_ufo",
-    "mrg_rxbuf",
-    "status",
-    "ctrl_vq",
-    "ctrl_rx",
-    "guest_announce",
-    "indirect_desc",
-    "event_idx",
-    "version_1",
-    "guest_uso4",
-    "guest_uso6",
-    "host_uso",
-];
+/// What godwit-1.1 adds to godwit-1.0.
+const USO_FEATURES: &[&str] = &["guest_uso4", "guest_uso6", "host_uso"];
 
 const CONFIG_FIELDS: &[&str] = &["mac", "status", "max_virtqueue_pairs", "mtu"];
 
@@ -93,7 +72,7 @@ pub static MACHINE_TYPES: &[MachineType] = &[
         name: "godwit-1.0",
         adds: "virtio-net 1.0 device: checksum, TSO4/6, ECN and UFO offloads both ways, mergeable rx buffers, control queue (rx mode, announce), event index, indirect descriptors; 1 queue pair of 256, MTU 1500",
         net: NetAbi {
-            features: BASE_FEATURES,
+            features: &[BASE_FEATURES],
             queue_pairs: 1,
             queue_size: 256,
             mtu: 1500,
@@ -105,7 +84,7 @@ pub static MACHINE_TYPES: &[MachineType] = &[
         name: "godwit-1.1",
         adds: "UDP segmentation offload: guest_uso4, guest_uso6, host_uso (TAP peers need Linux >= 6.2)",
         net: NetAbi {
-            features: USO_FEATURES,
+            features: &[BASE_FEATURES, USO_FEATURES],
             queue_pairs: 1,
             queue_size: 256,
             mtu: 1500,
@@ -157,7 +136,12 @@ pub fn bits_of(names: &[&str]) -> u64 {
 impl MachineType {
     /// Features this type offers to the guest by default.
     pub fn net_features(&self) -> u64 {
-        bits_of(self.net.features) | features::always_offered()
+        self.net
+            .features
+            .iter()
+            .fold(features::always_offered(), |acc, group| {
+                acc | bits_of(group)
+            })
     }
 
     /// The previous version, if any.
@@ -250,7 +234,7 @@ mod tests {
     #[test]
     fn every_feature_name_is_in_the_feature_table_and_supported() {
         for m in MACHINE_TYPES {
-            for name in m.net.features {
+            for name in m.net.features.iter().flat_map(|g| g.iter()) {
                 let f =
                     by_name(name).unwrap_or_else(|| panic!("{}: unknown feature {name}", m.name));
                 assert!(

@@ -935,37 +935,7 @@ fn receive(config: &VmConfig, conn: &mut Conn) -> Result<Machine, StartError> {
         )
         .into());
     }
-    let vcpus = snapshot::restore_vm_state(&vm, &saved)?;
-    let mut buses = IoBuses::default();
-    let nets = snapshot::rebuild_nets(
-        &saved.nets,
-        peers,
-        config,
-        saved.machine,
-        &ram,
-        &vm,
-        &mut buses,
-    )?;
-    let (event_tx, event_rx) = mpsc::channel();
-    let serial = platform_devices(
-        &vm,
-        &mut buses,
-        &config.serial,
-        Some(&saved.serial),
-        &event_tx,
-    )?;
-    let built = BuiltVm {
-        machine: saved.machine,
-        vm,
-        ram,
-        buses,
-        nets,
-        serial,
-        vcpus,
-        event_tx,
-        event_rx,
-    };
-    let mut m = Machine::assemble(config, built, Vec::new())?;
+    let mut m = snapshot::machine_from_saved(config, &saved, vm, ram, peers)?;
     let restore_ms = restore_started.elapsed().as_secs_f64() * 1e3;
     tracing::info!(
         "incoming migration: {} MiB received in {:.0} ms, state restored in {restore_ms:.1} ms",

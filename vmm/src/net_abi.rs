@@ -341,7 +341,11 @@ mod tests {
     use crate::machine_types::resolve;
 
     fn peer(supported_names: &[&str]) -> PeerSupport {
-        let supported = crate::machine_types::bits_of(supported_names) | features::always_offered();
+        peer_of(crate::machine_types::bits_of(supported_names))
+    }
+
+    fn peer_of(bits: u64) -> PeerSupport {
+        let supported = bits | features::always_offered();
         PeerSupport {
             kind: "tap",
             name: "TAP t0".into(),
@@ -364,7 +368,7 @@ mod tests {
     #[test]
     fn full_peer_gets_the_machine_abi() {
         let m = resolve("godwit-1.1").unwrap();
-        let p = peer(m.net.features);
+        let p = peer_of(m.net_features());
         let d = decide("net0", "tap,ifname=t0", m, &no_overrides(), true, &p).unwrap();
         assert_eq!(d.offered, m.net_features());
         assert_eq!(d.blocker, None);
@@ -374,7 +378,7 @@ mod tests {
     fn strict_refusal_names_features_and_remedies_that_work() {
         let m11 = resolve("godwit-1.1").unwrap();
         let m10 = resolve("godwit-1.0").unwrap();
-        let mut p = peer(m10.net.features); // a kernel without USO
+        let mut p = peer_of(m10.net_features()); // a kernel without USO
         p.why_not.insert(54, "kernel lacks USO".into());
         let err =
             refusal(decide("net0", "tap,ifname=t0", m11, &no_overrides(), true, &p).unwrap_err());
@@ -437,7 +441,7 @@ mod tests {
     #[test]
     fn strict_off_drops_warns_and_blocks() {
         let m = resolve("godwit-1.1").unwrap();
-        let p = peer(resolve("godwit-1.0").unwrap().net.features);
+        let p = peer_of(resolve("godwit-1.0").unwrap().net_features());
         let d = decide("net0", "tap,ifname=t0", m, &no_overrides(), false, &p).unwrap();
         assert_eq!(
             d.dropped,
@@ -449,7 +453,7 @@ mod tests {
             "{blocker}"
         );
         // strict=off always blocks, even with nothing to drop.
-        let full = peer(m.net.features);
+        let full = peer_of(m.net_features());
         assert!(
             decide("net0", "tap,ifname=t0", m, &no_overrides(), false, &full)
                 .unwrap()

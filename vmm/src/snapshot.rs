@@ -607,6 +607,49 @@ pub(crate) fn restore_vm_state(
     Ok(vcpus)
 }
 
+/// Builds a (paused) VM from saved state on a VM and memory made for it:
+/// vCPUs, the VM's KVM state, devices on this host's peers. Shared by
+/// restore and incoming migration.
+pub(crate) fn machine_from_saved(
+    config: &VmConfig,
+    saved: &SavedVm,
+    vm: Vm,
+    ram: GuestRam,
+    peers: Vec<(godwit_devices::net::tap::Tap, PeerSupport)>,
+) -> Result<Machine, StartError> {
+    let vcpus = restore_vm_state(&vm, saved)?;
+    let mut buses = IoBuses::default();
+    let nets = rebuild_nets(
+        &saved.nets,
+        peers,
+        config,
+        saved.machine,
+        &ram,
+        &vm,
+        &mut buses,
+    )?;
+    let (event_tx, event_rx) = mpsc::channel();
+    let serial = platform_devices(
+        &vm,
+        &mut buses,
+        &config.serial,
+        Some(&saved.serial),
+        &event_tx,
+    )?;
+    let built = BuiltVm {
+        machine: saved.machine,
+        vm,
+        ram,
+        buses,
+        nets,
+        serial,
+        vcpus,
+        event_tx,
+        event_rx,
+    };
+    Machine::assemble(config, built, Vec::new())
+}
+
 /// `godwit run --restore DIR`: every check first, then the VM, paused.
 pub fn restore(config: &VmConfig, dir: &Path) -> Result<Machine, StartError> {
     let state_path = dir.join(STATE_FILE);
@@ -666,37 +709,7 @@ pub fn restore(config: &VmConfig, dir: &Path) -> Result<Machine, StartError> {
         size: saved.config.memory_size,
     };
     let vm = Vm::new(kvm, &ram.memory).map_err(StartError::from)?;
-    let vcpus = restore_vm_state(&vm, &saved)?;
-    let mut buses = IoBuses::default();
-    let nets = rebuild_nets(
-        &saved.nets,
-        peers,
-        config,
-        saved.machine,
-        &ram,
-        &vm,
-        &mut buses,
-    )?;
-    let (event_tx, event_rx) = mpsc::channel();
-    let serial = platform_devices(
-        &vm,
-        &mut buses,
-        &config.serial,
-        Some(&saved.serial),
-        &event_tx,
-    )?;
-    let built = BuiltVm {
-        machine: saved.machine,
-        vm,
-        ram,
-        buses,
-        nets,
-        serial,
-        vcpus,
-        event_tx,
-        event_rx,
-    };
-    let m = Machine::assemble(config, built, Vec::new())?;
+    let m = machine_from_saved(config, &saved, vm, ram, peers)?;
     tracing::info!(
         "restored {} in {:.1} ms",
         dir.display(),
