@@ -9,6 +9,8 @@ pub mod bus;
 pub mod i8042;
 pub mod net;
 pub mod serial;
+pub mod vhost_net;
+pub mod vhost_user;
 pub mod virtio;
 
 /// Guest memory as every device sees it: mmap'd regions with a dirty bitmap

@@ -9,8 +9,6 @@
 //! queue pairs (1), guest offloads (applied by the peer through a callback).
 //! A malformed chain is returned unanswered (length 0) and counted; an
 //! unknown or malformed command is answered VIRTIO_NET_ERR.
-// The control thread serves the vhost devices (vhost-user, vhost-net).
-#![allow(dead_code)]
 
 use std::io;
 use std::os::fd::AsRawFd;

@@ -20,8 +20,10 @@
 //! (see `worker.rs`); `reset` stops it and keeps the TAP for the next
 //! activation.
 
-mod ctrl;
+pub(crate) mod ctrl;
 pub mod features;
+pub(crate) mod model;
+pub use model::NetModel;
 mod state;
 pub use state::VirtioNetState;
 mod worker;

@@ -1,0 +1,621 @@
+//! godwit's own vhost-user net backend (`godwit net-backend`), built on the
+//! `vhost-user-backend` crate: it forwards frames between a frontend's
+//! receive/transmit rings and a TAP, with the virtio-net header (and so the
+//! offloads) passed through: the TAP's offloads follow the features the
+//! driver acked (`TUNSETOFFLOAD`, [`features::tun_offloads_for_guest`]).
+//!
+//! What it offers: the features of its interface version (pinned by the
+//! frontend through godwit's extension, else its default), plus
+//! VHOST_USER_F_PROTOCOL_FEATURES and LOG_ALL; protocol features MQ,
+//! LOG_SHMFD, REPLY_ACK (the crate's), CONFIG (the extension's carrier) and
+//! godwit's extension bit. Dirty logging: guest memory is mapped with the
+//! crate's `BitmapMmapRegion`, so every write through it (frames and used
+//! ring entries alike) marks the frontend's log once SET_LOG_BASE gave one.
+//!
+//! Not offered, because `vhost` 0.18's backend request handler has no case
+//! for their messages (it would drop the connection): protocol RARP
+//! (SEND_RARP) and MTU (NET_SET_MTU). The MTU a guest sees is the interface
+//! version's, in godwit's configuration space; announcements after a
+//! migration use GUEST_ANNOUNCE, which every interface version has.
+//!
+//! One frontend at a time: [`serve`] serves a connection until the frontend
+//! disconnects, then waits for the next one (a restarted godwit, a
+//! migration destination) with fresh session state on the same TAP.
+
+use std::io;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use vhost::vhost_user::{Listener, VhostUserProtocolFeatures as P};
+use vhost_user_backend::bitmap::BitmapMmapRegion;
+use vhost_user_backend::{VhostUserBackendMut, VhostUserDaemon, VringRwLock, VringT};
+use virtio_bindings::virtio_net::{VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_MRG_RXBUF};
+use virtio_queue::{DescriptorChain, QueueT};
+use vm_memory::{
+    Address, Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryLoadGuard,
+    GuestMemoryMmap,
+};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
+
+use super::conn::{F_LOG_ALL, F_PROTOCOL_FEATURES};
+use super::interface::{
+    by_interface_name, latest, valid_name, InterfaceRecord, InterfaceVersion, INTERFACES,
+    PROTOCOL_F_GODWIT_INTERFACE, WINDOW_OFFSET, WINDOW_SIZE,
+};
+use crate::net::tap::VNET_HDR_LEN;
+use crate::net::Tap;
+use crate::virtio::feature;
+use crate::virtio::net::features;
+
+type Mem = GuestMemoryMmap<BitmapMmapRegion>;
+type AtomicMem = GuestMemoryAtomic<Mem>;
+type Vring = VringRwLock<AtomicMem>;
+
+const RX: usize = 0;
+const TX: usize = 1;
+/// Event id of the TAP in the crate's epoll loop (ids up to the queue count
+/// are the crate's).
+const TAP_EVENT: u16 = 3;
+/// A 64 KiB GSO frame, a VLAN tag and the header, with room to spare.
+const FRAME_MAX: usize = 68 * 1024;
+
+/// What `godwit net-backend` serves.
+pub struct BackendOptions {
+    pub socket: PathBuf,
+    pub tap: Arc<Tap>,
+    /// The version presented when the frontend does not pin one.
+    pub default_interface: &'static InterfaceVersion,
+    /// Connect to `socket` (the frontend listens: godwit `server=on`)
+    /// instead of listening on it.
+    pub client: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error("interface {name} is not one this backend supports; it supports {} (latest {})", super::interface::names().join(", "), latest().name)]
+    UnknownInterface { name: String },
+    #[error("cannot set up the vhost-user daemon: {0}")]
+    Daemon(String),
+    #[error("cannot listen on {path}: {detail}")]
+    Listen { path: String, detail: String },
+    #[error("cannot register the TAP with the vring event loop: {0}")]
+    Register(io::Error),
+}
+
+/// Counters over the backend's life (all sessions).
+#[derive(Debug, Default)]
+pub struct BackendCounters {
+    pub rx_frames: AtomicU64,
+    pub tx_frames: AtomicU64,
+    pub rx_dropped: AtomicU64,
+    pub tx_dropped: AtomicU64,
+    pub sessions: AtomicU64,
+}
+
+/// The state of one frontend's session.
+pub struct NetBackend {
+    tap: Arc<Tap>,
+    default: &'static InterfaceVersion,
+    pinned: Option<&'static InterfaceVersion>,
+    features_set: bool,
+    acked: u64,
+    event_idx: bool,
+    mem: Option<AtomicMem>,
+    rx_buf: Vec<u8>,
+    /// Length of a frame read from the TAP and not yet delivered.
+    rx_pending: usize,
+    tx_buf: Vec<u8>,
+    counters: Arc<BackendCounters>,
+    ring_limit_logged: bool,
+    ring_error_logged: bool,
+}
+
+impl NetBackend {
+    pub fn new(
+        tap: Arc<Tap>,
+        default: &'static InterfaceVersion,
+        counters: Arc<BackendCounters>,
+    ) -> Self {
+        NetBackend {
+            tap,
+            default,
+            pinned: None,
+            features_set: false,
+            acked: 0,
+            event_idx: false,
+            mem: None,
+            rx_buf: vec![0; FRAME_MAX],
+            rx_pending: 0,
+            tx_buf: vec![0; FRAME_MAX],
+            counters,
+            ring_limit_logged: false,
+            ring_error_logged: false,
+        }
+    }
+
+    /// The interface presented now.
+    pub fn interface(&self) -> &'static InterfaceVersion {
+        self.pinned.unwrap_or(self.default)
+    }
+
+    fn record(&self) -> InterfaceRecord {
+        let active = self.interface();
+        InterfaceRecord {
+            active: active.name.to_string(),
+            pinned: self.pinned.is_some(),
+            latest: latest().name.to_string(),
+            supported: super::interface::names()
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
+            truncated: false,
+            values: active.values(),
+        }
+    }
+
+    fn guest_csum(&self) -> bool {
+        self.acked & feature(VIRTIO_NET_F_GUEST_CSUM) != 0
+    }
+
+    fn mergeable(&self) -> bool {
+        self.acked & feature(VIRTIO_NET_F_MRG_RXBUF) != 0
+    }
+
+    /// Rings larger than the interface allows are not served.
+    fn ring_ok(&mut self, vring: &Vring) -> bool {
+        let size = vring.get_ref().get_queue().size();
+        let max = self.interface().max_ring_size;
+        if size <= max {
+            return true;
+        }
+        if !self.ring_limit_logged {
+            self.ring_limit_logged = true;
+            tracing::error!(
+                "the frontend configured a ring of {size} entries; interface {} allows {max}: not serving it",
+                self.interface().name
+            );
+        }
+        false
+    }
+
+    fn signal(&self, vring: &Vring) -> io::Result<()> {
+        let needed = if self.event_idx {
+            vring.needs_notification().map_err(io::Error::other)?
+        } else {
+            true
+        };
+        if needed {
+            vring.signal_used_queue()?;
+        }
+        Ok(())
+    }
+
+    fn process_tx(&mut self, vring: &Vring) -> io::Result<()> {
+        let Some(mem) = self.mem.as_ref().map(GuestAddressSpace::memory) else {
+            return Ok(());
+        };
+        if !self.ring_ok(vring) {
+            return Ok(());
+        }
+        let mut sent = 0;
+        loop {
+            if self.event_idx {
+                vring.disable_notification().map_err(io::Error::other)?;
+            }
+            loop {
+                let chain = vring
+                    .get_mut()
+                    .get_queue_mut()
+                    .pop_descriptor_chain(mem.clone());
+                let Some(chain) = chain else { break };
+                let head = chain.head_index();
+                match gather(&mem, chain, &mut self.tx_buf) {
+                    Some(len) if len > VNET_HDR_LEN => match self.tap.write(&self.tx_buf[..len]) {
+                        Ok(_) => {
+                            self.counters.tx_frames.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Err(_) => {
+                            self.counters.tx_dropped.fetch_add(1, Ordering::Relaxed);
+                        }
+                    },
+                    _ => {
+                        self.counters.tx_dropped.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                vring.add_used(head, 0).map_err(io::Error::other)?;
+                sent += 1;
+            }
+            if !self.event_idx || !vring.enable_notification().map_err(io::Error::other)? {
+                break;
+            }
+        }
+        if sent > 0 {
+            self.signal(vring)?;
+        }
+        Ok(())
+    }
+
+    /// Moves frames from the TAP into receive buffers until the TAP is
+    /// empty or the guest has no buffers (the frame then waits, and the
+    /// next receive kick resumes).
+    fn process_rx(&mut self, vring: &Vring) -> io::Result<()> {
+        let Some(mem) = self.mem.as_ref().map(GuestAddressSpace::memory) else {
+            return Ok(());
+        };
+        if !self.ring_ok(vring) {
+            return Ok(());
+        }
+        let mut delivered = 0;
+        loop {
+            if self.rx_pending == 0 {
+                match self.tap.read(&mut self.rx_buf) {
+                    Ok(n) if n > VNET_HDR_LEN => self.rx_pending = n,
+                    Ok(_) => continue,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => {
+                        tracing::warn!("reading the TAP failed: {e}");
+                        break;
+                    }
+                }
+            }
+            if self.deliver(&mem, vring)? {
+                delivered += 1;
+                continue;
+            }
+            // No room: wait for buffers (a kick), unless some arrived meanwhile.
+            if self.event_idx && vring.enable_notification().map_err(io::Error::other)? {
+                continue;
+            }
+            break;
+        }
+        if delivered > 0 {
+            self.signal(vring)?;
+        }
+        Ok(())
+    }
+
+    /// Puts the pending frame into receive buffers; false when there are not
+    /// enough.
+    fn deliver(&mut self, mem: &GuestMemoryLoadGuard<Mem>, vring: &Vring) -> io::Result<bool> {
+        let len = self.rx_pending;
+        if !self.guest_csum() {
+            // The TAP sets DATA_VALID whenever the host checked a checksum;
+            // a driver without GUEST_CSUM must see flags 0.
+            self.rx_buf[0] = 0;
+        }
+        let mut state = vring.get_mut();
+        let q = state.get_queue_mut();
+        let start = q.next_avail();
+        let mut chains: Vec<(u16, Vec<(GuestAddress, usize)>)> = Vec::new();
+        let mut cap = 0;
+        while cap < len && (self.mergeable() || chains.is_empty()) {
+            let Some(chain) = q.pop_descriptor_chain(mem.clone()) else {
+                q.set_next_avail(start);
+                return Ok(false);
+            };
+            let head = chain.head_index();
+            let segs: Vec<(GuestAddress, usize)> = chain
+                .writable()
+                .map(|d| (d.addr(), d.len() as usize))
+                .collect();
+            let c: usize = segs.iter().map(|s| s.1).sum();
+            cap += c;
+            chains.push((head, segs));
+        }
+        if cap < len {
+            // One buffer without MRG_RXBUF, and the frame does not fit it.
+            self.rx_pending = 0;
+            self.counters.rx_dropped.fetch_add(1, Ordering::Relaxed);
+            drop(state);
+            for (head, _) in chains {
+                vring.add_used(head, 0).map_err(io::Error::other)?;
+            }
+            return Ok(true);
+        }
+        let count = chains.len() as u16;
+        self.rx_buf[10..12].copy_from_slice(&count.to_le_bytes());
+        let mut offset = 0;
+        let mut used = Vec::with_capacity(chains.len());
+        for (head, segs) in &chains {
+            let mut written = 0;
+            for (addr, seg_len) in segs {
+                if offset >= len {
+                    break;
+                }
+                let n = (*seg_len).min(len - offset);
+                mem.write_slice(&self.rx_buf[offset..offset + n], *addr)
+                    .map_err(io::Error::other)?;
+                offset += n;
+                written += n;
+            }
+            used.push((*head, written as u32));
+        }
+        // All entries of a frame are published with one used-index update:
+        // a driver that sees the first buffer of a MRG_RXBUF frame must see
+        // all num_buffers of them.
+        let size = q.size();
+        let base = q.next_used();
+        let (last, rest) = used.split_last().unwrap_or((&(0, 0), &[]));
+        for (i, (head, written)) in rest.iter().enumerate() {
+            let slot = base.wrapping_add(i as u16) % size;
+            let addr = GuestAddress(q.used_ring())
+                .checked_add(4 + 8 * u64::from(slot))
+                .ok_or_else(|| io::Error::other("used ring address overflows"))?;
+            let mut elem = [0u8; 8];
+            elem[..4].copy_from_slice(&u32::from(*head).to_le_bytes());
+            elem[4..].copy_from_slice(&written.to_le_bytes());
+            mem.write_slice(&elem, addr).map_err(io::Error::other)?;
+        }
+        q.set_next_used(base.wrapping_add(rest.len() as u16));
+        q.add_used(&**mem, last.0, last.1)
+            .map_err(io::Error::other)?;
+        self.rx_pending = 0;
+        self.counters.rx_frames.fetch_add(1, Ordering::Relaxed);
+        Ok(true)
+    }
+}
+
+/// Copies a transmit chain's readable buffers into `buf`; `None` when it is
+/// malformed or larger than `buf`.
+fn gather(
+    mem: &GuestMemoryLoadGuard<Mem>,
+    chain: DescriptorChain<GuestMemoryLoadGuard<Mem>>,
+    buf: &mut [u8],
+) -> Option<usize> {
+    let mut len = 0;
+    for d in chain.readable() {
+        let n = d.len() as usize;
+        if len + n > buf.len() {
+            return None;
+        }
+        mem.read_slice(&mut buf[len..len + n], d.addr()).ok()?;
+        len += n;
+    }
+    Some(len)
+}
+
+impl VhostUserBackendMut for NetBackend {
+    type Bitmap = BitmapMmapRegion;
+    type Vring = Vring;
+
+    fn num_queues(&self) -> usize {
+        2
+    }
+
+    fn max_queue_size(&self) -> usize {
+        usize::from(
+            INTERFACES
+                .iter()
+                .map(|i| i.max_ring_size)
+                .max()
+                .unwrap_or(256),
+        )
+    }
+
+    fn features(&self) -> u64 {
+        self.interface().feature_bits() | F_PROTOCOL_FEATURES | F_LOG_ALL
+    }
+
+    fn acked_features(&mut self, features: u64) {
+        self.acked = features;
+        self.features_set = true;
+        let flags = features::tun_offloads_for_guest(features);
+        if let Err(e) = self.tap.set_offload(flags) {
+            tracing::error!(
+                tap = self.tap.name(),
+                "cannot set the TAP's offloads to {flags:#x} for the acked features: {e}"
+            );
+        }
+    }
+
+    fn protocol_features(&self) -> P {
+        P::from_bits_retain(
+            P::MQ.bits()
+                | P::LOG_SHMFD.bits()
+                | P::REPLY_ACK.bits()
+                | P::CONFIG.bits()
+                | PROTOCOL_F_GODWIT_INTERFACE,
+        )
+    }
+
+    fn set_event_idx(&mut self, enabled: bool) {
+        self.event_idx = enabled;
+    }
+
+    fn update_memory(&mut self, mem: AtomicMem) -> io::Result<()> {
+        self.mem = Some(mem);
+        Ok(())
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        if offset == WINDOW_OFFSET && size <= WINDOW_SIZE {
+            return self.record().encode(size as usize);
+        }
+        // godwit's frontend keeps virtio-net's configuration space itself.
+        Vec::new()
+    }
+
+    fn set_config(&mut self, offset: u32, buf: &[u8]) -> io::Result<()> {
+        if offset != WINDOW_OFFSET {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "the configuration space is the frontend's",
+            ));
+        }
+        let name = std::str::from_utf8(buf).unwrap_or("");
+        if self.features_set {
+            tracing::warn!("refusing to pin interface {name}: features were already set");
+            return Err(io::Error::other("features already set"));
+        }
+        match by_interface_name(name).filter(|_| valid_name(name)) {
+            Some(i) => {
+                tracing::info!("the frontend pinned interface {}", i.name);
+                self.pinned = Some(i);
+                Ok(())
+            }
+            None => {
+                tracing::warn!(
+                    "the frontend asked for interface {name:?}, which this backend does not support"
+                );
+                Err(io::Error::new(io::ErrorKind::NotFound, "unknown interface"))
+            }
+        }
+    }
+
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        new_event_consumer_and_notifier(EventFlag::NONBLOCK).ok()
+    }
+
+    fn handle_event(
+        &mut self,
+        device_event: u16,
+        evset: EventSet,
+        vrings: &[Vring],
+        _thread_id: usize,
+    ) -> io::Result<()> {
+        if evset.intersects(EventSet::ERROR | EventSet::HANG_UP) && device_event == TAP_EVENT {
+            tracing::error!(tap = self.tap.name(), "the TAP reports an error or hang-up");
+            return Ok(());
+        }
+        let (Some(rx), Some(tx)) = (vrings.get(RX), vrings.get(TX)) else {
+            return Ok(());
+        };
+        // Errors caused by the guest's rings (buffers outside memory, a
+        // corrupt used ring) are logged; returning them would end the
+        // crate's event loop and with it the session.
+        let res = match device_event {
+            0 | TAP_EVENT => {
+                if rx.get_ref().get_queue().ready() && rx.get_ref().is_enabled() {
+                    self.process_rx(rx)
+                } else {
+                    Ok(())
+                }
+            }
+            1 => self.process_tx(tx),
+            _ => Ok(()),
+        };
+        if let Err(e) = res {
+            if !self.ring_error_logged {
+                self.ring_error_logged = true;
+                tracing::error!(
+                    "serving the guest's rings failed: {e} (not logged again this session)"
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Serves frontends on `opts.socket` one after the other, until `stop` is
+/// set. A frontend that disconnects leaves the TAP as it is; the next one
+/// starts a fresh session.
+pub fn serve(
+    opts: &BackendOptions,
+    counters: Arc<BackendCounters>,
+    stop: Arc<AtomicBool>,
+) -> Result<(), BackendError> {
+    let mut listener = if opts.client {
+        None
+    } else {
+        Some(
+            Listener::new(&opts.socket, true).map_err(|e| BackendError::Listen {
+                path: opts.socket.display().to_string(),
+                detail: e.to_string(),
+            })?,
+        )
+    };
+    tracing::info!(
+        socket = %opts.socket.display(),
+        tap = opts.tap.name(),
+        interface = opts.default_interface.name,
+        "vhost-user net backend ready"
+    );
+    while !stop.load(Ordering::SeqCst) {
+        let backend = Arc::new(RwLock::new(NetBackend::new(
+            opts.tap.clone(),
+            opts.default_interface,
+            counters.clone(),
+        )));
+        let mut daemon = VhostUserDaemon::new(
+            "gw-vu-backend".to_string(),
+            backend.clone(),
+            GuestMemoryAtomic::new(GuestMemoryMmap::new()),
+        )
+        .map_err(|e| BackendError::Daemon(e.to_string()))?;
+        for handler in daemon.get_epoll_handlers() {
+            handler
+                .register_listener(
+                    opts.tap.as_raw_fd(),
+                    EventSet::IN | EventSet::EDGE_TRIGGERED,
+                    u64::from(TAP_EVENT),
+                )
+                .map_err(BackendError::Register)?;
+        }
+        let started = match &mut listener {
+            Some(l) => daemon.start(l),
+            None => {
+                if !connect_to_frontend(&mut daemon, &opts.socket, &stop) {
+                    break;
+                }
+                Ok(())
+            }
+        };
+        if let Err(e) = started {
+            tracing::warn!("accepting a frontend failed: {e}");
+            std::thread::sleep(Duration::from_millis(200));
+            continue;
+        }
+        counters.sessions.fetch_add(1, Ordering::Relaxed);
+        tracing::info!("a frontend connected");
+        match daemon.wait() {
+            Ok(()) => tracing::info!("the frontend disconnected; waiting for the next one"),
+            Err(e) => tracing::warn!("the session ended: {e}; waiting for the next frontend"),
+        }
+        drop(daemon);
+    }
+    Ok(())
+}
+
+/// Client mode: connects to the frontend listening on `socket`, retrying
+/// until it does; false when told to stop first.
+fn connect_to_frontend(
+    daemon: &mut VhostUserDaemon<Arc<RwLock<NetBackend>>>,
+    socket: &Path,
+    stop: &AtomicBool,
+) -> bool {
+    let Some(path) = socket.to_str() else {
+        tracing::error!("the socket path {} is not UTF-8", socket.display());
+        return false;
+    };
+    let mut logged = false;
+    while !stop.load(Ordering::SeqCst) {
+        match daemon.start_client(path) {
+            Ok(()) => return true,
+            Err(e) => {
+                if !logged {
+                    logged = true;
+                    tracing::info!("waiting for a frontend to listen on {path}: {e}");
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+    false
+}
+
+/// The interface a backend presents by default: `name`, or the latest.
+pub fn default_interface(name: Option<&str>) -> Result<&'static InterfaceVersion, BackendError> {
+    match name {
+        None => Ok(latest()),
+        Some(n) => by_interface_name(n).ok_or_else(|| BackendError::UnknownInterface {
+            name: n.to_string(),
+        }),
+    }
+}
