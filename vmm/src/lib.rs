@@ -12,6 +12,7 @@ pub mod memory;
 pub mod migrate;
 pub mod net;
 pub mod net_abi;
+pub mod net_backend;
 pub mod net_spec;
 pub mod snapshot;
 pub mod state;

@@ -39,6 +39,8 @@ enum Command {
     Machines,
     /// Report what a network peer supports, without starting a VM.
     Probe(ProbeArgs),
+    /// godwit's vhost-user net backend: forwards a frontend's rings to a TAP.
+    NetBackend(godwit_vmm::net_backend::NetBackendArgs),
 }
 
 #[derive(Args)]
@@ -310,6 +312,7 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Probe(args) => probe(args),
+        Command::NetBackend(args) => godwit_vmm::net_backend::main(args),
         Command::Ctl(args) => match ctl(&args) {
             Ok(out) => {
                 let _ = writeln!(std::io::stdout(), "{out}");

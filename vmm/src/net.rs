@@ -5,15 +5,26 @@
 use std::collections::BTreeMap;
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use kvm_ioctls::{IoEventAddress, VmFd};
 use serde_json::{json, Value};
 
 use godwit_devices::bus::Bus;
 use godwit_devices::net::tap::{Tap, TapError, TapOffloads, VnetHdr};
+use godwit_devices::vhost_net::{VhostKernelNet, VhostNetConfig, VhostNetError, VhostNetPeer};
+use godwit_devices::vhost_user::conn::protocol_names;
+use godwit_devices::vhost_user::interface::{
+    self, by_interface_name, InterfaceValues, InterfaceVersion,
+};
+use godwit_devices::vhost_user::session::TRANSPORT_BITS;
+use godwit_devices::vhost_user::{
+    backend_bits, handshake, BackendOffer, Endpoint, Recheck, Rechecker, Session, VhostUserError,
+    VhostUserNet, VhostUserNetConfig, VhostUserNetError,
+};
 use godwit_devices::virtio::mmio::{MmioTransport, MMIO_SLOT_SIZE, NOTIFY_OFFSET};
-use godwit_devices::virtio::net::features::{self, FEATURES};
-use godwit_devices::virtio::net::{NetConfig, NetError, VirtioNet};
+use godwit_devices::virtio::net::features::{self, VhostNeed, FEATURES};
+use godwit_devices::virtio::net::{NetConfig, NetError, NetModel, VirtioNet};
 use godwit_devices::virtio::VirtioDevice;
 use godwit_devices::GuestMemory;
 
@@ -46,6 +57,23 @@ pub enum NetSetupError {
     },
     #[error("two network devices are both named '{0}': give each a distinct id=")]
     DuplicateId(String),
+    #[error("{device}: {source}")]
+    VhostUser {
+        device: String,
+        source: VhostUserError,
+    },
+    #[error("{device}: {source}")]
+    VhostUserDevice {
+        device: String,
+        source: VhostUserNetError,
+    },
+    #[error("{device}: {source}")]
+    VhostNet {
+        device: String,
+        source: VhostNetError,
+    },
+    #[error("{device}: {detail}")]
+    Interface { device: String, detail: String },
 }
 
 impl From<NetAbiError> for NetSetupError {
@@ -57,7 +85,11 @@ impl From<NetAbiError> for NetSetupError {
 impl NetSetupError {
     /// Refusals by the strict check have their own exit status.
     pub fn is_strict_refusal(&self) -> bool {
-        matches!(self, NetSetupError::Abi(e) if matches!(**e, NetAbiError::Strict(_)))
+        match self {
+            NetSetupError::Abi(e) => matches!(**e, NetAbiError::Strict(_)),
+            NetSetupError::Interface { detail, .. } => detail.contains("and strict=on"),
+            _ => false,
+        }
     }
 }
 
@@ -157,7 +189,9 @@ pub struct NetDevice {
     pub machine: &'static MachineType,
     pub decision: NetAbiDecision,
     pub peer: PeerSupport,
-    pub device: Arc<Mutex<VirtioNet>>,
+    /// The device model: [`VirtioNet`] on a TAP, [`VhostUserNet`] or
+    /// [`VhostKernelNet`].
+    pub device: Arc<Mutex<dyn NetModel>>,
     pub transport: Arc<Mutex<MmioTransport>>,
     pub mmio_base: u64,
     pub irq: u32,
@@ -169,32 +203,118 @@ impl NetDevice {
         format!("virtio_mmio.device=4K@{:#x}:{}", self.mmio_base, self.irq)
     }
 
-    pub fn query(&self) -> Value {
-        let dev = self
-            .device
+    fn model(&self) -> std::sync::MutexGuard<'_, dyn NetModel + 'static> {
+        self.device
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Every reason this device keeps the VM from migrating: the start-up
+    /// ABI decision (strict=off) and the device's own (a vhost backend
+    /// without dirty logging, one that came back with fewer features).
+    pub fn blockers(&self) -> Vec<String> {
+        let mut out: Vec<String> = self.decision.blocker.iter().cloned().collect();
+        for b in self.model().blockers() {
+            let b = format!("{}: {b}", self.id);
+            if !out.contains(&b) {
+                out.push(b);
+            }
+        }
+        out
+    }
+
+    /// The backend interface version in use (vhost-user), for query-net,
+    /// snapshots and migration.
+    pub fn interface(&self) -> Option<String> {
+        self.model().interface()
+    }
+
+    pub fn query(&self) -> Value {
+        let blockers = self.blockers();
+        let dev = self.model();
         let info = dev.info();
         let set = |bits: u64| json!({"hex": format!("{bits:#018x}"), "names": name_list(bits)});
+        let mut peer = json!({
+            "kind": self.peer.kind,
+            "name": self.peer.name,
+            "supported": set(self.peer.supported),
+            "lacks": self.peer.why_not.iter().map(|(b, why)| json!({"name": features::name_of(*b), "bit": b, "why": why})).collect::<Vec<_>>(),
+        });
+        if let Value::Object(o) = &mut peer {
+            if let Some(v) = dev.as_vhost_user() {
+                let status = v.backend_status();
+                o.insert("socket".into(), json!(status.socket));
+                o.insert("mode".into(), json!(status.mode));
+                o.insert("connected".into(), json!(status.connected));
+                o.insert("rings_running".into(), json!(status.rings_running));
+                o.insert("reconnects".into(), json!(status.reconnects));
+                o.insert("last_error".into(), json!(status.last_error));
+                o.insert("dirty_logging".into(), json!(status.logging));
+                o.insert(
+                    "migratable".into(),
+                    json!(v
+                        .logging_support()
+                        .err()
+                        .map_or_else(|| json!(true), |why| json!(why))),
+                );
+                if let Some(offer) = &status.offer {
+                    o.insert(
+                        "backend_features".into(),
+                        json!({"hex": format!("{:#018x}", offer.features), "names": name_list(offer.features & !TRANSPORT_BITS)}),
+                    );
+                    o.insert(
+                        "protocol_features".into(),
+                        json!(format!("{:#x}", offer.protocol)),
+                    );
+                    o.insert(
+                        "negotiated_protocol".into(),
+                        json!(protocol_names(offer.acked_protocol)),
+                    );
+                    o.insert("queue_num".into(), json!(offer.queue_num));
+                }
+            } else if let Some(v) = dev.as_vhost_net() {
+                o.insert("tap".into(), json!(info.tap));
+                o.insert("vnet_hdr".into(), json!(info.vnet_hdr));
+                o.insert(
+                    "vhost_features".into(),
+                    json!(format!("{:#x}", v.kernel_features())),
+                );
+                o.insert(
+                    "migratable".into(),
+                    json!(v
+                        .logging_support()
+                        .err()
+                        .map_or_else(|| json!(true), |why| json!(why))),
+                );
+            } else {
+                o.insert("vnet_hdr".into(), json!(info.vnet_hdr));
+                o.insert("offloads".into(), json!(info.tap_capabilities));
+            }
+        }
+        let interface = dev
+            .as_vhost_user()
+            .and_then(|v| v.interface_in_use())
+            .map(|i| {
+                let values = godwit_devices::vhost_user::interface::by_interface_name(&i.name)
+                    .map(|known| json!(known.resolved()))
+                    .or_else(|| i.record.as_ref().map(|r| json!(r.values)));
+                json!({"name": i.name, "pinned": i.pinned, "how": i.how, "values": values})
+            });
+        let queues: Vec<u16> = dev.queue_max_sizes().to_vec();
         json!({
             "id": self.id,
             "machine": self.machine.name,
             "strict": self.decision.strict,
-            "peer": {
-                "kind": self.peer.kind,
-                "name": self.peer.name,
-                "vnet_hdr": info.vnet_hdr,
-                "offloads": info.tap_capabilities,
-                "supported": set(self.peer.supported),
-                "lacks": self.peer.why_not.iter().map(|(b, why)| json!({"name": features::name_of(*b), "bit": b, "why": why})).collect::<Vec<_>>(),
-            },
+            "peer": peer,
+            "interface": interface,
             "required": set(self.decision.required),
             "offered": set(info.offered_features),
             "acked": set(info.acked_features),
             "dropped": set(self.decision.dropped),
-            "blockers": self.decision.blocker.iter().collect::<Vec<_>>(),
+            "blockers": blockers,
             "mac": info.mac,
             "link": if info.link_up { "up" } else { "down" },
+            "queue_max_sizes": queues,
             "mmio": {"base": format!("{:#x}", self.mmio_base), "irq": self.irq},
             "stats": info.stats,
         })
@@ -223,6 +343,406 @@ pub fn default_mac(index: usize) -> [u8; 6] {
     ]
 }
 
+/// How long godwit waits for each vhost-user reply.
+pub const VHOST_USER_REPLY_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long start-up waits for a vhost-user backend (connecting to it, or
+/// with server=on for it to connect).
+pub const VHOST_USER_START_WAIT: Duration = Duration::from_secs(30);
+
+/// Why a vhost-user backend lacks the features it lacks.
+pub fn vhost_user_support(socket: &str, offer: &BackendOffer) -> PeerSupport {
+    let mut supported = 0u64;
+    let mut why_not = BTreeMap::new();
+    let queues = offer.queue_num.unwrap_or(2);
+    for f in FEATURES.iter().filter(|f| f.supported) {
+        let lacks = match f.vhost {
+            VhostNeed::Frontend => None,
+            VhostNeed::QueuePairs => (queues < 2).then(|| {
+                format!("vhost-user backend {socket} has {queues} queue(s) (GET_QUEUE_NUM); a queue pair needs 2")
+            }),
+            VhostNeed::Ring | VhostNeed::Packet => (offer.features & (1 << f.bit) == 0).then(|| {
+                match &offer.record {
+                    Some(r) => format!(
+                        "vhost-user backend {socket} presents interface {}, which does not include {} (its GET_FEATURES = {:#x})",
+                        r.active, f.name, offer.features
+                    ),
+                    None => format!(
+                        "vhost-user backend {socket} does not offer {} (its GET_FEATURES = {:#x})",
+                        f.name, offer.features
+                    ),
+                }
+            }),
+        };
+        match lacks {
+            None => supported |= 1 << f.bit,
+            Some(why) => {
+                why_not.insert(f.bit, why);
+            }
+        }
+    }
+    PeerSupport {
+        kind: "vhost-user",
+        name: format!("vhost-user backend {socket}"),
+        supported,
+        why_not,
+    }
+}
+
+/// Why kernel vhost-net on a TAP lacks the features it lacks: ring features
+/// come from `/dev/vhost-net`, packet features from the TAP's offloads.
+pub fn vhost_net_support(tap_name: &str, caps: &TapOffloads, kernel: u64) -> PeerSupport {
+    let tap = tap_support(tap_name, caps);
+    let mut supported = 0u64;
+    let mut why_not = BTreeMap::new();
+    for f in FEATURES.iter().filter(|f| f.supported) {
+        let lacks = match f.vhost {
+            VhostNeed::Frontend | VhostNeed::QueuePairs => None,
+            VhostNeed::Ring => (kernel & (1 << f.bit) == 0).then(|| {
+                format!(
+                    "{} does not offer {} (VHOST_GET_FEATURES = {kernel:#x})",
+                    godwit_devices::vhost_net::VHOST_NET_PATH,
+                    f.name
+                )
+            }),
+            VhostNeed::Packet => tap.why_not.get(&f.bit).cloned(),
+        };
+        match lacks {
+            None => supported |= 1 << f.bit,
+            Some(why) => {
+                why_not.insert(f.bit, why);
+            }
+        }
+    }
+    PeerSupport {
+        kind: "vhost-net",
+        name: format!("vhost-net on TAP {tap_name}"),
+        supported,
+        why_not,
+    }
+}
+
+/// The values of the interface version `name` (godwit's table, else the
+/// backend's record).
+fn interface_values(name: &str, offer: &BackendOffer) -> Option<InterfaceValues> {
+    by_interface_name(name)
+        .map(InterfaceVersion::values)
+        .or_else(|| offer.record.as_ref().map(|r| r.values))
+}
+
+/// Checks a pinned interface version against a backend without godwit's
+/// extension (DPDK): its features and queue count against what the backend
+/// offers. Returns what it lacks, one line each.
+fn interface_gaps(name: &str, offer: &BackendOffer, socket: &str) -> Result<Vec<String>, String> {
+    let Some(values) = interface_values(name, offer) else {
+        return Err(format!(
+            "interface {name} is not one godwit knows (known: {}), and vhost-user backend {socket} cannot be asked about it (it lacks godwit's interface-version extension)",
+            interface::names().join(", ")
+        ));
+    };
+    let mut gaps = Vec::new();
+    let need = values.features & backend_bits();
+    let missing = need & !offer.features;
+    if missing != 0 {
+        gaps.push(format!(
+            "its GET_FEATURES ({:#x}) lacks {} of interface {name}",
+            offer.features,
+            features::names(missing)
+        ));
+    }
+    if let Some(q) = offer.queue_num {
+        if q < 2 * u64::from(values.queue_pairs) {
+            gaps.push(format!(
+                "it has {q} queues (GET_QUEUE_NUM); interface {name} has {} queue pair(s)",
+                values.queue_pairs
+            ));
+        }
+    }
+    Ok(gaps)
+}
+
+/// A vhost-user backend, connected and asked what it offers.
+pub struct VhostUserPeer {
+    pub session: Session,
+    pub endpoint: Endpoint,
+    pub socket: String,
+}
+
+/// Connects to (or, with server=on, waits for) the backend of a
+/// `--net vhost-user` spec, pinning its interface when one is given.
+pub fn open_vhost_user(
+    device: &str,
+    socket: &std::path::Path,
+    server: bool,
+    pin: Option<&str>,
+) -> Result<VhostUserPeer, NetSetupError> {
+    let err = |source| NetSetupError::VhostUser {
+        device: device.to_string(),
+        source,
+    };
+    let endpoint = if server {
+        Endpoint::listen(socket).map_err(err)?
+    } else {
+        Endpoint::client(socket)
+    };
+    let conn = endpoint
+        .establish(VHOST_USER_START_WAIT, VHOST_USER_REPLY_TIMEOUT)
+        .map_err(err)?;
+    let session = handshake(conn, pin).map_err(err)?;
+    tracing::info!(
+        "{device}: vhost-user backend {}: {}",
+        socket.display(),
+        session.offer.describe()
+    );
+    Ok(VhostUserPeer {
+        session,
+        endpoint,
+        socket: socket.display().to_string(),
+    })
+}
+
+fn bits_of_set(set: u64) -> impl Iterator<Item = u32> {
+    (0..64).filter(move |b| set & (1u64 << b) != 0)
+}
+
+/// Decides what a returning backend may do (see [`Recheck`]).
+fn rechecker(
+    id: String,
+    machine: &'static MachineType,
+    socket: String,
+    pin: Option<String>,
+    strict: bool,
+) -> Rechecker {
+    Box::new(move |offer: &BackendOffer, offered: u64| {
+        let peer = vhost_user_support(&socket, offer);
+        let missing = offered & !peer.supported;
+        let mut lines: Vec<String> = bits_of_set(missing)
+            .map(|b| {
+                format!(
+                    "{} (bit {b}): {}",
+                    features::name_of(b),
+                    peer.why_not.get(&b).cloned().unwrap_or_default()
+                )
+            })
+            .collect();
+        if let (Some(name), None) = (&pin, &offer.record) {
+            match interface_gaps(name, offer, &socket) {
+                Ok(gaps) => lines.extend(gaps),
+                Err(e) => lines.push(e),
+            }
+        }
+        if lines.is_empty() {
+            return Recheck::Accept;
+        }
+        if strict {
+            return Recheck::Refuse(format!(
+                "{id}: the vhost-user backend came back on {socket} without what the guest was offered, and strict=on: {}. The link stays down; start a backend that offers them (the same version, or interface={}), or restart the VM with --machine/feature overrides this backend supports (godwit probe --net vhost-user,socket={socket} lists them)",
+                lines.join("; "),
+                pin.as_deref().unwrap_or("NAME")
+            ));
+        }
+        let dropped = net_abi::with_dependents(offered, missing);
+        Recheck::Degrade {
+            offered: offered & !dropped,
+            blocker: format!(
+                "{id}: strict=off and the vhost-user backend came back on {socket} with less ({}): the guest no longer sees the ABI of machine type {}",
+                lines.join("; "),
+                machine.name
+            ),
+        }
+    })
+}
+
+/// A built device model and what it knows about its peer.
+struct Built {
+    device: Arc<Mutex<dyn NetModel>>,
+    as_virtio: Arc<Mutex<dyn VirtioDevice>>,
+    peer: PeerSupport,
+    decision: NetAbiDecision,
+    mac: [u8; 6],
+}
+
+fn build_tap(
+    id: &str,
+    index: usize,
+    spec: &NetSpec,
+    machine: &'static MachineType,
+    strict: bool,
+) -> Result<Built, NetSetupError> {
+    let tap = open_tap(id, spec)?;
+    let peer = tap_support(tap.name(), &tap.probe_offloads());
+    let decision = net_abi::decide(id, &spec.text, machine, &spec.features, strict, &peer)?;
+    let mac = spec.mac.unwrap_or_else(|| default_mac(index));
+    let config = NetConfig {
+        mac,
+        features: decision.offered,
+        mtu: Some(spec.mtu.unwrap_or(machine.net.mtu)),
+        queue_size: machine.net.queue_size,
+    };
+    let dev = VirtioNet::new(tap, config).map_err(|source| NetSetupError::Device {
+        device: id.to_string(),
+        source,
+    })?;
+    let device = Arc::new(Mutex::new(dev));
+    Ok(Built {
+        as_virtio: device.clone(),
+        device,
+        peer,
+        decision,
+        mac,
+    })
+}
+
+fn spec_with_strict_off(text: &str) -> String {
+    let mut parts: Vec<&str> = text
+        .split(',')
+        .filter(|p| !p.starts_with("strict="))
+        .collect();
+    parts.push("strict=off");
+    parts.join(",")
+}
+
+fn build_vhost_user(
+    id: &str,
+    index: usize,
+    spec: &NetSpec,
+    machine: &'static MachineType,
+    strict: bool,
+    (socket, server, pin): (&std::path::Path, bool, Option<&str>),
+) -> Result<Built, NetSetupError> {
+    let VhostUserPeer {
+        session,
+        endpoint,
+        socket,
+    } = open_vhost_user(id, socket, server, pin)?;
+    let peer = vhost_user_support(&socket, &session.offer);
+    let mut decision = net_abi::decide(id, &spec.text, machine, &spec.features, strict, &peer)?;
+    let mut queue_size = machine.net.queue_size;
+    let mut mtu = spec.mtu.unwrap_or(machine.net.mtu);
+    if let Some(name) = pin {
+        let values = interface_values(name, &session.offer);
+        let mut gaps = if session.offer.record.is_some() {
+            Vec::new()
+        } else {
+            interface_gaps(name, &session.offer, &socket).map_err(|detail| {
+                NetSetupError::Interface {
+                    device: id.to_string(),
+                    detail,
+                }
+            })?
+        };
+        if let Some(v) = values {
+            if v.max_ring_size < queue_size {
+                gaps.push(format!(
+                    "interface {name} allows rings of {} entries; machine type {} has {queue_size}",
+                    v.max_ring_size, machine.name
+                ));
+            }
+            if spec.mtu.is_none() {
+                mtu = v.mtu;
+            }
+        }
+        if !gaps.is_empty() {
+            if strict {
+                return Err(NetSetupError::Interface {
+                    device: id.to_string(),
+                    detail: format!(
+                        "vhost-user backend {socket} does not provide interface {name}, and strict=on:\n  - {}\nRemedies (any one):\n  1. pin an interface this backend provides (one whose values it offers), or run a backend that provides {name}\n  2. let godwit go on without the guarantee (the VM gets a migration blocker):\n       --net {}",
+                        gaps.join("\n  - "),
+                        spec_with_strict_off(&spec.text)
+                    ),
+                });
+            }
+            let blocker = format!(
+                "{id}: strict=off and vhost-user backend {socket} does not provide interface {name}: {}",
+                gaps.join("; ")
+            );
+            tracing::warn!("{blocker}");
+            decision.blocker = Some(match decision.blocker.take() {
+                Some(b) => format!("{b}; {blocker}"),
+                None => blocker,
+            });
+            if let Some(v) = values {
+                queue_size = queue_size.min(v.max_ring_size);
+            }
+        }
+    }
+    let mac = spec.mac.unwrap_or_else(|| default_mac(index));
+    let config = VhostUserNetConfig {
+        mac,
+        features: decision.offered,
+        mtu,
+        queue_size,
+        pin: pin.map(str::to_string),
+        timeout: VHOST_USER_REPLY_TIMEOUT,
+    };
+    let recheck = rechecker(
+        id.to_string(),
+        machine,
+        socket.clone(),
+        pin.map(str::to_string),
+        strict,
+    );
+    let dev = VhostUserNet::new(session, endpoint, config, recheck).map_err(|source| {
+        NetSetupError::VhostUserDevice {
+            device: id.to_string(),
+            source,
+        }
+    })?;
+    let device = Arc::new(Mutex::new(dev));
+    Ok(Built {
+        as_virtio: device.clone(),
+        device,
+        peer,
+        decision,
+        mac,
+    })
+}
+
+fn build_vhost_net(
+    id: &str,
+    index: usize,
+    spec: &NetSpec,
+    machine: &'static MachineType,
+    strict: bool,
+    ifname: &str,
+    memory: &GuestMemory,
+) -> Result<Built, NetSetupError> {
+    if !std::path::Path::new(godwit_devices::vhost_net::VHOST_NET_PATH).exists() {
+        return Err(NetSetupError::NoVhostNet {
+            device: id.to_string(),
+            ifname: ifname.to_string(),
+        });
+    }
+    let tap = Tap::open(ifname, VnetHdr::On).map_err(|source| NetSetupError::Tap {
+        device: id.to_string(),
+        source,
+    })?;
+    let caps = tap.probe_offloads();
+    let vhost_err = |source| NetSetupError::VhostNet {
+        device: id.to_string(),
+        source,
+    };
+    let peer_dev = VhostNetPeer::open(tap, memory).map_err(vhost_err)?;
+    let peer = vhost_net_support(peer_dev.tap().name(), &caps, peer_dev.features());
+    let decision = net_abi::decide(id, &spec.text, machine, &spec.features, strict, &peer)?;
+    let mac = spec.mac.unwrap_or_else(|| default_mac(index));
+    let config = VhostNetConfig {
+        mac,
+        features: decision.offered,
+        mtu: spec.mtu.unwrap_or(machine.net.mtu),
+        queue_size: machine.net.queue_size,
+    };
+    let dev = VhostKernelNet::new(peer_dev, config).map_err(vhost_err)?;
+    let device = Arc::new(Mutex::new(dev));
+    Ok(Built {
+        as_virtio: device.clone(),
+        device,
+        peer,
+        decision,
+        mac,
+    })
+}
+
 /// Opens, probes, decides and builds every network device; registers each
 /// transport on the MMIO bus with its ioeventfds and irqfd.
 pub fn build_all(
@@ -244,25 +764,35 @@ pub fn build_all(
         }
         // Configuration errors first: they need no peer.
         net_abi::required_features(&id, machine, &spec.features).map_err(NetAbiError::from)?;
-        let tap = open_tap(&id, spec)?;
-        let peer = tap_support(tap.name(), &tap.probe_offloads());
         let strict = spec.strict.unwrap_or(machine.net.strict);
-        let decision = net_abi::decide(&id, &spec.text, machine, &spec.features, strict, &peer)?;
+        let built = match &spec.peer {
+            PeerSpec::Tap { .. } => build_tap(&id, index, spec, machine, strict)?,
+            PeerSpec::VhostUser {
+                socket,
+                server,
+                interface,
+            } => build_vhost_user(
+                &id,
+                index,
+                spec,
+                machine,
+                strict,
+                (socket, *server, interface.as_deref()),
+            )?,
+            PeerSpec::VhostNet { ifname } => {
+                build_vhost_net(&id, index, spec, machine, strict, ifname, memory)?
+            }
+        };
+        let Built {
+            device,
+            as_virtio,
+            peer,
+            decision,
+            mac,
+        } = built;
         if let Some(blocker) = &decision.blocker {
             tracing::warn!("migration blocker: {blocker}");
         }
-        let config = NetConfig {
-            mac: spec.mac.unwrap_or_else(|| default_mac(index)),
-            features: decision.offered,
-            mtu: Some(spec.mtu.unwrap_or(machine.net.mtu)),
-            queue_size: machine.net.queue_size,
-        };
-        let dev = VirtioNet::new(tap, config).map_err(|source| NetSetupError::Device {
-            device: id.clone(),
-            source,
-        })?;
-        let device = Arc::new(Mutex::new(dev));
-        let as_virtio: Arc<Mutex<dyn VirtioDevice>> = device.clone();
         let transport = MmioTransport::new(memory.clone(), as_virtio).map_err(|e| {
             NetSetupError::Transport {
                 device: id.clone(),
@@ -297,7 +827,7 @@ pub fn build_all(
             })?;
         tracing::info!(
             "{id}: {} on {}, offered {}",
-            format_mac(&config_mac(&device)),
+            format_mac(&mac),
             peer.name,
             features::names(decision.offered)
         );
@@ -316,17 +846,18 @@ pub fn build_all(
     Ok(devices)
 }
 
-fn config_mac(device: &Arc<Mutex<VirtioNet>>) -> [u8; 6] {
-    device
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .mac()
-}
-
 /// `godwit probe --net SPEC`: what the peer carries, and which machine types
 /// it supports fully, without starting a VM.
 pub fn probe_report(spec: &NetSpec) -> Result<Value, NetSetupError> {
     let device = spec.id.clone().unwrap_or_else(|| "probe".into());
+    if let PeerSpec::VhostUser {
+        socket,
+        server,
+        interface,
+    } = &spec.peer
+    {
+        return probe_vhost_user(&device, spec, socket, *server, interface.as_deref());
+    }
     let tap = open_tap(&device, spec)?;
     let caps = tap.probe_offloads();
     let peer = tap_support(tap.name(), &caps);
@@ -349,4 +880,45 @@ pub fn probe_report(spec: &NetSpec) -> Result<Value, NetSetupError> {
         "lacks": peer.why_not.iter().map(|(b, why)| json!({"name": features::name_of(*b), "bit": b, "why": why})).collect::<Vec<_>>(),
         "machine_types": machines,
     }))
+}
+
+/// `godwit probe --net vhost-user,...`: what the backend offers, its
+/// interface version (with godwit's extension), and which machine types it
+/// supports fully.
+fn probe_vhost_user(
+    device: &str,
+    spec: &NetSpec,
+    socket: &std::path::Path,
+    server: bool,
+    pin: Option<&str>,
+) -> Result<Value, NetSetupError> {
+    let p = open_vhost_user(device, socket, server, pin)?;
+    let peer = vhost_user_support(&p.socket, &p.session.offer);
+    let machines: Vec<Value> = crate::machine_types::MACHINE_TYPES
+        .iter()
+        .rev()
+        .map(|m| {
+            let required = net_abi::required_features(device, m, &spec.features)
+                .unwrap_or_else(|_| m.net_features());
+            let missing = required & !peer.supported;
+            json!({"name": m.name, "supported": missing == 0, "missing": name_list(missing)})
+        })
+        .collect();
+    let offer = &p.session.offer;
+    let report = json!({
+        "kind": peer.kind,
+        "name": peer.name,
+        "backend_features": {"hex": format!("{:#018x}", offer.features), "names": name_list(offer.features & !TRANSPORT_BITS)},
+        "protocol_features": format!("{:#x}", offer.protocol),
+        "negotiated_protocol": protocol_names(offer.acked_protocol),
+        "queue_num": offer.queue_num,
+        "interface_extension": offer.extension(),
+        "interface": offer.record,
+        "migratable": offer.logging().err().map_or_else(|| json!(true), |why| json!(why)),
+        "supported": name_list(peer.supported),
+        "lacks": peer.why_not.iter().map(|(b, why)| json!({"name": features::name_of(*b), "bit": b, "why": why})).collect::<Vec<_>>(),
+        "machine_types": machines,
+    });
+    p.session.conn.shutdown();
+    Ok(report)
 }

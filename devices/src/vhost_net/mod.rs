@@ -635,6 +635,14 @@ impl VirtioDevice for VhostKernelNet {
 }
 
 impl crate::virtio::net::NetModel for VhostKernelNet {
+    fn acked_features(&self) -> u64 {
+        self.acked
+    }
+
+    fn tap(&self) -> crate::virtio::net::PeerTap {
+        crate::virtio::net::PeerTap::of(&self.tap)
+    }
+
     fn info(&self) -> NetInfo {
         NetInfo {
             tap: self.tap.name().to_string(),

@@ -1099,6 +1099,10 @@ impl VirtioDevice for VhostUserNet {
 }
 
 impl crate::virtio::net::NetModel for VhostUserNet {
+    fn acked_features(&self) -> u64 {
+        self.acked
+    }
+
     fn info(&self) -> NetInfo {
         let acked = self.acked;
         NetInfo {

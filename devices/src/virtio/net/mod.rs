@@ -23,7 +23,7 @@
 pub(crate) mod ctrl;
 pub mod features;
 pub(crate) mod model;
-pub use model::NetModel;
+pub use model::{NetModel, PeerTap};
 mod state;
 pub use state::VirtioNetState;
 mod worker;

@@ -3,16 +3,60 @@
 //! backend ([`crate::vhost_user::VhostUserNet`]) or kernel vhost-net
 //! ([`crate::vhost_net::VhostKernelNet`]).
 
+use std::io;
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
 use super::{Counters, FaultCounts, NetInfo, NetStats, VirtioNet, VirtioNetState};
+use crate::net::Tap;
 use crate::vhost_net::VhostKernelNet;
 use crate::vhost_user::VhostUserNet;
 use crate::virtio::pause::PauseError;
+use crate::virtio::VirtioDevice;
 
-pub trait NetModel: Send {
+/// The TAP a device's frames leave through when godwit holds it (TAP and
+/// vhost-net peers); a vhost-user device's frames are sent by its backend.
+#[derive(Clone, Debug)]
+pub struct PeerTap(Option<Arc<Tap>>);
+
+impl PeerTap {
+    pub fn get(&self) -> Option<&Arc<Tap>> {
+        self.0.as_ref()
+    }
+
+    pub fn has_vnet_hdr(&self) -> bool {
+        self.0.as_ref().is_some_and(|t| t.has_vnet_hdr())
+    }
+
+    /// Writes one frame to the TAP; `Unsupported` when godwit has none.
+    pub fn write(&self, buf: &[u8]) -> io::Result<usize> {
+        match &self.0 {
+            Some(t) => t.write(buf),
+            None => Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "this device's frames are sent by its vhost-user backend (SEND_RARP), not by godwit",
+            )),
+        }
+    }
+}
+
+/// A virtio-net device model (its virtio side is [`VirtioDevice`]).
+pub trait NetModel: VirtioDevice + Send {
     /// Everything a `query-net` shows.
     fn info(&self) -> NetInfo;
+
+    /// The features offered to the driver.
+    fn offered_features(&self) -> u64 {
+        self.device_features()
+    }
+
+    /// The features the driver acked (0 before FEATURES_OK / after reset).
+    fn acked_features(&self) -> u64;
+
+    /// The TAP godwit writes frames to, if it holds one.
+    fn tap(&self) -> PeerTap {
+        PeerTap(None)
+    }
 
     /// The MAC address in the configuration space now.
     fn mac(&self) -> [u8; 6];
@@ -62,6 +106,12 @@ impl NetModel for VirtioNet {
     fn info(&self) -> NetInfo {
         VirtioNet::info(self)
     }
+    fn acked_features(&self) -> u64 {
+        VirtioNet::acked_features(self)
+    }
+    fn tap(&self) -> PeerTap {
+        PeerTap(Some(VirtioNet::tap(self).clone()))
+    }
     fn mac(&self) -> [u8; 6] {
         VirtioNet::mac(self)
     }
@@ -96,5 +146,11 @@ pub(crate) fn counters_snapshot(c: &Counters) -> NetStats {
         tx_faults: FaultCounts::from(&c.tx_faults),
         ctrl_faults: c.ctrl_faults.load(Ordering::Relaxed),
         ctrl_errors: c.ctrl_errors.load(Ordering::Relaxed),
+    }
+}
+
+impl PeerTap {
+    pub(crate) fn of(tap: &Arc<Tap>) -> Self {
+        PeerTap(Some(tap.clone()))
     }
 }

@@ -1,0 +1,114 @@
+//! `godwit net-backend`: godwit's own vhost-user net backend as a process
+//! (godwit_devices::vhost_user::backend): forwards a frontend's rings to a
+//! TAP, presents a named interface version, serves one frontend after the
+//! other. `--print-versions` prints the interface versions it supports, as
+//! management records them.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use clap::Args;
+use serde_json::json;
+
+use godwit_devices::net::tap::{Tap, TapError, VnetHdr};
+use godwit_devices::vhost_user::backend::{
+    default_interface, serve, BackendCounters, BackendError, BackendOptions,
+};
+use godwit_devices::vhost_user::interface::{version_list, INTERFACES};
+
+#[derive(Args, Debug)]
+pub struct NetBackendArgs {
+    /// The vhost-user socket: listened on, or connected to with --client.
+    #[arg(long, value_name = "PATH", required_unless_present = "print_versions")]
+    pub socket: Option<PathBuf>,
+    /// The TAP frames go to and come from (opened or created, with a
+    /// virtio-net header so that offloads pass through).
+    #[arg(long, value_name = "NAME", required_unless_present = "print_versions")]
+    pub tap: Option<String>,
+    /// The interface version presented when a frontend does not pin one
+    /// (default: the latest).
+    #[arg(long, value_name = "NAME")]
+    pub interface: Option<String>,
+    /// Connect to the socket, where the frontend listens (godwit
+    /// `--net vhost-user,...,server=on`), instead of listening on it.
+    #[arg(long)]
+    pub client: bool,
+    /// Print the supported interface versions as JSON ({latest, supported})
+    /// and exit; with --verbose, each version's values too.
+    #[arg(long)]
+    pub print_versions: bool,
+    /// With --print-versions: add each version's values.
+    #[arg(long)]
+    pub verbose: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum NetBackendError {
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+    #[error("cannot open TAP {name}: {source}")]
+    Tap { name: String, source: TapError },
+    #[error("--socket and --tap are required")]
+    Usage,
+}
+
+/// Runs the backend until killed (or prints the versions).
+pub fn run(args: NetBackendArgs) -> Result<(), NetBackendError> {
+    if args.print_versions {
+        let list = version_list();
+        let out = if args.verbose {
+            json!({
+                "latest": list.latest,
+                "supported": list.supported,
+                "versions": INTERFACES.iter().map(|i| i.resolved()).collect::<Vec<_>>(),
+            })
+        } else {
+            json!(list)
+        };
+        let _ = writeln!(std::io::stdout(), "{out}");
+        return Ok(());
+    }
+    let (Some(socket), Some(tap_name)) = (args.socket, args.tap) else {
+        return Err(NetBackendError::Usage);
+    };
+    let default = default_interface(args.interface.as_deref())?;
+    let tap = Tap::open(&tap_name, VnetHdr::On).map_err(|source| NetBackendError::Tap {
+        name: tap_name.clone(),
+        source,
+    })?;
+    let opts = BackendOptions {
+        socket: socket.clone(),
+        tap: Arc::new(tap),
+        default_interface: default,
+        client: args.client,
+    };
+    let _ = writeln!(
+        std::io::stdout(),
+        "net-backend: ready socket={} tap={} interface={} mode={}",
+        socket.display(),
+        tap_name,
+        default.name,
+        if args.client { "client" } else { "server" }
+    );
+    let _ = std::io::stdout().flush();
+    serve(
+        &opts,
+        Arc::new(BackendCounters::default()),
+        Arc::new(AtomicBool::new(false)),
+    )?;
+    Ok(())
+}
+
+/// The `godwit net-backend` command's exit status.
+pub fn main(args: NetBackendArgs) -> ExitCode {
+    match run(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let _ = writeln!(std::io::stderr(), "godwit net-backend: error: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
