@@ -41,6 +41,10 @@ enum Command {
     Probe(ProbeArgs),
     /// godwit's vhost-user net backend: forwards a frontend's rings to a TAP.
     NetBackend(godwit_vmm::net_backend::NetBackendArgs),
+    /// Report this host's capabilities (godwit, KVM, CPUID, network peers) as versioned JSON for `godwit plan`.
+    HostCaps(godwit_vmm::host_caps::HostCapsArgs),
+    /// From host-caps reports: how to start a VM so it can migrate between those hosts (or, with --vm, whether an existing VM can).
+    Plan(godwit_vmm::planner::PlanArgs),
 }
 
 #[derive(Args)]
@@ -313,6 +317,8 @@ fn main() -> ExitCode {
         }
         Command::Probe(args) => probe(args),
         Command::NetBackend(args) => godwit_vmm::net_backend::main(args),
+        Command::HostCaps(args) => godwit_vmm::host_caps::main(args),
+        Command::Plan(args) => godwit_vmm::planner::main(args),
         Command::Ctl(args) => match ctl(&args) {
             Ok(out) => {
                 let _ = writeln!(std::io::stdout(), "{out}");
