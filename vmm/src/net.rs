@@ -345,9 +345,11 @@ pub fn default_mac(index: usize) -> [u8; 6] {
 
 /// How long godwit waits for each vhost-user reply.
 pub const VHOST_USER_REPLY_TIMEOUT: Duration = Duration::from_secs(5);
-/// How long start-up waits for a vhost-user backend (connecting to it, or
-/// with server=on for it to connect).
-pub const VHOST_USER_START_WAIT: Duration = Duration::from_secs(30);
+/// How long start-up waits, with server=on, for the backend to connect.
+pub const VHOST_USER_ACCEPT_WAIT: Duration = Duration::from_secs(30);
+/// How long start-up retries connecting to a backend that is not listening
+/// yet (it may be starting too).
+pub const VHOST_USER_CONNECT_WAIT: Duration = Duration::from_secs(5);
 
 /// Why a vhost-user backend lacks the features it lacks.
 pub fn vhost_user_support(socket: &str, offer: &BackendOffer) -> PeerSupport {
@@ -484,8 +486,13 @@ pub fn open_vhost_user(
     } else {
         Endpoint::client(socket)
     };
+    let wait = if server {
+        VHOST_USER_ACCEPT_WAIT
+    } else {
+        VHOST_USER_CONNECT_WAIT
+    };
     let conn = endpoint
-        .establish(VHOST_USER_START_WAIT, VHOST_USER_REPLY_TIMEOUT)
+        .establish(wait, VHOST_USER_REPLY_TIMEOUT)
         .map_err(err)?;
     let session = handshake(conn, pin).map_err(err)?;
     tracing::info!(
@@ -614,22 +621,24 @@ fn build_vhost_user(
         endpoint,
         socket,
     } = open_vhost_user(id, socket, server, pin)?;
+    // A version neither godwit nor the backend knows is a configuration
+    // error, reported before anything else.
+    let checked_gaps = match (pin, &session.offer.record) {
+        (Some(name), None) => interface_gaps(name, &session.offer, &socket).map_err(|detail| {
+            NetSetupError::Interface {
+                device: id.to_string(),
+                detail,
+            }
+        })?,
+        _ => Vec::new(),
+    };
     let peer = vhost_user_support(&socket, &session.offer);
     let mut decision = net_abi::decide(id, &spec.text, machine, &spec.features, strict, &peer)?;
     let mut queue_size = machine.net.queue_size;
     let mut mtu = spec.mtu.unwrap_or(machine.net.mtu);
     if let Some(name) = pin {
         let values = interface_values(name, &session.offer);
-        let mut gaps = if session.offer.record.is_some() {
-            Vec::new()
-        } else {
-            interface_gaps(name, &session.offer, &socket).map_err(|detail| {
-                NetSetupError::Interface {
-                    device: id.to_string(),
-                    detail,
-                }
-            })?
-        };
+        let mut gaps = checked_gaps;
         if let Some(v) = values {
             if v.max_ring_size < queue_size {
                 gaps.push(format!(

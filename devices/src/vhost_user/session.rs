@@ -159,22 +159,28 @@ pub fn handshake(mut conn: Connection, pin: Option<&str>) -> Result<Session, Vho
         }
     }
     if offer.extension() {
+        // The record first: it lists the supported versions, and a refused
+        // pin may end the session (backends on vhost-user-backend 0.24 drop
+        // the connection when a request fails).
+        let mut record = read_record(&mut conn)?;
         if let Some(name) = pin {
+            let peer = conn.peer().to_string();
+            let unknown = |record: &InterfaceRecord| VhostUserError::UnknownInterface {
+                peer: peer.clone(),
+                name: name.to_string(),
+                supported: record.supported.clone(),
+                latest: record.latest.clone(),
+            };
+            if !record.truncated && !record.supported.iter().any(|s| s == name) {
+                return Err(unknown(&record));
+            }
             match conn.set_config(WINDOW_OFFSET, name.as_bytes()) {
                 Ok(()) => {}
-                Err(VhostUserError::Refused { .. }) => {
-                    let record = read_record(&mut conn)?;
-                    return Err(VhostUserError::UnknownInterface {
-                        peer: conn.peer().to_string(),
-                        name: name.to_string(),
-                        supported: record.supported,
-                        latest: record.latest,
-                    });
-                }
+                Err(VhostUserError::Refused { .. }) => return Err(unknown(&record)),
                 Err(e) => return Err(e),
             }
+            record = read_record(&mut conn)?;
         }
-        let record = read_record(&mut conn)?;
         if let Some(name) = pin {
             if record.active != name || !record.pinned {
                 return Err(protocol_err(

@@ -1,0 +1,969 @@
+//! virtio-net over vhost-user, end to end: the test guest on real KVM with
+//! its rings served by a real backend process, either DPDK's testpmd (from
+//! Debian's dpdk-dev) or godwit's own `godwit net-backend` on a TAP in a
+//! namespace the test creates; and scripted misbehaving backends.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use godwit_tests::{
+    godwit_command, qmp_connect, run_godwit, udp_echo, NetHost, RunningVm, TempDir,
+};
+
+const BOOT: Duration = Duration::from_secs(60);
+/// The versions godwit's backend publishes.
+const V1: &str = "org.godwit.net.v1";
+const V2: &str = "org.godwit.net.v2";
+/// org.godwit.net.v1's features (tests/golden/net-interfaces).
+const V1_FEATURES: u64 = 0x0000_0001_3027_ffab;
+/// DPDK testpmd 22.11's GET_FEATURES (shared/reference/platform.md).
+const DPDK_FEATURES: &str = "0xd7c66e7cb";
+/// What DPDK lacks of godwit-1.0 (host TSO, and ECN with it).
+const DPDK_OVERRIDES: &str = "host_tso4=off,host_tso6=off,host_ecn=off";
+
+fn serve_cmdline(ip: &str, gateway: &str) -> String {
+    format!(
+        "console=ttyS0 reboot=k godwit.mode=serve godwit.heartbeat_ms=1000 ip={ip}::{gateway}:255.255.255.0"
+    )
+}
+
+fn kill(child: &mut Child, signal: libc::c_int) {
+    // SAFETY: kill(2) on the pid of a child this test spawned and has not
+    // reaped yet.
+    unsafe { libc::kill(child.id() as libc::pid_t, signal) };
+}
+
+/// `godwit net-backend` on a namespace's TAP, killed on drop.
+struct Backend {
+    child: Child,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl Backend {
+    fn start(host: &NetHost, socket: &Path, extra: &[&str]) -> Backend {
+        let socket_s = socket.to_str().unwrap();
+        let mut args = vec!["net-backend", "--socket", socket_s, "--tap", &host.tap];
+        args.extend_from_slice(extra);
+        let mut child = godwit_command(Some(&host.ns), &args)
+            .env("GODWIT_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn godwit net-backend");
+        let (tx, lines) = std::sync::mpsc::channel();
+        let out = child.stdout.take().unwrap();
+        let err = child.stderr.take().unwrap();
+        let tx2 = tx.clone();
+        std::thread::spawn(move || {
+            for l in BufReader::new(out).lines().map_while(Result::ok) {
+                let _ = tx.send(l);
+            }
+        });
+        std::thread::spawn(move || {
+            for l in BufReader::new(err).lines().map_while(Result::ok) {
+                let _ = tx2.send(l);
+            }
+        });
+        let b = Backend { child, lines };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match b.lines.recv_timeout(Duration::from_millis(100)) {
+                Ok(l) if l.contains("net-backend: ready") => break,
+                _ if Instant::now() > deadline => panic!("godwit net-backend did not start"),
+                _ => {}
+            }
+        }
+        if !extra.contains(&"--client") {
+            while !socket.exists() {
+                assert!(Instant::now() < deadline, "no socket {}", socket.display());
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        b
+    }
+
+    fn kill9(&mut self) {
+        kill(&mut self.child, libc::SIGKILL);
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// One testpmd at a time: its forwarding thread busy-polls a core.
+static DPDK: Mutex<()> = Mutex::new(());
+
+/// DPDK testpmd with a vhost-user port (listening on `socket`) and, with a
+/// namespace, a `net_tap` port `dtap0` in it, forwarding `io` between them
+/// (or looping the one port back). Stopped with SIGINT on drop.
+struct Testpmd {
+    child: Child,
+    _lock: MutexGuard<'static, ()>,
+}
+
+impl Testpmd {
+    fn start(socket: &Path, ns: Option<&str>) -> Testpmd {
+        let lock = DPDK
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let bin = "dpdk-testpmd";
+        assert!(
+            Command::new("sh")
+                .args(["-c", &format!("command -v {bin}")])
+                .stdout(Stdio::null())
+                .status()
+                .unwrap()
+                .success(),
+            "{bin} is not installed: apt-get install -y dpdk-dev (.ci/run does)"
+        );
+        let mut cmd = match ns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, bin]);
+                c
+            }
+            None => Command::new(bin),
+        };
+        cmd.args(["--no-pci", "--no-huge", "--no-shconf", "-m", "512"]);
+        cmd.args([
+            "--vdev",
+            &format!("net_vhost0,iface={},queues=1", socket.display()),
+        ]);
+        if ns.is_some() {
+            cmd.args(["--vdev", "net_tap0,iface=dtap0"]);
+        }
+        cmd.args([
+            "--",
+            "--forward-mode=io",
+            "--total-num-mbufs=2048",
+            "--stats-period",
+            "60",
+        ]);
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn dpdk-testpmd");
+        let t = Testpmd { child, _lock: lock };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !socket.exists() {
+            assert!(Instant::now() < deadline, "testpmd made no socket");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        t
+    }
+}
+
+impl Drop for Testpmd {
+    fn drop(&mut self) {
+        kill(&mut self.child, libc::SIGINT);
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The `--net ...` line of remedy `n` in a refusal message.
+fn remedy_line(stderr: &str, n: usize) -> Option<String> {
+    let mut lines = stderr
+        .lines()
+        .skip_while(|l| !l.trim_start().starts_with(&format!("{n}. ")));
+    lines.next()?;
+    lines.next().map(|l| l.trim().to_string())
+}
+
+fn hex_field(line: &str, key: &str) -> u64 {
+    let v = line
+        .split(&format!("{key}=0x"))
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no {key}= in {line}"));
+    u64::from_str_radix(v, 16).unwrap()
+}
+
+fn query_net(api: &Path) -> Value {
+    let mut q = qmp_connect(api);
+    let v = q.execute("query-net", json!({})).expect("query-net");
+    v[0].clone()
+}
+
+fn sh(cmd: &str) {
+    let ok = Command::new("sh")
+        .args(["-c", cmd])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "{cmd}");
+}
+
+/// Traffic through DPDK: the namespace's kernel stack talks to the guest
+/// over a TAP that testpmd drives (net_tap), testpmd forwards (io) to its
+/// vhost-user port, whose rings the guest's driver fills; and back.
+#[test]
+fn guest_traffic_through_dpdk_testpmd_and_back() {
+    let host = NetHost::new(true, 91);
+    let dir = TempDir::new("vu-dpdk");
+    let socket = dir.join("dpdk.sock");
+    let _tp = Testpmd::start(&socket, Some(&host.ns));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !host.exec(&["ip", "link", "show", "dtap0"]).status.success() {
+        assert!(Instant::now() < deadline, "testpmd made no dtap0");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    sh(&format!(
+        "ip -n {ns} addr add 10.92.0.1/24 dev dtap0 && ip -n {ns} link set dtap0 up",
+        ns = host.ns
+    ));
+    let api = dir.join("api.sock");
+    let net = format!("vhost-user,socket={},{DPDK_OVERRIDES}", socket.display());
+    let cmdline = serve_cmdline("10.92.0.2", "10.92.0.1");
+    let mut vm = RunningVm::spawn(&[
+        "run",
+        "--machine",
+        "godwit-1.0",
+        "--net",
+        &net,
+        "--cmdline",
+        &cmdline,
+        "--api-socket",
+        api.to_str().unwrap(),
+    ]);
+    let dev = vm.wait_line("virtio-net0: base=", BOOT);
+    vm.wait_line("serve: ready", BOOT);
+    let link = vm.wait_line("virtio-net0: mac=", BOOT);
+    assert!(link.contains("link=up"), "{link}");
+    // The guest sees godwit-1.0 minus what DPDK lacks, nothing else.
+    assert_eq!(
+        hex_field(&dev, "offered"),
+        V1_FEATURES & !((1 << 11) | (1 << 12) | (1 << 13)),
+        "{dev}"
+    );
+    let ping = host.exec(&["ping", "-c", "3", "-W", "5", "10.92.0.2"]);
+    assert!(
+        ping.status.success(),
+        "ping through testpmd: {}",
+        String::from_utf8_lossy(&ping.stdout)
+    );
+    let sizes: Vec<usize> = (0..200).map(|i| 36 + (i * 1436 / 199)).collect();
+    let echoed = host.run(move || udp_echo("10.92.0.2:7", 200, &sizes, 8, Duration::from_secs(60)));
+    assert_eq!(echoed, 200, "UDP echo through testpmd");
+
+    let q = query_net(&api);
+    assert_eq!(q["peer"]["kind"], "vhost-user", "{q:#}");
+    assert_eq!(q["peer"]["connected"], true, "{q:#}");
+    assert_eq!(q["peer"]["rings_running"], true, "{q:#}");
+    assert_eq!(
+        q["interface"],
+        Value::Null,
+        "DPDK has no interface versions: {q:#}"
+    );
+    let backend = q["peer"]["backend_features"]["hex"].as_str().unwrap();
+    assert_eq!(
+        u64::from_str_radix(backend.trim_start_matches("0x"), 16).unwrap(),
+        u64::from_str_radix(DPDK_FEATURES.trim_start_matches("0x"), 16).unwrap(),
+        "{q:#}"
+    );
+    // DPDK offers LOG_ALL and LOG_SHMFD: the device is migratable.
+    assert_eq!(q["peer"]["migratable"], true, "{q:#}");
+    assert_eq!(q["link"], "up");
+}
+
+/// godwit-1.1 requires USO and host TSO, which DPDK does not offer: strict
+/// refuses with remedies naming DPDK's GET_FEATURES; each remedy starts the
+/// VM; strict=off registers the blocker. An interface version pinned on a
+/// backend without godwit's extension is checked against what it offers.
+#[test]
+fn strict_against_dpdk_refuses_with_remedies_that_start_the_vm() {
+    let dir = TempDir::new("vu-strict");
+    let socket = dir.join("dpdk.sock");
+    let _tp = Testpmd::start(&socket, None);
+    let net = format!("vhost-user,socket={}", socket.display());
+    let out = run_godwit(&["run", "--machine", "godwit-1.1", "--net", &net], BOOT);
+    assert_eq!(out.code(), Some(4), "strict refusal: {out:?}");
+    let err = &out.stderr;
+    for needle in [
+        "requires, and strict=on",
+        "guest_uso4 (bit 54)",
+        "guest_uso6 (bit 55)",
+        "host_uso (bit 56)",
+        "host_tso4 (bit 11)",
+        "host_tso6 (bit 12)",
+        &format!("does not offer host_tso4 (its GET_FEATURES = {DPDK_FEATURES})"),
+    ] {
+        assert!(err.contains(needle), "{needle}: {err}");
+    }
+    assert!(
+        err.contains("no machine type works with this peer"),
+        "{err}"
+    );
+
+    // Remedy 1 pasted: the guest comes up, sees exactly what is left.
+    let spec = remedy_line(err, 1).expect("remedy 1");
+    let spec = spec.strip_prefix("--net ").unwrap();
+    for off in [
+        "host_tso4=off",
+        "host_tso6=off",
+        "host_uso=off",
+        "guest_uso4=off",
+    ] {
+        assert!(spec.contains(off), "{spec}");
+    }
+    let cmdline =
+        "console=ttyS0 reboot=k godwit.mode=serve godwit.heartbeat_ms=300 godwit.poweroff_after=1";
+    let out = run_godwit(
+        &[
+            "run",
+            "--machine",
+            "godwit-1.1",
+            "--net",
+            spec,
+            "--cmdline",
+            cmdline,
+        ],
+        BOOT,
+    );
+    assert_eq!(out.code(), Some(0), "remedy 1: {out:?}");
+    let line = out
+        .stdout
+        .lines()
+        .find(|l| l.starts_with("virtio-net0: base="))
+        .unwrap_or_else(|| panic!("{out:?}"));
+    let offered = hex_field(line, "offered");
+    for bit in [11, 12, 13, 54, 55, 56] {
+        assert_eq!(offered & (1 << bit), 0, "bit {bit}: {line}");
+    }
+
+    // Remedy 3 pasted: strict=off starts and registers the blocker.
+    let spec = remedy_line(err, 3).expect("remedy 3");
+    let spec = spec.strip_prefix("--net ").unwrap();
+    assert!(spec.ends_with("strict=off"), "{spec}");
+    let api = dir.join("api.sock");
+    let mut vm = RunningVm::spawn(&[
+        "run",
+        "--machine",
+        "godwit-1.1",
+        "--net",
+        spec,
+        "--cmdline",
+        "console=ttyS0 reboot=k godwit.mode=serve godwit.heartbeat_ms=1000",
+        "--api-socket",
+        api.to_str().unwrap(),
+    ]);
+    vm.wait_line("serve: ready", BOOT);
+    let mut q = qmp_connect(&api);
+    let migrate = q.execute("query-migrate", json!({})).unwrap();
+    let reasons = migrate["blocked-reasons"].to_string();
+    assert!(
+        reasons.contains("strict=off") && reasons.contains("host_tso4 (bit 11)"),
+        "{migrate:#}"
+    );
+    let netq = q.execute("query-net", json!({})).unwrap();
+    assert!(
+        netq[0]["blockers"]
+            .to_string()
+            .contains("guest_uso4 (bit 54)"),
+        "{netq:#}"
+    );
+    assert_eq!(
+        netq[0]["dropped"]["names"],
+        json!([
+            "host_tso4",
+            "host_tso6",
+            "host_ecn",
+            "guest_uso4",
+            "guest_uso6",
+            "host_uso"
+        ]),
+        "{netq:#}"
+    );
+    let _ = q.execute("quit", json!({}));
+    let (status, _) = vm.wait_exit(Duration::from_secs(20));
+    assert!(status.success());
+
+    // An interface version pinned on DPDK (no extension): checked.
+    let pinned = format!("vhost-user,socket={},interface={V1}", socket.display());
+    let out = run_godwit(
+        &[
+            "run",
+            "--machine",
+            "godwit-1.0",
+            "--net",
+            &format!("{pinned},{DPDK_OVERRIDES}"),
+        ],
+        BOOT,
+    );
+    assert_eq!(out.code(), Some(4), "{out:?}");
+    assert!(
+        out.stderr
+            .contains(&format!("does not provide interface {V1}"))
+            && out.stderr.contains("lacks host_tso4,host_tso6"),
+        "{out:?}"
+    );
+    let unknown = format!(
+        "vhost-user,socket={},interface=org.example.v7",
+        socket.display()
+    );
+    let out = run_godwit(&["run", "--net", &unknown], BOOT);
+    assert_eq!(out.code(), Some(1), "{out:?}");
+    assert!(
+        out.stderr
+            .contains("interface org.example.v7 is not one godwit knows")
+            && out
+                .stderr
+                .contains("lacks godwit's interface-version extension"),
+        "{out:?}"
+    );
+}
+
+/// godwit's own backend on a TAP in a namespace: ARP, ping and UDP echo
+/// between the namespace's kernel stack and the guest.
+#[test]
+fn ping_and_udp_echo_through_godwits_backend() {
+    let host = NetHost::new(true, 93);
+    let dir = TempDir::new("vu-godwit");
+    let socket = dir.join("backend.sock");
+    let _backend = Backend::start(&host, &socket, &[]);
+    let api = dir.join("api.sock");
+    let net = format!("vhost-user,socket={}", socket.display());
+    let cmdline = format!(
+        "console=ttyS0 reboot=k godwit.mode=serve godwit.heartbeat_ms=1000 {}",
+        host.guest_ip_param()
+    );
+    let mut vm = RunningVm::spawn(&[
+        "run",
+        "--net",
+        &net,
+        "--cmdline",
+        &cmdline,
+        "--api-socket",
+        api.to_str().unwrap(),
+    ]);
+    vm.wait_line("serve: ready", BOOT);
+    let ping = host.exec(&["ping", "-c", "3", "-W", "5", &host.guest_ip()]);
+    assert!(
+        ping.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ping.stdout)
+    );
+    let target = format!("{}:7", host.guest_ip());
+    let sizes: Vec<usize> = (0..1000).map(|i| 36 + (i * 1436 / 999)).collect();
+    let echoed = host.run(move || udp_echo(&target, 1000, &sizes, 16, Duration::from_secs(90)));
+    assert_eq!(echoed, 1000, "UDP echo through godwit's backend");
+    let q = query_net(&api);
+    assert_eq!(q["interface"]["name"], V2, "{q:#}");
+    assert_eq!(q["interface"]["pinned"], false, "{q:#}");
+    assert_eq!(q["interface"]["how"], "extension", "{q:#}");
+    assert_eq!(q["peer"]["migratable"], true, "{q:#}");
+    assert!(
+        q["peer"]["negotiated_protocol"]
+            .as_str()
+            .unwrap()
+            .contains("GODWIT_INTERFACE"),
+        "{q:#}"
+    );
+}
+
+/// v1 pinned on a backend that supports v1 and v2 (and presents v2 by
+/// default): the guest gets exactly v1's features and ring size; godwit-1.1
+/// (USO) on v1 is refused with remedies; an unknown version is refused with
+/// the supported list.
+#[test]
+fn interface_pinning_gives_the_old_abi_and_refuses_unknown_versions() {
+    let host = NetHost::new(true, 94);
+    let dir = TempDir::new("vu-pin");
+    let socket = dir.join("backend.sock");
+    let _backend = Backend::start(&host, &socket, &[]);
+    let versions = godwit_command(None, &["net-backend", "--print-versions"])
+        .output()
+        .unwrap();
+    let v: Value = serde_json::from_slice(&versions.stdout).unwrap();
+    assert_eq!(v, json!({"latest": V2, "supported": [V1, V2]}));
+
+    let api = dir.join("api.sock");
+    let net = format!("vhost-user,socket={},interface={V1}", socket.display());
+    let mut vm = RunningVm::spawn(&[
+        "run",
+        "--machine",
+        "godwit-1.0",
+        "--net",
+        &net,
+        "--cmdline",
+        &format!(
+            "console=ttyS0 reboot=k godwit.mode=serve godwit.heartbeat_ms=1000 {}",
+            host.guest_ip_param()
+        ),
+        "--api-socket",
+        api.to_str().unwrap(),
+    ]);
+    let dev = vm.wait_line("virtio-net0: base=", BOOT);
+    vm.wait_line("serve: ready", BOOT);
+    assert_eq!(hex_field(&dev, "offered"), V1_FEATURES, "{dev}");
+    let q = query_net(&api);
+    assert_eq!(q["interface"]["name"], V1, "{q:#}");
+    assert_eq!(q["interface"]["pinned"], true, "{q:#}");
+    assert_eq!(q["interface"]["values"]["max_ring_size"], 256, "{q:#}");
+    assert_eq!(q["queue_max_sizes"], json!([256, 256, 64]), "{q:#}");
+    // The backend presents exactly v1 (plus the transport bits).
+    let backend = q["peer"]["backend_features"]["hex"].as_str().unwrap();
+    assert_eq!(
+        u64::from_str_radix(backend.trim_start_matches("0x"), 16).unwrap(),
+        V1_FEATURES | (1 << 30) | (1 << 26),
+        "{q:#}"
+    );
+    let ping = host.exec(&["ping", "-c", "2", "-W", "5", &host.guest_ip()]);
+    assert!(ping.status.success());
+    let mut qmp = qmp_connect(&api);
+    let _ = qmp.execute("quit", json!({}));
+    vm.wait_exit(Duration::from_secs(20));
+
+    // godwit-1.1 requires USO, which v1 does not have.
+    let out = run_godwit(&["run", "--machine", "godwit-1.1", "--net", &net], BOOT);
+    assert_eq!(out.code(), Some(4), "{out:?}");
+    assert!(
+        out.stderr.contains(&format!(
+            "presents interface {V1}, which does not include guest_uso4"
+        )),
+        "{out:?}"
+    );
+    assert!(out.stderr.contains("--machine godwit-1.0"), "{out:?}");
+
+    // A version the backend does not have.
+    let bad = format!(
+        "vhost-user,socket={},interface=org.godwit.net.v9",
+        socket.display()
+    );
+    let out = run_godwit(&["run", "--net", &bad], BOOT);
+    assert_eq!(out.code(), Some(1), "{out:?}");
+    assert!(
+        out.stderr.contains(&format!(
+            "does not support interface org.godwit.net.v9; it supports {V1}, {V2} (latest {V2})"
+        )),
+        "{out:?}"
+    );
+}
+
+/// The backend is killed during traffic: godwit and the guest keep running,
+/// the guest sees the link go down; a new backend on the same socket brings
+/// it back and traffic resumes.
+#[test]
+fn backend_killed_during_traffic_link_goes_down_and_traffic_resumes() {
+    let host = NetHost::new(true, 95);
+    let dir = TempDir::new("vu-kill");
+    let socket = dir.join("backend.sock");
+    let mut backend = Backend::start(&host, &socket, &[]);
+    let api = dir.join("api.sock");
+    let net = format!("vhost-user,socket={}", socket.display());
+    let cmdline = format!(
+        "console=ttyS0 reboot=k godwit.mode=serve godwit.heartbeat_ms=500 {}",
+        host.guest_ip_param()
+    );
+    let mut vm = RunningVm::spawn(&[
+        "run",
+        "--net",
+        &net,
+        "--cmdline",
+        &cmdline,
+        "--api-socket",
+        api.to_str().unwrap(),
+    ]);
+    vm.wait_line("serve: ready", BOOT);
+    // Traffic in flight while the backend dies.
+    let target = format!("{}:7", host.guest_ip());
+    let t2 = target.clone();
+    let traffic = host_run_async(&host, move || {
+        udp_echo(&t2, 2000, &[64, 512, 1400], 16, Duration::from_secs(4))
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    backend.kill9();
+    let _ = traffic.join();
+    vm.wait_line("virtio-net0: link=down", Duration::from_secs(20));
+    let mut q = qmp_connect(&api);
+    let status = q.execute("query-status", json!({})).unwrap();
+    assert_eq!(status["status"], "running", "{status:#}");
+    let netq = q.execute("query-net", json!({})).unwrap();
+    assert_eq!(netq[0]["link"], "down", "{netq:#}");
+    assert_eq!(netq[0]["peer"]["connected"], false, "{netq:#}");
+
+    let _backend2 = Backend::start(&host, &socket, &[]);
+    vm.wait_line("virtio-net0: link=up", Duration::from_secs(30));
+    let echoed =
+        host.run(move || udp_echo(&target, 200, &[64, 700, 1400], 8, Duration::from_secs(60)));
+    assert_eq!(echoed, 200, "traffic after the backend came back");
+    let netq = q.execute("query-net", json!({})).unwrap();
+    assert_eq!(netq[0]["peer"]["reconnects"], 1, "{netq:#}");
+    assert_eq!(netq[0]["link"], "up");
+}
+
+/// The next console line containing `needle` (lines seen before are not
+/// looked at).
+fn wait_new_line(vm: &mut RunningVm, needle: &str, timeout: Duration) -> String {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match vm.try_line(left) {
+            Some(l) if l.contains(needle) => return l,
+            Some(_) => {}
+            None => panic!(
+                "no new console line containing {needle:?} within {timeout:?}; console:\n{}",
+                vm.seen.join("\n")
+            ),
+        }
+    }
+}
+
+fn host_run_async<T: Send + 'static>(
+    host: &NetHost,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> std::thread::JoinHandle<T> {
+    let path = format!("/var/run/netns/{}", host.ns);
+    std::thread::spawn(move || {
+        let file = std::fs::File::open(&path).unwrap();
+        use std::os::fd::AsRawFd;
+        // SAFETY: setns on a valid namespace fd changes only this test thread.
+        let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0);
+        f()
+    })
+}
+
+/// A backend that comes back with fewer features (v1 instead of v2, no
+/// USO) is handled by strict as at start-up: strict=on keeps the link down
+/// and says why; strict=off drops the features, registers a blocker and
+/// makes the driver negotiate again, after which traffic flows.
+#[test]
+fn backend_returning_with_fewer_features_follows_strict() {
+    for strict in [true, false] {
+        let host = NetHost::new(true, if strict { 96 } else { 97 });
+        let dir = TempDir::new("vu-fewer");
+        let socket = dir.join("backend.sock");
+        let mut backend = Backend::start(&host, &socket, &["--interface", V2]);
+        let api = dir.join("api.sock");
+        let net = format!(
+            "vhost-user,socket={},strict={}",
+            socket.display(),
+            if strict { "on" } else { "off" }
+        );
+        let cmdline = format!(
+            "console=ttyS0 reboot=k godwit.mode=serve godwit.heartbeat_ms=500 {}",
+            host.guest_ip_param()
+        );
+        let mut vm = RunningVm::spawn(&[
+            "run",
+            "--machine",
+            "godwit-1.1",
+            "--net",
+            &net,
+            "--cmdline",
+            &cmdline,
+            "--api-socket",
+            api.to_str().unwrap(),
+        ]);
+        let first = vm.wait_line("virtio-net0: base=", BOOT);
+        assert_ne!(hex_field(&first, "offered") & (1 << 54), 0, "{first}");
+        vm.wait_line("serve: ready", BOOT);
+        backend.kill9();
+        vm.wait_line("virtio-net0: link=down", Duration::from_secs(20));
+        let _older = Backend::start(&host, &socket, &["--interface", V1]);
+        let mut q = qmp_connect(&api);
+        if strict {
+            let deadline = Instant::now() + Duration::from_secs(20);
+            let netq = loop {
+                let n = q.execute("query-net", json!({})).unwrap();
+                if n[0]["peer"]["last_error"]
+                    .as_str()
+                    .is_some_and(|e| e.contains("strict=on"))
+                {
+                    break n;
+                }
+                assert!(Instant::now() < deadline, "no refusal: {n:#}");
+                std::thread::sleep(Duration::from_millis(200));
+            };
+            let why = netq[0]["peer"]["last_error"].as_str().unwrap();
+            assert!(
+                why.contains("guest_uso4") && why.contains(V1) && why.contains("link stays down"),
+                "{why}"
+            );
+            assert_eq!(netq[0]["link"], "down", "{netq:#}");
+            let status = q.execute("query-status", json!({})).unwrap();
+            assert_eq!(status["status"], "running");
+        } else {
+            vm.wait_line("virtio-net0: device needs reset", Duration::from_secs(30));
+            let again = wait_new_line(&mut vm, "virtio-net0: base=", Duration::from_secs(60));
+            assert_eq!(hex_field(&again, "offered") & (7 << 54), 0, "{again}");
+            wait_new_line(&mut vm, "link=up", Duration::from_secs(30));
+            let migrate = q.execute("query-migrate", json!({})).unwrap();
+            let netq = q.execute("query-net", json!({})).unwrap();
+            let blockers = netq[0]["blockers"].to_string();
+            assert!(
+                blockers.contains("came back") && blockers.contains("guest_uso4"),
+                "{netq:#} / {migrate:#}"
+            );
+            let ping = host.exec(&["ping", "-c", "2", "-W", "5", &host.guest_ip()]);
+            assert!(ping.status.success(), "traffic after renegotiation");
+        }
+        let _ = q.execute("quit", json!({}));
+        vm.wait_exit(Duration::from_secs(20));
+    }
+}
+
+// ------------------------------------------------------------------------
+// Misbehaving backends: every bad reply is a clear start-up error naming the
+// message, godwit exits 1 within the reply timeout, never hangs or crashes.
+
+fn read_msg(s: &mut UnixStream) -> Option<(u32, Vec<u8>)> {
+    let mut hdr = [0u8; 12];
+    s.read_exact(&mut hdr).ok()?;
+    let size = u32::from_le_bytes(hdr[8..12].try_into().unwrap()) as usize;
+    let mut p = vec![0u8; size];
+    s.read_exact(&mut p).ok()?;
+    Some((u32::from_le_bytes(hdr[..4].try_into().unwrap()), p))
+}
+
+fn send(s: &mut UnixStream, code: u32, flags: u32, payload: &[u8]) {
+    let mut m = Vec::new();
+    m.extend_from_slice(&code.to_le_bytes());
+    m.extend_from_slice(&flags.to_le_bytes());
+    m.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    m.extend_from_slice(payload);
+    let _ = s.write_all(&m);
+}
+
+const GET_FEATURES: u32 = 1;
+const SET_OWNER: u32 = 3;
+const GET_PROTOCOL_FEATURES: u32 = 15;
+const SET_PROTOCOL_FEATURES: u32 = 16;
+const GET_CONFIG: u32 = 24;
+const SET_CONFIG: u32 = 25;
+const REPLY: u32 = 0x5;
+const F_PROTOCOL: u64 = 1 << 30;
+const P_REPLY_ACK: u64 = 1 << 3;
+const P_CONFIG: u64 = 1 << 9;
+const P_GODWIT: u64 = 1 << 60;
+
+/// A backend that answers with `script` on one connection.
+fn fake_backend(
+    socket: PathBuf,
+    script: impl FnOnce(&mut UnixStream) + Send + 'static,
+) -> std::thread::JoinHandle<()> {
+    let listener = UnixListener::bind(&socket).unwrap();
+    std::thread::spawn(move || {
+        if let Ok((mut s, _)) = listener.accept() {
+            script(&mut s);
+            // Stay silent until godwit gives up.
+            let mut buf = [0u8; 256];
+            let _ = s.set_read_timeout(Some(Duration::from_secs(15)));
+            while matches!(s.read(&mut buf), Ok(n) if n > 0) {}
+        }
+    })
+}
+
+fn expect_clear_error(socket: &Path, needles: &[&str]) {
+    let net = format!("vhost-user,socket={}", socket.display());
+    let started = Instant::now();
+    let out = run_godwit(&["run", "--net", &net], Duration::from_secs(30));
+    assert_eq!(
+        out.code(),
+        Some(1),
+        "a start-up error, not a crash: {out:?}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "took {:?}",
+        started.elapsed()
+    );
+    for n in needles {
+        assert!(out.stderr.contains(n), "{n}: {}", out.stderr);
+    }
+}
+
+#[test]
+fn bad_replies_from_a_backend_are_clear_errors_without_hangs() {
+    let dir = TempDir::new("vu-bad");
+
+    // A reply of the wrong type.
+    let s = dir.join("wrong-type.sock");
+    let t = fake_backend(s.clone(), |c| {
+        let _ = read_msg(c);
+        send(c, GET_PROTOCOL_FEATURES, REPLY, &0u64.to_le_bytes());
+    });
+    expect_clear_error(
+        &s,
+        &[
+            "bad reply to GET_FEATURES",
+            "the reply is for request 15 (GET_PROTOCOL_FEATURES)",
+        ],
+    );
+    let _ = t.join();
+
+    // A short payload: 4 bytes where GET_FEATURES answers with 8.
+    let s = dir.join("short.sock");
+    let t = fake_backend(s.clone(), |c| {
+        let _ = read_msg(c);
+        send(c, GET_FEATURES, REPLY, &[1, 2, 3, 4]);
+    });
+    expect_clear_error(
+        &s,
+        &[
+            "bad reply to GET_FEATURES",
+            "its payload is 4 bytes",
+            "8 bytes",
+        ],
+    );
+    let _ = t.join();
+
+    // A header that announces 8 bytes, of which 4 come.
+    let s = dir.join("truncated.sock");
+    let t = fake_backend(s.clone(), |c| {
+        let _ = read_msg(c);
+        let mut m = Vec::new();
+        m.extend_from_slice(&GET_FEATURES.to_le_bytes());
+        m.extend_from_slice(&REPLY.to_le_bytes());
+        m.extend_from_slice(&8u32.to_le_bytes());
+        m.extend_from_slice(&[1, 2, 3, 4]);
+        let _ = c.write_all(&m);
+    });
+    expect_clear_error(
+        &s,
+        &["no complete reply to GET_FEATURES within", "16 of 20 bytes"],
+    );
+    let _ = t.join();
+
+    // Closed in the middle of the handshake.
+    let s = dir.join("closed.sock");
+    let t = fake_backend(s.clone(), |c| {
+        let _ = read_msg(c);
+        send(
+            c,
+            GET_FEATURES,
+            REPLY,
+            &(F_PROTOCOL | (1 << 32)).to_le_bytes(),
+        );
+        let _ = read_msg(c);
+        let _ = c.shutdown(std::net::Shutdown::Both);
+    });
+    expect_clear_error(
+        &s,
+        &["closed the connection while godwit waited for the reply to GET_PROTOCOL_FEATURES"],
+    );
+    let _ = t.join();
+
+    // Features outside what was asked: a backend with godwit's extension
+    // accepts the pin of v1 but then offers USO as well.
+    let s = dir.join("outside.sock");
+    let t = fake_backend(s.clone(), |c| {
+        while let Some((code, payload)) = read_msg(c) {
+            match code {
+                GET_FEATURES => send(
+                    c,
+                    code,
+                    REPLY,
+                    &(V1_FEATURES | F_PROTOCOL | (7u64 << 54)).to_le_bytes(),
+                ),
+                GET_PROTOCOL_FEATURES => send(
+                    c,
+                    code,
+                    REPLY,
+                    &(P_REPLY_ACK | P_CONFIG | P_GODWIT).to_le_bytes(),
+                ),
+                SET_PROTOCOL_FEATURES => {}
+                SET_CONFIG | SET_OWNER => send(c, code, REPLY, &0u64.to_le_bytes()),
+                GET_CONFIG => {
+                    let size = u32::from_le_bytes(payload[4..8].try_into().unwrap()) as usize;
+                    let mut record = format!(
+                        "godwit-interface 1\nactive={V1}\npinned=1\nlatest={V2}\nfeatures={V1_FEATURES:#x}\nmax_ring=256\nmtu=1500\nqueue_pairs=1\nsupported={V1},{V2}\n"
+                    )
+                    .into_bytes();
+                    record.resize(size, 0);
+                    let mut reply = payload[..12].to_vec();
+                    reply.extend_from_slice(&record);
+                    send(c, code, REPLY, &reply);
+                }
+                _ => send(c, code, REPLY, &0u64.to_le_bytes()),
+            }
+        }
+    });
+    let net = format!("vhost-user,socket={},interface={V1}", s.display());
+    let out = run_godwit(&["run", "--net", &net], Duration::from_secs(30));
+    assert_eq!(out.code(), Some(1), "{out:?}");
+    assert!(
+        out.stderr
+            .contains("features outside what was asked: guest_uso4,guest_uso6,host_uso"),
+        "{}",
+        out.stderr
+    );
+    drop(t);
+
+    // Silence: no reply at all.
+    let s = dir.join("silent.sock");
+    let t = fake_backend(s.clone(), |c| {
+        let _ = read_msg(c);
+    });
+    expect_clear_error(
+        &s,
+        &[
+            "no complete reply to GET_FEATURES within 5s",
+            "0 of 20 bytes",
+        ],
+    );
+    let _ = t.join();
+
+    // Nothing listening at all.
+    let out = run_godwit(
+        &[
+            "run",
+            "--net",
+            &format!("vhost-user,socket={}", dir.join("none.sock").display()),
+        ],
+        Duration::from_secs(60),
+    );
+    assert_eq!(out.code(), Some(1), "{out:?}");
+    assert!(
+        out.stderr
+            .contains("cannot connect to the vhost-user backend socket")
+            && out.stderr.contains("server=on"),
+        "{}",
+        out.stderr
+    );
+}
+
+/// server=on: godwit listens and the backend connects (DPDK's client=1;
+/// godwit net-backend --client).
+#[test]
+fn server_mode_lets_the_backend_connect() {
+    let host = NetHost::new(true, 98);
+    let dir = TempDir::new("vu-server");
+    let socket = dir.join("godwit.sock");
+    let net = format!("vhost-user,socket={},server=on", socket.display());
+    let cmdline = format!(
+        "console=ttyS0 reboot=k godwit.mode=serve godwit.heartbeat_ms=1000 {}",
+        host.guest_ip_param()
+    );
+    let mut vm = RunningVm::spawn(&["run", "--net", &net, "--cmdline", &cmdline]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !socket.exists() {
+        assert!(Instant::now() < deadline, "godwit does not listen");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _backend = Backend::start(&host, &socket, &["--client"]);
+    vm.wait_line("serve: ready", BOOT);
+    let ping = host.exec(&["ping", "-c", "2", "-W", "5", &host.guest_ip()]);
+    assert!(ping.status.success());
+}
