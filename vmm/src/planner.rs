@@ -29,7 +29,7 @@ use std::time::Duration;
 use serde::Serialize;
 use serde_json::{json, Map, Value};
 
-use godwit_devices::vhost_user::interface::by_interface_name;
+use godwit_devices::vhost_user::interface::{by_interface_name, INTERFACES};
 use godwit_devices::virtio::net::features::{self, NetFeature, TapNeed, VhostNeed, FEATURES};
 use godwit_migration::cpu_compat::{self, CpuidEntry};
 
@@ -290,22 +290,29 @@ fn would_change(f: &NetFeature, peer: &PeerEntry, hosts: &[HostInput]) -> String
             VhostNeed::QueuePairs => "a vhost-user backend with at least 2 queues".to_string(),
             VhostNeed::Frontend => format!("a godwit whose frontend implements {}", f.name),
             VhostNeed::Ring | VhostNeed::Packet => {
-                // Another backend interface version that has it, as some
-                // reported backend presents it.
-                let with = hosts.iter().find_map(|h| {
-                    h.report.peers.iter().find_map(|p| match &p.probe {
-                        Probe::VhostUser(u) => {
-                            let i = u.interface.as_ref()?;
-                            let feats = i.features.as_deref().and_then(parse_hex)?;
-                            (feats & bit(f.bit) != 0)
-                                .then(|| format!("{} (as on host {})", i.active, h.label()))
-                        }
-                        _ => None,
-                    })
-                });
+                // Another backend interface version that has it: godwit's
+                // released versions first, then what some reported
+                // backend presents.
+                let with = INTERFACES
+                    .iter()
+                    .find(|i| i.feature_bits() & bit(f.bit) != 0)
+                    .map(|i| i.name.to_string())
+                    .or_else(|| {
+                        hosts.iter().find_map(|h| {
+                            h.report.peers.iter().find_map(|p| match &p.probe {
+                                Probe::VhostUser(u) => {
+                                    let i = u.interface.as_ref()?;
+                                    let feats = i.features.as_deref().and_then(parse_hex)?;
+                                    (feats & bit(f.bit) != 0)
+                                        .then(|| format!("{} (as on host {})", i.active, h.label()))
+                                }
+                                _ => None,
+                            })
+                        })
+                    });
                 match with {
                     Some(v) => format!(
-                        "a vhost-user backend that offers {} ({}), e.g. one presenting interface version {v}",
+                        "a vhost-user backend that offers {} ({}), e.g. one presenting interface version {v} (another backend interface version)",
                         f.name, f.spec_name
                     ),
                     None => format!(
@@ -474,6 +481,38 @@ fn spec_text(kind: PeerKind, peer: &[(String, String)], properties: &[String]) -
     parts.join(",")
 }
 
+/// What would let every backend present `f` under a common pin: the oldest
+/// released interface version that has it, on the backends that do not
+/// list it.
+fn interface_change(f: &NetFeature, found: &[(&HostInput, &PeerEntry, PeerSupport)]) -> String {
+    let Some(version) = INTERFACES
+        .iter()
+        .find(|i| i.feature_bits() & bit(f.bit) != 0)
+    else {
+        return format!(
+            "backends that all list an interface version that includes {}",
+            f.name
+        );
+    };
+    let lacking: Vec<String> = found
+        .iter()
+        .filter(|(_, p, _)| match &p.probe {
+            Probe::VhostUser(u) => !u
+                .interface
+                .as_ref()
+                .is_some_and(|i| i.supported.iter().any(|n| n == version.name)),
+            _ => false,
+        })
+        .map(|(h, _, _)| h.label())
+        .collect();
+    format!(
+        "another backend interface version: a backend that lists {} (it includes {}) on {}",
+        version.name,
+        f.name,
+        lacking.join(", ")
+    )
+}
+
 /// The interface version every vhost-user backend lists (the newest such),
 /// and its feature bits; or why none is pinned.
 fn pick_interface(peers: &[(&HostInput, &PeerEntry)]) -> Result<(String, u64), String> {
@@ -571,20 +610,25 @@ fn plan_device(
         return d;
     }
     // vhost-user: pin the newest interface version every backend lists.
+    let mut pin_removed: Vec<u64> = vec![0; found.len()];
     if kind == PeerKind::VhostUser {
         let pairs: Vec<(&HostInput, &PeerEntry)> = found.iter().map(|(h, p, _)| (*h, *p)).collect();
         match pick_interface(&pairs) {
             Ok((name, feats)) => {
-                for (_, p, s) in found.iter_mut() {
-                    let queue_num = match &p.probe {
-                        Probe::VhostUser(u) => u.queue_num,
-                        _ => None,
+                for ((_, p, s), removed) in found.iter_mut().zip(pin_removed.iter_mut()) {
+                    let Probe::VhostUser(u) = &p.probe else {
+                        continue;
                     };
-                    let pinned = host_caps::vhost_user_support(&p.name, feats, queue_num);
+                    let pinned = host_caps::vhost_user_support(&u.socket, feats, u.queue_num);
                     // Pinned, the backend presents that version's features.
+                    let before = s.supported;
                     s.supported &= pinned.supported;
-                    for (b, why) in pinned.why_not {
-                        s.why_not.entry(b).or_insert(why);
+                    *removed = before & !s.supported;
+                    for b in bits(*removed) {
+                        s.why_not.insert(
+                            b,
+                            format!("interface {name} (the newest version every backend lists) does not include it"),
+                        );
                     }
                 }
                 d.interface = Some(name);
@@ -666,8 +710,9 @@ fn plan_device(
         };
         let lacking_on = found
             .iter()
-            .filter(|(_, _, s)| s.supported & bit(b) == 0)
-            .map(|(h, p, s)| HostLack {
+            .zip(&pin_removed)
+            .filter(|((_, _, s), _)| s.supported & bit(b) == 0)
+            .map(|((h, p, s), removed)| HostLack {
                 host: h.label(),
                 peer: p.name.clone(),
                 why: s
@@ -675,7 +720,11 @@ fn plan_device(
                     .get(&b)
                     .cloned()
                     .unwrap_or_else(|| "not supported".into()),
-                would_change: would_change(f, p, hosts),
+                would_change: if removed & bit(b) != 0 {
+                    interface_change(f, &found)
+                } else {
+                    would_change(f, p, hosts)
+                },
             })
             .collect();
         let depends_on = f
@@ -1428,6 +1477,7 @@ pub fn vm_from_query(source: &str, nets: &Value, migrate: &Value) -> Result<VmVi
         .as_array()
         .ok_or_else(|| vm_err(source, "query-net did not return a list"))?;
     let mut devices = Vec::new();
+    let mut device_blockers: Vec<String> = Vec::new();
     let mut machine = None;
     for (i, d) in list.iter().enumerate() {
         let bad = |what: &str| vm_err(source, format!("query-net[{i}]: {what}"));
@@ -1443,18 +1493,22 @@ pub fn vm_from_query(source: &str, nets: &Value, migrate: &Value) -> Result<VmVi
             kind,
             offered: hex_at(d, "/offered/hex").ok_or_else(|| bad("no offered.hex"))?,
             acked: hex_at(d, "/acked/hex").ok_or_else(|| bad("no acked.hex"))?,
+            // `interface` is {"name": ..} (or a plain name).
             interface: d
-                .get("interface")
+                .pointer("/interface/name")
+                .or_else(|| d.get("interface"))
                 .and_then(Value::as_str)
-                .map(str::to_string)
-                .or_else(|| {
-                    d.pointer("/peer/interface")
-                        .and_then(Value::as_str)
-                        .map(str::to_string)
-                }),
+                .map(str::to_string),
         });
+        for b in d["blockers"].as_array().into_iter().flatten() {
+            if let Some(b) = b.as_str() {
+                if !device_blockers.iter().any(|x| x == b) {
+                    device_blockers.push(b.to_string());
+                }
+            }
+        }
     }
-    let blockers = migrate["blocked-reasons"]
+    let mut blockers: Vec<String> = migrate["blocked-reasons"]
         .as_array()
         .map(|a| {
             a.iter()
@@ -1462,6 +1516,11 @@ pub fn vm_from_query(source: &str, nets: &Value, migrate: &Value) -> Result<VmVi
                 .collect()
         })
         .unwrap_or_default();
+    for b in device_blockers {
+        if !blockers.contains(&b) {
+            blockers.push(b);
+        }
+    }
     Ok(VmView {
         source: source.to_string(),
         machine: machine.unwrap_or_else(|| "unknown (the VM has no network device)".into()),
@@ -1917,7 +1976,7 @@ mod tests {
         assert!(
             tso.lacking_on[0]
                 .would_change
-                .contains("org.godwit.net.v3 (as on host new"),
+                .contains("one presenting interface version org.godwit.net.v1 (another backend interface version)"),
             "{tso:?}"
         );
     }
@@ -2102,11 +2161,12 @@ mod tests {
 
     #[test]
     fn query_net_answers_become_a_vm_view() {
-        let nets = json!([{"id": "net0", "machine": "godwit-1.1", "peer": {"kind": "tap"}, "offered": {"hex": "0x0000000000000001"}, "acked": {"hex": "0x0000000000000000"}}]);
+        let nets = json!([{"id": "net0", "machine": "godwit-1.1", "peer": {"kind": "vhost-user"}, "interface": {"name": "org.godwit.net.v1"}, "blockers": ["x", "net0: y"], "offered": {"hex": "0x0000000000000001"}, "acked": {"hex": "0x0000000000000000"}}]);
         let v = vm_from_query("s", &nets, &json!({"blocked-reasons": ["x"]})).unwrap();
         assert_eq!(v.machine, "godwit-1.1");
         assert_eq!(v.devices[0].offered, 1);
-        assert_eq!(v.blockers, ["x"]);
+        assert_eq!(v.blockers, ["x", "net0: y"]);
+        assert_eq!(v.devices[0].interface.as_deref(), Some("org.godwit.net.v1"));
         let e = vm_from_query("s", &json!([{"id": "n"}]), &json!({})).unwrap_err();
         assert!(e.to_string().contains("query-net[0]: no peer.kind"), "{e}");
     }
