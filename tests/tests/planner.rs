@@ -923,3 +923,202 @@ fn plan_needs_reports() {
     let out = godwit_command(None, &["plan"]).output().unwrap();
     assert_eq!(out.status.code(), Some(2));
 }
+
+fn kill(child: &mut std::process::Child, signal: libc::c_int) {
+    // SAFETY: kill(2) on the pid of a child this test spawned and has not
+    // reaped yet.
+    unsafe {
+        libc::kill(child.id() as libc::pid_t, signal);
+    }
+}
+
+/// A backend process (`godwit net-backend` or DPDK testpmd), stopped on drop.
+struct BackendProcess {
+    child: std::process::Child,
+    stop: libc::c_int,
+}
+
+impl BackendProcess {
+    fn wait_socket(self, socket: &Path) -> Self {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !socket.exists() {
+            assert!(
+                Instant::now() < deadline,
+                "the backend made no socket {}",
+                socket.display()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self
+    }
+
+    /// `godwit net-backend` on `host`'s TAP.
+    fn godwit(host: &NetHost, socket: &Path, extra: &[&str]) -> Self {
+        let mut args = vec![
+            "net-backend",
+            "--socket",
+            socket.to_str().unwrap(),
+            "--tap",
+            &host.tap,
+        ];
+        args.extend_from_slice(extra);
+        let child = godwit_command(Some(&host.ns), &args)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn godwit net-backend");
+        BackendProcess {
+            child,
+            stop: libc::SIGKILL,
+        }
+        .wait_socket(socket)
+    }
+
+    /// DPDK testpmd with one vhost-user port looped back.
+    fn testpmd(socket: &Path) -> Self {
+        let child = std::process::Command::new("dpdk-testpmd")
+            .args(["--no-pci", "--no-huge", "--no-shconf", "-m", "512"])
+            .args([
+                "--vdev",
+                &format!("net_vhost0,iface={},queues=1", socket.display()),
+            ])
+            .args([
+                "--",
+                "--forward-mode=io",
+                "--total-num-mbufs=2048",
+                "--stats-period",
+                "60",
+            ])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("dpdk-testpmd is not installed: apt-get install -y dpdk-dev (.ci/run does)");
+        BackendProcess {
+            child,
+            stop: libc::SIGINT,
+        }
+        .wait_socket(socket)
+    }
+}
+
+impl Drop for BackendProcess {
+    fn drop(&mut self) {
+        kill(&mut self.child, self.stop);
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Reports probed live from real vhost-user backends (godwit's own, one
+/// presenting v1 by default, and DPDK testpmd), their plans, and each
+/// host's planned line started strictly on its backend.
+#[test]
+fn live_vhost_user_reports_plan_lines_that_start_on_each_backend() {
+    let host_a = NetHost::new(true, 145);
+    let host_b = NetHost::new(true, 146);
+    let dir = TempDir::new("plan-vu");
+    let (sock_a, sock_b, sock_d) = (dir.join("a.sock"), dir.join("b.sock"), dir.join("d.sock"));
+    let _a = BackendProcess::godwit(&host_a, &sock_a, &[]);
+    let _b = BackendProcess::godwit(&host_b, &sock_b, &["--interface", "org.godwit.net.v1"]);
+    let _d = BackendProcess::testpmd(&sock_d);
+    let (ra, rb, rd) = (dir.join("a.json"), dir.join("b.json"), dir.join("d.json"));
+    let spec = |s: &Path| format!("vhost-user,socket={}", s.display());
+    live_report(&host_a.ns, "a", &spec(&sock_a), &ra);
+    live_report(&host_b.ns, "b", &spec(&sock_b), &rb);
+    let out = run_godwit(
+        &[
+            "host-caps",
+            "--name",
+            "dpdk",
+            "--net",
+            &spec(&sock_d),
+            "--output",
+            rd.to_str().unwrap(),
+        ],
+        Duration::from_secs(60),
+    );
+    assert_eq!(out.code(), Some(0), "{out:?}");
+
+    let read = |p: &Path| parse_report(&std::fs::read_to_string(p).unwrap(), "r").unwrap();
+    let (a, b, d) = (read(&ra), read(&rb), read(&rd));
+    for (r, active) in [(&a, "org.godwit.net.v2"), (&b, "org.godwit.net.v1")] {
+        let p = r.peer(PeerKind::VhostUser, 0).unwrap();
+        assert_eq!(p.status, PeerStatus::Ok, "{p:?}");
+        assert!(p.migration_blocker.is_none(), "{p:?}");
+        let Probe::VhostUser(u) = &p.probe else {
+            panic!()
+        };
+        let i = u
+            .interface
+            .as_ref()
+            .expect("godwit's backend has the extension");
+        assert_eq!(i.active, active);
+        assert_eq!(i.supported, ["org.godwit.net.v1", "org.godwit.net.v2"]);
+    }
+    let p = d.peer(PeerKind::VhostUser, 0).unwrap();
+    assert_eq!(p.status, PeerStatus::Ok, "{p:?}");
+    let Probe::VhostUser(u) = &p.probe else {
+        panic!()
+    };
+    assert_eq!(
+        u.features.as_deref(),
+        Some("0x0000000d7c66e7cb"),
+        "DPDK 22.11's GET_FEATURES"
+    );
+    assert_eq!(u.queue_num, Some(128));
+    assert!(u.interface.is_none());
+
+    // godwit's backends: the newest version both list is pinned; nothing
+    // is left out of godwit-1.1.
+    let (code, v) = plan_json(&[
+        "--device",
+        "vhost-user",
+        ra.to_str().unwrap(),
+        rb.to_str().unwrap(),
+    ]);
+    assert_eq!(code, Some(0), "{v:#}");
+    assert_eq!(v["devices"][0]["interface"], "org.godwit.net.v2");
+    assert_eq!(v["devices"][0]["overrides"], json!([]));
+    // With DPDK: no pin, host TSO and USO off.
+    let (code, vd) = plan_json(&[
+        "--device",
+        "vhost-user",
+        ra.to_str().unwrap(),
+        rd.to_str().unwrap(),
+    ]);
+    assert_eq!(code, Some(0), "{vd:#}");
+    assert!(vd["devices"][0]["interface"].is_null());
+    assert_eq!(
+        names(&vd["devices"][0]["overrides"]),
+        [
+            "host_tso4",
+            "host_tso6",
+            "host_ecn",
+            "guest_uso4",
+            "guest_uso6",
+            "host_uso"
+        ]
+    );
+    let start = |ns: Option<&str>, line: &str| {
+        assert!(net_of(line).contains("strict=on"), "{line}");
+        let mut args: Vec<&str> = vec!["run"];
+        args.extend(line.split_whitespace());
+        args.extend(["--cmdline", "console=ttyS0 reboot=k"]);
+        let out = run_godwit_in(ns, &args, BOOT);
+        assert_eq!(out.code(), Some(0), "{line}: {out:?}");
+    };
+    start(Some(&host_a.ns), &line_for(&v, "a"));
+    // b's backend presents v1 by default: the pin gives the VM v2.
+    start(Some(&host_b.ns), &line_for(&v, "b"));
+    start(Some(&host_a.ns), &line_for(&vd, "a"));
+    start(None, &line_for(&vd, "dpdk"));
+}

@@ -620,10 +620,12 @@ fn plan_device(
                         continue;
                     };
                     let pinned = host_caps::vhost_user_support(&u.socket, feats, u.queue_num);
-                    // Pinned, the backend presents that version's features.
+                    // Pinned, a backend with the extension presents exactly
+                    // that version's features, whatever its default is.
                     let before = s.supported;
-                    s.supported &= pinned.supported;
-                    *removed = before & !s.supported;
+                    *removed = before & !pinned.supported;
+                    s.supported = pinned.supported;
+                    s.why_not = pinned.why_not;
                     for b in bits(*removed) {
                         s.why_not.insert(
                             b,
@@ -1932,6 +1934,23 @@ mod tests {
         assert!(p.command_line.as_deref().unwrap().ends_with(
             "--net vhost-user,socket=/run/vu.sock,strict=on,interface=org.godwit.net.v2"
         ));
+        // A backend presenting v1 by default but listing v2: pinned to v2,
+        // it presents v2, so nothing is left out.
+        let hosts2 = [
+            hosts[0].clone(),
+            host(
+                "v1default",
+                ALL,
+                vec![godwit_backend(
+                    "org.godwit.net.v1",
+                    v1,
+                    &["org.godwit.net.v1", "org.godwit.net.v2"],
+                )],
+            ),
+        ];
+        let p = plan(&hosts2, &[PeerKind::VhostUser]).unwrap();
+        assert_eq!(p.devices[0].interface.as_deref(), Some("org.godwit.net.v2"));
+        assert!(p.devices[0].overrides.is_empty(), "{:?}", p.devices[0]);
         // An old backend: v1 is pinned, USO left out, and the hint names v2.
         let hosts = [
             hosts[0].clone(),
