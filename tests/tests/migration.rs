@@ -450,3 +450,112 @@ fn cancel_and_non_convergence_leave_the_source_running() {
     src.qmp.execute("quit", Value::Null).unwrap();
     let _ = Path::new("");
 }
+
+/// godwit's own vhost-user backend on each host, on that host's TAP.
+struct Backend(std::process::Child);
+
+impl Backend {
+    fn start(ns: &str, socket: &Path) -> Self {
+        let child = godwit_tests::godwit_command(
+            Some(ns),
+            &[
+                "net-backend",
+                "--socket",
+                socket.to_str().unwrap(),
+                "--tap",
+                "gwtap0",
+            ],
+        )
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start godwit net-backend");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !socket.exists() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Backend(child)
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn migrates_a_vhost_user_guest_with_the_backends_dirty_log() {
+    let hosts = TwoHosts::new(122, true, true);
+    let dir = TempDir::new("migvu");
+    let (sock_a, sock_b) = (dir.join("a.vu"), dir.join("b.vu"));
+    let _backend_a = Backend::start(&hosts.ns_a(), &sock_a);
+    let _backend_b = Backend::start(&hosts.ns_b(), &sock_b);
+    let api = dir.join("a.sock");
+    let cmdline = format!(
+        "console=ttyS0 reboot=k godwit.mode=serve godwit.heartbeat_ms=200 {} godwit.dirty=4M:1000",
+        hosts.guest_ip_param()
+    );
+    let net_a = format!("vhost-user,socket={}", sock_a.display());
+    let mut src = RunningVm::spawn_in(
+        &hosts.ns_a(),
+        &[
+            "run",
+            "--net",
+            &net_a,
+            "--api-socket",
+            api.to_str().unwrap(),
+            "--cmdline",
+            &cmdline,
+        ],
+    );
+    src.wait_line("serve: ready", BOOT);
+    src.wait_prefix("heartbeat ", BOOT);
+    let mut qmp = qmp_connect(&api);
+    let net0 = &qmp.execute("query-net", Value::Null).unwrap()[0];
+    assert_eq!(net0["peer"]["kind"], "vhost-user", "{net0}");
+    assert_eq!(
+        qmp.execute("query-migrate", Value::Null).unwrap()["blocked-reasons"],
+        json!([]),
+        "godwit's backend logs dirty pages"
+    );
+    let mut dst = start_destination(&hosts, &format!("vhost-user,socket={}", sock_b.display()));
+    let client = EchoClient::start(
+        &hosts.ns_c(),
+        format!("{}:7", hosts.guest_ip()),
+        Duration::from_millis(20),
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    qmp.execute(
+        "migrate",
+        json!({"uri": format!("tcp:{}:{PORT}", hosts.addr_b())}),
+    )
+    .unwrap();
+    let info = wait_migration(&mut qmp, Duration::from_secs(120));
+    assert_eq!(info["status"], "completed", "{info}");
+    let migrated_at = Instant::now();
+    let (status, stderr) = src.wait_exit(Duration::from_secs(20));
+    assert_eq!(status.code(), Some(0), "source: {stderr}");
+    let last_on_a = src
+        .seen
+        .iter()
+        .rev()
+        .find(|l| l.starts_with("heartbeat "))
+        .map(|l| heartbeat(l))
+        .unwrap();
+    let first_on_b = heartbeat(&dst.wait_prefix("heartbeat ", Duration::from_secs(20)));
+    assert_eq!(
+        first_on_b,
+        last_on_a + 1,
+        "heartbeat continues on the destination"
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    let (sent, replies) = client.finish();
+    let after = replies.iter().filter(|t| **t > migrated_at).count();
+    assert!(
+        after >= 10,
+        "echo replies after migration through B's backend: {after} of {sent}"
+    );
+}

@@ -36,14 +36,13 @@ use godwit_migration::protocol::{
 };
 
 use crate::config::VmConfig;
-use crate::machine::{platform_devices, BuiltVm, Machine, StartError, VmHandle};
+use crate::machine::{Machine, StartError, VmHandle};
 use crate::machine_types;
 use crate::memory::{self, ram_ranges, GuestRam};
 use crate::net::NetDevice;
 use crate::snapshot::{self, capture_state, read_saved, Quiesced, KNOWN_SECTIONS};
 use crate::state::vcpu::host_cpuid;
 use crate::state::KvmCap;
-use crate::vcpu::IoBuses;
 use crate::vm::{self, Vm, VmEvent};
 
 /// Pages per `Pages` message (1 MiB of data).
@@ -311,7 +310,7 @@ fn device_offer(net: &NetDevice) -> DeviceOffer {
         offered: dev.offered_features(),
         acked: dev.acked_features(),
         queue_sizes: godwit_devices::virtio::VirtioDevice::queue_max_sizes(&*dev).to_vec(),
-        interface: None,
+        interface: dev.interface(),
     }
 }
 
@@ -369,8 +368,12 @@ fn check_destination(hello: &Hello, reply: &HelloReply) -> Vec<String> {
 }
 
 /// Pages dirtied since the last call: KVM's log and godwit's own writes.
-fn take_dirty(handle: &VmHandle) -> Result<Vec<u64>, MigrateError> {
+fn take_dirty(handle: &VmHandle, backend: Option<&BackendLog>) -> Result<Vec<u64>, MigrateError> {
     let mut pages = Vec::new();
+    if let Some(log) = backend {
+        log.take(&mut pages);
+        pages.retain(|gpa| handle.ram.memory.address_in_range(GuestAddress(*gpa)));
+    }
     for (slot, region) in handle.ram.memory.iter().enumerate() {
         let kvm = handle
             .vm
@@ -392,6 +395,105 @@ fn take_dirty(handle: &VmHandle) -> Result<Vec<u64>, MigrateError> {
         }
     }
     Ok(pages)
+}
+
+/// The dirty log vhost-user backends write into: one bit per 4 KiB page of
+/// guest physical address space, in a memfd shared with each backend.
+pub(crate) struct BackendLog {
+    file: std::fs::File,
+    map: *mut u64,
+    words: usize,
+}
+
+// SAFETY: the mapping is owned by this struct and only accessed through
+// atomic operations on whole words.
+unsafe impl Send for BackendLog {}
+// SAFETY: as above; concurrent access is atomic.
+unsafe impl Sync for BackendLog {}
+
+impl BackendLog {
+    fn new(memory_end: u64) -> Result<Self, MigrateError> {
+        let pages = memory_end.div_ceil(PAGE_SIZE);
+        let words = pages.div_ceil(64) as usize;
+        let bytes = words * 8;
+        let err = |what: &str, e: std::io::Error| {
+            MigrateError::Local(format!("the vhost-user dirty log: {what}: {e}"))
+        };
+        let file = godwit_migration::memory_file::create_memfd(bytes as u64)
+            .map_err(|e| err("memfd", e))?;
+        use std::os::fd::AsRawFd;
+        // SAFETY: maps `bytes` of a memfd of that size, shared; checked below.
+        let map = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                bytes,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        if map == libc::MAP_FAILED {
+            return Err(err("mmap", std::io::Error::last_os_error()));
+        }
+        Ok(BackendLog {
+            file,
+            map: map.cast(),
+            words,
+        })
+    }
+
+    /// Takes and clears the pages the backends marked.
+    fn take(&self, pages: &mut Vec<u64>) {
+        for i in 0..self.words {
+            // SAFETY: `i` is within the mapping; backends set bits with
+            // atomic ORs, so the word is swapped atomically.
+            let word = unsafe { &*(self.map.add(i) as *const std::sync::atomic::AtomicU64) };
+            let mut bits = word.swap(0, Ordering::SeqCst);
+            while bits != 0 {
+                let bit = bits.trailing_zeros() as u64;
+                bits &= bits - 1;
+                pages.push((i as u64 * 64 + bit) * PAGE_SIZE);
+            }
+        }
+    }
+}
+
+impl Drop for BackendLog {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly the mapping made in `new`.
+        unsafe { libc::munmap(self.map.cast(), self.words * 8) };
+    }
+}
+
+fn vhost_user_devices(handle: &VmHandle) -> Vec<&NetDevice> {
+    handle
+        .nets
+        .iter()
+        .filter(|n| {
+            n.device
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .as_vhost_user()
+                .is_some()
+        })
+        .collect()
+}
+
+/// Hands the log to every vhost-user backend (or takes it back).
+fn set_backend_logging(handle: &VmHandle, log: Option<&BackendLog>) -> Result<(), MigrateError> {
+    for net in vhost_user_devices(handle) {
+        let dev = net.device.lock().unwrap_or_else(PoisonError::into_inner);
+        let Some(vu) = dev.as_vhost_user() else {
+            continue;
+        };
+        let res = match log {
+            Some(l) => vu.set_dirty_log(&l.file, (l.words * 8) as u64),
+            None => vu.clear_dirty_log(),
+        };
+        res.map_err(|e| MigrateError::Local(format!("{}: {e}", net.id)))?;
+    }
+    Ok(())
 }
 
 fn set_dirty_logging(handle: &VmHandle, on: bool) -> Result<(), MigrateError> {
@@ -619,8 +721,32 @@ fn run_source(handle: &VmHandle, uri: &str, started: Instant) -> Result<(), Migr
         .unwrap_or_else(PoisonError::into_inner)
         .clone();
     set_dirty_logging(handle, true)?;
+    let backend_log = if vhost_user_devices(handle).is_empty() {
+        None
+    } else {
+        let end = handle.ram.memory.last_addr().0 + 1;
+        let log = BackendLog::new(end)?;
+        set_backend_logging(handle, Some(&log))?;
+        Some(log)
+    };
+    let result = precopy(handle, &mut conn, &params, backend_log.as_ref(), started);
+    if backend_log.is_some() {
+        if let Err(e) = set_backend_logging(handle, None) {
+            tracing::warn!("migration: cannot stop a backend's dirty log: {e}");
+        }
+    }
+    result
+}
+
+fn precopy(
+    handle: &VmHandle,
+    conn: &mut Conn,
+    params: &MigrationParams,
+    backend_log: Option<&BackendLog>,
+    started: Instant,
+) -> Result<(), MigrateError> {
     let mut sender = Sender {
-        conn: &mut conn,
+        conn,
         state: &handle.migration,
         bytes: 0,
         started: Instant::now(),
@@ -634,7 +760,7 @@ fn run_source(handle: &VmHandle, uri: &str, started: Instant) -> Result<(), Migr
     let mut last_dirty_rate;
     loop {
         let elapsed = round_started.elapsed().as_secs_f64().max(1e-6);
-        let dirty = take_dirty(handle)?;
+        let dirty = take_dirty(handle, backend_log)?;
         round_started = Instant::now();
         let throughput = sender.bytes as f64 / sender.started.elapsed().as_secs_f64().max(1e-6);
         let remaining = dirty.len() as u64 * PAGE_SIZE;
@@ -666,7 +792,7 @@ fn run_source(handle: &VmHandle, uri: &str, started: Instant) -> Result<(), Migr
         if expected_ms <= params.downtime_limit_ms {
             // Stop-and-copy: what is dirty now plus what the guest dirties
             // before it stops.
-            return finish(handle, &mut sender, dirty, started);
+            return finish(handle, &mut sender, dirty, backend_log, started);
         }
         round += 1;
         if round >= params.max_rounds {
@@ -687,11 +813,13 @@ fn finish(
     handle: &VmHandle,
     sender: &mut Sender<'_>,
     mut dirty: Vec<u64>,
+    backend_log: Option<&BackendLog>,
     started: Instant,
 ) -> Result<(), MigrateError> {
     let quiet = Quiesced::new(handle).map_err(|e| MigrateError::Local(e.to_string()))?;
     let downtime_start = Instant::now();
-    dirty.extend(take_dirty(handle)?);
+    // Pausing stopped the backends' rings (GET_VRING_BASE): their log is final.
+    dirty.extend(take_dirty(handle, backend_log)?);
     dirty.sort_unstable();
     dirty.dedup();
     sender.send_pages(handle, &dirty, false)?;
@@ -823,9 +951,8 @@ fn receive(config: &VmConfig, conn: &mut Conn) -> Result<Machine, StartError> {
                 ));
                 continue;
             }
-            match crate::net::open_tap(&dev.id, spec) {
-                Ok(tap) => {
-                    let support = crate::net::tap_support(tap.name(), &tap.probe_offloads());
+            match snapshot::open_peer(&dev.id, spec, dev.interface.as_deref()) {
+                Ok((opened, support)) => {
                     if let Err(e) =
                         snapshot::check_peer(&dev.id, dev.offered, &support, "on the source")
                     {
@@ -837,7 +964,7 @@ fn receive(config: &VmConfig, conn: &mut Conn) -> Result<Machine, StartError> {
                         peer: support.name.clone(),
                         supported: support.supported,
                     });
-                    peers.push((tap, support));
+                    peers.push((opened, support));
                 }
                 Err(e) => reasons.push(e.to_string()),
             }

@@ -512,7 +512,7 @@ fn bits_of_set(set: u64) -> impl Iterator<Item = u32> {
 }
 
 /// Decides what a returning backend may do (see [`Recheck`]).
-fn rechecker(
+pub(crate) fn rechecker(
     id: String,
     machine: &'static MachineType,
     socket: String,

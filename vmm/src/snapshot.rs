@@ -244,7 +244,11 @@ pub(crate) fn net_snapshot(net: &NetDevice) -> NetSnapshot {
         strict: net.decision.strict,
         required: net.decision.required,
         offered: device.offered,
-        interface: None,
+        interface: net
+            .device
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .interface(),
         mmio_base: net.mmio_base,
         irq: net.irq,
         device,
@@ -441,7 +445,7 @@ pub fn read_saved(container: &Container, path: &Path) -> Result<SavedVm, Restore
     let mut nets = Vec::new();
     for i in 0..config.nets {
         let net: NetSnapshot = container.section(&NET_SECTION, i).map_err(format)?;
-        if net.peer_kind != "tap" {
+        if net.peer_kind != "tap" && net.peer_kind != "vhost-user" {
             return Err(invalid(
                 path,
                 &NET_SECTION.section_name(i),
@@ -464,11 +468,43 @@ pub fn read_saved(container: &Container, path: &Path) -> Result<SavedVm, Restore
     })
 }
 
+/// A peer opened on this host for a saved device.
+pub enum OpenedPeer {
+    Tap(godwit_devices::net::tap::Tap),
+    VhostUser(crate::net::VhostUserPeer),
+}
+
+/// Opens one peer for a saved (or migrating) device and says what it carries.
+pub fn open_peer(
+    device: &str,
+    spec: &crate::net_spec::NetSpec,
+    interface: Option<&str>,
+) -> Result<(OpenedPeer, PeerSupport), StartError> {
+    use crate::net_spec::PeerSpec;
+    match &spec.peer {
+        PeerSpec::VhostUser {
+            socket,
+            server,
+            interface: given,
+        } => {
+            let pin = given.as_deref().or(interface);
+            let peer = crate::net::open_vhost_user(device, socket, *server, pin)?;
+            let support = crate::net::vhost_user_support(&peer.socket, &peer.session.offer);
+            Ok((OpenedPeer::VhostUser(peer), support))
+        }
+        _ => {
+            let tap = open_tap(device, spec)?;
+            let support = tap_support(tap.name(), &tap.probe_offloads());
+            Ok((OpenedPeer::Tap(tap), support))
+        }
+    }
+}
+
 /// Opens and checks this host's peers for the saved devices.
 pub fn open_peers(
     saved: &[NetSnapshot],
     config: &VmConfig,
-) -> Result<Vec<(godwit_devices::net::tap::Tap, PeerSupport)>, StartError> {
+) -> Result<Vec<(OpenedPeer, PeerSupport)>, StartError> {
     if saved.len() != config.nets.len() {
         return Err(RestoreError::NetCount {
             saved: saved.len(),
@@ -490,10 +526,9 @@ pub fn open_peers(
             }
             .into());
         }
-        let tap = open_tap(&net.id, spec)?;
-        let peer = tap_support(tap.name(), &tap.probe_offloads());
+        let (opened, peer) = open_peer(&net.id, spec, net.interface.as_deref())?;
         check_peer(&net.id, net.offered, &peer, "when the snapshot was taken")?;
-        peers.push((tap, peer));
+        peers.push((opened, peer));
     }
     Ok(peers)
 }
@@ -501,7 +536,7 @@ pub fn open_peers(
 /// Rebuilds the saved devices on this host's peers, wired to `vm`.
 pub(crate) fn rebuild_nets(
     saved: &[NetSnapshot],
-    peers: Vec<(godwit_devices::net::tap::Tap, PeerSupport)>,
+    peers: Vec<(OpenedPeer, PeerSupport)>,
     config: &VmConfig,
     machine: &'static MachineType,
     ram: &GuestRam,
@@ -509,7 +544,7 @@ pub(crate) fn rebuild_nets(
     buses: &mut IoBuses,
 ) -> Result<Vec<NetDevice>, StartError> {
     let mut out = Vec::new();
-    for ((net, (tap, peer)), spec) in saved.iter().zip(peers).zip(&config.nets) {
+    for ((net, (opened, peer)), spec) in saved.iter().zip(peers).zip(&config.nets) {
         let setup = |detail: String| NetSetupError::Transport {
             device: net.id.clone(),
             detail,
@@ -520,22 +555,57 @@ pub(crate) fn rebuild_nets(
             .first()
             .map(|q| q.max_size)
             .unwrap_or(machine.net.queue_size);
-        let mut dev = VirtioNet::new(
-            tap,
-            NetConfig {
-                mac: net.device.mac,
-                features: net.offered,
-                mtu: Some(net.device.mtu),
-                queue_size,
-            },
-        )
-        .map_err(|source| NetSetupError::Device {
-            device: net.id.clone(),
-            source,
-        })?;
-        dev.restore_device_state(&net.device);
-        let device = Arc::new(Mutex::new(dev));
-        let as_virtio: Arc<Mutex<dyn VirtioDevice>> = device.clone();
+        let (device, as_virtio): (
+            Arc<Mutex<dyn godwit_devices::virtio::net::NetModel>>,
+            Arc<Mutex<dyn VirtioDevice>>,
+        ) = match opened {
+            OpenedPeer::Tap(tap) => {
+                let mut dev = VirtioNet::new(
+                    tap,
+                    NetConfig {
+                        mac: net.device.mac,
+                        features: net.offered,
+                        mtu: Some(net.device.mtu),
+                        queue_size,
+                    },
+                )
+                .map_err(|source| NetSetupError::Device {
+                    device: net.id.clone(),
+                    source,
+                })?;
+                dev.restore_device_state(&net.device);
+                let d = Arc::new(Mutex::new(dev));
+                (d.clone(), d)
+            }
+            OpenedPeer::VhostUser(p) => {
+                let pin = net.interface.clone();
+                let config = godwit_devices::vhost_user::VhostUserNetConfig {
+                    mac: net.device.mac,
+                    features: net.offered,
+                    mtu: net.device.mtu,
+                    queue_size,
+                    pin: pin.clone(),
+                    timeout: crate::net::VHOST_USER_REPLY_TIMEOUT,
+                };
+                let recheck = crate::net::rechecker(
+                    net.id.clone(),
+                    machine,
+                    p.socket.clone(),
+                    pin,
+                    net.strict,
+                );
+                let mut dev = godwit_devices::vhost_user::VhostUserNet::new(
+                    p.session, p.endpoint, config, recheck,
+                )
+                .map_err(|source| NetSetupError::VhostUserDevice {
+                    device: net.id.clone(),
+                    source,
+                })?;
+                godwit_devices::virtio::net::NetModel::restore_device_state(&mut dev, &net.device);
+                let d = Arc::new(Mutex::new(dev));
+                (d.clone(), d)
+            }
+        };
         let transport = MmioTransport::restore((ram.memory.clone(), as_virtio), &net.transport)
             .map_err(|e| setup(e.to_string()))?;
         for (queue, evt) in transport.queue_notify_eventfds().iter().enumerate() {
@@ -615,7 +685,7 @@ pub(crate) fn machine_from_saved(
     saved: &SavedVm,
     vm: Vm,
     ram: GuestRam,
-    peers: Vec<(godwit_devices::net::tap::Tap, PeerSupport)>,
+    peers: Vec<(OpenedPeer, PeerSupport)>,
 ) -> Result<Machine, StartError> {
     let vcpus = restore_vm_state(&vm, saved)?;
     let mut buses = IoBuses::default();
@@ -691,7 +761,16 @@ pub fn restore(config: &VmConfig, dir: &Path) -> Result<Machine, StartError> {
         path: mem_path.clone(),
         source,
     };
-    let restored = match config.restore_memory {
+    let needs_shared = saved.nets.iter().any(|n| n.peer_kind == "vhost-user");
+    let mode = if needs_shared {
+        RestoreMemory::Copy
+    } else {
+        config.restore_memory
+    };
+    if needs_shared && config.restore_memory == RestoreMemory::Map {
+        tracing::info!("restore: a vhost-user backend maps guest memory, so it is copied into a shared memfd instead of mapped from the file");
+    }
+    let restored = match mode {
         RestoreMemory::Map => memory_file::map_private(&mem_path, &mem_info).map_err(mem_err)?,
         RestoreMemory::Copy => {
             memory_file::restore_to_memfd(&mem_path, &mem_info).map_err(mem_err)?
@@ -700,7 +779,7 @@ pub fn restore(config: &VmConfig, dir: &Path) -> Result<Machine, StartError> {
     tracing::info!(
         "restore: guest memory from {} ({:?})",
         mem_path.display(),
-        config.restore_memory
+        mode
     );
     let peers = open_peers(&saved.nets, config)?;
     let ram = GuestRam {

@@ -14,6 +14,8 @@ struct GateState {
     parked: bool,
     /// The datapath thread has ended (stopped or failed): nothing to park.
     gone: bool,
+    /// A parked thread is being stopped: let it go to see its stop signal.
+    kick: bool,
 }
 
 pub struct PauseGate {
@@ -58,7 +60,11 @@ impl PauseGate {
     /// Called by a datapath thread as it starts; a pause already requested
     /// parks it at its first poll.
     pub fn attach(&self) {
-        self.lock().gone = false;
+        {
+            let mut s = self.lock();
+            s.gone = false;
+            s.kick = false;
+        }
         if self.lock().requested {
             let _ = self.wake.write(1);
         }
@@ -81,7 +87,7 @@ impl PauseGate {
         }
         s.parked = true;
         self.changed.notify_all();
-        while s.requested {
+        while s.requested && !s.kick {
             s = self.changed.wait(s).unwrap_or_else(PoisonError::into_inner);
         }
         s.parked = false;
@@ -103,6 +109,16 @@ impl PauseGate {
             return Err(PauseError::Timeout(PARK_TIMEOUT));
         }
         Ok(())
+    }
+
+    /// Lets a parked thread leave `park` so that it sees the stop it was just
+    /// sent; the pause stays requested for whatever runs next.
+    pub fn release_for_stop(&self) {
+        let mut s = self.lock();
+        // Sticky until the next attach: a thread that parks after this
+        // (it had not reached `park` yet) leaves at once too.
+        s.kick = true;
+        self.changed.notify_all();
     }
 
     /// VMM side: lets a parked datapath go on.

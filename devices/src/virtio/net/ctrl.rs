@@ -242,6 +242,7 @@ const TOKEN_PAUSE: u64 = 2;
 pub(crate) struct CtrlThread {
     stop: EventFd,
     thread: Option<JoinHandle<Queue>>,
+    gate: Arc<PauseGate>,
 }
 
 /// What the control thread of a vhost device serves.
@@ -290,6 +291,7 @@ impl CtrlThread {
         Ok(CtrlThread {
             stop,
             thread: Some(thread),
+            gate,
         })
     }
 
@@ -303,6 +305,8 @@ impl CtrlThread {
         if let Err(e) = self.stop.write(1) {
             tracing::error!("cannot signal the control queue thread to stop: {e}");
         }
+        // A parked thread must wake to see the stop.
+        self.gate.release_for_stop();
         match thread.join() {
             Ok(q) => Some(q),
             Err(_) => {

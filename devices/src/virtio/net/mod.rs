@@ -552,14 +552,14 @@ impl VirtioNet {
 
     fn stop_worker(&mut self) {
         let Some(w) = self.worker.take() else { return };
-        // A parked datapath must wake to see the stop.
-        self.gate.resume();
         if let Err(e) = w.stop.write(1) {
             tracing::error!(
                 tap = self.tap.name(),
                 "cannot signal the datapath thread to stop: {e}"
             );
         }
+        // A parked datapath must wake to see the stop.
+        self.gate.release_for_stop();
         if w.thread.join().is_err() {
             tracing::error!(
                 tap = self.tap.name(),
