@@ -468,6 +468,9 @@ pub fn read_saved(container: &Container, path: &Path) -> Result<SavedVm, Restore
     })
 }
 
+type SharedModel = Arc<Mutex<dyn godwit_devices::virtio::net::NetModel>>;
+type SharedVirtio = Arc<Mutex<dyn VirtioDevice>>;
+
 /// A peer opened on this host for a saved device.
 pub enum OpenedPeer {
     Tap(godwit_devices::net::tap::Tap),
@@ -555,10 +558,7 @@ pub(crate) fn rebuild_nets(
             .first()
             .map(|q| q.max_size)
             .unwrap_or(machine.net.queue_size);
-        let (device, as_virtio): (
-            Arc<Mutex<dyn godwit_devices::virtio::net::NetModel>>,
-            Arc<Mutex<dyn VirtioDevice>>,
-        ) = match opened {
+        let (device, as_virtio): (SharedModel, SharedVirtio) = match opened {
             OpenedPeer::Tap(tap) => {
                 let mut dev = VirtioNet::new(
                     tap,
