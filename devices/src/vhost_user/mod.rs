@@ -15,3 +15,6 @@ pub use device::{
     VhostUserNetError,
 };
 pub use session::{handshake, BackendOffer, InterfaceInUse, Session};
+
+#[cfg(test)]
+mod tests;
