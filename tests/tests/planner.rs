@@ -366,9 +366,14 @@ fn malformed_and_future_reports_name_the_file_and_the_field() {
             "field `godwit.machine_types`: expected an array",
         ),
         (
-            "/cpuid/entries/3/function",
-            json!(-3),
-            "field `cpuid.entries[3].function`: expected a non-negative integer",
+            "/cpuid/entries/3",
+            json!("7:0:0:zz:0:0:0"),
+            "field `cpuid.entries[3]`: '7:0:0:zz:0:0:0' is not a CPUID entry",
+        ),
+        (
+            "/cpuid/entries/4",
+            json!({"function": 7}),
+            "field `cpuid.entries[4]`: expected a string, found an object",
         ),
     ];
     for (pointer, value, needle) in cases {
@@ -783,10 +788,15 @@ fn with_live_cpuid(name: &str, live: &Value, drop_feature: bool, dir: &TempDir) 
         // the hypervisor bit every KVM guest sees, nor bit 27, OSXSAVE,
         // which follows the guest's CR4).
         let entries = v["cpuid"]["entries"].as_array_mut().unwrap();
-        let e = entries.iter_mut().find(|e| e["function"] == 1).unwrap();
-        let ecx = e["ecx"].as_u64().unwrap() as u32 & !(1 << 31 | 1 << 27);
+        let slot = entries
+            .iter_mut()
+            .find(|e| e.as_str().unwrap().starts_with("00000001:"))
+            .unwrap();
+        let mut e = host_caps::parse_cpuid_entry(slot.as_str().unwrap()).unwrap();
+        let ecx = e.ecx & !(1 << 31 | 1 << 27);
         let top = 31 - ecx.leading_zeros();
-        e["ecx"] = json!(e["ecx"].as_u64().unwrap() & !(1u64 << top));
+        e.ecx &= !(1 << top);
+        *slot = json!(host_caps::cpuid_entry_text(&e));
     }
     let path = dir.join(&format!("{name}.json"));
     std::fs::write(&path, v.to_string()).unwrap();

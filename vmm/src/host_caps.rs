@@ -169,8 +169,51 @@ pub struct CpuidInfo {
     /// Feature flags a new vCPU gets here (names from migration::cpu_compat).
     pub features: Vec<String>,
     /// The CPUID table a new vCPU gets here (what a VM started here is
-    /// shown, and what an incoming VM is compared with).
+    /// shown, and what an incoming VM is compared with), each entry as
+    /// `function:index:flags:eax:ebx:ecx:edx` in hex ([`cpuid_entry_text`]).
+    #[serde(serialize_with = "serialize_entries")]
     pub entries: Vec<CpuidEntry>,
+}
+
+/// A CPUID entry as a report writes it: `function:index:flags:eax:ebx:ecx:edx`,
+/// each 8 hex digits (compact: a table has dozens of entries).
+pub fn cpuid_entry_text(e: &CpuidEntry) -> String {
+    format!(
+        "{:08x}:{:08x}:{:08x}:{:08x}:{:08x}:{:08x}:{:08x}",
+        e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx
+    )
+}
+
+/// Reads [`cpuid_entry_text`].
+pub fn parse_cpuid_entry(s: &str) -> Option<CpuidEntry> {
+    let mut v = [0u32; 7];
+    let mut parts = s.split(':');
+    for slot in v.iter_mut() {
+        let p = parts.next()?;
+        if p.is_empty() || p.len() > 8 {
+            return None;
+        }
+        *slot = u32::from_str_radix(p, 16).ok()?;
+    }
+    if parts.next().is_some() {
+        return None;
+    }
+    Some(CpuidEntry {
+        function: v[0],
+        index: v[1],
+        flags: v[2],
+        eax: v[3],
+        ebx: v[4],
+        ecx: v[5],
+        edx: v[6],
+    })
+}
+
+fn serialize_entries<S: serde::Serializer>(
+    entries: &[CpuidEntry],
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    s.collect_seq(entries.iter().map(cpuid_entry_text))
 }
 
 /// Whether a peer could be probed.
@@ -1054,10 +1097,20 @@ impl ReportError {
     }
 }
 
-/// A position in the document being read.
-struct At<'a> {
+/// One step of a JSON path.
+#[derive(Clone, Copy)]
+enum Seg<'a> {
+    Root,
+    Key(&'a str),
+    Index(usize),
+}
+
+/// A position in the document being read. The path is a chain of parents,
+/// spelled out only for an error.
+struct At<'a, 'p> {
     v: &'a Value,
-    path: String,
+    seg: Seg<'a>,
+    parent: Option<&'p At<'a, 'p>>,
     file: &'a str,
 }
 
@@ -1074,27 +1127,67 @@ fn type_name(v: &Value) -> &'static str {
 
 type R<T> = Result<T, ReportError>;
 
-impl<'a> At<'a> {
+impl<'a, 'p> At<'a, 'p> {
+    fn root(v: &'a Value, file: &'a str) -> Self {
+        At {
+            v,
+            seg: Seg::Root,
+            parent: None,
+            file,
+        }
+    }
+
+    /// `peers[1].supported.hex`.
+    fn path(&self) -> String {
+        let mut segs = Vec::new();
+        let mut at = Some(self);
+        while let Some(a) = at {
+            segs.push(a.seg);
+            at = a.parent;
+        }
+        let mut out = String::new();
+        for seg in segs.iter().rev() {
+            match seg {
+                Seg::Root => {}
+                Seg::Key(k) => {
+                    if !out.is_empty() {
+                        out.push('.');
+                    }
+                    out.push_str(k);
+                }
+                Seg::Index(i) => out.push_str(&format!("[{i}]")),
+            }
+        }
+        out
+    }
+
     fn err(&self, problem: impl Into<String>) -> ReportError {
+        let path = self.path();
         ReportError::Field {
             file: self.file.to_string(),
-            path: if self.path.is_empty() {
+            path: if path.is_empty() {
                 "(top level)".into()
             } else {
-                self.path.clone()
+                path
             },
             problem: problem.into(),
         }
     }
 
-    fn child(&self, key: &str, v: &'a Value) -> At<'a> {
+    fn child<'s>(&'s self, key: &'a str, v: &'a Value) -> At<'a, 's> {
         At {
             v,
-            path: if self.path.is_empty() {
-                key.to_string()
-            } else {
-                format!("{}.{key}", self.path)
-            },
+            seg: Seg::Key(key),
+            parent: Some(self),
+            file: self.file,
+        }
+    }
+
+    fn index<'s>(&'s self, i: usize, v: &'a Value) -> At<'a, 's> {
+        At {
+            v,
+            seg: Seg::Index(i),
+            parent: Some(self),
             file: self.file,
         }
     }
@@ -1106,7 +1199,7 @@ impl<'a> At<'a> {
     }
 
     /// A member that must be present (and not null).
-    fn get(&self, key: &str) -> R<At<'a>> {
+    fn get<'s>(&'s self, key: &'a str) -> R<At<'a, 's>> {
         let o = self.object()?;
         match o.get(key) {
             Some(Value::Null) | None => Err(self.child(key, &Value::Null).err("missing")),
@@ -1115,7 +1208,7 @@ impl<'a> At<'a> {
     }
 
     /// A member that may be absent or null.
-    fn opt(&self, key: &str) -> R<Option<At<'a>>> {
+    fn opt<'s>(&'s self, key: &'a str) -> R<Option<At<'a, 's>>> {
         let o = self.object()?;
         Ok(match o.get(key) {
             Some(Value::Null) | None => None,
@@ -1177,18 +1270,14 @@ impl<'a> At<'a> {
         })
     }
 
-    fn items(&self) -> R<Vec<At<'a>>> {
+    fn items<'s>(&'s self) -> R<Vec<At<'a, 's>>> {
         let a = self
             .v
             .as_array()
             .ok_or_else(|| self.err(format!("expected an array, found {}", type_name(self.v))))?;
         Ok(a.iter()
             .enumerate()
-            .map(|(i, v)| At {
-                v,
-                path: format!("{}[{i}]", self.path),
-                file: self.file,
-            })
+            .map(|(i, v)| self.index(i, v))
             .collect())
     }
 
@@ -1196,19 +1285,19 @@ impl<'a> At<'a> {
         self.items()?.iter().map(At::string).collect()
     }
 
-    fn opt_string(&self, key: &str) -> R<Option<String>> {
+    fn opt_string(&self, key: &'a str) -> R<Option<String>> {
         self.opt(key)?.map(|a| a.string()).transpose()
     }
 
-    fn opt_u64(&self, key: &str) -> R<Option<u64>> {
+    fn opt_u64(&self, key: &'a str) -> R<Option<u64>> {
         self.opt(key)?.map(|a| a.u64()).transpose()
     }
 
-    fn opt_u32(&self, key: &str) -> R<Option<u32>> {
+    fn opt_u32(&self, key: &'a str) -> R<Option<u32>> {
         self.opt(key)?.map(|a| a.u32()).transpose()
     }
 
-    fn opt_bool(&self, key: &str, default: bool) -> R<bool> {
+    fn opt_bool(&self, key: &'a str, default: bool) -> R<bool> {
         Ok(match self.opt(key)? {
             Some(a) => a.bool()?,
             None => default,
@@ -1346,12 +1435,7 @@ fn read_feature_set(at: &At) -> R<FeatureSet> {
     for (i, n) in names.iter().enumerate() {
         if let Some(f) = features::by_name(n) {
             if bits & (1u64 << f.bit) == 0 {
-                return Err(At {
-                    v: &Value::Null,
-                    path: format!("{}[{i}]", names_at.path),
-                    file: at.file,
-                }
-                .err(format!(
+                return Err(names_at.index(i, &Value::Null).err(format!(
                     "names {n} (bit {}) but `hex` {} does not have that bit",
                     f.bit,
                     hex64(bits)
@@ -1457,15 +1541,11 @@ fn read_peer(at: &At) -> R<PeerEntry> {
 }
 
 fn read_cpuid_entry(at: &At) -> R<CpuidEntry> {
-    let f = |k: &str| at.get(k).and_then(|a| a.u32());
-    Ok(CpuidEntry {
-        function: f("function")?,
-        index: f("index")?,
-        flags: f("flags")?,
-        eax: f("eax")?,
-        ebx: f("ebx")?,
-        ecx: f("ecx")?,
-        edx: f("edx")?,
+    let s = at.str()?;
+    parse_cpuid_entry(s).ok_or_else(|| {
+        at.err(format!(
+            "'{s}' is not a CPUID entry function:index:flags:eax:ebx:ecx:edx (7 hex numbers of up to 8 digits)"
+        ))
     })
 }
 
@@ -1562,11 +1642,7 @@ fn read_report(root: &At) -> R<HostCaps> {
 /// Reads a report from a JSON value; `file` names it in errors (a path, or
 /// `hosts[2]` for an API argument).
 pub fn report_from_value(v: &Value, file: &str) -> Result<HostCaps, ReportError> {
-    read_report(&At {
-        v,
-        path: String::new(),
-        file,
-    })
+    read_report(&At::root(v, file))
 }
 
 /// Reads a report from its text.
@@ -1808,9 +1884,11 @@ mod tests {
                 "a tap spec in a vhost-user peer",
             ),
             (
-                "cpuid.entries[0].eax",
-                Box::new(|v| v["cpuid"]["entries"][0]["eax"] = Value::from(1u64 << 40)),
-                "does not fit 32 bits",
+                "cpuid.entries[0]",
+                Box::new(|v| {
+                    v["cpuid"]["entries"][0] = Value::from("00000000:0:0:123456789:0:0:0")
+                }),
+                "is not a CPUID entry function:index:flags",
             ),
             (
                 "peers",

@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 
 use godwit_tests::godwit_bin;
 
+mod planner;
+
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     let n = v.len();
@@ -131,8 +133,11 @@ fn main() {
     if all || which == "boot" {
         bench_boot();
     }
-    if !all && which != "boot" {
-        eprintln!("unknown benchmark '{which}': use boot or all");
+    if all || which == "planner" {
+        planner::bench_planner();
+    }
+    if !all && !["boot", "planner"].contains(&which.as_str()) {
+        eprintln!("unknown benchmark '{which}': use boot, planner or all");
         std::process::exit(2);
     }
 }
