@@ -66,7 +66,7 @@ const VIRTIO_ID_NET: u32 = 1;
 const DEVICE_NAME: &str = "virtio-net (vhost-user)";
 /// The backend serves receive ring 0 and transmit ring 1.
 const DATA_RINGS: usize = 2;
-/// How often the monitor looks for a hang-up and retries a lost backend.
+/// How often the monitor retries a lost backend.
 const MONITOR_PERIOD: Duration = Duration::from_millis(100);
 
 /// Bits a vhost-user backend must offer for the device to offer them.
@@ -874,18 +874,43 @@ impl Inner {
     }
 }
 
+/// Watches the backend: while connected it sleeps until the socket hangs up
+/// (its own duplicate of the socket, polled for POLLRDHUP only, so replies
+/// read by other threads do not wake it: no cost while all is well); while
+/// disconnected it tries to reconnect every [`MONITOR_PERIOD`].
 fn monitor(inner: Arc<Mutex<Inner>>, stop: EventFd) {
     loop {
-        let mut pfd = libc::pollfd {
-            fd: stop.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
+        let watched = lock(&inner)
+            .session
+            .as_ref()
+            .and_then(|s| s.conn.try_clone_socket().ok());
+        let mut pfds = [
+            libc::pollfd {
+                fd: stop.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: watched.as_ref().map_or(-1, |w| w.as_raw_fd()),
+                events: libc::POLLRDHUP,
+                revents: 0,
+            },
+        ];
+        let timeout = if watched.is_some() {
+            -1
+        } else {
+            MONITOR_PERIOD.as_millis() as i32
         };
-        // SAFETY: poll on one valid pollfd owned by this frame.
-        let n = unsafe { libc::poll(&mut pfd, 1, MONITOR_PERIOD.as_millis() as i32) };
-        if n > 0 {
+        // SAFETY: poll on two pollfds owned by this frame (a negative fd is
+        // ignored by poll).
+        let n = unsafe { libc::poll(pfds.as_mut_ptr(), 2, timeout) };
+        if n > 0 && pfds[0].revents != 0 {
             return;
         }
+        if n < 0 && std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
+            std::thread::sleep(MONITOR_PERIOD);
+        }
+        drop(watched);
         let mut i = lock(&inner);
         match &i.session {
             Some(s) if s.conn.hung_up() => i.lose_session("the backend closed the connection"),
