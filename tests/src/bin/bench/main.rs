@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use godwit_tests::godwit_bin;
 
 mod planner;
+mod vhost_user;
 
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
@@ -136,8 +137,11 @@ fn main() {
     if all || which == "planner" {
         planner::bench_planner();
     }
-    if !all && !["boot", "planner"].contains(&which.as_str()) {
-        eprintln!("unknown benchmark '{which}': use boot, planner or all");
+    if all || which == "vhost-user" {
+        vhost_user::bench_vhost_user();
+    }
+    if !all && !["boot", "planner", "vhost-user"].contains(&which.as_str()) {
+        eprintln!("unknown benchmark '{which}': use boot, planner, vhost-user or all");
         std::process::exit(2);
     }
 }
