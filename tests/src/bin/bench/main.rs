@@ -10,7 +10,9 @@ use std::time::{Duration, Instant};
 
 use godwit_tests::godwit_bin;
 
+mod migration;
 mod planner;
+mod snapshot;
 mod vhost_user;
 
 fn median(v: &mut [f64]) -> f64 {
@@ -134,14 +136,21 @@ fn main() {
     if all || which == "boot" {
         bench_boot();
     }
+    if all || which == "snapshot" {
+        snapshot::bench_snapshot();
+    }
+    if all || which == "migration" {
+        migration::bench_migration();
+    }
     if all || which == "planner" {
         planner::bench_planner();
     }
     if all || which == "vhost-user" {
         vhost_user::bench_vhost_user();
     }
-    if !all && !["boot", "planner", "vhost-user"].contains(&which.as_str()) {
-        eprintln!("unknown benchmark '{which}': use boot, planner, vhost-user or all");
+    if !all && !["boot", "snapshot", "migration", "planner", "vhost-user"].contains(&which.as_str())
+    {
+        eprintln!("unknown benchmark '{which}': use boot, snapshot, migration, planner, vhost-user or all");
         std::process::exit(2);
     }
 }

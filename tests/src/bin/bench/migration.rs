@@ -1,0 +1,808 @@
+//! `godwit-bench migration`: live migration between two network namespaces
+//! joined by a veth pair (created and deleted here; addresses only inside
+//! them), side by side with raw TCP throughput over the same veth and with
+//! QEMU migrating an idle VM of the same size between the same namespaces.
+//!
+//! * godwit: the serving test guest (`godwit.mode=serve`) in namespace A
+//!   with an API socket; `godwit run --incoming tcp:<B>:<port>` in namespace
+//!   B. `migrate-set-parameters` sets the downtime limit and
+//!   `max-bandwidth` 0 (no limit); `migrate`; `query-migrate` is polled
+//!   until `completed` (the source then exits; its log line with the
+//!   downtime is the fallback). The guest must go on printing heartbeats on
+//!   B, continuing the source's count.
+//! * Raw TCP: a Rust sender in A and receiver in B over the same veth, the
+//!   guest's RAM size in 1 MiB writes, timed from connect until the receiver
+//!   acknowledges the last byte.
+//! * QEMU: Debian's `qemu-system-x86` (installed with apt-get when missing),
+//!   `-enable-kvm -machine pc -m SIZE -nodefaults -nographic` with no boot
+//!   device (SeaBIOS runs, finds nothing to boot and waits), the destination
+//!   with `-incoming tcp:<B>:<port>`; `max-bandwidth` set to 100 GiB/s and the
+//!   same downtime limit; `query-migrate` polled until `completed`.
+//!
+//! An idle guest's RAM is almost all zero pages, for both VMMs: neither
+//! sends their data (godwit skips them in its first round, QEMU sends a
+//! zero-page marker), so idle migrations measure how fast each VMM finds
+//! the non-zero pages, not the link.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use godwit_tests::{qmp_connect, QmpClient, TempDir, TwoHosts};
+
+use super::snapshot::{
+    float_between, fmt_bytes, godwit_cmd, loadavg, mem_available_bytes, number_after, size_name,
+    Proc, Stream,
+};
+use super::{median, status_kib};
+
+const MIB: u64 = 1 << 20;
+const GIB: u64 = 1 << 30;
+const ADDR_A: &str = "10.199.0.1";
+const ADDR_B: &str = "10.199.0.2";
+/// Runs per configuration; tables show the median of each column.
+const RUNS: usize = 3;
+/// The downtime limit given to both VMMs (the target for an idle guest).
+const DOWNTIME_LIMIT_MS: u64 = 10;
+/// The dirtying guest: 1 GiB, a 256 MiB buffer written at this rate.
+const DIRTY_RAM: u64 = GIB;
+const DIRTY_BUFFER_MIB: u64 = 256;
+const DIRTY_RATE: u64 = 20_000;
+/// Its downtime limit: pages keep being dirtied while the last ones go.
+const DIRTY_DOWNTIME_LIMIT_MS: u64 = 50;
+const HEARTBEAT_MS: u64 = 100;
+/// How long QEMU's source VM runs before migrating (SeaBIOS, emulated).
+const QEMU_SETTLE: Duration = Duration::from_secs(3);
+
+static PORT: AtomicU16 = AtomicU16::new(47000);
+
+fn next_port() -> u16 {
+    PORT.fetch_add(1, Ordering::Relaxed)
+}
+
+/// Namespaces A and B joined by a veth pair; deleted on drop.
+struct Link {
+    a: String,
+    b: String,
+}
+
+fn ip(args: &[&str]) -> Result<(), String> {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .map_err(|e| format!("ip {}: {e}", args.join(" ")))?;
+    if !out.status.success() {
+        return Err(format!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(())
+}
+
+impl Link {
+    fn new() -> Result<Link, String> {
+        let id = std::process::id() % 100_000;
+        let link = Link {
+            a: format!("gwbm{id}a"),
+            b: format!("gwbm{id}b"),
+        };
+        ip(&["netns", "add", &link.a])?;
+        ip(&["netns", "add", &link.b])?;
+        ip(&[
+            "link", "add", "veth-a", "netns", &link.a, "type", "veth", "peer", "name", "veth-b",
+            "netns", &link.b,
+        ])?;
+        for (ns, dev, addr) in [(&link.a, "veth-a", ADDR_A), (&link.b, "veth-b", ADDR_B)] {
+            ip(&["-n", ns, "addr", "add", &format!("{addr}/24"), "dev", dev])?;
+            ip(&["-n", ns, "link", "set", dev, "up"])?;
+            ip(&["-n", ns, "link", "set", "lo", "up"])?;
+        }
+        Ok(link)
+    }
+}
+
+impl Drop for Link {
+    fn drop(&mut self) {
+        let _ = ip(&["netns", "del", &self.a]);
+        let _ = ip(&["netns", "del", &self.b]);
+    }
+}
+
+/// Sends `bytes` from A to B over one TCP connection; ms from connect until
+/// the receiver has acknowledged the last byte.
+fn raw_tcp_ms(link: &Link, bytes: u64) -> Result<f64, String> {
+    let addr = format!("{ADDR_B}:{}", next_port());
+    let (ready_tx, ready_rx) = mpsc::channel();
+    let listen_addr = addr.clone();
+    let receiver = TwoHosts::run_in(&link.b, move || -> Result<u64, String> {
+        let l = TcpListener::bind(&listen_addr).map_err(|e| format!("bind: {e}"))?;
+        let _ = ready_tx.send(());
+        let (mut s, _) = l.accept().map_err(|e| format!("accept: {e}"))?;
+        let mut buf = vec![0u8; MIB as usize];
+        let mut n = 0u64;
+        loop {
+            match s.read(&mut buf) {
+                Ok(0) => break,
+                Ok(k) => n += k as u64,
+                Err(e) => return Err(format!("receive: {e}")),
+            }
+        }
+        s.write_all(&[1]).map_err(|e| format!("ack: {e}"))?;
+        Ok(n)
+    });
+    ready_rx
+        .recv_timeout(Duration::from_secs(10))
+        .map_err(|_| "the receiver did not start".to_string())?;
+    let sender = TwoHosts::run_in(&link.a, move || -> Result<Duration, String> {
+        let buf = vec![0x5au8; MIB as usize];
+        let start = Instant::now();
+        let mut s = TcpStream::connect(&addr).map_err(|e| format!("connect: {e}"))?;
+        let _ = s.set_nodelay(true);
+        let mut left = bytes;
+        while left > 0 {
+            let n = left.min(MIB) as usize;
+            s.write_all(&buf[..n]).map_err(|e| format!("send: {e}"))?;
+            left -= n as u64;
+        }
+        s.shutdown(std::net::Shutdown::Write)
+            .map_err(|e| format!("shutdown: {e}"))?;
+        let mut ack = [0u8; 1];
+        s.read_exact(&mut ack).map_err(|e| format!("ack: {e}"))?;
+        Ok(start.elapsed())
+    });
+    let took = sender.join().map_err(|_| "sender panicked")??;
+    let got = receiver.join().map_err(|_| "receiver panicked")??;
+    if got != bytes {
+        return Err(format!("received {got} of {bytes} bytes"));
+    }
+    Ok(took.as_secs_f64() * 1e3)
+}
+
+/// Samples `field` of /proc/PID/status until stopped; the peak in KiB.
+struct Sampler {
+    stop: Arc<AtomicBool>,
+    handle: std::thread::JoinHandle<u64>,
+}
+
+impl Sampler {
+    fn start(pid: u32, field: &'static str) -> Sampler {
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = stop.clone();
+        let handle = std::thread::spawn(move || {
+            let mut peak = 0;
+            while !s.load(Ordering::Relaxed) {
+                match status_kib(pid, field) {
+                    Some(v) => peak = peak.max(v),
+                    None => break,
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            peak
+        });
+        Sampler { stop, handle }
+    }
+    fn peak_kib(self) -> u64 {
+        self.stop.store(true, Ordering::Relaxed);
+        self.handle.join().unwrap_or(0)
+    }
+}
+
+/// One migration's numbers.
+#[derive(Clone, Default)]
+struct Mig {
+    total_ms: f64,
+    downtime_ms: f64,
+    wire_bytes: u64,
+    wire_mbps: f64,
+    rounds: f64,
+    /// Source guest RAM resident before and at most during the migration.
+    ram_before_kib: u64,
+    ram_peak_kib: u64,
+    /// Destination-side restore (godwit) / setup time (QEMU).
+    extra_ms: f64,
+    /// Raw TCP time for the RAM size, measured right before this run.
+    raw_ms: f64,
+    /// total_ms / raw_ms of the same run.
+    ratio: f64,
+    note: String,
+}
+
+fn serve_cmdline(dirty: Option<(u64, u64)>) -> String {
+    let mut c =
+        format!("console=ttyS0 reboot=k godwit.mode=serve godwit.heartbeat_ms={HEARTBEAT_MS}");
+    if let Some((mib, rate)) = dirty {
+        c.push_str(&format!(" godwit.dirty={mib}M:{rate}"));
+    }
+    c
+}
+
+fn last_heartbeat(p: &Proc) -> u64 {
+    p.seen
+        .iter()
+        .rev()
+        .filter(|(s, _, _)| *s == Stream::Stdout)
+        .find_map(|(_, l, _)| number_after(l, "heartbeat "))
+        .unwrap_or(0)
+}
+
+fn godwit_migrate(
+    link: &Link,
+    dir: &Path,
+    ram: u64,
+    dirty: Option<(u64, u64)>,
+    downtime_limit: u64,
+) -> Result<Mig, String> {
+    let port = next_port();
+    let uri = format!("tcp:{ADDR_B}:{port}");
+    let mut dest = Proc::spawn(godwit_cmd(
+        Some(&link.b),
+        &["run", "--incoming", &uri, "--serial", "stdio"],
+    ));
+    if dest
+        .wait_for(Stream::Stderr, Duration::from_secs(30), |l| {
+            l.contains("waiting for an incoming migration")
+        })
+        .is_none()
+    {
+        return Err(format!("the destination did not listen:\n{}", dest.tail()));
+    }
+    let api = dir.join(format!("src-{port}.sock"));
+    let (mem, api_s, cmdline) = (
+        format!("{}M", ram / MIB),
+        api.display().to_string(),
+        serve_cmdline(dirty),
+    );
+    let mut src = Proc::spawn(godwit_cmd(
+        Some(&link.a),
+        &[
+            "run",
+            "--memory",
+            &mem,
+            "--api-socket",
+            &api_s,
+            "--serial",
+            "stdio",
+            "--cmdline",
+            &cmdline,
+        ],
+    ));
+    let boot = Duration::from_secs(60);
+    if src
+        .wait_for(Stream::Stdout, boot, |l| l.starts_with("heartbeat "))
+        .is_none()
+    {
+        return Err(format!("the source guest did not start:\n{}", src.tail()));
+    }
+    if dirty.is_some() {
+        let pages = src
+            .find_or_wait(Stream::Stdout, boot, |l| {
+                l.starts_with("serve: dirty buffer=")
+            })
+            .and_then(|(l, _)| number_after(&l, "serve: dirty buffer="))
+            .unwrap_or(0)
+            / 4;
+        loop {
+            let Some((l, _)) = src.wait_for(Stream::Stdout, boot, |l| l.starts_with("dirty: "))
+            else {
+                return Err(format!(
+                    "the guest did not fill its buffer:\n{}",
+                    src.tail()
+                ));
+            };
+            if number_after(&l, "dirty: ").unwrap_or(0) >= pages {
+                break;
+            }
+        }
+    }
+    let mut qmp = qmp_connect(&api);
+    qmp.execute(
+        "migrate-set-parameters",
+        json!({"downtime-limit": downtime_limit, "max-bandwidth": 0}),
+    )
+    .map_err(|e| format!("migrate-set-parameters: {e}"))?;
+    let ram_before_kib = status_kib(src.pid(), "RssShmem:").unwrap_or(0);
+    let sampler = Sampler::start(src.pid(), "RssShmem:");
+    let t0 = Instant::now();
+    qmp.execute("migrate", json!({ "uri": uri }))
+        .map_err(|e| format!("migrate: {e}"))?;
+    let mut last = Value::Null;
+    // The source ends right after completing: an error ends the polling.
+    while let Ok(info) = qmp.execute("query-migrate", Value::Null) {
+        let status = info["status"].as_str().unwrap_or("").to_string();
+        last = info;
+        if ["completed", "failed", "cancelled"].contains(&status.as_str()) {
+            break;
+        }
+        if t0.elapsed() > Duration::from_secs(600) {
+            return Err("the migration did not end within 600 s".into());
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let bench_ms = t0.elapsed().as_secs_f64() * 1e3;
+    let ram_peak_kib = sampler.peak_kib();
+    if last["status"] == "failed" || last["status"] == "cancelled" {
+        return Err(format!(
+            "migration {}: {}",
+            last["status"],
+            last["error"].as_str().unwrap_or("")
+        ));
+    }
+    let code = src.wait_exit(Duration::from_secs(30));
+    src.drain();
+    let log_line = src
+        .seen
+        .iter()
+        .find(|(s, l, _)| *s == Stream::Stderr && l.contains("the guest runs on the destination"))
+        .map(|(_, l, _)| l.clone());
+    let Some(log_line) = log_line else {
+        return Err(format!(
+            "the source did not report completion (exit {code:?}):\n{}",
+            src.tail()
+        ));
+    };
+    let src_beat = last_heartbeat(&src);
+    let dest_beat = dest
+        .wait_for(Stream::Stdout, Duration::from_secs(30), |l| {
+            l.starts_with("heartbeat ")
+        })
+        .and_then(|(l, _)| number_after(&l, "heartbeat "));
+    let note = match dest_beat {
+        Some(n) if n > src_beat => format!("heartbeat {src_beat} on A, then {n} on B"),
+        Some(n) => {
+            return Err(format!(
+                "B's first heartbeat {n} does not continue A's {src_beat}"
+            ))
+        }
+        None => return Err(format!("no heartbeat on B:\n{}", dest.tail())),
+    };
+    dest.kill();
+    let completed = last["status"] == "completed";
+    let downtime_ms = last["downtime-ms"]
+        .as_f64()
+        .or_else(|| float_between(&log_line, "(downtime ", " ms"))
+        .unwrap_or(f64::NAN);
+    Ok(Mig {
+        total_ms: if completed {
+            last["total-time-ms"].as_f64().unwrap_or(bench_ms)
+        } else {
+            bench_ms
+        },
+        downtime_ms,
+        wire_bytes: last["transferred-bytes"].as_u64().unwrap_or(0),
+        wire_mbps: last["throughput-mbps"].as_f64().unwrap_or(f64::NAN),
+        rounds: last["rounds"].as_f64().unwrap_or(f64::NAN),
+        ram_before_kib,
+        ram_peak_kib,
+        extra_ms: float_between(&log_line, "destination restore ", " ms").unwrap_or(f64::NAN),
+        note,
+        ..Mig::default()
+    })
+}
+
+fn find_in_path(name: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH").and_then(|p| {
+        std::env::split_paths(&p)
+            .map(|d| d.join(name))
+            .find(|f| f.is_file())
+    })
+}
+
+/// QEMU's binary, installed from Debian (`qemu-system-x86`) when missing.
+fn ensure_qemu() -> Result<PathBuf, String> {
+    if let Some(q) = find_in_path("qemu-system-x86_64") {
+        return Ok(q);
+    }
+    println!("qemu-system-x86_64 is missing: installing Debian's qemu-system-x86 (apt-get install -y --no-install-recommends qemu-system-x86)\n");
+    let install = || {
+        Command::new("apt-get")
+            .args([
+                "install",
+                "-y",
+                "--no-install-recommends",
+                "qemu-system-x86",
+            ])
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .output()
+    };
+    let mut out = install().map_err(|e| format!("cannot run apt-get: {e}"))?;
+    if !out.status.success() {
+        let _ = Command::new("apt-get").arg("update").output();
+        out = install().map_err(|e| format!("cannot run apt-get: {e}"))?;
+    }
+    if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        let tail: Vec<&str> = err.lines().rev().take(3).collect();
+        return Err(format!(
+            "apt-get install qemu-system-x86 failed: {}",
+            tail.into_iter().rev().collect::<Vec<_>>().join(" / ")
+        ));
+    }
+    find_in_path("qemu-system-x86_64")
+        .ok_or_else(|| "qemu-system-x86 installed but qemu-system-x86_64 not found".into())
+}
+
+fn qemu_version(qemu: &Path) -> String {
+    Command::new(qemu)
+        .arg("--version")
+        .output()
+        .ok()
+        .and_then(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .next()
+                .map(str::to_string)
+        })
+        .unwrap_or_else(|| "?".into())
+}
+
+fn qemu_cmd(qemu: &Path, ns: &str, ram: u64, qmp: &Path, incoming: Option<&str>) -> Command {
+    let mut c = Command::new("ip");
+    c.args(["netns", "exec", ns]).arg(qemu).args([
+        "-enable-kvm",
+        "-machine",
+        "pc",
+        "-m",
+        &format!("{}M", ram / MIB),
+        "-nodefaults",
+        "-nographic",
+        "-qmp",
+        &format!("unix:{},server=on,wait=off", qmp.display()),
+    ]);
+    if let Some(uri) = incoming {
+        c.args(["-incoming", uri]);
+    }
+    c
+}
+
+fn qemu_qmp(p: &mut Proc, path: &Path) -> Result<QmpClient, String> {
+    match QmpClient::connect_retry(path, Duration::from_secs(20)) {
+        Ok(c) => Ok(c),
+        Err(e) => Err(format!(
+            "QEMU's QMP socket {}: {e}; QEMU said:\n{}",
+            path.display(),
+            p.tail()
+        )),
+    }
+}
+
+fn qemu_migrate(qemu: &Path, link: &Link, dir: &Path, ram: u64) -> Result<Mig, String> {
+    let port = next_port();
+    let uri = format!("tcp:{ADDR_B}:{port}");
+    let (qa, qb) = (
+        dir.join(format!("qemu-a-{port}.sock")),
+        dir.join(format!("qemu-b-{port}.sock")),
+    );
+    let mut dest = Proc::spawn(qemu_cmd(qemu, &link.b, ram, &qb, Some(&uri)));
+    let mut qmp_b = qemu_qmp(&mut dest, &qb)?;
+    let mut src = Proc::spawn(qemu_cmd(qemu, &link.a, ram, &qa, None));
+    let mut qmp = qemu_qmp(&mut src, &qa)?;
+    std::thread::sleep(QEMU_SETTLE);
+    let status = qmp
+        .execute("query-status", Value::Null)
+        .map_err(|e| format!("query-status: {e}"))?;
+    if status["status"] != "running" {
+        return Err(format!("QEMU's source VM is {status}, not running"));
+    }
+    qmp.execute(
+        "migrate-set-parameters",
+        json!({"downtime-limit": DOWNTIME_LIMIT_MS, "max-bandwidth": 100 * GIB}),
+    )
+    .map_err(|e| format!("migrate-set-parameters: {e}"))?;
+    // QEMU's guest RAM is anonymous memory of the QEMU process.
+    let ram_before_kib = status_kib(src.pid(), "RssAnon:").unwrap_or(0);
+    let sampler = Sampler::start(src.pid(), "RssAnon:");
+    qmp.execute("migrate", json!({ "uri": uri }))
+        .map_err(|e| format!("migrate: {e}"))?;
+    let t0 = Instant::now();
+    let info = loop {
+        let info = qmp
+            .execute("query-migrate", Value::Null)
+            .map_err(|e| format!("query-migrate: {e}"))?;
+        match info["status"].as_str() {
+            Some("completed") => break info,
+            Some("failed") | Some("cancelled") => {
+                return Err(format!("QEMU migration {}: {info}", info["status"]))
+            }
+            _ => {}
+        }
+        if t0.elapsed() > Duration::from_secs(600) {
+            return Err("QEMU's migration did not end within 600 s".into());
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    };
+    let ram_peak_kib = sampler.peak_kib();
+    // The destination runs the guest once the migration completes.
+    let mut dest_status = Value::Null;
+    for _ in 0..200 {
+        dest_status = qmp_b
+            .execute("query-status", Value::Null)
+            .unwrap_or(Value::Null);
+        if dest_status["status"] == "running" {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let r = &info["ram"];
+    let note = format!(
+        "B {}; {} zero pages, {} normal pages",
+        dest_status["status"].as_str().unwrap_or("?"),
+        r["duplicate"],
+        r["normal"]
+    );
+    src.kill();
+    dest.kill();
+    Ok(Mig {
+        total_ms: info["total-time"].as_f64().unwrap_or(f64::NAN),
+        downtime_ms: info["downtime"].as_f64().unwrap_or(f64::NAN),
+        wire_bytes: r["transferred"].as_u64().unwrap_or(0),
+        wire_mbps: r["mbps"].as_f64().unwrap_or(f64::NAN),
+        rounds: r["dirty-sync-count"].as_f64().unwrap_or(f64::NAN),
+        ram_before_kib,
+        ram_peak_kib,
+        extra_ms: info["setup-time"].as_f64().unwrap_or(f64::NAN),
+        note,
+        ..Mig::default()
+    })
+}
+
+/// Median of each column over the runs.
+fn median_mig(runs: &[Mig]) -> Mig {
+    let col = |f: &dyn Fn(&Mig) -> f64| median(&mut runs.iter().map(f).collect::<Vec<_>>());
+    Mig {
+        total_ms: col(&|m| m.total_ms),
+        downtime_ms: col(&|m| m.downtime_ms),
+        wire_bytes: col(&|m| m.wire_bytes as f64) as u64,
+        wire_mbps: col(&|m| m.wire_mbps),
+        rounds: col(&|m| m.rounds),
+        ram_before_kib: col(&|m| m.ram_before_kib as f64) as u64,
+        ram_peak_kib: col(&|m| m.ram_peak_kib as f64) as u64,
+        extra_ms: col(&|m| m.extra_ms),
+        raw_ms: col(&|m| m.raw_ms),
+        ratio: col(&|m| m.ratio),
+        note: runs.last().map(|m| m.note.clone()).unwrap_or_default(),
+    }
+}
+
+/// Runs `f` [`RUNS`] times, each right after a raw TCP transfer of `ram`
+/// bytes over the same veth (so that both see the same host load); every
+/// raw time goes to `raw`.
+fn repeat(
+    what: &str,
+    link: &Link,
+    ram: u64,
+    raw: &mut Vec<(u64, f64)>,
+    mut f: impl FnMut() -> Result<Mig, String>,
+) -> Option<Mig> {
+    let mut runs = Vec::new();
+    for i in 0..RUNS {
+        let raw_ms = match raw_tcp_ms(link, ram) {
+            Ok(ms) => ms,
+            Err(e) => {
+                println!("- raw TCP {}: failed: {e}\n", size_name(ram));
+                f64::NAN
+            }
+        };
+        raw.push((ram, raw_ms));
+        match f() {
+            Ok(mut m) => {
+                m.raw_ms = raw_ms;
+                m.ratio = m.total_ms / raw_ms;
+                runs.push(m);
+            }
+            Err(e) => {
+                println!("- {what}, run {}: failed: {e}\n", i + 1);
+                return None;
+            }
+        }
+    }
+    Some(median_mig(&runs))
+}
+
+struct Row {
+    scenario: String,
+    vmm: &'static str,
+    ram: u64,
+    idle: bool,
+    mig: Mig,
+}
+
+pub fn bench_migration() {
+    println!("## migration: live migration between two namespaces joined by a veth\n");
+    let link = match Link::new() {
+        Ok(l) => l,
+        Err(e) => {
+            println!("skipped: cannot create the namespaces: {e}\n");
+            return;
+        }
+    };
+    let dir = TempDir::new("bench-migration");
+    let qemu = ensure_qemu();
+    println!(
+        "Namespaces {} ({ADDR_A}) and {} ({ADDR_B}), one veth pair (MTU 1500). Median of {RUNS} runs per row, each column on its own. godwit: `migrate-set-parameters` downtime-limit {DOWNTIME_LIMIT_MS} ms for idle guests ({DIRTY_DOWNTIME_LIMIT_MS} ms for the dirtying one), max-bandwidth 0 (unlimited). QEMU: {}, `-enable-kvm -machine pc -nodefaults -nographic`, no boot device, migrated {} s after start, downtime-limit {DOWNTIME_LIMIT_MS} ms, max-bandwidth 100 GiB/s; installed on demand with `apt-get install -y qemu-system-x86` when missing.\n",
+        link.a,
+        link.b,
+        match &qemu {
+            Ok(q) => qemu_version(q),
+            Err(_) => "not available".into(),
+        },
+        QEMU_SETTLE.as_secs()
+    );
+    if let Err(e) = &qemu {
+        println!("QEMU cannot run here: {e}\n");
+    }
+
+    println!("Host load average at the start: {}.\n", loadavg());
+    let mut raw: Vec<(u64, f64)> = Vec::new();
+    let mut rows: Vec<Row> = Vec::new();
+    for ram in [GIB, 4 * GIB] {
+        let avail = mem_available_bytes();
+        if avail < 2 * ram + GIB {
+            println!(
+                "- {} guests: skipped: {} of host memory available, {} needed (source and destination RAM)\n",
+                size_name(ram),
+                fmt_bytes(avail),
+                fmt_bytes(2 * ram + GIB)
+            );
+            continue;
+        }
+        let name = format!("idle {}", size_name(ram));
+        if let Some(m) = repeat(&format!("godwit {name}"), &link, ram, &mut raw, || {
+            godwit_migrate(&link, dir.path(), ram, None, DOWNTIME_LIMIT_MS)
+        }) {
+            rows.push(Row {
+                scenario: name.clone(),
+                vmm: "godwit",
+                ram,
+                idle: true,
+                mig: m,
+            });
+        }
+        if let Ok(q) = &qemu {
+            if let Some(m) = repeat(&format!("QEMU {name}"), &link, ram, &mut raw, || {
+                qemu_migrate(q, &link, dir.path(), ram)
+            }) {
+                rows.push(Row {
+                    scenario: name,
+                    vmm: "QEMU",
+                    ram,
+                    idle: true,
+                    mig: m,
+                });
+            }
+        }
+    }
+    let name = format!(
+        "{} dirtying {DIRTY_BUFFER_MIB} MiB at {DIRTY_RATE} pages/s",
+        size_name(DIRTY_RAM)
+    );
+    if let Some(m) = repeat(
+        &format!("godwit {name}"),
+        &link,
+        DIRTY_RAM,
+        &mut raw,
+        || {
+            godwit_migrate(
+                &link,
+                dir.path(),
+                DIRTY_RAM,
+                Some((DIRTY_BUFFER_MIB, DIRTY_RATE)),
+                DIRTY_DOWNTIME_LIMIT_MS,
+            )
+        },
+    ) {
+        rows.push(Row {
+            scenario: name,
+            vmm: "godwit",
+            ram: DIRTY_RAM,
+            idle: false,
+            mig: m,
+        });
+    }
+
+    println!("### Raw TCP between the namespaces (Rust sender and receiver, 1 MiB writes)\n");
+    println!("One transfer of the RAM size right before every migration run.\n");
+    println!("| bytes | transfers | median time | median throughput | range |");
+    println!("|---|---|---|---|---|");
+    for size in [GIB, 4 * GIB] {
+        let mut t: Vec<f64> = raw
+            .iter()
+            .filter(|(b, ms)| *b == size && ms.is_finite())
+            .map(|(_, ms)| *ms)
+            .collect();
+        if t.is_empty() {
+            continue;
+        }
+        let gbit = |ms: f64| size as f64 * 8.0 / 1e9 / (ms / 1e3);
+        let (lo, hi) = (
+            t.iter().copied().fold(f64::INFINITY, f64::min),
+            t.iter().copied().fold(0.0, f64::max),
+        );
+        let m = median(&mut t);
+        println!(
+            "| {} | {} | {m:.0} ms | {:.2} Gbit/s | {:.2}-{:.2} Gbit/s |",
+            size_name(size),
+            t.len(),
+            gbit(m),
+            gbit(hi),
+            gbit(lo)
+        );
+    }
+
+    println!("\n### Migration\n");
+    println!("Target total time: 1.25 x (RAM size / raw TCP throughput) = 1.25 x the raw TCP time for the RAM size, taken run by run against the transfer just before (median of the per-run ratios). Target downtime for an idle guest: 10 ms.\n");
+    println!("| guest | VMM | total time | / raw TCP time of the RAM size (target <= 1.25x) | downtime | bytes on the wire | wire throughput | RAM size / total time | rounds (QEMU: dirty syncs) | source guest RAM resident: before -> peak | dest. restore (godwit) / setup (QEMU) | check |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
+    for r in &rows {
+        let m = &r.mig;
+        let ratio = m.ratio;
+        let total_verdict = if ratio <= 1.25 { "met" } else { "**missed**" };
+        let down = if r.idle {
+            format!(
+                "{:.1} ms ({:.2}x the 10 ms target, {})",
+                m.downtime_ms,
+                m.downtime_ms / 10.0,
+                if m.downtime_ms <= 10.0 {
+                    "met"
+                } else {
+                    "**missed**"
+                }
+            )
+        } else {
+            format!(
+                "{:.1} ms (limit {DIRTY_DOWNTIME_LIMIT_MS} ms)",
+                m.downtime_ms
+            )
+        };
+        println!(
+            "| {} | {} | {:.0} ms | {:.2}x ({total_verdict}) | {down} | {} | {:.1} Mbit/s | {:.2} Gbit/s | {:.0} | {} -> {} | {:.1} ms | {} |",
+            r.scenario,
+            r.vmm,
+            m.total_ms,
+            ratio,
+            fmt_bytes(m.wire_bytes),
+            m.wire_mbps,
+            r.ram as f64 * 8.0 / 1e9 / (m.total_ms / 1e3),
+            m.rounds,
+            fmt_bytes(m.ram_before_kib * 1024),
+            fmt_bytes(m.ram_peak_kib * 1024),
+            m.extra_ms,
+            m.note
+        );
+    }
+    let godwit_vs_qemu: Vec<String> = rows
+        .iter()
+        .filter(|r| r.vmm == "godwit" && r.idle)
+        .filter_map(|g| {
+            let q = rows
+                .iter()
+                .find(|q| q.vmm == "QEMU" && q.scenario == g.scenario)?;
+            Some(format!(
+                "- {}: godwit / QEMU total time {:.2}x ({}), downtime {:.2}x",
+                g.scenario,
+                g.mig.total_ms / q.mig.total_ms,
+                if g.mig.total_ms < q.mig.total_ms {
+                    "faster: met"
+                } else {
+                    "slower: **missed**"
+                },
+                g.mig.downtime_ms / q.mig.downtime_ms
+            ))
+        })
+        .collect();
+    println!("\nHost load average at the end: {}.", loadavg());
+    if !godwit_vs_qemu.is_empty() {
+        println!("\nAgainst QEMU (target: faster):\n");
+        for l in godwit_vs_qemu {
+            println!("{l}");
+        }
+    }
+    println!();
+}
