@@ -72,8 +72,14 @@ pub enum NetSetupError {
         device: String,
         source: VhostNetError,
     },
+    /// The pinned interface version cannot be used (unknown to godwit and
+    /// the backend).
     #[error("{device}: {detail}")]
     Interface { device: String, detail: String },
+    /// The backend does not provide the pinned interface version and
+    /// strict is on (a strict refusal: exit status 4).
+    #[error("{device}: {detail}")]
+    InterfaceStrict { device: String, detail: String },
 }
 
 impl From<NetAbiError> for NetSetupError {
@@ -87,7 +93,7 @@ impl NetSetupError {
     pub fn is_strict_refusal(&self) -> bool {
         match self {
             NetSetupError::Abi(e) => matches!(**e, NetAbiError::Strict(_)),
-            NetSetupError::Interface { detail, .. } => detail.contains("and strict=on"),
+            NetSetupError::InterfaceStrict { .. } => true,
             _ => false,
         }
     }
@@ -652,7 +658,7 @@ fn build_vhost_user(
         }
         if !gaps.is_empty() {
             if strict {
-                return Err(NetSetupError::Interface {
+                return Err(NetSetupError::InterfaceStrict {
                     device: id.to_string(),
                     detail: format!(
                         "vhost-user backend {socket} does not provide interface {name}, and strict=on:\n  - {}\nRemedies (any one):\n  1. pin an interface this backend provides (one whose values it offers), or run a backend that provides {name}\n  2. let godwit go on without the guarantee (the VM gets a migration blocker):\n       --net {}",
