@@ -609,7 +609,7 @@ pub fn map_private<B: NewBitmap>(
 
 /// The data extents of `file` in `[start, end)`, from SEEK_DATA/SEEK_HOLE.
 /// A filesystem without hole reporting yields the whole range.
-fn data_extents(file: &File, start: u64, end: u64) -> io::Result<Vec<(u64, u64)>> {
+pub fn data_extents(file: &File, start: u64, end: u64) -> io::Result<Vec<(u64, u64)>> {
     let fd = file.as_raw_fd();
     let seek = |offset: u64, whence| {
         // SAFETY: lseek only moves this descriptor's offset; the descriptor

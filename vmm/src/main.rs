@@ -239,13 +239,21 @@ fn ctl_migrate(
     loop {
         let info = match client.execute("query-migrate", serde_json::Value::Null) {
             Ok(info) => info,
-            // The source ends once the destination runs the guest.
-            Err(ClientError::Closed { .. }) | Err(ClientError::Io { .. })
-                if last["status"] == "active" || last["status"] == "completed" =>
-            {
-                return Ok("migration completed: the guest runs on the destination".into());
+            // The source ends once the destination runs the guest; its
+            // MIGRATION events reach us before the socket closes.
+            Err(e) => {
+                let mut events = client.take_events();
+                while let Ok(ev) = client.wait_event("MIGRATION", Duration::from_millis(500)) {
+                    events.push(ev);
+                }
+                let completed = events
+                    .iter()
+                    .any(|ev| ev["event"] == "MIGRATION" && ev["data"]["status"] == "completed");
+                if completed || last["status"] == "completed" {
+                    return Ok("migration completed: the guest runs on the destination".into());
+                }
+                return Err(e);
             }
-            Err(e) => return Err(e),
         };
         let status = info["status"].as_str().unwrap_or("?").to_string();
         let line = format!(

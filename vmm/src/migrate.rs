@@ -559,7 +559,8 @@ impl Sender<'_> {
     }
 
     /// Sends `pages` (guest addresses): non-zero pages with their data;
-    /// zero pages as runs without data unless `skip_zero`.
+    /// zero pages as runs without data unless `skip_zero`. Pages are checked
+    /// for zero in place and copied once, into the message.
     fn send_pages(
         &mut self,
         handle: &VmHandle,
@@ -569,28 +570,33 @@ impl Sender<'_> {
         let mut runs: Vec<PageRun> = Vec::new();
         let mut data: Vec<u8> = Vec::with_capacity(BATCH_PAGES * PAGE_SIZE as usize);
         let mut zero_runs: Vec<PageRun> = Vec::new();
-        let mut page = vec![0u8; PAGE_SIZE as usize];
         for &gpa in pages {
-            handle
+            let slice = handle
                 .ram
                 .memory
-                .read_slice(&mut page, GuestAddress(gpa))
+                .get_slice(GuestAddress(gpa), PAGE_SIZE as usize)
                 .map_err(|e| MigrateError::Local(format!("reading guest page {gpa:#x}: {e}")))?;
-            let zero = page.iter().all(|b| *b == 0);
-            let (list, with_data) = if zero {
-                (&mut zero_runs, false)
-            } else {
-                (&mut runs, true)
+            let zero = {
+                let guard = slice.ptr_guard();
+                let words = guard.as_ptr() as *const u64;
+                // SAFETY: the slice covers PAGE_SIZE bytes of mapped guest
+                // memory (page aligned); volatile reads, since the guest may
+                // write concurrently (it is then dirty and sent again).
+                (0..PAGE_SIZE as usize / 8)
+                    .all(|i| unsafe { std::ptr::read_volatile(words.add(i)) } == 0)
             };
             if zero && skip_zero {
                 continue;
             }
+            let list = if zero { &mut zero_runs } else { &mut runs };
             match list.last_mut() {
                 Some(r) if r.gpa + u64::from(r.pages) * PAGE_SIZE == gpa => r.pages += 1,
                 _ => list.push(PageRun { gpa, pages: 1 }),
             }
-            if with_data {
-                data.extend_from_slice(&page);
+            if !zero {
+                let at = data.len();
+                data.resize(at + PAGE_SIZE as usize, 0);
+                slice.copy_to(&mut data[at..]);
                 if data.len() >= BATCH_PAGES * PAGE_SIZE as usize {
                     self.send(Kind::Pages, &encode_runs(&runs, &data))?;
                     runs.clear();
@@ -608,16 +614,36 @@ impl Sender<'_> {
     }
 }
 
-fn all_pages(handle: &VmHandle) -> Vec<u64> {
-    handle
-        .ram
-        .memory
-        .iter()
-        .flat_map(|r| {
-            let base = r.start_addr().0;
-            (0..r.len() / PAGE_SIZE).map(move |p| base + p * PAGE_SIZE)
-        })
-        .collect()
+/// The pages that may hold data. Guest RAM is a shared memfd whose pages
+/// the guest never touched are holes: SEEK_DATA skips them without faulting
+/// them in. A privately mapped restore keeps its changes outside the file,
+/// so there every page is a candidate.
+fn pages_with_data(handle: &VmHandle) -> Vec<u64> {
+    let mut pages = Vec::new();
+    for region in handle.ram.memory.iter() {
+        let base = region.start_addr().0;
+        let len = region.len();
+        let mapping = std::ops::Deref::deref(region);
+        let extents = match mapping.file_offset() {
+            Some(fo) if mapping.flags() & libc::MAP_SHARED != 0 => {
+                godwit_migration::memory_file::data_extents(fo.file(), fo.start(), fo.start() + len)
+                    .ok()
+                    .map(|ex| (fo.start(), ex))
+            }
+            _ => None,
+        };
+        match extents {
+            Some((start, ex)) => {
+                for (from, to) in ex {
+                    let first = (from - start) / PAGE_SIZE;
+                    let last = (to - start).div_ceil(PAGE_SIZE).min(len / PAGE_SIZE);
+                    pages.extend((first..last).map(|p| base + p * PAGE_SIZE));
+                }
+            }
+            None => pages.extend((0..len / PAGE_SIZE).map(|p| base + p * PAGE_SIZE)),
+        }
+    }
+    pages
 }
 
 fn emit_status(handle: &VmHandle, status: &'static str) {
@@ -754,7 +780,7 @@ fn precopy(
     };
     // Round 0: everything that is not zero (the destination starts zeroed).
     let mut round_started = Instant::now();
-    let pages = all_pages(handle);
+    let pages = pages_with_data(handle);
     sender.send_pages(handle, &pages, true)?;
     let mut round = 0u32;
     let mut last_dirty_rate;
