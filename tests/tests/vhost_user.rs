@@ -114,6 +114,11 @@ struct Testpmd {
 
 impl Testpmd {
     fn start(socket: &Path, ns: Option<&str>) -> Testpmd {
+        Self::start_with(socket, ns, false)
+    }
+
+    /// `client`: testpmd connects to `socket` (godwit listens, server=on).
+    fn start_with(socket: &Path, ns: Option<&str>, client: bool) -> Testpmd {
         let lock = DPDK
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -138,7 +143,11 @@ impl Testpmd {
         cmd.args(["--no-pci", "--no-huge", "--no-shconf", "-m", "512"]);
         cmd.args([
             "--vdev",
-            &format!("net_vhost0,iface={},queues=1", socket.display()),
+            &format!(
+                "net_vhost0,iface={},queues=1{}",
+                socket.display(),
+                if client { ",client=1" } else { "" }
+            ),
         ]);
         if ns.is_some() {
             cmd.args(["--vdev", "net_tap0,iface=dtap0"]);
@@ -158,7 +167,7 @@ impl Testpmd {
             .expect("spawn dpdk-testpmd");
         let t = Testpmd { child, _lock: lock };
         let deadline = Instant::now() + Duration::from_secs(30);
-        while !socket.exists() {
+        while !client && !socket.exists() {
             assert!(Instant::now() < deadline, "testpmd made no socket");
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -966,4 +975,40 @@ fn server_mode_lets_the_backend_connect() {
     vm.wait_line("serve: ready", BOOT);
     let ping = host.exec(&["ping", "-c", "2", "-W", "5", &host.guest_ip()]);
     assert!(ping.status.success());
+}
+
+/// server=on with DPDK: godwit listens, testpmd connects (client=1).
+#[test]
+fn dpdk_connects_to_godwit_in_server_mode() {
+    let dir = TempDir::new("vu-dpdk-server");
+    let socket = dir.join("godwit.sock");
+    let net = format!(
+        "vhost-user,socket={},server=on,{DPDK_OVERRIDES}",
+        socket.display()
+    );
+    let mut vm = RunningVm::spawn(&[
+        "run",
+        "--machine",
+        "godwit-1.0",
+        "--net",
+        &net,
+        "--cmdline",
+        "console=ttyS0 reboot=k godwit.mode=serve godwit.heartbeat_ms=300 godwit.poweroff_after=2",
+    ]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !socket.exists() {
+        assert!(Instant::now() < deadline, "godwit does not listen");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _tp = Testpmd::start_with(&socket, None, true);
+    let dev = vm.wait_line("virtio-net0: base=", BOOT);
+    assert_eq!(
+        hex_field(&dev, "offered"),
+        V1_FEATURES & !((1 << 11) | (1 << 12) | (1 << 13)),
+        "{dev}"
+    );
+    let link = vm.wait_line("virtio-net0: mac=", BOOT);
+    assert!(link.contains("link=up"), "{link}");
+    let (status, err) = vm.wait_exit(BOOT);
+    assert!(status.success(), "{err}");
 }

@@ -818,6 +818,30 @@ impl VhostUserNet {
         res
     }
 
+    /// Asks the backend to broadcast a RARP for the guest's MAC (after a
+    /// migration, when the guest did not ack GUEST_ANNOUNCE). False when the
+    /// backend lacks protocol feature RARP or is not connected.
+    pub fn send_rarp(&self) -> Result<bool, VhostUserError> {
+        let mac = self.shared.mac();
+        let mut i = self.inner();
+        let Some(s) = i.session.as_mut() else {
+            return Ok(false);
+        };
+        if !s.offer.has_protocol(P::RARP.bits()) {
+            return Ok(false);
+        }
+        let res = s.conn.send_rarp(mac);
+        match res {
+            Ok(()) => Ok(true),
+            Err(e) => {
+                if e.breaks_connection() {
+                    i.lose_session(&e.to_string());
+                }
+                Err(e)
+            }
+        }
+    }
+
     fn config_bytes(&self) -> [u8; CONFIG_LEN] {
         let mut c = [0u8; CONFIG_LEN];
         c[..6].copy_from_slice(&self.shared.mac());
