@@ -937,3 +937,150 @@ fn probe_vhost_user(
     p.session.conn.shutdown();
     Ok(report)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::machine_types::{bits_of, resolve};
+
+    /// DPDK testpmd 22.11's GET_FEATURES.
+    const DPDK: u64 = 0xd_7c66_e7cb;
+
+    fn dpdk_offer() -> BackendOffer {
+        BackendOffer {
+            features: DPDK,
+            protocol: 0x10cbf,
+            acked_protocol: 0x1f,
+            queue_num: Some(128),
+            record: None,
+        }
+    }
+
+    #[test]
+    fn vhost_user_support_names_what_the_backend_lacks() {
+        let offer = dpdk_offer();
+        let p = vhost_user_support("/s", &offer);
+        assert_eq!(p.kind, "vhost-user");
+        for lacking in [
+            "host_tso4",
+            "host_tso6",
+            "guest_uso4",
+            "guest_uso6",
+            "host_uso",
+        ] {
+            let bit = features::by_name(lacking).unwrap().bit;
+            assert_eq!(p.supported & (1 << bit), 0, "{lacking}");
+            assert_eq!(
+                p.why_not[&bit],
+                format!("vhost-user backend /s does not offer {lacking} (its GET_FEATURES = 0xd7c66e7cb)")
+            );
+        }
+        // Served by godwit whatever the backend says.
+        let frontend = bits_of(&[
+            "mac",
+            "status",
+            "ctrl_vq",
+            "ctrl_rx",
+            "guest_announce",
+            "mtu",
+        ]);
+        let mut without = dpdk_offer();
+        without.features &= !frontend;
+        assert_eq!(
+            vhost_user_support("/s", &without).supported & frontend,
+            frontend
+        );
+        // A backend with one queue cannot carry a pair (mq).
+        without.queue_num = Some(1);
+        let mq = features::by_name("mq").unwrap().bit;
+        assert!(vhost_user_support("/s", &without).why_not[&mq].contains("GET_QUEUE_NUM"));
+        // godwit-1.0 against DPDK: only host TSO (and ECN with it) missing.
+        let m = resolve("godwit-1.0").unwrap();
+        let d = net_abi::decide(
+            "net0",
+            "vhost-user,socket=/s",
+            m,
+            &BTreeMap::new(),
+            false,
+            &p,
+        )
+        .unwrap();
+        assert_eq!(d.dropped, bits_of(&["host_tso4", "host_tso6", "host_ecn"]));
+    }
+
+    #[test]
+    fn vhost_net_support_takes_rings_from_the_kernel_and_packets_from_the_tap() {
+        let caps = TapOffloads {
+            vnet_hdr: true,
+            csum: true,
+            tso4: true,
+            tso6: true,
+            tso_ecn: true,
+            ufo: true,
+            uso: false,
+        };
+        let kernel = bits_of(&["mrg_rxbuf", "version_1", "event_idx"]) | (1 << 26);
+        let p = vhost_net_support("t0", &caps, kernel);
+        let has = |n: &str| p.supported & (1 << features::by_name(n).unwrap().bit) != 0;
+        assert!(has("mrg_rxbuf") && has("event_idx") && has("csum") && has("host_tso4"));
+        assert!(has("ctrl_vq") && has("mac"));
+        assert!(!has("indirect_desc"), "the kernel did not offer it");
+        assert!(!has("host_uso"), "the TAP lacks USO");
+        let bit = features::by_name("indirect_desc").unwrap().bit;
+        assert!(p.why_not[&bit].contains("/dev/vhost-net does not offer indirect_desc"));
+    }
+
+    #[test]
+    fn interface_gaps_check_a_backend_without_the_extension() {
+        let offer = dpdk_offer();
+        let gaps = interface_gaps("org.godwit.net.v1", &offer, "/s").unwrap();
+        assert_eq!(gaps.len(), 1, "{gaps:?}");
+        assert!(gaps[0].contains("lacks host_tso4,host_tso6"), "{gaps:?}");
+        let err = interface_gaps("org.example.v3", &offer, "/s").unwrap_err();
+        assert!(err.contains("not one godwit knows") && err.contains("org.godwit.net.v2"));
+        let mut few = dpdk_offer();
+        few.features |= bits_of(&["host_tso4", "host_tso6"]);
+        few.queue_num = Some(1);
+        let gaps = interface_gaps("org.godwit.net.v1", &few, "/s").unwrap();
+        assert!(gaps[0].contains("GET_QUEUE_NUM"), "{gaps:?}");
+    }
+
+    #[test]
+    fn a_returning_backend_is_judged_by_strict() {
+        let m = resolve("godwit-1.1").unwrap();
+        let full = BackendOffer {
+            features: m.net_features() | (1 << 30) | (1 << 26),
+            ..dpdk_offer()
+        };
+        let offered = m.net_features();
+        let mut strict = rechecker("net0".into(), m, "/s".into(), None, true);
+        assert_eq!(strict(&full, offered), Recheck::Accept);
+        let older = BackendOffer {
+            features: full.features & !bits_of(&["guest_uso4", "guest_uso6", "host_uso"]),
+            ..dpdk_offer()
+        };
+        match strict(&older, offered) {
+            Recheck::Refuse(why) => {
+                assert!(
+                    why.contains("guest_uso4 (bit 54)") && why.contains("strict=on"),
+                    "{why}"
+                )
+            }
+            other => panic!("{other:?}"),
+        }
+        let mut lenient = rechecker("net0".into(), m, "/s".into(), None, false);
+        match lenient(&older, offered) {
+            Recheck::Degrade {
+                offered: o,
+                blocker,
+            } => {
+                assert_eq!(
+                    o,
+                    offered & !bits_of(&["guest_uso4", "guest_uso6", "host_uso"])
+                );
+                assert!(blocker.contains("came back") && blocker.contains("godwit-1.1"));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}
