@@ -197,9 +197,14 @@ pub fn version_list() -> VersionList {
     }
 }
 
+fn hex<S: serde::Serializer>(v: &u64, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&format!("{v:#018x}"))
+}
+
 /// The values an interface fixes.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct InterfaceValues {
+    #[serde(serialize_with = "hex")]
     pub features: u64,
     pub max_ring_size: u16,
     pub mtu: u16,
