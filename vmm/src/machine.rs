@@ -184,11 +184,21 @@ impl VmHandle {
         true
     }
 
+    /// Every reason the VM cannot be snapshotted or migrated now: those
+    /// found at start-up and those its devices found since (a backend that
+    /// came back with fewer features, one that cannot log dirty pages).
     pub fn blockers(&self) -> Vec<String> {
-        self.blockers
+        let mut all = self
+            .blockers
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone()
+            .clone();
+        for b in self.nets.iter().flat_map(NetDevice::blockers) {
+            if !all.contains(&b) {
+                all.push(b);
+            }
+        }
+        all
     }
 
     pub fn request_quit(&self) {

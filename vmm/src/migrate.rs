@@ -1118,6 +1118,13 @@ pub fn announce(net: &NetDevice) {
         tracing::info!("{}: asked the guest to announce itself", net.id);
         return;
     }
+    let tap = dev.tap();
+    if tap.get().is_none() {
+        // A vhost-user backend sends its frames itself; announce() above
+        // already asked it to (SEND_RARP) where it could.
+        tracing::info!("{}: the backend announces the guest", net.id);
+        return;
+    }
     let mac = dev.mac();
     let mut frame = vec![0u8; 60];
     frame[0..6].copy_from_slice(&[0xff; 6]);
@@ -1130,7 +1137,6 @@ pub fn announce(net: &NetDevice) {
     frame[20..22].copy_from_slice(&3u16.to_be_bytes()); // reverse request
     frame[22..28].copy_from_slice(&mac);
     frame[32..38].copy_from_slice(&mac);
-    let tap = dev.tap().clone();
     let mut buf = Vec::with_capacity(72);
     if tap.has_vnet_hdr() {
         buf.extend_from_slice(&[0u8; godwit_devices::net::tap::VNET_HDR_LEN]);
