@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use godwit_tests::godwit_bin;
 
 mod migration;
+mod net;
 mod planner;
 mod snapshot;
 mod vhost_user;
@@ -136,6 +137,9 @@ fn main() {
     if all || which == "boot" {
         bench_boot();
     }
+    if all || which == "net" {
+        net::bench_net();
+    }
     if all || which == "snapshot" {
         snapshot::bench_snapshot();
     }
@@ -148,9 +152,18 @@ fn main() {
     if all || which == "vhost-user" {
         vhost_user::bench_vhost_user();
     }
-    if !all && !["boot", "snapshot", "migration", "planner", "vhost-user"].contains(&which.as_str())
+    if !all
+        && ![
+            "boot",
+            "net",
+            "snapshot",
+            "migration",
+            "planner",
+            "vhost-user",
+        ]
+        .contains(&which.as_str())
     {
-        eprintln!("unknown benchmark '{which}': use boot, snapshot, migration, planner, vhost-user or all");
+        eprintln!("unknown benchmark '{which}': use boot, net, snapshot, migration, planner, vhost-user or all");
         std::process::exit(2);
     }
 }
