@@ -38,31 +38,7 @@ pub struct MachineType {
     pub net: NetAbi,
 }
 
-const BASE_FEATURES: &[&str] = &[
-    "csum",
-    "guest_csum",
-    "mtu",
-    "mac",
-    "guest_tso4",
-    "guest_tso6",
-    "guest_ecn",
-    "guest_ufo",
-    "host_tso4",
-    "host_tso6",
-    "host_ecn",
-    "host_ufo",
-    "mrg_rxbuf",
-    "status",
-    "ctrl_vq",
-    "ctrl_rx",
-    "guest_announce",
-    "indirect_desc",
-    "event_idx",
-    "version_1",
-];
-
-/// What godwit-1.1 adds to godwit-1.0.
-const USO_FEATURES: &[&str] = &["guest_uso4", "guest_uso6", "host_uso"];
+use godwit_devices::virtio::net::features::groups::{BASE as BASE_FEATURES, USO as USO_FEATURES};
 
 const CONFIG_FIELDS: &[&str] = &["mac", "status", "max_virtqueue_pairs", "mtu"];
 

@@ -14,7 +14,7 @@
 
 use serde::Serialize;
 
-use crate::virtio::net::features::{self, by_name};
+use crate::virtio::net::features::{self, groups};
 
 /// Protocol feature bit of the extension (GET/SET_PROTOCOL_FEATURES). Far
 /// above the standard bits (0-22 are assigned upstream), so that no standard
@@ -40,62 +40,14 @@ pub struct InterfaceVersion {
     pub name: &'static str,
     /// What this version adds over the previous one.
     pub adds: &'static str,
-    /// Features the device presents, by canonical name (VERSION_1 included).
-    pub features: &'static [&'static str],
+    /// Features the device presents, as groups of canonical names
+    /// (`features::groups`; VERSION_1 included).
+    pub features: &'static [&'static [&'static str]],
     /// Largest ring (queue size) the backend accepts.
     pub max_ring_size: u16,
     pub mtu: u16,
     pub queue_pairs: u16,
 }
-
-const V1_FEATURES: &[&str] = &[
-    "csum",
-    "guest_csum",
-    "mtu",
-    "mac",
-    "guest_tso4",
-    "guest_tso6",
-    "guest_ecn",
-    "guest_ufo",
-    "host_tso4",
-    "host_tso6",
-    "host_ecn",
-    "host_ufo",
-    "mrg_rxbuf",
-    "status",
-    "ctrl_vq",
-    "ctrl_rx",
-    "guest_announce",
-    "indirect_desc",
-    "event_idx",
-    "version_1",
-];
-
-const V2_FEATURES: &[&str] = &[
-    "csum",
-    "guest_csum",
-    "mtu",
-    "mac",
-    "guest_tso4",
-    "guest_tso6",
-    "guest_ecn",
-    "guest_ufo",
-    "host_tso4",
-    "host_tso6",
-    "host_ecn",
-    "host_ufo",
-    "mrg_rxbuf",
-    "status",
-    "ctrl_vq",
-    "ctrl_rx",
-    "guest_announce",
-    "indirect_desc",
-    "event_idx",
-    "version_1",
-    "guest_uso4",
-    "guest_uso6",
-    "host_uso",
-];
 
 /// Every released interface version of godwit's backend, oldest first.
 /// Append only; never edit a released entry (its golden file would fail).
@@ -103,7 +55,7 @@ pub static INTERFACES: &[InterfaceVersion] = &[
     InterfaceVersion {
         name: "org.godwit.net.v1",
         adds: "checksum, TSO4/6, ECN and UFO offloads both ways, mergeable rx buffers, control queue, event index, indirect descriptors; rings up to 256, MTU 1500, 1 queue pair",
-        features: V1_FEATURES,
+        features: &[groups::BASE],
         max_ring_size: 256,
         mtu: 1500,
         queue_pairs: 1,
@@ -111,7 +63,7 @@ pub static INTERFACES: &[InterfaceVersion] = &[
     InterfaceVersion {
         name: "org.godwit.net.v2",
         adds: "UDP segmentation offload (guest_uso4, guest_uso6, host_uso); rings up to 1024",
-        features: V2_FEATURES,
+        features: &[groups::BASE, groups::USO],
         max_ring_size: 1024,
         mtu: 1500,
         queue_pairs: 1,
@@ -137,10 +89,7 @@ pub fn names() -> Vec<&'static str> {
 impl InterfaceVersion {
     /// The feature bits of [`Self::features`].
     pub fn feature_bits(&self) -> u64 {
-        self.features
-            .iter()
-            .filter_map(|n| by_name(n))
-            .fold(0, |acc, f| acc | (1u64 << f.bit))
+        features::bits_of_groups(self.features)
     }
 
     /// The values, as `--print-versions`, query-net and the golden files show them.
@@ -341,6 +290,7 @@ pub fn valid_name(name: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::virtio::net::features::by_name;
 
     #[test]
     fn table_is_consistent_and_only_grows() {
@@ -348,7 +298,7 @@ mod tests {
         for i in INTERFACES {
             assert!(valid_name(i.name), "{}", i.name);
             assert!(seen.insert(i.name), "{} twice", i.name);
-            for n in i.features {
+            for n in i.features.iter().flat_map(|g| g.iter()) {
                 let f = by_name(n).unwrap_or_else(|| panic!("{}: unknown feature {n}", i.name));
                 assert!(f.supported, "{}: {n} is not implemented", i.name);
             }

@@ -576,6 +576,46 @@ pub static FEATURES: &[NetFeature] = &[
     ),
 ];
 
+/// Named feature groups that versioned ABIs (machine types, backend
+/// interface versions) are composed of. A released group never changes;
+/// a new ABI adds a new group.
+pub mod groups {
+    /// The virtio-net 1.0 device godwit started with.
+    pub const BASE: &[&str] = &[
+        "csum",
+        "guest_csum",
+        "mtu",
+        "mac",
+        "guest_tso4",
+        "guest_tso6",
+        "guest_ecn",
+        "guest_ufo",
+        "host_tso4",
+        "host_tso6",
+        "host_ecn",
+        "host_ufo",
+        "mrg_rxbuf",
+        "status",
+        "ctrl_vq",
+        "ctrl_rx",
+        "guest_announce",
+        "indirect_desc",
+        "event_idx",
+        "version_1",
+    ];
+    /// UDP segmentation offload.
+    pub const USO: &[&str] = &["guest_uso4", "guest_uso6", "host_uso"];
+}
+
+/// The bits of feature groups given by canonical names.
+pub fn bits_of_groups(groups: &[&[&str]]) -> u64 {
+    groups
+        .iter()
+        .flat_map(|g| g.iter())
+        .filter_map(|n| by_name(n))
+        .fold(0, |acc, f| acc | feature(f.bit))
+}
+
 /// The table entry of a bit.
 pub fn lookup(bit: u32) -> Option<&'static NetFeature> {
     FEATURES.iter().find(|f| f.bit == bit)
