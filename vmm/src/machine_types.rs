@@ -112,12 +112,7 @@ pub fn bits_of(names: &[&str]) -> u64 {
 impl MachineType {
     /// Features this type offers to the guest by default.
     pub fn net_features(&self) -> u64 {
-        self.net
-            .features
-            .iter()
-            .fold(features::always_offered(), |acc, group| {
-                acc | bits_of(group)
-            })
+        features::always_offered() | features::bits_of_groups(self.net.features)
     }
 
     /// The previous version, if any.
