@@ -35,15 +35,16 @@ use godwit_migration::protocol::{
     DevicePeer, Hello, HelloReply, Kind, PageRun, ProtocolError, Resumed, RoundEnd, PAGE_SIZE,
 };
 
+use crate::abi::machine_types;
 use crate::config::VmConfig;
+use crate::devices::net::NetDevice;
 use crate::machine::{Machine, StartError, VmHandle};
-use crate::machine_types;
-use crate::memory::{self, ram_ranges, GuestRam};
-use crate::net::NetDevice;
-use crate::snapshot::{self, capture_state, read_saved, Quiesced, KNOWN_SECTIONS};
-use crate::state::vcpu::host_cpuid;
-use crate::state::KvmCap;
-use crate::vm::{self, Vm, VmEvent};
+use crate::persist::snapshot::{self, capture_state, read_saved, Quiesced, KNOWN_SECTIONS};
+use crate::vstate::events::VmEvent;
+use crate::vstate::memory::{self, ram_ranges, GuestRam};
+use crate::vstate::state::vcpu::host_cpuid;
+use crate::vstate::state::KvmCap;
+use crate::vstate::vm::{self, Vm};
 
 /// Pages per `Pages` message (1 MiB of data).
 const BATCH_PAGES: usize = 256;
@@ -1146,7 +1147,7 @@ pub fn announce(net: &NetDevice) {
         Ok(_) => tracing::info!(
             "{}: sent a RARP announcement for {}",
             net.id,
-            crate::net_spec::format_mac(&mac)
+            crate::config::net_spec::format_mac(&mac)
         ),
         Err(e) => tracing::warn!("{}: cannot send the RARP announcement: {e}", net.id),
     }
