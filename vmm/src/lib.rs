@@ -1,15 +1,15 @@
 //! godwit's virtual machine monitor, by subsystem:
 //!
-//! - [`config`]: what a VM is made of (`VmConfig`, `--net` specs).
-//! - [`vstate`]: KVM VM, vCPUs, guest RAM, CPUID, layout, saved VM/vCPU state.
-//! - [`boot`]: Linux boot protocol, MP table, the built-in test guest.
-//! - [`abi`]: machine types and the strict check of a network peer.
-//! - [`devices`]: virtio-net devices and their peers (TAP, vhost-user, vhost-net).
-//! - [`machine`]: a running VM, its run state and operations.
-//! - [`persist`]: snapshots.
-//! - [`migration`]: live migration, source and destination.
-//! - [`planning`]: host capability reports and the planner.
-//! - [`api`]: the QMP-style management API.
+//! - [`config`] — what a VM is made of (`VmConfig`, `--net` specs).
+//! - [`vstate`] — KVM VM, vCPUs, guest RAM, CPUID, layout, saved VM/vCPU state.
+//! - [`boot`] — Linux boot protocol, MP table, the built-in test guest.
+//! - [`abi`] — machine types and the strict check of a network peer.
+//! - [`devices`] — virtio-net devices and their peers (TAP, vhost-user, vhost-net).
+//! - [`machine`] — a running VM, its run state and operations.
+//! - [`persist`] — snapshots.
+//! - [`migration`] — live migration, source and destination.
+//! - [`planning`] — host capability reports and the planner.
+//! - [`api`] — the QMP-style management API.
 
 pub mod abi;
 pub mod api;
