@@ -16,7 +16,8 @@ use super::transport::Conn;
 use super::{MigrateError, KVM_CAPS_CHECKED, PEER_TIMEOUT};
 use crate::abi::machine_types;
 use crate::config::VmConfig;
-use crate::machine::{Machine, StartError, VmHandle};
+use crate::machine::{BuildError, Machine, VmHandle};
+use crate::persist::snapshot::RestoreError;
 use crate::persist::snapshot::{self, read_saved, KNOWN_SECTIONS};
 use crate::vstate::memory::{self, GuestRam};
 use crate::vstate::state::vcpu::host_cpuid;
@@ -31,15 +32,51 @@ pub enum IncomingError {
     Migrate(#[from] MigrateError),
     #[error("incoming migration refused:\n  - {}", .0.join("\n  - "))]
     Refused(Vec<String>),
+    #[error("incoming migration: cannot write the received pages into guest memory: {0}")]
+    GuestMemory(#[source] vm_memory::GuestMemoryError),
+    #[error("incoming migration: the VM state from the source is unreadable: {0}")]
+    State(#[source] godwit_migration::format::FormatError),
+    #[error("incoming migration: the VM state does not match the VM the source announced (machine type, vCPUs, memory or devices differ); the source does not follow the protocol")]
+    StateMismatch,
+    #[error(
+        "incoming migration: cannot keep a handle on the stream to confirm to the source: {0}"
+    )]
+    ConfirmStream(#[source] std::io::Error),
     #[error("incoming migration: {0}")]
-    Start(String),
+    Restore(#[source] Box<RestoreError>),
+    #[error("incoming migration: {0}")]
+    Build(#[source] Box<BuildError>),
+}
+
+impl From<RestoreError> for IncomingError {
+    fn from(e: RestoreError) -> Self {
+        IncomingError::Restore(Box::new(e))
+    }
+}
+
+impl<E: Into<BuildError>> From<E> for IncomingError {
+    fn from(e: E) -> Self {
+        IncomingError::Build(Box::new(e.into()))
+    }
+}
+
+impl IncomingError {
+    /// This host cannot carry the VM's ABI (strict's exit status).
+    pub fn is_refusal(&self) -> bool {
+        match self {
+            IncomingError::Refused(_) => true,
+            IncomingError::Restore(e) => e.is_peer_refusal(),
+            IncomingError::Build(e) => e.is_strict_refusal(),
+            _ => false,
+        }
+    }
 }
 
 /// `godwit run --incoming URI`: validates the source's VM against this
 /// host, receives it, and returns it ready to run; `Machine::run` then
 /// resumes it and confirms to the source.
-pub fn incoming(config: &VmConfig, uri: &str) -> Result<Machine, StartError> {
-    let mut conn = accept(uri).map_err(IncomingError::from)?;
+pub fn incoming(config: &VmConfig, uri: &str) -> Result<Machine, IncomingError> {
+    let mut conn = accept(uri)?;
     conn.set_timeout(Some(PEER_TIMEOUT));
     match receive(config, &mut conn) {
         Ok(machine) => Ok(machine),
@@ -50,7 +87,7 @@ pub fn incoming(config: &VmConfig, uri: &str) -> Result<Machine, StartError> {
     }
 }
 
-pub(super) fn receive(config: &VmConfig, conn: &mut Conn) -> Result<Machine, StartError> {
+pub(super) fn receive(config: &VmConfig, conn: &mut Conn) -> Result<Machine, IncomingError> {
     let hello: Hello = expect(conn, Kind::Hello, "Hello")
         .and_then(|m| m.json())
         .map_err(|e| IncomingError::from(MigrateError::from(e)))?;
@@ -133,10 +170,10 @@ pub(super) fn receive(config: &VmConfig, conn: &mut Conn) -> Result<Machine, Sta
         devices: device_peers,
         host_cpuid,
     };
-    let proto = |e: ProtocolError| StartError::from(IncomingError::from(MigrateError::from(e)));
+    let proto = |e: ProtocolError| IncomingError::from(MigrateError::from(e));
     write_json(conn, Kind::HelloReply, &reply).map_err(proto)?;
     let Some(machine) = machine.filter(|_| reasons.is_empty()) else {
-        return Err(IncomingError::Refused(reasons).into());
+        return Err(IncomingError::Refused(reasons));
     };
 
     let ram = GuestRam::new(hello.memory_size)?;
@@ -171,8 +208,7 @@ pub(super) fn receive(config: &VmConfig, conn: &mut Conn) -> Result<Machine, Sta
                         ram.memory
                             .write_slice(&vec![0u8; len], GuestAddress(run.gpa))
                     };
-                    result
-                        .map_err(|e| IncomingError::Start(format!("writing guest memory: {e}")))?;
+                    result.map_err(IncomingError::GuestMemory)?;
                     received += len as u64;
                 }
             }
@@ -195,8 +231,8 @@ pub(super) fn receive(config: &VmConfig, conn: &mut Conn) -> Result<Machine, Sta
     };
     expect(conn, Kind::Complete, "Complete").map_err(proto)?;
     let restore_started = Instant::now();
-    let container = Container::from_bytes(state_bytes, KNOWN_SECTIONS)
-        .map_err(|e| IncomingError::Start(format!("the VM state from the source: {e}")))?;
+    let container =
+        Container::from_bytes(state_bytes, KNOWN_SECTIONS).map_err(IncomingError::State)?;
     let saved = read_saved(&container, std::path::Path::new("<migration stream>"))?;
     // The state must be the VM the handshake described.
     if saved.machine.name != machine.name
@@ -209,10 +245,7 @@ pub(super) fn receive(config: &VmConfig, conn: &mut Conn) -> Result<Machine, Sta
             .zip(&hello.devices)
             .any(|(n, d)| n.offered != d.offered)
     {
-        return Err(IncomingError::Start(
-            "the VM state does not match the VM the source announced".into(),
-        )
-        .into());
+        return Err(IncomingError::StateMismatch);
     }
     let mut m = snapshot::machine_from_saved(config, &saved, vm, ram, peers)?;
     let restore_ms = restore_started.elapsed().as_secs_f64() * 1e3;
@@ -221,9 +254,7 @@ pub(super) fn receive(config: &VmConfig, conn: &mut Conn) -> Result<Machine, Sta
         received >> 20,
         started.elapsed().as_secs_f64() * 1e3
     );
-    let mut confirm = conn
-        .try_clone()
-        .map_err(|e| IncomingError::Start(e.to_string()))?;
+    let mut confirm = conn.try_clone().map_err(IncomingError::ConfirmStream)?;
     m.on_running(Box::new(move |handle: &VmHandle| {
         // The guest runs here now: tell the source, then the network.
         if let Err(e) = write_json(&mut confirm, Kind::Resumed, &Resumed { restore_ms }) {
