@@ -76,6 +76,9 @@ pub const MACHINE_TYPE_LEN: usize = 32;
 pub const SECTION_NAME_LEN: usize = 24;
 /// The most sections one container may hold.
 pub const MAX_SECTIONS: usize = 4096;
+/// The largest container file read: device and vCPU state, never guest
+/// RAM (which lives in the memory file), fit in far less.
+pub const MAX_CONTAINER_FILE: u64 = 64 << 20;
 
 const PREAMBLE_LEN: usize = 20;
 const FIXED_LEN: usize = 80;
@@ -280,6 +283,10 @@ pub enum FormatError {
     },
     #[error("cannot build the snapshot: {0}")]
     InvalidWrite(String),
+    #[error("{path} is not a regular file: give the state file a snapshot directory holds")]
+    NotAFile { path: String },
+    #[error("{path} is {len} bytes, more than the {MAX_CONTAINER_FILE} bytes a state file can hold: it is not a godwit state file")]
+    TooLarge { path: String, len: u64 },
     #[error("cannot read {path}: {source}")]
     Read {
         path: String,
@@ -552,11 +559,45 @@ impl Container {
     }
 
     /// Reads and checks a container file (see [`Container::from_bytes`]).
+    /// Only a regular file is read, and at most [`MAX_CONTAINER_FILE`]
+    /// bytes of it: a FIFO or device at the path, or a file grown without
+    /// bound, is refused instead of read into memory.
     pub fn read_file(path: &Path, known: &[SectionKind]) -> Result<Self, FormatError> {
-        let bytes = std::fs::read(path).map_err(|source| FormatError::Read {
+        use std::io::Read;
+        use std::os::unix::fs::OpenOptionsExt;
+        let read_err = |source| FormatError::Read {
             path: path.display().to_string(),
             source,
-        })?;
+        };
+        // O_NONBLOCK: opening a FIFO for reading would otherwise wait for a
+        // writer before the check below could refuse it.
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(path)
+            .map_err(read_err)?;
+        let meta = file.metadata().map_err(read_err)?;
+        if !meta.is_file() {
+            return Err(FormatError::NotAFile {
+                path: path.display().to_string(),
+            });
+        }
+        if meta.len() > MAX_CONTAINER_FILE {
+            return Err(FormatError::TooLarge {
+                path: path.display().to_string(),
+                len: meta.len(),
+            });
+        }
+        let mut bytes = Vec::with_capacity(meta.len() as usize);
+        file.take(MAX_CONTAINER_FILE + 1)
+            .read_to_end(&mut bytes)
+            .map_err(read_err)?;
+        if bytes.len() as u64 > MAX_CONTAINER_FILE {
+            return Err(FormatError::TooLarge {
+                path: path.display().to_string(),
+                len: bytes.len() as u64,
+            });
+        }
         Self::from_bytes(bytes, known)
     }
 
@@ -1219,5 +1260,22 @@ pub(crate) mod tests {
 
         let err = Container::read_file(&dir.as_path().join("missing"), KNOWN).unwrap_err();
         assert!(matches!(err, FormatError::Read { .. }));
+
+        // A FIFO where the state file should be would never end: refused
+        // without reading.
+        let fifo = dir.as_path().join("fifo");
+        let c_path = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: mkfifo takes a NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+        let err = Container::read_file(&fifo, KNOWN).unwrap_err();
+        assert!(matches!(err, FormatError::NotAFile { .. }), "{err}");
+
+        let big = dir.as_path().join("big");
+        std::fs::File::create(&big)
+            .unwrap()
+            .set_len(MAX_CONTAINER_FILE + 1)
+            .unwrap();
+        let err = Container::read_file(&big, KNOWN).unwrap_err();
+        assert!(matches!(err, FormatError::TooLarge { .. }), "{err}");
     }
 }
