@@ -278,11 +278,21 @@ pub enum FormatError {
         name: String,
         source: serde_json::Error,
     },
-    #[error("cannot build the snapshot: {0}")]
-    InvalidWrite(String),
-    #[error("cannot read {path}: {source}")]
+    #[error(
+        "cannot build the snapshot: {what} {tag:?} must be 1 to {len} printable ASCII characters"
+    )]
+    BadTag {
+        what: &'static str,
+        tag: String,
+        len: usize,
+    },
+    #[error("cannot build the snapshot: section '{name}' was added twice")]
+    DuplicateSection { name: String },
+    #[error("cannot build the snapshot: more than {MAX_SECTIONS} sections")]
+    TooManySections,
+    #[error("cannot read {}: {source}", path.display())]
     Read {
-        path: String,
+        path: std::path::PathBuf,
         source: std::io::Error,
     },
     #[error(transparent)]
@@ -290,12 +300,14 @@ pub enum FormatError {
 }
 
 /// Checks a tag fits a NUL-padded field: printable ASCII, not empty.
-fn check_tag(what: &str, tag: &str, len: usize) -> Result<(), FormatError> {
+fn check_tag(what: &'static str, tag: &str, len: usize) -> Result<(), FormatError> {
     if tag.is_empty() || tag.len() > len || !tag.bytes().all(|b| b.is_ascii_graphic() || b == b' ')
     {
-        return Err(FormatError::InvalidWrite(format!(
-            "{what} {tag:?} must be 1 to {len} printable ASCII characters"
-        )));
+        return Err(FormatError::BadTag {
+            what,
+            tag: tag.to_string(),
+            len,
+        });
     }
     Ok(())
 }
@@ -554,7 +566,7 @@ impl Container {
     /// Reads and checks a container file (see [`Container::from_bytes`]).
     pub fn read_file(path: &Path, known: &[SectionKind]) -> Result<Self, FormatError> {
         let bytes = std::fs::read(path).map_err(|source| FormatError::Read {
-            path: path.display().to_string(),
+            path: path.to_path_buf(),
             source,
         })?;
         Self::from_bytes(bytes, known)
@@ -683,14 +695,10 @@ impl ContainerWriter {
             .iter()
             .any(|s| s.kind == kind.id && s.instance == instance)
         {
-            return Err(FormatError::InvalidWrite(format!(
-                "section '{name}' was added twice"
-            )));
+            return Err(FormatError::DuplicateSection { name });
         }
         if self.sections.len() >= MAX_SECTIONS {
-            return Err(FormatError::InvalidWrite(format!(
-                "more than {MAX_SECTIONS} sections"
-            )));
+            return Err(FormatError::TooManySections);
         }
         self.sections.push(PendingSection {
             kind: kind.id,
