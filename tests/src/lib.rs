@@ -206,44 +206,52 @@ impl RunningVm {
 
     /// Waits for a console line that contains `needle`; returns it.
     pub fn wait_line(&mut self, needle: &str, timeout: Duration) -> String {
-        let deadline = Instant::now() + timeout;
         if let Some(l) = self.seen.iter().find(|l| l.contains(needle)) {
             return l.clone();
         }
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(line) => {
-                    self.seen.push(line.clone());
-                    if line.contains(needle) {
-                        return line;
-                    }
-                }
-                Err(_) => panic!(
+        self.wait_new(|l| l.contains(needle), timeout)
+            .unwrap_or_else(|| {
+                panic!(
                     "no console line containing {needle:?} within {timeout:?}; console so far:\n{}",
                     self.seen.join("\n")
-                ),
-            }
-        }
+                )
+            })
     }
 
     /// Waits for a console line that starts with `prefix`, among lines not
     /// yet seen; returns it.
     pub fn wait_prefix(&mut self, prefix: &str, timeout: Duration) -> String {
+        self.wait_new(|l| l.starts_with(prefix), timeout)
+            .unwrap_or_else(|| {
+                panic!(
+                    "no new console line starting with {prefix:?} within {timeout:?}; console so far:\n{}",
+                    self.seen.join("\n")
+                )
+            })
+    }
+
+    /// Waits for a console line that contains `needle`, among lines not yet
+    /// seen; returns it.
+    pub fn wait_new_line(&mut self, needle: &str, timeout: Duration) -> String {
+        self.wait_new(|l| l.contains(needle), timeout)
+            .unwrap_or_else(|| {
+                panic!(
+                    "no new console line containing {needle:?} within {timeout:?}; console:\n{}",
+                    self.seen.join("\n")
+                )
+            })
+    }
+
+    /// The first console line not yet seen that `pick` accepts, if one
+    /// arrives within `timeout`.
+    fn wait_new(&mut self, pick: impl Fn(&str) -> bool, timeout: Duration) -> Option<String> {
         let deadline = Instant::now() + timeout;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(line) => {
-                    self.seen.push(line.clone());
-                    if line.starts_with(prefix) {
-                        return line;
-                    }
-                }
-                Err(_) => panic!(
-                    "no new console line starting with {prefix:?} within {timeout:?}; console so far:\n{}",
-                    self.seen.join("\n")
-                ),
+            let line = self.lines.recv_timeout(left).ok()?;
+            self.seen.push(line.clone());
+            if pick(&line) {
+                return Some(line);
             }
         }
     }

@@ -27,6 +27,18 @@ pub fn stop_child(child: &mut Child, stop: libc::c_int, grace: Duration) {
     let _ = child.wait();
 }
 
+/// The features of machine type godwit-1.1 that DPDK testpmd 22.11's
+/// vhost-user port does not offer, in feature-table order: what strict=off
+/// drops on it.
+pub const TESTPMD_LACKS_OF_GODWIT_1_1: [&str; 6] = [
+    "host_tso4",
+    "host_tso6",
+    "host_ecn",
+    "guest_uso4",
+    "guest_uso6",
+    "host_uso",
+];
+
 /// DPDK testpmd (Debian's dpdk-dev) with a vhost-user port on `socket`,
 /// forwarding `io`, with its output discarded. `client`: testpmd connects
 /// to `socket` instead of listening. With a namespace it runs there and

@@ -14,7 +14,7 @@ use serde_json::{json, Value};
 
 use godwit_tests::guest::spawn_serving;
 use godwit_tests::netns::wait_for_path;
-use godwit_tests::process::{signal, stop_child, testpmd_command};
+use godwit_tests::process::{signal, stop_child, testpmd_command, TESTPMD_LACKS_OF_GODWIT_1_1};
 use godwit_tests::udp::sizes_up_to_mtu;
 use godwit_tests::{
     godwit_command, hex_field, qmp_connect, remedy_line, run_godwit, serve_cmdline, sh, udp_echo,
@@ -304,14 +304,7 @@ fn strict_against_dpdk_refuses_with_remedies_that_start_the_vm() {
     );
     assert_eq!(
         netq[0]["dropped"]["names"],
-        json!([
-            "host_tso4",
-            "host_tso6",
-            "host_ecn",
-            "guest_uso4",
-            "guest_uso6",
-            "host_uso"
-        ]),
+        json!(TESTPMD_LACKS_OF_GODWIT_1_1),
         "{netq:#}"
     );
     let _ = q.execute("quit", json!({}));
@@ -494,23 +487,6 @@ fn backend_killed_during_traffic_link_goes_down_and_traffic_resumes() {
     assert_eq!(netq[0]["link"], "up");
 }
 
-/// The next console line containing `needle` (lines seen before are not
-/// looked at).
-fn wait_new_line(vm: &mut RunningVm, needle: &str, timeout: Duration) -> String {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match vm.try_line(left) {
-            Some(l) if l.contains(needle) => return l,
-            Some(_) => {}
-            None => panic!(
-                "no new console line containing {needle:?} within {timeout:?}; console:\n{}",
-                vm.seen.join("\n")
-            ),
-        }
-    }
-}
-
 /// A backend that comes back with fewer features (v1 instead of v2, no
 /// USO) is handled by strict as at start-up: strict=on keeps the link down
 /// and says why; strict=off drops the features, registers a blocker and
@@ -565,9 +541,9 @@ fn backend_returning_with_fewer_features_follows_strict() {
             assert_eq!(status["status"], "running");
         } else {
             vm.wait_line("virtio-net0: device needs reset", Duration::from_secs(30));
-            let again = wait_new_line(&mut vm, "virtio-net0: base=", Duration::from_secs(60));
+            let again = vm.wait_new_line("virtio-net0: base=", Duration::from_secs(60));
             assert_eq!(hex_field(&again, "offered") & (7 << 54), 0, "{again}");
-            wait_new_line(&mut vm, "link=up", Duration::from_secs(30));
+            vm.wait_new_line("link=up", Duration::from_secs(30));
             let migrate = q.execute("query-migrate", json!({})).unwrap();
             let netq = q.execute("query-net", json!({})).unwrap();
             let blockers = netq[0]["blockers"].to_string();
