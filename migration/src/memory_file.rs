@@ -1055,7 +1055,8 @@ mod tests {
             "{err}"
         );
         assert_eq!(
-            MemoryFileInfo::decode_header(Path::new("m"), &info.encode_header(), info.file_len).unwrap(),
+            MemoryFileInfo::decode_header(Path::new("m"), &info.encode_header(), info.file_len)
+                .unwrap(),
             info
         );
     }
