@@ -209,49 +209,49 @@ impl RunningVm {
         if let Some(l) = self.seen.iter().find(|l| l.contains(needle)) {
             return l.clone();
         }
-        self.wait_new(|l| l.contains(needle), timeout)
-            .unwrap_or_else(|| {
-                panic!(
-                    "no console line containing {needle:?} within {timeout:?}; console so far:\n{}",
-                    self.seen.join("\n")
-                )
-            })
+        self.wait_new(
+            |l| l.contains(needle),
+            timeout,
+            &format!("containing {needle:?}"),
+        )
     }
 
     /// Waits for a console line that starts with `prefix`, among lines not
     /// yet seen; returns it.
     pub fn wait_prefix(&mut self, prefix: &str, timeout: Duration) -> String {
-        self.wait_new(|l| l.starts_with(prefix), timeout)
-            .unwrap_or_else(|| {
-                panic!(
-                    "no new console line starting with {prefix:?} within {timeout:?}; console so far:\n{}",
-                    self.seen.join("\n")
-                )
-            })
+        self.wait_new(
+            |l| l.starts_with(prefix),
+            timeout,
+            &format!("new, starting with {prefix:?}"),
+        )
     }
 
     /// Waits for a console line that contains `needle`, among lines not yet
     /// seen; returns it.
     pub fn wait_new_line(&mut self, needle: &str, timeout: Duration) -> String {
-        self.wait_new(|l| l.contains(needle), timeout)
-            .unwrap_or_else(|| {
-                panic!(
-                    "no new console line containing {needle:?} within {timeout:?}; console:\n{}",
-                    self.seen.join("\n")
-                )
-            })
+        self.wait_new(
+            |l| l.contains(needle),
+            timeout,
+            &format!("new, containing {needle:?}"),
+        )
     }
 
-    /// The first console line not yet seen that `pick` accepts, if one
+    /// The first console line not yet seen that `pick` accepts; fails the
+    /// test, naming the line as `what` and showing the console, when none
     /// arrives within `timeout`.
-    fn wait_new(&mut self, pick: impl Fn(&str) -> bool, timeout: Duration) -> Option<String> {
+    fn wait_new(&mut self, pick: impl Fn(&str) -> bool, timeout: Duration, what: &str) -> String {
         let deadline = Instant::now() + timeout;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
-            let line = self.lines.recv_timeout(left).ok()?;
+            let Ok(line) = self.lines.recv_timeout(left) else {
+                panic!(
+                    "no console line {what} within {timeout:?}; console so far:\n{}",
+                    self.seen.join("\n")
+                );
+            };
             self.seen.push(line.clone());
             if pick(&line) {
-                return Some(line);
+                return line;
             }
         }
     }
