@@ -281,15 +281,25 @@ pub enum FormatError {
         name: String,
         source: serde_json::Error,
     },
-    #[error("cannot build the snapshot: {0}")]
-    InvalidWrite(String),
-    #[error("{path} is not a regular file: give the state file a snapshot directory holds")]
-    NotAFile { path: String },
-    #[error("{path} is {len} bytes, more than the {MAX_CONTAINER_FILE} bytes a state file can hold: it is not a godwit state file")]
-    TooLarge { path: String, len: u64 },
-    #[error("cannot read {path}: {source}")]
+    #[error("{} is not a regular file: give the state file a snapshot directory holds", path.display())]
+    NotAFile { path: std::path::PathBuf },
+    #[error("{} is {len} bytes, more than the {MAX_CONTAINER_FILE} bytes a state file can hold: it is not a godwit state file", path.display())]
+    TooLarge { path: std::path::PathBuf, len: u64 },
+    #[error(
+        "cannot build the snapshot: {what} {tag:?} must be 1 to {len} printable ASCII characters"
+    )]
+    BadTag {
+        what: &'static str,
+        tag: String,
+        len: usize,
+    },
+    #[error("cannot build the snapshot: section '{name}' was added twice")]
+    DuplicateSection { name: String },
+    #[error("cannot build the snapshot: more than {MAX_SECTIONS} sections")]
+    TooManySections,
+    #[error("cannot read {}: {source}", path.display())]
     Read {
-        path: String,
+        path: std::path::PathBuf,
         source: std::io::Error,
     },
     #[error(transparent)]
@@ -297,12 +307,14 @@ pub enum FormatError {
 }
 
 /// Checks a tag fits a NUL-padded field: printable ASCII, not empty.
-fn check_tag(what: &str, tag: &str, len: usize) -> Result<(), FormatError> {
+fn check_tag(what: &'static str, tag: &str, len: usize) -> Result<(), FormatError> {
     if tag.is_empty() || tag.len() > len || !tag.bytes().all(|b| b.is_ascii_graphic() || b == b' ')
     {
-        return Err(FormatError::InvalidWrite(format!(
-            "{what} {tag:?} must be 1 to {len} printable ASCII characters"
-        )));
+        return Err(FormatError::BadTag {
+            what,
+            tag: tag.to_string(),
+            len,
+        });
     }
     Ok(())
 }
@@ -566,7 +578,7 @@ impl Container {
         use std::io::Read;
         use std::os::unix::fs::OpenOptionsExt;
         let read_err = |source| FormatError::Read {
-            path: path.display().to_string(),
+            path: path.to_path_buf(),
             source,
         };
         // O_NONBLOCK: opening a FIFO for reading would otherwise wait for a
@@ -579,12 +591,12 @@ impl Container {
         let meta = file.metadata().map_err(read_err)?;
         if !meta.is_file() {
             return Err(FormatError::NotAFile {
-                path: path.display().to_string(),
+                path: path.to_path_buf(),
             });
         }
         if meta.len() > MAX_CONTAINER_FILE {
             return Err(FormatError::TooLarge {
-                path: path.display().to_string(),
+                path: path.to_path_buf(),
                 len: meta.len(),
             });
         }
@@ -594,7 +606,7 @@ impl Container {
             .map_err(read_err)?;
         if bytes.len() as u64 > MAX_CONTAINER_FILE {
             return Err(FormatError::TooLarge {
-                path: path.display().to_string(),
+                path: path.to_path_buf(),
                 len: bytes.len() as u64,
             });
         }
@@ -724,14 +736,10 @@ impl ContainerWriter {
             .iter()
             .any(|s| s.kind == kind.id && s.instance == instance)
         {
-            return Err(FormatError::InvalidWrite(format!(
-                "section '{name}' was added twice"
-            )));
+            return Err(FormatError::DuplicateSection { name });
         }
         if self.sections.len() >= MAX_SECTIONS {
-            return Err(FormatError::InvalidWrite(format!(
-                "more than {MAX_SECTIONS} sections"
-            )));
+            return Err(FormatError::TooManySections);
         }
         self.sections.push(PendingSection {
             kind: kind.id,

@@ -13,9 +13,10 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use godwit_devices::net::tap::TapOffloads;
+use godwit_tests::migrate::wait_migration;
 use godwit_tests::{
-    godwit_command, qmp_connect, run_godwit, run_godwit_in, Finished, NetHost, QmpClient,
-    RunningVm, TempDir, TwoHosts,
+    godwit_command, heartbeat, qmp_connect, run_godwit, run_godwit_in, wait_listening, Finished,
+    NetHost, QmpClient, RunningVm, TempDir, TwoHosts,
 };
 use godwit_vmm::host_caps::{self, parse_report, HostCaps, PeerKind, PeerStatus, Probe};
 use godwit_vmm::machine_types::{bits_of, resolve, MACHINE_TYPES};
@@ -602,47 +603,6 @@ fn the_planned_line_starts_strictly_on_each_hosts_peer() {
     args.extend(["--cmdline", "console=ttyS0 reboot=k"]);
     let out = run_godwit_in(Some(&full.ns), &args, BOOT);
     assert_eq!(out.code(), Some(0), "{line}: {out:?}");
-}
-
-fn heartbeat(line: &str) -> u64 {
-    line.trim()
-        .strip_prefix("heartbeat ")
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("{line:?}"))
-}
-
-fn wait_listening(ns: &str, port: u16) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while Instant::now() < deadline {
-        let out = std::process::Command::new("ip")
-            .args(["netns", "exec", ns, "ss", "-ltnH"])
-            .output()
-            .unwrap();
-        if String::from_utf8_lossy(&out.stdout).contains(&format!(":{port}")) {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    panic!("nothing listens on port {port} in {ns}");
-}
-
-fn wait_migration(qmp: &mut QmpClient, timeout: Duration) -> Value {
-    let deadline = Instant::now() + timeout;
-    let mut last = Value::Null;
-    while Instant::now() < deadline {
-        match qmp.execute("query-migrate", Value::Null) {
-            Ok(info) => {
-                let status = info["status"].as_str().unwrap_or("").to_string();
-                last = info;
-                if matches!(status.as_str(), "completed" | "failed" | "cancelled") {
-                    return last;
-                }
-            }
-            Err(_) => return json!({"status": "completed", "source-exited": true, "last": last}),
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    panic!("migration did not end within {timeout:?}: {last}");
 }
 
 /// Migrates from `src` (API `qmp`) to a destination already listening at
