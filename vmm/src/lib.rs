@@ -3,9 +3,9 @@
 
 pub mod api;
 pub mod boot;
+pub mod cli;
 pub mod config;
 pub mod cpuid;
-pub mod host_caps;
 pub mod layout;
 pub mod machine;
 pub mod machine_types;
@@ -13,9 +13,8 @@ pub mod memory;
 pub mod migrate;
 pub mod net;
 pub mod net_abi;
-pub mod net_backend;
 pub mod net_spec;
-pub mod planner;
+pub mod planning;
 pub mod snapshot;
 pub mod state;
 pub mod test_guest;
