@@ -17,7 +17,7 @@ use godwit_tests::{
     godwit_command, qmp_connect, run_godwit, run_godwit_in, Finished, NetHost, QmpClient,
     RunningVm, TempDir, TwoHosts,
 };
-use godwit_vmm::machine_types::{bits_of, resolve, MACHINE_TYPES};
+use godwit_vmm::abi::machine_types::{bits_of, resolve, MACHINE_TYPES};
 use godwit_vmm::planning::host_caps::{
     self, backend_offer, parse_report, HostReport, PeerKind, PeerStatus, Probe,
 };
@@ -86,11 +86,12 @@ fn fixtures_parse_and_agree_with_the_feature_model() {
             let recorded = p.supported.as_ref().unwrap().bits();
             let computed = match &p.probe {
                 Probe::Tap(t) => {
-                    godwit_vmm::net::tap_support("t", t.offloads.as_ref().unwrap()).supported
+                    godwit_vmm::devices::net::tap_support("t", t.offloads.as_ref().unwrap())
+                        .supported
                 }
                 Probe::VhostUser(u) => {
                     let f = u64::from_str_radix(&u.features.as_ref().unwrap()[2..], 16).unwrap();
-                    godwit_vmm::net::vhost_user_support(
+                    godwit_vmm::devices::net::vhost_user_support(
                         &u.socket,
                         &backend_offer(f, 0, u.queue_num),
                     )
@@ -99,7 +100,7 @@ fn fixtures_parse_and_agree_with_the_feature_model() {
                 Probe::VhostNet(v) => {
                     let f = u64::from_str_radix(&v.features.as_ref().unwrap()[2..], 16).unwrap();
                     let tap = v.tap.as_ref().unwrap().offloads.unwrap();
-                    godwit_vmm::net::vhost_net_support("t", &tap, f).supported
+                    godwit_vmm::devices::net::vhost_net_support("t", &tap, f).supported
                 }
             };
             assert_eq!(recorded, computed, "{name}: {}", p.name);

@@ -5,8 +5,8 @@
 use serde_json::{Map, Value};
 
 use super::{parse_args, QmpError};
+use crate::config::net_spec::NetSpec;
 use crate::machine::VmHandle;
-use crate::net_spec::NetSpec;
 use crate::planning::host_caps::{self, PeerKind};
 use crate::planning::planner::{self, PlanError, VmDevice, VmView};
 
@@ -40,7 +40,7 @@ pub fn vm_view(handle: &VmHandle) -> VmView {
         machine: handle.machine.name.to_string(),
         devices,
         blockers: handle.blockers(),
-        cpuid: crate::state::vcpu::host_cpuid(&handle.vm.kvm, vcpus).ok(),
+        cpuid: crate::vstate::state::vcpu::host_cpuid(&handle.vm.kvm, vcpus).ok(),
     }
 }
 

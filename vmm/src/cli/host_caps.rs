@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use clap::Args;
 
-use crate::net_spec::NetSpec;
+use crate::config::net_spec::NetSpec;
 use crate::planning::host_caps::collect;
 
 #[derive(Args, Debug)]

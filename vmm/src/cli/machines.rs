@@ -1,6 +1,6 @@
 //! `godwit machines`: the machine types, the alias, and what each adds.
 
-use crate::machine_types;
+use crate::abi::machine_types;
 
 pub fn execute() -> Result<u8, super::Error> {
     super::print_out(&machine_types::help_text());

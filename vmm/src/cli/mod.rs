@@ -75,11 +75,11 @@ pub enum Error {
     #[error("godwit: error: {0}")]
     Run(#[from] run::RunError),
     #[error("godwit: guest failed: {0}")]
-    Guest(#[source] crate::vcpu::VcpuExitError),
+    Guest(#[source] crate::vstate::events::VcpuExitError),
     #[error("godwit: {0}")]
     Ctl(#[from] crate::api::ClientError),
     #[error("godwit: error: {0}")]
-    Probe(#[from] crate::net::NetSetupError),
+    Probe(#[from] crate::devices::net::NetSetupError),
     #[error("godwit net-backend: error: {0}")]
     NetBackend(#[from] net_backend::NetBackendError),
     #[error("godwit host-caps: error: {0}")]

@@ -2,7 +2,7 @@
 
 use clap::Args;
 
-use crate::net_spec::NetSpec;
+use crate::config::net_spec::NetSpec;
 
 #[derive(Args)]
 pub struct ProbeArgs {
@@ -12,7 +12,7 @@ pub struct ProbeArgs {
 }
 
 pub fn execute(args: &ProbeArgs) -> Result<u8, super::Error> {
-    let report = crate::net::probe_report(&args.net)?;
+    let report = crate::devices::net::probe_report(&args.net)?;
     super::print_out(&format!("{report:#}\n"));
     Ok(super::EXIT_SUCCESS)
 }

@@ -5,12 +5,13 @@ use std::path::PathBuf;
 
 use clap::Args;
 
+use crate::abi::machine_types::{self, MachineTypeError};
+use crate::boot::test_guest::{TEST_GUEST_ELF, TEST_GUEST_NAME};
 use crate::boot::KernelImage;
+use crate::config::net_spec::NetSpec;
 use crate::config::{parse_size, RestoreMemory, SerialSpec, VmConfig, DEFAULT_CMDLINE};
-use crate::machine::{Machine, StartError, VmOutcome};
-use crate::machine_types::{self, MachineTypeError};
-use crate::net_spec::NetSpec;
-use crate::test_guest::{TEST_GUEST_ELF, TEST_GUEST_NAME};
+use crate::machine::VmOutcome;
+use crate::run::{start, Start, StartError};
 
 #[derive(Args)]
 pub struct RunArgs {
@@ -114,12 +115,12 @@ pub fn execute(args: RunArgs) -> Result<u8, super::Error> {
         serial: args.serial,
         api_socket: args.api_socket,
     };
-    let machine = match (&args.restore, &args.incoming) {
-        (Some(dir), _) => crate::snapshot::restore(&config, dir),
-        (None, Some(uri)) => crate::migrate::incoming(&config, uri),
-        (None, None) => Machine::build(&config),
-    }
-    .map_err(RunError::from)?;
+    let from = match (&args.restore, &args.incoming) {
+        (Some(dir), _) => Start::Restore(dir.clone()),
+        (None, Some(uri)) => Start::Incoming(uri.clone()),
+        (None, None) => Start::Boot,
+    };
+    let machine = start(&config, &from).map_err(RunError::from)?;
     match machine.run() {
         VmOutcome::GuestPoweroff | VmOutcome::Quit | VmOutcome::Migrated => Ok(super::EXIT_SUCCESS),
         VmOutcome::GuestFailed(e) => Err(super::Error::Guest(e)),

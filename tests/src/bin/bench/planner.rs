@@ -113,7 +113,7 @@ pub fn bench_planner() {
             devices: vec![planner::VmDevice {
                 id: "net0".into(),
                 kind: godwit_vmm::planning::host_caps::PeerKind::Tap,
-                offered: godwit_vmm::machine_types::newest().net_features(),
+                offered: godwit_vmm::abi::machine_types::newest().net_features(),
                 acked: 0,
                 interface: None,
             }],

@@ -15,8 +15,8 @@ use super::types::{
     HostReport, InterfaceInfo, KvmInfo, PeerEntry, PeerKind, PeerStatus, Probe, TapProbe,
     VhostNetProbe, VhostUserProbe, VHOST_F_LOG_ALL, VHOST_NET_DEVICE,
 };
-use crate::machine_types::{self, MACHINE_TYPES};
-use crate::net_spec::{NetSpec, PeerSpec};
+use crate::abi::machine_types::{self, MACHINE_TYPES};
+use crate::config::net_spec::{NetSpec, PeerSpec};
 
 fn read_trimmed(path: &str) -> Option<String> {
     std::fs::read_to_string(path)
@@ -27,7 +27,7 @@ fn read_trimmed(path: &str) -> Option<String> {
 
 fn kvm_info() -> (KvmInfo, Option<kvm_ioctls::Kvm>) {
     use kvm_ioctls::Cap;
-    let kvm = match crate::vm::open_kvm() {
+    let kvm = match crate::vstate::vm::open_kvm() {
         Ok(k) => k,
         Err(e) => return (KvmInfo::unavailable(e.to_string()), None),
     };
@@ -220,7 +220,7 @@ fn vhost_net_features() -> Result<Option<u64>, VhostNetProbeError> {
 fn probe_tap(spec: Option<&NetSpec>, tun: Option<u32>) -> (PeerEntry, Option<TapOffloads>) {
     let tun_features = tun.map(|f| format!("{f:#x}"));
     let opened = match spec {
-        Some(spec) => crate::net::open_tap("host-caps", spec).map_err(|e| e.to_string()),
+        Some(spec) => crate::devices::net::open_tap("host-caps", spec).map_err(|e| e.to_string()),
         None => Tap::open("", VnetHdr::Auto).map_err(|e| e.to_string()),
     };
     let ifname = spec.and_then(|s| match &s.peer {
@@ -231,7 +231,7 @@ fn probe_tap(spec: Option<&NetSpec>, tun: Option<u32>) -> (PeerEntry, Option<Tap
     match opened {
         Ok(tap) => {
             let caps = tap.probe_offloads();
-            let support = crate::net::tap_support(tap.name(), &caps);
+            let support = crate::devices::net::tap_support(tap.name(), &caps);
             let probe = Probe::Tap(TapProbe {
                 temporary: spec.is_none(),
                 ifname: Some(tap.name().to_string()),
@@ -350,7 +350,7 @@ fn probe_vhost_net(
         .as_ref()
         .and_then(|t| t.ifname.clone())
         .unwrap_or_else(|| "(temporary)".into());
-    let mut support = crate::net::vhost_net_support(&tap_name, &offloads, features);
+    let mut support = crate::devices::net::vhost_net_support(&tap_name, &offloads, features);
     support.name = name.clone();
     let blocker = (features & (1u64 << VHOST_F_LOG_ALL) == 0).then(|| {
         "this kernel's vhost-net lacks LOG_ALL (bit 26): it cannot log its writes, so a VM on it cannot migrate".to_string()
@@ -380,8 +380,10 @@ pub struct VhostUserOffer {
 
 /// The report entry of a probed vhost-user backend.
 pub fn vhost_user_entry(spec: Option<String>, socket: &str, offer: &VhostUserOffer) -> PeerEntry {
-    let support =
-        crate::net::vhost_user_support(socket, &backend_offer(offer.features, 0, offer.queue_num));
+    let support = crate::devices::net::vhost_user_support(
+        socket,
+        &backend_offer(offer.features, 0, offer.queue_num),
+    );
     PeerEntry::from_support(
         PeerKind::VhostUser,
         spec,
@@ -410,7 +412,7 @@ fn interface_info(r: &InterfaceRecord) -> InterfaceInfo {
 }
 
 /// Probes a vhost-user backend with godwit's frontend handshake
-/// ([`crate::net::open_vhost_user`]; pinning the spec's `interface=` if
+/// ([`crate::devices::net::open_vhost_user`]; pinning the spec's `interface=` if
 /// given), then closes the connection.
 fn probe_vhost_user(spec: &NetSpec, socket: &Path, server: bool, pin: Option<&str>) -> PeerEntry {
     let socket_s = socket.display().to_string();
@@ -435,13 +437,13 @@ fn probe_vhost_user(spec: &NetSpec, socket: &Path, server: bool, pin: Option<&st
             "no socket at {socket_s}: start the vhost-user backend first (or give server=on if it connects to godwit)"
         ));
     }
-    let peer = match crate::net::open_vhost_user("host-caps", socket, server, pin) {
+    let peer = match crate::devices::net::open_vhost_user("host-caps", socket, server, pin) {
         Ok(p) => p,
         Err(e) => return failed(format!("could not be probed: {e}")),
     };
     let offer = peer.session.offer.clone();
     peer.session.conn.shutdown();
-    let support = crate::net::vhost_user_support(&peer.socket, &offer);
+    let support = crate::devices::net::vhost_user_support(&peer.socket, &offer);
     PeerEntry::from_support(
         PeerKind::VhostUser,
         Some(spec.text.clone()),
@@ -479,7 +481,7 @@ pub fn collect(nets: &[NetSpec], name: Option<&str>) -> HostReport {
     };
     let (kvm, kvm_fd) = kvm_info();
     let cpuid = match &kvm_fd {
-        Some(k) => match crate::state::vcpu::host_cpuid(k, 1) {
+        Some(k) => match crate::vstate::state::vcpu::host_cpuid(k, 1) {
             Ok(entries) => cpuid_info(entries),
             Err(e) => CpuidInfo::unavailable(e.to_string()),
         },

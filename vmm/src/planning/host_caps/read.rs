@@ -15,7 +15,7 @@ use super::types::{
     schema_id, FeatureSet, HostReport, PeerEntry, PeerKind, PeerStatus, Probe, SCHEMA_NAME,
     SCHEMA_VERSION,
 };
-use crate::net_spec::{NetSpec, NetSpecError};
+use crate::config::net_spec::{NetSpec, NetSpecError};
 
 /// Why a report cannot be used. Each names the report (file or API
 /// argument) and, when one is at fault, the JSON path of the field.

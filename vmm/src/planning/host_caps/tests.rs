@@ -6,14 +6,14 @@ use godwit_migration::cpu_compat::CpuidEntry;
 
 use super::probe::cpuid_info;
 use super::*;
-use crate::machine_types::bits_of;
+use crate::abi::machine_types::bits_of;
 
 fn vhost_user_support(
     socket: &str,
     offered: u64,
     queue_num: Option<u64>,
-) -> crate::net_abi::PeerSupport {
-    crate::net::vhost_user_support(socket, &backend_offer(offered, 0, queue_num))
+) -> crate::abi::strict::PeerSupport {
+    crate::devices::net::vhost_user_support(socket, &backend_offer(offered, 0, queue_num))
 }
 
 fn full_tap() -> TapOffloads {
@@ -29,7 +29,7 @@ fn full_tap() -> TapOffloads {
 }
 
 fn sample() -> HostReport {
-    let support = crate::net::tap_support("gwtap0", &full_tap());
+    let support = crate::devices::net::tap_support("gwtap0", &full_tap());
     let tap = PeerEntry::from_support(
         PeerKind::Tap,
         Some("tap,ifname=gwtap0".into()),
@@ -131,14 +131,14 @@ fn vhost_net_takes_ring_bits_from_the_kernel_and_packets_from_the_tap() {
         uso: false,
         ..full_tap()
     };
-    let s = crate::net::vhost_net_support("v", &no_uso, kernel);
+    let s = crate::devices::net::vhost_net_support("v", &no_uso, kernel);
     assert_ne!(
         s.supported & bits_of(&["mrg_rxbuf", "event_idx", "csum", "host_tso4"]),
         0
     );
     assert_eq!(s.supported & bits_of(&["host_uso"]), 0);
     assert!(s.why_not[&56].contains("USO"), "{}", s.why_not[&56]);
-    let s = crate::net::vhost_net_support("v", &full_tap(), 0);
+    let s = crate::devices::net::vhost_net_support("v", &full_tap(), 0);
     assert!(s.why_not[&32].contains("VHOST_GET_FEATURES"));
 }
 

@@ -25,8 +25,8 @@ use godwit_devices::virtio::net::features;
 use godwit_migration::cpu_compat::CpuidEntry;
 
 use super::encoding::{self, hex64, name_list, nullable, parse_hex};
-use crate::machine_types::MACHINE_TYPES;
-use crate::net_abi::PeerSupport;
+use crate::abi::machine_types::MACHINE_TYPES;
+use crate::abi::strict::PeerSupport;
 
 /// The schema's name; a report's `schema` is `NAME/VERSION`.
 pub const SCHEMA_NAME: &str = "godwit-host-caps";
@@ -436,7 +436,7 @@ fn machine_fits(supported: u64) -> Vec<MachineFit> {
 }
 
 /// A host capability report (`P` as in [`PeerEntry`]). Named apart from
-/// `crate::cpuid::HostCaps`, the CPUID filter's input.
+/// `crate::vstate::cpuid::HostCaps`, the CPUID filter's input.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HostReport<P = Probe> {
     pub schema: String,

@@ -6,8 +6,8 @@ use std::collections::BTreeMap;
 
 use super::hosts::HostInput;
 use super::new_vm::{DevicePlan, HostLine};
-use crate::machine_types::MachineType;
-use crate::net_spec::{NetSpec, PeerSpec};
+use crate::abi::machine_types::MachineType;
+use crate::config::net_spec::{NetSpec, PeerSpec};
 use crate::planning::host_caps::PeerKind;
 
 /// Placeholders in a command line whose peer names differ between hosts.

@@ -10,7 +10,7 @@ use godwit_devices::vhost_user::interface::INTERFACES;
 use godwit_devices::virtio::net::features::{NetFeature, TapNeed, VhostNeed};
 
 use super::{bit, PlanError};
-use crate::net_abi::PeerSupport;
+use crate::abi::strict::PeerSupport;
 use crate::planning::host_caps::{
     self, parse_hex, HostReport, PeerEntry, PeerKind, PeerStatus, Probe,
 };

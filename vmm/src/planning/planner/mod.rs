@@ -1,10 +1,11 @@
 //! The migration planner (`godwit plan`, QMP `plan`): from host capability
-//! reports (see [`crate::planning::host_caps`]), how to start a VM so that it can move
-//! between all those hosts, or whether an existing VM can.
+//! reports (see [`crate::planning::host_caps`]), how to start a VM so that it
+//! can move between all those hosts, or whether an existing VM can.
 //!
 //! Everything is computed from the one feature model: the machine types'
-//! default ABIs ([`MACHINE_TYPES`]), [`net_abi::required_features`] and
-//! [`net_abi::with_dependents`], and the supported feature set each report
+//! default ABIs ([`crate::abi::machine_types::MACHINE_TYPES`]),
+//! [`crate::abi::strict::required_features`] and
+//! [`crate::abi::strict::with_dependents`], and the supported feature set each report
 //! records per peer. For a new VM, per network device:
 //!
 //! - `common` = the features every host's peer supports (bitwise AND);

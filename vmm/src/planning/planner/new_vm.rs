@@ -13,8 +13,8 @@ use godwit_migration::cpu_compat::{self, CpuidEntry};
 use super::command_line::command_lines;
 use super::hosts::{device_peer, host_refs, would_change, Blocker, HostInput, HostRef};
 use super::{bit, bits, PlanError, EXIT_NO_COMMON_ABI, PLAN_SCHEMA};
-use crate::machine_types::{MachineType, MACHINE_TYPES};
-use crate::net_abi::{self, PeerSupport};
+use crate::abi::machine_types::{MachineType, MACHINE_TYPES};
+use crate::abi::strict::{self, PeerSupport};
 use crate::planning::host_caps::{
     backend_offer, parse_hex, FeatureSet, PeerEntry, PeerKind, PeerStatus, Probe,
 };
@@ -121,7 +121,7 @@ impl Plan {
 /// The smallest override set: every required feature not in `common`, and
 /// every required feature that depends on one of those.
 pub fn minimal_overrides(required: u64, common: u64) -> u64 {
-    net_abi::with_dependents(required, required & !common)
+    strict::with_dependents(required, required & !common)
 }
 
 /// What would let every backend present `f` under a common pin: the oldest
@@ -262,7 +262,7 @@ fn plan_device(
                     let Probe::VhostUser(u) = &p.probe else {
                         continue;
                     };
-                    let pinned = crate::net::vhost_user_support(
+                    let pinned = crate::devices::net::vhost_user_support(
                         &u.socket,
                         &backend_offer(feats, 0, u.queue_num),
                     );
@@ -326,7 +326,7 @@ fn plan_device(
     let map: BTreeMap<String, bool> = bits(overrides)
         .map(|b| (features::name_of(b), false))
         .collect();
-    match net_abi::required_features(id, machine, &map) {
+    match strict::required_features(id, machine, &map) {
         Ok(offered) if offered & !common == 0 => {
             d.offered = Some(FeatureSet::of(offered));
         }

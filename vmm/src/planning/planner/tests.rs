@@ -5,7 +5,7 @@ use godwit_devices::virtio::net::features;
 
 use super::new_vm::minimal_overrides;
 use super::*;
-use crate::machine_types::{bits_of, resolve};
+use crate::abi::machine_types::{bits_of, resolve};
 use crate::planning::host_caps::{
     self, hex64, FeatureSet, InterfaceInfo, PeerEntry, PeerKind, TapProbe, VhostUserOffer,
 };
@@ -23,7 +23,7 @@ fn tap_offloads(vnet_hdr: bool, uso: bool) -> TapOffloads {
 }
 
 fn tap_peer(spec: &str, caps: TapOffloads) -> PeerEntry {
-    let support = crate::net::tap_support("gwtap0", &caps);
+    let support = crate::devices::net::tap_support("gwtap0", &caps);
     let v = serde_json::json!({
         "kind": "tap", "spec": spec, "name": support.name, "status": "ok",
         "supported": FeatureSet::of(support.supported),

@@ -11,9 +11,9 @@ use serde_json::Value;
 use godwit_migration::format::{Container, FormatError};
 
 use super::existing_vm::{VmDevice, VmView};
+use crate::persist::snapshot::{read_saved, RestoreError, KNOWN_SECTIONS, STATE_FILE};
 use crate::planning::host_caps::encoding::{nullable, parse_hex};
 use crate::planning::host_caps::{decode, FieldError, PeerKind, UnknownPeerKind};
-use crate::snapshot::{read_saved, RestoreError, KNOWN_SECTIONS, STATE_FILE};
 
 /// Why the VM to judge could not be read (bad input; exit status 1).
 #[derive(Debug, thiserror::Error)]
