@@ -31,7 +31,7 @@ pub struct RunArgs {
     #[arg(long, value_name = "STR", default_value = DEFAULT_CMDLINE)]
     cmdline: String,
     /// Guest RAM, e.g. 512M or 2G (a bare number is MiB).
-    #[arg(long, value_name = "SIZE", value_parser = parse_size_arg, default_value = "128M")]
+    #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "128M")]
     memory: u64,
     /// Number of vCPUs.
     #[arg(long, value_name = "N", default_value_t = 1)]
@@ -54,10 +54,6 @@ pub struct RunArgs {
     /// default) or `copy` it into shared memory (needed by vhost-user peers).
     #[arg(long, value_name = "MODE", default_value = "map", requires = "restore")]
     restore_memory: RestoreMemory,
-}
-
-fn parse_size_arg(s: &str) -> Result<u64, String> {
-    parse_size(s).map_err(|e| e.to_string())
 }
 
 /// Why the VM did not start.

@@ -80,13 +80,23 @@ where
     Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
 }
 
+fn not_hex<E: serde::de::Error>(s: &str) -> E {
+    E::custom(format!(
+        "'{s}' is not a 64-bit hex number such as \"0x0000000000000001\""
+    ))
+}
+
 fn check_hex<E: serde::de::Error>(s: String) -> Result<String, E> {
     match parse_hex(&s) {
         Some(_) => Ok(s),
-        None => Err(E::custom(format!(
-            "'{s}' is not a 64-bit hex number such as \"0x0000000000000001\""
-        ))),
+        None => Err(not_hex(&s)),
     }
+}
+
+/// A hex number, as its value.
+pub(crate) fn hex_bits<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    let s = String::deserialize(d)?;
+    parse_hex(&s).ok_or_else(|| not_hex(&s))
 }
 
 /// A hex number, kept as written.

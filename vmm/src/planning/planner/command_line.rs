@@ -4,8 +4,9 @@
 
 use std::collections::BTreeMap;
 
+use serde::Serialize;
+
 use super::hosts::HostInput;
-use super::new_vm::{DevicePlan, HostLine};
 use crate::abi::machine_types::MachineType;
 use crate::config::net_spec::{NetSpec, PeerSpec};
 use crate::planning::host_caps::PeerKind;
@@ -102,9 +103,19 @@ fn spec_text(kind: PeerKind, peer: &[(String, String)], properties: &[String]) -
     parts.join(",")
 }
 
+/// The `godwit run` line of one host whose peer properties differ from
+/// the common line's.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct HostLine {
+    pub host: String,
+    pub command_line: String,
+}
+
+/// The common line and the lines of hosts that differ, for `devices`
+/// (each its peer kind and the plan's device properties).
 pub(super) fn command_lines(
     machine: &MachineType,
-    plans: &[DevicePlan],
+    devices: &[(PeerKind, &[String])],
     hosts: &[HostInput],
 ) -> (Option<String>, Vec<HostLine>) {
     let mut seen: BTreeMap<PeerKind, usize> = BTreeMap::new();
@@ -113,24 +124,15 @@ pub(super) fn command_lines(
         .iter()
         .map(|_| vec![format!("--machine {}", machine.name)])
         .collect();
-    for d in plans {
-        let index = seen.entry(d.kind).or_insert(0);
+    for &(kind, properties) in devices {
+        let index = seen.entry(kind).or_insert(0);
         let props: Vec<Vec<(String, String)>> = hosts
             .iter()
-            .map(|h| {
-                peer_props(
-                    h.report
-                        .peer(d.kind, *index)
-                        .and_then(|p| p.spec.as_deref()),
-                )
-            })
+            .map(|h| peer_props(h.report.peer(kind, *index).and_then(|p| p.spec.as_deref())))
             .collect();
         *index += 1;
-        let common = common_peer_props(d.kind, &props);
-        generic.push(format!(
-            "--net {}",
-            spec_text(d.kind, &common, &d.properties)
-        ));
+        let common = common_peer_props(kind, &props);
+        generic.push(format!("--net {}", spec_text(kind, &common, properties)));
         for (line, p) in per_host.iter_mut().zip(&props) {
             let own = if p
                 .iter()
@@ -140,7 +142,7 @@ pub(super) fn command_lines(
             } else {
                 common.clone()
             };
-            line.push(format!("--net {}", spec_text(d.kind, &own, &d.properties)));
+            line.push(format!("--net {}", spec_text(kind, &own, properties)));
         }
     }
     let generic = generic.join(" ");

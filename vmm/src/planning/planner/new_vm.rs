@@ -10,7 +10,7 @@ use godwit_devices::vhost_user::interface::{by_interface_name, INTERFACES};
 use godwit_devices::virtio::net::features::{self, NetFeature, FEATURES};
 use godwit_migration::cpu_compat::{self, CpuidEntry};
 
-use super::command_line::command_lines;
+use super::command_line::{command_lines, HostLine};
 use super::hosts::{device_peer, host_refs, would_change, Blocker, HostInput, HostRef};
 use super::{bit, bits, PlanError, EXIT_NO_COMMON_ABI, PLAN_SCHEMA};
 use crate::abi::machine_types::{MachineType, MACHINE_TYPES};
@@ -69,12 +69,6 @@ pub struct DevicePlan {
     pub blockers: Vec<Blocker>,
     pub peers: Vec<DevicePeer>,
     pub notes: Vec<String>,
-}
-
-#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
-pub struct HostLine {
-    pub host: String,
-    pub command_line: String,
 }
 
 /// Which hosts a VM can start on so that its CPUID fits every other host.
@@ -569,7 +563,13 @@ pub fn plan(hosts: &[HostInput], devices: &[PeerKind]) -> Result<Plan, PlanError
     }
     let ok = blockers.is_empty() && machine.is_some() && plans.iter().all(|d| d.ok);
     let (command_line, host_command_lines) = match (ok, machine) {
-        (true, Some(m)) => command_lines(m, &plans, hosts),
+        (true, Some(m)) => {
+            let devices: Vec<(PeerKind, &[String])> = plans
+                .iter()
+                .map(|d| (d.kind, d.properties.as_slice()))
+                .collect();
+            command_lines(m, &devices, hosts)
+        }
         _ => (None, Vec::new()),
     };
     Ok(Plan {

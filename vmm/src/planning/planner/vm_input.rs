@@ -5,14 +5,14 @@
 
 use std::path::{Path, PathBuf};
 
-use serde::{Deserialize, Deserializer};
+use serde::Deserialize;
 use serde_json::Value;
 
 use godwit_migration::format::{Container, FormatError};
 
 use super::existing_vm::{VmDevice, VmView};
 use crate::persist::snapshot::{read_saved, RestoreError, KNOWN_SECTIONS, STATE_FILE};
-use crate::planning::host_caps::encoding::{nullable, parse_hex};
+use crate::planning::host_caps::encoding::{hex_bits, nullable};
 use crate::planning::host_caps::{decode, FieldError, PeerKind, UnknownPeerKind};
 
 /// Why the VM to judge could not be read (bad input; exit status 1).
@@ -131,15 +131,6 @@ impl InterfaceAnswer {
 struct MigrateAnswer {
     #[serde(rename = "blocked-reasons", default, deserialize_with = "nullable")]
     blocked_reasons: Vec<String>,
-}
-
-fn hex_bits<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
-    let s = String::deserialize(d)?;
-    parse_hex(&s).ok_or_else(|| {
-        serde::de::Error::custom(format!(
-            "'{s}' is not a 64-bit hex number such as \"0x0000000000000001\""
-        ))
-    })
 }
 
 /// Builds the view from `query-net` and `query-migrate` answers; `source`
