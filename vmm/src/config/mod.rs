@@ -20,6 +20,12 @@ pub enum ConfigError {
     Size(String),
     #[error("invalid serial '{0}': use stdio, null, or file:PATH")]
     Serial(String),
+    #[error("--net {first} and --net {second} both hand over fd={fd}: each TAP descriptor belongs to one device; open one TAP per device")]
+    FdTwice {
+        fd: i32,
+        first: String,
+        second: String,
+    },
 }
 
 /// Parses `512`, `512M`, `512MiB`, `2G`, `64k`. A bare number is MiB.
@@ -106,9 +112,51 @@ pub struct VmConfig {
     pub api_socket: Option<PathBuf>,
 }
 
+impl VmConfig {
+    /// Checks what no single option can: a descriptor handed to two
+    /// devices would be owned, and closed, twice.
+    pub fn check(&self) -> Result<(), ConfigError> {
+        let mut seen: Vec<(i32, &str)> = Vec::new();
+        for spec in &self.nets {
+            if let net_spec::PeerSpec::Tap { fd: Some(fd), .. } = &spec.peer {
+                if let Some((_, first)) = seen.iter().find(|(f, _)| f == fd) {
+                    return Err(ConfigError::FdTwice {
+                        fd: *fd,
+                        first: first.to_string(),
+                        second: spec.text.clone(),
+                    });
+                }
+                seen.push((*fd, &spec.text));
+            }
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_tap_descriptor_given_to_two_devices_is_refused() {
+        let config = VmConfig {
+            restore_memory: RestoreMemory::Map,
+            machine: "godwit".into(),
+            nets: vec!["tap,fd=7".parse().unwrap(), "tap,fd=7".parse().unwrap()],
+            kernel: KernelImage::Embedded {
+                name: "test",
+                bytes: &[],
+            },
+            initrd: None,
+            cmdline: String::new(),
+            memory: 128 << 20,
+            vcpus: 1,
+            serial: SerialSpec::Null,
+            api_socket: None,
+        };
+        let err = config.check().unwrap_err().to_string();
+        assert!(err.contains("both hand over fd=7"), "{err}");
+    }
 
     #[test]
     fn sizes() {
