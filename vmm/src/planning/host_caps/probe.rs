@@ -171,47 +171,30 @@ fn tun_features() -> Option<u32> {
     (rc >= 0).then_some(features)
 }
 
-/// `VHOST_GET_FEATURES` = `_IOR(0xAF, 0x00, __u64)`.
-const VHOST_GET_FEATURES: libc::c_ulong = 0x8008_af00;
-
 /// Why /dev/vhost-net could not be asked for its features (the report
 /// records the message as the peer's `error`).
 #[derive(Debug, thiserror::Error)]
 enum VhostNetProbeError {
     #[error("cannot open {VHOST_NET_DEVICE}: {0}")]
-    Open(#[source] std::io::Error),
+    Open(#[source] vhost::Error),
     #[error("VHOST_GET_FEATURES on {VHOST_NET_DEVICE} failed: {0}")]
-    GetFeatures(#[source] std::io::Error),
+    GetFeatures(#[source] vhost::Error),
 }
 
 /// Opens /dev/vhost-net and reads its features: `Ok(None)` when the device
 /// does not exist.
 fn vhost_net_features() -> Result<Option<u64>, VhostNetProbeError> {
-    use std::os::fd::AsRawFd;
+    use vhost::VhostBackend;
     if !Path::new(VHOST_NET_DEVICE).exists() {
         return Ok(None);
     }
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(VHOST_NET_DEVICE)
-        .map_err(VhostNetProbeError::Open)?;
-    let mut features: u64 = 0;
-    // SAFETY: VHOST_GET_FEATURES writes one u64 to the pointer, which points
-    // to a live local; the fd is an open vhost-net device.
-    let rc = unsafe {
-        libc::ioctl(
-            file.as_raw_fd(),
-            VHOST_GET_FEATURES as _,
-            &mut features as *mut u64,
-        )
-    };
-    if rc < 0 {
-        return Err(VhostNetProbeError::GetFeatures(
-            std::io::Error::last_os_error(),
-        ));
-    }
-    Ok(Some(features))
+    // GET_FEATURES needs neither an owner nor guest memory: an empty
+    // memory map stands in for the VM there is none of.
+    let mem = godwit_devices::GuestMemory::new();
+    let net = vhost::vhost_kern::net::Net::new(&mem).map_err(VhostNetProbeError::Open)?;
+    net.get_features()
+        .map(Some)
+        .map_err(VhostNetProbeError::GetFeatures)
 }
 
 /// Probes a TAP: the one a spec names, or (`spec` None) a temporary one
