@@ -134,3 +134,29 @@ pub fn init_logging() {
         .with_target(false)
         .init();
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::{CommandFactory, Parser};
+
+    use super::{Cli, Command};
+
+    #[test]
+    fn the_command_line_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn subcommands_parse_as_before() {
+        let plan = Cli::try_parse_from(["godwit", "plan", "a.json", "--device", "vhost-user"])
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(matches!(plan.command, Command::Plan(ref p) if p.devices.len() == 1));
+        let e = Cli::try_parse_from(["godwit", "plan", "a.json", "--device", "slirp"])
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(e.contains("unknown peer kind 'slirp'"), "{e}");
+        assert!(Cli::try_parse_from(["godwit", "net-backend", "--print-versions"]).is_ok());
+        assert!(Cli::try_parse_from(["godwit", "net-backend"]).is_err());
+    }
+}
