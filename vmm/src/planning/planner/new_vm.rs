@@ -150,26 +150,40 @@ fn interface_change(f: &NetFeature, found: &[(&HostInput, &PeerEntry, PeerSuppor
     )
 }
 
+/// Why no interface version is pinned on a vhost-user device (a note of
+/// the plan, not a blocker: the device is planned on its default features).
+#[derive(Debug, thiserror::Error)]
+enum NoPin {
+    #[error("no interface version is pinned: {host} is not a vhost-user peer")]
+    NotVhostUser { host: String },
+    #[error("no interface version is pinned: the backend on {host} lacks godwit's interface-version extension (it presents one fixed feature set)")]
+    NoExtension { host: String },
+    #[error("no interface version is pinned: no backends")]
+    NoBackends,
+    #[error("no interface version is pinned: no version is listed by every backend ({}); a backend supporting another interface version would change that", .lists.join("; "))]
+    NoCommonVersion {
+        /// `HOST: v1,v2` per backend.
+        lists: Vec<String>,
+    },
+    #[error("interface version {name} is listed by every backend but this godwit does not know it and no backend presents it now, so its features are not in the reports; plan with a newer godwit, or take a report where a backend presents it (vhost-user,...,interface={name})")]
+    UnknownVersion { name: String },
+}
+
 /// The interface version every vhost-user backend lists (the newest such),
 /// and its feature bits; or why none is pinned.
-fn pick_interface(peers: &[(&HostInput, &PeerEntry)]) -> Result<(String, u64), String> {
+fn pick_interface(peers: &[(&HostInput, &PeerEntry)]) -> Result<(String, u64), NoPin> {
     let mut lists = Vec::new();
     for (h, p) in peers {
         let Probe::VhostUser(u) = &p.probe else {
-            return Err("not a vhost-user peer".into());
+            return Err(NoPin::NotVhostUser { host: h.label() });
         };
         match &u.interface {
             Some(i) => lists.push((h, i)),
-            None => {
-                return Err(format!(
-                    "no interface version is pinned: the backend on {} lacks godwit's interface-version extension (it presents one fixed feature set)",
-                    h.label()
-                ))
-            }
+            None => return Err(NoPin::NoExtension { host: h.label() }),
         }
     }
     let Some((_, first)) = lists.first() else {
-        return Err("no backends".into());
+        return Err(NoPin::NoBackends);
     };
     let name = first
         .supported
@@ -177,15 +191,11 @@ fn pick_interface(peers: &[(&HostInput, &PeerEntry)]) -> Result<(String, u64), S
         .rev()
         .find(|n| lists.iter().all(|(_, i)| i.supported.contains(n)))
         .cloned()
-        .ok_or_else(|| {
-            format!(
-                "no interface version is pinned: no version is listed by every backend ({}); a backend supporting another interface version would change that",
-                lists
-                    .iter()
-                    .map(|(h, i)| format!("{}: {}", h.label(), i.supported.join(",")))
-                    .collect::<Vec<_>>()
-                    .join("; ")
-            )
+        .ok_or_else(|| NoPin::NoCommonVersion {
+            lists: lists
+                .iter()
+                .map(|(h, i)| format!("{}: {}", h.label(), i.supported.join(",")))
+                .collect(),
         })?;
     // Released versions are immutable: godwit's table, else a backend
     // that presents it now.
@@ -198,11 +208,7 @@ fn pick_interface(peers: &[(&HostInput, &PeerEntry)]) -> Result<(String, u64), S
                     .flatten()
             })
         })
-        .ok_or_else(|| {
-            format!(
-                "interface version {name} is listed by every backend but this godwit does not know it and no backend presents it now, so its features are not in the reports; plan with a newer godwit, or take a report where a backend presents it (vhost-user,...,interface={name})"
-            )
-        })?;
+        .ok_or_else(|| NoPin::UnknownVersion { name: name.clone() })?;
     Ok((name, features))
 }
 
@@ -275,7 +281,7 @@ fn plan_device(
                 }
                 d.interface = Some(name);
             }
-            Err(note) => d.notes.push(note),
+            Err(why) => d.notes.push(why.to_string()),
         }
     }
     let common = found
