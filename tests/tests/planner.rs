@@ -18,8 +18,10 @@ use godwit_tests::{
     godwit_command, heartbeat, qmp_connect, run_godwit, run_godwit_in, wait_listening, Finished,
     NetHost, QmpClient, RunningVm, TempDir, TwoHosts,
 };
-use godwit_vmm::host_caps::{self, parse_report, HostCaps, PeerKind, PeerStatus, Probe};
-use godwit_vmm::machine_types::{bits_of, resolve, MACHINE_TYPES};
+use godwit_vmm::abi::machine_types::{bits_of, resolve, MACHINE_TYPES};
+use godwit_vmm::planning::host_caps::{
+    self, backend_offer, parse_report, HostReport, PeerKind, PeerStatus, Probe,
+};
 
 const BOOT: Duration = Duration::from_secs(60);
 const PORT: u16 = 4444;
@@ -35,7 +37,7 @@ fn fixture(name: &str) -> String {
         .to_string()
 }
 
-fn read_fixture(name: &str) -> HostCaps {
+fn read_fixture(name: &str) -> HostReport {
     let path = fixture(name);
     let text = std::fs::read_to_string(&path).unwrap();
     parse_report(&text, &path).unwrap_or_else(|e| panic!("{e}"))
@@ -85,16 +87,21 @@ fn fixtures_parse_and_agree_with_the_feature_model() {
             let recorded = p.supported.as_ref().unwrap().bits();
             let computed = match &p.probe {
                 Probe::Tap(t) => {
-                    godwit_vmm::net::tap_support("t", t.offloads.as_ref().unwrap()).supported
+                    godwit_vmm::devices::net::tap_support("t", t.offloads.as_ref().unwrap())
+                        .supported
                 }
                 Probe::VhostUser(u) => {
                     let f = u64::from_str_radix(&u.features.as_ref().unwrap()[2..], 16).unwrap();
-                    host_caps::vhost_user_support(&u.socket, f, u.queue_num).supported
+                    godwit_vmm::devices::net::vhost_user_support(
+                        &u.socket,
+                        &backend_offer(f, 0, u.queue_num),
+                    )
+                    .supported
                 }
                 Probe::VhostNet(v) => {
                     let f = u64::from_str_radix(&v.features.as_ref().unwrap()[2..], 16).unwrap();
                     let tap = v.tap.as_ref().unwrap().offloads.unwrap();
-                    godwit_vmm::net::vhost_net_support("t", &tap, f).supported
+                    godwit_vmm::devices::net::vhost_net_support("t", &tap, f).supported
                 }
             };
             assert_eq!(recorded, computed, "{name}: {}", p.name);
@@ -349,7 +356,7 @@ fn malformed_and_future_reports_name_the_file_and_the_field() {
         (
             "/host/name",
             json!(false),
-            "field `host.name`: expected a string, found a boolean",
+            "field `host.name`: invalid type: boolean `false`, expected a string",
         ),
         (
             "/peers/0/status",
@@ -359,12 +366,12 @@ fn malformed_and_future_reports_name_the_file_and_the_field() {
         (
             "/peers/0/probe/offloads/csum",
             json!(1),
-            "field `peers[0].probe.offloads.csum`: expected true or false",
+            "field `peers[0].probe.offloads.csum`: invalid type: integer `1`, expected a boolean",
         ),
         (
             "/godwit/machine_types",
             json!("godwit-1.1"),
-            "field `godwit.machine_types`: expected an array",
+            "field `godwit.machine_types`: invalid type: string \"godwit-1.1\", expected a sequence",
         ),
         (
             "/cpuid/entries/3",
@@ -374,7 +381,7 @@ fn malformed_and_future_reports_name_the_file_and_the_field() {
         (
             "/cpuid/entries/4",
             json!({"function": 7}),
-            "field `cpuid.entries[4]`: expected a string, found an object",
+            "field `cpuid.entries[4]`: invalid type: map, expected a string",
         ),
     ];
     for (pointer, value, needle) in cases {

@@ -341,8 +341,8 @@ impl CommandHandler for VmCommands {
                     .clone();
                 Ok(serde_json::to_value(p).unwrap_or(json!({})))
             }
-            "query-host-caps" => crate::planner::qmp_query_host_caps(args),
-            "plan" => crate::planner::qmp_plan(&self.vm, args),
+            "query-host-caps" => api::plan::qmp_query_host_caps(args),
+            "plan" => api::plan::qmp_plan(&self.vm, args),
             other => Err(QmpError::command_not_found(format!(
                 "The command {other} has not been found"
             ))),
