@@ -222,6 +222,93 @@ fn malformed_requests_keep_the_connection_and_the_vm() {
     assert_eq!(vm.wait_exit(Duration::from_secs(10)).0.code(), Some(0));
 }
 
+/// Commands are parsed into typed arguments before they run: errors name
+/// the command or the field, with QEMU's error classes.
+#[test]
+fn typed_commands_name_what_is_wrong() {
+    let dir = TempDir::new("apityped");
+    let (mut vm, socket) = serving_vm(&dir, 1);
+    vm.wait_line("heartbeat 1", BOOT);
+    let mut qmp = qmp_connect(&socket);
+    let error = |qmp: &mut godwit_vmm::api::QmpClient, command: &str, args: Value| match qmp
+        .execute(command, args)
+    {
+        Err(godwit_vmm::api::ClientError::Qmp { class, desc }) => (class, desc),
+        other => panic!("{command}: expected a QMP error, got {other:?}"),
+    };
+    let cases = [
+        (
+            "frobnicate",
+            json!({}),
+            "CommandNotFound",
+            "The command frobnicate has not been found",
+        ),
+        (
+            "snapshot-save",
+            json!({}),
+            "GenericError",
+            "Parameter 'dir' is missing",
+        ),
+        (
+            "migrate",
+            json!({"uri": 5}),
+            "GenericError",
+            "Invalid parameter type for 'uri': expected a string, got integer `5`",
+        ),
+        (
+            "migrate-set-parameters",
+            json!({"max-rounds": -1}),
+            "GenericError",
+            "Invalid value for parameter 'max-rounds': expected u32, got integer `-1`",
+        ),
+        (
+            "snapshot-save",
+            json!({"dir": dir.join("snap").to_str().unwrap(), "format": "raw"}),
+            "GenericError",
+            "Parameter 'format' is unexpected",
+        ),
+        (
+            "query-status",
+            json!({"verbose": true}),
+            "GenericError",
+            "Parameter 'verbose' is unexpected",
+        ),
+    ];
+    for (command, args, class, desc) in cases {
+        let got = error(&mut qmp, command, args.clone());
+        assert_eq!(
+            (got.0.as_str(), got.1.as_str()),
+            (class, desc),
+            "{command} {args}"
+        );
+    }
+    // Nothing ran: no snapshot directory, the VM still runs.
+    assert!(!dir.join("snap").exists());
+    assert_eq!(
+        qmp.execute("query-status", Value::Null).unwrap()["status"],
+        "running"
+    );
+    let names: Vec<String> = qmp
+        .execute("query-commands", Value::Null)
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap().to_string())
+        .collect();
+    for name in [
+        "qmp_capabilities",
+        "query-commands",
+        "stop",
+        "snapshot-save",
+        "plan",
+    ] {
+        assert!(names.iter().any(|n| n == name), "{name} not in {names:?}");
+    }
+    qmp.execute("quit", Value::Null).unwrap();
+    assert_eq!(vm.wait_exit(Duration::from_secs(10)).0.code(), Some(0));
+}
+
 #[test]
 fn api_socket_in_use_is_refused() {
     let dir = TempDir::new("apiuse");

@@ -204,6 +204,12 @@ fn run(args: RunArgs) -> ExitCode {
         (None, Some(uri)) => godwit_vmm::migrate::incoming(&config, uri),
         (None, None) => Machine::build(&config),
     };
+    let built = built.and_then(|mut machine| {
+        if let Some(path) = &config.api_socket {
+            godwit_vmm::api::commands::serve(&mut machine, path)?;
+        }
+        Ok(machine)
+    });
     let machine = match built {
         Ok(m) => m,
         Err(e) => {

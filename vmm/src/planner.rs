@@ -27,13 +27,13 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Serialize;
-use serde_json::{json, Map, Value};
+use serde_json::{json, Value};
 
 use godwit_devices::vhost_user::interface::{by_interface_name, INTERFACES};
 use godwit_devices::virtio::net::features::{self, NetFeature, TapNeed, VhostNeed, FEATURES};
 use godwit_migration::cpu_compat::{self, CpuidEntry};
 
-use crate::api::{self, QmpClient, QmpError};
+use crate::api::QmpClient;
 use crate::host_caps::{
     self, hex64, name_list, FeatureSet, HostCaps, PeerEntry, PeerKind, PeerStatus, Probe,
     ReportError,
@@ -1621,70 +1621,6 @@ pub fn main(args: PlanArgs) -> std::process::ExitCode {
             std::process::ExitCode::from(1)
         }
     }
-}
-
-// ---------------------------------------------------------------------------
-// QMP.
-
-fn plan_error(e: PlanError) -> QmpError {
-    QmpError::generic(e.to_string())
-}
-
-/// QMP `plan`: `{"hosts": [REPORT...], "vm": bool, "devices": [KIND...]}`.
-pub fn qmp_plan(
-    handle: &crate::machine::VmHandle,
-    args: Map<String, Value>,
-) -> Result<Value, QmpError> {
-    #[derive(serde::Deserialize)]
-    #[serde(deny_unknown_fields)]
-    struct Args {
-        hosts: Vec<Value>,
-        #[serde(default)]
-        vm: bool,
-        #[serde(default)]
-        devices: Vec<String>,
-    }
-    let a: Args = api::parse_args(args)?;
-    let hosts = hosts_from_values(&a.hosts).map_err(plan_error)?;
-    if a.vm {
-        if !a.devices.is_empty() {
-            return Err(QmpError::generic(
-                "Parameter 'devices' applies to a new VM, not with 'vm': true",
-            ));
-        }
-        let plan = plan_vm(&hosts, &vm_from_handle(handle)).map_err(plan_error)?;
-        return Ok(serde_json::to_value(plan).unwrap_or(Value::Null));
-    }
-    let mut kinds = Vec::new();
-    for (i, d) in a.devices.iter().enumerate() {
-        kinds.push(PeerKind::parse(d).ok_or_else(|| {
-            QmpError::generic(format!(
-                "Parameter 'devices[{i}]' does not accept value '{d}': use tap, vhost-user or vhost-net"
-            ))
-        })?);
-    }
-    let plan = plan(&hosts, &kinds).map_err(plan_error)?;
-    Ok(serde_json::to_value(plan).unwrap_or(Value::Null))
-}
-
-/// QMP `query-host-caps`: `{"net": [SPEC...], "name": NAME}`, both optional.
-pub fn qmp_query_host_caps(args: Map<String, Value>) -> Result<Value, QmpError> {
-    #[derive(serde::Deserialize)]
-    #[serde(deny_unknown_fields)]
-    struct Args {
-        #[serde(default)]
-        net: Vec<String>,
-        name: Option<String>,
-    }
-    let a: Args = api::parse_args(args)?;
-    let mut specs = Vec::new();
-    for (i, s) in a.net.iter().enumerate() {
-        specs.push(
-            s.parse::<NetSpec>()
-                .map_err(|e| QmpError::generic(format!("Parameter 'net[{i}]': {e}")))?,
-        );
-    }
-    Ok(host_caps::collect(&specs, a.name.as_deref()).to_json())
 }
 
 /// `json!` of a plan or VM plan, for the CLI.

@@ -26,8 +26,9 @@ use tracing::{debug, info, warn};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::poll::PollContext;
 
+use super::error::QmpError;
 use super::framing::{Frame, JsonFramer};
-use super::protocol::{self, CommandHandler, QmpError};
+use super::protocol::{self, CommandHandler, Dispatch};
 
 /// A write to a client that does not complete within this time disconnects
 /// the client.
@@ -401,9 +402,9 @@ impl ApiServer {
     ///
     /// An existing socket file at `path` is replaced only when nothing
     /// accepts connections on it.
-    pub fn start(
+    pub fn start<H: CommandHandler>(
         path: &Path,
-        handler: Arc<dyn CommandHandler>,
+        handler: Arc<H>,
     ) -> Result<(ApiServer, EventSender), ApiError> {
         let events = EventSender::new();
         let server = Self::start_with_events(path, handler, events.clone())?;
@@ -412,11 +413,12 @@ impl ApiServer {
 
     /// Like [`ApiServer::start`], with an [`EventSender`] created beforehand
     /// (for instance one the handler already holds).
-    pub fn start_with_events(
+    pub fn start_with_events<H: CommandHandler>(
         path: &Path,
-        handler: Arc<dyn CommandHandler>,
+        handler: Arc<H>,
         events: EventSender,
     ) -> Result<ApiServer, ApiError> {
+        let handler: Arc<dyn Dispatch> = handler;
         let len = path.as_os_str().len();
         if len >= SUN_PATH_MAX {
             return Err(ApiError::PathTooLong {
@@ -590,7 +592,7 @@ struct Acceptor {
     server: u64,
     listener: UnixListener,
     hub: Arc<Hub>,
-    handler: Arc<dyn CommandHandler>,
+    handler: Arc<dyn Dispatch>,
 }
 
 impl Acceptor {
@@ -725,7 +727,7 @@ fn write_loop(conn: &Connection, mut stream: UnixStream) {
     }
 }
 
-fn read_loop(conn: &Connection, mut stream: UnixStream, handler: &dyn CommandHandler) {
+fn read_loop(conn: &Connection, mut stream: UnixStream, handler: &dyn Dispatch) {
     let mut framer = JsonFramer::new(MAX_INPUT_SIZE);
     let mut chunk = [0u8; 8192];
     let mut negotiated = false;
@@ -745,8 +747,8 @@ fn read_loop(conn: &Connection, mut stream: UnixStream, handler: &dyn CommandHan
                 return;
             }
             let (line, negotiated_now) = match frame {
-                Frame::Value(value) => {
-                    let done = protocol::process(handler, negotiated, value);
+                Frame::Value(text) => {
+                    let done = protocol::process(handler, negotiated, text);
                     if let Some(command) = &done.command {
                         debug!(conn = conn.id, command, "API command done");
                     }

@@ -44,53 +44,46 @@ struct EmitArgs {
     name: String,
 }
 
+qmp_commands! {
+    enum FakeCommand {
+        "echo" => Echo(Map<String, Value>),
+        "fail" => Fail,
+        "no-device" => NoDevice,
+        "sleep" => Sleep(SleepArgs),
+        "typed" => Typed(TypedArgs),
+        "emit" => Emit(EmitArgs),
+        "boom" => Boom,
+        "quit" => Quit,
+    }
+}
+
 impl CommandHandler for Fake {
-    fn execute(&self, command: &str, args: Map<String, Value>) -> Result<Value, QmpError> {
+    type Command = FakeCommand;
+
+    fn execute(&self, command: FakeCommand) -> Result<Value, QmpError> {
         match command {
-            "echo" => Ok(Value::Object(args)),
-            "fail" => Err(QmpError::generic("it failed")),
-            "no-device" => Err(QmpError::device_not_found("Device 'x' not found")),
-            "sleep" => {
-                let a: SleepArgs = parse_args(args)?;
+            FakeCommand::Echo(args) => Ok(Value::Object(args)),
+            FakeCommand::Fail => Err(QmpError::generic("it failed")),
+            FakeCommand::NoDevice => Err(QmpError::device_not_found("Device 'x' not found")),
+            FakeCommand::Sleep(a) => {
                 thread::sleep(Duration::from_millis(a.ms));
                 self.finished.fetch_add(1, Ordering::SeqCst);
                 Ok(json!({}))
             }
-            "typed" => {
-                let a: TypedArgs = parse_args(args)?;
-                Ok(json!({"size": a.size, "name": a.name}))
-            }
-            "emit" => {
-                let a: EmitArgs = parse_args(args)?;
+            FakeCommand::Typed(a) => Ok(json!({"size": a.size, "name": a.name})),
+            FakeCommand::Emit(a) => {
                 self.events.emit(&a.name, json!({"from": "command"}));
                 Ok(json!({}))
             }
-            "boom" => panic!("boom"),
-            "quit" => {
+            FakeCommand::Boom => panic!("boom"),
+            FakeCommand::Quit => {
                 // Like a VM core: ask the main thread to stop (which drops the
                 // server), and return a moment later.
                 self.quit_requested.store(true, Ordering::SeqCst);
                 thread::sleep(Duration::from_millis(50));
                 Ok(json!({}))
             }
-            // Listed but not implemented: the handler's own error.
-            _ => Err(QmpError::command_not_found(format!(
-                "The command {command} has not been found"
-            ))),
         }
-    }
-
-    fn commands(&self) -> Vec<&'static str> {
-        vec![
-            "echo",
-            "fail",
-            "no-device",
-            "sleep",
-            "typed",
-            "emit",
-            "boom",
-            "quit",
-        ]
     }
 }
 
