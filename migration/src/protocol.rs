@@ -88,6 +88,16 @@ pub enum ProtocolError {
     Unexpected { expected: &'static str, got: Kind },
     #[error("a {kind:?} message is malformed: {detail}")]
     Malformed { kind: Kind, detail: String },
+    #[error("a {kind:?} message is malformed: its JSON does not decode: {source}; the peer runs a godwit whose messages this one cannot read: use the same godwit release on both hosts")]
+    Decode {
+        kind: Kind,
+        source: serde_json::Error,
+    },
+    #[error("cannot encode a {kind:?} message as JSON: {source}")]
+    Encode {
+        kind: Kind,
+        source: serde_json::Error,
+    },
     #[error("the peer aborted the migration: {0}")]
     Aborted(String),
 }
@@ -101,9 +111,9 @@ pub struct Message {
 
 impl Message {
     pub fn json<T: for<'de> Deserialize<'de>>(&self) -> Result<T, ProtocolError> {
-        serde_json::from_slice(&self.payload).map_err(|e| ProtocolError::Malformed {
+        serde_json::from_slice(&self.payload).map_err(|source| ProtocolError::Decode {
             kind: self.kind,
-            detail: e.to_string(),
+            source,
         })
     }
 }
@@ -125,10 +135,8 @@ pub fn write_json<W: Write, T: Serialize>(
     kind: Kind,
     value: &T,
 ) -> Result<(), ProtocolError> {
-    let bytes = serde_json::to_vec(value).map_err(|e| ProtocolError::Malformed {
-        kind,
-        detail: e.to_string(),
-    })?;
+    let bytes =
+        serde_json::to_vec(value).map_err(|source| ProtocolError::Encode { kind, source })?;
     write_message(w, kind, &bytes)
 }
 

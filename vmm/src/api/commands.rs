@@ -14,11 +14,11 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::{ApiError, ApiServer, CommandHandler, QmpError};
+use crate::abi::machine_types::{self, MachineType};
+use crate::config::net_spec::{NetSpec, NetSpecError};
+use crate::devices::net::NetDevice;
 use crate::host_caps::{self, PeerKind};
 use crate::machine::{Machine, RunState, VmHandle};
-use crate::machine_types::{self, MachineType};
-use crate::net::NetDevice;
-use crate::net_spec::{NetSpec, NetSpecError};
 use crate::planner::{self, PlanError};
 
 /// `snapshot-save` arguments.
@@ -104,10 +104,10 @@ pub enum CommandError {
     ShutDown,
     /// `snapshot-save` failed.
     #[error(transparent)]
-    Snapshot(#[from] crate::snapshot::SnapshotError),
+    Snapshot(#[from] crate::persist::snapshot::SnapshotError),
     /// `migrate` was refused.
     #[error(transparent)]
-    Migrate(#[from] crate::migrate::MigrateError),
+    Migrate(#[from] crate::migration::MigrateError),
     /// `migrate-set-parameters` with `max-rounds` 0.
     #[error("Parameter 'max-rounds' must be at least 1")]
     ZeroRounds,
@@ -207,9 +207,11 @@ impl VmCommands {
                 }
                 info
             }
-            Command::SnapshotSave(args) => encode(name, crate::snapshot::save(vm, &args.dir)?)?,
+            Command::SnapshotSave(args) => {
+                encode(name, crate::persist::snapshot::save(vm, &args.dir)?)?
+            }
             Command::Migrate(args) => {
-                crate::migrate::start(vm, &args.uri, vm.event_sender())?;
+                crate::migration::start(vm, &args.uri, vm.event_sender())?;
                 json!({})
             }
             Command::MigrateCancel => {

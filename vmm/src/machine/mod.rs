@@ -15,18 +15,21 @@ use godwit_devices::bus::BusError;
 use godwit_devices::i8042::{I8042, I8042_BASE, I8042_LEN};
 use godwit_devices::serial::{SerialDevice, SerialOutput, COM1_BASE, COM1_IRQ, COM1_LEN};
 
-use crate::api::{self, ApiServer, EventSender};
+use crate::abi::machine_types::{self, MachineType, MachineTypeError};
+use crate::api::{ApiServer, EventSender};
 use crate::boot::{self, BootConfig, BootError};
 use crate::config::{SerialSpec, VmConfig};
-use crate::machine_types::{self, MachineType, MachineTypeError};
-use crate::memory::{GuestRam, MemoryError};
-use crate::net::{NetDevice, NetSetupError};
-use crate::vcpu::{register_kick_signal, IoBuses, VcpuExitError, VcpuThreads};
-use crate::vm::{self, Vm, VmError, VmEvent};
+use crate::devices::net::{NetDevice, NetSetupError};
+use crate::vstate::events::VcpuExitError;
+use crate::vstate::events::VmEvent;
+use crate::vstate::memory::{GuestRam, MemoryError};
+use crate::vstate::vcpu::{register_kick_signal, IoBuses, VcpuThreads};
+use crate::vstate::vm::{self, Vm, VmError};
 
-/// Why a VM could not start. Each message says what to change.
+/// Why a VM could not be built (boot, and the parts restore and incoming
+/// migration share). Each message says what to change.
 #[derive(Debug, thiserror::Error)]
-pub enum StartError {
+pub enum BuildError {
     #[error(transparent)]
     Vm(#[from] VmError),
     #[error(transparent)]
@@ -49,31 +52,17 @@ pub enum StartError {
     },
     #[error("device layout: {0}")]
     Bus(#[from] BusError),
-    #[error("cannot start the API server: {0}")]
-    Api(#[from] api::ApiError),
     #[error(transparent)]
     MachineType(#[from] MachineTypeError),
     #[error(transparent)]
     Net(#[from] NetSetupError),
-    #[error(transparent)]
-    Restore(Box<crate::snapshot::RestoreError>),
-    #[error(transparent)]
-    Incoming(Box<crate::migrate::IncomingError>),
 }
 
-impl From<crate::migrate::IncomingError> for StartError {
-    fn from(e: crate::migrate::IncomingError) -> Self {
-        StartError::Incoming(Box::new(e))
-    }
-}
-
-impl StartError {
+impl BuildError {
     /// The strict check refused a network peer (its own exit status).
     pub fn is_strict_refusal(&self) -> bool {
         match self {
-            StartError::Net(e) => e.is_strict_refusal(),
-            StartError::Restore(e) => e.is_peer_refusal(),
-            StartError::Incoming(e) => matches!(**e, crate::migrate::IncomingError::Refused(_)),
+            BuildError::Net(e) => e.is_strict_refusal(),
             _ => false,
         }
     }
@@ -128,7 +117,7 @@ pub struct VmHandle {
     pub(crate) ram: GuestRam,
     /// Serializes whole-VM operations (snapshot, migration) with stop/cont.
     pub(crate) operation: Mutex<()>,
-    pub(crate) migration: crate::migrate::MigrationState,
+    pub(crate) migration: crate::migration::MigrationState,
 }
 
 impl VmHandle {
@@ -219,7 +208,7 @@ impl VmHandle {
     }
 }
 
-fn serial_output(spec: &SerialSpec) -> Result<SerialOutput, StartError> {
+fn serial_output(spec: &SerialSpec) -> Result<SerialOutput, BuildError> {
     Ok(match spec {
         SerialSpec::Stdio => Box::new(LineWriter::new(std::io::stdout())),
         SerialSpec::Null => Box::new(std::io::sink()),
@@ -228,7 +217,7 @@ fn serial_output(spec: &SerialSpec) -> Result<SerialOutput, StartError> {
                 .create(true)
                 .append(true)
                 .open(path)
-                .map_err(|source| StartError::SerialFile {
+                .map_err(|source| BuildError::SerialFile {
                     path: path.clone(),
                     source,
                 })?;
@@ -287,7 +276,7 @@ pub(crate) struct BuiltVm {
     pub buses: IoBuses,
     pub nets: Vec<NetDevice>,
     pub serial: Arc<Mutex<SerialDevice>>,
-    pub vcpus: Vec<crate::vcpu::Vcpu>,
+    pub vcpus: Vec<crate::vstate::vcpu::Vcpu>,
     pub event_tx: Sender<VmEvent>,
     pub event_rx: Receiver<VmEvent>,
 }
@@ -299,8 +288,8 @@ pub(crate) fn platform_devices(
     serial_spec: &SerialSpec,
     state: Option<&godwit_devices::serial::SerialDeviceState>,
     event_tx: &Sender<VmEvent>,
-) -> Result<Arc<Mutex<SerialDevice>>, StartError> {
-    let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| StartError::Host {
+) -> Result<Arc<Mutex<SerialDevice>>, BuildError> {
+    let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| BuildError::Host {
         what: "the serial interrupt eventfd",
         source,
     })?;
@@ -315,7 +304,7 @@ pub(crate) fn platform_devices(
         None => SerialDevice::new(serial_irq, output),
         Some(state) => {
             use godwit_migration::persist::Persist;
-            SerialDevice::restore((serial_irq, output), state).map_err(|e| StartError::Host {
+            SerialDevice::restore((serial_irq, output), state).map_err(|e| BuildError::Host {
                 what: "the serial port from its saved state",
                 source: std::io::Error::other(e.to_string()),
             })?
@@ -343,7 +332,7 @@ pub(crate) fn platform_devices(
 impl Machine {
     /// Builds the VM: every check that can fail happens here, before any
     /// vCPU runs.
-    pub fn build(config: &VmConfig) -> Result<Self, StartError> {
+    pub fn build(config: &VmConfig) -> Result<Self, BuildError> {
         let started = Instant::now();
         let kvm = vm::open_kvm()?;
         let num_vcpus = vm::check_vcpus(&kvm, config.vcpus)?;
@@ -351,16 +340,21 @@ impl Machine {
         // Spec and feature-name errors need no VM: report them first.
         for (index, spec) in config.nets.iter().enumerate() {
             let id = spec.id.clone().unwrap_or_else(|| format!("net{index}"));
-            crate::net_abi::required_features(&id, machine, &spec.features)
-                .map_err(|e| NetSetupError::from(crate::net_abi::NetAbiError::from(e)))?;
+            crate::abi::strict::required_features(&id, machine, &spec.features)
+                .map_err(|e| NetSetupError::from(crate::abi::strict::NetAbiError::from(e)))?;
         }
         let ram = GuestRam::new(config.memory)?;
         let vm = Vm::new(kvm, &ram.memory)?;
 
         let mut buses = IoBuses::default();
         // Every peer is probed and checked before the guest exists.
-        let nets =
-            crate::net::build_all(&config.nets, machine, &ram.memory, &vm.fd, &mut buses.mmio)?;
+        let nets = crate::devices::net::build_all(
+            &config.nets,
+            machine,
+            &ram.memory,
+            &vm.fd,
+            &mut buses.mmio,
+        )?;
         let mut cmdline = config.cmdline.clone();
         for net in &nets {
             cmdline.push(' ');
@@ -414,8 +408,8 @@ impl Machine {
         config: &VmConfig,
         built: BuiltVm,
         blockers: Vec<String>,
-    ) -> Result<Self, StartError> {
-        register_kick_signal().map_err(|e| StartError::Host {
+    ) -> Result<Self, BuildError> {
+        register_kick_signal().map_err(|e| BuildError::Host {
             what: "the vCPU kick signal handler",
             source: std::io::Error::from_raw_os_error(e.errno()),
         })?;
@@ -426,7 +420,7 @@ impl Machine {
             built.event_tx.clone(),
             true,
         )
-        .map_err(|source| StartError::Host {
+        .map_err(|source| BuildError::Host {
             what: "vCPU threads",
             source,
         })?;
@@ -443,7 +437,7 @@ impl Machine {
             vm: built.vm,
             ram: built.ram,
             operation: Mutex::new(()),
-            migration: crate::migrate::MigrationState::default(),
+            migration: crate::migration::MigrationState::default(),
         });
         if matches!(config.serial, SerialSpec::Stdio) {
             spawn_stdin_reader(built.serial);
