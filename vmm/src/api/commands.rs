@@ -15,7 +15,7 @@ use serde_json::{json, Value};
 
 use super::{ApiError, ApiServer, CommandHandler, QmpError};
 use crate::abi::machine_types::{self, MachineType};
-use crate::config::net_spec::{NetSpec, NetSpecError};
+use crate::config::net_spec::{NetSpec, NetSpecError, PeerSpec};
 use crate::devices::net::NetDevice;
 use crate::host_caps::{self, PeerKind};
 use crate::machine::{Machine, RunState, VmHandle};
@@ -136,6 +136,31 @@ pub enum CommandError {
         /// Why it does not parse.
         #[source]
         source: NetSpecError,
+    },
+    /// `query-host-caps` with `fd=`: the number would name one of godwit's
+    /// own descriptors, which probing would wrap and then close.
+    #[error(
+        "Parameter 'net[{index}]': fd= is not accepted over the API: a descriptor number \
+         there names one of godwit's own files (KVM, guest memory, a running TAP), which the \
+         probe would take over and close; name the TAP with ifname= instead"
+    )]
+    DescriptorInArguments {
+        /// Position in `net`.
+        index: usize,
+    },
+    /// `query-host-caps` with a vhost-user `server=on`: probing would
+    /// replace whatever socket is at the path.
+    #[error(
+        "Parameter 'net[{index}]': server=on is not accepted over the API: the probe would \
+         create a socket at {} and remove any socket already there; probe a backend that \
+         listens itself (server=off), or run 'godwit host-caps' on the host",
+        socket.display()
+    )]
+    ServerInArguments {
+        /// Position in `net`.
+        index: usize,
+        /// The socket path given.
+        socket: PathBuf,
     },
     /// A reply that could not be encoded as JSON.
     #[error(
@@ -261,16 +286,33 @@ fn set_migration_parameters(
     Ok(())
 }
 
+/// A `query-host-caps` spec, refused when probing it would touch anything
+/// but the peer it names.
+fn host_caps_spec(index: usize, text: &str) -> Result<NetSpec, CommandError> {
+    let spec = text
+        .parse::<NetSpec>()
+        .map_err(|source| CommandError::NetSpec { index, source })?;
+    match &spec.peer {
+        PeerSpec::Tap { fd: Some(_), .. } => Err(CommandError::DescriptorInArguments { index }),
+        PeerSpec::VhostUser {
+            server: true,
+            socket,
+            ..
+        } => Err(CommandError::ServerInArguments {
+            index,
+            socket: socket.clone(),
+        }),
+        _ => Ok(spec),
+    }
+}
+
 /// `query-host-caps`: probes the peers the specs name on this host.
 fn query_host_caps(args: &HostCapsArgs) -> Result<Value, CommandError> {
     let specs = args
         .net
         .iter()
         .enumerate()
-        .map(|(index, text)| {
-            text.parse::<NetSpec>()
-                .map_err(|source| CommandError::NetSpec { index, source })
-        })
+        .map(|(index, text)| host_caps_spec(index, text))
         .collect::<Result<Vec<_>, _>>()?;
     Ok(host_caps::collect(&specs, args.name.as_deref()).to_json())
 }
@@ -414,5 +456,16 @@ mod tests {
             parse_err("migrate-set-parameters", r#"{"downtime_limit": 1}"#),
             "Parameter 'downtime_limit' is unexpected"
         );
+    }
+
+    #[test]
+    fn host_caps_refuses_descriptors_and_server_sockets() {
+        let err = |text: &str| host_caps_spec(0, text).expect_err(text).to_string();
+        assert!(err("tap,fd=3").contains("fd= is not accepted over the API"));
+        let msg = err("vhost-user,socket=/run/x.sock,server=on");
+        assert!(msg.contains("server=on is not accepted"), "{msg}");
+        assert!(msg.contains("/run/x.sock"), "{msg}");
+        assert!(host_caps_spec(0, "tap,ifname=gw0").is_ok());
+        assert!(host_caps_spec(0, "vhost-user,socket=/run/x.sock").is_ok());
     }
 }

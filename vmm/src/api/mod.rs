@@ -105,6 +105,6 @@ pub use client::{run_ctl, ClientError, QmpClient};
 pub use error::{ErrorClass, QmpError};
 pub use protocol::{version_info, CommandHandler, CommandSet, QMP_CAPABILITIES, QUERY_COMMANDS};
 pub use server::{
-    ApiError, ApiServer, EventSender, MAX_CONNECTIONS, MAX_INPUT_SIZE, MAX_QUEUED_EVENTS,
-    SHUTDOWN_FLUSH_TIMEOUT, WRITE_TIMEOUT,
+    ApiError, ApiServer, EventSender, ServerOptions, MAX_CONNECTIONS, MAX_INPUT_SIZE,
+    MAX_QUEUED_EVENTS, NEGOTIATION_TIMEOUT, SHUTDOWN_FLUSH_TIMEOUT, SOCKET_MODE, WRITE_TIMEOUT,
 };

@@ -97,6 +97,10 @@ struct Setup {
 }
 
 fn setup() -> Setup {
+    setup_with(ServerOptions::default())
+}
+
+fn setup_with(options: ServerOptions) -> Setup {
     let dir = TempDir::new_with_prefix("/tmp/godwit-api-test").expect("temp dir");
     let path = dir.as_path().join("api.sock");
     let events = EventSender::new();
@@ -104,7 +108,7 @@ fn setup() -> Setup {
         events: events.clone(),
         ..Fake::default()
     });
-    let server = ApiServer::start_with_events(&path, handler.clone(), events.clone())
+    let server = ApiServer::start_with_options(&path, handler.clone(), events.clone(), options)
         .expect("start API server");
     Setup {
         server,
@@ -1063,4 +1067,94 @@ fn shutdown_does_not_wait_long_for_stuck_clients() {
         took < SHUTDOWN_FLUSH_TIMEOUT + Duration::from_millis(500),
         "shutdown took {took:?}"
     );
+}
+
+#[test]
+fn socket_is_created_for_the_owner_only() {
+    use std::os::unix::fs::PermissionsExt;
+    let s = setup();
+    let mode = std::fs::metadata(&s.path)
+        .expect("stat")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, SOCKET_MODE);
+    assert_eq!(SOCKET_MODE, 0o600);
+}
+
+/// A process of another user is refused by SO_PEERCRED even when the
+/// socket's mode would let it connect.
+#[test]
+fn peers_of_other_users_are_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let s = setup_with(ServerOptions {
+        mode: 0o666,
+        ..ServerOptions::default()
+    });
+    let dir = s.path.parent().expect("socket dir");
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    // SAFETY: geteuid has no preconditions.
+    let own = unsafe { libc::geteuid() };
+    let path = s.path.clone();
+    let line = thread::spawn(move || {
+        // Credentials are per thread in the kernel; the raw syscall changes
+        // only this thread's (glibc's setresuid would change every thread).
+        // SAFETY: plain syscall with integer arguments; it only affects this
+        // thread, which ends right after the connection.
+        let rc = unsafe { libc::syscall(libc::SYS_setresuid, 65534, 65534, 65534) };
+        let changed = rc == 0;
+        let stream = UnixStream::connect(&path).expect("connect");
+        stream.set_read_timeout(Some(TIMEOUT)).expect("timeout");
+        let mut line = String::new();
+        BufReader::new(stream).read_line(&mut line).expect("read");
+        (changed, line)
+    })
+    .join()
+    .expect("client thread");
+    match line {
+        (true, line) => {
+            let reply: Value = serde_json::from_str(&line).expect("JSON");
+            assert_eq!(reply["error"]["class"], "GenericError", "{line}");
+            let desc = reply["error"]["desc"].as_str().expect("desc");
+            assert!(
+                desc.contains("uid 65534") && desc.contains(&format!("uid {own}")),
+                "{desc}"
+            );
+        }
+        // Not privileged to change uid: at least the own user is served.
+        (false, line) => assert!(line.contains("\"QMP\""), "{line}"),
+    }
+    // The own user still is.
+    let mut c = Raw::negotiated(&s.path);
+    assert_eq!(c.request(r#"{"execute": "echo"}"#), json!({"return": {}}));
+}
+
+#[test]
+fn silent_connections_are_closed_after_the_negotiation_timeout() {
+    let timeout = Duration::from_millis(300);
+    let s = setup_with(ServerOptions {
+        negotiation_timeout: timeout,
+        ..ServerOptions::default()
+    });
+    // Every slot taken by a client that never speaks (or never finishes).
+    let mut idle: Vec<Raw> = (0..MAX_CONNECTIONS)
+        .map(|_| Raw::greeted(&s.path))
+        .collect();
+    idle[0].send("{\"execute\": \"qmp_cap");
+    let mut refused = Raw::connect(&s.path);
+    assert!(refused.recv()["error"]["desc"]
+        .as_str()
+        .expect("desc")
+        .starts_with("too many API connections"));
+    for c in &mut idle {
+        let reply = c.recv();
+        assert_eq!(
+            reply["error"]["desc"],
+            format!("no qmp_capabilities within {timeout:?} of connecting; closing the connection")
+        );
+        assert!(c.at_eof());
+    }
+    // Management gets in again, and a negotiated client may stay quiet.
+    let mut c = Raw::negotiated(&s.path);
+    thread::sleep(timeout * 2);
+    assert_eq!(c.request(r#"{"execute": "echo"}"#), json!({"return": {}}));
 }
