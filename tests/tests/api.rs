@@ -494,7 +494,10 @@ fn host_caps_over_the_api_touches_nothing_of_godwit() {
             .execute("query-host-caps", json!({"net": [format!("tap,fd={fd}")]}))
             .unwrap_err()
             .to_string();
-        assert!(err.contains("fd= is not accepted over the API"), "{err}");
+        assert!(
+            err.contains(&format!("fd={fd} is not accepted over the API")),
+            "{err}"
+        );
     }
     let spec = format!("vhost-user,socket={},server=on", backend.display());
     let err = qmp
@@ -518,6 +521,64 @@ fn host_caps_over_the_api_touches_nothing_of_godwit() {
         &format!("heartbeat {}", heartbeat_number(&last) + 3),
         Duration::from_secs(10),
     );
+    assert_eq!(
+        qmp.execute("query-status", Value::Null).unwrap()["status"],
+        "running"
+    );
+    qmp.execute("quit", Value::Null).unwrap();
+    assert_eq!(vm.wait_exit(Duration::from_secs(10)).0.code(), Some(0));
+}
+
+/// A descriptor the client passes with SCM_RIGHTS and names with `getfd`
+/// is what `fd=NAME` probes; the probe takes it, and it is the client's
+/// file (here /dev/null, reported as not a TAP), never one of godwit's.
+#[test]
+fn host_caps_probes_descriptors_passed_with_getfd() {
+    use std::os::fd::AsRawFd;
+    use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+    let dir = TempDir::new("apigetfd");
+    let (mut vm, socket) = serving_vm(&dir, 1);
+    vm.wait_line("heartbeat 1", BOOT);
+    let mut raw = UnixStream::connect(&socket).unwrap();
+    raw.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    assert!(read_line(&mut raw).get("QMP").is_some());
+    raw.write_all(b"{\"execute\": \"qmp_capabilities\"}\n")
+        .unwrap();
+    assert_eq!(read_line(&mut raw)["return"], json!({}));
+    let null = std::fs::File::open("/dev/null").unwrap();
+    let getfd = b"{\"execute\": \"getfd\", \"arguments\": {\"fdname\": \"tap0\"}}\n";
+    raw.send_with_fds(&[&getfd[..]], &[null.as_raw_fd()])
+        .unwrap();
+    drop(null);
+    assert_eq!(read_line(&mut raw), json!({"return": {}}));
+    raw.write_all(
+        b"{\"execute\": \"query-host-caps\", \"arguments\": {\"net\": [\"tap,fd=tap0\"]}}\n",
+    )
+    .unwrap();
+    let reply = read_line(&mut raw);
+    let peers = reply["return"]["peers"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{reply}"));
+    let tap = peers
+        .iter()
+        .find(|p| p["kind"] == "tap")
+        .unwrap_or_else(|| panic!("{reply}"));
+    assert_ne!(tap["status"], "ok", "/dev/null is no TAP: {tap}");
+    // Taken by the probe: the name is gone.
+    raw.write_all(
+        b"{\"execute\": \"query-host-caps\", \"arguments\": {\"net\": [\"tap,fd=tap0\"]}}\n",
+    )
+    .unwrap();
+    let reply = read_line(&mut raw);
+    let desc = reply["error"]["desc"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{reply}"));
+    assert!(
+        desc.contains("File descriptor named 'tap0' not found"),
+        "{desc}"
+    );
+    drop(raw);
+    let mut qmp = qmp_connect(&socket);
     assert_eq!(
         qmp.execute("query-status", Value::Null).unwrap()["status"],
         "running"

@@ -13,7 +13,9 @@ use std::sync::Arc;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::{ApiError, ApiServer, CommandHandler, QmpError};
+use std::os::fd::{AsRawFd, IntoRawFd};
+
+use super::{ApiError, ApiServer, CommandHandler, DescriptorError, QmpError, Session};
 use crate::abi::machine_types::{self, MachineType};
 use crate::config::net_spec::{NetSpec, NetSpecError, PeerSpec};
 use crate::devices::net::NetDevice;
@@ -137,16 +139,28 @@ pub enum CommandError {
         #[source]
         source: NetSpecError,
     },
-    /// `query-host-caps` with `fd=`: the number would name one of godwit's
+    /// `query-host-caps` with `fd=N`: the number would name one of godwit's
     /// own descriptors, which probing would wrap and then close.
     #[error(
-        "Parameter 'net[{index}]': fd= is not accepted over the API: a descriptor number \
-         there names one of godwit's own files (KVM, guest memory, a running TAP), which the \
-         probe would take over and close; name the TAP with ifname= instead"
+        "Parameter 'net[{index}]': fd={number} is not accepted over the API: a descriptor \
+         number there names one of godwit's own files (KVM, guest memory, a running TAP), \
+         which the probe would take over and close; pass the TAP's descriptor with SCM_RIGHTS \
+         and 'getfd', then give fd=NAME, or name the TAP with ifname="
     )]
     DescriptorInArguments {
         /// Position in `net`.
         index: usize,
+        /// The number given.
+        number: String,
+    },
+    /// `fd=NAME` naming no descriptor of this connection.
+    #[error("Parameter 'net[{index}]': {source}; pass it with SCM_RIGHTS and 'getfd' first")]
+    Descriptor {
+        /// Position in `net`.
+        index: usize,
+        /// What the session said.
+        #[source]
+        source: DescriptorError,
     },
     /// `query-host-caps` with a vhost-user `server=on`: probing would
     /// replace whatever socket is at the path.
@@ -193,13 +207,13 @@ pub(crate) struct VmCommands {
 impl CommandHandler for VmCommands {
     type Command = Command;
 
-    fn execute(&self, command: Command) -> Result<Value, QmpError> {
-        self.run(command).map_err(QmpError::from)
+    fn execute(&self, command: Command, session: &mut Session) -> Result<Value, QmpError> {
+        self.run(command, session).map_err(QmpError::from)
     }
 }
 
 impl VmCommands {
-    fn run(&self, command: Command) -> Result<Value, CommandError> {
+    fn run(&self, command: Command, session: &mut Session) -> Result<Value, CommandError> {
         let vm = &self.vm;
         let name = command.name();
         Ok(match command {
@@ -256,7 +270,7 @@ impl VmCommands {
                     .clone();
                 encode(name, params)?
             }
-            Command::QueryHostCaps(args) => query_host_caps(&args)?,
+            Command::QueryHostCaps(args) => query_host_caps(&args, session)?,
             Command::Plan(args) => plan(vm, &args)?,
         })
     }
@@ -287,32 +301,62 @@ fn set_migration_parameters(
 }
 
 /// A `query-host-caps` spec, refused when probing it would touch anything
-/// but the peer it names.
-fn host_caps_spec(index: usize, text: &str) -> Result<NetSpec, CommandError> {
-    let spec = text
+/// but the peer it names. `fd=NAME` takes the descriptor the client named
+/// with `getfd` out of `session`: the probe owns (and closes) it.
+fn host_caps_spec(
+    index: usize,
+    text: &str,
+    session: &mut Session,
+) -> Result<NetSpec, CommandError> {
+    let mut descriptor = None;
+    let mut items = Vec::new();
+    for item in text.split(',') {
+        match item.strip_prefix("fd=") {
+            Some(number) if number.starts_with(|c: char| c.is_ascii_digit() || c == '-') => {
+                return Err(CommandError::DescriptorInArguments {
+                    index,
+                    number: number.to_string(),
+                })
+            }
+            Some(name) => {
+                let fd = session
+                    .take_fd(name)
+                    .map_err(|source| CommandError::Descriptor { index, source })?;
+                items.push(format!("fd={}", fd.as_raw_fd()));
+                descriptor = Some(fd);
+            }
+            None => items.push(item.to_string()),
+        }
+    }
+    let spec = items
+        .join(",")
         .parse::<NetSpec>()
         .map_err(|source| CommandError::NetSpec { index, source })?;
-    match &spec.peer {
-        PeerSpec::Tap { fd: Some(_), .. } => Err(CommandError::DescriptorInArguments { index }),
-        PeerSpec::VhostUser {
-            server: true,
-            socket,
-            ..
-        } => Err(CommandError::ServerInArguments {
+    if let PeerSpec::VhostUser {
+        server: true,
+        socket,
+        ..
+    } = &spec.peer
+    {
+        return Err(CommandError::ServerInArguments {
             index,
             socket: socket.clone(),
-        }),
-        _ => Ok(spec),
+        });
     }
+    // The spec now carries the number; opening the TAP takes ownership.
+    if let Some(fd) = descriptor {
+        let _ = fd.into_raw_fd();
+    }
+    Ok(spec)
 }
 
 /// `query-host-caps`: probes the peers the specs name on this host.
-fn query_host_caps(args: &HostCapsArgs) -> Result<Value, CommandError> {
+fn query_host_caps(args: &HostCapsArgs, session: &mut Session) -> Result<Value, CommandError> {
     let specs = args
         .net
         .iter()
         .enumerate()
-        .map(|(index, text)| host_caps_spec(index, text))
+        .map(|(index, text)| host_caps_spec(index, text, session))
         .collect::<Result<Vec<_>, _>>()?;
     Ok(host_caps::collect(&specs, args.name.as_deref()).to_json())
 }
@@ -460,12 +504,23 @@ mod tests {
 
     #[test]
     fn host_caps_refuses_descriptors_and_server_sockets() {
-        let err = |text: &str| host_caps_spec(0, text).expect_err(text).to_string();
-        assert!(err("tap,fd=3").contains("fd= is not accepted over the API"));
+        let mut session = Session::default();
+        let mut err = |text: &str| {
+            host_caps_spec(0, text, &mut session)
+                .expect_err(text)
+                .to_string()
+        };
+        assert!(err("tap,fd=3").contains("fd=3 is not accepted over the API"));
+        assert!(err("tap,fd=-1").contains("fd=-1 is not accepted"));
+        assert_eq!(
+            err("tap,fd=net0"),
+            "Parameter 'net[0]': File descriptor named 'net0' not found; pass it with \
+             SCM_RIGHTS and 'getfd' first"
+        );
         let msg = err("vhost-user,socket=/run/x.sock,server=on");
         assert!(msg.contains("server=on is not accepted"), "{msg}");
         assert!(msg.contains("/run/x.sock"), "{msg}");
-        assert!(host_caps_spec(0, "tap,ifname=gw0").is_ok());
-        assert!(host_caps_spec(0, "vhost-user,socket=/run/x.sock").is_ok());
+        assert!(host_caps_spec(0, "tap,ifname=gw0", &mut session).is_ok());
+        assert!(host_caps_spec(0, "vhost-user,socket=/run/x.sock", &mut session).is_ok());
     }
 }

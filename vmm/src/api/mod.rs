@@ -96,6 +96,7 @@ mod error;
 mod framing;
 mod protocol;
 mod server;
+mod session;
 
 #[cfg(test)]
 mod tests;
@@ -108,3 +109,4 @@ pub use server::{
     ApiError, ApiServer, EventSender, ServerOptions, MAX_CONNECTIONS, MAX_INPUT_SIZE,
     MAX_QUEUED_EVENTS, NEGOTIATION_TIMEOUT, SHUTDOWN_FLUSH_TIMEOUT, SOCKET_MODE, WRITE_TIMEOUT,
 };
+pub use session::{DescriptorError, Session, MAX_DESCRIPTORS};

@@ -17,11 +17,19 @@ use tracing::{debug, error};
 
 use super::arguments::{parse_arguments, ArgumentError};
 use super::error::QmpError;
+use super::session::{FdNameArgs, Session};
 
 /// Name of the capabilities negotiation command.
 pub const QMP_CAPABILITIES: &str = "qmp_capabilities";
 /// Name of the command listing the available commands.
 pub const QUERY_COMMANDS: &str = "query-commands";
+/// Name of the command naming a descriptor passed with `SCM_RIGHTS`.
+pub const GETFD: &str = "getfd";
+/// Name of the command closing a named descriptor.
+pub const CLOSEFD: &str = "closefd";
+
+/// The commands the protocol layer itself serves, in `query-commands` order.
+const PROTOCOL_COMMANDS: [&str; 4] = [QMP_CAPABILITIES, QUERY_COMMANDS, GETFD, CLOSEFD];
 
 /// A set of commands, each parsed with its arguments into one typed value.
 /// Declare one with `qmp_commands!`, which derives [`CommandSet::NAMES`] and
@@ -44,8 +52,9 @@ pub trait CommandHandler: Send + Sync + 'static {
     /// The commands this handler serves.
     type Command: CommandSet;
 
-    /// Runs one parsed command.
-    fn execute(&self, command: Self::Command) -> Result<Value, QmpError>;
+    /// Runs one parsed command. `session` holds the descriptors the
+    /// client passed on this connection (see `getfd`).
+    fn execute(&self, command: Self::Command, session: &mut Session) -> Result<Value, QmpError>;
 }
 
 /// A [`CommandHandler`] with its command type erased, so that the server
@@ -55,7 +64,12 @@ pub(crate) trait Dispatch: Send + Sync {
     fn names(&self) -> &'static [&'static str];
 
     /// Parses and runs a command; `None` when the handler has no such command.
-    fn dispatch(&self, name: &str, arguments: &str) -> Option<Result<Value, QmpError>>;
+    fn dispatch(
+        &self,
+        name: &str,
+        arguments: &str,
+        session: &mut Session,
+    ) -> Option<Result<Value, QmpError>>;
 }
 
 impl<H: CommandHandler> Dispatch for H {
@@ -63,9 +77,14 @@ impl<H: CommandHandler> Dispatch for H {
         H::Command::NAMES
     }
 
-    fn dispatch(&self, name: &str, arguments: &str) -> Option<Result<Value, QmpError>> {
+    fn dispatch(
+        &self,
+        name: &str,
+        arguments: &str,
+        session: &mut Session,
+    ) -> Option<Result<Value, QmpError>> {
         match H::Command::parse(name, arguments) {
-            Ok(Some(command)) => Some(self.execute(command)),
+            Ok(Some(command)) => Some(self.execute(command, session)),
             Ok(None) => None,
             Err(err) => Some(Err(err.into())),
         }
@@ -357,7 +376,12 @@ fn validate<'a>(envelope: &Envelope<'a>) -> Result<Request<'a>, QmpError> {
 
 /// Processes one JSON value (its text, as the framer found it) received on
 /// a connection that has (or has not) completed capabilities negotiation.
-pub(crate) fn process(handler: &dyn Dispatch, negotiated: bool, input: &[u8]) -> Processed {
+pub(crate) fn process(
+    handler: &dyn Dispatch,
+    session: &mut Session,
+    negotiated: bool,
+    input: &[u8],
+) -> Processed {
     let refused = |err: QmpError, id: Option<&RawValue>| Processed {
         line: error_line(&err, id),
         negotiated: false,
@@ -396,7 +420,7 @@ pub(crate) fn process(handler: &dyn Dispatch, negotiated: bool, input: &[u8]) ->
             ))
         }
     } else {
-        dispatch(handler, &request.name, request.arguments)
+        dispatch(handler, session, &request.name, request.arguments)
     };
     Processed {
         line: reply_line(&result, id),
@@ -418,7 +442,7 @@ fn capabilities(arguments: &str) -> Result<Value, QmpError> {
 
 fn query_commands(handler: &dyn Dispatch, arguments: &str) -> Result<Value, QmpError> {
     parse_arguments::<super::arguments::NoArguments>(arguments)?;
-    let mut names = vec![QMP_CAPABILITIES, QUERY_COMMANDS];
+    let mut names = PROTOCOL_COMMANDS.to_vec();
     for name in handler.names() {
         if !names.contains(name) {
             names.push(name);
@@ -432,7 +456,22 @@ fn query_commands(handler: &dyn Dispatch, arguments: &str) -> Result<Value, QmpE
     ))
 }
 
-fn dispatch(handler: &dyn Dispatch, name: &str, arguments: &str) -> Result<Value, QmpError> {
+fn fd_command(
+    session: &mut Session,
+    arguments: &str,
+    run: impl FnOnce(&mut Session, String) -> Result<(), super::session::DescriptorError>,
+) -> Result<Value, QmpError> {
+    let args: FdNameArgs = parse_arguments(arguments)?;
+    run(session, args.fdname).map_err(|err| QmpError::generic(err.to_string()))?;
+    Ok(Value::Object(Map::new()))
+}
+
+fn dispatch(
+    handler: &dyn Dispatch,
+    session: &mut Session,
+    name: &str,
+    arguments: &str,
+) -> Result<Value, QmpError> {
     let not_found =
         || QmpError::command_not_found(format!("The command {name} has not been found"));
     match name {
@@ -440,10 +479,14 @@ fn dispatch(handler: &dyn Dispatch, name: &str, arguments: &str) -> Result<Value
             "Capabilities negotiation is already complete, command ignored",
         )),
         QUERY_COMMANDS => query_commands(handler, arguments),
+        GETFD => fd_command(session, arguments, Session::getfd),
+        CLOSEFD => fd_command(session, arguments, |s, name| s.closefd(&name)),
         _ if !handler.names().contains(&name) => Err(not_found()),
         _ => {
             debug!(command = name, "running API command");
-            match catch_unwind(AssertUnwindSafe(|| handler.dispatch(name, arguments))) {
+            match catch_unwind(AssertUnwindSafe(|| {
+                handler.dispatch(name, arguments, session)
+            })) {
                 Ok(Some(result)) => result,
                 Ok(None) => Err(not_found()),
                 Err(payload) => {

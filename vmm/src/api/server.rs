@@ -12,8 +12,8 @@
 
 use std::collections::VecDeque;
 use std::fs;
-use std::io::{self, ErrorKind, Read, Write};
-use std::os::fd::AsRawFd;
+use std::io::{self, ErrorKind, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -26,10 +26,12 @@ use serde_json::Value;
 use tracing::{debug, info, warn};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::poll::PollContext;
+use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
 use super::error::QmpError;
 use super::framing::{Frame, JsonFramer};
 use super::protocol::{self, CommandHandler, Dispatch};
+use super::session::{Session, MAX_DESCRIPTORS};
 
 /// A write to a client that does not complete within this time disconnects
 /// the client.
@@ -807,12 +809,13 @@ fn write_loop(conn: &Connection, mut stream: UnixStream) {
 
 fn read_loop(
     conn: &Connection,
-    mut stream: UnixStream,
+    stream: UnixStream,
     handler: &dyn Dispatch,
     negotiation_timeout: Duration,
 ) {
     let mut framer = JsonFramer::new(MAX_INPUT_SIZE);
     let mut chunk = [0u8; 8192];
+    let mut session = Session::default();
     let mut negotiated = false;
     let negotiate_by = Instant::now() + negotiation_timeout;
     loop {
@@ -823,7 +826,7 @@ fn read_loop(
                 return;
             }
         }
-        let n = match stream.read(&mut chunk) {
+        let n = match receive(conn, &stream, &mut chunk, &mut session) {
             Ok(0) => return,
             Ok(n) => n,
             Err(err) if err.kind() == ErrorKind::Interrupted => continue,
@@ -843,7 +846,7 @@ fn read_loop(
             }
             let (line, negotiated_now) = match frame {
                 Frame::Value(text) => {
-                    let done = protocol::process(handler, negotiated, text);
+                    let done = protocol::process(handler, &mut session, negotiated, text);
                     if let Some(command) = &done.command {
                         debug!(conn = conn.id, command, "API command done");
                     }
@@ -875,6 +878,40 @@ fn read_loop(
             }
         }
     }
+}
+
+/// Descriptors accepted with one read; more in one message are closed.
+const FDS_PER_READ: usize = 8;
+
+/// Reads client data into `buf`, keeping the descriptors that came with it
+/// (`SCM_RIGHTS`) in `session`.
+fn receive(
+    conn: &Connection,
+    stream: &UnixStream,
+    buf: &mut [u8],
+    session: &mut Session,
+) -> io::Result<usize> {
+    let mut iov = [libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    }];
+    let mut fds: [RawFd; FDS_PER_READ] = [-1; FDS_PER_READ];
+    // SAFETY: the iovec points at `buf`, which is valid for writes of its
+    // length and not otherwise used during the call.
+    let (n, count) = unsafe { stream.recv_with_fds(&mut iov, &mut fds) }
+        .map_err(|e| io::Error::from_raw_os_error(e.errno()))?;
+    for &raw in fds.iter().take(count) {
+        // SAFETY: recvmsg just created `raw` for this process and nothing
+        // else refers to it, so the OwnedFd is its only owner.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        if !session.receive(fd) {
+            warn!(
+                conn = conn.id,
+                "API client passed more than {MAX_DESCRIPTORS} descriptors; closing the extra one"
+            );
+        }
+    }
+    Ok(n)
 }
 
 /// Tells a client that did not negotiate in time why it is disconnected.

@@ -1,6 +1,7 @@
 //! Tests of the API server and client against real Unix sockets.
 
 use std::io::{BufRead, BufReader, ErrorKind, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -54,13 +55,14 @@ qmp_commands! {
         "emit" => Emit(EmitArgs),
         "boom" => Boom,
         "quit" => Quit,
+        "take-fd" => TakeFd(EmitArgs),
     }
 }
 
 impl CommandHandler for Fake {
     type Command = FakeCommand;
 
-    fn execute(&self, command: FakeCommand) -> Result<Value, QmpError> {
+    fn execute(&self, command: FakeCommand, session: &mut Session) -> Result<Value, QmpError> {
         match command {
             FakeCommand::Echo(args) => Ok(Value::Object(args)),
             FakeCommand::Fail => Err(QmpError::generic("it failed")),
@@ -76,6 +78,14 @@ impl CommandHandler for Fake {
                 Ok(json!({}))
             }
             FakeCommand::Boom => panic!("boom"),
+            FakeCommand::TakeFd(a) => {
+                let fd = session
+                    .take_fd(&a.name)
+                    .map_err(|e| QmpError::generic(e.to_string()))?;
+                let target = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+                    .map_err(|e| QmpError::generic(e.to_string()))?;
+                Ok(json!({"target": target.display().to_string()}))
+            }
             FakeCommand::Quit => {
                 // Like a VM core: ask the main thread to stop (which drops the
                 // server), and return a moment later.
@@ -331,6 +341,8 @@ fn query_commands_lists_protocol_and_handler_commands() {
         [
             "qmp_capabilities",
             "query-commands",
+            "getfd",
+            "closefd",
             "echo",
             "fail",
             "no-device",
@@ -338,7 +350,8 @@ fn query_commands_lists_protocol_and_handler_commands() {
             "typed",
             "emit",
             "boom",
-            "quit"
+            "quit",
+            "take-fd"
         ]
     );
     assert_eq!(
@@ -1157,4 +1170,42 @@ fn silent_connections_are_closed_after_the_negotiation_timeout() {
     let mut c = Raw::negotiated(&s.path);
     thread::sleep(timeout * 2);
     assert_eq!(c.request(r#"{"execute": "echo"}"#), json!({"return": {}}));
+}
+
+#[test]
+fn getfd_names_descriptors_passed_with_scm_rights() {
+    use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+    let s = setup();
+    let mut c = Raw::negotiated(&s.path);
+    assert_eq!(
+        c.request(r#"{"execute": "getfd", "arguments": {"fdname": "a"}}"#),
+        json!({"error": {"class": "GenericError", "desc": "No file descriptor supplied via SCM_RIGHTS"}})
+    );
+    let file = std::fs::File::open("/dev/null").expect("open");
+    let line = b"{\"execute\": \"getfd\", \"arguments\": {\"fdname\": \"null\"}}\n";
+    c.stream
+        .send_with_fds(&[&line[..]], &[file.as_raw_fd()])
+        .expect("send with fd");
+    drop(file);
+    assert_eq!(c.reply(), json!({"return": {}}));
+    assert_eq!(
+        c.request(r#"{"execute": "take-fd", "arguments": {"name": "null"}}"#),
+        json!({"return": {"target": "/dev/null"}})
+    );
+    assert_eq!(
+        c.request(r#"{"execute": "take-fd", "arguments": {"name": "null"}}"#)["error"]["desc"],
+        "File descriptor named 'null' not found"
+    );
+    assert_eq!(
+        c.request(r#"{"execute": "closefd", "arguments": {"fdname": "nope"}}"#)["error"]["desc"],
+        "File descriptor named 'nope' not found"
+    );
+    assert_eq!(
+        c.request(r#"{"execute": "getfd", "arguments": {"fdname": "7"}}"#)["error"]["desc"],
+        "Parameter 'fdname' expects a name not starting with a digit"
+    );
+    assert_eq!(
+        c.request(r#"{"execute": "getfd"}"#)["error"]["desc"],
+        "Parameter 'fdname' is missing"
+    );
 }
