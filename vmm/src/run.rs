@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 
 use crate::api::ApiError;
-use crate::config::VmConfig;
+use crate::config::{ConfigError, VmConfig};
 use crate::machine::{BuildError, Machine};
 use crate::migration::IncomingError;
 use crate::persist::snapshot::RestoreError;
@@ -25,6 +25,8 @@ pub enum Start {
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
     Build(#[from] BuildError),
     #[error(transparent)]
     Restore(#[from] RestoreError),
@@ -43,7 +45,7 @@ impl StartError {
             StartError::Build(e) => e.is_strict_refusal(),
             StartError::Restore(e) => e.is_peer_refusal(),
             StartError::Incoming(e) => e.is_refusal(),
-            StartError::Api(_) => false,
+            StartError::Config(_) | StartError::Api(_) => false,
         }
     }
 }
@@ -52,6 +54,7 @@ impl StartError {
 /// [`Machine::run`]: the vCPUs are still parked, so a client can connect
 /// before the guest runs.
 pub fn start(config: &VmConfig, from: &Start) -> Result<Machine, StartError> {
+    config.check()?;
     let mut machine = match from {
         Start::Boot => Machine::build(config)?,
         Start::Restore(dir) => crate::persist::snapshot::restore(config, dir)?,

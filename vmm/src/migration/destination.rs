@@ -16,10 +16,12 @@ use super::transport::Conn;
 use super::{MigrateError, KVM_CAPS_CHECKED, PEER_TIMEOUT};
 use crate::abi::machine_types;
 use crate::config::VmConfig;
+use std::os::fd::AsRawFd;
+
 use crate::machine::{BuildError, Machine, VmHandle};
 use crate::persist::snapshot::RestoreError;
 use crate::persist::snapshot::{self, read_saved, KNOWN_SECTIONS};
-use crate::vstate::memory::{self, GuestRam};
+use crate::vstate::memory::{self, ram_ranges, GuestRam};
 use crate::vstate::state::vcpu::host_cpuid;
 use crate::vstate::vm::{self, Vm};
 
@@ -34,6 +36,12 @@ pub enum IncomingError {
     Refused(Vec<String>),
     #[error("incoming migration: cannot write the received pages into guest memory: {0}")]
     GuestMemory(#[source] vm_memory::GuestMemoryError),
+    #[error("incoming migration: cannot zero guest memory at {gpa:#x}+{len:#x}: {source}")]
+    ZeroPages {
+        gpa: u64,
+        len: u64,
+        source: std::io::Error,
+    },
     #[error("incoming migration: the VM state from the source is unreadable: {0}")]
     State(#[source] godwit_migration::format::FormatError),
     #[error("incoming migration: the VM state does not match the VM the source announced (machine type, vCPUs, memory or devices differ); the source does not follow the protocol")]
@@ -198,17 +206,14 @@ pub(super) fn receive(config: &VmConfig, conn: &mut Conn) -> Result<Machine, Inc
                             ),
                         }));
                     }
-                    let result = if with_data {
-                        let r = ram
-                            .memory
-                            .write_slice(&data[offset..offset + len], GuestAddress(run.gpa));
-                        offset += len;
-                        r
-                    } else {
+                    if with_data {
                         ram.memory
-                            .write_slice(&vec![0u8; len], GuestAddress(run.gpa))
-                    };
-                    result.map_err(IncomingError::GuestMemory)?;
+                            .write_slice(&data[offset..offset + len], GuestAddress(run.gpa))
+                            .map_err(IncomingError::GuestMemory)?;
+                        offset += len;
+                    } else {
+                        write_zeros(&ram, run.gpa, len as u64)?;
+                    }
                     received += len as u64;
                 }
             }
@@ -265,4 +270,44 @@ pub(super) fn receive(config: &VmConfig, conn: &mut Conn) -> Result<Machine, Inc
         }
     }));
     Ok(m)
+}
+
+/// Zeroes `len` bytes of guest RAM at `gpa` by punching the range out of
+/// the memfd behind it: no buffer of the run's claimed length, and pages
+/// that were never written stay unallocated.
+fn write_zeros(ram: &GuestRam, gpa: u64, len: u64) -> Result<(), IncomingError> {
+    for range in ram_ranges(ram.size) {
+        let start = gpa.max(range.guest_addr);
+        let end = (gpa + len).min(range.guest_addr + range.size);
+        if start >= end {
+            continue;
+        }
+        let offset = range.file_offset + (start - range.guest_addr);
+        let (Ok(offset), Ok(length)) = (i64::try_from(offset), i64::try_from(end - start)) else {
+            return Err(IncomingError::ZeroPages {
+                gpa: start,
+                len: end - start,
+                source: std::io::ErrorKind::InvalidInput.into(),
+            });
+        };
+        // SAFETY: fallocate on a descriptor this process owns; it changes
+        // only the file's contents, never memory the process can see other
+        // than through the mapping of that file.
+        let rc = unsafe {
+            libc::fallocate(
+                ram.file.as_raw_fd(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                offset,
+                length,
+            )
+        };
+        if rc != 0 {
+            return Err(IncomingError::ZeroPages {
+                gpa: start,
+                len: end - start,
+                source: std::io::Error::last_os_error(),
+            });
+        }
+    }
+    Ok(())
 }
