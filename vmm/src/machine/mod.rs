@@ -1,5 +1,7 @@
 //! Builds a VM from its configuration and runs it to the end: KVM, memory,
-//! kernel, devices, vCPUs, console, management API.
+//! kernel, devices, vCPUs, console. The operations management commands
+//! perform live on [`VmHandle`]; the API that calls them (`api::commands`)
+//! is attached with [`Machine::attach_api`] and stopped when the run ends.
 
 use std::fs::OpenOptions;
 use std::io::Read;
