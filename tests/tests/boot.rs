@@ -116,7 +116,7 @@ fn serial_to_file_and_null() {
 fn boots_the_same_guest_from_a_kernel_file() {
     let dir = TempDir::new("kernel");
     let path = dir.join("guest.elf");
-    std::fs::write(&path, godwit_vmm::test_guest::TEST_GUEST_ELF).unwrap();
+    std::fs::write(&path, godwit_vmm::boot::test_guest::TEST_GUEST_ELF).unwrap();
     let out = run_godwit(
         &["run", "--kernel", path.to_str().unwrap(), "--vcpus", "2"],
         DEADLINE,
@@ -145,7 +145,7 @@ fn bad_input_is_refused_with_one_clear_line() {
     std::fs::write(&junk, b"this is not a kernel").unwrap();
     let junk = junk.to_str().unwrap();
     let huge = dir.join("huge.elf");
-    std::fs::write(&huge, godwit_vmm::test_guest::TEST_GUEST_ELF).unwrap();
+    std::fs::write(&huge, godwit_vmm::boot::test_guest::TEST_GUEST_ELF).unwrap();
 
     assert_refused(
         &["run", "--vcpus", "0"],

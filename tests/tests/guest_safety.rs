@@ -1,7 +1,7 @@
 //! The embedded test guest must run under KVM's instruction emulator, which
 //! cannot execute SSE/AVX/MMX/x87 instructions, `cmpxchg16b` or the
 //! `xsave`/`fxsave` family (see resources/guest/README.md). Disassemble the
-//! guest actually embedded in godwit (`godwit_vmm::test_guest::TEST_GUEST_ELF`)
+//! guest actually embedded in godwit (`godwit_vmm::boot::test_guest::TEST_GUEST_ELF`)
 //! and fail on any such instruction, listing every offending line. The one
 //! exception is the deliberate crash of `godwit.crash=sse`, excused by symbol
 //! name (`DELIBERATE_SSE_SYMBOL`) and instruction.
@@ -10,7 +10,7 @@ use std::path::Path;
 use std::process::Command;
 
 use godwit_tests::TempDir;
-use godwit_vmm::test_guest::TEST_GUEST_ELF;
+use godwit_vmm::boot::test_guest::TEST_GUEST_ELF;
 
 /// The one deliberate exception: `godwit.crash=sse` makes the guest execute a
 /// single SSE instruction so that godwit's tests can check how an emulation

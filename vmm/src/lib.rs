@@ -25,14 +25,3 @@ pub mod persist;
 pub mod planning;
 pub mod run;
 pub mod vstate;
-
-// Old paths, kept while the planning, CLI and API modules move (helpers B
-// and C); removed once they import the new ones.
-pub use abi::machine_types;
-pub use abi::strict as net_abi;
-pub use boot::test_guest;
-pub use config::net_spec;
-pub use devices::net;
-pub use migration as migrate;
-pub use persist::snapshot;
-pub use vstate::{cpuid, layout, memory, state, vcpu, vm};

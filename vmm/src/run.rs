@@ -4,6 +4,7 @@
 
 use std::path::PathBuf;
 
+use crate::api::ApiError;
 use crate::config::{ConfigError, VmConfig};
 use crate::machine::{BuildError, Machine};
 use crate::migration::IncomingError;
@@ -31,6 +32,8 @@ pub enum StartError {
     Restore(#[from] RestoreError),
     #[error(transparent)]
     Incoming(#[from] IncomingError),
+    #[error("cannot start the API server: {0}")]
+    Api(#[from] ApiError),
 }
 
 impl StartError {
@@ -42,17 +45,23 @@ impl StartError {
             StartError::Build(e) => e.is_strict_refusal(),
             StartError::Restore(e) => e.is_peer_refusal(),
             StartError::Incoming(e) => e.is_refusal(),
-            StartError::Config(_) => false,
+            StartError::Config(_) | StartError::Api(_) => false,
         }
     }
 }
 
-/// Builds the VM, ready for [`Machine::run`].
+/// Builds the VM and serves its API (with `--api-socket`), ready for
+/// [`Machine::run`]: the vCPUs are still parked, so a client can connect
+/// before the guest runs.
 pub fn start(config: &VmConfig, from: &Start) -> Result<Machine, StartError> {
     config.check()?;
-    Ok(match from {
+    let mut machine = match from {
         Start::Boot => Machine::build(config)?,
         Start::Restore(dir) => crate::persist::snapshot::restore(config, dir)?,
         Start::Incoming(uri) => crate::migration::incoming(config, uri)?,
-    })
+    };
+    if let Some(path) = &config.api_socket {
+        crate::api::commands::serve(&mut machine, path)?;
+    }
+    Ok(machine)
 }

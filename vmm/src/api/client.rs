@@ -85,6 +85,33 @@ pub enum ClientError {
         /// Error description.
         desc: String,
     },
+    /// A message from the server did not decode as JSON.
+    #[error("godwit sent a message on {} that is not JSON: {source}", path.display())]
+    Decode {
+        /// Socket path.
+        path: PathBuf,
+        /// Why it did not decode.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// The reply could not be printed.
+    #[error("cannot print the reply from godwit on {}: {source}", path.display())]
+    Print {
+        /// Socket path.
+        path: PathBuf,
+        /// Why it could not be formatted.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// The JSON-ARGS argument of `godwit ctl` is not JSON.
+    #[error("invalid JSON-ARGS '{text}': {source}")]
+    ArgsNotJson {
+        /// The argument as given.
+        text: String,
+        /// Why it does not parse.
+        #[source]
+        source: serde_json::Error,
+    },
     /// The JSON-ARGS argument of `godwit ctl` is not a JSON object.
     #[error("invalid JSON-ARGS '{text}': {reason}")]
     InvalidArgs {
@@ -294,7 +321,12 @@ impl QmpClient {
         let mut chunk = [0u8; 8192];
         loop {
             match self.framer.next_frame() {
-                Some(Frame::Value(value)) => return Ok(value),
+                Some(Frame::Value(text)) => {
+                    return serde_json::from_slice(text).map_err(|source| ClientError::Decode {
+                        path: self.path.clone(),
+                        source,
+                    })
+                }
                 Some(Frame::Syntax(msg)) => {
                     return Err(ClientError::Protocol {
                         path: self.path.clone(),
@@ -387,10 +419,10 @@ pub fn run_ctl(
                     ),
                 })
             }
-            Err(err) => {
-                return Err(ClientError::InvalidArgs {
+            Err(source) => {
+                return Err(ClientError::ArgsNotJson {
                     text: text.to_string(),
-                    reason: err.to_string(),
+                    source,
                 })
             }
         },
@@ -398,8 +430,8 @@ pub fn run_ctl(
     let mut client = QmpClient::connect(socket, CTL_CONNECT_TIMEOUT)?;
     client.set_timeout(CTL_COMMAND_TIMEOUT);
     let ret = client.execute(command, args)?;
-    serde_json::to_string_pretty(&ret).map_err(|err| ClientError::Protocol {
+    serde_json::to_string_pretty(&ret).map_err(|source| ClientError::Print {
         path: socket.to_path_buf(),
-        detail: format!("cannot print the reply: {err}"),
+        source,
     })
 }

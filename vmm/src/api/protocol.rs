@@ -1,90 +1,47 @@
-//! The QMP wire protocol: error classes, the command handler interface,
+//! The QMP wire protocol: the command interfaces a VM core implements,
 //! request validation and dispatch, and the JSON lines the server writes.
+//!
+//! Nothing here knows what a VM is: the commands come from a
+//! [`CommandHandler`], whose [`CommandSet`] turns a request into a typed
+//! command before anything runs.
 
 use std::fmt;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use serde::{Deserialize, Serialize};
+use serde::de::{IgnoredAny, MapAccess, Visitor};
+use serde::{Deserialize, Deserializer, Serialize};
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 use tracing::{debug, error};
 
-use super::args::parse_args;
+use super::arguments::{parse_arguments, ArgumentError};
+use super::error::QmpError;
+use super::session::{FdNameArgs, Session};
 
 /// Name of the capabilities negotiation command.
 pub const QMP_CAPABILITIES: &str = "qmp_capabilities";
 /// Name of the command listing the available commands.
 pub const QUERY_COMMANDS: &str = "query-commands";
+/// Name of the command naming a descriptor passed with `SCM_RIGHTS`.
+pub const GETFD: &str = "getfd";
+/// Name of the command closing a named descriptor.
+pub const CLOSEFD: &str = "closefd";
 
-/// QMP error classes, as QEMU names them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub enum ErrorClass {
-    /// Any error that has no more specific class.
-    GenericError,
-    /// The command does not exist (or is not available yet).
-    CommandNotFound,
-    /// A device named by the command does not exist.
-    DeviceNotFound,
+/// The commands the protocol layer itself serves, in `query-commands` order.
+const PROTOCOL_COMMANDS: [&str; 4] = [QMP_CAPABILITIES, QUERY_COMMANDS, GETFD, CLOSEFD];
+
+/// A set of commands, each parsed with its arguments into one typed value.
+/// Declare one with `qmp_commands!`, which derives [`CommandSet::NAMES`] and
+/// [`CommandSet::parse`] from the same list.
+pub trait CommandSet: Sized {
+    /// Every command name, in the order `query-commands` lists them.
+    const NAMES: &'static [&'static str];
+
+    /// Parses command `name` with `arguments` (a JSON object's text).
+    /// `Ok(None)` when the set has no such command.
+    fn parse(name: &str, arguments: &str) -> Result<Option<Self>, ArgumentError>;
 }
-
-impl ErrorClass {
-    /// The class name as it appears on the wire.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ErrorClass::GenericError => "GenericError",
-            ErrorClass::CommandNotFound => "CommandNotFound",
-            ErrorClass::DeviceNotFound => "DeviceNotFound",
-        }
-    }
-}
-
-impl fmt::Display for ErrorClass {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// An error returned to a QMP client: `{"error": {"class": ..., "desc": ...}}`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct QmpError {
-    /// Error class.
-    pub class: ErrorClass,
-    /// Human-readable description.
-    pub desc: String,
-}
-
-impl QmpError {
-    /// An error of the given class.
-    pub fn new(class: ErrorClass, desc: impl Into<String>) -> Self {
-        QmpError {
-            class,
-            desc: desc.into(),
-        }
-    }
-
-    /// A `GenericError`.
-    pub fn generic(desc: impl Into<String>) -> Self {
-        Self::new(ErrorClass::GenericError, desc)
-    }
-
-    /// A `CommandNotFound` error.
-    pub fn command_not_found(desc: impl Into<String>) -> Self {
-        Self::new(ErrorClass::CommandNotFound, desc)
-    }
-
-    /// A `DeviceNotFound` error.
-    pub fn device_not_found(desc: impl Into<String>) -> Self {
-        Self::new(ErrorClass::DeviceNotFound, desc)
-    }
-}
-
-impl fmt::Display for QmpError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {}", self.class, self.desc)
-    }
-}
-
-impl std::error::Error for QmpError {}
 
 /// Runs the commands of a VM. Supplied by the VM core; the protocol layer
 /// handles framing, negotiation, `qmp_capabilities` and `query-commands`.
@@ -92,10 +49,46 @@ impl std::error::Error for QmpError {}
 /// `execute` is called on the thread of the connection that sent the command,
 /// so commands from different clients can run concurrently.
 pub trait CommandHandler: Send + Sync + 'static {
-    /// Runs one command. `args` is always a JSON object (empty when absent).
-    fn execute(&self, command: &str, args: Map<String, Value>) -> Result<Value, QmpError>;
-    /// Names of the commands this handler serves, for query-commands.
-    fn commands(&self) -> Vec<&'static str>;
+    /// The commands this handler serves.
+    type Command: CommandSet;
+
+    /// Runs one parsed command. `session` holds the descriptors the
+    /// client passed on this connection (see `getfd`).
+    fn execute(&self, command: Self::Command, session: &mut Session) -> Result<Value, QmpError>;
+}
+
+/// A [`CommandHandler`] with its command type erased, so that the server
+/// can hold any handler.
+pub(crate) trait Dispatch: Send + Sync {
+    /// The handler's command names.
+    fn names(&self) -> &'static [&'static str];
+
+    /// Parses and runs a command; `None` when the handler has no such command.
+    fn dispatch(
+        &self,
+        name: &str,
+        arguments: &str,
+        session: &mut Session,
+    ) -> Option<Result<Value, QmpError>>;
+}
+
+impl<H: CommandHandler> Dispatch for H {
+    fn names(&self) -> &'static [&'static str] {
+        H::Command::NAMES
+    }
+
+    fn dispatch(
+        &self,
+        name: &str,
+        arguments: &str,
+        session: &mut Session,
+    ) -> Option<Result<Value, QmpError>> {
+        match H::Command::parse(name, arguments) {
+            Ok(Some(command)) => Some(self.execute(command, session)),
+            Ok(None) => None,
+            Err(err) => Some(Err(err.into())),
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -132,7 +125,7 @@ struct ReturnMsg<'a> {
     #[serde(rename = "return")]
     ret: &'a Value,
     #[serde(skip_serializing_if = "Option::is_none")]
-    id: Option<&'a Value>,
+    id: Option<&'a RawValue>,
 }
 
 #[derive(Serialize)]
@@ -145,7 +138,7 @@ struct ErrorBody<'a> {
 struct ErrorMsg<'a> {
     error: ErrorBody<'a>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    id: Option<&'a Value>,
+    id: Option<&'a RawValue>,
 }
 
 #[derive(Serialize)]
@@ -181,26 +174,38 @@ fn version_number(text: &str) -> u64 {
     text.parse().unwrap_or(0)
 }
 
+fn version<'a>(package: &'a str) -> GreetingVersion<'a> {
+    GreetingVersion {
+        godwit: VersionTriple {
+            major: version_number(env!("CARGO_PKG_VERSION_MAJOR")),
+            minor: version_number(env!("CARGO_PKG_VERSION_MINOR")),
+            micro: version_number(env!("CARGO_PKG_VERSION_PATCH")),
+        },
+        package,
+    }
+}
+
+fn package() -> String {
+    format!("godwit {}", env!("CARGO_PKG_VERSION"))
+}
+
+/// godwit's version as `query-version` reports it (and the greeting).
+pub fn version_info() -> Value {
+    serde_json::to_value(version(&package())).unwrap_or(Value::Null)
+}
+
 /// The greeting sent on connect.
 pub(crate) fn greeting_line() -> String {
-    let package = format!("godwit {}", env!("CARGO_PKG_VERSION"));
     to_line(&Greeting {
         qmp: GreetingBody {
-            version: GreetingVersion {
-                godwit: VersionTriple {
-                    major: version_number(env!("CARGO_PKG_VERSION_MAJOR")),
-                    minor: version_number(env!("CARGO_PKG_VERSION_MINOR")),
-                    micro: version_number(env!("CARGO_PKG_VERSION_PATCH")),
-                },
-                package: &package,
-            },
+            version: version(&package()),
             capabilities: [],
         },
     })
 }
 
 /// A `return` or `error` reply line.
-pub(crate) fn reply_line(result: &Result<Value, QmpError>, id: Option<&Value>) -> String {
+fn reply_line(result: &Result<Value, QmpError>, id: Option<&RawValue>) -> String {
     match result {
         Ok(ret) => to_line(&ReturnMsg { ret, id }),
         Err(err) => error_line(err, id),
@@ -208,7 +213,7 @@ pub(crate) fn reply_line(result: &Result<Value, QmpError>, id: Option<&Value>) -
 }
 
 /// An `error` reply line.
-pub(crate) fn error_line(err: &QmpError, id: Option<&Value>) -> String {
+pub(crate) fn error_line(err: &QmpError, id: Option<&RawValue>) -> String {
     to_line(&ErrorMsg {
         error: ErrorBody {
             class: err.class.as_str(),
@@ -255,24 +260,101 @@ struct CapabilitiesArgs {
     enable: Vec<String>,
 }
 
+/// The members of a request object, borrowed from the input text: the
+/// arguments are deserialized later, straight into the command's type.
+#[derive(Default)]
+struct Envelope<'a> {
+    execute: Option<&'a RawValue>,
+    arguments: Option<&'a RawValue>,
+    id: Option<&'a RawValue>,
+    /// The first member that is none of the above.
+    unexpected: Option<String>,
+}
+
+impl<'de> Deserialize<'de> for Envelope<'de> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct EnvelopeVisitor;
+
+        impl<'de> Visitor<'de> for EnvelopeVisitor {
+            type Value = Envelope<'de>;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a QMP request object")
+            }
+
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Envelope<'de>, A::Error> {
+                let mut envelope = Envelope::default();
+                while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+                    // A member given twice counts once, the last one, as
+                    // serde_json's own objects do.
+                    match &*key {
+                        "execute" => envelope.execute = Some(map.next_value()?),
+                        "arguments" => envelope.arguments = Some(map.next_value()?),
+                        "id" => envelope.id = Some(map.next_value()?),
+                        other => {
+                            if envelope.unexpected.is_none() {
+                                envelope.unexpected = Some(other.to_string());
+                            }
+                            map.next_value::<IgnoredAny>()?;
+                        }
+                    }
+                }
+                Ok(envelope)
+            }
+        }
+
+        deserializer.deserialize_map(EnvelopeVisitor)
+    }
+}
+
 /// A validated request.
-struct Request {
+struct Request<'a> {
     name: String,
-    args: Map<String, Value>,
+    /// The text of the `arguments` object (`{}` when absent).
+    arguments: &'a str,
+}
+
+/// `raw` without the whitespace between tokens, so that an echoed `id`
+/// keeps the reply on one line. `raw` is valid JSON, so whitespace outside
+/// strings separates tokens only.
+fn compact(raw: &RawValue) -> Box<RawValue> {
+    let text = raw.get();
+    let mut out = String::with_capacity(text.len());
+    let (mut in_string, mut escaped) = (false, false);
+    for c in text.chars() {
+        if in_string {
+            if escaped {
+                escaped = false;
+            } else if c == '\\' {
+                escaped = true;
+            } else if c == '"' {
+                in_string = false;
+            }
+        } else if c == '"' {
+            in_string = true;
+        } else if c.is_ascii_whitespace() {
+            continue;
+        }
+        out.push(c);
+    }
+    // Removing inter-token whitespace from valid JSON leaves valid JSON.
+    RawValue::from_string(out).unwrap_or_else(|_| raw.to_owned())
+}
+
+fn starts_with(raw: &RawValue, c: char) -> bool {
+    raw.get().trim_start().starts_with(c)
 }
 
 /// Checks the shape of a request object (QEMU's messages).
-fn validate(mut obj: Map<String, Value>) -> Result<Request, QmpError> {
-    if let Some(key) = obj
-        .keys()
-        .find(|k| !matches!(k.as_str(), "execute" | "arguments"))
-    {
+fn validate<'a>(envelope: &Envelope<'a>) -> Result<Request<'a>, QmpError> {
+    if let Some(key) = &envelope.unexpected {
         return Err(QmpError::generic(format!(
             "QMP input member '{key}' is unexpected"
         )));
     }
-    let name = match obj.remove("execute") {
-        Some(Value::String(name)) => name,
+    let name = match envelope.execute {
+        Some(raw) if starts_with(raw, '"') => serde_json::from_str::<String>(raw.get())
+            .map_err(|_| QmpError::generic("QMP input member 'execute' must be a string"))?,
         Some(_) => {
             return Err(QmpError::generic(
                 "QMP input member 'execute' must be a string",
@@ -280,46 +362,56 @@ fn validate(mut obj: Map<String, Value>) -> Result<Request, QmpError> {
         }
         None => return Err(QmpError::generic("QMP input member 'execute' is missing")),
     };
-    let args = match obj.remove("arguments") {
-        None => Map::new(),
-        Some(Value::Object(args)) => args,
+    let arguments = match envelope.arguments {
+        None => "{}",
+        Some(raw) if starts_with(raw, '{') => raw.get(),
         Some(_) => {
             return Err(QmpError::generic(
                 "QMP input member 'arguments' must be an object",
             ))
         }
     };
-    Ok(Request { name, args })
+    Ok(Request { name, arguments })
 }
 
-/// Processes one JSON value received on a connection that has (or has not)
-/// completed capabilities negotiation.
-pub(crate) fn process(handler: &dyn CommandHandler, negotiated: bool, input: Value) -> Processed {
-    let mut obj = match input {
-        Value::Object(obj) => obj,
-        _ => {
-            return Processed {
-                line: error_line(&QmpError::generic("QMP input must be a JSON object"), None),
-                negotiated: false,
-                command: None,
-            }
+/// Processes one JSON value (its text, as the framer found it) received on
+/// a connection that has (or has not) completed capabilities negotiation.
+pub(crate) fn process(
+    handler: &dyn Dispatch,
+    session: &mut Session,
+    negotiated: bool,
+    input: &[u8],
+) -> Processed {
+    let refused = |err: QmpError, id: Option<&RawValue>| Processed {
+        line: error_line(&err, id),
+        negotiated: false,
+        command: None,
+    };
+    let Ok(text) = std::str::from_utf8(input) else {
+        return refused(QmpError::generic("QMP input is not valid UTF-8"), None);
+    };
+    if !text.trim_start().starts_with('{') {
+        return refused(QmpError::generic("QMP input must be a JSON object"), None);
+    }
+    let envelope: Envelope<'_> = match serde_json::from_str(text) {
+        Ok(envelope) => envelope,
+        Err(err) => {
+            return refused(
+                QmpError::generic(format!("QMP input is not a valid request: {err}")),
+                None,
+            )
         }
     };
-    let id = obj.remove("id");
-    let request = match validate(obj) {
+    let id = envelope.id.map(compact);
+    let id = id.as_deref();
+    let request = match validate(&envelope) {
         Ok(request) => request,
-        Err(err) => {
-            return Processed {
-                line: error_line(&err, id.as_ref()),
-                negotiated: false,
-                command: None,
-            }
-        }
+        Err(err) => return refused(err, id),
     };
     let mut now_negotiated = false;
     let result = if !negotiated {
         if request.name == QMP_CAPABILITIES {
-            let result = capabilities(request.args);
+            let result = capabilities(request.arguments);
             now_negotiated = result.is_ok();
             result
         } else {
@@ -328,17 +420,17 @@ pub(crate) fn process(handler: &dyn CommandHandler, negotiated: bool, input: Val
             ))
         }
     } else {
-        dispatch(handler, &request.name, request.args)
+        dispatch(handler, session, &request.name, request.arguments)
     };
     Processed {
-        line: reply_line(&result, id.as_ref()),
+        line: reply_line(&result, id),
         negotiated: now_negotiated,
         command: Some(request.name),
     }
 }
 
-fn capabilities(args: Map<String, Value>) -> Result<Value, QmpError> {
-    let args: CapabilitiesArgs = parse_args(args)?;
+fn capabilities(arguments: &str) -> Result<Value, QmpError> {
+    let args: CapabilitiesArgs = parse_arguments(arguments)?;
     // No optional capabilities are offered (the greeting lists none).
     if let Some(cap) = args.enable.first() {
         return Err(QmpError::generic(format!(
@@ -348,38 +440,55 @@ fn capabilities(args: Map<String, Value>) -> Result<Value, QmpError> {
     Ok(Value::Object(Map::new()))
 }
 
-fn dispatch(
-    handler: &dyn CommandHandler,
-    name: &str,
-    args: Map<String, Value>,
+fn query_commands(handler: &dyn Dispatch, arguments: &str) -> Result<Value, QmpError> {
+    parse_arguments::<super::arguments::NoArguments>(arguments)?;
+    let mut names = PROTOCOL_COMMANDS.to_vec();
+    for name in handler.names() {
+        if !names.contains(name) {
+            names.push(name);
+        }
+    }
+    Ok(Value::Array(
+        names
+            .into_iter()
+            .map(|name| serde_json::json!({ "name": name }))
+            .collect(),
+    ))
+}
+
+fn fd_command(
+    session: &mut Session,
+    arguments: &str,
+    run: impl FnOnce(&mut Session, String) -> Result<(), super::session::DescriptorError>,
 ) -> Result<Value, QmpError> {
+    let args: FdNameArgs = parse_arguments(arguments)?;
+    run(session, args.fdname).map_err(|err| QmpError::generic(err.to_string()))?;
+    Ok(Value::Object(Map::new()))
+}
+
+fn dispatch(
+    handler: &dyn Dispatch,
+    session: &mut Session,
+    name: &str,
+    arguments: &str,
+) -> Result<Value, QmpError> {
+    let not_found =
+        || QmpError::command_not_found(format!("The command {name} has not been found"));
     match name {
         QMP_CAPABILITIES => Err(QmpError::command_not_found(
             "Capabilities negotiation is already complete, command ignored",
         )),
-        QUERY_COMMANDS => {
-            super::args::no_args(args)?;
-            let mut names = vec![QMP_CAPABILITIES, QUERY_COMMANDS];
-            for name in handler.commands() {
-                if !names.contains(&name) {
-                    names.push(name);
-                }
-            }
-            Ok(Value::Array(
-                names
-                    .into_iter()
-                    .map(|name| {
-                        let mut entry = Map::new();
-                        entry.insert("name".to_string(), Value::String(name.to_string()));
-                        Value::Object(entry)
-                    })
-                    .collect(),
-            ))
-        }
-        _ if handler.commands().contains(&name) => {
+        QUERY_COMMANDS => query_commands(handler, arguments),
+        GETFD => fd_command(session, arguments, Session::getfd),
+        CLOSEFD => fd_command(session, arguments, |s, name| s.closefd(&name)),
+        _ if !handler.names().contains(&name) => Err(not_found()),
+        _ => {
             debug!(command = name, "running API command");
-            match catch_unwind(AssertUnwindSafe(|| handler.execute(name, args))) {
-                Ok(result) => result,
+            match catch_unwind(AssertUnwindSafe(|| {
+                handler.dispatch(name, arguments, session)
+            })) {
+                Ok(Some(result)) => result,
+                Ok(None) => Err(not_found()),
                 Err(payload) => {
                     let what = payload
                         .downcast_ref::<&str>()
@@ -393,8 +502,5 @@ fn dispatch(
                 }
             }
         }
-        _ => Err(QmpError::command_not_found(format!(
-            "The command {name} has not been found"
-        ))),
     }
 }

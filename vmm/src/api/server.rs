@@ -12,8 +12,9 @@
 
 use std::collections::VecDeque;
 use std::fs;
-use std::io::{self, ErrorKind, Read, Write};
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::io::{self, ErrorKind, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -25,9 +26,12 @@ use serde_json::Value;
 use tracing::{debug, info, warn};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::poll::PollContext;
+use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
+use super::error::QmpError;
 use super::framing::{Frame, JsonFramer};
-use super::protocol::{self, CommandHandler, QmpError};
+use super::protocol::{self, CommandHandler, Dispatch};
+use super::session::{Session, MAX_DESCRIPTORS};
 
 /// A write to a client that does not complete within this time disconnects
 /// the client.
@@ -44,6 +48,12 @@ pub const SHUTDOWN_FLUSH_TIMEOUT: Duration = Duration::from_secs(1);
 pub const MAX_CONNECTIONS: usize = 64;
 /// Largest incomplete JSON value accepted from a client.
 pub const MAX_INPUT_SIZE: usize = 1 << 20;
+/// A connection that has not completed `qmp_capabilities` within this time
+/// is closed, so that clients which connect and never speak cannot hold the
+/// connection slots.
+pub const NEGOTIATION_TIMEOUT: Duration = Duration::from_secs(10);
+/// File mode of the API socket: only godwit's user may connect.
+pub const SOCKET_MODE: u32 = 0o600;
 /// Unix socket paths must be shorter than `sizeof(sun_path)`.
 const SUN_PATH_MAX: usize = 108;
 
@@ -118,6 +128,20 @@ pub enum ApiError {
         /// Underlying error.
         source: io::Error,
     },
+    /// The socket's mode could not be set.
+    #[error(
+        "cannot restrict the API socket {} to mode {mode:o}: {source}; check the filesystem \
+         it is on or choose another --api-socket path",
+        path.display()
+    )]
+    Permissions {
+        /// Socket path.
+        path: PathBuf,
+        /// The mode that was to be set.
+        mode: u32,
+        /// Underlying error.
+        source: io::Error,
+    },
     /// Creating the server's internal resources failed.
     #[error("cannot start the API server ({what}): {source}; the system may be out of resources")]
     Setup {
@@ -126,6 +150,29 @@ pub enum ApiError {
         /// Underlying error.
         source: io::Error,
     },
+}
+
+/// Who may use the API, and for how long a connection may stay silent.
+#[derive(Debug, Clone)]
+pub struct ServerOptions {
+    /// File mode of the socket ([`SOCKET_MODE`] by default).
+    pub mode: u32,
+    /// Accept only peers of godwit's own user or root, as `SO_PEERCRED`
+    /// reports them (on by default).
+    pub same_user_only: bool,
+    /// Time a new connection has to complete `qmp_capabilities`
+    /// ([`NEGOTIATION_TIMEOUT`] by default).
+    pub negotiation_timeout: Duration,
+}
+
+impl Default for ServerOptions {
+    fn default() -> Self {
+        ServerOptions {
+            mode: SOCKET_MODE,
+            same_user_only: true,
+            negotiation_timeout: NEGOTIATION_TIMEOUT,
+        }
+    }
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -401,9 +448,9 @@ impl ApiServer {
     ///
     /// An existing socket file at `path` is replaced only when nothing
     /// accepts connections on it.
-    pub fn start(
+    pub fn start<H: CommandHandler>(
         path: &Path,
-        handler: Arc<dyn CommandHandler>,
+        handler: Arc<H>,
     ) -> Result<(ApiServer, EventSender), ApiError> {
         let events = EventSender::new();
         let server = Self::start_with_events(path, handler, events.clone())?;
@@ -412,11 +459,23 @@ impl ApiServer {
 
     /// Like [`ApiServer::start`], with an [`EventSender`] created beforehand
     /// (for instance one the handler already holds).
-    pub fn start_with_events(
+    pub fn start_with_events<H: CommandHandler>(
         path: &Path,
-        handler: Arc<dyn CommandHandler>,
+        handler: Arc<H>,
         events: EventSender,
     ) -> Result<ApiServer, ApiError> {
+        Self::start_with_options(path, handler, events, ServerOptions::default())
+    }
+
+    /// Like [`ApiServer::start_with_events`], with access and timeout
+    /// settings other than the defaults.
+    pub fn start_with_options<H: CommandHandler>(
+        path: &Path,
+        handler: Arc<H>,
+        events: EventSender,
+        options: ServerOptions,
+    ) -> Result<ApiServer, ApiError> {
+        let handler: Arc<dyn Dispatch> = handler;
         let len = path.as_os_str().len();
         if len >= SUN_PATH_MAX {
             return Err(ApiError::PathTooLong {
@@ -455,6 +514,16 @@ impl ApiServer {
             accept_thread: None,
             stopped: false,
         };
+        // Until this is done the mode is what the umask gave; peers are
+        // checked on accept as well, so a connection in that window gains
+        // nothing.
+        fs::set_permissions(path, fs::Permissions::from_mode(options.mode)).map_err(|source| {
+            ApiError::Permissions {
+                path: path.to_path_buf(),
+                mode: options.mode,
+                source,
+            }
+        })?;
         listener
             .set_nonblocking(true)
             .map_err(|source| ApiError::Setup {
@@ -471,6 +540,7 @@ impl ApiServer {
             listener,
             hub: Arc::clone(&server.hub),
             handler,
+            options,
         };
         let thread = thread::Builder::new()
             .name("api-accept".to_string())
@@ -590,7 +660,8 @@ struct Acceptor {
     server: u64,
     listener: UnixListener,
     hub: Arc<Hub>,
-    handler: Arc<dyn CommandHandler>,
+    handler: Arc<dyn Dispatch>,
+    options: ServerOptions,
 }
 
 impl Acceptor {
@@ -632,6 +703,16 @@ impl Acceptor {
 
     fn serve(&self, stream: UnixStream) {
         let id = NEXT_CONN_ID.fetch_add(1, Ordering::Relaxed);
+        if self.options.same_user_only {
+            if let Err(refusal) = check_peer(&stream) {
+                warn!(conn = id, "refusing an API connection: {refusal}");
+                let err = QmpError::generic(refusal.to_string());
+                // Best effort: the peer may not read it.
+                let _ = stream.set_nonblocking(true);
+                let _ = (&stream).write_all(protocol::error_line(&err, None).as_bytes());
+                return;
+            }
+        }
         if let Err(err) = self.spawn_connection(id, stream) {
             warn!(conn = id, "cannot set up an API connection: {err}");
         }
@@ -686,10 +767,11 @@ impl Acceptor {
             let conn = Arc::clone(&conn);
             let hub = Arc::clone(&self.hub);
             let handler = Arc::clone(&self.handler);
+            let negotiation_timeout = self.options.negotiation_timeout;
             thread::Builder::new()
                 .name(format!("api-conn{id}-rd"))
                 .spawn(move || {
-                    read_loop(&conn, stream, handler.as_ref());
+                    read_loop(&conn, stream, handler.as_ref(), negotiation_timeout);
                     // No more events for this client; flush the replies.
                     hub.remove(conn.id);
                     conn.set_state(State::Draining);
@@ -725,15 +807,33 @@ fn write_loop(conn: &Connection, mut stream: UnixStream) {
     }
 }
 
-fn read_loop(conn: &Connection, mut stream: UnixStream, handler: &dyn CommandHandler) {
+fn read_loop(
+    conn: &Connection,
+    stream: UnixStream,
+    handler: &dyn Dispatch,
+    negotiation_timeout: Duration,
+) {
     let mut framer = JsonFramer::new(MAX_INPUT_SIZE);
     let mut chunk = [0u8; 8192];
+    let mut session = Session::default();
     let mut negotiated = false;
+    let negotiate_by = Instant::now() + negotiation_timeout;
     loop {
-        let n = match stream.read(&mut chunk) {
+        if !negotiated {
+            let left = negotiate_by.saturating_duration_since(Instant::now());
+            if left.is_zero() || stream.set_read_timeout(Some(left)).is_err() {
+                refuse_silent(conn, negotiation_timeout);
+                return;
+            }
+        }
+        let n = match receive(conn, &stream, &mut chunk, &mut session) {
             Ok(0) => return,
             Ok(n) => n,
             Err(err) if err.kind() == ErrorKind::Interrupted => continue,
+            Err(err) if matches!(err.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                refuse_silent(conn, negotiation_timeout);
+                return;
+            }
             Err(err) => {
                 debug!(conn = conn.id, "cannot read from API client: {err}");
                 return;
@@ -745,8 +845,8 @@ fn read_loop(conn: &Connection, mut stream: UnixStream, handler: &dyn CommandHan
                 return;
             }
             let (line, negotiated_now) = match frame {
-                Frame::Value(value) => {
-                    let done = protocol::process(handler, negotiated, value);
+                Frame::Value(text) => {
+                    let done = protocol::process(handler, &mut session, negotiated, text);
                     if let Some(command) = &done.command {
                         debug!(conn = conn.id, command, "API command done");
                     }
@@ -767,8 +867,115 @@ fn read_loop(conn: &Connection, mut stream: UnixStream, handler: &dyn CommandHan
                     (protocol::error_line(&err, None), false)
                 }
             };
-            negotiated |= negotiated_now;
             conn.push_line(line, negotiated_now);
+            if negotiated_now && !negotiated {
+                negotiated = true;
+                // A negotiated client may wait for events as long as it likes.
+                if let Err(err) = stream.set_read_timeout(None) {
+                    debug!(conn = conn.id, "cannot clear the API read timeout: {err}");
+                    return;
+                }
+            }
         }
+    }
+}
+
+/// Descriptors accepted with one read; more in one message are closed.
+const FDS_PER_READ: usize = 8;
+
+/// Reads client data into `buf`, keeping the descriptors that came with it
+/// (`SCM_RIGHTS`) in `session`.
+fn receive(
+    conn: &Connection,
+    stream: &UnixStream,
+    buf: &mut [u8],
+    session: &mut Session,
+) -> io::Result<usize> {
+    let mut iov = [libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    }];
+    let mut fds: [RawFd; FDS_PER_READ] = [-1; FDS_PER_READ];
+    // SAFETY: the iovec points at `buf`, which is valid for writes of its
+    // length and not otherwise used during the call.
+    let (n, count) = unsafe { stream.recv_with_fds(&mut iov, &mut fds) }
+        .map_err(|e| io::Error::from_raw_os_error(e.errno()))?;
+    for &raw in fds.iter().take(count) {
+        // SAFETY: recvmsg just created `raw` for this process and nothing
+        // else refers to it, so the OwnedFd is its only owner.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        if !session.receive(fd) {
+            warn!(
+                conn = conn.id,
+                "API client passed more than {MAX_DESCRIPTORS} descriptors; closing the extra one"
+            );
+        }
+    }
+    Ok(n)
+}
+
+/// Tells a client that did not negotiate in time why it is disconnected.
+fn refuse_silent(conn: &Connection, timeout: Duration) {
+    info!(
+        conn = conn.id,
+        "API client did not complete qmp_capabilities within {timeout:?}; disconnecting it"
+    );
+    let err = QmpError::generic(format!(
+        "no qmp_capabilities within {timeout:?} of connecting; closing the connection"
+    ));
+    conn.push_line(protocol::error_line(&err, None), false);
+}
+
+/// Why a peer may not use the API.
+#[derive(Debug, thiserror::Error)]
+enum PeerRefusal {
+    /// `SO_PEERCRED` failed.
+    #[error("cannot read the peer's credentials (SO_PEERCRED): {0}")]
+    Credentials(#[source] io::Error),
+    /// Another user's process.
+    #[error(
+        "API connection refused: the peer runs as uid {peer}, not as godwit's user (uid {own}) \
+         or root; connect as uid {own}"
+    )]
+    OtherUser {
+        /// The peer's uid.
+        peer: u32,
+        /// godwit's effective uid.
+        own: u32,
+    },
+}
+
+/// Accepts only processes of godwit's own user, or root.
+fn check_peer(stream: &UnixStream) -> Result<(), PeerRefusal> {
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: `cred` and `len` are valid for writes and `len` holds the size
+    // of `cred`, as SO_PEERCRED requires; the fd is a connected Unix socket
+    // owned by `stream` for the duration of the call.
+    let rc = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            std::ptr::addr_of_mut!(cred).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(PeerRefusal::Credentials(io::Error::last_os_error()));
+    }
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let own = unsafe { libc::geteuid() };
+    if cred.uid == own || cred.uid == 0 {
+        Ok(())
+    } else {
+        Err(PeerRefusal::OtherUser {
+            peer: cred.uid,
+            own,
+        })
     }
 }

@@ -1,6 +1,7 @@
 //! Tests of the API server and client against real Unix sockets.
 
 use std::io::{BufRead, BufReader, ErrorKind, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -44,53 +45,55 @@ struct EmitArgs {
     name: String,
 }
 
+qmp_commands! {
+    enum FakeCommand {
+        "echo" => Echo(Map<String, Value>),
+        "fail" => Fail,
+        "no-device" => NoDevice,
+        "sleep" => Sleep(SleepArgs),
+        "typed" => Typed(TypedArgs),
+        "emit" => Emit(EmitArgs),
+        "boom" => Boom,
+        "quit" => Quit,
+        "take-fd" => TakeFd(EmitArgs),
+    }
+}
+
 impl CommandHandler for Fake {
-    fn execute(&self, command: &str, args: Map<String, Value>) -> Result<Value, QmpError> {
+    type Command = FakeCommand;
+
+    fn execute(&self, command: FakeCommand, session: &mut Session) -> Result<Value, QmpError> {
         match command {
-            "echo" => Ok(Value::Object(args)),
-            "fail" => Err(QmpError::generic("it failed")),
-            "no-device" => Err(QmpError::device_not_found("Device 'x' not found")),
-            "sleep" => {
-                let a: SleepArgs = parse_args(args)?;
+            FakeCommand::Echo(args) => Ok(Value::Object(args)),
+            FakeCommand::Fail => Err(QmpError::generic("it failed")),
+            FakeCommand::NoDevice => Err(QmpError::device_not_found("Device 'x' not found")),
+            FakeCommand::Sleep(a) => {
                 thread::sleep(Duration::from_millis(a.ms));
                 self.finished.fetch_add(1, Ordering::SeqCst);
                 Ok(json!({}))
             }
-            "typed" => {
-                let a: TypedArgs = parse_args(args)?;
-                Ok(json!({"size": a.size, "name": a.name}))
-            }
-            "emit" => {
-                let a: EmitArgs = parse_args(args)?;
+            FakeCommand::Typed(a) => Ok(json!({"size": a.size, "name": a.name})),
+            FakeCommand::Emit(a) => {
                 self.events.emit(&a.name, json!({"from": "command"}));
                 Ok(json!({}))
             }
-            "boom" => panic!("boom"),
-            "quit" => {
+            FakeCommand::Boom => panic!("boom"),
+            FakeCommand::TakeFd(a) => {
+                let fd = session
+                    .take_fd(&a.name)
+                    .map_err(|e| QmpError::generic(e.to_string()))?;
+                let target = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+                    .map_err(|e| QmpError::generic(e.to_string()))?;
+                Ok(json!({"target": target.display().to_string()}))
+            }
+            FakeCommand::Quit => {
                 // Like a VM core: ask the main thread to stop (which drops the
                 // server), and return a moment later.
                 self.quit_requested.store(true, Ordering::SeqCst);
                 thread::sleep(Duration::from_millis(50));
                 Ok(json!({}))
             }
-            // Listed but not implemented: the handler's own error.
-            _ => Err(QmpError::command_not_found(format!(
-                "The command {command} has not been found"
-            ))),
         }
-    }
-
-    fn commands(&self) -> Vec<&'static str> {
-        vec![
-            "echo",
-            "fail",
-            "no-device",
-            "sleep",
-            "typed",
-            "emit",
-            "boom",
-            "quit",
-        ]
     }
 }
 
@@ -104,6 +107,10 @@ struct Setup {
 }
 
 fn setup() -> Setup {
+    setup_with(ServerOptions::default())
+}
+
+fn setup_with(options: ServerOptions) -> Setup {
     let dir = TempDir::new_with_prefix("/tmp/godwit-api-test").expect("temp dir");
     let path = dir.as_path().join("api.sock");
     let events = EventSender::new();
@@ -111,7 +118,7 @@ fn setup() -> Setup {
         events: events.clone(),
         ..Fake::default()
     });
-    let server = ApiServer::start_with_events(&path, handler.clone(), events.clone())
+    let server = ApiServer::start_with_options(&path, handler.clone(), events.clone(), options)
         .expect("start API server");
     Setup {
         server,
@@ -334,6 +341,8 @@ fn query_commands_lists_protocol_and_handler_commands() {
         [
             "qmp_capabilities",
             "query-commands",
+            "getfd",
+            "closefd",
             "echo",
             "fail",
             "no-device",
@@ -341,7 +350,8 @@ fn query_commands_lists_protocol_and_handler_commands() {
             "typed",
             "emit",
             "boom",
-            "quit"
+            "quit",
+            "take-fd"
         ]
     );
     assert_eq!(
@@ -1069,5 +1079,133 @@ fn shutdown_does_not_wait_long_for_stuck_clients() {
     assert!(
         took < SHUTDOWN_FLUSH_TIMEOUT + Duration::from_millis(500),
         "shutdown took {took:?}"
+    );
+}
+
+#[test]
+fn socket_is_created_for_the_owner_only() {
+    use std::os::unix::fs::PermissionsExt;
+    let s = setup();
+    let mode = std::fs::metadata(&s.path)
+        .expect("stat")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, SOCKET_MODE);
+    assert_eq!(SOCKET_MODE, 0o600);
+}
+
+/// A process of another user is refused by SO_PEERCRED even when the
+/// socket's mode would let it connect.
+#[test]
+fn peers_of_other_users_are_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let s = setup_with(ServerOptions {
+        mode: 0o666,
+        ..ServerOptions::default()
+    });
+    let dir = s.path.parent().expect("socket dir");
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    // SAFETY: geteuid has no preconditions.
+    let own = unsafe { libc::geteuid() };
+    let path = s.path.clone();
+    let line = thread::spawn(move || {
+        // Credentials are per thread in the kernel; the raw syscall changes
+        // only this thread's (glibc's setresuid would change every thread).
+        // SAFETY: plain syscall with integer arguments; it only affects this
+        // thread, which ends right after the connection.
+        let rc = unsafe { libc::syscall(libc::SYS_setresuid, 65534, 65534, 65534) };
+        let changed = rc == 0;
+        let stream = UnixStream::connect(&path).expect("connect");
+        stream.set_read_timeout(Some(TIMEOUT)).expect("timeout");
+        let mut line = String::new();
+        BufReader::new(stream).read_line(&mut line).expect("read");
+        (changed, line)
+    })
+    .join()
+    .expect("client thread");
+    match line {
+        (true, line) => {
+            let reply: Value = serde_json::from_str(&line).expect("JSON");
+            assert_eq!(reply["error"]["class"], "GenericError", "{line}");
+            let desc = reply["error"]["desc"].as_str().expect("desc");
+            assert!(
+                desc.contains("uid 65534") && desc.contains(&format!("uid {own}")),
+                "{desc}"
+            );
+        }
+        // Not privileged to change uid: at least the own user is served.
+        (false, line) => assert!(line.contains("\"QMP\""), "{line}"),
+    }
+    // The own user still is.
+    let mut c = Raw::negotiated(&s.path);
+    assert_eq!(c.request(r#"{"execute": "echo"}"#), json!({"return": {}}));
+}
+
+#[test]
+fn silent_connections_are_closed_after_the_negotiation_timeout() {
+    let timeout = Duration::from_millis(300);
+    let s = setup_with(ServerOptions {
+        negotiation_timeout: timeout,
+        ..ServerOptions::default()
+    });
+    // Every slot taken by a client that never speaks (or never finishes).
+    let mut idle: Vec<Raw> = (0..MAX_CONNECTIONS)
+        .map(|_| Raw::greeted(&s.path))
+        .collect();
+    idle[0].send("{\"execute\": \"qmp_cap");
+    let mut refused = Raw::connect(&s.path);
+    assert!(refused.recv()["error"]["desc"]
+        .as_str()
+        .expect("desc")
+        .starts_with("too many API connections"));
+    for c in &mut idle {
+        let reply = c.recv();
+        assert_eq!(
+            reply["error"]["desc"],
+            format!("no qmp_capabilities within {timeout:?} of connecting; closing the connection")
+        );
+        assert!(c.at_eof());
+    }
+    // Management gets in again, and a negotiated client may stay quiet.
+    let mut c = Raw::negotiated(&s.path);
+    thread::sleep(timeout * 2);
+    assert_eq!(c.request(r#"{"execute": "echo"}"#), json!({"return": {}}));
+}
+
+#[test]
+fn getfd_names_descriptors_passed_with_scm_rights() {
+    use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+    let s = setup();
+    let mut c = Raw::negotiated(&s.path);
+    assert_eq!(
+        c.request(r#"{"execute": "getfd", "arguments": {"fdname": "a"}}"#),
+        json!({"error": {"class": "GenericError", "desc": "No file descriptor supplied via SCM_RIGHTS"}})
+    );
+    let file = std::fs::File::open("/dev/null").expect("open");
+    let line = b"{\"execute\": \"getfd\", \"arguments\": {\"fdname\": \"null\"}}\n";
+    c.stream
+        .send_with_fds(&[&line[..]], &[file.as_raw_fd()])
+        .expect("send with fd");
+    drop(file);
+    assert_eq!(c.reply(), json!({"return": {}}));
+    assert_eq!(
+        c.request(r#"{"execute": "take-fd", "arguments": {"name": "null"}}"#),
+        json!({"return": {"target": "/dev/null"}})
+    );
+    assert_eq!(
+        c.request(r#"{"execute": "take-fd", "arguments": {"name": "null"}}"#)["error"]["desc"],
+        "File descriptor named 'null' not found"
+    );
+    assert_eq!(
+        c.request(r#"{"execute": "closefd", "arguments": {"fdname": "nope"}}"#)["error"]["desc"],
+        "File descriptor named 'nope' not found"
+    );
+    assert_eq!(
+        c.request(r#"{"execute": "getfd", "arguments": {"fdname": "7"}}"#)["error"]["desc"],
+        "Parameter 'fdname' expects a name not starting with a digit"
+    );
+    assert_eq!(
+        c.request(r#"{"execute": "getfd"}"#)["error"]["desc"],
+        "Parameter 'fdname' is missing"
     );
 }

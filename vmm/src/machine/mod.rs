@@ -1,5 +1,7 @@
 //! Builds a VM from its configuration and runs it to the end: KVM, memory,
-//! kernel, devices, vCPUs, console, management API.
+//! kernel, devices, vCPUs, console. The operations management commands
+//! perform live on [`VmHandle`]; the API that calls them (`api::commands`)
+//! is attached with [`Machine::attach_api`] and stopped when the run ends.
 
 use std::fs::OpenOptions;
 use std::io::Read;
@@ -8,7 +10,7 @@ use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use serde_json::{json, Map, Value};
+use serde_json::json;
 use vmm_sys_util::eventfd::EventFd;
 
 use godwit_devices::bus::BusError;
@@ -20,7 +22,7 @@ use godwit_devices::serial::{SerialDevice, SerialOutput, COM1_BASE, COM1_IRQ, CO
 const CONSOLE_DRAIN_AT_EXIT: Duration = Duration::from_secs(2);
 
 use crate::abi::machine_types::{self, MachineType, MachineTypeError};
-use crate::api::{self, ApiServer, CommandHandler, EventSender, QmpError};
+use crate::api::{ApiServer, EventSender};
 use crate::boot::{self, BootConfig, BootError};
 use crate::config::{SerialSpec, VmConfig};
 use crate::devices::net::{NetDevice, NetSetupError};
@@ -56,8 +58,6 @@ pub enum BuildError {
     },
     #[error("device layout: {0}")]
     Bus(#[from] BusError),
-    #[error("cannot start the API server: {0}")]
-    Api(#[from] api::ApiError),
     #[error(transparent)]
     MachineType(#[from] MachineTypeError),
     #[error(transparent)]
@@ -96,7 +96,8 @@ pub enum RunState {
 }
 
 impl RunState {
-    fn as_str(self) -> &'static str {
+    /// The name QMP `query-status` reports.
+    pub fn as_str(self) -> &'static str {
         match self {
             RunState::Running => "running",
             RunState::Paused => "paused",
@@ -196,6 +197,14 @@ impl VmHandle {
         all
     }
 
+    /// A sender for the events the main loop of the VM waits for.
+    pub(crate) fn event_sender(&self) -> Sender<VmEvent> {
+        self.vm_events
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
     pub fn request_quit(&self) {
         let tx = self
             .vm_events
@@ -203,207 +212,6 @@ impl VmHandle {
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let _ = tx.send(VmEvent::Quit);
     }
-}
-
-/// The QMP commands of a running VM.
-struct VmCommands {
-    vm: Arc<VmHandle>,
-}
-
-impl CommandHandler for VmCommands {
-    fn execute(&self, command: &str, args: Map<String, Value>) -> Result<Value, QmpError> {
-        match command {
-            "query-version" => {
-                api::no_args(args)?;
-                Ok(version_info())
-            }
-            "query-status" => {
-                api::no_args(args)?;
-                let state = self.vm.run_state();
-                Ok(
-                    json!({"running": state == RunState::Running, "status": state.as_str(), "singlestep": false}),
-                )
-            }
-            "stop" => {
-                api::no_args(args)?;
-                self.vm.pause();
-                Ok(json!({}))
-            }
-            "cont" => {
-                api::no_args(args)?;
-                if self.vm.run_state() == RunState::Shutdown {
-                    return Err(QmpError::generic(
-                        "the VM has shut down and cannot be resumed",
-                    ));
-                }
-                self.vm.resume();
-                Ok(json!({}))
-            }
-            "quit" => {
-                api::no_args(args)?;
-                self.vm.request_quit();
-                Ok(json!({}))
-            }
-            "query-net" => {
-                api::no_args(args)?;
-                Ok(Value::Array(
-                    self.vm.nets.iter().map(NetDevice::query).collect(),
-                ))
-            }
-            "query-machines" => {
-                api::no_args(args)?;
-                Ok(query_machines(Some(self.vm.machine)))
-            }
-            "snapshot-save" => {
-                #[derive(serde::Deserialize)]
-                #[serde(deny_unknown_fields)]
-                struct Args {
-                    dir: std::path::PathBuf,
-                }
-                let a: Args = api::parse_args(args)?;
-                match crate::persist::snapshot::save(&self.vm, &a.dir) {
-                    Ok(stats) => Ok(serde_json::to_value(stats).unwrap_or(Value::Null)),
-                    Err(e) => Err(QmpError::generic(e.to_string())),
-                }
-            }
-            "query-migrate" => {
-                api::no_args(args)?;
-                let mut info = serde_json::to_value(self.vm.migration.info()).unwrap_or(json!({}));
-                if let Value::Object(o) = &mut info {
-                    o.insert("blocked-reasons".into(), json!(self.vm.blockers()));
-                }
-                Ok(info)
-            }
-            "migrate" => {
-                #[derive(serde::Deserialize)]
-                #[serde(deny_unknown_fields)]
-                struct Args {
-                    uri: String,
-                }
-                let a: Args = api::parse_args(args)?;
-                let tx = self
-                    .vm
-                    .vm_events
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .clone();
-                crate::migration::start(&self.vm, &a.uri, tx)
-                    .map_err(|e| QmpError::generic(e.to_string()))?;
-                Ok(json!({}))
-            }
-            "migrate_cancel" => {
-                api::no_args(args)?;
-                self.vm.migration.cancel();
-                Ok(json!({}))
-            }
-            "migrate-set-parameters" => {
-                #[derive(serde::Deserialize)]
-                #[serde(deny_unknown_fields)]
-                struct Args {
-                    #[serde(rename = "downtime-limit")]
-                    downtime_limit: Option<u64>,
-                    #[serde(rename = "max-bandwidth")]
-                    max_bandwidth: Option<u64>,
-                    #[serde(rename = "max-rounds")]
-                    max_rounds: Option<u32>,
-                }
-                let a: Args = api::parse_args(args)?;
-                let mut p = self
-                    .vm
-                    .migration
-                    .params
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner);
-                if let Some(d) = a.downtime_limit {
-                    p.downtime_limit_ms = d;
-                }
-                if let Some(b) = a.max_bandwidth {
-                    p.max_bandwidth = b;
-                }
-                if let Some(r) = a.max_rounds {
-                    if r == 0 {
-                        return Err(QmpError::generic(
-                            "Parameter 'max-rounds' must be at least 1",
-                        ));
-                    }
-                    p.max_rounds = r;
-                }
-                Ok(json!({}))
-            }
-            "query-migrate-parameters" => {
-                api::no_args(args)?;
-                let p = self
-                    .vm
-                    .migration
-                    .params
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .clone();
-                Ok(serde_json::to_value(p).unwrap_or(json!({})))
-            }
-            "query-host-caps" => api::plan::qmp_query_host_caps(args),
-            "plan" => api::plan::qmp_plan(&self.vm, args),
-            other => Err(QmpError::command_not_found(format!(
-                "The command {other} has not been found"
-            ))),
-        }
-    }
-
-    fn commands(&self) -> Vec<&'static str> {
-        vec![
-            "query-version",
-            "query-status",
-            "stop",
-            "cont",
-            "quit",
-            "query-net",
-            "query-machines",
-            "query-migrate",
-            "snapshot-save",
-            "migrate",
-            "migrate_cancel",
-            "migrate-set-parameters",
-            "query-migrate-parameters",
-            "query-host-caps",
-            "plan",
-        ]
-    }
-}
-
-/// QMP `query-machines`: every type with its resolved virtio-net ABI.
-pub fn query_machines(current: Option<&MachineType>) -> Value {
-    let newest = machine_types::newest().name;
-    Value::Array(
-        machine_types::MACHINE_TYPES
-            .iter()
-            .rev()
-            .map(|m| {
-                let mut v = serde_json::to_value(m.resolved()).unwrap_or(Value::Null);
-                if let Value::Object(o) = &mut v {
-                    o.insert("is-default".into(), json!(m.name == newest));
-                    if m.name == newest {
-                        o.insert("alias".into(), json!(machine_types::ALIAS));
-                    }
-                    if let Some(c) = current {
-                        o.insert("is-current".into(), json!(c.name == m.name));
-                    }
-                }
-                v
-            })
-            .collect(),
-    )
-}
-
-pub fn version_info() -> Value {
-    let mut parts = env!("CARGO_PKG_VERSION")
-        .split('.')
-        .map(|p| p.parse::<u64>().unwrap_or(0));
-    let (major, minor, micro) = (
-        parts.next().unwrap_or(0),
-        parts.next().unwrap_or(0),
-        parts.next().unwrap_or(0),
-    );
-    json!({"godwit": {"major": major, "minor": minor, "micro": micro}, "package": format!("godwit {}", env!("CARGO_PKG_VERSION"))})
 }
 
 /// The console sink for `spec`, behind its own writer thread (so that a
@@ -641,29 +449,32 @@ impl Machine {
             blockers: Mutex::new(blockers),
             state: Mutex::new(RunState::Paused),
             vm_events: Mutex::new(built.event_tx),
-            api_events: api_events.clone(),
+            api_events,
             vm: built.vm,
             ram: built.ram,
             operation: Mutex::new(()),
             migration: crate::migration::MigrationState::default(),
         });
-        let api = match &config.api_socket {
-            Some(path) => Some(ApiServer::start_with_events(
-                path,
-                Arc::new(VmCommands { vm: handle.clone() }),
-                api_events,
-            )?),
-            None => None,
-        };
         if matches!(config.serial, SerialSpec::Stdio) {
             spawn_stdin_reader(built.serial);
         }
         Ok(Machine {
             handle,
             vm_events: built.event_rx,
-            api,
+            api: None,
             on_running: None,
         })
+    }
+
+    /// What management commands act on.
+    pub fn handle(&self) -> Arc<VmHandle> {
+        Arc::clone(&self.handle)
+    }
+
+    /// Keeps the API server serving this VM; it is shut down when
+    /// [`Machine::run`] ends, after the `SHUTDOWN` event.
+    pub fn attach_api(&mut self, server: ApiServer) {
+        self.api = Some(server);
     }
 
     /// Sets what runs right after the guest is resumed by [`Machine::run`].
