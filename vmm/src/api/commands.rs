@@ -15,10 +15,11 @@ use serde_json::{json, Value};
 
 use std::os::fd::{AsRawFd, IntoRawFd};
 
-use super::{ApiError, ApiServer, CommandHandler, DescriptorError, QmpError, Session};
+use super::{ApiError, ApiServer, CommandHandler, DescriptorError, EventSender, QmpError, Session};
 use crate::abi::machine_types::{self, MachineType};
 use crate::config::net_spec::{NetSpec, NetSpecError, PeerSpec};
 use crate::devices::net::NetDevice;
+use crate::machine::services::{EventSink, Service};
 use crate::machine::{Machine, RunState, VmHandle};
 use crate::planning::host_caps::{self, PeerKind};
 use crate::planning::planner::{self, PlanError, VmDevice, VmView};
@@ -443,10 +444,23 @@ pub fn query_machines(current: Option<&MachineType>) -> Value {
 /// when the machine's run ends.
 pub fn serve(machine: &mut Machine, path: &Path) -> Result<(), ApiError> {
     let vm = machine.handle();
-    let events = vm.api_events.clone();
+    let events = EventSender::new();
+    vm.api_events.attach(Arc::new(events.clone()));
     let server = ApiServer::start_with_events(path, Arc::new(VmCommands { vm }), events)?;
-    machine.attach_api(server);
+    machine.attach_service(Box::new(server));
     Ok(())
+}
+
+impl EventSink for EventSender {
+    fn emit(&self, name: &str, data: Value) {
+        EventSender::emit(self, name, data);
+    }
+}
+
+impl Service for ApiServer {
+    fn shutdown(&mut self) {
+        ApiServer::shutdown(self);
+    }
 }
 
 #[cfg(test)]

@@ -1,7 +1,8 @@
 //! Builds a VM from its configuration and runs it to the end: KVM, memory,
 //! kernel, devices, vCPUs, console. The operations management commands
 //! perform live on [`VmHandle`]; the API that calls them (`api::commands`)
-//! is attached with [`Machine::attach_api`] and stopped when the run ends.
+//! is attached with [`Machine::attach_service`] and stopped when the run
+//! ends.
 
 use std::fs::OpenOptions;
 use std::io::Read;
@@ -21,8 +22,10 @@ use godwit_devices::serial::{SerialDevice, SerialOutput, COM1_BASE, COM1_IRQ, CO
 /// How long godwit waits at exit for a slow console reader.
 const CONSOLE_DRAIN_AT_EXIT: Duration = Duration::from_secs(2);
 
+pub mod migration_status;
+pub mod services;
+
 use crate::abi::machine_types::{self, MachineType, MachineTypeError};
-use crate::api::{ApiServer, EventSender};
 use crate::boot::{self, BootConfig, BootError};
 use crate::config::{SerialSpec, VmConfig};
 use crate::devices::net::{NetDevice, NetSetupError};
@@ -31,6 +34,7 @@ use crate::vstate::events::VmEvent;
 use crate::vstate::memory::{GuestRam, MemoryError};
 use crate::vstate::vcpu::{register_kick_signal, IoBuses, VcpuThreads};
 use crate::vstate::vm::{self, Vm, VmError};
+use services::{Events, Service};
 
 /// Why a VM could not be built (boot, and the parts restore and incoming
 /// migration share). Each message says what to change.
@@ -118,12 +122,12 @@ pub struct VmHandle {
     blockers: Mutex<Vec<String>>,
     state: Mutex<RunState>,
     vm_events: Mutex<Sender<VmEvent>>,
-    pub(crate) api_events: EventSender,
+    pub(crate) api_events: Events,
     pub(crate) vm: Vm,
     pub(crate) ram: GuestRam,
     /// Serializes whole-VM operations (snapshot, migration) with stop/cont.
     pub(crate) operation: Mutex<()>,
-    pub(crate) migration: crate::migration::MigrationState,
+    pub(crate) migration: migration_status::MigrationState,
 }
 
 impl VmHandle {
@@ -280,7 +284,7 @@ pub type OnRunning = Box<dyn FnOnce(&VmHandle) + Send>;
 pub struct Machine {
     handle: Arc<VmHandle>,
     vm_events: Receiver<VmEvent>,
-    api: Option<ApiServer>,
+    services: Vec<Box<dyn Service>>,
     on_running: Option<OnRunning>,
 }
 
@@ -440,7 +444,7 @@ impl Machine {
             what: "vCPU threads",
             source,
         })?;
-        let api_events = EventSender::new();
+        let api_events = Events::default();
         let handle = Arc::new(VmHandle {
             vcpus: threads,
             nets: built.nets,
@@ -453,7 +457,7 @@ impl Machine {
             vm: built.vm,
             ram: built.ram,
             operation: Mutex::new(()),
-            migration: crate::migration::MigrationState::default(),
+            migration: migration_status::MigrationState::default(),
         });
         if matches!(config.serial, SerialSpec::Stdio) {
             spawn_stdin_reader(built.serial);
@@ -461,7 +465,7 @@ impl Machine {
         Ok(Machine {
             handle,
             vm_events: built.event_rx,
-            api: None,
+            services: Vec::new(),
             on_running: None,
         })
     }
@@ -471,10 +475,10 @@ impl Machine {
         Arc::clone(&self.handle)
     }
 
-    /// Keeps the API server serving this VM; it is shut down when
-    /// [`Machine::run`] ends, after the `SHUTDOWN` event.
-    pub fn attach_api(&mut self, server: ApiServer) {
-        self.api = Some(server);
+    /// Keeps `service` (the API server) running with this VM; it is shut
+    /// down when [`Machine::run`] ends, after the `SHUTDOWN` event.
+    pub fn attach_service(&mut self, service: Box<dyn Service>) {
+        self.services.push(service);
     }
 
     /// Sets what runs right after the guest is resumed by [`Machine::run`].
@@ -518,10 +522,12 @@ impl Machine {
         self.handle
             .api_events
             .emit("SHUTDOWN", json!({"guest": guest, "reason": reason}));
-        if let Some(api) = self.api.as_mut() {
+        if !self.services.is_empty() {
             // Let clients read the SHUTDOWN event before the socket closes.
             std::thread::sleep(std::time::Duration::from_millis(20));
-            api.shutdown();
+        }
+        for service in &mut self.services {
+            service.shutdown();
         }
         outcome
     }

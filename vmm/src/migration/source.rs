@@ -14,9 +14,8 @@ use godwit_migration::protocol::{
 };
 
 use super::transport::Conn;
-use super::{
-    MigrateError, MigrationInfo, MigrationParams, MigrationState, BATCH_PAGES, PEER_TIMEOUT,
-};
+use super::{MigrateError, BATCH_PAGES, PEER_TIMEOUT};
+use crate::machine::migration_status::{MigrationInfo, MigrationParams, MigrationState};
 use crate::machine::VmHandle;
 use crate::persist::snapshot::{capture_state, Quiesced};
 use crate::vstate::events::VmEvent;
@@ -168,10 +167,7 @@ pub fn start(
             let started = Instant::now();
             emit_status(&h, "setup");
             let result = run_source(&h, &uri, started);
-            *h.migration
-                .conn
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner) = None;
+            h.migration.set_breaker(None);
             h.migration
                 .update(|i| i.total_time_ms = started.elapsed().as_secs_f64() * 1e3);
             match result {
@@ -209,14 +205,12 @@ pub(super) fn run_source(
         .map_err(|_| MigrateError::Busy)?;
     let mut conn = connect(uri)?;
     conn.set_timeout(Some(PEER_TIMEOUT));
-    *handle
+    let breaker = conn
+        .try_clone()
+        .map_err(|e| MigrateError::Local(e.to_string()))?;
+    handle
         .migration
-        .conn
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner) = Some(
-        conn.try_clone()
-            .map_err(|e| MigrateError::Local(e.to_string()))?,
-    );
+        .set_breaker(Some(Box::new(move || breaker.shutdown())));
     let hello = hello_of(handle)?;
     write_json(&mut conn, Kind::Hello, &hello)?;
     let reply: HelloReply = expect(&mut conn, Kind::HelloReply, "HelloReply")?.json()?;
