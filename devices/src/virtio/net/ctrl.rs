@@ -17,14 +17,14 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use virtio_bindings::virtio_net::*;
-use virtio_bindings::virtio_ring::VRING_AVAIL_F_NO_INTERRUPT;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use super::chain::{
+    parse_chain, read_from_segs, seg_total, wants_interrupt, write_to_segs, Fatal, Seg,
+};
 use super::features::GUEST_OFFLOADS;
-use super::worker::{parse_chain, read_from_segs, seg_total, write_to_segs, Fatal, Seg};
 use super::{Fault, Shared, CTRL_QUEUE};
 use crate::virtio::pause::PauseGate;
 use crate::virtio::ratelimit::LogLimiter;
@@ -98,25 +98,6 @@ pub(crate) fn serve_ctrl_queue(
         added += 1;
     }
     Ok(added)
-}
-
-/// Whether the driver wants an interrupt for the used entries just added to
-/// `q` (EVENT_IDX's used_event, else VRING_AVAIL_F_NO_INTERRUPT, which
-/// virtio-queue does not look at).
-pub(crate) fn wants_interrupt(q: &mut Queue, mem: &GuestMemory, name: &str) -> Result<bool, Fatal> {
-    if q.event_idx_enabled() {
-        q.needs_notification(mem)
-            .map_err(|e| Fatal(format!("{name} queue: reading used_event: {e}")))
-    } else {
-        let flags: u16 = mem
-            .load(GuestAddress(q.avail_ring()), Ordering::Acquire)
-            .map_err(|e| {
-                Fatal(format!(
-                    "{name} queue: reading the available ring flags: {e}"
-                ))
-            })?;
-        Ok(u16::from_le(flags) & VRING_AVAIL_F_NO_INTERRUPT as u16 == 0)
-    }
 }
 
 /// Executes one control command; returns VIRTIO_NET_OK or VIRTIO_NET_ERR.
@@ -349,8 +330,7 @@ fn run_ctrl(mut job: CtrlJob, epoll: Epoll, _stop: EventFd) -> Queue {
             &mut *job.set_guest_offloads,
             &mut log,
         )?;
-        let pack = u32::from(job.queue.next_avail()) | (u32::from(job.queue.next_used()) << 16);
-        job.shared.positions[CTRL_QUEUE].store(pack, Ordering::SeqCst);
+        job.shared.publish_position(CTRL_QUEUE, &job.queue);
         if added > 0 && wants_interrupt(&mut job.queue, &job.mem, "control")? {
             if let Err(e) = job
                 .interrupt

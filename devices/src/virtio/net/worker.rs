@@ -26,11 +26,14 @@ use std::sync::Arc;
 
 use crate::virtio::pause::PauseGate;
 use virtio_bindings::virtio_net::*;
-use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use vm_memory::{Address, Bytes, GuestAddress};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
+use super::chain::{
+    build_iovecs, mark_dirty, parse_chain, seg_total, wants_interrupt, write_to_segs, Fatal, Seg,
+};
 use super::features::tun_offloads_for_guest;
 use super::{Fault, Shared, CTRL_QUEUE, NET_HDR_LEN, RX_QUEUE, TX_QUEUE};
 use crate::net::Tap;
@@ -43,8 +46,6 @@ use crate::GuestMemory;
 pub(crate) const RX_BUF_LEN: usize = 68 * 1024;
 /// Largest frame (header included) accepted from the guest.
 const TX_MAX_LEN: usize = RX_BUF_LEN;
-/// Most segments in one chain (the kernel's UIO_MAXIOV).
-const MAX_SEGS: usize = 1024;
 /// Frames / chains handled before the loop looks at other events.
 const RX_BUDGET: usize = 256;
 const TX_BUDGET: usize = 256;
@@ -65,20 +66,8 @@ const LOG_TAP_GONE: usize = LOG_CTRL + 2;
 const LOG_IRQ: usize = LOG_CTRL + 3;
 const LOG_SLOTS: usize = LOG_CTRL + 4;
 
-/// The ring itself cannot be used any more.
-#[derive(Debug)]
-pub(crate) struct Fatal(pub(crate) String);
-
 fn ring_err(queue: &'static str, what: &'static str) -> impl Fn(virtio_queue::Error) -> Fatal {
     move |e| Fatal(format!("{queue} queue: {what}: {e}"))
-}
-
-/// One guest buffer: a descriptor's address, length and direction.
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct Seg {
-    pub(crate) addr: GuestAddress,
-    pub(crate) len: u32,
-    pub(crate) write: bool,
 }
 
 /// A parsed receive chain: its head and its segments in the scratch vector.
@@ -107,159 +96,6 @@ enum ReadStep {
     NoBuffers(u16),
     /// The TAP has nothing (or is gone).
     Empty,
-}
-
-/// Walks a chain, appending its non-empty descriptors to `segs`. Fails when
-/// the chain is broken (loop, longer than the queue, bad next index, bad
-/// indirect table: the iterator stops early while the last descriptor still
-/// says NEXT), a buffer lies outside guest memory, or it has too many
-/// segments. On failure `segs` may hold part of the chain; callers truncate.
-pub(crate) fn parse_chain(
-    chain: DescriptorChain<&GuestMemory>,
-    mem: &GuestMemory,
-    segs: &mut Vec<Seg>,
-) -> Result<(), Fault> {
-    let start = segs.len();
-    let mut any = false;
-    let mut last_next = false;
-    for d in chain {
-        any = true;
-        last_next = d.has_next();
-        if d.len() == 0 {
-            continue;
-        }
-        if !GuestMemoryBackend::check_range(mem, d.addr(), d.len() as usize) {
-            return Err(Fault::OutOfBounds);
-        }
-        if segs.len() - start >= MAX_SEGS {
-            return Err(Fault::TooLarge);
-        }
-        segs.push(Seg {
-            addr: d.addr(),
-            len: d.len(),
-            write: d.is_write_only(),
-        });
-    }
-    if !any || last_next {
-        return Err(Fault::BrokenChain);
-    }
-    Ok(())
-}
-
-pub(crate) fn seg_total(segs: &[Seg]) -> usize {
-    segs.iter().map(|s| s.len as usize).sum()
-}
-
-/// Copies `data` into the buffers `segs`, starting `offset` bytes in.
-/// Returns how many bytes were written. Marks the pages dirty.
-pub(crate) fn write_to_segs(
-    mem: &GuestMemory,
-    segs: &[Seg],
-    mut offset: usize,
-    mut data: &[u8],
-) -> usize {
-    let mut written = 0;
-    for s in segs {
-        if data.is_empty() {
-            break;
-        }
-        let len = s.len as usize;
-        if offset >= len {
-            offset -= len;
-            continue;
-        }
-        let n = (len - offset).min(data.len());
-        let Some(addr) = s.addr.checked_add(offset as u64) else {
-            break;
-        };
-        // The range was checked when the chain was parsed; a failure here
-        // means guest memory changed under us, which we report as short.
-        if mem.write_slice(&data[..n], addr).is_err() {
-            break;
-        }
-        written += n;
-        data = &data[n..];
-        offset = 0;
-    }
-    written
-}
-
-/// Copies up to `out.len()` bytes out of the buffers `segs`.
-pub(crate) fn read_from_segs(mem: &GuestMemory, segs: &[Seg], out: &mut [u8]) -> usize {
-    let mut done = 0;
-    for s in segs {
-        let n = (s.len as usize).min(out.len() - done);
-        if n == 0 {
-            break;
-        }
-        if mem.read_slice(&mut out[done..done + n], s.addr).is_err() {
-            break;
-        }
-        done += n;
-    }
-    done
-}
-
-/// Marks `len` bytes starting `skip` bytes into `segs` dirty (for writes
-/// done through raw pointers, which bypass the bitmap).
-fn mark_dirty(mem: &GuestMemory, segs: &[Seg], mut skip: usize, mut len: usize) {
-    for s in segs {
-        if len == 0 {
-            break;
-        }
-        let slen = s.len as usize;
-        if skip >= slen {
-            skip -= slen;
-            continue;
-        }
-        let n = (slen - skip).min(len);
-        let Some(addr) = s.addr.checked_add(skip as u64) else {
-            break;
-        };
-        for slice in GuestMemoryBackend::get_slices(mem, addr, n).flatten() {
-            vm_memory::bitmap::Bitmap::mark_dirty(slice.bitmap(), 0, slice.len());
-        }
-        len -= n;
-        skip = 0;
-    }
-}
-
-/// Builds iovecs over `segs` (skipping the first `skip` bytes) into `iov`,
-/// keeping the pointer guards alive in `guards`. False if a buffer is no
-/// longer in guest memory or there are too many pieces.
-fn build_iovecs(
-    mem: &GuestMemory,
-    segs: &[Seg],
-    mut skip: usize,
-    iov: &mut Vec<libc::iovec>,
-    guards: &mut Vec<vm_memory::volatile_memory::PtrGuardMut>,
-) -> bool {
-    iov.clear();
-    guards.clear();
-    for s in segs {
-        let len = s.len as usize;
-        if skip >= len {
-            skip -= len;
-            continue;
-        }
-        let Some(addr) = s.addr.checked_add(skip as u64) else {
-            return false;
-        };
-        for slice in GuestMemoryBackend::get_slices(mem, addr, len - skip) {
-            let Ok(slice) = slice else { return false };
-            if iov.len() >= MAX_SEGS {
-                return false;
-            }
-            let guard = slice.ptr_guard_mut();
-            iov.push(libc::iovec {
-                iov_base: guard.as_ptr().cast(),
-                iov_len: slice.len(),
-            });
-            guards.push(guard);
-        }
-        skip = 0;
-    }
-    true
 }
 
 pub(crate) struct Worker {
@@ -463,11 +299,10 @@ impl Worker {
     }
 
     fn publish_positions(&self) {
-        let pack = |q: &Queue| u32::from(q.next_avail()) | (u32::from(q.next_used()) << 16);
-        self.shared.positions[RX_QUEUE].store(pack(&self.rx), Ordering::SeqCst);
-        self.shared.positions[TX_QUEUE].store(pack(&self.tx), Ordering::SeqCst);
+        self.shared.publish_position(RX_QUEUE, &self.rx);
+        self.shared.publish_position(TX_QUEUE, &self.tx);
         if let Some((q, _)) = &self.ctrl {
-            self.shared.positions[CTRL_QUEUE].store(pack(q), Ordering::SeqCst);
+            self.shared.publish_position(CTRL_QUEUE, q);
         }
     }
 
@@ -546,7 +381,7 @@ impl Worker {
                 None => return Ok(()),
             },
         };
-        let crate_says = super::ctrl::wants_interrupt(q, mem, name)?;
+        let crate_says = wants_interrupt(q, mem, name)?;
         // Entries written by add_used_rx_batch were not counted by
         // virtio-queue: decide over the whole range they published.
         let batched = index == RX_QUEUE && std::mem::take(&mut self.rx_batched) > 0;
