@@ -306,7 +306,7 @@ impl NetModel for VhostUserNet {
 
     fn peer_status(&self) -> PeerStatus {
         PeerStatus::VhostUser {
-            backend: self.backend_status(),
+            backend: Box::new(self.backend_status()),
             dirty_log: self.logging_support(),
             interface: self.interface_in_use(),
         }

@@ -86,6 +86,12 @@ pub enum MigrateError {
     },
     #[error("{0}")]
     Local(String),
+    #[error("{device}: {source}")]
+    DeviceLog {
+        device: String,
+        #[source]
+        source: godwit_devices::dirty_log::DirtyLogError,
+    },
 }
 
 /// `migrate-set-parameters`.

@@ -64,7 +64,7 @@ pub enum PeerStatus {
     },
     /// A vhost-user backend.
     VhostUser {
-        backend: BackendStatus,
+        backend: Box<BackendStatus>,
         /// Whether the backend can log the pages it writes, else why not.
         dirty_log: Result<(), String>,
         interface: Option<InterfaceInUse>,
