@@ -11,6 +11,7 @@ pub mod mmio;
 pub mod net;
 pub mod pause;
 pub(crate) mod ratelimit;
+#[cfg(any(test, feature = "test-utils"))]
 pub mod testing;
 
 use std::sync::Arc;
