@@ -150,6 +150,14 @@ impl SharedDirtyLog {
     }
 }
 
+/// Appends the pages marked in `log` (a device that is logging) and
+/// clears them; nothing without a log.
+pub fn take_pages(log: Option<&SharedDirtyLog>, pages: &mut Vec<u64>) {
+    if let Some(log) = log {
+        log.take(pages);
+    }
+}
+
 impl Drop for SharedDirtyLog {
     fn drop(&mut self) {
         // SAFETY: unmaps exactly the mapping made in `new`.

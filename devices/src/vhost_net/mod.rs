@@ -28,14 +28,14 @@ use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryRegion};
 
-use crate::dirty_log::{DirtyLogError, DirtyTracking, SharedDirtyLog};
+use crate::dirty_log::{take_pages, DirtyLogError, DirtyTracking, SharedDirtyLog};
 use crate::net::Tap;
 use crate::virtio::net::features::{self, VhostNeed, FEATURES};
 use crate::virtio::net::frontend::{
     BackendRings, FrontendConfig, FrontendError, NetFrontend, PeerInfo, DATA_RINGS,
 };
 use crate::virtio::net::model::virtio_frontend_methods;
-use crate::virtio::net::{NetInfo, NetModel, PeerStatus, PeerTap};
+use crate::virtio::net::{NetModel, PeerStatus, PeerTap};
 use crate::virtio::pause::PauseError;
 use crate::virtio::{feature, ActivateError, ActivateParams, QueuePosition, VirtioDevice};
 use crate::GuestMemory;
@@ -160,14 +160,9 @@ impl<K: VhostNet> VhostNetPeer<K> {
     }
 }
 
-/// How the VMM configures a vhost-net device.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct VhostNetConfig {
-    pub mac: [u8; 6],
-    pub features: u64,
-    pub mtu: u16,
-    pub queue_size: u16,
-}
+/// How the VMM configures a vhost-net device: only its guest-visible side
+/// (the kernel serves what the TAP and `/dev/vhost-net` carry).
+pub type VhostNetConfig = FrontendConfig;
 
 fn tap_file(tap: &Tap) -> Result<File, VhostNetError> {
     // SAFETY: the TAP's fd is open for as long as `tap` lives, which
@@ -321,16 +316,7 @@ pub struct VhostKernelNet<K: VhostNet + Send = KernelNet> {
 
 impl<K: VhostNet + Send> VhostKernelNet<K> {
     pub fn new(peer: VhostNetPeer<K>, config: VhostNetConfig) -> Result<Self, VhostNetError> {
-        let front = NetFrontend::new(
-            peer.tap.name().to_string(),
-            DEVICE_NAME,
-            &FrontendConfig {
-                mac: config.mac,
-                features: config.features,
-                mtu: config.mtu,
-                queue_size: config.queue_size,
-            },
-        )?;
+        let front = NetFrontend::new(peer.tap.name().to_string(), DEVICE_NAME, &config)?;
         Ok(VhostKernelNet {
             front,
             tap: peer.tap.clone(),
@@ -462,13 +448,9 @@ impl<K: VhostNet + Send> NetModel for VhostKernelNet<K> {
         &self.front
     }
 
-    fn info(&self) -> NetInfo {
-        self.front.info(PeerInfo {
-            name: self.tap.name().to_string(),
-            vnet_hdr: self.tap.has_vnet_hdr(),
-            tap_offloads: self.tap.offload(),
-            tap_capabilities: Default::default(),
-        })
+    /// Packet offloads are the TAP's; `/dev/vhost-net` probes nothing.
+    fn peer_info(&self) -> PeerInfo {
+        PeerInfo::of_tap(&self.tap, Default::default())
     }
 
     fn peer_status(&self) -> PeerStatus {
@@ -540,20 +522,18 @@ impl<K: VhostNet + Send> DirtyTracking for VhostKernelNet<K> {
     }
 
     fn dirty_log(&self, pages: &mut Vec<u64>) {
-        if let Some(log) = &self.inner().log {
-            log.take(pages);
-        }
+        take_pages(self.inner().log.as_ref(), pages);
     }
 
     fn stop_dirty_log(&self) -> Result<(), DirtyLogError> {
         let mut i = self.inner();
-        // The kernel stops writing before the mapping goes away.
-        let log = i.log.take();
-        let res = i
-            .apply_log(self.front.acked())
-            .map_err(self.backend_error("stopping the kernel's dirty log"));
-        drop(log);
-        res
+        if let Some(log) = i.log.take() {
+            // LOG_ALL off first: the kernel writes the log until then.
+            i.apply_log(self.front.acked())
+                .map_err(self.backend_error("stopping the kernel's dirty log"))?;
+            drop(log);
+        }
+        Ok(())
     }
 }
 

@@ -28,11 +28,11 @@ use super::conn::VhostUserError;
 use super::endpoint::Endpoint;
 use super::link::{lock, monitor, read_used_idx, Inner, Rechecker};
 use super::session::{BackendStatus, InterfaceInUse, Session};
-use crate::dirty_log::{DirtyLogError, DirtyTracking, SharedDirtyLog};
+use crate::dirty_log::{take_pages, DirtyLogError, DirtyTracking, SharedDirtyLog};
 use crate::virtio::net::features;
 use crate::virtio::net::frontend::{FrontendConfig, FrontendError, NetFrontend, PeerInfo};
 use crate::virtio::net::model::virtio_frontend_methods;
-use crate::virtio::net::{format_mac, NetInfo, NetModel, PeerStatus};
+use crate::virtio::net::{format_mac, NetModel, PeerStatus};
 use crate::virtio::pause::PauseError;
 use crate::virtio::{ActivateError, ActivateParams, QueuePosition, VirtioDevice};
 
@@ -41,12 +41,8 @@ const DEVICE_NAME: &str = "virtio-net (vhost-user)";
 /// How the VMM configures a vhost-user net device.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct VhostUserNetConfig {
-    pub mac: [u8; 6],
-    /// Features offered to the guest (decided by the VMM; VERSION_1 added).
-    pub features: u64,
-    pub mtu: u16,
-    /// Maximum size of the receive and transmit rings.
-    pub queue_size: u16,
+    /// The guest-visible side (features decided by the VMM).
+    pub frontend: FrontendConfig,
     /// The interface version `interface=` pinned, if any.
     pub pin: Option<String>,
     /// Deadline of every reply.
@@ -80,16 +76,7 @@ impl VhostUserNet {
         recheck: Rechecker,
     ) -> Result<Self, VhostUserNetError> {
         let name = format!("{}", endpoint.path().display());
-        let front = NetFrontend::new(
-            name.clone(),
-            DEVICE_NAME,
-            &FrontendConfig {
-                mac: config.mac,
-                features: config.features,
-                mtu: config.mtu,
-                queue_size: config.queue_size,
-            },
-        )?;
+        let front = NetFrontend::new(name.clone(), DEVICE_NAME, &config.frontend)?;
         let mut inner = Inner {
             name: name.clone(),
             endpoint,
@@ -105,7 +92,7 @@ impl VhostUserNet {
             last_error: None,
             offered: front.offered_cell(),
             shared: front.shared().clone(),
-            mtu: config.mtu,
+            mtu: config.frontend.mtu,
             admin_up: true,
             paused: false,
         };
@@ -120,7 +107,7 @@ impl VhostUserNet {
             .map_err(VhostUserNetError::Thread)?;
         tracing::info!(
             backend = %name,
-            mac = %format_mac(&config.mac),
+            mac = %format_mac(&config.frontend.mac),
             features = %features::names(front.offered()),
             "virtio-net (vhost-user) device created"
         );
@@ -294,14 +281,10 @@ impl NetModel for VhostUserNet {
         &self.front
     }
 
-    /// Only the control queue's counters: the backend moves the packets.
-    fn info(&self) -> NetInfo {
-        self.front.info(PeerInfo {
-            name: self.front.name().to_string(),
-            vnet_hdr: false,
-            tap_offloads: 0,
-            tap_capabilities: Default::default(),
-        })
+    /// Only the control queue's counters count: the backend moves the
+    /// packets.
+    fn peer_info(&self) -> PeerInfo {
+        PeerInfo::of_backend(self.front.name())
     }
 
     fn peer_status(&self) -> PeerStatus {
@@ -402,19 +385,20 @@ impl DirtyTracking for VhostUserNet {
         i.check(res).map_err(self.log_error("SET_LOG_BASE"))
     }
 
-    fn dirty_log(&self, pages: &mut Vec<u64>) {
-        if let Some(log) = &self.inner().log {
-            log.take(pages);
-        }
-    }
-
     fn stop_dirty_log(&self) -> Result<(), DirtyLogError> {
         let mut i = self.inner();
-        // The backend stops logging before the log goes away.
-        let log = i.log.take();
+        let Some(log) = i.log.take() else {
+            return Ok(());
+        };
+        // The backend is told to stop before the log goes away.
         let res = i.apply_log();
+        let res = i.check(res).map_err(self.log_error("turning LOG_ALL off"));
         drop(log);
-        i.check(res).map_err(self.log_error("turning LOG_ALL off"))
+        res
+    }
+
+    fn dirty_log(&self, pages: &mut Vec<u64>) {
+        take_pages(self.inner().log.as_ref(), pages);
     }
 }
 

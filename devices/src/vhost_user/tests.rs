@@ -20,7 +20,7 @@ use super::*;
 use crate::dirty_log::DirtyTracking;
 use crate::net::{Tap, VnetHdr};
 use crate::virtio::mmio::MmioTransport;
-use crate::virtio::net::{NetModel, RX_QUEUE};
+use crate::virtio::net::{FrontendConfig, NetModel, RX_QUEUE};
 use crate::virtio::testing::{GuestDriver, NetNs};
 use crate::virtio::{feature, VirtioDevice, VIRTIO_F_VERSION_1};
 use crate::GuestMemory;
@@ -101,10 +101,12 @@ fn backend_writes_are_logged_and_rings_stop_and_restart_where_they_were() {
         session,
         Endpoint::client(&socket),
         VhostUserNetConfig {
-            mac: [0x52, 0x54, 0, 0x12, 0x34, 0x56],
-            features,
-            mtu: 1500,
-            queue_size: 256,
+            frontend: FrontendConfig {
+                mac: [0x52, 0x54, 0, 0x12, 0x34, 0x56],
+                features,
+                mtu: 1500,
+                queue_size: 256,
+            },
             pin: Some("org.godwit.net.v1".into()),
             timeout: Duration::from_secs(5),
         },

@@ -11,7 +11,7 @@
 //! unknown or malformed command is answered VIRTIO_NET_ERR.
 
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -214,6 +214,19 @@ fn parse_mac_tables(data: &[u8]) -> Option<MacTables> {
     rest.is_empty().then_some((uni, multi))
 }
 
+/// An epoll set watching each fd of `fds` for input, with its token.
+pub(crate) fn epoll_on(fds: &[(RawFd, u64)]) -> io::Result<Epoll> {
+    let epoll = Epoll::new()?;
+    for &(fd, token) in fds {
+        epoll.ctl(
+            ControlOperation::Add,
+            fd,
+            EpollEvent::new(EventSet::IN, token),
+        )?;
+    }
+    Ok(epoll)
+}
+
 const TOKEN_STOP: u64 = 0;
 const TOKEN_CTRL: u64 = 1;
 const TOKEN_PAUSE: u64 = 2;
@@ -245,17 +258,11 @@ impl CtrlThread {
     /// Starts serving `job`'s queue.
     pub(crate) fn start(job: CtrlJob) -> io::Result<CtrlThread> {
         let stop = EventFd::new(EFD_NONBLOCK)?;
-        let epoll = Epoll::new()?;
-        let add = |fd: i32, token: u64| {
-            epoll.ctl(
-                ControlOperation::Add,
-                fd,
-                EpollEvent::new(EventSet::IN, token),
-            )
-        };
-        add(stop.as_raw_fd(), TOKEN_STOP)?;
-        add(job.evt.as_raw_fd(), TOKEN_CTRL)?;
-        add(job.gate.wake_fd().as_raw_fd(), TOKEN_PAUSE)?;
+        let epoll = epoll_on(&[
+            (stop.as_raw_fd(), TOKEN_STOP),
+            (job.evt.as_raw_fd(), TOKEN_CTRL),
+            (job.gate.wake_fd().as_raw_fd(), TOKEN_PAUSE),
+        ])?;
         let thread_stop = stop.try_clone()?;
         let name: String = format!("gw-ctrl-{}", job.name).chars().take(15).collect();
         job.gate.attach();

@@ -20,7 +20,7 @@ use super::{
     features, format_mac, Counters, FaultCounts, NetInfo, NetStats, RxFilter, VirtioNetState,
     CONFIG_LEN, CTRL_QUEUE, CTRL_QUEUE_SIZE,
 };
-use crate::net::TapOffloads;
+use crate::net::{Tap, TapOffloads};
 use crate::virtio::pause::PauseGate;
 use crate::virtio::{
     feature, ActivateError, ActivateParams, InterruptKind, QueuePosition, VirtioInterrupt,
@@ -144,11 +144,34 @@ impl Shared {
 }
 
 /// What `query-net` shows about the peer, besides the frontend's state.
-pub(crate) struct PeerInfo {
-    pub(crate) name: String,
-    pub(crate) vnet_hdr: bool,
-    pub(crate) tap_offloads: u32,
-    pub(crate) tap_capabilities: TapOffloads,
+pub struct PeerInfo {
+    name: String,
+    vnet_hdr: bool,
+    tap_offloads: u32,
+    tap_capabilities: TapOffloads,
+}
+
+impl PeerInfo {
+    /// A TAP godwit holds: its offloads now and, for godwit's own datapath,
+    /// what it was probed to support.
+    pub(crate) fn of_tap(tap: &Tap, capabilities: TapOffloads) -> Self {
+        PeerInfo {
+            name: tap.name().to_string(),
+            vnet_hdr: tap.has_vnet_hdr(),
+            tap_offloads: tap.offload(),
+            tap_capabilities: capabilities,
+        }
+    }
+
+    /// A backend godwit only knows by name (a vhost-user socket).
+    pub(crate) fn of_backend(name: &str) -> Self {
+        PeerInfo {
+            name: name.to_string(),
+            vnet_hdr: false,
+            tap_offloads: 0,
+            tap_capabilities: TapOffloads::default(),
+        }
+    }
 }
 
 /// The rings an activated vhost device hands its backend, with what the
@@ -356,12 +379,8 @@ impl NetFrontend {
         params: ActivateParams,
         set_guest_offloads: Box<dyn FnMut(u64) -> bool + Send>,
     ) -> Result<BackendRings, ActivateError> {
-        let ActivateParams {
-            mem,
-            interrupt,
-            queues,
-        } = params;
-        let mut queues = queues.into_iter();
+        let (mem, interrupt) = (params.mem, params.interrupt);
+        let mut queues = params.queues.into_iter();
         let (mut data, mut kicks) = (Vec::new(), Vec::new());
         for (q, kick) in queues.by_ref().take(DATA_RINGS) {
             data.push(q);

@@ -7,7 +7,7 @@
 use std::io;
 use std::sync::Arc;
 
-use super::frontend::NetFrontend;
+use super::frontend::{NetFrontend, PeerInfo};
 use super::{NetInfo, VirtioNetState};
 use crate::dirty_log::DirtyTracking;
 use crate::net::{Tap, TapOffloads};
@@ -79,8 +79,14 @@ pub trait NetModel: VirtioDevice + DirtyTracking + Send {
     #[doc(hidden)]
     fn frontend(&self) -> &NetFrontend;
 
+    /// The peer's part of [`Self::info`].
+    #[doc(hidden)]
+    fn peer_info(&self) -> PeerInfo;
+
     /// Everything a `query-net` shows.
-    fn info(&self) -> NetInfo;
+    fn info(&self) -> NetInfo {
+        self.frontend().info(self.peer_info())
+    }
 
     /// What `query-net` shows about the peer.
     fn peer_status(&self) -> PeerStatus;

@@ -25,7 +25,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use super::features::{self, FeatureProblem};
 use super::frontend::{FrontendConfig, FrontendError, NetFrontend, PeerInfo};
 use super::model::{virtio_frontend_methods, NetModel, PeerStatus, PeerTap};
-use super::{format_mac, worker, NetInfo, NetStats, DEFAULT_QUEUE_SIZE, RX_QUEUE, TX_QUEUE};
+use super::{format_mac, worker, NetStats, DEFAULT_QUEUE_SIZE, RX_QUEUE, TX_QUEUE};
 use crate::dirty_log::{DirtyLogError, DirtyTracking};
 use crate::net::{Tap, TapOffloads};
 use crate::virtio::pause::PauseError;
@@ -255,13 +255,8 @@ impl NetModel for VirtioNet {
         &self.front
     }
 
-    fn info(&self) -> NetInfo {
-        self.front.info(PeerInfo {
-            name: self.tap.name().to_string(),
-            vnet_hdr: self.tap.has_vnet_hdr(),
-            tap_offloads: self.tap.offload(),
-            tap_capabilities: self.tap_caps,
-        })
+    fn peer_info(&self) -> PeerInfo {
+        PeerInfo::of_tap(&self.tap, self.tap_caps)
     }
 
     fn peer_status(&self) -> PeerStatus {

@@ -34,6 +34,7 @@ use vmm_sys_util::eventfd::EventFd;
 use super::chain::{
     build_iovecs, mark_dirty, parse_chain, seg_total, wants_interrupt, write_to_segs, Fatal, Seg,
 };
+use super::ctrl::epoll_on;
 use super::features::tun_offloads_for_guest;
 use super::{Fault, Shared, CTRL_QUEUE, NET_HDR_LEN, RX_QUEUE, TX_QUEUE};
 use crate::net::Tap;
@@ -96,6 +97,21 @@ enum ReadStep {
     NoBuffers(u16),
     /// The TAP has nothing (or is gone).
     Empty,
+}
+
+/// Queue `index` of a worker and its name for errors (`None`: a control
+/// queue the driver did not negotiate).
+fn queue_named<'a>(
+    rx: &'a mut Queue,
+    tx: &'a mut Queue,
+    ctrl: &'a mut Option<(Queue, EventFd)>,
+    index: usize,
+) -> Option<(&'a mut Queue, &'static str)> {
+    match index {
+        RX_QUEUE => Some((rx, "receive")),
+        TX_QUEUE => Some((tx, "transmit")),
+        _ => ctrl.as_mut().map(|(q, _)| (q, "control")),
+    }
 }
 
 pub(crate) struct Worker {
@@ -168,22 +184,17 @@ impl Worker {
         let ctrl = queues
             .next()
             .filter(|_| acked & feature(VIRTIO_NET_F_CTRL_VQ) != 0);
-        let epoll = Epoll::new()?;
-        let add = |fd: i32, token: u64| {
-            epoll.ctl(
-                ControlOperation::Add,
-                fd,
-                EpollEvent::new(EventSet::IN, token),
-            )
-        };
         use std::os::fd::AsRawFd;
-        add(stop.as_raw_fd(), TOKEN_STOP)?;
-        add(gate.wake_fd().as_raw_fd(), TOKEN_PAUSE)?;
-        add(rx_evt.as_raw_fd(), TOKEN_RX)?;
-        add(tx_evt.as_raw_fd(), TOKEN_TX)?;
+        let mut fds = vec![
+            (stop.as_raw_fd(), TOKEN_STOP),
+            (gate.wake_fd().as_raw_fd(), TOKEN_PAUSE),
+            (rx_evt.as_raw_fd(), TOKEN_RX),
+            (tx_evt.as_raw_fd(), TOKEN_TX),
+        ];
         if let Some((_, evt)) = &ctrl {
-            add(evt.as_raw_fd(), TOKEN_CTRL)?;
+            fds.push((evt.as_raw_fd(), TOKEN_CTRL));
         }
+        let epoll = epoll_on(&fds)?;
         let w = Worker {
             vnet_hdr: tap.has_vnet_hdr(),
             mrg_rxbuf: acked & feature(VIRTIO_NET_F_MRG_RXBUF) != 0,
@@ -373,13 +384,8 @@ impl Worker {
             return Ok(());
         }
         let mem = &self.mem;
-        let (q, name) = match index {
-            RX_QUEUE => (&mut self.rx, "receive"),
-            TX_QUEUE => (&mut self.tx, "transmit"),
-            _ => match &mut self.ctrl {
-                Some((q, _)) => (q, "control"),
-                None => return Ok(()),
-            },
+        let Some((q, name)) = queue_named(&mut self.rx, &mut self.tx, &mut self.ctrl, index) else {
+            return Ok(());
         };
         let crate_says = wants_interrupt(q, mem, name)?;
         // Entries written by add_used_rx_batch were not counted by
@@ -409,13 +415,8 @@ impl Worker {
 
     fn add_used(&mut self, index: usize, head: u16, len: u32) -> Result<(), Fatal> {
         let mem = &self.mem;
-        let (q, name) = match index {
-            RX_QUEUE => (&mut self.rx, "receive"),
-            TX_QUEUE => (&mut self.tx, "transmit"),
-            _ => match &mut self.ctrl {
-                Some((q, _)) => (q, "control"),
-                None => return Ok(()),
-            },
+        let Some((q, name)) = queue_named(&mut self.rx, &mut self.tx, &mut self.ctrl, index) else {
+            return Ok(());
         };
         q.add_used(mem, head, len)
             .map_err(|e| Fatal(format!("{name} queue: returning descriptor {head}: {e}")))?;

@@ -7,9 +7,9 @@
 
 use std::sync::{Arc, Mutex};
 
-use godwit_devices::vhost_net::{VhostKernelNet, VhostNetConfig, VhostNetPeer};
+use godwit_devices::vhost_net::{VhostKernelNet, VhostNetPeer};
 use godwit_devices::vhost_user::{VhostUserNet, VhostUserNetConfig};
-use godwit_devices::virtio::net::{NetConfig, NetModel, VirtioNet};
+use godwit_devices::virtio::net::{FrontendConfig, NetConfig, NetModel, VirtioNet};
 use godwit_devices::virtio::VirtioDevice;
 use godwit_devices::GuestMemory;
 
@@ -36,6 +36,18 @@ pub struct DeviceConfig {
     /// The vhost-user interface version pinned, if any.
     pub pin: Option<String>,
     pub strict: bool,
+}
+
+impl DeviceConfig {
+    /// The guest-visible side, as every model takes it.
+    fn frontend(&self) -> FrontendConfig {
+        FrontendConfig {
+            mac: self.mac,
+            features: self.features,
+            mtu: self.mtu,
+            queue_size: self.queue_size,
+        }
+    }
 }
 
 /// A built model, as the VMM and as the transport see it.
@@ -83,16 +95,7 @@ pub fn build_model(
                 source,
             };
             let peer = VhostNetPeer::open(tap, memory).map_err(vhost_err)?;
-            let dev = VhostKernelNet::new(
-                peer,
-                VhostNetConfig {
-                    mac: config.mac,
-                    features: config.features,
-                    mtu: config.mtu,
-                    queue_size: config.queue_size,
-                },
-            )
-            .map_err(vhost_err)?;
+            let dev = VhostKernelNet::new(peer, config.frontend()).map_err(vhost_err)?;
             Ok(model(dev))
         }
         OpenedPeer::VhostUser(p) => {
@@ -107,10 +110,7 @@ pub fn build_model(
                 p.session,
                 p.endpoint,
                 VhostUserNetConfig {
-                    mac: config.mac,
-                    features: config.features,
-                    mtu: config.mtu,
-                    queue_size: config.queue_size,
+                    frontend: config.frontend(),
                     pin: config.pin.clone(),
                     timeout: VHOST_USER_REPLY_TIMEOUT,
                 },

@@ -16,7 +16,7 @@ use godwit_devices::vhost_user::interface::{
 use godwit_devices::vhost_user::{
     backend_bits, handshake, BackendOffer, Endpoint, Recheck, Rechecker, Session,
 };
-use godwit_devices::virtio::net::features::{self, VhostNeed, FEATURES};
+use godwit_devices::virtio::net::features::{self, NetFeature, VhostNeed, FEATURES};
 
 use super::NetSetupError;
 use crate::abi::machine_types::MachineType;
@@ -122,11 +122,9 @@ pub const VHOST_USER_CONNECT_WAIT: Duration = Duration::from_secs(5);
 
 /// Why a vhost-user backend lacks the features it lacks.
 pub fn vhost_user_support(socket: &str, offer: &BackendOffer) -> PeerSupport {
-    let mut supported = 0u64;
-    let mut why_not = BTreeMap::new();
     let queues = offer.queue_num.unwrap_or(2);
-    for f in FEATURES.iter().filter(|f| f.supported) {
-        let lacks = match f.vhost {
+    let lacks = |f: &NetFeature| {
+        match f.vhost {
             VhostNeed::Frontend => None,
             VhostNeed::QueuePairs => (queues < 2).then(|| {
                 format!("vhost-user backend {socket} has {queues} queue(s) (GET_QUEUE_NUM); a queue pair needs 2")
@@ -143,41 +141,40 @@ pub fn vhost_user_support(socket: &str, offer: &BackendOffer) -> PeerSupport {
                     ),
                 }
             }),
-        };
-        match lacks {
-            None => supported |= 1 << f.bit,
-            Some(why) => {
-                why_not.insert(f.bit, why);
-            }
-        }
     }
-    PeerSupport {
-        kind: "vhost-user",
-        name: format!("vhost-user backend {socket}"),
-        supported,
-        why_not,
-    }
+    };
+    support_by("vhost-user", format!("vhost-user backend {socket}"), lacks)
 }
 
 /// Why kernel vhost-net on a TAP lacks the features it lacks: ring features
 /// come from `/dev/vhost-net`, packet features from the TAP's offloads.
 pub fn vhost_net_support(tap_name: &str, caps: &TapOffloads, kernel: u64) -> PeerSupport {
     let tap = tap_support(tap_name, caps);
+    let lacks = |f: &NetFeature| match f.vhost {
+        VhostNeed::Frontend | VhostNeed::QueuePairs => None,
+        VhostNeed::Ring => (kernel & (1 << f.bit) == 0).then(|| {
+            format!(
+                "{} does not offer {} (VHOST_GET_FEATURES = {kernel:#x})",
+                godwit_devices::vhost_net::VHOST_NET_PATH,
+                f.name
+            )
+        }),
+        VhostNeed::Packet => tap.why_not.get(&f.bit).cloned(),
+    };
+    support_by("vhost-net", format!("vhost-net on TAP {tap_name}"), lacks)
+}
+
+/// A peer's support: every feature godwit implements that `lacks` finds
+/// no reason against.
+fn support_by(
+    kind: &'static str,
+    name: String,
+    lacks: impl Fn(&NetFeature) -> Option<String>,
+) -> PeerSupport {
     let mut supported = 0u64;
     let mut why_not = BTreeMap::new();
     for f in FEATURES.iter().filter(|f| f.supported) {
-        let lacks = match f.vhost {
-            VhostNeed::Frontend | VhostNeed::QueuePairs => None,
-            VhostNeed::Ring => (kernel & (1 << f.bit) == 0).then(|| {
-                format!(
-                    "{} does not offer {} (VHOST_GET_FEATURES = {kernel:#x})",
-                    godwit_devices::vhost_net::VHOST_NET_PATH,
-                    f.name
-                )
-            }),
-            VhostNeed::Packet => tap.why_not.get(&f.bit).cloned(),
-        };
-        match lacks {
+        match lacks(f) {
             None => supported |= 1 << f.bit,
             Some(why) => {
                 why_not.insert(f.bit, why);
@@ -185,8 +182,8 @@ pub fn vhost_net_support(tap_name: &str, caps: &TapOffloads, kernel: u64) -> Pee
         }
     }
     PeerSupport {
-        kind: "vhost-net",
-        name: format!("vhost-net on TAP {tap_name}"),
+        kind,
+        name,
         supported,
         why_not,
     }
