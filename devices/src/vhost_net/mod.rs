@@ -370,14 +370,15 @@ impl<K: VhostNet + Send> VirtioDevice for VhostKernelNet<K> {
 
     fn activate(&mut self, params: ActivateParams) -> Result<(), ActivateError> {
         self.front.check_activate(&params)?;
-        let backend_err = |reason: String| ActivateError::Backend {
-            device: DEVICE_NAME,
-            reason,
-        };
+        let backend_err =
+            |source: Box<dyn std::error::Error + Send + Sync>| ActivateError::Backend {
+                device: DEVICE_NAME,
+                source,
+            };
         let acked = self.front.acked();
         self.tap
             .set_offload(features::tun_offloads_for_guest(acked))
-            .map_err(|e| backend_err(e.to_string()))?;
+            .map_err(|e| backend_err(Box::new(e)))?;
         self.front.record_acked_offloads();
         let tap = self.tap.clone();
         let rings = self.front.activate_backend(
@@ -395,7 +396,7 @@ impl<K: VhostNet + Send> VirtioDevice for VhostKernelNet<K> {
             i.rings = None;
             drop(i);
             self.front.stop_ctrl();
-            return Err(backend_err(e.to_string()));
+            return Err(backend_err(Box::new(e)));
         }
         drop(i);
         self.front.set_active(interrupt);

@@ -26,7 +26,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::conn::VhostUserError;
 use super::endpoint::Endpoint;
-use super::link::{lock, monitor, read_used_idx, Inner, Rechecker};
+use super::link::{lock, monitor, read_used_idx, Inner, Rechecker, RingsError};
 use super::session::{BackendStatus, InterfaceInUse, Session};
 use crate::dirty_log::{take_pages, DirtyLogError, DirtyTracking, SharedDirtyLog};
 use crate::virtio::net::features;
@@ -193,7 +193,7 @@ impl VhostUserNet {
         i.check(res).map(|()| true)
     }
 
-    fn log_error(&self, what: &'static str) -> impl Fn(VhostUserError) -> DirtyLogError + '_ {
+    fn log_error(&self, what: &'static str) -> impl Fn(RingsError) -> DirtyLogError + '_ {
         move |e| DirtyLogError::Backend {
             device: format!("vhost-user backend {}", self.front.name()),
             what,
@@ -210,7 +210,7 @@ impl VirtioDevice for VhostUserNet {
         if params.interrupt.irqfd().is_none() {
             return Err(ActivateError::Backend {
                 device: DEVICE_NAME,
-                reason: "the transport has no irqfd to give the backend as its call fd".into(),
+                source: Box::new(RingsError::NoIrqfd),
             });
         }
         self.front.record_acked_offloads();
@@ -382,7 +382,7 @@ impl DirtyTracking for VhostUserNet {
         let log = SharedDirtyLog::new(&i.name, memory_end)?;
         i.log = Some(log);
         let res = i.apply_log();
-        i.check(res).map_err(self.log_error("SET_LOG_BASE"))
+        i.check_rings(res).map_err(self.log_error("SET_LOG_BASE"))
     }
 
     fn stop_dirty_log(&self) -> Result<(), DirtyLogError> {
@@ -392,7 +392,9 @@ impl DirtyTracking for VhostUserNet {
         };
         // The backend is told to stop before the log goes away.
         let res = i.apply_log();
-        let res = i.check(res).map_err(self.log_error("turning LOG_ALL off"));
+        let res = i
+            .check_rings(res)
+            .map_err(self.log_error("turning LOG_ALL off"));
         drop(log);
         res
     }

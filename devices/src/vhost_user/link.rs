@@ -194,6 +194,14 @@ impl Inner {
         self.update_link();
     }
 
+    /// [`Self::check`] for the errors of ring set-up.
+    pub(crate) fn check_rings<T>(&mut self, res: Result<T, RingsError>) -> Result<T, RingsError> {
+        match res {
+            Err(RingsError::Protocol(e)) => self.check(Err(e)).map_err(RingsError::Protocol),
+            other => other,
+        }
+    }
+
     /// Loses the session when `res` failed in a way that breaks it.
     pub(crate) fn check<T>(&mut self, res: Result<T, VhostUserError>) -> Result<T, VhostUserError> {
         if let Err(e) = &res {
@@ -421,16 +429,12 @@ impl Inner {
     /// Applies the current dirty-log setting to a connected backend:
     /// SET_LOG_BASE (when starting), LOG_ALL in SET_FEATURES and
     /// VHOST_VRING_F_LOG in SET_VRING_ADDR on running rings.
-    pub(crate) fn apply_log(&mut self) -> Result<(), VhostUserError> {
+    pub(crate) fn apply_log(&mut self) -> Result<(), RingsError> {
         let log = self.log.as_ref().map(|l| (l.size(), l.file().as_raw_fd()));
         let (features, addrs) = match (&self.session, &self.rings) {
             (Some(s), Some(r)) if r.running => {
                 let f = self.backend_features(&s.offer, r.acked);
-                let addrs = self.vring_addrs(r).map_err(|e| VhostUserError::Protocol {
-                    peer: self.name.clone(),
-                    detail: e.to_string(),
-                })?;
-                (Some(f), addrs)
+                (Some(f), self.vring_addrs(r)?)
             }
             _ => (None, Vec::new()),
         };

@@ -612,9 +612,9 @@ impl MmioTransport {
             state.next_used = pos.next_used;
             // The state comes from a queue whose setters validated it; a
             // failure here would be a virtio-queue change, reported as such.
-            let copy = Queue::try_from(state).map_err(|e| ActivateError::Backend {
+            let copy = Queue::try_from(state).map_err(|source| ActivateError::QueueCopy {
                 device: "virtio-mmio",
-                reason: format!("queue configuration could not be copied: {e}"),
+                source,
             })?;
             let evt = evt.try_clone().map_err(|source| ActivateError::Thread {
                 device: "virtio-mmio",
@@ -754,8 +754,14 @@ pub enum MmioRestoreError {
         saved: u16,
         given: u16,
     },
-    #[error("saved queue {index} is invalid ({reason}): the state is corrupt")]
-    BadQueue { index: usize, reason: String },
+    #[error("saved queue {index} is invalid ({source}): the state is corrupt")]
+    BadQueue {
+        index: usize,
+        #[source]
+        source: virtio_queue::Error,
+    },
+    #[error("saved queue {index} is invalid (its rings are not inside guest memory): the state is corrupt")]
+    RingsOutside { index: usize },
     #[error(
         "the guest uses features {missing:#x} that the device on this host does not offer: \
          start the destination with the same device features (and a peer that supports them)"
@@ -849,10 +855,7 @@ impl Persist for MmioTransport {
                     given: q.max_size(),
                 });
             }
-            let bad = |e: virtio_queue::Error| MmioRestoreError::BadQueue {
-                index,
-                reason: e.to_string(),
-            };
+            let bad = |source| MmioRestoreError::BadQueue { index, source };
             q.try_set_size(s.size).map_err(bad)?;
             q.try_set_desc_table_address(GuestAddress(s.desc_table))
                 .map_err(bad)?;
@@ -864,10 +867,7 @@ impl Persist for MmioTransport {
             q.set_next_used(s.next_used);
             q.set_ready(s.ready);
             if s.ready && !q.is_valid(&t.mem) {
-                return Err(MmioRestoreError::BadQueue {
-                    index,
-                    reason: "its rings are not inside guest memory".into(),
-                });
+                return Err(MmioRestoreError::RingsOutside { index });
             }
         }
         t.device_features_sel = state.device_features_sel;
@@ -956,7 +956,7 @@ mod tests {
             if self.fail_activation {
                 return Err(ActivateError::Backend {
                     device: "dummy",
-                    reason: "told to fail".into(),
+                    source: "told to fail".into(),
                 });
             }
             self.active = Some(params.queues);

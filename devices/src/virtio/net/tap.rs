@@ -221,7 +221,7 @@ impl VirtioDevice for VirtioNet {
             .set_offload(flags)
             .map_err(|e| ActivateError::Backend {
                 device: DEVICE_NAME,
-                reason: e.to_string(),
+                source: Box::new(e),
             })?;
         self.front.record_acked_offloads();
         let interrupt = params.interrupt.clone();

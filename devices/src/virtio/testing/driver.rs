@@ -20,8 +20,12 @@ use crate::GuestMemory;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DriverError {
-    #[error("guest memory access at {addr:#x} failed: {reason}")]
-    Memory { addr: u64, reason: String },
+    #[error("guest memory access at {addr:#x} failed: {source}")]
+    Memory {
+        addr: u64,
+        #[source]
+        source: vm_memory::GuestMemoryError,
+    },
     #[error("the test driver ran out of guest memory ({need} more bytes needed)")]
     OutOfMemory { need: u64 },
     #[error("the device did not accept FEATURES_OK for features {0:#x}")]
@@ -387,9 +391,9 @@ impl GuestDriver {
     pub fn write_mem(&self, addr: GuestAddress, data: &[u8]) -> Result<(), DriverError> {
         self.mem
             .write_slice(data, addr)
-            .map_err(|e| DriverError::Memory {
+            .map_err(|source| DriverError::Memory {
                 addr: addr.0,
-                reason: e.to_string(),
+                source,
             })
     }
 
@@ -397,9 +401,9 @@ impl GuestDriver {
         let mut out = vec![0u8; len];
         self.mem
             .read_slice(&mut out, addr)
-            .map_err(|e| DriverError::Memory {
+            .map_err(|source| DriverError::Memory {
                 addr: addr.0,
-                reason: e.to_string(),
+                source,
             })?;
         Ok(out)
     }
@@ -429,9 +433,9 @@ impl GuestDriver {
         )?;
         self.mem
             .store(idx.to_le(), GuestAddress(avail.0 + 2), Ordering::Release)
-            .map_err(|e| DriverError::Memory {
+            .map_err(|source| DriverError::Memory {
                 addr: avail.0 + 2,
-                reason: e.to_string(),
+                source,
             })
     }
 
@@ -640,9 +644,9 @@ impl GuestDriver {
         let idx: u16 = mem
             .load(GuestAddress(dq.used.0 + 2), Ordering::Acquire)
             .map(u16::from_le)
-            .map_err(|e| DriverError::Memory {
+            .map_err(|source| DriverError::Memory {
                 addr: dq.used.0 + 2,
-                reason: e.to_string(),
+                source,
             })?;
         let mut out = Vec::new();
         while dq.last_used != idx {
@@ -650,10 +654,7 @@ impl GuestDriver {
             let at = GuestAddress(dq.used.0 + 4 + 8 * u64::from(slot));
             let mut e = [0u8; 8];
             mem.read_slice(&mut e, at)
-                .map_err(|err| DriverError::Memory {
-                    addr: at.0,
-                    reason: err.to_string(),
-                })?;
+                .map_err(|source| DriverError::Memory { addr: at.0, source })?;
             let id = u32::from_le_bytes([e[0], e[1], e[2], e[3]]);
             let len = u32::from_le_bytes([e[4], e[5], e[6], e[7]]);
             dq.last_used = dq.last_used.wrapping_add(1);
