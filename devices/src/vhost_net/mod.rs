@@ -341,21 +341,6 @@ impl<K: VhostNet + Send> VhostKernelNet<K> {
         &self.tap
     }
 
-    /// VHOST_GET_FEATURES of the kernel.
-    pub fn kernel_features(&self) -> u64 {
-        self.inner().peer.features
-    }
-
-    /// Whether the kernel can log its writes, else why not.
-    pub fn logging_support(&self) -> Result<(), String> {
-        self.inner().peer.logging()
-    }
-
-    /// Stops the rings (VHOST_GET_VRING_BASE) and returns where they stopped.
-    pub fn stop_rings(&self) -> Result<Vec<u16>, VhostNetError> {
-        self.inner().stop()
-    }
-
     fn backend_error(&self, what: &'static str) -> impl Fn(VhostNetError) -> DirtyLogError + '_ {
         move |e| DirtyLogError::Backend {
             device: self.label(),
