@@ -57,7 +57,8 @@ const INT_VRING: u32 = 0x1;
 const INT_CONFIG: u32 = 0x2;
 const CONFIG_SPACE: u64 = 0x100;
 
-mod reg {
+/// Register offsets of the virtio-mmio window (virtio 1.2, 4.2.2).
+pub mod reg {
     pub const MAGIC: u64 = 0x000;
     pub const VERSION: u64 = 0x004;
     pub const DEVICE_ID: u64 = 0x008;

@@ -13,7 +13,7 @@ use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::bus::BusDevice;
-use crate::virtio::mmio::MmioTransport;
+use crate::virtio::mmio::{reg, MmioTransport};
 use crate::virtio::net::{NET_HDR_LEN, RX_QUEUE, TX_QUEUE};
 use crate::virtio::{feature, status, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX};
 use crate::GuestMemory;
@@ -171,24 +171,25 @@ pub fn net_hdr(
     h
 }
 
-mod reg {
-    pub const DEVICE_FEATURES: u64 = 0x010;
-    pub const DEVICE_FEATURES_SEL: u64 = 0x014;
-    pub const DRIVER_FEATURES: u64 = 0x020;
-    pub const DRIVER_FEATURES_SEL: u64 = 0x024;
-    pub const QUEUE_SEL: u64 = 0x030;
-    pub const QUEUE_NUM_MAX: u64 = 0x034;
-    pub const QUEUE_NUM: u64 = 0x038;
-    pub const QUEUE_READY: u64 = 0x044;
-    pub const INTERRUPT_STATUS: u64 = 0x060;
-    pub const INTERRUPT_ACK: u64 = 0x064;
-    pub const STATUS: u64 = 0x070;
-    pub const QUEUE_DESC_LOW: u64 = 0x080;
-    pub const QUEUE_DESC_HIGH: u64 = 0x084;
-    pub const QUEUE_DRIVER_LOW: u64 = 0x090;
-    pub const QUEUE_DRIVER_HIGH: u64 = 0x094;
-    pub const QUEUE_DEVICE_LOW: u64 = 0x0a0;
-    pub const QUEUE_DEVICE_HIGH: u64 = 0x0a4;
+/// Descriptor `i` of a chain over `bufs`, linked to descriptor `next`
+/// unless it is the last.
+fn chain_desc(bufs: &[Buf], i: usize, next: u16) -> RawDesc {
+    let b = &bufs[i];
+    let last = i + 1 == bufs.len();
+    let mut flags = if b.write {
+        VRING_DESC_F_WRITE as u16
+    } else {
+        0
+    };
+    if !last {
+        flags |= VRING_DESC_F_NEXT as u16;
+    }
+    RawDesc {
+        addr: b.addr.0,
+        len: b.len,
+        flags,
+        next: if last { 0 } else { next },
+    }
 }
 
 /// Where the driver starts allocating (below stays free for crafted tests).
@@ -500,23 +501,9 @@ impl GuestDriver {
         }
         let n = dq.free.len();
         let descs: Vec<u16> = dq.free.drain(n - bufs.len()..).rev().collect();
-        for (i, b) in bufs.iter().enumerate() {
-            let last = i + 1 == bufs.len();
-            let mut flags = if b.write {
-                VRING_DESC_F_WRITE as u16
-            } else {
-                0
-            };
-            if !last {
-                flags |= VRING_DESC_F_NEXT as u16;
-            }
-            let d = RawDesc {
-                addr: b.addr.0,
-                len: b.len,
-                flags,
-                next: if last { 0 } else { descs[i + 1] },
-            };
-            self.write_desc(q, descs[i], d)?;
+        for i in 0..bufs.len() {
+            let next = descs.get(i + 1).copied().unwrap_or(0);
+            self.write_desc(q, descs[i], chain_desc(bufs, i, next))?;
         }
         let head = descs[0];
         self.q(q)?.inflight.insert(
@@ -533,22 +520,8 @@ impl GuestDriver {
     /// Adds `bufs` as an indirect table behind one descriptor.
     pub fn add_indirect(&mut self, q: usize, bufs: &[Buf]) -> Result<u16, DriverError> {
         let table = self.alloc(16 * bufs.len() as u64, 16)?;
-        for (i, b) in bufs.iter().enumerate() {
-            let last = i + 1 == bufs.len();
-            let mut flags = if b.write {
-                VRING_DESC_F_WRITE as u16
-            } else {
-                0
-            };
-            if !last {
-                flags |= VRING_DESC_F_NEXT as u16;
-            }
-            let d = RawDesc {
-                addr: b.addr.0,
-                len: b.len,
-                flags,
-                next: if last { 0 } else { i as u16 + 1 },
-            };
+        for i in 0..bufs.len() {
+            let d = chain_desc(bufs, i, i as u16 + 1);
             self.write_mem(GuestAddress(table.0 + 16 * i as u64), &d.to_bytes())?;
         }
         let dq = self.q(q)?;
