@@ -471,3 +471,82 @@ impl NetFrontend {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use virtio_bindings::virtio_net::VIRTIO_NET_S_LINK_UP;
+
+    use super::*;
+
+    fn config(mac: [u8; 6], queue_size: u16) -> FrontendConfig {
+        FrontendConfig {
+            mac,
+            features: feature(VIRTIO_NET_F_CTRL_VQ) | feature(VIRTIO_NET_F_STATUS),
+            mtu: 9000,
+            queue_size,
+        }
+    }
+
+    const MAC: [u8; 6] = [0x52, 0x54, 0, 0x12, 0x34, 0x56];
+
+    #[test]
+    fn every_model_refuses_what_a_nic_cannot_be() {
+        let mut multicast = MAC;
+        multicast[0] |= 1;
+        assert!(matches!(
+            NetFrontend::new("t".into(), "test", &config(multicast, 256)),
+            Err(FrontendError::MulticastMac(m)) if m == multicast
+        ));
+        for bad in [0, 1, 3, 100] {
+            assert!(matches!(
+                NetFrontend::new("t".into(), "test", &config(MAC, bad)),
+                Err(FrontendError::QueueSize(q)) if q == bad
+            ));
+        }
+    }
+
+    #[test]
+    fn config_space_holds_mac_status_one_pair_and_mtu() {
+        let f = NetFrontend::new("t".into(), "test", &config(MAC, 256)).unwrap();
+        assert_eq!(f.queue_max_sizes(), &[256, 256, CTRL_QUEUE_SIZE]);
+        let mut c = [0xffu8; CONFIG_LEN + 2];
+        f.read_config(0, &mut c);
+        assert_eq!(&c[..6], &MAC);
+        assert_eq!(
+            u16::from_le_bytes([c[6], c[7]]),
+            VIRTIO_NET_S_LINK_UP as u16
+        );
+        assert_eq!(u16::from_le_bytes([c[8], c[9]]), 1);
+        assert_eq!(u16::from_le_bytes([c[10], c[11]]), 9000);
+        assert_eq!(&c[CONFIG_LEN..], &[0, 0], "beyond the end reads 0");
+    }
+
+    #[test]
+    fn reset_returns_everything_the_driver_changed() {
+        let mut f = NetFrontend::new("t".into(), "test", &config(MAC, 256)).unwrap();
+        f.ack_features(u64::MAX);
+        let shared = f.shared().clone();
+        shared.set_mac([2, 0, 0, 0, 0, 1]);
+        shared
+            .status
+            .fetch_or(VIRTIO_NET_S_ANNOUNCE as u16, Ordering::SeqCst);
+        shared.with_filter(|r| r.promiscuous = false);
+        shared.guest_offloads.store(0x3, Ordering::SeqCst);
+        shared.positions[0].store(9 | (9 << 16), Ordering::SeqCst);
+        f.set_link(false);
+        f.reset();
+        assert_eq!(f.acked(), 0);
+        assert_eq!(shared.mac(), MAC);
+        assert_eq!(
+            shared.status.load(Ordering::SeqCst),
+            0,
+            "announce cleared, link kept down"
+        );
+        assert_eq!(shared.with_filter(|r| r.clone()), RxFilter::default());
+        assert_eq!(shared.guest_offloads.load(Ordering::SeqCst), 0);
+        assert!(shared
+            .positions
+            .iter()
+            .all(|p| p.load(Ordering::SeqCst) == 0));
+    }
+}
