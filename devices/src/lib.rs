@@ -9,10 +9,12 @@
 //! rebuilt on another host.
 
 pub mod bus;
+pub mod console;
 pub mod dirty_log;
 pub mod i8042;
 pub mod net;
 pub mod serial;
+pub mod socket_path;
 pub mod vhost_net;
 pub mod vhost_user;
 pub mod virtio;

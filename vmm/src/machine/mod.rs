@@ -2,18 +2,22 @@
 //! kernel, devices, vCPUs, console, management API.
 
 use std::fs::OpenOptions;
-use std::io::{LineWriter, Read};
+use std::io::Read;
 use std::path::PathBuf;
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use serde_json::{json, Map, Value};
 use vmm_sys_util::eventfd::EventFd;
 
 use godwit_devices::bus::BusError;
+use godwit_devices::console::{self, ConsoleHandle};
 use godwit_devices::i8042::{I8042, I8042_BASE, I8042_LEN};
 use godwit_devices::serial::{SerialDevice, SerialOutput, COM1_BASE, COM1_IRQ, COM1_LEN};
+
+/// How long godwit waits at exit for a slow console reader.
+const CONSOLE_DRAIN_AT_EXIT: Duration = Duration::from_secs(2);
 
 use crate::abi::machine_types::{self, MachineType, MachineTypeError};
 use crate::api::{self, ApiServer, CommandHandler, EventSender, QmpError};
@@ -26,9 +30,10 @@ use crate::vstate::memory::{GuestRam, MemoryError};
 use crate::vstate::vcpu::{register_kick_signal, IoBuses, VcpuThreads};
 use crate::vstate::vm::{self, Vm, VmError};
 
-/// Why a VM could not start. Each message says what to change.
+/// Why a VM could not be built (boot, and the parts restore and incoming
+/// migration share). Each message says what to change.
 #[derive(Debug, thiserror::Error)]
-pub enum StartError {
+pub enum BuildError {
     #[error(transparent)]
     Vm(#[from] VmError),
     #[error(transparent)]
@@ -57,25 +62,13 @@ pub enum StartError {
     MachineType(#[from] MachineTypeError),
     #[error(transparent)]
     Net(#[from] NetSetupError),
-    #[error(transparent)]
-    Restore(Box<crate::persist::snapshot::RestoreError>),
-    #[error(transparent)]
-    Incoming(Box<crate::migration::IncomingError>),
 }
 
-impl From<crate::migration::IncomingError> for StartError {
-    fn from(e: crate::migration::IncomingError) -> Self {
-        StartError::Incoming(Box::new(e))
-    }
-}
-
-impl StartError {
+impl BuildError {
     /// The strict check refused a network peer (its own exit status).
     pub fn is_strict_refusal(&self) -> bool {
         match self {
-            StartError::Net(e) => e.is_strict_refusal(),
-            StartError::Restore(e) => e.is_peer_refusal(),
-            StartError::Incoming(e) => matches!(**e, crate::migration::IncomingError::Refused(_)),
+            BuildError::Net(e) => e.is_strict_refusal(),
             _ => false,
         }
     }
@@ -413,22 +406,32 @@ pub fn version_info() -> Value {
     json!({"godwit": {"major": major, "minor": minor, "micro": micro}, "package": format!("godwit {}", env!("CARGO_PKG_VERSION"))})
 }
 
-fn serial_output(spec: &SerialSpec) -> Result<SerialOutput, StartError> {
-    Ok(match spec {
-        SerialSpec::Stdio => Box::new(LineWriter::new(std::io::stdout())),
-        SerialSpec::Null => Box::new(std::io::sink()),
-        SerialSpec::File(path) => {
+/// The console sink for `spec`, behind its own writer thread (so that a
+/// reader that stops draining never blocks a vCPU).
+fn serial_output(spec: &SerialSpec) -> Result<(SerialOutput, Option<ConsoleHandle>), BuildError> {
+    let (sink, limit): (Box<dyn std::io::Write + Send>, Option<u64>) = match spec {
+        SerialSpec::Null => return Ok((Box::new(std::io::sink()), None)),
+        SerialSpec::Stdio => (Box::new(std::io::stdout()), None),
+        SerialSpec::File { path, max_size } => {
             let file = OpenOptions::new()
                 .create(true)
                 .append(true)
                 .open(path)
-                .map_err(|source| StartError::SerialFile {
+                .map_err(|source| BuildError::SerialFile {
                     path: path.clone(),
                     source,
                 })?;
-            Box::new(LineWriter::new(file))
+            (Box::new(file), *max_size)
         }
-    })
+    };
+    let (writer, handle) =
+        console::spawn(sink, console::DEFAULT_BUFFER, limit).map_err(|source| {
+            BuildError::Host {
+                what: "the console writer thread",
+                source,
+            }
+        })?;
+    Ok((Box::new(writer), Some(handle)))
 }
 
 /// Feeds stdin to the serial receive FIFO until EOF.
@@ -493,8 +496,8 @@ pub(crate) fn platform_devices(
     serial_spec: &SerialSpec,
     state: Option<&godwit_devices::serial::SerialDeviceState>,
     event_tx: &Sender<VmEvent>,
-) -> Result<Arc<Mutex<SerialDevice>>, StartError> {
-    let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| StartError::Host {
+) -> Result<Arc<Mutex<SerialDevice>>, BuildError> {
+    let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| BuildError::Host {
         what: "the serial interrupt eventfd",
         source,
     })?;
@@ -504,18 +507,18 @@ pub(crate) fn platform_devices(
             what: "wiring the serial interrupt (irqfd)",
             source: e,
         })?;
-    let output = serial_output(serial_spec)?;
+    let (output, console) = serial_output(serial_spec)?;
     let device = match state {
         None => SerialDevice::new(serial_irq, output),
         Some(state) => {
             use godwit_migration::persist::Persist;
-            SerialDevice::restore((serial_irq, output), state).map_err(|e| StartError::Host {
+            SerialDevice::restore((serial_irq, output), state).map_err(|e| BuildError::Host {
                 what: "the serial port from its saved state",
                 source: std::io::Error::other(e.to_string()),
             })?
         }
     };
-    let serial = Arc::new(Mutex::new(device));
+    let serial = Arc::new(Mutex::new(device.with_console(console)));
     buses
         .pio
         .insert(u64::from(COM1_BASE), u64::from(COM1_LEN), serial.clone())?;
@@ -537,7 +540,7 @@ pub(crate) fn platform_devices(
 impl Machine {
     /// Builds the VM: every check that can fail happens here, before any
     /// vCPU runs.
-    pub fn build(config: &VmConfig) -> Result<Self, StartError> {
+    pub fn build(config: &VmConfig) -> Result<Self, BuildError> {
         let started = Instant::now();
         let kvm = vm::open_kvm()?;
         let num_vcpus = vm::check_vcpus(&kvm, config.vcpus)?;
@@ -613,8 +616,8 @@ impl Machine {
         config: &VmConfig,
         built: BuiltVm,
         blockers: Vec<String>,
-    ) -> Result<Self, StartError> {
-        register_kick_signal().map_err(|e| StartError::Host {
+    ) -> Result<Self, BuildError> {
+        register_kick_signal().map_err(|e| BuildError::Host {
             what: "the vCPU kick signal handler",
             source: std::io::Error::from_raw_os_error(e.errno()),
         })?;
@@ -625,7 +628,7 @@ impl Machine {
             built.event_tx.clone(),
             true,
         )
-        .map_err(|source| StartError::Host {
+        .map_err(|source| BuildError::Host {
             what: "vCPU threads",
             source,
         })?;
@@ -694,7 +697,7 @@ impl Machine {
             .serial
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .flush_output();
+            .drain_output(CONSOLE_DRAIN_AT_EXIT);
         let (guest, reason) = match &outcome {
             VmOutcome::GuestPoweroff => (true, "guest-reset"),
             VmOutcome::Quit => (false, "host-qmp-quit"),
