@@ -186,9 +186,9 @@ fn decide_interface(
     // error, reported before anything else.
     let checked_gaps = match (pin, &offer.record) {
         (Some(name), None) => {
-            interface_gaps(name, offer, socket).map_err(|detail| NetSetupError::Interface {
+            interface_gaps(name, offer, socket).map_err(|source| NetSetupError::Interface {
                 device: id.to_string(),
-                detail,
+                source,
             })?
         }
         _ => Vec::new(),

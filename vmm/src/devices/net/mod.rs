@@ -97,8 +97,12 @@ pub enum NetSetupError {
     },
     /// The pinned interface version cannot be used (unknown to godwit and
     /// the backend).
-    #[error("{device}: {detail}")]
-    Interface { device: String, detail: String },
+    #[error("{device}: {source}")]
+    Interface {
+        device: String,
+        #[source]
+        source: peers::UnknownInterface,
+    },
     /// The backend does not provide the pinned interface version and
     /// strict is on (a strict refusal: exit status 4).
     #[error("{device}: {detail}")]

@@ -197,6 +197,15 @@ pub(super) fn interface_values(name: &str, offer: &BackendOffer) -> Option<Inter
         .or_else(|| offer.record.as_ref().map(|r| r.values))
 }
 
+/// A pinned interface version that neither godwit nor the backend knows.
+#[derive(Debug, thiserror::Error)]
+#[error("interface {name} is not one godwit knows (known: {known}), and vhost-user backend {socket} cannot be asked about it (it lacks godwit's interface-version extension)")]
+pub struct UnknownInterface {
+    pub name: String,
+    pub known: String,
+    pub socket: String,
+}
+
 /// Checks a pinned interface version against a backend without godwit's
 /// extension (DPDK): its features and queue count against what the backend
 /// offers. Returns what it lacks, one line each.
@@ -204,12 +213,13 @@ pub(super) fn interface_gaps(
     name: &str,
     offer: &BackendOffer,
     socket: &str,
-) -> Result<Vec<String>, String> {
+) -> Result<Vec<String>, UnknownInterface> {
     let Some(values) = interface_values(name, offer) else {
-        return Err(format!(
-            "interface {name} is not one godwit knows (known: {}), and vhost-user backend {socket} cannot be asked about it (it lacks godwit's interface-version extension)",
-            interface::names().join(", ")
-        ));
+        return Err(UnknownInterface {
+            name: name.to_string(),
+            known: interface::names().join(", "),
+            socket: socket.to_string(),
+        });
     };
     let mut gaps = Vec::new();
     let need = values.features & backend_bits();
@@ -304,7 +314,7 @@ pub fn rechecker(
         if let (Some(name), None) = (&pin, &offer.record) {
             match interface_gaps(name, offer, &socket) {
                 Ok(gaps) => lines.extend(gaps),
-                Err(e) => lines.push(e),
+                Err(e) => lines.push(e.to_string()),
             }
         }
         if lines.is_empty() {
@@ -485,7 +495,9 @@ mod tests {
         let gaps = interface_gaps("org.godwit.net.v1", &offer, "/s").unwrap();
         assert_eq!(gaps.len(), 1, "{gaps:?}");
         assert!(gaps[0].contains("lacks host_tso4,host_tso6"), "{gaps:?}");
-        let err = interface_gaps("org.example.v3", &offer, "/s").unwrap_err();
+        let err = interface_gaps("org.example.v3", &offer, "/s")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("not one godwit knows") && err.contains("org.godwit.net.v2"));
         let mut few = dpdk_offer();
         few.features |= bits_of(&["host_tso4", "host_tso6"]);
