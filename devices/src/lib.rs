@@ -1,5 +1,8 @@
 //! Devices of a godwit VM: the I/O buses the vCPUs dispatch to, the legacy
-//! platform devices (serial console, i8042 reset line), and later virtio.
+//! platform devices (serial console, i8042 reset line), virtio-net on its
+//! three peer kinds (TAP, vhost-user, kernel vhost-net) behind the
+//! virtio-mmio transport, and the dirty tracking every device answers for
+//! live migration ([`dirty_log`]).
 //!
 //! Every device keeps its guest-visible state in a plain state struct
 //! (see [`godwit_migration::persist::Persist`]) so that it can be captured and
@@ -7,6 +10,7 @@
 
 pub mod bus;
 pub mod console;
+pub mod dirty_log;
 pub mod i8042;
 pub mod net;
 pub mod serial;

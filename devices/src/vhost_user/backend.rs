@@ -80,10 +80,16 @@ pub struct BackendOptions {
 pub enum BackendError {
     #[error("interface {name} is not one this backend supports; it supports {} (latest {})", super::interface::names().join(", "), latest().name)]
     UnknownInterface { name: String },
+    /// vhost-user-backend's error implements only Display, so its text is
+    /// kept.
     #[error("cannot set up the vhost-user daemon: {0}")]
     Daemon(String),
-    #[error("cannot listen on {path}: {detail}")]
-    Listen { path: String, detail: String },
+    #[error("cannot listen on {path}: {source}")]
+    Listen {
+        path: String,
+        #[source]
+        source: vhost::vhost_user::Error,
+    },
     #[error("cannot register the TAP with the vring event loop: {0}")]
     Register(io::Error),
 }
@@ -525,9 +531,9 @@ pub fn serve(
         None
     } else {
         Some(
-            Listener::new(&opts.socket, true).map_err(|e| BackendError::Listen {
+            Listener::new(&opts.socket, true).map_err(|source| BackendError::Listen {
                 path: opts.socket.display().to_string(),
-                detail: e.to_string(),
+                source,
             })?,
         )
     };

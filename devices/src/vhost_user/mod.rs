@@ -6,15 +6,16 @@
 pub mod backend;
 pub mod conn;
 pub mod device;
+pub mod endpoint;
 pub mod interface;
+mod link;
 pub mod session;
 
 pub use conn::{Connection, VhostUserError};
-pub use device::{
-    backend_bits, BackendStatus, Endpoint, Recheck, Rechecker, VhostUserNet, VhostUserNetConfig,
-    VhostUserNetError,
-};
-pub use session::{handshake, BackendOffer, InterfaceInUse, Session};
+pub use device::{VhostUserNet, VhostUserNetConfig, VhostUserNetError};
+pub use endpoint::Endpoint;
+pub use link::{backend_bits, Recheck, Rechecker};
+pub use session::{handshake, BackendOffer, BackendStatus, InterfaceInUse, Session};
 
 #[cfg(test)]
 mod tests;

@@ -41,6 +41,20 @@ pub struct InterfaceInUse {
     pub record: Option<InterfaceRecord>,
 }
 
+/// A snapshot of the backend's state for query-net.
+#[derive(Clone, Debug, Serialize)]
+pub struct BackendStatus {
+    pub socket: String,
+    pub mode: &'static str,
+    pub connected: bool,
+    pub rings_running: bool,
+    pub offer: Option<BackendOffer>,
+    pub interface: Option<InterfaceInUse>,
+    pub reconnects: u64,
+    pub last_error: Option<String>,
+    pub logging: bool,
+}
+
 /// What a backend offers, as the handshake found it.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct BackendOffer {

@@ -8,7 +8,6 @@
 use std::fs::File;
 use std::net::UdpSocket;
 use std::os::fd::{FromRawFd, OwnedFd};
-use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -18,9 +17,10 @@ use vm_memory::{FileOffset, GuestAddress};
 use super::backend::{serve, BackendCounters, BackendOptions};
 use super::interface::{by_interface_name, INTERFACES};
 use super::*;
+use crate::dirty_log::DirtyTracking;
 use crate::net::{Tap, VnetHdr};
 use crate::virtio::mmio::MmioTransport;
-use crate::virtio::net::{NetModel, RX_QUEUE};
+use crate::virtio::net::{FrontendConfig, NetModel, RX_QUEUE};
 use crate::virtio::testing::{GuestDriver, NetNs};
 use crate::virtio::{feature, VirtioDevice, VIRTIO_F_VERSION_1};
 use crate::GuestMemory;
@@ -37,13 +37,6 @@ fn memfd(name: &std::ffi::CStr, size: u64) -> File {
     let f = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
     f.set_len(size).unwrap();
     f
-}
-
-fn dirty(log: &File, addr: u64) -> bool {
-    let page = addr / PAGE;
-    let mut b = [0u8; 1];
-    log.read_exact_at(&mut b, page / 8).unwrap();
-    b[0] & (1 << (page % 8)) != 0
 }
 
 #[test]
@@ -108,10 +101,12 @@ fn backend_writes_are_logged_and_rings_stop_and_restart_where_they_were() {
         session,
         Endpoint::client(&socket),
         VhostUserNetConfig {
-            mac: [0x52, 0x54, 0, 0x12, 0x34, 0x56],
-            features,
-            mtu: 1500,
-            queue_size: 256,
+            frontend: FrontendConfig {
+                mac: [0x52, 0x54, 0, 0x12, 0x34, 0x56],
+                features,
+                mtu: 1500,
+                queue_size: 256,
+            },
             pin: Some("org.godwit.net.v1".into()),
             timeout: Duration::from_secs(5),
         },
@@ -127,14 +122,8 @@ fn backend_writes_are_logged_and_rings_stop_and_restart_where_they_were() {
     d.init(features, 64).unwrap();
     d.fill_rx(32, 2048).unwrap();
 
-    // Dirty logging: one bit per 4 KiB page of guest memory.
-    let log_size = (MEM as u64 / PAGE).div_ceil(8);
-    let log = memfd(c"gw-vu-log", log_size);
-    device
-        .lock()
-        .unwrap()
-        .set_dirty_log(&log, log_size)
-        .unwrap();
+    // Dirty logging: the backend marks the pages it writes in the device's log.
+    device.lock().unwrap().start_dirty_log(MEM as u64).unwrap();
     assert!(device.lock().unwrap().backend_status().logging);
 
     let sender = {
@@ -161,11 +150,17 @@ fn backend_writes_are_logged_and_rings_stop_and_restart_where_they_were() {
     assert_eq!(frames[0].frame.len(), 14 + 20 + 8 + 100);
     // The pages the backend wrote (buffers and the used ring) are marked.
     let used_ring = d.queue(RX_QUEUE).unwrap().used.0;
-    assert!(dirty(&log, used_ring), "used ring page logged");
-    let marked = (0..MEM as u64 / PAGE)
-        .filter(|p| dirty(&log, p * PAGE))
-        .count();
+    let mut pages = Vec::new();
+    device.lock().unwrap().dirty_log(&mut pages);
+    assert!(
+        pages.contains(&(used_ring / PAGE * PAGE)),
+        "used ring page logged"
+    );
+    let marked = pages.len();
     assert!(marked >= 2, "{marked} pages marked");
+    pages.clear();
+    device.lock().unwrap().dirty_log(&mut pages);
+    assert!(pages.is_empty(), "taken pages are cleared: {pages:?}");
 
     // Stop the rings: the backend returns where it stopped.
     let bases = device.lock().unwrap().stop_rings().unwrap();
@@ -180,7 +175,7 @@ fn backend_writes_are_logged_and_rings_stop_and_restart_where_they_were() {
     device.lock().unwrap().resume_datapath();
     let frames = d.recv_frames(3, Duration::from_secs(10)).unwrap();
     assert_eq!(frames.len(), 3);
-    device.lock().unwrap().clear_dirty_log().unwrap();
+    device.lock().unwrap().stop_dirty_log().unwrap();
     assert!(!device.lock().unwrap().backend_status().logging);
 
     drop(d);

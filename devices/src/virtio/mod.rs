@@ -11,6 +11,7 @@ pub mod mmio;
 pub mod net;
 pub mod pause;
 pub(crate) mod ratelimit;
+#[cfg(any(test, feature = "test-utils"))]
 pub mod testing;
 
 use std::sync::Arc;
@@ -116,15 +117,17 @@ pub enum ActivateError {
         expected: usize,
         got: usize,
     },
-    #[error("the {device} device has lost its backend ({reason}); it cannot be activated again until the VM is restarted")]
-    BackendLost {
-        device: &'static str,
-        reason: String,
-    },
-    #[error("cannot start the {device} device: {reason}")]
+    #[error("cannot start the {device} device: {source}")]
     Backend {
         device: &'static str,
-        reason: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("{device}: the queue configuration could not be copied for the device: {source}")]
+    QueueCopy {
+        device: &'static str,
+        #[source]
+        source: virtio_queue::Error,
     },
     #[error("cannot start the datapath thread of the {device} device: {source}")]
     Thread {

@@ -148,7 +148,7 @@ pub(super) fn receive(config: &VmConfig, conn: &mut Conn) -> Result<Machine, Inc
                 ));
                 continue;
             }
-            match snapshot::open_peer(&dev.id, spec, dev.interface.as_deref()) {
+            match crate::devices::net::open_peer(&dev.id, spec, dev.interface.as_deref()) {
                 Ok((opened, support)) => {
                     if let Err(e) =
                         snapshot::check_peer(&dev.id, dev.offered, &support, "on the source")

@@ -1,7 +1,6 @@
-//! Which pages to send: KVM's dirty log, godwit's own writes, and the log
-//! vhost-user backends write into.
+//! Which pages to send: KVM's dirty log, godwit's own writes, and what
+//! every device logs through `DirtyTracking` (vhost backends' writes).
 
-use std::sync::atomic::Ordering;
 use std::sync::PoisonError;
 
 use kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES;
@@ -9,20 +8,20 @@ use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use godwit_migration::protocol::PAGE_SIZE;
 
+use godwit_devices::virtio::net::NetModel;
+
 use super::MigrateError;
 use crate::devices::net::NetDevice;
 use crate::machine::VmHandle;
 
-/// Pages dirtied since the last call: KVM's log and godwit's own writes.
-pub(super) fn take_dirty(
-    handle: &VmHandle,
-    backend: Option<&BackendLog>,
-) -> Result<Vec<u64>, MigrateError> {
+/// Pages dirtied since the last call: what the devices logged, KVM's log
+/// and godwit's own writes.
+pub(super) fn take_dirty(handle: &VmHandle) -> Result<Vec<u64>, MigrateError> {
     let mut pages = Vec::new();
-    if let Some(log) = backend {
-        log.take(&mut pages);
-        pages.retain(|gpa| handle.ram.memory.address_in_range(GuestAddress(*gpa)));
+    for net in &handle.nets {
+        model(net).dirty_log(&mut pages);
     }
+    pages.retain(|gpa| handle.ram.memory.address_in_range(GuestAddress(*gpa)));
     for (slot, region) in handle.ram.memory.iter().enumerate() {
         let kvm = handle
             .vm
@@ -46,106 +45,36 @@ pub(super) fn take_dirty(
     Ok(pages)
 }
 
-/// The dirty log vhost-user backends write into: one bit per 4 KiB page of
-/// guest physical address space, in a memfd shared with each backend.
-pub(crate) struct BackendLog {
-    file: std::fs::File,
-    map: *mut u64,
-    words: usize,
-}
-
-// SAFETY: the mapping is owned by this struct and only accessed through
-// atomic operations on whole words.
-unsafe impl Send for BackendLog {}
-// SAFETY: as above; concurrent access is atomic.
-unsafe impl Sync for BackendLog {}
-
-impl BackendLog {
-    pub(super) fn new(memory_end: u64) -> Result<Self, MigrateError> {
-        let pages = memory_end.div_ceil(PAGE_SIZE);
-        let words = pages.div_ceil(64) as usize;
-        let bytes = words * 8;
-        let err = |what: &str, e: std::io::Error| {
-            MigrateError::Local(format!("the vhost-user dirty log: {what}: {e}"))
-        };
-        let file = godwit_migration::memory_file::create_memfd(bytes as u64)
-            .map_err(|e| err("memfd", e))?;
-        use std::os::fd::AsRawFd;
-        // SAFETY: maps `bytes` of a memfd of that size, shared; checked below.
-        let map = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                bytes,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                file.as_raw_fd(),
-                0,
-            )
-        };
-        if map == libc::MAP_FAILED {
-            return Err(err("mmap", std::io::Error::last_os_error()));
-        }
-        Ok(BackendLog {
-            file,
-            map: map.cast(),
-            words,
-        })
-    }
-
-    /// Takes and clears the pages the backends marked.
-    fn take(&self, pages: &mut Vec<u64>) {
-        for i in 0..self.words {
-            // SAFETY: `i` is within the mapping; backends set bits with
-            // atomic ORs, so the word is swapped atomically.
-            let word = unsafe { &*(self.map.add(i) as *const std::sync::atomic::AtomicU64) };
-            let mut bits = word.swap(0, Ordering::SeqCst);
-            while bits != 0 {
-                let bit = bits.trailing_zeros() as u64;
-                bits &= bits - 1;
-                pages.push((i as u64 * 64 + bit) * PAGE_SIZE);
+/// Asks every device to log the guest pages it writes from now on (each
+/// answers for itself: godwit's own writes need nothing, a vhost backend
+/// gets a log). Devices started before one that fails are stopped again.
+pub(super) fn start_device_logs(handle: &VmHandle) -> Result<(), MigrateError> {
+    let end = handle.ram.memory.last_addr().0 + 1;
+    for (i, net) in handle.nets.iter().enumerate() {
+        if let Err(source) = model(net).start_dirty_log(end) {
+            for started in &handle.nets[..i] {
+                let _ = model(started).stop_dirty_log();
             }
+            return Err(MigrateError::DeviceLog {
+                device: net.id.clone(),
+                source,
+            });
         }
-    }
-}
-
-impl Drop for BackendLog {
-    fn drop(&mut self) {
-        // SAFETY: unmaps exactly the mapping made in `new`.
-        unsafe { libc::munmap(self.map.cast(), self.words * 8) };
-    }
-}
-
-pub(super) fn vhost_user_devices(handle: &VmHandle) -> Vec<&NetDevice> {
-    handle
-        .nets
-        .iter()
-        .filter(|n| {
-            n.device
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .as_vhost_user()
-                .is_some()
-        })
-        .collect()
-}
-
-/// Hands the log to every vhost-user backend (or takes it back).
-pub(super) fn set_backend_logging(
-    handle: &VmHandle,
-    log: Option<&BackendLog>,
-) -> Result<(), MigrateError> {
-    for net in vhost_user_devices(handle) {
-        let dev = net.device.lock().unwrap_or_else(PoisonError::into_inner);
-        let Some(vu) = dev.as_vhost_user() else {
-            continue;
-        };
-        let res = match log {
-            Some(l) => vu.set_dirty_log(&l.file, (l.words * 8) as u64),
-            None => vu.clear_dirty_log(),
-        };
-        res.map_err(|e| MigrateError::Local(format!("{}: {e}", net.id)))?;
     }
     Ok(())
+}
+
+/// Stops every device's log (the migration finished or failed).
+pub(super) fn stop_device_logs(handle: &VmHandle) {
+    for net in &handle.nets {
+        if let Err(e) = model(net).stop_dirty_log() {
+            tracing::warn!("migration: {}: cannot stop the dirty log: {e}", net.id);
+        }
+    }
+}
+
+fn model(net: &NetDevice) -> std::sync::MutexGuard<'_, dyn NetModel + 'static> {
+    net.device.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 pub(super) fn set_dirty_logging(handle: &VmHandle, on: bool) -> Result<(), MigrateError> {

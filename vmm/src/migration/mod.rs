@@ -84,4 +84,10 @@ pub enum MigrateError {
     },
     #[error("{0}")]
     Local(String),
+    #[error("{device}: {source}")]
+    DeviceLog {
+        device: String,
+        #[source]
+        source: godwit_devices::dirty_log::DirtyLogError,
+    },
 }

@@ -21,11 +21,9 @@ use crate::persist::snapshot::{capture_state, Quiesced};
 use crate::vstate::events::VmEvent;
 
 use crate::migration::dirty::pages_with_data;
-use crate::migration::dirty::set_backend_logging;
 use crate::migration::dirty::set_dirty_logging;
 use crate::migration::dirty::take_dirty;
-use crate::migration::dirty::vhost_user_devices;
-use crate::migration::dirty::BackendLog;
+use crate::migration::dirty::{start_device_logs, stop_device_logs};
 use crate::migration::handshake::check_destination;
 use crate::migration::handshake::hello_of;
 use crate::migration::transport::connect;
@@ -230,20 +228,9 @@ pub(super) fn run_source(
         .unwrap_or_else(PoisonError::into_inner)
         .clone();
     set_dirty_logging(handle, true)?;
-    let backend_log = if vhost_user_devices(handle).is_empty() {
-        None
-    } else {
-        let end = handle.ram.memory.last_addr().0 + 1;
-        let log = BackendLog::new(end)?;
-        set_backend_logging(handle, Some(&log))?;
-        Some(log)
-    };
-    let result = precopy(handle, &mut conn, &params, backend_log.as_ref(), started);
-    if backend_log.is_some() {
-        if let Err(e) = set_backend_logging(handle, None) {
-            tracing::warn!("migration: cannot stop a backend's dirty log: {e}");
-        }
-    }
+    start_device_logs(handle)?;
+    let result = precopy(handle, &mut conn, &params, started);
+    stop_device_logs(handle);
     result
 }
 
@@ -251,7 +238,6 @@ pub(super) fn precopy(
     handle: &VmHandle,
     conn: &mut Conn,
     params: &MigrationParams,
-    backend_log: Option<&BackendLog>,
     started: Instant,
 ) -> Result<(), MigrateError> {
     let mut sender = Sender {
@@ -269,7 +255,7 @@ pub(super) fn precopy(
     let mut last_dirty_rate;
     loop {
         let elapsed = round_started.elapsed().as_secs_f64().max(1e-6);
-        let dirty = take_dirty(handle, backend_log)?;
+        let dirty = take_dirty(handle)?;
         round_started = Instant::now();
         let throughput = sender.bytes as f64 / sender.started.elapsed().as_secs_f64().max(1e-6);
         let remaining = dirty.len() as u64 * PAGE_SIZE;
@@ -301,7 +287,7 @@ pub(super) fn precopy(
         if expected_ms <= params.downtime_limit_ms {
             // Stop-and-copy: what is dirty now plus what the guest dirties
             // before it stops.
-            return finish(handle, &mut sender, dirty, backend_log, started);
+            return finish(handle, &mut sender, dirty, started);
         }
         round += 1;
         if round >= params.max_rounds {
@@ -322,13 +308,12 @@ pub(super) fn finish(
     handle: &VmHandle,
     sender: &mut Sender<'_>,
     mut dirty: Vec<u64>,
-    backend_log: Option<&BackendLog>,
     started: Instant,
 ) -> Result<(), MigrateError> {
     let quiet = Quiesced::new(handle).map_err(|e| MigrateError::Local(e.to_string()))?;
     let downtime_start = Instant::now();
     // Pausing stopped the backends' rings (GET_VRING_BASE): their log is final.
-    dirty.extend(take_dirty(handle, backend_log)?);
+    dirty.extend(take_dirty(handle)?);
     dirty.sort_unstable();
     dirty.dedup();
     sender.send_pages(handle, &dirty, false)?;

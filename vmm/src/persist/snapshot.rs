@@ -7,27 +7,23 @@
 //! to the snapshot.
 
 use std::path::{Path, PathBuf};
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::mpsc;
 use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
 use godwit_devices::serial::SerialDeviceState;
-use godwit_devices::virtio::mmio::{
-    MmioTransport, MmioTransportState, MMIO_SLOT_SIZE, NOTIFY_OFFSET,
-};
+use godwit_devices::virtio::mmio::{MmioTransport, MmioTransportState};
 use godwit_devices::virtio::net::features;
-use godwit_devices::virtio::net::{NetConfig, VirtioNet, VirtioNetState};
-use godwit_devices::virtio::VirtioDevice;
+use godwit_devices::virtio::net::VirtioNetState;
 use godwit_migration::format::{kind_ids, Container, ContainerWriter, FormatError, SectionKind};
 use godwit_migration::memory_file::{self, MemoryFileError, MemoryFileInfo, MEMORY_SECTION};
 use godwit_migration::persist::Persist;
-use kvm_ioctls::IoEventAddress;
 
 use crate::abi::machine_types::{self, MachineType};
 use crate::abi::strict::{NetAbiDecision, PeerSupport};
 use crate::config::{RestoreMemory, VmConfig};
-use crate::devices::net::{open_tap, tap_support, NetDevice, NetSetupError};
+use crate::devices::net::{self, NetDevice, NetSetupError};
 use crate::machine::{platform_devices, BuildError, BuiltVm, Machine, VmHandle};
 use crate::vstate::memory::{self, GuestRam};
 use crate::vstate::state::vcpu::{check_cpuid, host_cpuid, VCPU_SECTION};
@@ -458,7 +454,7 @@ pub fn read_saved(container: &Container, path: &Path) -> Result<SavedVm, Restore
     let mut nets = Vec::new();
     for i in 0..config.nets {
         let net: NetSnapshot = container.section(&NET_SECTION, i).map_err(format)?;
-        if net.peer_kind != "tap" && net.peer_kind != "vhost-user" {
+        if !["tap", "vhost-user", "vhost-net"].contains(&net.peer_kind.as_str()) {
             return Err(invalid(
                 path,
                 &NET_SECTION.section_name(i),
@@ -481,47 +477,11 @@ pub fn read_saved(container: &Container, path: &Path) -> Result<SavedVm, Restore
     })
 }
 
-type SharedModel = Arc<Mutex<dyn godwit_devices::virtio::net::NetModel>>;
-type SharedVirtio = Arc<Mutex<dyn VirtioDevice>>;
-
-/// A peer opened on this host for a saved device.
-pub enum OpenedPeer {
-    Tap(godwit_devices::net::tap::Tap),
-    VhostUser(crate::devices::net::VhostUserPeer),
-}
-
-/// Opens one peer for a saved (or migrating) device and says what it carries.
-pub fn open_peer(
-    device: &str,
-    spec: &crate::config::net_spec::NetSpec,
-    interface: Option<&str>,
-) -> Result<(OpenedPeer, PeerSupport), RestoreError> {
-    use crate::config::net_spec::PeerSpec;
-    match &spec.peer {
-        PeerSpec::VhostUser {
-            socket,
-            server,
-            interface: given,
-        } => {
-            let pin = given.as_deref().or(interface);
-            let peer = crate::devices::net::open_vhost_user(device, socket, *server, pin)?;
-            let support =
-                crate::devices::net::vhost_user_support(&peer.socket, &peer.session.offer);
-            Ok((OpenedPeer::VhostUser(peer), support))
-        }
-        _ => {
-            let tap = open_tap(device, spec)?;
-            let support = tap_support(tap.name(), &tap.probe_offloads());
-            Ok((OpenedPeer::Tap(tap), support))
-        }
-    }
-}
-
 /// Opens and checks this host's peers for the saved devices.
 pub fn open_peers(
     saved: &[NetSnapshot],
     config: &VmConfig,
-) -> Result<Vec<(OpenedPeer, PeerSupport)>, RestoreError> {
+) -> Result<Vec<(net::OpenedPeer, PeerSupport)>, RestoreError> {
     if saved.len() != config.nets.len() {
         return Err(RestoreError::NetCount {
             saved: saved.len(),
@@ -541,7 +501,7 @@ pub fn open_peers(
                 given: spec.peer.kind().to_string(),
             });
         }
-        let (opened, peer) = open_peer(&net.id, spec, net.interface.as_deref())?;
+        let (opened, peer) = net::open_peer(&net.id, spec, net.interface.as_deref())?;
         check_peer(&net.id, net.offered, &peer, "when the snapshot was taken")?;
         peers.push((opened, peer));
     }
@@ -551,7 +511,7 @@ pub fn open_peers(
 /// Rebuilds the saved devices on this host's peers, wired to `vm`.
 pub(crate) fn rebuild_nets(
     saved: &[NetSnapshot],
-    peers: Vec<(OpenedPeer, PeerSupport)>,
+    peers: Vec<(net::OpenedPeer, PeerSupport)>,
     config: &VmConfig,
     machine: &'static MachineType,
     ram: &GuestRam,
@@ -560,91 +520,42 @@ pub(crate) fn rebuild_nets(
 ) -> Result<Vec<NetDevice>, RestoreError> {
     let mut out = Vec::new();
     for ((net, (opened, peer)), spec) in saved.iter().zip(peers).zip(&config.nets) {
-        let setup = |detail: String| NetSetupError::Transport {
-            device: net.id.clone(),
-            detail,
-        };
         let queue_size = net
             .transport
             .queues
             .first()
             .map(|q| q.max_size)
             .unwrap_or(machine.net.queue_size);
-        let (device, as_virtio): (SharedModel, SharedVirtio) = match opened {
-            OpenedPeer::Tap(tap) => {
-                let mut dev = VirtioNet::new(
-                    tap,
-                    NetConfig {
-                        mac: net.device.mac,
-                        features: net.offered,
-                        mtu: Some(net.device.mtu),
-                        queue_size,
-                    },
-                )
-                .map_err(|source| NetSetupError::Device {
-                    device: net.id.clone(),
-                    source,
-                })?;
-                dev.restore_device_state(&net.device);
-                let d = Arc::new(Mutex::new(dev));
-                (d.clone(), d)
-            }
-            OpenedPeer::VhostUser(p) => {
-                let pin = net.interface.clone();
-                let config = godwit_devices::vhost_user::VhostUserNetConfig {
-                    mac: net.device.mac,
-                    features: net.offered,
-                    mtu: net.device.mtu,
-                    queue_size,
-                    pin: pin.clone(),
-                    timeout: crate::devices::net::VHOST_USER_REPLY_TIMEOUT,
-                };
-                let recheck = crate::devices::net::rechecker(
-                    net.id.clone(),
-                    machine,
-                    p.socket.clone(),
-                    pin,
-                    net.strict,
-                );
-                let mut dev = godwit_devices::vhost_user::VhostUserNet::new(
-                    p.session, p.endpoint, config, recheck,
-                )
-                .map_err(|source| NetSetupError::VhostUserDevice {
-                    device: net.id.clone(),
-                    source,
-                })?;
-                godwit_devices::virtio::net::NetModel::restore_device_state(&mut dev, &net.device);
-                let d = Arc::new(Mutex::new(dev));
-                (d.clone(), d)
-            }
+        let device_config = net::DeviceConfig {
+            id: net.id.clone(),
+            machine,
+            mac: net.device.mac,
+            features: net.offered,
+            mtu: net.device.mtu,
+            queue_size,
+            pin: net.interface.clone(),
+            strict: net.strict,
         };
-        let transport = MmioTransport::restore((ram.memory.clone(), as_virtio), &net.transport)
-            .map_err(|e| setup(e.to_string()))?;
-        for (queue, evt) in transport.queue_notify_eventfds().iter().enumerate() {
-            vm.fd
-                .register_ioevent(
-                    evt,
-                    &IoEventAddress::Mmio(net.mmio_base + NOTIFY_OFFSET),
-                    queue as u32,
-                )
-                .map_err(|source| NetSetupError::Kvm {
-                    device: net.id.clone(),
-                    what: "a queue notification ioeventfd",
-                    source,
-                })?;
-        }
-        vm.fd
-            .register_irqfd(transport.interrupt_eventfd(), net.irq)
-            .map_err(|source| NetSetupError::Kvm {
+        let model = net::build_model(opened, &device_config, &ram.memory)?;
+        model
+            .device
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .restore_device_state(&net.device);
+        let transport = MmioTransport::restore((ram.memory.clone(), model.virtio), &net.transport)
+            .map_err(|source| NetSetupError::TransportRestore {
                 device: net.id.clone(),
-                what: "the device interrupt irqfd",
                 source,
             })?;
-        let transport = Arc::new(Mutex::new(transport));
-        buses
-            .mmio
-            .insert(net.mmio_base, MMIO_SLOT_SIZE, transport.clone())
-            .map_err(|e| setup(e.to_string()))?;
+        let transport = net::place(
+            &net.id,
+            transport,
+            net.mmio_base,
+            net.irq,
+            &vm.fd,
+            &mut buses.mmio,
+        )?;
+        let device = model.device;
         out.push(NetDevice {
             id: net.id.clone(),
             spec: spec.clone(),
@@ -697,7 +608,7 @@ pub(crate) fn machine_from_saved(
     saved: &SavedVm,
     vm: Vm,
     ram: GuestRam,
-    peers: Vec<(OpenedPeer, PeerSupport)>,
+    peers: Vec<(net::OpenedPeer, PeerSupport)>,
 ) -> Result<Machine, RestoreError> {
     let vcpus = restore_vm_state(&vm, saved)?;
     let mut buses = IoBuses::default();

@@ -11,20 +11,20 @@
 //! unknown or malformed command is answered VIRTIO_NET_ERR.
 
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use virtio_bindings::virtio_net::*;
-use virtio_bindings::virtio_ring::VRING_AVAIL_F_NO_INTERRUPT;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use super::chain::{
+    parse_chain, read_from_segs, seg_total, wants_interrupt, write_to_segs, Fatal, Seg,
+};
 use super::features::GUEST_OFFLOADS;
-use super::worker::{parse_chain, read_from_segs, seg_total, write_to_segs, Fatal, Seg};
 use super::{Fault, Shared, CTRL_QUEUE};
 use crate::virtio::pause::PauseGate;
 use crate::virtio::ratelimit::LogLimiter;
@@ -98,25 +98,6 @@ pub(crate) fn serve_ctrl_queue(
         added += 1;
     }
     Ok(added)
-}
-
-/// Whether the driver wants an interrupt for the used entries just added to
-/// `q` (EVENT_IDX's used_event, else VRING_AVAIL_F_NO_INTERRUPT, which
-/// virtio-queue does not look at).
-pub(crate) fn wants_interrupt(q: &mut Queue, mem: &GuestMemory, name: &str) -> Result<bool, Fatal> {
-    if q.event_idx_enabled() {
-        q.needs_notification(mem)
-            .map_err(|e| Fatal(format!("{name} queue: reading used_event: {e}")))
-    } else {
-        let flags: u16 = mem
-            .load(GuestAddress(q.avail_ring()), Ordering::Acquire)
-            .map_err(|e| {
-                Fatal(format!(
-                    "{name} queue: reading the available ring flags: {e}"
-                ))
-            })?;
-        Ok(u16::from_le(flags) & VRING_AVAIL_F_NO_INTERRUPT as u16 == 0)
-    }
 }
 
 /// Executes one control command; returns VIRTIO_NET_OK or VIRTIO_NET_ERR.
@@ -233,6 +214,19 @@ fn parse_mac_tables(data: &[u8]) -> Option<MacTables> {
     rest.is_empty().then_some((uni, multi))
 }
 
+/// An epoll set watching each fd of `fds` for input, with its token.
+pub(crate) fn epoll_on(fds: &[(RawFd, u64)]) -> io::Result<Epoll> {
+    let epoll = Epoll::new()?;
+    for &(fd, token) in fds {
+        epoll.ctl(
+            ControlOperation::Add,
+            fd,
+            EpollEvent::new(EventSet::IN, token),
+        )?;
+    }
+    Ok(epoll)
+}
+
 const TOKEN_STOP: u64 = 0;
 const TOKEN_CTRL: u64 = 1;
 const TOKEN_PAUSE: u64 = 2;
@@ -264,17 +258,11 @@ impl CtrlThread {
     /// Starts serving `job`'s queue.
     pub(crate) fn start(job: CtrlJob) -> io::Result<CtrlThread> {
         let stop = EventFd::new(EFD_NONBLOCK)?;
-        let epoll = Epoll::new()?;
-        let add = |fd: i32, token: u64| {
-            epoll.ctl(
-                ControlOperation::Add,
-                fd,
-                EpollEvent::new(EventSet::IN, token),
-            )
-        };
-        add(stop.as_raw_fd(), TOKEN_STOP)?;
-        add(job.evt.as_raw_fd(), TOKEN_CTRL)?;
-        add(job.gate.wake_fd().as_raw_fd(), TOKEN_PAUSE)?;
+        let epoll = epoll_on(&[
+            (stop.as_raw_fd(), TOKEN_STOP),
+            (job.evt.as_raw_fd(), TOKEN_CTRL),
+            (job.gate.wake_fd().as_raw_fd(), TOKEN_PAUSE),
+        ])?;
         let thread_stop = stop.try_clone()?;
         let name: String = format!("gw-ctrl-{}", job.name).chars().take(15).collect();
         job.gate.attach();
@@ -349,8 +337,7 @@ fn run_ctrl(mut job: CtrlJob, epoll: Epoll, _stop: EventFd) -> Queue {
             &mut *job.set_guest_offloads,
             &mut log,
         )?;
-        let pack = u32::from(job.queue.next_avail()) | (u32::from(job.queue.next_used()) << 16);
-        job.shared.positions[CTRL_QUEUE].store(pack, Ordering::SeqCst);
+        job.shared.publish_position(CTRL_QUEUE, &job.queue);
         if added > 0 && wants_interrupt(&mut job.queue, &job.mem, "control")? {
             if let Err(e) = job
                 .interrupt

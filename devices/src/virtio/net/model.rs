@@ -1,16 +1,17 @@
 //! What the VMM asks of a virtio-net device whatever carries its packets: a
-//! TAP served by godwit's own datapath ([`VirtioNet`]), a vhost-user
-//! backend ([`crate::vhost_user::VhostUserNet`]) or kernel vhost-net
-//! ([`crate::vhost_net::VhostKernelNet`]).
+//! TAP served by godwit's own datapath ([`super::VirtioNet`]), a vhost-user
+//! backend (`vhost_user::VhostUserNet`) or kernel vhost-net
+//! (`vhost_net::VhostKernelNet`). Each model answers every question itself,
+//! so the VMM never asks which kind a device is.
 
 use std::io;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use super::{Counters, FaultCounts, NetInfo, NetStats, VirtioNet, VirtioNetState};
-use crate::net::Tap;
-use crate::vhost_net::VhostKernelNet;
-use crate::vhost_user::VhostUserNet;
+use super::frontend::{NetFrontend, PeerInfo};
+use super::{NetInfo, VirtioNetState};
+use crate::dirty_log::DirtyTracking;
+use crate::net::{Tap, TapOffloads};
+use crate::vhost_user::session::{BackendStatus, InterfaceInUse};
 use crate::virtio::pause::PauseError;
 use crate::virtio::VirtioDevice;
 
@@ -20,6 +21,10 @@ use crate::virtio::VirtioDevice;
 pub struct PeerTap(Option<Arc<Tap>>);
 
 impl PeerTap {
+    pub(crate) fn of(tap: &Arc<Tap>) -> Self {
+        PeerTap(Some(tap.clone()))
+    }
+
     pub fn get(&self) -> Option<&Arc<Tap>> {
         self.0.as_ref()
     }
@@ -40,18 +45,61 @@ impl PeerTap {
     }
 }
 
-/// A virtio-net device model (its virtio side is [`VirtioDevice`]).
-pub trait NetModel: VirtioDevice + Send {
+/// What `query-net` shows about a device's peer, by kind.
+#[derive(Clone, Debug)]
+pub enum PeerStatus {
+    /// godwit's datapath on a TAP.
+    Tap {
+        vnet_hdr: bool,
+        offloads: TapOffloads,
+    },
+    /// Kernel vhost-net on a TAP.
+    VhostNet {
+        tap: String,
+        vnet_hdr: bool,
+        /// VHOST_GET_FEATURES.
+        kernel_features: u64,
+        /// Whether the kernel can log the pages it writes, else why not.
+        dirty_log: Result<(), String>,
+    },
+    /// A vhost-user backend.
+    VhostUser {
+        backend: Box<BackendStatus>,
+        /// Whether the backend can log the pages it writes, else why not.
+        dirty_log: Result<(), String>,
+        interface: Option<InterfaceInUse>,
+    },
+}
+
+/// A virtio-net device model (its virtio side is [`VirtioDevice`], its
+/// migration side [`DirtyTracking`]). The defaults answer from the shared
+/// frontend; a model overrides what its datapath changes.
+pub trait NetModel: VirtioDevice + DirtyTracking + Send {
+    /// The guest-visible side every model shares.
+    #[doc(hidden)]
+    fn frontend(&self) -> &NetFrontend;
+
+    /// The peer's part of [`Self::info`].
+    #[doc(hidden)]
+    fn peer_info(&self) -> PeerInfo;
+
     /// Everything a `query-net` shows.
-    fn info(&self) -> NetInfo;
+    fn info(&self) -> NetInfo {
+        self.frontend().info(self.peer_info())
+    }
+
+    /// What `query-net` shows about the peer.
+    fn peer_status(&self) -> PeerStatus;
 
     /// The features offered to the driver.
     fn offered_features(&self) -> u64 {
-        self.device_features()
+        self.frontend().offered()
     }
 
     /// The features the driver acked (0 before FEATURES_OK / after reset).
-    fn acked_features(&self) -> u64;
+    fn acked_features(&self) -> u64 {
+        self.frontend().acked()
+    }
 
     /// The TAP godwit writes frames to, if it holds one.
     fn tap(&self) -> PeerTap {
@@ -59,16 +107,22 @@ pub trait NetModel: VirtioDevice + Send {
     }
 
     /// The MAC address in the configuration space now.
-    fn mac(&self) -> [u8; 6];
+    fn mac(&self) -> [u8; 6] {
+        self.frontend().mac()
+    }
 
-    /// Sets the link status the guest sees (management's word; a vhost
+    /// Sets the link status the guest sees (management's word; a vhost-user
     /// device's link is also down while its backend is away).
-    fn set_link(&mut self, up: bool);
+    fn set_link(&mut self, up: bool) {
+        self.frontend().set_link(up)
+    }
 
     /// Makes the guest's presence known on the network after a migration:
     /// the announce status bit when the driver acked GUEST_ANNOUNCE, else
     /// (vhost-user) the backend's RARP. False when neither is possible.
-    fn announce(&mut self) -> bool;
+    fn announce(&mut self) -> bool {
+        self.frontend().announce()
+    }
 
     /// Stops the datapath with its state kept (snapshot, migration, `stop`).
     fn pause_datapath(&self) -> Result<(), PauseError>;
@@ -76,10 +130,14 @@ pub trait NetModel: VirtioDevice + Send {
     fn resume_datapath(&self);
 
     /// The device's own guest-visible state (call with the datapath paused).
-    fn device_state(&self) -> VirtioNetState;
+    fn device_state(&self) -> VirtioNetState {
+        self.frontend().device_state()
+    }
 
     /// Puts saved state back into a device that is not active yet.
-    fn restore_device_state(&mut self, state: &VirtioNetState);
+    fn restore_device_state(&mut self, state: &VirtioNetState) {
+        self.frontend().restore_device_state(state)
+    }
 
     /// Why the VM cannot migrate because of this device, beyond the ABI
     /// decision made at start-up (e.g. a vhost backend without dirty logging,
@@ -92,65 +150,39 @@ pub trait NetModel: VirtioDevice + Send {
     fn interface(&self) -> Option<String> {
         None
     }
-
-    fn as_vhost_user(&self) -> Option<&VhostUserNet> {
-        None
-    }
-
-    fn as_vhost_net(&self) -> Option<&VhostKernelNet> {
-        None
-    }
 }
 
-impl NetModel for VirtioNet {
-    fn info(&self) -> NetInfo {
-        VirtioNet::info(self)
-    }
-    fn acked_features(&self) -> u64 {
-        VirtioNet::acked_features(self)
-    }
-    fn tap(&self) -> PeerTap {
-        PeerTap(Some(VirtioNet::tap(self).clone()))
-    }
-    fn mac(&self) -> [u8; 6] {
-        VirtioNet::mac(self)
-    }
-    fn set_link(&mut self, up: bool) {
-        VirtioNet::set_link(self, up)
-    }
-    fn announce(&mut self) -> bool {
-        VirtioNet::announce(self)
-    }
-    fn pause_datapath(&self) -> Result<(), PauseError> {
-        VirtioNet::pause_datapath(self)
-    }
-    fn resume_datapath(&self) {
-        VirtioNet::resume_datapath(self)
-    }
-    fn device_state(&self) -> VirtioNetState {
-        VirtioNet::device_state(self)
-    }
-    fn restore_device_state(&mut self, state: &VirtioNetState) {
-        VirtioNet::restore_device_state(self, state)
-    }
-}
+/// The [`VirtioDevice`] methods every model answers from its frontend
+/// (field `$front`), expanded inside each model's `impl VirtioDevice`.
+macro_rules! virtio_frontend_methods {
+    ($front:ident) => {
+        fn device_type(&self) -> u32 {
+            $crate::virtio::net::VIRTIO_ID_NET
+        }
 
-/// The counters of a device as [`NetStats`].
-pub(crate) fn counters_snapshot(c: &Counters) -> NetStats {
-    NetStats {
-        rx_packets: c.rx_packets.load(Ordering::Relaxed),
-        rx_bytes: c.rx_bytes.load(Ordering::Relaxed),
-        tx_packets: c.tx_packets.load(Ordering::Relaxed),
-        tx_bytes: c.tx_bytes.load(Ordering::Relaxed),
-        rx_faults: FaultCounts::from(&c.rx_faults),
-        tx_faults: FaultCounts::from(&c.tx_faults),
-        ctrl_faults: c.ctrl_faults.load(Ordering::Relaxed),
-        ctrl_errors: c.ctrl_errors.load(Ordering::Relaxed),
-    }
-}
+        fn queue_max_sizes(&self) -> &[u16] {
+            self.$front.queue_max_sizes()
+        }
 
-impl PeerTap {
-    pub(crate) fn of(tap: &Arc<Tap>) -> Self {
-        PeerTap(Some(tap.clone()))
-    }
+        fn device_features(&self) -> u64 {
+            self.$front.offered()
+        }
+
+        fn ack_features(&mut self, features: u64) {
+            self.$front.ack_features(features)
+        }
+
+        fn read_config(&self, offset: u64, data: &mut [u8]) {
+            self.$front.read_config(offset, data)
+        }
+
+        fn write_config(&mut self, offset: u64, data: &[u8]) {
+            self.$front.write_config(offset, data)
+        }
+
+        fn is_active(&self) -> bool {
+            self.$front.is_active()
+        }
+    };
 }
+pub(crate) use virtio_frontend_methods;

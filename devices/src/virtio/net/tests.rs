@@ -16,7 +16,10 @@ use crate::net::tap::{TUN_F_CSUM, TUN_F_TSO4};
 use crate::net::{Tap, TapError, VnetHdr};
 use crate::virtio::mmio::MmioTransport;
 use crate::virtio::testing::*;
-use crate::virtio::{status, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+use crate::virtio::{
+    feature, status, ActivateError, ActivateParams, QueuePosition, VirtioDevice,
+    VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
+};
 
 const GUEST_MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
 const HOST_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 1);

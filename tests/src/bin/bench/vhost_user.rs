@@ -43,7 +43,7 @@ use godwit_devices::vhost_user::{
     handshake, Connection, Endpoint, Recheck, VhostUserNet, VhostUserNetConfig,
 };
 use godwit_devices::virtio::mmio::MmioTransport;
-use godwit_devices::virtio::net::{NET_HDR_LEN, RX_QUEUE, TX_QUEUE};
+use godwit_devices::virtio::net::{FrontendConfig, NET_HDR_LEN, RX_QUEUE, TX_QUEUE};
 use godwit_devices::virtio::testing::{net_hdr, udp_frame, Buf, GuestDriver, UdpCsum, Used};
 use godwit_devices::virtio::{feature, VirtioDevice, VIRTIO_F_VERSION_1};
 use godwit_devices::GuestMemory;
@@ -147,10 +147,12 @@ impl Harness {
             session,
             Endpoint::client(socket),
             VhostUserNetConfig {
-                mac: GUEST_MAC,
-                features,
-                mtu: 1500,
-                queue_size: QUEUE_SIZE,
+                frontend: FrontendConfig {
+                    mac: GUEST_MAC,
+                    features,
+                    mtu: 1500,
+                    queue_size: QUEUE_SIZE,
+                },
                 pin: None,
                 timeout: Duration::from_secs(5),
             },

@@ -1,0 +1,200 @@
+//! Descriptor-chain helpers shared by the datapath (`worker`) and the
+//! control queue (`ctrl`): walking a chain into guest-buffer segments,
+//! copying into and out of them, building iovecs over them for the TAP's
+//! readv/writev, and deciding whether the driver wants an interrupt.
+
+use std::sync::atomic::Ordering;
+
+use virtio_bindings::virtio_ring::VRING_AVAIL_F_NO_INTERRUPT;
+use virtio_queue::{DescriptorChain, Queue, QueueT};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
+
+use super::Fault;
+use crate::GuestMemory;
+
+/// Most segments in one chain (the kernel's UIO_MAXIOV).
+pub(crate) const MAX_SEGS: usize = 1024;
+
+/// The ring itself cannot be used any more.
+#[derive(Debug)]
+pub(crate) struct Fatal(pub(crate) String);
+
+/// One guest buffer: a descriptor's address, length and direction.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Seg {
+    pub(crate) addr: GuestAddress,
+    pub(crate) len: u32,
+    pub(crate) write: bool,
+}
+
+/// Walks a chain, appending its non-empty descriptors to `segs`. Fails when
+/// the chain is broken (loop, longer than the queue, bad next index, bad
+/// indirect table: the iterator stops early while the last descriptor still
+/// says NEXT), a buffer lies outside guest memory, or it has too many
+/// segments. On failure `segs` may hold part of the chain; callers truncate.
+pub(crate) fn parse_chain(
+    chain: DescriptorChain<&GuestMemory>,
+    mem: &GuestMemory,
+    segs: &mut Vec<Seg>,
+) -> Result<(), Fault> {
+    let start = segs.len();
+    let mut any = false;
+    let mut last_next = false;
+    for d in chain {
+        any = true;
+        last_next = d.has_next();
+        if d.len() == 0 {
+            continue;
+        }
+        if !GuestMemoryBackend::check_range(mem, d.addr(), d.len() as usize) {
+            return Err(Fault::OutOfBounds);
+        }
+        if segs.len() - start >= MAX_SEGS {
+            return Err(Fault::TooLarge);
+        }
+        segs.push(Seg {
+            addr: d.addr(),
+            len: d.len(),
+            write: d.is_write_only(),
+        });
+    }
+    if !any || last_next {
+        return Err(Fault::BrokenChain);
+    }
+    Ok(())
+}
+
+pub(crate) fn seg_total(segs: &[Seg]) -> usize {
+    segs.iter().map(|s| s.len as usize).sum()
+}
+
+/// Copies `data` into the buffers `segs`, starting `offset` bytes in.
+/// Returns how many bytes were written. Marks the pages dirty.
+pub(crate) fn write_to_segs(
+    mem: &GuestMemory,
+    segs: &[Seg],
+    mut offset: usize,
+    mut data: &[u8],
+) -> usize {
+    let mut written = 0;
+    for s in segs {
+        if data.is_empty() {
+            break;
+        }
+        let len = s.len as usize;
+        if offset >= len {
+            offset -= len;
+            continue;
+        }
+        let n = (len - offset).min(data.len());
+        let Some(addr) = s.addr.checked_add(offset as u64) else {
+            break;
+        };
+        // The range was checked when the chain was parsed; a failure here
+        // means guest memory changed under us, which we report as short.
+        if mem.write_slice(&data[..n], addr).is_err() {
+            break;
+        }
+        written += n;
+        data = &data[n..];
+        offset = 0;
+    }
+    written
+}
+
+/// Copies up to `out.len()` bytes out of the buffers `segs`.
+pub(crate) fn read_from_segs(mem: &GuestMemory, segs: &[Seg], out: &mut [u8]) -> usize {
+    let mut done = 0;
+    for s in segs {
+        let n = (s.len as usize).min(out.len() - done);
+        if n == 0 {
+            break;
+        }
+        if mem.read_slice(&mut out[done..done + n], s.addr).is_err() {
+            break;
+        }
+        done += n;
+    }
+    done
+}
+
+/// Marks `len` bytes starting `skip` bytes into `segs` dirty (for writes
+/// done through raw pointers, which bypass the bitmap).
+pub(crate) fn mark_dirty(mem: &GuestMemory, segs: &[Seg], mut skip: usize, mut len: usize) {
+    for s in segs {
+        if len == 0 {
+            break;
+        }
+        let slen = s.len as usize;
+        if skip >= slen {
+            skip -= slen;
+            continue;
+        }
+        let n = (slen - skip).min(len);
+        let Some(addr) = s.addr.checked_add(skip as u64) else {
+            break;
+        };
+        for slice in GuestMemoryBackend::get_slices(mem, addr, n).flatten() {
+            vm_memory::bitmap::Bitmap::mark_dirty(slice.bitmap(), 0, slice.len());
+        }
+        len -= n;
+        skip = 0;
+    }
+}
+
+/// Builds iovecs over `segs` (skipping the first `skip` bytes) into `iov`,
+/// keeping the pointer guards alive in `guards`. False if a buffer is no
+/// longer in guest memory or there are too many pieces.
+pub(crate) fn build_iovecs(
+    mem: &GuestMemory,
+    segs: &[Seg],
+    mut skip: usize,
+    iov: &mut Vec<libc::iovec>,
+    guards: &mut Vec<vm_memory::volatile_memory::PtrGuardMut>,
+) -> bool {
+    iov.clear();
+    guards.clear();
+    for s in segs {
+        let len = s.len as usize;
+        if skip >= len {
+            skip -= len;
+            continue;
+        }
+        let Some(addr) = s.addr.checked_add(skip as u64) else {
+            return false;
+        };
+        for slice in GuestMemoryBackend::get_slices(mem, addr, len - skip) {
+            let Ok(slice) = slice else { return false };
+            if iov.len() >= MAX_SEGS {
+                return false;
+            }
+            let guard = slice.ptr_guard_mut();
+            iov.push(libc::iovec {
+                iov_base: guard.as_ptr().cast(),
+                iov_len: slice.len(),
+            });
+            guards.push(guard);
+        }
+        skip = 0;
+    }
+    true
+}
+
+/// Whether the driver wants an interrupt for the used entries just added to
+/// `q` (EVENT_IDX's used_event, else VRING_AVAIL_F_NO_INTERRUPT, which
+/// virtio-queue does not look at).
+pub(crate) fn wants_interrupt(q: &mut Queue, mem: &GuestMemory, name: &str) -> Result<bool, Fatal> {
+    if q.event_idx_enabled() {
+        q.needs_notification(mem)
+            .map_err(|e| Fatal(format!("{name} queue: reading used_event: {e}")))
+    } else {
+        let flags: u16 = mem
+            .load(GuestAddress(q.avail_ring()), Ordering::Acquire)
+            .map_err(|e| {
+                Fatal(format!(
+                    "{name} queue: reading the available ring flags: {e}"
+                ))
+            })?;
+        Ok(u16::from_le(flags) & VRING_AVAIL_F_NO_INTERRUPT as u16 == 0)
+    }
+}

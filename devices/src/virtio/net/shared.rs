@@ -1,0 +1,95 @@
+//! The state a virtio-net device shares with the threads that serve its
+//! queues (the TAP datapath, the control queue of a vhost device, a
+//! vhost-user device's monitor): what the driver changed (MAC, receive
+//! filter, guest offloads), the status bits, counters and ring positions.
+
+use std::sync::atomic::{AtomicU16, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Mutex, PoisonError};
+
+use virtio_bindings::virtio_net::VIRTIO_NET_S_LINK_UP;
+use virtio_queue::{Queue, QueueT};
+
+use super::{Counters, FaultCounts, NetStats, RxFilter};
+use crate::virtio::QueuePosition;
+
+/// State shared between the device and the threads serving its queues.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub(crate) mac: Mutex<[u8; 6]>,
+    pub(crate) status: AtomicU16,
+    pub(crate) rx_filter: Mutex<RxFilter>,
+    pub(crate) counters: Counters,
+    /// Per queue: next_avail | next_used << 16, published after each batch.
+    pub(crate) positions: [AtomicU32; 3],
+    /// Guest offload bits currently applied to the peer.
+    pub(crate) guest_offloads: AtomicU64,
+}
+
+impl Shared {
+    pub(crate) fn new(mac: [u8; 6]) -> Self {
+        Shared {
+            mac: Mutex::new(mac),
+            status: AtomicU16::new(VIRTIO_NET_S_LINK_UP as u16),
+            rx_filter: Mutex::new(RxFilter::default()),
+            counters: Counters::default(),
+            positions: Default::default(),
+            guest_offloads: AtomicU64::new(0),
+        }
+    }
+
+    pub(crate) fn mac(&self) -> [u8; 6] {
+        *self.mac.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+    pub(crate) fn set_mac(&self, mac: [u8; 6]) {
+        *self.mac.lock().unwrap_or_else(PoisonError::into_inner) = mac;
+    }
+    pub(crate) fn with_filter<T>(&self, f: impl FnOnce(&mut RxFilter) -> T) -> T {
+        f(&mut self
+            .rx_filter
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner))
+    }
+
+    pub(crate) fn link_up(&self) -> bool {
+        self.status.load(Ordering::SeqCst) & VIRTIO_NET_S_LINK_UP as u16 != 0
+    }
+
+    /// Sets the LINK_UP status bit; true when that changed it.
+    pub(crate) fn set_link_bit(&self, up: bool) -> bool {
+        let bit = VIRTIO_NET_S_LINK_UP as u16;
+        let old = if up {
+            self.status.fetch_or(bit, Ordering::SeqCst)
+        } else {
+            self.status.fetch_and(!bit, Ordering::SeqCst)
+        };
+        (old & bit != 0) != up
+    }
+
+    /// Records where queue `index` stands (read by `queue_positions`).
+    pub(crate) fn publish_position(&self, index: usize, q: &Queue) {
+        let pack = u32::from(q.next_avail()) | (u32::from(q.next_used()) << 16);
+        self.positions[index].store(pack, Ordering::SeqCst);
+    }
+
+    pub(crate) fn position(&self, index: usize) -> QueuePosition {
+        let v = self.positions[index].load(Ordering::SeqCst);
+        QueuePosition {
+            next_avail: v as u16,
+            next_used: (v >> 16) as u16,
+        }
+    }
+
+    pub(crate) fn stats(&self) -> NetStats {
+        let c = &self.counters;
+        NetStats {
+            rx_packets: c.rx_packets.load(Ordering::Relaxed),
+            rx_bytes: c.rx_bytes.load(Ordering::Relaxed),
+            tx_packets: c.tx_packets.load(Ordering::Relaxed),
+            tx_bytes: c.tx_bytes.load(Ordering::Relaxed),
+            rx_faults: FaultCounts::from(&c.rx_faults),
+            tx_faults: FaultCounts::from(&c.tx_faults),
+            ctrl_faults: c.ctrl_faults.load(Ordering::Relaxed),
+            ctrl_errors: c.ctrl_errors.load(Ordering::Relaxed),
+        }
+    }
+}

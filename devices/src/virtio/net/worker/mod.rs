@@ -1,0 +1,508 @@
+//! The datapath of one active virtio-net device: a thread running an epoll
+//! loop over the queue notification eventfds, the TAP fd and a stop eventfd.
+//!
+//! TX: available chains are drained in batches; each chain's readable
+//! buffers are handed to the TAP with one `writev` straight from guest
+//! memory (no copy). Used entries have length 0.
+//!
+//! RX: when the first available chain is large enough for any frame the TAP
+//! can deliver, the TAP is read with `readv` straight into it. Otherwise the
+//! frame is read into a bounce buffer and copied into as many chains as it
+//! needs (MRG_RXBUF) or into the one chain. A frame that does not fit the
+//! buffers the guest has posted stays in the bounce buffer, the TAP stops
+//! being polled, and delivery resumes when the guest adds buffers (rx queue
+//! notification): godwit never drops a frame for lack of buffers; the frames
+//! behind it wait in the TAP's queue in the kernel.
+//!
+//! Bad guest input is contained per chain: a malformed chain is returned with
+//! length 0 (and counted, and logged at a limited rate) and the next one is
+//! served. A corrupt ring (an available index that jumps more than the queue
+//! size, a head index outside the queue, rings outside guest memory) cannot
+//! be served at all: the device sets DEVICE_NEEDS_RESET and the thread stops.
+
+use std::io;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use crate::virtio::pause::PauseGate;
+use virtio_bindings::virtio_net::*;
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{Address, Bytes, GuestAddress};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::EventFd;
+
+mod rx;
+mod tx;
+
+use super::chain::{
+    build_iovecs, mark_dirty, parse_chain, seg_total, wants_interrupt, write_to_segs, Fatal, Seg,
+};
+use super::ctrl::epoll_on;
+use super::features::tun_offloads_for_guest;
+use super::{Fault, Shared, CTRL_QUEUE, NET_HDR_LEN, RX_QUEUE, TX_QUEUE};
+use crate::net::Tap;
+use crate::virtio::ratelimit::LogLimiter;
+use crate::virtio::{feature, ActivateParams, InterruptKind, VirtioInterrupt};
+use crate::GuestMemory;
+
+/// Largest frame (virtio-net header included) the TAP can hand us: a 64 KiB
+/// GSO super-frame plus a VLAN tag and the header, with room to spare.
+pub(crate) const RX_BUF_LEN: usize = 68 * 1024;
+/// Largest frame (header included) accepted from the guest.
+const TX_MAX_LEN: usize = RX_BUF_LEN;
+/// Frames / chains handled before the loop looks at other events.
+const RX_BUDGET: usize = 256;
+const TX_BUDGET: usize = 256;
+
+const TOKEN_STOP: u64 = 0;
+const TOKEN_RX: u64 = 1;
+const TOKEN_TX: u64 = 2;
+const TOKEN_CTRL: u64 = 3;
+const TOKEN_TAP: u64 = 4;
+const TOKEN_PAUSE: u64 = 5;
+
+/// Log limiter slots.
+const LOG_RX: usize = 0; // + Fault
+const LOG_TX: usize = Fault::COUNT; // + Fault
+const LOG_CTRL: usize = 2 * Fault::COUNT;
+const LOG_TAP_READ: usize = LOG_CTRL + 1;
+const LOG_TAP_GONE: usize = LOG_CTRL + 2;
+const LOG_IRQ: usize = LOG_CTRL + 3;
+const LOG_SLOTS: usize = LOG_CTRL + 4;
+
+fn ring_err(queue: &'static str, what: &'static str) -> impl Fn(virtio_queue::Error) -> Fatal {
+    move |e| Fatal(format!("{queue} queue: {what}: {e}"))
+}
+
+/// A parsed receive chain: its head and its segments in the scratch vector.
+#[derive(Clone, Copy, Debug)]
+struct RxChain {
+    head: u16,
+    segs: (usize, usize),
+    cap: usize,
+}
+
+/// A popped receive chain: parsed, or rejected (head and why).
+type PoppedRx = Result<RxChain, (u16, Fault)>;
+
+enum Delivery {
+    Done,
+    /// Dropped (counted); go on with the next frame.
+    Dropped,
+    /// Not enough buffers; `seen` is the available index examined.
+    NoRoom(u16),
+}
+
+enum ReadStep {
+    Delivered,
+    /// A frame is waiting in the bounce buffer.
+    Pending,
+    NoBuffers(u16),
+    /// The TAP has nothing (or is gone).
+    Empty,
+}
+
+/// Queue `index` of a worker and its name for errors (`None`: a control
+/// queue the driver did not negotiate).
+fn queue_named<'a>(
+    rx: &'a mut Queue,
+    tx: &'a mut Queue,
+    ctrl: &'a mut Option<(Queue, EventFd)>,
+    index: usize,
+) -> Option<(&'a mut Queue, &'static str)> {
+    match index {
+        RX_QUEUE => Some((rx, "receive")),
+        TX_QUEUE => Some((tx, "transmit")),
+        _ => ctrl.as_mut().map(|(q, _)| (q, "control")),
+    }
+}
+
+pub(crate) struct Worker {
+    mem: GuestMemory,
+    tap: Arc<Tap>,
+    vnet_hdr: bool,
+    mrg_rxbuf: bool,
+    /// The guest takes checksum flags (GUEST_CSUM acked and not switched
+    /// off through the control queue). Without it the header's flags must
+    /// be 0, but the TAP sets DATA_VALID whenever the host verified a
+    /// checksum.
+    guest_csum: bool,
+    acked: u64,
+    rx: Queue,
+    rx_evt: EventFd,
+    tx: Queue,
+    tx_evt: EventFd,
+    ctrl: Option<(Queue, EventFd)>,
+    interrupt: Arc<dyn VirtioInterrupt>,
+    /// Registered in `epoll`; kept open for as long as the loop runs.
+    _stop: EventFd,
+    /// Parks this thread while the VM's state is captured.
+    gate: Arc<PauseGate>,
+    epoll: Epoll,
+    shared: Arc<Shared>,
+    tap_interest: EventSet,
+    tap_gone: bool,
+    rx_starved: bool,
+    tx_blocked: bool,
+    /// Used entries added per queue since the last interrupt decision.
+    added: [usize; 3],
+    /// Of those, receive entries written by add_used_rx_batch.
+    rx_batched: usize,
+    batch: Vec<(u16, u32)>,
+    bounce: Vec<u8>,
+    pending: usize,
+    segs: Vec<Seg>,
+    chains: Vec<RxChain>,
+    bad: Vec<(u16, Fault)>,
+    iov: Vec<libc::iovec>,
+    guards: Vec<vm_memory::volatile_memory::PtrGuardMut>,
+    log: LogLimiter<LOG_SLOTS>,
+}
+
+// SAFETY: the raw pointers in `iov` and `guards` are scratch space that only
+// holds values during one syscall on the worker thread; between calls they
+// are cleared and never dereferenced. Everything else is Send.
+unsafe impl Send for Worker {}
+
+impl Worker {
+    pub(crate) fn new(
+        params: ActivateParams,
+        tap: Arc<Tap>,
+        acked: u64,
+        shared: Arc<Shared>,
+        stop: EventFd,
+        gate: Arc<PauseGate>,
+    ) -> io::Result<Worker> {
+        let ActivateParams {
+            mem,
+            interrupt,
+            queues,
+        } = params;
+        let mut queues = queues.into_iter();
+        let (Some((rx, rx_evt)), Some((tx, tx_evt))) = (queues.next(), queues.next()) else {
+            return Err(io::Error::other(
+                "virtio-net needs a receive and a transmit queue",
+            ));
+        };
+        let ctrl = queues
+            .next()
+            .filter(|_| acked & feature(VIRTIO_NET_F_CTRL_VQ) != 0);
+        use std::os::fd::AsRawFd;
+        let mut fds = vec![
+            (stop.as_raw_fd(), TOKEN_STOP),
+            (gate.wake_fd().as_raw_fd(), TOKEN_PAUSE),
+            (rx_evt.as_raw_fd(), TOKEN_RX),
+            (tx_evt.as_raw_fd(), TOKEN_TX),
+        ];
+        if let Some((_, evt)) = &ctrl {
+            fds.push((evt.as_raw_fd(), TOKEN_CTRL));
+        }
+        let epoll = epoll_on(&fds)?;
+        let w = Worker {
+            vnet_hdr: tap.has_vnet_hdr(),
+            mrg_rxbuf: acked & feature(VIRTIO_NET_F_MRG_RXBUF) != 0,
+            guest_csum: acked & feature(VIRTIO_NET_F_GUEST_CSUM) != 0,
+            mem,
+            tap,
+            acked,
+            rx,
+            rx_evt,
+            tx,
+            tx_evt,
+            ctrl,
+            interrupt,
+            _stop: stop,
+            gate,
+            epoll,
+            shared,
+            tap_interest: EventSet::empty(),
+            tap_gone: false,
+            rx_starved: false,
+            tx_blocked: false,
+            added: [0; 3],
+            rx_batched: 0,
+            batch: Vec::with_capacity(64),
+            bounce: vec![0u8; RX_BUF_LEN],
+            pending: 0,
+            segs: Vec::with_capacity(64),
+            chains: Vec::with_capacity(64),
+            bad: Vec::new(),
+            iov: Vec::with_capacity(64),
+            guards: Vec::with_capacity(64),
+            log: LogLimiter::default(),
+        };
+        w.publish_positions();
+        Ok(w)
+    }
+
+    pub(crate) fn run(mut self) {
+        let gate = self.gate.clone();
+        self.serve();
+        gate.detach();
+    }
+
+    fn serve(&mut self) {
+        tracing::debug!(tap = self.tap.name(), "virtio-net datapath started");
+        self.update_tap_interest();
+        // Notifications may have arrived before activation; the eventfds
+        // would report them, but serving both queues once is cheap and also
+        // covers buffers posted without a notification.
+        let first = self.process_tx().and_then(|_| self.process_rx());
+        if let Err(e) = first {
+            self.fail(e);
+            return;
+        }
+        let mut events = vec![EpollEvent::default(); 8];
+        loop {
+            let n = match self.epoll.wait(-1, &mut events) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    self.fail(Fatal(format!("epoll_wait failed: {e}")));
+                    return;
+                }
+            };
+            for ev in &events[..n] {
+                let res = match ev.data() {
+                    TOKEN_STOP => {
+                        self.publish_positions();
+                        tracing::debug!(tap = self.tap.name(), "virtio-net datapath stopped");
+                        return;
+                    }
+                    TOKEN_RX => {
+                        let _ = self.rx_evt.read();
+                        self.rx_kick()
+                    }
+                    TOKEN_TX => {
+                        let _ = self.tx_evt.read();
+                        self.process_tx()
+                    }
+                    TOKEN_CTRL => {
+                        if let Some((_, evt)) = &self.ctrl {
+                            let _ = evt.read();
+                        }
+                        self.process_ctrl()
+                    }
+                    TOKEN_TAP => self.tap_event(ev.event_set()),
+                    TOKEN_PAUSE => {
+                        // Rings and positions are consistent between events.
+                        self.publish_positions();
+                        self.gate.park();
+                        Ok(())
+                    }
+                    _ => Ok(()),
+                };
+                if let Err(e) = res {
+                    self.fail(e);
+                    return;
+                }
+            }
+            self.publish_positions();
+        }
+    }
+
+    fn fail(&mut self, e: Fatal) {
+        self.publish_positions();
+        tracing::error!(
+            tap = self.tap.name(),
+            "virtio-net stopped serving its queues: {}; the guest driver must reset the device \
+             (DEVICE_NEEDS_RESET is set)",
+            e.0
+        );
+        self.interrupt.signal_needs_reset();
+    }
+
+    fn publish_positions(&self) {
+        self.shared.publish_position(RX_QUEUE, &self.rx);
+        self.shared.publish_position(TX_QUEUE, &self.tx);
+        if let Some((q, _)) = &self.ctrl {
+            self.shared.publish_position(CTRL_QUEUE, q);
+        }
+    }
+
+    fn log_limited(&mut self, slot: usize, msg: std::fmt::Arguments<'_>) {
+        if let Some(suppressed) = self.log.check(slot) {
+            tracing::warn!(
+                tap = self.tap.name(),
+                suppressed,
+                "virtio-net: {msg} (similar events are logged at most every {}s)",
+                crate::virtio::ratelimit::LOG_INTERVAL.as_secs()
+            );
+        }
+    }
+
+    fn update_tap_interest(&mut self) {
+        let mut want = EventSet::empty();
+        if !self.tap_gone {
+            if !self.rx_starved {
+                want |= EventSet::IN;
+            }
+            if self.tx_blocked {
+                want |= EventSet::OUT;
+            }
+        }
+        if want == self.tap_interest {
+            return;
+        }
+        let op = if self.tap_interest.is_empty() {
+            ControlOperation::Add
+        } else if want.is_empty() {
+            ControlOperation::Delete
+        } else {
+            ControlOperation::Modify
+        };
+        match self
+            .epoll
+            .ctl(op, self.tap.raw_fd(), EpollEvent::new(want, TOKEN_TAP))
+        {
+            Ok(()) => self.tap_interest = want,
+            Err(e) => tracing::error!(tap = self.tap.name(), "cannot change TAP polling: {e}"),
+        }
+    }
+
+    fn tap_event(&mut self, ev: EventSet) -> Result<(), Fatal> {
+        if ev.intersects(EventSet::ERROR | EventSet::HANG_UP) {
+            self.log_limited(
+                LOG_TAP_GONE,
+                format_args!("the TAP reports an error or hang-up (was the interface deleted?); no longer polling it"),
+            );
+            self.tap_gone = true;
+            self.update_tap_interest();
+            return Ok(());
+        }
+        if ev.contains(EventSet::OUT) && self.tx_blocked {
+            self.tx_blocked = false;
+            self.update_tap_interest();
+            self.process_tx()?;
+        }
+        if ev.contains(EventSet::IN) {
+            self.process_rx()?;
+        }
+        Ok(())
+    }
+
+    fn signal_used(&mut self, index: usize) -> Result<(), Fatal> {
+        let added = std::mem::take(&mut self.added[index]);
+        if added == 0 {
+            return Ok(());
+        }
+        let mem = &self.mem;
+        let Some((q, name)) = queue_named(&mut self.rx, &mut self.tx, &mut self.ctrl, index) else {
+            return Ok(());
+        };
+        let crate_says = wants_interrupt(q, mem, name)?;
+        // Entries written by add_used_rx_batch were not counted by
+        // virtio-queue: decide over the whole range they published.
+        let batched = index == RX_QUEUE && std::mem::take(&mut self.rx_batched) > 0;
+        let notify = crate_says
+            || (q.event_idx_enabled() && batched && {
+                let at = GuestAddress(q.avail_ring())
+                    .checked_add(4 + 2 * u64::from(q.size()))
+                    .ok_or_else(|| Fatal(format!("{name} queue: used_event address overflows")))?;
+                let event: u16 = mem
+                    .load(at, Ordering::Acquire)
+                    .map(u16::from_le)
+                    .map_err(|e| Fatal(format!("{name} queue: reading used_event: {e}")))?;
+                let new = q.next_used();
+                let old = new.wrapping_sub(added as u16);
+                // vring_need_event(event, new, old)
+                new.wrapping_sub(event).wrapping_sub(1) < new.wrapping_sub(old)
+            });
+        if notify {
+            if let Err(e) = self.interrupt.trigger(InterruptKind::Queue(index as u16)) {
+                self.log_limited(LOG_IRQ, format_args!("cannot interrupt the guest: {e}"));
+            }
+        }
+        Ok(())
+    }
+
+    fn add_used(&mut self, index: usize, head: u16, len: u32) -> Result<(), Fatal> {
+        let mem = &self.mem;
+        let Some((q, name)) = queue_named(&mut self.rx, &mut self.tx, &mut self.ctrl, index) else {
+            return Ok(());
+        };
+        q.add_used(mem, head, len)
+            .map_err(|e| Fatal(format!("{name} queue: returning descriptor {head}: {e}")))?;
+        self.added[index] += 1;
+        Ok(())
+    }
+
+    /// Puts the used entries of one receive frame into the ring and
+    /// publishes them with a single used-index update: a driver that sees
+    /// the first buffer of a MRG_RXBUF frame must see all `num_buffers` of
+    /// them (Linux drops the frame otherwise). virtio-queue publishes every
+    /// `add_used`, so all but the last entry are written directly.
+    fn add_used_rx_batch(&mut self, entries: &[(u16, u32)]) -> Result<(), Fatal> {
+        let Some((&(last_head, last_len), rest)) = entries.split_last() else {
+            return Ok(());
+        };
+        let size = self.rx.size();
+        let base = self.rx.next_used();
+        for (i, &(head, len)) in rest.iter().enumerate() {
+            if head >= size {
+                return Err(Fatal(format!(
+                    "receive queue: descriptor head {head} is outside the queue of {size}"
+                )));
+            }
+            let slot = base.wrapping_add(i as u16) % size;
+            let addr = GuestAddress(self.rx.used_ring())
+                .checked_add(4 + 8 * u64::from(slot))
+                .ok_or_else(|| Fatal("receive queue: used ring address overflows".into()))?;
+            let mut elem = [0u8; 8];
+            elem[..4].copy_from_slice(&u32::from(head).to_le_bytes());
+            elem[4..].copy_from_slice(&len.to_le_bytes());
+            self.mem
+                .write_slice(&elem, addr)
+                .map_err(|e| Fatal(format!("receive queue: writing the used ring: {e}")))?;
+        }
+        self.rx.set_next_used(base.wrapping_add(rest.len() as u16));
+        self.rx_batched += rest.len();
+        self.added[RX_QUEUE] += rest.len();
+        // Publishes the used index with release ordering, after the writes above.
+        self.add_used(RX_QUEUE, last_head, last_len)
+    }
+
+    fn process_ctrl(&mut self) -> Result<(), Fatal> {
+        let Some((q, _)) = &mut self.ctrl else {
+            return Ok(());
+        };
+        let tap = &self.tap;
+        let limiter = &mut self.log;
+        let mut applied = None;
+        let mut set_offloads =
+            |offloads: u64| match tap.set_offload(tun_offloads_for_guest(offloads)) {
+                Ok(()) => {
+                    applied = Some(offloads);
+                    true
+                }
+                Err(e) => {
+                    tracing::warn!(tap = tap.name(), "guest offload change refused: {e}");
+                    false
+                }
+            };
+        let mut log = |msg: std::fmt::Arguments<'_>| {
+            if let Some(suppressed) = limiter.check(LOG_CTRL) {
+                tracing::warn!(
+                    tap = tap.name(),
+                    suppressed,
+                    "virtio-net: {msg} (similar events are logged at most every {}s)",
+                    crate::virtio::ratelimit::LOG_INTERVAL.as_secs()
+                );
+            }
+        };
+        let added = super::ctrl::serve_ctrl_queue(
+            q,
+            &self.mem,
+            &self.shared,
+            self.acked,
+            &mut self.segs,
+            &mut set_offloads,
+            &mut log,
+        )?;
+        if let Some(offloads) = applied {
+            self.guest_csum = offloads & feature(VIRTIO_NET_F_GUEST_CSUM) != 0;
+        }
+        self.added[CTRL_QUEUE] += added;
+        self.signal_used(CTRL_QUEUE)
+    }
+}

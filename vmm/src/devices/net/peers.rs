@@ -1,0 +1,547 @@
+//! Opening a `--net` peer on this host and probing what it carries: a TAP
+//! (its vnet header and offloads), kernel vhost-net (the kernel's ring
+//! features, the TAP's packet features), a vhost-user backend (the
+//! handshake, its interface version). The same for boot, restore and
+//! incoming migration.
+
+use std::collections::BTreeMap;
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::time::Duration;
+
+use godwit_devices::net::tap::{Tap, TapError, TapOffloads, VnetHdr};
+use godwit_devices::vhost_net::VHOST_NET_PATH;
+use godwit_devices::vhost_user::interface::{
+    self, by_interface_name, InterfaceValues, InterfaceVersion,
+};
+use godwit_devices::vhost_user::{
+    backend_bits, handshake, BackendOffer, Endpoint, Recheck, Rechecker, Session,
+};
+use godwit_devices::virtio::net::features::{self, NetFeature, VhostNeed, FEATURES};
+
+use super::NetSetupError;
+use crate::abi::machine_types::MachineType;
+use crate::abi::strict::{self, PeerSupport};
+use crate::config::net_spec::{NetSpec, PeerSpec};
+
+/// Why a TAP lacks the features it lacks.
+pub fn tap_support(tap_name: &str, caps: &TapOffloads) -> PeerSupport {
+    let mut supported = 0u64;
+    let mut why_not = BTreeMap::new();
+    for f in FEATURES.iter().filter(|f| f.supported) {
+        if f.tap.satisfied_by(caps) {
+            supported |= 1 << f.bit;
+            continue;
+        }
+        let why = if !caps.vnet_hdr {
+            format!("TAP {tap_name} carries no virtio-net header (vnet_hdr=off, or its fd was opened without IFF_VNET_HDR), so no offload can pass")
+        } else if f.name.contains("uso") {
+            "this kernel's TAP does not accept USO offloads (TUN_F_USO4|TUN_F_USO6 need Linux >= 6.2)".to_string()
+        } else {
+            format!(
+                "this kernel's TAP does not accept the offload {} needs",
+                f.name
+            )
+        };
+        why_not.insert(f.bit, why);
+    }
+    PeerSupport {
+        kind: "tap",
+        name: format!("TAP {tap_name}"),
+        supported,
+        why_not,
+    }
+}
+
+fn vnet_hdr_mode(v: Option<bool>) -> VnetHdr {
+    match v {
+        Some(true) => VnetHdr::On,
+        Some(false) => VnetHdr::Off,
+        None => VnetHdr::Auto,
+    }
+}
+
+/// Opens the TAP a spec names (or adopts its fd).
+pub fn open_tap(device: &str, spec: &NetSpec) -> Result<Tap, NetSetupError> {
+    let tap_err = |source| NetSetupError::Tap {
+        device: device.to_string(),
+        source,
+    };
+    match &spec.peer {
+        PeerSpec::Tap {
+            ifname: Some(name),
+            vnet_hdr,
+            ..
+        } => Tap::open(name, vnet_hdr_mode(*vnet_hdr)).map_err(tap_err),
+        PeerSpec::Tap {
+            fd: Some(fd),
+            vnet_hdr,
+            ..
+        } => {
+            // SAFETY: the fd number was handed to godwit by its parent for
+            // this device; validity is checked (F_GETFD) before it is owned.
+            if unsafe { libc::fcntl(*fd, libc::F_GETFD) } < 0 {
+                return Err(tap_err(TapError::NotATap {
+                    fd: *fd,
+                    detail: "no such open file descriptor".into(),
+                }));
+            }
+            // SAFETY: checked open above; godwit takes ownership of it here,
+            // as the management layer that passed it intends.
+            let owned = unsafe { OwnedFd::from_raw_fd(*fd) };
+            Tap::from_fd(owned, vnet_hdr_mode(*vnet_hdr)).map_err(tap_err)
+        }
+        PeerSpec::Tap { .. } => Err(NetSetupError::PeerUnavailable {
+            device: device.to_string(),
+            kind: "tap",
+        }),
+        PeerSpec::VhostNet { ifname } => Err(if std::path::Path::new("/dev/vhost-net").exists() {
+            NetSetupError::PeerUnavailable {
+                device: device.to_string(),
+                kind: "vhost-net",
+            }
+        } else {
+            NetSetupError::NoVhostNet {
+                device: device.to_string(),
+                ifname: ifname.clone(),
+            }
+        }),
+        PeerSpec::VhostUser { .. } => Err(NetSetupError::PeerUnavailable {
+            device: device.to_string(),
+            kind: "vhost-user",
+        }),
+    }
+}
+
+/// How long godwit waits for each vhost-user reply.
+pub const VHOST_USER_REPLY_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long start-up waits, with server=on, for the backend to connect.
+pub const VHOST_USER_ACCEPT_WAIT: Duration = Duration::from_secs(30);
+/// How long start-up retries connecting to a backend that is not listening
+/// yet (it may be starting too).
+pub const VHOST_USER_CONNECT_WAIT: Duration = Duration::from_secs(5);
+
+/// Why a vhost-user backend lacks the features it lacks.
+pub fn vhost_user_support(socket: &str, offer: &BackendOffer) -> PeerSupport {
+    let queues = offer.queue_num.unwrap_or(2);
+    let lacks = |f: &NetFeature| {
+        match f.vhost {
+            VhostNeed::Frontend => None,
+            VhostNeed::QueuePairs => (queues < 2).then(|| {
+                format!("vhost-user backend {socket} has {queues} queue(s) (GET_QUEUE_NUM); a queue pair needs 2")
+            }),
+            VhostNeed::Ring | VhostNeed::Packet => (offer.features & (1 << f.bit) == 0).then(|| {
+                match &offer.record {
+                    Some(r) => format!(
+                        "vhost-user backend {socket} presents interface {}, which does not include {} (its GET_FEATURES = {:#x})",
+                        r.active, f.name, offer.features
+                    ),
+                    None => format!(
+                        "vhost-user backend {socket} does not offer {} (its GET_FEATURES = {:#x})",
+                        f.name, offer.features
+                    ),
+                }
+            }),
+    }
+    };
+    support_by("vhost-user", format!("vhost-user backend {socket}"), lacks)
+}
+
+/// Why kernel vhost-net on a TAP lacks the features it lacks: ring features
+/// come from `/dev/vhost-net`, packet features from the TAP's offloads.
+pub fn vhost_net_support(tap_name: &str, caps: &TapOffloads, kernel: u64) -> PeerSupport {
+    let tap = tap_support(tap_name, caps);
+    let lacks = |f: &NetFeature| match f.vhost {
+        VhostNeed::Frontend | VhostNeed::QueuePairs => None,
+        VhostNeed::Ring => (kernel & (1 << f.bit) == 0).then(|| {
+            format!(
+                "{} does not offer {} (VHOST_GET_FEATURES = {kernel:#x})",
+                godwit_devices::vhost_net::VHOST_NET_PATH,
+                f.name
+            )
+        }),
+        VhostNeed::Packet => tap.why_not.get(&f.bit).cloned(),
+    };
+    support_by("vhost-net", format!("vhost-net on TAP {tap_name}"), lacks)
+}
+
+/// A peer's support: every feature godwit implements that `lacks` finds
+/// no reason against.
+fn support_by(
+    kind: &'static str,
+    name: String,
+    lacks: impl Fn(&NetFeature) -> Option<String>,
+) -> PeerSupport {
+    let mut supported = 0u64;
+    let mut why_not = BTreeMap::new();
+    for f in FEATURES.iter().filter(|f| f.supported) {
+        match lacks(f) {
+            None => supported |= 1 << f.bit,
+            Some(why) => {
+                why_not.insert(f.bit, why);
+            }
+        }
+    }
+    PeerSupport {
+        kind,
+        name,
+        supported,
+        why_not,
+    }
+}
+
+/// The values of the interface version `name` (godwit's table, else the
+/// backend's record).
+pub(super) fn interface_values(name: &str, offer: &BackendOffer) -> Option<InterfaceValues> {
+    by_interface_name(name)
+        .map(InterfaceVersion::values)
+        .or_else(|| offer.record.as_ref().map(|r| r.values))
+}
+
+/// A pinned interface version that neither godwit nor the backend knows.
+#[derive(Debug, thiserror::Error)]
+#[error("interface {name} is not one godwit knows (known: {known}), and vhost-user backend {socket} cannot be asked about it (it lacks godwit's interface-version extension)")]
+pub struct UnknownInterface {
+    pub name: String,
+    pub known: String,
+    pub socket: String,
+}
+
+/// Checks a pinned interface version against a backend without godwit's
+/// extension (DPDK): its features and queue count against what the backend
+/// offers. Returns what it lacks, one line each.
+pub(super) fn interface_gaps(
+    name: &str,
+    offer: &BackendOffer,
+    socket: &str,
+) -> Result<Vec<String>, UnknownInterface> {
+    let Some(values) = interface_values(name, offer) else {
+        return Err(UnknownInterface {
+            name: name.to_string(),
+            known: interface::names().join(", "),
+            socket: socket.to_string(),
+        });
+    };
+    let mut gaps = Vec::new();
+    let need = values.features & backend_bits();
+    let missing = need & !offer.features;
+    if missing != 0 {
+        gaps.push(format!(
+            "its GET_FEATURES ({:#x}) lacks {} of interface {name}",
+            offer.features,
+            features::names(missing)
+        ));
+    }
+    if let Some(q) = offer.queue_num {
+        if q < 2 * u64::from(values.queue_pairs) {
+            gaps.push(format!(
+                "it has {q} queues (GET_QUEUE_NUM); interface {name} has {} queue pair(s)",
+                values.queue_pairs
+            ));
+        }
+    }
+    Ok(gaps)
+}
+
+/// A vhost-user backend, connected and asked what it offers.
+pub struct VhostUserPeer {
+    pub session: Session,
+    pub endpoint: Endpoint,
+    pub socket: String,
+}
+
+/// Connects to (or, with server=on, waits for) the backend of a
+/// `--net vhost-user` spec, pinning its interface when one is given.
+pub fn open_vhost_user(
+    device: &str,
+    socket: &std::path::Path,
+    server: bool,
+    pin: Option<&str>,
+) -> Result<VhostUserPeer, NetSetupError> {
+    let err = |source| NetSetupError::VhostUser {
+        device: device.to_string(),
+        source,
+    };
+    let endpoint = if server {
+        Endpoint::listen(socket).map_err(err)?
+    } else {
+        Endpoint::client(socket)
+    };
+    let wait = if server {
+        VHOST_USER_ACCEPT_WAIT
+    } else {
+        VHOST_USER_CONNECT_WAIT
+    };
+    let conn = endpoint
+        .establish(wait, VHOST_USER_REPLY_TIMEOUT)
+        .map_err(err)?;
+    let session = handshake(conn, pin).map_err(err)?;
+    tracing::info!(
+        "{device}: vhost-user backend {}: {}",
+        socket.display(),
+        session.offer.describe()
+    );
+    Ok(VhostUserPeer {
+        session,
+        endpoint,
+        socket: socket.display().to_string(),
+    })
+}
+
+fn bits_of_set(set: u64) -> impl Iterator<Item = u32> {
+    (0..64).filter(move |b| set & (1u64 << b) != 0)
+}
+
+/// Decides what a returning backend may do (see [`Recheck`]).
+pub fn rechecker(
+    id: String,
+    machine: &'static MachineType,
+    socket: String,
+    pin: Option<String>,
+    strict: bool,
+) -> Rechecker {
+    Box::new(move |offer: &BackendOffer, offered: u64| {
+        let peer = vhost_user_support(&socket, offer);
+        let missing = offered & !peer.supported;
+        let mut lines: Vec<String> = bits_of_set(missing)
+            .map(|b| {
+                format!(
+                    "{} (bit {b}): {}",
+                    features::name_of(b),
+                    peer.why_not.get(&b).cloned().unwrap_or_default()
+                )
+            })
+            .collect();
+        if let (Some(name), None) = (&pin, &offer.record) {
+            match interface_gaps(name, offer, &socket) {
+                Ok(gaps) => lines.extend(gaps),
+                Err(e) => lines.push(e.to_string()),
+            }
+        }
+        if lines.is_empty() {
+            return Recheck::Accept;
+        }
+        if strict {
+            return Recheck::Refuse(format!(
+                "{id}: the vhost-user backend came back on {socket} without what the guest was offered, and strict=on: {}. The link stays down; start a backend that offers them (the same version, or interface={}), or restart the VM with --machine/feature overrides this backend supports (godwit probe --net vhost-user,socket={socket} lists them)",
+                lines.join("; "),
+                pin.as_deref().unwrap_or("NAME")
+            ));
+        }
+        let dropped = strict::with_dependents(offered, missing);
+        Recheck::Degrade {
+            offered: offered & !dropped,
+            blocker: format!(
+                "{id}: strict=off and the vhost-user backend came back on {socket} with less ({}): the guest no longer sees the ABI of machine type {}",
+                lines.join("; "),
+                machine.name
+            ),
+        }
+    })
+}
+
+/// A peer opened on this host, before its device is built.
+pub enum OpenedPeer {
+    /// A TAP godwit's own datapath serves.
+    Tap(Tap),
+    /// A TAP (with vnet header) kernel vhost-net serves; `/dev/vhost-net`
+    /// is opened when the device is built, with the guest's memory.
+    VhostNet(Tap),
+    /// A connected vhost-user backend.
+    VhostUser(VhostUserPeer),
+}
+
+/// Opens the peer a spec names and says what it carries. `interface` is
+/// the interface version to pin on a vhost-user backend when the spec
+/// names none (a restored or migrating device keeps the one it had).
+pub fn open_peer(
+    device: &str,
+    spec: &NetSpec,
+    interface: Option<&str>,
+) -> Result<(OpenedPeer, PeerSupport), NetSetupError> {
+    match &spec.peer {
+        PeerSpec::Tap { .. } => {
+            let tap = open_tap(device, spec)?;
+            let support = tap_support(tap.name(), &tap.probe_offloads());
+            Ok((OpenedPeer::Tap(tap), support))
+        }
+        PeerSpec::VhostNet { ifname } => {
+            if !std::path::Path::new(VHOST_NET_PATH).exists() {
+                return Err(NetSetupError::NoVhostNet {
+                    device: device.to_string(),
+                    ifname: ifname.clone(),
+                });
+            }
+            let tap = Tap::open(ifname, VnetHdr::On).map_err(|source| NetSetupError::Tap {
+                device: device.to_string(),
+                source,
+            })?;
+            let kernel = godwit_devices::vhost_net::probe_features().map_err(|source| {
+                NetSetupError::VhostNet {
+                    device: device.to_string(),
+                    source,
+                }
+            })?;
+            let support = vhost_net_support(tap.name(), &tap.probe_offloads(), kernel);
+            Ok((OpenedPeer::VhostNet(tap), support))
+        }
+        PeerSpec::VhostUser {
+            socket,
+            server,
+            interface: given,
+        } => {
+            let pin = given.as_deref().or(interface);
+            let peer = open_vhost_user(device, socket, *server, pin)?;
+            let support = vhost_user_support(&peer.socket, &peer.session.offer);
+            Ok((OpenedPeer::VhostUser(peer), support))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::abi::machine_types::{bits_of, resolve};
+
+    /// DPDK testpmd 22.11's GET_FEATURES.
+    const DPDK: u64 = 0xd_7c66_e7cb;
+
+    fn dpdk_offer() -> BackendOffer {
+        BackendOffer {
+            features: DPDK,
+            protocol: 0x10cbf,
+            acked_protocol: 0x1f,
+            queue_num: Some(128),
+            record: None,
+        }
+    }
+
+    #[test]
+    fn vhost_user_support_names_what_the_backend_lacks() {
+        let offer = dpdk_offer();
+        let p = vhost_user_support("/s", &offer);
+        assert_eq!(p.kind, "vhost-user");
+        for lacking in [
+            "host_tso4",
+            "host_tso6",
+            "guest_uso4",
+            "guest_uso6",
+            "host_uso",
+        ] {
+            let bit = features::by_name(lacking).unwrap().bit;
+            assert_eq!(p.supported & (1 << bit), 0, "{lacking}");
+            assert_eq!(
+                p.why_not[&bit],
+                format!("vhost-user backend /s does not offer {lacking} (its GET_FEATURES = 0xd7c66e7cb)")
+            );
+        }
+        // Served by godwit whatever the backend says.
+        let frontend = bits_of(&[
+            "mac",
+            "status",
+            "ctrl_vq",
+            "ctrl_rx",
+            "guest_announce",
+            "mtu",
+        ]);
+        let mut without = dpdk_offer();
+        without.features &= !frontend;
+        assert_eq!(
+            vhost_user_support("/s", &without).supported & frontend,
+            frontend
+        );
+        // A backend with one queue cannot carry a pair (mq).
+        without.queue_num = Some(1);
+        let mq = features::by_name("mq").unwrap().bit;
+        assert!(vhost_user_support("/s", &without).why_not[&mq].contains("GET_QUEUE_NUM"));
+        // godwit-1.0 against DPDK: only host TSO (and ECN with it) missing.
+        let m = resolve("godwit-1.0").unwrap();
+        let d = strict::decide(
+            "net0",
+            "vhost-user,socket=/s",
+            m,
+            &BTreeMap::new(),
+            false,
+            &p,
+        )
+        .unwrap();
+        assert_eq!(d.dropped, bits_of(&["host_tso4", "host_tso6", "host_ecn"]));
+    }
+
+    #[test]
+    fn vhost_net_support_takes_rings_from_the_kernel_and_packets_from_the_tap() {
+        let caps = TapOffloads {
+            vnet_hdr: true,
+            csum: true,
+            tso4: true,
+            tso6: true,
+            tso_ecn: true,
+            ufo: true,
+            uso: false,
+        };
+        let kernel = bits_of(&["mrg_rxbuf", "version_1", "event_idx"]) | (1 << 26);
+        let p = vhost_net_support("t0", &caps, kernel);
+        let has = |n: &str| p.supported & (1 << features::by_name(n).unwrap().bit) != 0;
+        assert!(has("mrg_rxbuf") && has("event_idx") && has("csum") && has("host_tso4"));
+        assert!(has("ctrl_vq") && has("mac"));
+        assert!(!has("indirect_desc"), "the kernel did not offer it");
+        assert!(!has("host_uso"), "the TAP lacks USO");
+        let bit = features::by_name("indirect_desc").unwrap().bit;
+        assert!(p.why_not[&bit].contains("/dev/vhost-net does not offer indirect_desc"));
+    }
+
+    #[test]
+    fn interface_gaps_check_a_backend_without_the_extension() {
+        let offer = dpdk_offer();
+        let gaps = interface_gaps("org.godwit.net.v1", &offer, "/s").unwrap();
+        assert_eq!(gaps.len(), 1, "{gaps:?}");
+        assert!(gaps[0].contains("lacks host_tso4,host_tso6"), "{gaps:?}");
+        let err = interface_gaps("org.example.v3", &offer, "/s")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("not one godwit knows") && err.contains("org.godwit.net.v2"));
+        let mut few = dpdk_offer();
+        few.features |= bits_of(&["host_tso4", "host_tso6"]);
+        few.queue_num = Some(1);
+        let gaps = interface_gaps("org.godwit.net.v1", &few, "/s").unwrap();
+        assert!(gaps[0].contains("GET_QUEUE_NUM"), "{gaps:?}");
+    }
+
+    #[test]
+    fn a_returning_backend_is_judged_by_strict() {
+        let m = resolve("godwit-1.1").unwrap();
+        let full = BackendOffer {
+            features: m.net_features() | (1 << 30) | (1 << 26),
+            ..dpdk_offer()
+        };
+        let offered = m.net_features();
+        let mut strict = rechecker("net0".into(), m, "/s".into(), None, true);
+        assert_eq!(strict(&full, offered), Recheck::Accept);
+        let older = BackendOffer {
+            features: full.features & !bits_of(&["guest_uso4", "guest_uso6", "host_uso"]),
+            ..dpdk_offer()
+        };
+        match strict(&older, offered) {
+            Recheck::Refuse(why) => {
+                assert!(
+                    why.contains("guest_uso4 (bit 54)") && why.contains("strict=on"),
+                    "{why}"
+                )
+            }
+            other => panic!("{other:?}"),
+        }
+        let mut lenient = rechecker("net0".into(), m, "/s".into(), None, false);
+        match lenient(&older, offered) {
+            Recheck::Degrade {
+                offered: o,
+                blocker,
+            } => {
+                assert_eq!(
+                    o,
+                    offered & !bits_of(&["guest_uso4", "guest_uso6", "host_uso"])
+                );
+                assert!(blocker.contains("came back") && blocker.contains("godwit-1.1"));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}
