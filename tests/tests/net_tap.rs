@@ -234,10 +234,21 @@ fn tap_errors_are_clear_at_start() {
     let spec = format!("tap,fd=3,vnet_hdr=off,{NO_OFFLOADS}");
     let out = run_with_fd(&host, &plain, &["run", "--net", &spec]);
     assert_eq!(out.code(), Some(0), "{out:?}");
-    // An fd that is not a TAP.
-    let out = godwit_tests::run_godwit(&["run", "--net", "tap,fd=0"], BOOT);
+    // An open fd that is not a TAP.
+    // (Above fd 3, so that the child's dup2 onto fd 3 is a real one.)
+    let not_a_tap = std::os::fd::OwnedFd::from(std::fs::File::open("/dev/null").unwrap())
+        .try_clone()
+        .unwrap();
+    let out = run_with_fd(&host, &not_a_tap, &["run", "--net", "tap,fd=3"]);
     assert_eq!(out.code(), Some(1), "{out:?}");
-    assert!(out.stderr.contains("fd 0 is not a TAP device"), "{out:?}");
+    assert!(out.stderr.contains("fd 3 is not a TAP device"), "{out:?}");
+    // godwit's own standard input, output and error are never a TAP.
+    let out = godwit_tests::run_godwit(&["run", "--net", "tap,fd=0"], BOOT);
+    assert_eq!(out.code(), Some(2), "{out:?}");
+    assert!(
+        out.stderr.contains("standard input, output and error"),
+        "{out:?}"
+    );
     // A name taken by an interface that is not a TAP.
     let out = godwit_tests::run_godwit_in(Some(&host.ns), &["run", "--net", "tap,ifname=lo"], BOOT);
     assert_eq!(out.code(), Some(1), "{out:?}");
