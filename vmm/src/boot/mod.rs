@@ -4,6 +4,7 @@
 
 pub mod mptable;
 pub mod regs;
+pub mod test_guest;
 
 use std::fs::File;
 use std::io::{Cursor, Read, Seek, SeekFrom};
@@ -15,8 +16,8 @@ use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
 
 use godwit_devices::GuestMemory;
 
-use crate::layout::*;
-use crate::memory::ram_ranges;
+use crate::vstate::layout::*;
+use crate::vstate::memory::ram_ranges;
 
 const E820_RAM: u32 = 1;
 const E820_RESERVED: u32 = 2;
@@ -378,7 +379,7 @@ pub fn is_ram(memory: &GuestMemory, addr: u64, len: usize) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::memory::{GuestRam, MIB};
+    use crate::vstate::memory::{GuestRam, MIB};
 
     #[test]
     fn e820_covers_ram_and_skips_the_hole() {
@@ -408,7 +409,7 @@ mod tests {
         let ram = GuestRam::new(memory_size).unwrap();
         let kernel = KernelImage::Embedded {
             name: "test-guest",
-            bytes: crate::test_guest::TEST_GUEST_ELF,
+            bytes: crate::boot::test_guest::TEST_GUEST_ELF,
         };
         let entry = load(
             &ram.memory,

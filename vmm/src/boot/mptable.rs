@@ -6,7 +6,7 @@ use vm_memory::{Bytes, GuestAddress};
 
 use godwit_devices::GuestMemory;
 
-use crate::layout::{IOAPIC_ADDR, IOAPIC_PINS, LAPIC_ADDR, MAX_VCPUS, MPTABLE_START};
+use crate::vstate::layout::{IOAPIC_ADDR, IOAPIC_PINS, LAPIC_ADDR, MAX_VCPUS, MPTABLE_START};
 
 const FLOATING_POINTER_LEN: usize = 16;
 const HEADER_LEN: usize = 44;

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use godwit_devices::GuestMemory;
 use vm_memory::{FileOffset, GuestAddress};
 
-use crate::layout::{MMIO_HOLE_END, MMIO_HOLE_START};
+use crate::vstate::layout::{MMIO_HOLE_END, MMIO_HOLE_START};
 
 pub const MIB: u64 = 1 << 20;
 /// Below this even the test guest cannot hold its page tables and stack.

@@ -1,6 +1,8 @@
 //! What a VM is made of, as the CLI (and later the API) gives it, with the
 //! parsers for its textual forms.
 
+pub mod net_spec;
+
 use std::path::PathBuf;
 use std::str::FromStr;
 
@@ -94,7 +96,7 @@ pub struct VmConfig {
     pub restore_memory: RestoreMemory,
     /// A machine type name or the alias; resolved when the VM is built.
     pub machine: String,
-    pub nets: Vec<crate::net_spec::NetSpec>,
+    pub nets: Vec<crate::config::net_spec::NetSpec>,
     pub kernel: KernelImage,
     pub initrd: Option<PathBuf>,
     pub cmdline: String,

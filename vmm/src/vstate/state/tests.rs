@@ -10,9 +10,9 @@ use kvm_bindings::{
 use super::vcpu::{check_cpuid, host_cpuid, msr_name, MsrEntry, VCPU_SECTION};
 use super::vm::{ClockRestore, VM_SECTION};
 use super::*;
-use crate::memory::{GuestRam, MIB};
-use crate::vcpu::Vcpu;
-use crate::vm::{open_kvm, Vm};
+use crate::vstate::memory::{GuestRam, MIB};
+use crate::vstate::vcpu::Vcpu;
+use crate::vstate::vm::{open_kvm, Vm};
 
 const MSR_IA32_TSC: u32 = 0x10;
 const MSR_TSC_DEADLINE: u32 = 0x6e0;

@@ -7,22 +7,9 @@ use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 use godwit_devices::GuestMemory;
 
-use crate::cpuid::{self, HostCaps};
-use crate::layout::{KVM_IDENTITY_MAP_ADDR, KVM_TSS_ADDR, MAX_VCPUS};
-use crate::vcpu::{Vcpu, VcpuExitError};
-
-/// Why the VM ends, sent to the VMM's main thread.
-#[derive(Debug)]
-pub enum VmEvent {
-    /// The guest reset or powered off the machine (i8042, reboot=k).
-    GuestReset,
-    /// A vCPU stopped on an error the guest cannot recover from.
-    VcpuFailed(VcpuExitError),
-    /// The management API asked godwit to quit.
-    Quit,
-    /// The guest now runs on a migration destination.
-    Migrated,
-}
+use crate::vstate::cpuid::{self, HostCaps};
+use crate::vstate::layout::{KVM_IDENTITY_MAP_ADDR, KVM_TSS_ADDR, MAX_VCPUS};
+use crate::vstate::vcpu::Vcpu;
 
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
@@ -45,7 +32,7 @@ pub enum VmError {
     #[error("--vcpus 0: a VM needs at least one vCPU")]
     NoVcpus,
     #[error(transparent)]
-    Regs(#[from] crate::boot::regs::RegsError),
+    CpuReset(#[from] crate::vstate::cpu_reset::CpuResetError),
     #[error("KVM refused {what}: {source}")]
     Kvm {
         what: &'static str,
@@ -166,7 +153,7 @@ impl Vm {
         };
         cpuid::filter(cpuid.as_mut_slice(), id, num_vcpus, host);
         fd.set_cpuid2(&cpuid).map_err(kvm_err("setting CPUID"))?;
-        crate::boot::regs::setup_cpu_common(&fd)?;
+        crate::vstate::cpu_reset::setup_cpu_common(&fd)?;
         Ok(Vcpu { id, fd })
     }
 }

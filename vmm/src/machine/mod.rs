@@ -15,14 +15,16 @@ use godwit_devices::bus::BusError;
 use godwit_devices::i8042::{I8042, I8042_BASE, I8042_LEN};
 use godwit_devices::serial::{SerialDevice, SerialOutput, COM1_BASE, COM1_IRQ, COM1_LEN};
 
+use crate::abi::machine_types::{self, MachineType, MachineTypeError};
 use crate::api::{self, ApiServer, CommandHandler, EventSender, QmpError};
 use crate::boot::{self, BootConfig, BootError};
 use crate::config::{SerialSpec, VmConfig};
-use crate::machine_types::{self, MachineType, MachineTypeError};
-use crate::memory::{GuestRam, MemoryError};
-use crate::net::{NetDevice, NetSetupError};
-use crate::vcpu::{register_kick_signal, IoBuses, VcpuExitError, VcpuThreads};
-use crate::vm::{self, Vm, VmError, VmEvent};
+use crate::devices::net::{NetDevice, NetSetupError};
+use crate::vstate::events::VcpuExitError;
+use crate::vstate::events::VmEvent;
+use crate::vstate::memory::{GuestRam, MemoryError};
+use crate::vstate::vcpu::{register_kick_signal, IoBuses, VcpuThreads};
+use crate::vstate::vm::{self, Vm, VmError};
 
 /// Why a VM could not start. Each message says what to change.
 #[derive(Debug, thiserror::Error)]
@@ -56,13 +58,13 @@ pub enum StartError {
     #[error(transparent)]
     Net(#[from] NetSetupError),
     #[error(transparent)]
-    Restore(Box<crate::snapshot::RestoreError>),
+    Restore(Box<crate::persist::snapshot::RestoreError>),
     #[error(transparent)]
-    Incoming(Box<crate::migrate::IncomingError>),
+    Incoming(Box<crate::migration::IncomingError>),
 }
 
-impl From<crate::migrate::IncomingError> for StartError {
-    fn from(e: crate::migrate::IncomingError) -> Self {
+impl From<crate::migration::IncomingError> for StartError {
+    fn from(e: crate::migration::IncomingError) -> Self {
         StartError::Incoming(Box::new(e))
     }
 }
@@ -73,7 +75,7 @@ impl StartError {
         match self {
             StartError::Net(e) => e.is_strict_refusal(),
             StartError::Restore(e) => e.is_peer_refusal(),
-            StartError::Incoming(e) => matches!(**e, crate::migrate::IncomingError::Refused(_)),
+            StartError::Incoming(e) => matches!(**e, crate::migration::IncomingError::Refused(_)),
             _ => false,
         }
     }
@@ -127,7 +129,7 @@ pub struct VmHandle {
     pub(crate) ram: GuestRam,
     /// Serializes whole-VM operations (snapshot, migration) with stop/cont.
     pub(crate) operation: Mutex<()>,
-    pub(crate) migration: crate::migrate::MigrationState,
+    pub(crate) migration: crate::migration::MigrationState,
 }
 
 impl VmHandle {
@@ -266,7 +268,7 @@ impl CommandHandler for VmCommands {
                     dir: std::path::PathBuf,
                 }
                 let a: Args = api::parse_args(args)?;
-                match crate::snapshot::save(&self.vm, &a.dir) {
+                match crate::persist::snapshot::save(&self.vm, &a.dir) {
                     Ok(stats) => Ok(serde_json::to_value(stats).unwrap_or(Value::Null)),
                     Err(e) => Err(QmpError::generic(e.to_string())),
                 }
@@ -292,7 +294,7 @@ impl CommandHandler for VmCommands {
                     .lock()
                     .unwrap_or_else(std::sync::PoisonError::into_inner)
                     .clone();
-                crate::migrate::start(&self.vm, &a.uri, tx)
+                crate::migration::start(&self.vm, &a.uri, tx)
                     .map_err(|e| QmpError::generic(e.to_string()))?;
                 Ok(json!({}))
             }
@@ -479,7 +481,7 @@ pub(crate) struct BuiltVm {
     pub buses: IoBuses,
     pub nets: Vec<NetDevice>,
     pub serial: Arc<Mutex<SerialDevice>>,
-    pub vcpus: Vec<crate::vcpu::Vcpu>,
+    pub vcpus: Vec<crate::vstate::vcpu::Vcpu>,
     pub event_tx: Sender<VmEvent>,
     pub event_rx: Receiver<VmEvent>,
 }
@@ -543,16 +545,21 @@ impl Machine {
         // Spec and feature-name errors need no VM: report them first.
         for (index, spec) in config.nets.iter().enumerate() {
             let id = spec.id.clone().unwrap_or_else(|| format!("net{index}"));
-            crate::net_abi::required_features(&id, machine, &spec.features)
-                .map_err(|e| NetSetupError::from(crate::net_abi::NetAbiError::from(e)))?;
+            crate::abi::strict::required_features(&id, machine, &spec.features)
+                .map_err(|e| NetSetupError::from(crate::abi::strict::NetAbiError::from(e)))?;
         }
         let ram = GuestRam::new(config.memory)?;
         let vm = Vm::new(kvm, &ram.memory)?;
 
         let mut buses = IoBuses::default();
         // Every peer is probed and checked before the guest exists.
-        let nets =
-            crate::net::build_all(&config.nets, machine, &ram.memory, &vm.fd, &mut buses.mmio)?;
+        let nets = crate::devices::net::build_all(
+            &config.nets,
+            machine,
+            &ram.memory,
+            &vm.fd,
+            &mut buses.mmio,
+        )?;
         let mut cmdline = config.cmdline.clone();
         for net in &nets {
             cmdline.push(' ');
@@ -635,7 +642,7 @@ impl Machine {
             vm: built.vm,
             ram: built.ram,
             operation: Mutex::new(()),
-            migration: crate::migrate::MigrationState::default(),
+            migration: crate::migration::MigrationState::default(),
         });
         let api = match &config.api_socket {
             Some(path) => Some(ApiServer::start_with_events(

@@ -40,7 +40,7 @@ use godwit_migration::cpu_compat::{ensure_compatible, CpuidEntry};
 use godwit_migration::format::{kind_ids, SectionKind};
 
 use super::{kvm_err, Blob, HexBytes, KvmCap, KvmCaps, StateError};
-use crate::cpuid::{self, HostCaps};
+use crate::vstate::cpuid::{self, HostCaps};
 
 /// The section a vCPU's state is saved in, one per vCPU.
 pub const VCPU_SECTION: SectionKind = SectionKind {

@@ -24,17 +24,17 @@ use godwit_migration::memory_file::{self, MemoryFileError, MemoryFileInfo, MEMOR
 use godwit_migration::persist::Persist;
 use kvm_ioctls::IoEventAddress;
 
+use crate::abi::machine_types::{self, MachineType};
+use crate::abi::strict::{NetAbiDecision, PeerSupport};
 use crate::config::{RestoreMemory, VmConfig};
+use crate::devices::net::{open_tap, tap_support, NetDevice, NetSetupError};
 use crate::machine::{platform_devices, BuiltVm, Machine, StartError, VmHandle};
-use crate::machine_types::{self, MachineType};
-use crate::memory::{self, GuestRam};
-use crate::net::{open_tap, tap_support, NetDevice, NetSetupError};
-use crate::net_abi::{NetAbiDecision, PeerSupport};
-use crate::state::vcpu::{check_cpuid, host_cpuid, VCPU_SECTION};
-use crate::state::vm::{ClockRestore, VM_SECTION};
-use crate::state::{KvmCaps, StateError, VcpuState, VmState};
-use crate::vcpu::IoBuses;
-use crate::vm::{self, Vm, VmError};
+use crate::vstate::memory::{self, GuestRam};
+use crate::vstate::state::vcpu::{check_cpuid, host_cpuid, VCPU_SECTION};
+use crate::vstate::state::vm::{ClockRestore, VM_SECTION};
+use crate::vstate::state::{KvmCaps, StateError, VcpuState, VmState};
+use crate::vstate::vcpu::IoBuses;
+use crate::vstate::vm::{self, Vm, VmError};
 
 pub const STATE_FILE: &str = "state.gws";
 pub const MEMORY_FILE: &str = "memory.gwm";
@@ -474,16 +474,16 @@ type SharedVirtio = Arc<Mutex<dyn VirtioDevice>>;
 /// A peer opened on this host for a saved device.
 pub enum OpenedPeer {
     Tap(godwit_devices::net::tap::Tap),
-    VhostUser(crate::net::VhostUserPeer),
+    VhostUser(crate::devices::net::VhostUserPeer),
 }
 
 /// Opens one peer for a saved (or migrating) device and says what it carries.
 pub fn open_peer(
     device: &str,
-    spec: &crate::net_spec::NetSpec,
+    spec: &crate::config::net_spec::NetSpec,
     interface: Option<&str>,
 ) -> Result<(OpenedPeer, PeerSupport), StartError> {
-    use crate::net_spec::PeerSpec;
+    use crate::config::net_spec::PeerSpec;
     match &spec.peer {
         PeerSpec::VhostUser {
             socket,
@@ -491,8 +491,9 @@ pub fn open_peer(
             interface: given,
         } => {
             let pin = given.as_deref().or(interface);
-            let peer = crate::net::open_vhost_user(device, socket, *server, pin)?;
-            let support = crate::net::vhost_user_support(&peer.socket, &peer.session.offer);
+            let peer = crate::devices::net::open_vhost_user(device, socket, *server, pin)?;
+            let support =
+                crate::devices::net::vhost_user_support(&peer.socket, &peer.session.offer);
             Ok((OpenedPeer::VhostUser(peer), support))
         }
         _ => {
@@ -585,9 +586,9 @@ pub(crate) fn rebuild_nets(
                     mtu: net.device.mtu,
                     queue_size,
                     pin: pin.clone(),
-                    timeout: crate::net::VHOST_USER_REPLY_TIMEOUT,
+                    timeout: crate::devices::net::VHOST_USER_REPLY_TIMEOUT,
                 };
-                let recheck = crate::net::rechecker(
+                let recheck = crate::devices::net::rechecker(
                     net.id.clone(),
                     machine,
                     p.socket.clone(),
@@ -658,7 +659,7 @@ pub(crate) fn rebuild_nets(
 pub(crate) fn restore_vm_state(
     vm: &Vm,
     saved: &SavedVm,
-) -> Result<Vec<crate::vcpu::Vcpu>, StartError> {
+) -> Result<Vec<crate::vstate::vcpu::Vcpu>, StartError> {
     let caps = KvmCaps::probe(&vm.kvm, &vm.fd).map_err(RestoreError::Host)?;
     saved
         .vm_state

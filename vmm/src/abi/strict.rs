@@ -9,7 +9,7 @@ use std::fmt;
 
 use godwit_devices::virtio::net::features::{self, by_name, check_dependencies, FEATURES};
 
-use crate::machine_types::{MachineType, MACHINE_TYPES};
+use crate::abi::machine_types::{MachineType, MACHINE_TYPES};
 
 fn bit(b: u32) -> u64 {
     1u64 << b
@@ -338,10 +338,10 @@ pub fn decide(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::machine_types::resolve;
+    use crate::abi::machine_types::resolve;
 
     fn peer(supported_names: &[&str]) -> PeerSupport {
-        peer_of(crate::machine_types::bits_of(supported_names))
+        peer_of(crate::abi::machine_types::bits_of(supported_names))
     }
 
     fn peer_of(bits: u64) -> PeerSupport {
@@ -395,7 +395,7 @@ mod tests {
         assert_eq!(err.machine_remedy, Some("godwit-1.0"));
         assert_eq!(err.strict_off_spec, "tap,ifname=t0,strict=off");
         // Remedy 1 pasted: the overrides make it start.
-        let spec: crate::net_spec::NetSpec = err.override_spec.parse().unwrap();
+        let spec: crate::config::net_spec::NetSpec = err.override_spec.parse().unwrap();
         assert!(decide("net0", &err.override_spec, m11, &spec.features, true, &p).is_ok());
         // Remedy 2 pasted.
         assert!(decide("net0", "tap,ifname=t0", m10, &no_overrides(), true, &p).is_ok());
@@ -433,7 +433,7 @@ mod tests {
             );
         }
         assert_eq!(err.machine_remedy, None);
-        let spec: crate::net_spec::NetSpec = err.override_spec.parse().unwrap();
+        let spec: crate::config::net_spec::NetSpec = err.override_spec.parse().unwrap();
         let d = decide("net0", &err.override_spec, m, &spec.features, true, &p).unwrap();
         assert_eq!(d.offered & !p.supported, 0);
     }
@@ -445,7 +445,7 @@ mod tests {
         let d = decide("net0", "tap,ifname=t0", m, &no_overrides(), false, &p).unwrap();
         assert_eq!(
             d.dropped,
-            crate::machine_types::bits_of(&["guest_uso4", "guest_uso6", "host_uso"])
+            crate::abi::machine_types::bits_of(&["guest_uso4", "guest_uso6", "host_uso"])
         );
         let blocker = d.blocker.unwrap();
         assert!(

@@ -28,10 +28,10 @@ use godwit_devices::virtio::net::{NetConfig, NetError, NetModel, VirtioNet};
 use godwit_devices::virtio::VirtioDevice;
 use godwit_devices::GuestMemory;
 
-use crate::layout::{FIRST_VIRTIO_IRQ, IOAPIC_PINS, VIRTIO_MMIO_BASE};
-use crate::machine_types::MachineType;
-use crate::net_abi::{self, NetAbiDecision, NetAbiError, PeerSupport};
-use crate::net_spec::{format_mac, NetSpec, PeerSpec};
+use crate::abi::machine_types::MachineType;
+use crate::abi::strict::{self, NetAbiDecision, NetAbiError, PeerSupport};
+use crate::config::net_spec::{format_mac, NetSpec, PeerSpec};
+use crate::vstate::layout::{FIRST_VIRTIO_IRQ, IOAPIC_PINS, VIRTIO_MMIO_BASE};
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetSetupError {
@@ -553,7 +553,7 @@ pub(crate) fn rechecker(
                 pin.as_deref().unwrap_or("NAME")
             ));
         }
-        let dropped = net_abi::with_dependents(offered, missing);
+        let dropped = strict::with_dependents(offered, missing);
         Recheck::Degrade {
             offered: offered & !dropped,
             blocker: format!(
@@ -583,7 +583,7 @@ fn build_tap(
 ) -> Result<Built, NetSetupError> {
     let tap = open_tap(id, spec)?;
     let peer = tap_support(tap.name(), &tap.probe_offloads());
-    let decision = net_abi::decide(id, &spec.text, machine, &spec.features, strict, &peer)?;
+    let decision = strict::decide(id, &spec.text, machine, &spec.features, strict, &peer)?;
     let mac = spec.mac.unwrap_or_else(|| default_mac(index));
     let config = NetConfig {
         mac,
@@ -639,7 +639,7 @@ fn build_vhost_user(
         _ => Vec::new(),
     };
     let peer = vhost_user_support(&socket, &session.offer);
-    let mut decision = net_abi::decide(id, &spec.text, machine, &spec.features, strict, &peer)?;
+    let mut decision = strict::decide(id, &spec.text, machine, &spec.features, strict, &peer)?;
     let mut queue_size = machine.net.queue_size;
     let mut mtu = spec.mtu.unwrap_or(machine.net.mtu);
     if let Some(name) = pin {
@@ -739,7 +739,7 @@ fn build_vhost_net(
     };
     let peer_dev = VhostNetPeer::open(tap, memory).map_err(vhost_err)?;
     let peer = vhost_net_support(peer_dev.tap().name(), &caps, peer_dev.features());
-    let decision = net_abi::decide(id, &spec.text, machine, &spec.features, strict, &peer)?;
+    let decision = strict::decide(id, &spec.text, machine, &spec.features, strict, &peer)?;
     let mac = spec.mac.unwrap_or_else(|| default_mac(index));
     let config = VhostNetConfig {
         mac,
@@ -778,7 +778,7 @@ pub fn build_all(
             return Err(NetSetupError::DuplicateId(id));
         }
         // Configuration errors first: they need no peer.
-        net_abi::required_features(&id, machine, &spec.features).map_err(NetAbiError::from)?;
+        strict::required_features(&id, machine, &spec.features).map_err(NetAbiError::from)?;
         let strict = spec.strict.unwrap_or(machine.net.strict);
         let built = match &spec.peer {
             PeerSpec::Tap { .. } => build_tap(&id, index, spec, machine, strict)?,
@@ -876,11 +876,11 @@ pub fn probe_report(spec: &NetSpec) -> Result<Value, NetSetupError> {
     let tap = open_tap(&device, spec)?;
     let caps = tap.probe_offloads();
     let peer = tap_support(tap.name(), &caps);
-    let machines: Vec<Value> = crate::machine_types::MACHINE_TYPES
+    let machines: Vec<Value> = crate::abi::machine_types::MACHINE_TYPES
         .iter()
         .rev()
         .map(|m| {
-            let required = net_abi::required_features(&device, m, &spec.features)
+            let required = strict::required_features(&device, m, &spec.features)
                 .unwrap_or_else(|_| m.net_features());
             let missing = required & !peer.supported;
             json!({"name": m.name, "supported": missing == 0, "missing": name_list(missing)})
@@ -909,11 +909,11 @@ fn probe_vhost_user(
 ) -> Result<Value, NetSetupError> {
     let p = open_vhost_user(device, socket, server, pin)?;
     let peer = vhost_user_support(&p.socket, &p.session.offer);
-    let machines: Vec<Value> = crate::machine_types::MACHINE_TYPES
+    let machines: Vec<Value> = crate::abi::machine_types::MACHINE_TYPES
         .iter()
         .rev()
         .map(|m| {
-            let required = net_abi::required_features(device, m, &spec.features)
+            let required = strict::required_features(device, m, &spec.features)
                 .unwrap_or_else(|_| m.net_features());
             let missing = required & !peer.supported;
             json!({"name": m.name, "supported": missing == 0, "missing": name_list(missing)})
@@ -941,7 +941,7 @@ fn probe_vhost_user(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::machine_types::{bits_of, resolve};
+    use crate::abi::machine_types::{bits_of, resolve};
 
     /// DPDK testpmd 22.11's GET_FEATURES.
     const DPDK: u64 = 0xd_7c66_e7cb;
@@ -996,7 +996,7 @@ mod tests {
         assert!(vhost_user_support("/s", &without).why_not[&mq].contains("GET_QUEUE_NUM"));
         // godwit-1.0 against DPDK: only host TSO (and ECN with it) missing.
         let m = resolve("godwit-1.0").unwrap();
-        let d = net_abi::decide(
+        let d = strict::decide(
             "net0",
             "vhost-user,socket=/s",
             m,

@@ -18,33 +18,13 @@ use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use godwit_devices::bus::Bus;
 
-use crate::vm::VmEvent;
+use crate::vstate::events::{VcpuExitError, VmEvent};
 
 /// The port and MMIO buses every vCPU dispatches to.
 #[derive(Default)]
 pub struct IoBuses {
     pub pio: Bus,
     pub mmio: Bus,
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum VcpuExitError {
-    #[error("vCPU {vcpu} triple-faulted (KVM_EXIT_SHUTDOWN) at RIP {rip:#x}: the guest kernel crashed during boot or reset without the i8042")]
-    TripleFault { vcpu: u8, rip: u64 },
-    #[error("vCPU {vcpu}: KVM could not emulate the instruction at RIP {rip:#x} (bytes: {bytes}); on hosts that emulate guest code (nested, PVM) SSE/AVX, cmpxchg16b and xsave fail")]
-    EmulationFailure { vcpu: u8, rip: u64, bytes: String },
-    #[error("vCPU {vcpu}: KVM internal error, suberror {suberror} at RIP {rip:#x}")]
-    InternalError { vcpu: u8, suberror: u32, rip: u64 },
-    #[error(
-        "vCPU {vcpu}: KVM failed to enter the guest, hardware reason {reason:#x} at RIP {rip:#x}"
-    )]
-    FailEntry { vcpu: u8, reason: u64, rip: u64 },
-    #[error("vCPU {vcpu}: unexpected KVM exit {exit} at RIP {rip:#x}")]
-    Unexpected { vcpu: u8, exit: String, rip: u64 },
-    #[error("vCPU {vcpu}: KVM_RUN failed: {source}")]
-    Run { vcpu: u8, source: kvm_ioctls::Error },
-    #[error("vCPU {vcpu}: the vCPU thread failed: {message}")]
-    ThreadPanicked { vcpu: u8, message: String },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -1,0 +1,237 @@
+//! The destination side: `godwit run --incoming`.
+
+use std::time::Instant;
+
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+
+use godwit_migration::cpu_compat::{check_cpuid as cpuid_incompatibilities, CpuidEntry};
+use godwit_migration::format::{Container, FORMAT_VERSION};
+use godwit_migration::protocol::{
+    decode_runs, expect, read_message, write_json, write_message, DevicePeer, Hello, HelloReply,
+    Kind, ProtocolError, Resumed, RoundEnd, PAGE_SIZE,
+};
+
+use super::announce::announce;
+use super::transport::Conn;
+use super::{MigrateError, KVM_CAPS_CHECKED, PEER_TIMEOUT};
+use crate::abi::machine_types;
+use crate::config::VmConfig;
+use crate::machine::{Machine, StartError, VmHandle};
+use crate::persist::snapshot::{self, read_saved, KNOWN_SECTIONS};
+use crate::vstate::memory::{self, GuestRam};
+use crate::vstate::state::vcpu::host_cpuid;
+use crate::vstate::vm::{self, Vm};
+
+use crate::migration::transport::accept;
+
+/// What a failed incoming migration reports.
+#[derive(Debug, thiserror::Error)]
+pub enum IncomingError {
+    #[error("incoming migration: {0}")]
+    Migrate(#[from] MigrateError),
+    #[error("incoming migration refused:\n  - {}", .0.join("\n  - "))]
+    Refused(Vec<String>),
+    #[error("incoming migration: {0}")]
+    Start(String),
+}
+
+/// `godwit run --incoming URI`: validates the source's VM against this
+/// host, receives it, and returns it ready to run; `Machine::run` then
+/// resumes it and confirms to the source.
+pub fn incoming(config: &VmConfig, uri: &str) -> Result<Machine, StartError> {
+    let mut conn = accept(uri).map_err(IncomingError::from)?;
+    conn.set_timeout(Some(PEER_TIMEOUT));
+    match receive(config, &mut conn) {
+        Ok(machine) => Ok(machine),
+        Err(e) => {
+            let _ = write_message(&mut conn, Kind::Abort, e.to_string().as_bytes());
+            Err(e)
+        }
+    }
+}
+
+pub(super) fn receive(config: &VmConfig, conn: &mut Conn) -> Result<Machine, StartError> {
+    let hello: Hello = expect(conn, Kind::Hello, "Hello")
+        .and_then(|m| m.json())
+        .map_err(|e| IncomingError::from(MigrateError::from(e)))?;
+    let mut reasons = Vec::new();
+    let machine = machine_types::resolve(&hello.machine_type)
+        .map_err(|e| reasons.push(e.to_string()))
+        .ok();
+    if hello.format_version > FORMAT_VERSION {
+        reasons.push(format!("the source writes state format {}; this godwit reads up to {FORMAT_VERSION}: upgrade godwit here", hello.format_version));
+    }
+    if let Err(e) = memory::check_size(hello.memory_size) {
+        reasons.push(e.to_string());
+    }
+    let kvm = vm::open_kvm()?;
+    if let Err(e) = vm::check_vcpus(&kvm, u32::from(hello.vcpus)) {
+        reasons.push(e.to_string());
+    }
+    let host_cpuid: Vec<CpuidEntry> = host_cpuid(&kvm, hello.vcpus.max(1)).unwrap_or_default();
+    for inc in cpuid_incompatibilities(&hello.cpuid, &host_cpuid) {
+        reasons.push(format!("CPUID: {inc}"));
+    }
+    for cap in &hello.kvm_caps {
+        if let Some(c) = KVM_CAPS_CHECKED.iter().find(|c| c.name() == cap) {
+            if !kvm.check_extension(c.cap()) {
+                reasons.push(format!(
+                    "this host's KVM lacks {cap}, needed for {}",
+                    c.needed_for()
+                ));
+            }
+        }
+    }
+    // This host's peers, checked against what the guest was offered.
+    let mut peers = Vec::new();
+    let mut device_peers = Vec::new();
+    if hello.devices.len() != config.nets.len() {
+        reasons.push(format!(
+            "the VM has {} network device(s) ({}) but this godwit was given {} --net: give one per device, in order",
+            hello.devices.len(),
+            hello.devices.iter().map(|d| d.id.as_str()).collect::<Vec<_>>().join(", "),
+            config.nets.len()
+        ));
+    } else {
+        for (dev, spec) in hello.devices.iter().zip(&config.nets) {
+            if spec.peer.kind() != dev.peer_kind {
+                reasons.push(format!(
+                    "{}: the VM's device is on a {} peer but --net gives a {} peer",
+                    dev.id,
+                    dev.peer_kind,
+                    spec.peer.kind()
+                ));
+                continue;
+            }
+            match snapshot::open_peer(&dev.id, spec, dev.interface.as_deref()) {
+                Ok((opened, support)) => {
+                    if let Err(e) =
+                        snapshot::check_peer(&dev.id, dev.offered, &support, "on the source")
+                    {
+                        reasons.push(e.to_string());
+                    }
+                    device_peers.push(DevicePeer {
+                        id: dev.id.clone(),
+                        peer_kind: support.kind.to_string(),
+                        peer: support.name.clone(),
+                        supported: support.supported,
+                    });
+                    peers.push((opened, support));
+                }
+                Err(e) => reasons.push(e.to_string()),
+            }
+        }
+    }
+    let reply = HelloReply {
+        accept: reasons.is_empty(),
+        reasons: reasons.clone(),
+        godwit_version: env!("CARGO_PKG_VERSION").to_string(),
+        machine_types: machine_types::MACHINE_TYPES
+            .iter()
+            .map(|m| m.name.to_string())
+            .collect(),
+        devices: device_peers,
+        host_cpuid,
+    };
+    let proto = |e: ProtocolError| StartError::from(IncomingError::from(MigrateError::from(e)));
+    write_json(conn, Kind::HelloReply, &reply).map_err(proto)?;
+    let Some(machine) = machine.filter(|_| reasons.is_empty()) else {
+        return Err(IncomingError::Refused(reasons).into());
+    };
+
+    let ram = GuestRam::new(hello.memory_size)?;
+    let vm = Vm::new(kvm, &ram.memory)?;
+    let started = Instant::now();
+    let mut received = 0u64;
+    let state_bytes = loop {
+        let m = read_message(conn).map_err(proto)?;
+        match m.kind {
+            Kind::Pages | Kind::ZeroPages => {
+                let with_data = m.kind == Kind::Pages;
+                let (runs, data) = decode_runs(m.kind, &m.payload, with_data).map_err(proto)?;
+                let mut offset = 0usize;
+                for run in runs {
+                    let len = run.pages as usize * PAGE_SIZE as usize;
+                    if !ram.memory.check_range(GuestAddress(run.gpa), len) {
+                        return Err(proto(ProtocolError::Malformed {
+                            kind: m.kind,
+                            detail: format!(
+                                "pages at {:#x}+{len:#x} lie outside guest memory",
+                                run.gpa
+                            ),
+                        }));
+                    }
+                    let result = if with_data {
+                        let r = ram
+                            .memory
+                            .write_slice(&data[offset..offset + len], GuestAddress(run.gpa));
+                        offset += len;
+                        r
+                    } else {
+                        ram.memory
+                            .write_slice(&vec![0u8; len], GuestAddress(run.gpa))
+                    };
+                    result
+                        .map_err(|e| IncomingError::Start(format!("writing guest memory: {e}")))?;
+                    received += len as u64;
+                }
+            }
+            Kind::RoundEnd => {
+                let r: RoundEnd = m.json().map_err(proto)?;
+                tracing::info!(
+                    "incoming migration: round {} done, {} MiB received",
+                    r.round,
+                    received >> 20
+                );
+            }
+            Kind::State => break m.payload,
+            other => {
+                return Err(proto(ProtocolError::Unexpected {
+                    expected: "Pages, ZeroPages, RoundEnd or State",
+                    got: other,
+                }))
+            }
+        }
+    };
+    expect(conn, Kind::Complete, "Complete").map_err(proto)?;
+    let restore_started = Instant::now();
+    let container = Container::from_bytes(state_bytes, KNOWN_SECTIONS)
+        .map_err(|e| IncomingError::Start(format!("the VM state from the source: {e}")))?;
+    let saved = read_saved(&container, std::path::Path::new("<migration stream>"))?;
+    // The state must be the VM the handshake described.
+    if saved.machine.name != machine.name
+        || saved.config.vcpus != hello.vcpus
+        || saved.config.memory_size != hello.memory_size
+        || saved.nets.len() != hello.devices.len()
+        || saved
+            .nets
+            .iter()
+            .zip(&hello.devices)
+            .any(|(n, d)| n.offered != d.offered)
+    {
+        return Err(IncomingError::Start(
+            "the VM state does not match the VM the source announced".into(),
+        )
+        .into());
+    }
+    let mut m = snapshot::machine_from_saved(config, &saved, vm, ram, peers)?;
+    let restore_ms = restore_started.elapsed().as_secs_f64() * 1e3;
+    tracing::info!(
+        "incoming migration: {} MiB received in {:.0} ms, state restored in {restore_ms:.1} ms",
+        received >> 20,
+        started.elapsed().as_secs_f64() * 1e3
+    );
+    let mut confirm = conn
+        .try_clone()
+        .map_err(|e| IncomingError::Start(e.to_string()))?;
+    m.on_running(Box::new(move |handle: &VmHandle| {
+        // The guest runs here now: tell the source, then the network.
+        if let Err(e) = write_json(&mut confirm, Kind::Resumed, &Resumed { restore_ms }) {
+            tracing::warn!("could not confirm the migration to the source: {e}");
+        }
+        for net in &handle.nets {
+            announce(net);
+        }
+    }));
+    Ok(m)
+}

@@ -1,0 +1,359 @@
+//! The source side: pre-copy rounds, stop-and-copy, and the wait for the
+//! destination to run the guest.
+
+use std::sync::atomic::Ordering;
+use std::sync::{mpsc, Arc, PoisonError};
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use vm_memory::{GuestAddress, GuestMemoryBackend};
+
+use godwit_migration::protocol::{
+    self, encode_runs, expect, write_json, write_message, HelloReply, Kind, PageRun, Resumed,
+    RoundEnd, PAGE_SIZE,
+};
+
+use super::transport::Conn;
+use super::{
+    MigrateError, MigrationInfo, MigrationParams, MigrationState, BATCH_PAGES, PEER_TIMEOUT,
+};
+use crate::machine::VmHandle;
+use crate::persist::snapshot::{capture_state, Quiesced};
+use crate::vstate::events::VmEvent;
+
+use crate::migration::dirty::pages_with_data;
+use crate::migration::dirty::set_backend_logging;
+use crate::migration::dirty::set_dirty_logging;
+use crate::migration::dirty::take_dirty;
+use crate::migration::dirty::vhost_user_devices;
+use crate::migration::dirty::BackendLog;
+use crate::migration::handshake::check_destination;
+use crate::migration::handshake::hello_of;
+use crate::migration::transport::connect;
+use crate::migration::transport::parse_uri;
+
+pub(super) struct Sender<'a> {
+    conn: &'a mut Conn,
+    state: &'a MigrationState,
+    bytes: u64,
+    started: Instant,
+    max_bandwidth: u64,
+}
+
+impl Sender<'_> {
+    fn check_cancel(&self) -> Result<(), MigrateError> {
+        if self.state.cancel.load(Ordering::SeqCst) {
+            return Err(MigrateError::Cancelled);
+        }
+        Ok(())
+    }
+
+    fn send(&mut self, kind: Kind, payload: &[u8]) -> Result<(), MigrateError> {
+        self.check_cancel()?;
+        write_message(self.conn, kind, payload).map_err(|e| {
+            if self.state.cancel.load(Ordering::SeqCst) {
+                MigrateError::Cancelled
+            } else {
+                e.into()
+            }
+        })?;
+        self.bytes += (payload.len() + protocol::HEADER_LEN) as u64;
+        let (bytes, rate) = (
+            self.bytes,
+            self.bytes as f64 / self.started.elapsed().as_secs_f64().max(1e-6),
+        );
+        self.state.update(|i| {
+            i.transferred_bytes = bytes;
+            i.throughput_mbps = rate * 8.0 / 1e6;
+        });
+        if self.max_bandwidth > 0 {
+            let due = Duration::from_secs_f64(self.bytes as f64 / self.max_bandwidth as f64);
+            if let Some(wait) = due.checked_sub(self.started.elapsed()) {
+                std::thread::sleep(wait);
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends `pages` (guest addresses): non-zero pages with their data;
+    /// zero pages as runs without data unless `skip_zero`. Pages are checked
+    /// for zero in place and copied once, into the message.
+    fn send_pages(
+        &mut self,
+        handle: &VmHandle,
+        pages: &[u64],
+        skip_zero: bool,
+    ) -> Result<(), MigrateError> {
+        let mut runs: Vec<PageRun> = Vec::new();
+        let mut data: Vec<u8> = Vec::with_capacity(BATCH_PAGES * PAGE_SIZE as usize);
+        let mut zero_runs: Vec<PageRun> = Vec::new();
+        for &gpa in pages {
+            let slice = handle
+                .ram
+                .memory
+                .get_slice(GuestAddress(gpa), PAGE_SIZE as usize)
+                .map_err(|e| MigrateError::Local(format!("reading guest page {gpa:#x}: {e}")))?;
+            let zero = {
+                let guard = slice.ptr_guard();
+                let words = guard.as_ptr() as *const u64;
+                // SAFETY: the slice covers PAGE_SIZE bytes of mapped guest
+                // memory (page aligned); volatile reads, since the guest may
+                // write concurrently (it is then dirty and sent again).
+                (0..PAGE_SIZE as usize / 8)
+                    .all(|i| unsafe { std::ptr::read_volatile(words.add(i)) } == 0)
+            };
+            if zero && skip_zero {
+                continue;
+            }
+            let list = if zero { &mut zero_runs } else { &mut runs };
+            match list.last_mut() {
+                Some(r) if r.gpa + u64::from(r.pages) * PAGE_SIZE == gpa => r.pages += 1,
+                _ => list.push(PageRun { gpa, pages: 1 }),
+            }
+            if !zero {
+                let at = data.len();
+                data.resize(at + PAGE_SIZE as usize, 0);
+                slice.copy_to(&mut data[at..]);
+                if data.len() >= BATCH_PAGES * PAGE_SIZE as usize {
+                    self.send(Kind::Pages, &encode_runs(&runs, &data))?;
+                    runs.clear();
+                    data.clear();
+                }
+            }
+        }
+        if !runs.is_empty() {
+            self.send(Kind::Pages, &encode_runs(&runs, &data))?;
+        }
+        for chunk in zero_runs.chunks(4096) {
+            self.send(Kind::ZeroPages, &encode_runs(chunk, &[]))?;
+        }
+        Ok(())
+    }
+}
+
+pub(super) fn emit_status(handle: &VmHandle, status: &'static str) {
+    handle.migration.update(|i| i.status = status);
+    handle
+        .api_events
+        .emit("MIGRATION", json!({ "status": status }));
+    tracing::info!("migration: {status}");
+}
+
+/// Starts a migration on its own thread; refuses at once when blocked.
+pub fn start(
+    handle: &Arc<VmHandle>,
+    uri: &str,
+    vm_events: mpsc::Sender<VmEvent>,
+) -> Result<(), MigrateError> {
+    let blockers = handle.blockers();
+    if !blockers.is_empty() {
+        return Err(MigrateError::Blocked(blockers));
+    }
+    parse_uri(uri)?;
+    if handle.migration.running.swap(true, Ordering::SeqCst) {
+        return Err(MigrateError::Busy);
+    }
+    handle.migration.cancel.store(false, Ordering::SeqCst);
+    handle.migration.update(|i| {
+        *i = MigrationInfo {
+            status: "setup",
+            total_bytes: handle.ram.size,
+            ..Default::default()
+        }
+    });
+    let (h, uri) = (handle.clone(), uri.to_string());
+    let spawned = std::thread::Builder::new()
+        .name("migration".into())
+        .spawn(move || {
+            let started = Instant::now();
+            emit_status(&h, "setup");
+            let result = run_source(&h, &uri, started);
+            *h.migration
+                .conn
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner) = None;
+            h.migration
+                .update(|i| i.total_time_ms = started.elapsed().as_secs_f64() * 1e3);
+            match result {
+                Ok(()) => {
+                    emit_status(&h, "completed");
+                    let _ = vm_events.send(VmEvent::Migrated);
+                }
+                Err(e) => {
+                    let cancelled = matches!(e, MigrateError::Cancelled);
+                    tracing::warn!("migration to {uri} failed: {e}; the guest keeps running here");
+                    let _ = set_dirty_logging(&h, false);
+                    h.migration.update(|i| i.error = Some(e.to_string()));
+                    emit_status(&h, if cancelled { "cancelled" } else { "failed" });
+                }
+            }
+            h.migration.running.store(false, Ordering::SeqCst);
+        });
+    if let Err(e) = spawned {
+        handle.migration.running.store(false, Ordering::SeqCst);
+        return Err(MigrateError::Local(format!(
+            "cannot start the migration thread: {e}"
+        )));
+    }
+    Ok(())
+}
+
+pub(super) fn run_source(
+    handle: &VmHandle,
+    uri: &str,
+    started: Instant,
+) -> Result<(), MigrateError> {
+    let _op = handle
+        .operation
+        .try_lock()
+        .map_err(|_| MigrateError::Busy)?;
+    let mut conn = connect(uri)?;
+    conn.set_timeout(Some(PEER_TIMEOUT));
+    *handle
+        .migration
+        .conn
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner) = Some(
+        conn.try_clone()
+            .map_err(|e| MigrateError::Local(e.to_string()))?,
+    );
+    let hello = hello_of(handle)?;
+    write_json(&mut conn, Kind::Hello, &hello)?;
+    let reply: HelloReply = expect(&mut conn, Kind::HelloReply, "HelloReply")?.json()?;
+    if !reply.accept {
+        return Err(MigrateError::Refused(reply.reasons));
+    }
+    let problems = check_destination(&hello, &reply);
+    if !problems.is_empty() {
+        let _ = write_message(&mut conn, Kind::Abort, problems.join("; ").as_bytes());
+        return Err(MigrateError::DestinationLacks(problems));
+    }
+    emit_status(handle, "active");
+    let params = handle
+        .migration
+        .params
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .clone();
+    set_dirty_logging(handle, true)?;
+    let backend_log = if vhost_user_devices(handle).is_empty() {
+        None
+    } else {
+        let end = handle.ram.memory.last_addr().0 + 1;
+        let log = BackendLog::new(end)?;
+        set_backend_logging(handle, Some(&log))?;
+        Some(log)
+    };
+    let result = precopy(handle, &mut conn, &params, backend_log.as_ref(), started);
+    if backend_log.is_some() {
+        if let Err(e) = set_backend_logging(handle, None) {
+            tracing::warn!("migration: cannot stop a backend's dirty log: {e}");
+        }
+    }
+    result
+}
+
+pub(super) fn precopy(
+    handle: &VmHandle,
+    conn: &mut Conn,
+    params: &MigrationParams,
+    backend_log: Option<&BackendLog>,
+    started: Instant,
+) -> Result<(), MigrateError> {
+    let mut sender = Sender {
+        conn,
+        state: &handle.migration,
+        bytes: 0,
+        started: Instant::now(),
+        max_bandwidth: params.max_bandwidth,
+    };
+    // Round 0: everything that is not zero (the destination starts zeroed).
+    let mut round_started = Instant::now();
+    let pages = pages_with_data(handle);
+    sender.send_pages(handle, &pages, true)?;
+    let mut round = 0u32;
+    let mut last_dirty_rate;
+    loop {
+        let elapsed = round_started.elapsed().as_secs_f64().max(1e-6);
+        let dirty = take_dirty(handle, backend_log)?;
+        round_started = Instant::now();
+        let throughput = sender.bytes as f64 / sender.started.elapsed().as_secs_f64().max(1e-6);
+        let remaining = dirty.len() as u64 * PAGE_SIZE;
+        let expected_ms = (remaining as f64 / throughput.max(1.0) * 1e3) as u64;
+        last_dirty_rate = dirty.len() as f64 / elapsed;
+        write_json(
+            sender.conn,
+            Kind::RoundEnd,
+            &RoundEnd {
+                round,
+                pages: dirty.len() as u64,
+            },
+        )?;
+        handle.migration.update(|i| {
+            i.rounds = round + 1;
+            i.transferred_bytes = sender.bytes;
+            i.remaining_bytes = remaining;
+            i.throughput_mbps = throughput * 8.0 / 1e6;
+            i.dirty_pages_rate = last_dirty_rate as u64;
+            i.expected_downtime_ms = expected_ms;
+            i.total_time_ms = started.elapsed().as_secs_f64() * 1e3;
+        });
+        tracing::info!(
+            "migration: round {round}: {} MiB sent, {} dirty pages remain, {:.0} Mbit/s, expected downtime {expected_ms} ms",
+            sender.bytes >> 20,
+            dirty.len(),
+            throughput * 8.0 / 1e6
+        );
+        if expected_ms <= params.downtime_limit_ms {
+            // Stop-and-copy: what is dirty now plus what the guest dirties
+            // before it stops.
+            return finish(handle, &mut sender, dirty, backend_log, started);
+        }
+        round += 1;
+        if round >= params.max_rounds {
+            return Err(MigrateError::NotConverging {
+                rounds: round,
+                remaining_mib: remaining >> 20,
+                dirty_mib_s: last_dirty_rate * PAGE_SIZE as f64 / (1 << 20) as f64,
+                throughput_mib_s: throughput / (1 << 20) as f64,
+                expected_ms,
+                limit_ms: params.downtime_limit_ms,
+            });
+        }
+        sender.send_pages(handle, &dirty, false)?;
+    }
+}
+
+pub(super) fn finish(
+    handle: &VmHandle,
+    sender: &mut Sender<'_>,
+    mut dirty: Vec<u64>,
+    backend_log: Option<&BackendLog>,
+    started: Instant,
+) -> Result<(), MigrateError> {
+    let quiet = Quiesced::new(handle).map_err(|e| MigrateError::Local(e.to_string()))?;
+    let downtime_start = Instant::now();
+    // Pausing stopped the backends' rings (GET_VRING_BASE): their log is final.
+    dirty.extend(take_dirty(handle, backend_log)?);
+    dirty.sort_unstable();
+    dirty.dedup();
+    sender.send_pages(handle, &dirty, false)?;
+    let state = capture_state(handle).map_err(|e| MigrateError::Local(e.to_string()))?;
+    sender.send(Kind::State, &state.to_bytes())?;
+    sender.send(Kind::Complete, &[])?;
+    let resumed: Resumed = expect(sender.conn, Kind::Resumed, "Resumed")?.json()?;
+    let downtime = downtime_start.elapsed().as_secs_f64() * 1e3;
+    handle.migration.update(|i| {
+        i.downtime_ms = Some(downtime);
+        i.transferred_bytes = sender.bytes;
+        i.remaining_bytes = 0;
+        i.total_time_ms = started.elapsed().as_secs_f64() * 1e3;
+    });
+    tracing::info!(
+        "migration: the guest runs on the destination (downtime {downtime:.1} ms, of which destination restore {:.1} ms)",
+        resumed.restore_ms
+    );
+    // The guest now lives elsewhere: this side stays stopped until it exits.
+    quiet.keep_paused();
+    Ok(())
+}

@@ -1,0 +1,3 @@
+//! Saved VM state: snapshots written to and restored from a directory.
+
+pub mod snapshot;
