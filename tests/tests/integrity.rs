@@ -293,3 +293,172 @@ fn a_map_restored_vm_migrates_with_what_the_guest_wrote_since() {
     full_round_without_mismatch(&mut dst, "the migrated VM");
     quit(&mut dst, &dst_api);
 }
+
+/// A small tmpfs mounted for one test, unmounted on drop.
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(at: std::path::PathBuf, size: &str) -> Self {
+        std::fs::create_dir_all(&at).unwrap();
+        let out = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(&at)
+            .output()
+            .expect("run mount");
+        assert!(
+            out.status.success(),
+            "mount a tmpfs at {}: {}",
+            at.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Tmpfs(at)
+    }
+
+    fn free(&self) -> u64 {
+        let path = std::ffi::CString::new(self.0.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: statvfs is a plain C struct for which all zero bytes are a
+        // valid value.
+        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+        // SAFETY: statvfs fills the struct it is given from a valid,
+        // NUL-terminated path.
+        let rc = unsafe { libc::statvfs(path.as_ptr(), &mut st) };
+        assert_eq!(rc, 0, "statvfs {}", self.0.display());
+        st.f_bavail * st.f_frsize
+    }
+
+    /// Every path below the mount, relative to it, sorted.
+    fn listing(&self) -> Vec<String> {
+        fn walk(root: &Path, dir: &Path, out: &mut Vec<String>) {
+            for e in std::fs::read_dir(dir).unwrap() {
+                let p = e.unwrap().path();
+                out.push(p.strip_prefix(root).unwrap().display().to_string());
+                if p.is_dir() {
+                    walk(root, &p, out);
+                }
+            }
+        }
+        let mut out = Vec::new();
+        walk(&self.0, &self.0, &mut out);
+        out.sort();
+        out
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
+}
+
+fn file_digest(path: &Path) -> (u64, u32) {
+    let bytes = std::fs::read(path).unwrap();
+    (bytes.len() as u64, crc32c::crc32c(&bytes))
+}
+
+/// A new snapshot over an older one, on a disk that fills up at every
+/// point of the save: each failed save leaves the older snapshot exactly as
+/// it was and no temporary file; the save that fits replaces it whole.
+#[test]
+fn a_snapshot_that_does_not_fit_leaves_the_older_one_restorable() {
+    let dir = TempDir::new("verifyfull");
+    let disk = Tmpfs::mount(dir.join("disk"), "48m");
+    let api = dir.join("api.sock");
+    let snap = disk.0.join("snap");
+    // The whole buffer is written within a second; after that the guest
+    // only rewrites the same pages, so every snapshot holds the same pages.
+    let (mut vm, _) = boot(&api, &cmdline("2M", "godwit.verify_rate=2000"), None);
+    heartbeats(&mut vm, 10);
+    save(&api, &snap);
+    let (state, memory) = (snap.join("state.gws"), snap.join("memory.gwm"));
+    let before = (file_digest(&state), file_digest(&memory));
+    // Kept open, the older memory file keeps its space even once replaced:
+    // a save then needs room for a whole second snapshot.
+    let held = std::fs::File::open(&memory).unwrap();
+    use std::os::unix::fs::MetadataExt;
+    let mem_bytes = held.metadata().unwrap().blocks() * 512;
+    let state_bytes = std::fs::metadata(&state).unwrap().len().div_ceil(4096) * 4096;
+    let filler = disk.0.join("filler");
+    let empty = disk.free();
+    let page = 4096;
+    let mut levels = vec![0, page, mem_bytes / 2];
+    levels.extend((0..=2).map(|k| mem_bytes - page + k * page));
+    levels.extend([mem_bytes + state_bytes / 2, mem_bytes + state_bytes - page]);
+    levels.push(mem_bytes + state_bytes + 64 * page);
+    let mut replaced = false;
+    for free in levels {
+        let _ = std::fs::remove_file(&filler);
+        let f = std::fs::File::create(&filler).unwrap();
+        let size = empty.saturating_sub(free);
+        if size > 0 {
+            // SAFETY: fallocate on a file this test just created.
+            let rc =
+                unsafe { libc::fallocate(std::os::fd::AsRawFd::as_raw_fd(&f), 0, 0, size as i64) };
+            assert_eq!(rc, 0, "fill the tmpfs: {}", std::io::Error::last_os_error());
+        }
+        drop(f);
+        let result = qmp_connect(&api).execute("snapshot-save", json!({ "dir": snap }));
+        let listing = disk.listing();
+        let files = ["filler", "snap", "snap/memory.gwm", "snap/state.gws"];
+        assert_eq!(listing, files, "{free} bytes free: {result:?}");
+        match result {
+            Err(e) => {
+                assert!(
+                    e.to_string().contains("No space left on device"),
+                    "{free} bytes free: {e}"
+                );
+                assert_eq!(
+                    (file_digest(&state), file_digest(&memory)),
+                    before,
+                    "{free} bytes free: a failed save left the older snapshot as it was"
+                );
+            }
+            Ok(_) => {
+                assert!(free >= mem_bytes, "a snapshot in {free} bytes?");
+                replaced = true;
+                break;
+            }
+        }
+        assert_eq!(
+            qmp_connect(&api)
+                .execute("query-status", Value::Null)
+                .unwrap()["status"],
+            "running"
+        );
+    }
+    assert!(replaced, "the save that fits replaces the older snapshot");
+    assert_ne!(file_digest(&state), before.0);
+    drop(held);
+    quit(&mut vm, &api);
+    let mut vm = restore(&snap, &api, "map");
+    full_round_without_mismatch(&mut vm, "the snapshot that fitted");
+    quit(&mut vm, &api);
+}
+
+/// A VM restored in map mode runs from its snapshot's memory file: a new
+/// snapshot saved over that directory, and deleting it, change nothing for it.
+#[test]
+fn a_map_restored_vm_outlives_its_snapshot_directory() {
+    let dir = TempDir::new("verifyoutlive");
+    let api = dir.join("api.sock");
+    let other_api = dir.join("other.sock");
+    let snap = dir.join("snap");
+    let (mut vm, _) = boot(&api, &cmdline("4M", ""), None);
+    heartbeats(&mut vm, 5);
+    save(&api, &snap);
+    quit(&mut vm, &api);
+
+    let mut vm = restore(&snap, &api, "map");
+    full_round_without_mismatch(&mut vm, "restore");
+    heartbeats(&mut vm, 5);
+    // Saved over the directory it maps its memory from.
+    save(&api, &snap);
+    full_round_without_mismatch(&mut vm, "after a snapshot over its own");
+    let mut copy = restore(&snap, &other_api, "copy");
+    full_round_without_mismatch(&mut copy, "the snapshot saved over the older one");
+    quit(&mut copy, &other_api);
+    std::fs::remove_dir_all(&snap).unwrap();
+    full_round_without_mismatch(&mut vm, "after its snapshot was deleted");
+    heartbeats(&mut vm, 5);
+    full_round_without_mismatch(&mut vm, "later");
+    quit(&mut vm, &api);
+}
