@@ -45,6 +45,11 @@ fn cmdline(verify: &str, extra: &str) -> String {
 
 /// Boots a verifying guest; returns it with its buffer's guest address.
 fn boot(api: &Path, cmdline: &str, net: Option<&NetHost>) -> (RunningVm, u64) {
+    boot_with(api, cmdline, net, &[])
+}
+
+/// [`boot`] with more `godwit run` arguments.
+fn boot_with(api: &Path, cmdline: &str, net: Option<&NetHost>, more: &[&str]) -> (RunningVm, u64) {
     let mut args = vec![
         "run".to_string(),
         "--api-socket".into(),
@@ -52,6 +57,7 @@ fn boot(api: &Path, cmdline: &str, net: Option<&NetHost>) -> (RunningVm, u64) {
         "--cmdline".into(),
         cmdline.to_string(),
     ];
+    args.extend(more.iter().map(|a| a.to_string()));
     if let Some(h) = net {
         args.push("--net".into());
         args.push(format!("tap,ifname={}", h.tap));
@@ -461,4 +467,88 @@ fn a_map_restored_vm_outlives_its_snapshot_directory() {
     heartbeats(&mut vm, 5);
     full_round_without_mismatch(&mut vm, "later");
     quit(&mut vm, &api);
+}
+
+/// A save killed while it writes leaves a snapshot that restores (the older
+/// one) and a staging directory that the next save there removes.
+#[test]
+fn a_save_killed_midway_leaves_a_restorable_snapshot_and_nothing_after_the_next() {
+    let dir = TempDir::new("verifykill");
+    let api = dir.join("api.sock");
+    let place = dir.join("snaps");
+    let snap = place.join("snap");
+    // 192 MiB of non-zero pages make a save long enough to be cut.
+    let (mut vm, _) = boot_with(
+        &api,
+        &cmdline("2M", "godwit.dirty=192M:40000"),
+        None,
+        &["--memory", "256M"],
+    );
+    loop {
+        let l = vm.wait_prefix("dirty: ", Duration::from_secs(60));
+        if l["dirty: ".len()..].trim().parse::<u64>().unwrap() >= 49152 {
+            break;
+        }
+    }
+    let took = qmp_connect(&api)
+        .execute("snapshot-save", json!({ "dir": snap }))
+        .unwrap()["total_ms"]
+        .as_f64()
+        .unwrap();
+    eprintln!("a save of this VM takes {took:.0} ms");
+    let before = (
+        file_digest(&snap.join("state.gws")),
+        file_digest(&snap.join("memory.gwm")),
+    );
+    let saver = {
+        let api = api.clone();
+        let snap = snap.clone();
+        std::thread::spawn(move || {
+            let _ = qmp_connect(&api).execute("snapshot-save", json!({ "dir": snap }));
+        })
+    };
+    let staging = |place: &Path| {
+        std::fs::read_dir(place)
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .any(|e| e.file_name().to_string_lossy().contains("godwit-tmp"))
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !staging(&place) {
+        assert!(std::time::Instant::now() < deadline, "no save started");
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    // SAFETY: kill only sends SIGKILL to the godwit this test started.
+    assert_eq!(unsafe { libc::kill(vm.pid() as i32, libc::SIGKILL) }, 0);
+    vm.wait_exit(Duration::from_secs(20));
+    saver.join().unwrap();
+    let cut = staging(&place);
+    if cut {
+        assert_eq!(
+            (
+                file_digest(&snap.join("state.gws")),
+                file_digest(&snap.join("memory.gwm"))
+            ),
+            before,
+            "a killed save left the older snapshot as it was"
+        );
+    }
+
+    let mut vm = restore(&snap, &api, "map");
+    full_round_without_mismatch(&mut vm, "the snapshot a killed save left");
+    save(&api, &snap);
+    let names: Vec<String> = std::fs::read_dir(&place)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(
+        names,
+        ["snap"],
+        "the next save removed what the killed one left"
+    );
+    quit(&mut vm, &api);
+    let mut vm = restore(&snap, &api, "copy");
+    full_round_without_mismatch(&mut vm, "the next snapshot");
+    quit(&mut vm, &api);
+    assert!(cut, "the save was killed before it completed");
 }
