@@ -3,9 +3,14 @@ CARGO ?= cargo
 GODWIT := target/debug/godwit
 GODWIT_RELEASE := target/release/godwit
 
-.PHONY: all build release demo test lint bench clean
+.PHONY: all deps build release demo test lint bench clean
 
 all: build
+
+# Debian packages the build, the demo and the tests need; installs only what
+# is missing and says what (resources/install-deps.sh).
+deps:
+	resources/install-deps.sh
 
 build:
 	$(CARGO) build --workspace --all-targets
@@ -15,12 +20,12 @@ release:
 
 # Boots the test guest with networking on one local host and live-migrates it
 # to a second one (network namespaces; needs root).
-demo: build
+demo: deps build
 	resources/demo.sh $(GODWIT)
 
 # Unit and end-to-end tests: real KVM, real TAP devices in namespaces the
 # tests create and remove. Needs root.
-test: build
+test: deps build
 	$(CARGO) test --workspace -- --test-threads=2
 
 lint:

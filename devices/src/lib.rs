@@ -9,6 +9,7 @@ pub mod bus;
 pub mod i8042;
 pub mod net;
 pub mod serial;
+pub mod socket_path;
 pub mod vhost_net;
 pub mod vhost_user;
 pub mod virtio;

@@ -60,6 +60,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::atomic::{write_atomically, AtomicWriteError};
+use crate::le::{crc, u32_at, u64_at};
 
 /// The first bytes of every godwit container.
 pub const MAGIC: [u8; 8] = *b"GODWITSN";
@@ -260,14 +261,23 @@ pub enum FormatError {
     UnknownEncoding { name: String, encoding: u32 },
     #[error("the snapshot has no section '{name}', which restoring needs: the file was written by an incomplete or different save")]
     SectionMissing { name: String },
-    #[error("section '{name}' (version {version}) cannot be decoded: {reason}; the file was written by a godwit whose state this one cannot read: restore with the godwit release that saved it")]
+    #[error("section '{name}' (version {version}) cannot be decoded: {source}; the file was written by a godwit whose state this one cannot read: restore with the godwit release that saved it")]
     Payload {
         name: String,
         version: u32,
-        reason: String,
+        source: serde_json::Error,
     },
-    #[error("cannot encode section '{name}': {reason}")]
-    Encode { name: String, reason: String },
+    #[error("section '{name}' (version {version}) is encoded as {encoding}, not JSON; the file was written by a godwit whose state this one cannot read: restore with the godwit release that saved it")]
+    NotJson {
+        name: String,
+        version: u32,
+        encoding: u32,
+    },
+    #[error("cannot encode section '{name}': {source}")]
+    Encode {
+        name: String,
+        source: serde_json::Error,
+    },
     #[error("cannot build the snapshot: {0}")]
     InvalidWrite(String),
     #[error("cannot read {path}: {source}")]
@@ -277,22 +287,6 @@ pub enum FormatError {
     },
     #[error(transparent)]
     Write(#[from] AtomicWriteError),
-}
-
-fn crc(bytes: &[u8]) -> u32 {
-    crc32c::crc32c(bytes)
-}
-
-fn u32_at(b: &[u8], at: usize) -> u32 {
-    let mut v = [0u8; 4];
-    v.copy_from_slice(&b[at..at + 4]);
-    u32::from_le_bytes(v)
-}
-
-fn u64_at(b: &[u8], at: usize) -> u64 {
-    let mut v = [0u8; 8];
-    v.copy_from_slice(&b[at..at + 8]);
-    u64::from_le_bytes(v)
 }
 
 /// Checks a tag fits a NUL-padded field: printable ASCII, not empty.
@@ -616,17 +610,17 @@ impl Container {
     ) -> Result<T, FormatError> {
         let s = self.require(kind, instance)?;
         if s.encoding != Encoding::Json as u32 {
-            return Err(FormatError::Payload {
+            return Err(FormatError::NotJson {
                 name: s.name.clone(),
                 version: s.version,
-                reason: format!("it is encoded as {}, not JSON", s.encoding),
+                encoding: s.encoding,
             });
         }
         let data = &self.bytes[s.offset as usize..(s.offset + s.length) as usize];
-        serde_json::from_slice(data).map_err(|e| FormatError::Payload {
+        serde_json::from_slice(data).map_err(|source| FormatError::Payload {
             name: s.name.clone(),
             version: s.version,
-            reason: e.to_string(),
+            source,
         })
     }
 
@@ -717,9 +711,9 @@ impl ContainerWriter {
         instance: u32,
         payload: &T,
     ) -> Result<(), FormatError> {
-        let data = serde_json::to_vec(payload).map_err(|e| FormatError::Encode {
+        let data = serde_json::to_vec(payload).map_err(|source| FormatError::Encode {
             name: kind.section_name(instance),
-            reason: e.to_string(),
+            source,
         })?;
         self.add_raw(kind, instance, Encoding::Json, data)
     }
@@ -879,44 +873,40 @@ pub(crate) mod tests {
         assert!(c.header().sections.is_empty());
     }
 
+    /// Reads `bytes` cut to `cut` bytes; returns what the Truncated error
+    /// names, expected and found, and the error itself.
+    fn truncated_at(bytes: &[u8], cut: usize) -> (String, u64, u64, FormatError) {
+        let err = Container::from_bytes(bytes[..cut].to_vec(), KNOWN).unwrap_err();
+        match &err {
+            FormatError::Truncated {
+                what,
+                expected,
+                found,
+            } => (what.clone(), *expected, *found, err),
+            other => panic!("cut at {cut}: {other}"),
+        }
+    }
+
     #[test]
     fn truncation_names_the_cut_part() {
         let bytes = sample().to_bytes();
         let header = read_header(&bytes).unwrap();
         let header_len = header.header_len as usize;
         for cut in [0, 3, 8, 19, 20, 50, header_len - 1] {
-            let err = Container::from_bytes(bytes[..cut].to_vec(), KNOWN).unwrap_err();
-            match &err {
-                FormatError::Truncated {
-                    what,
-                    expected,
-                    found,
-                } => {
-                    assert_eq!(what, "the header", "cut at {cut}");
-                    assert_eq!(*found, cut as u64);
-                    assert!(*expected > cut as u64);
-                }
-                other => panic!("cut at {cut}: {other}"),
-            }
+            let (what, expected, found, _) = truncated_at(&bytes, cut);
+            assert_eq!(what, "the header", "cut at {cut}");
+            assert_eq!(found, cut as u64);
+            assert!(expected > cut as u64);
         }
         for s in &header.sections {
             let (start, len) = (s.offset as usize, s.length as usize);
             for cut in [start, start + 1, start + len / 2, start + len - 1] {
-                let err = Container::from_bytes(bytes[..cut].to_vec(), KNOWN).unwrap_err();
-                match &err {
-                    FormatError::Truncated {
-                        what,
-                        expected,
-                        found,
-                    } => {
-                        assert_eq!(what, &format!("section '{}'", s.name), "cut at {cut}");
-                        assert_eq!(*expected, bytes.len() as u64);
-                        assert_eq!(*found, cut as u64);
-                        let msg = err.to_string();
-                        assert!(msg.contains(&s.name) && msg.contains("expected"), "{msg}");
-                    }
-                    other => panic!("cut at {cut}: {other}"),
-                }
+                let (what, expected, found, err) = truncated_at(&bytes, cut);
+                assert_eq!(what, format!("section '{}'", s.name), "cut at {cut}");
+                assert_eq!(expected, bytes.len() as u64);
+                assert_eq!(found, cut as u64);
+                let msg = err.to_string();
+                assert!(msg.contains(&s.name) && msg.contains("expected"), "{msg}");
             }
         }
     }

@@ -50,15 +50,17 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use vm_memory::bitmap::{Bitmap, NewBitmap};
 use vm_memory::io::{ReadVolatile, WriteVolatile};
-use vm_memory::mmap::MmapRegionBuilder;
+use vm_memory::mmap::{FromRangesError, MmapRegionBuilder, MmapRegionError};
 use vm_memory::{
-    FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
-    GuestRegionMmap, MemoryRegionAddress,
+    FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryError, GuestMemoryMmap,
+    GuestMemoryRegion, GuestRegionCollectionError, GuestRegionMmap, MemoryRegionAddress,
+    VolatileMemoryError,
 };
 
 use crate::atomic::{write_atomically, AtomicWriteError};
 use crate::format::{kind_ids, SectionKind};
 use crate::guest_ram;
+use crate::le::{crc, u32_at, u64_at};
 
 pub const MAGIC: [u8; 8] = *b"GODWITMF";
 /// The layout this godwit writes and the newest it reads.
@@ -142,32 +144,93 @@ pub enum MemoryFileError {
     },
     #[error("the memory file {path} is corrupt: {detail}; use an intact copy")]
     Corrupt { path: String, detail: String },
+    #[error("the memory file {path} is corrupt: {problem}; use an intact copy")]
+    Inconsistent {
+        path: String,
+        #[source]
+        problem: LayoutProblem,
+    },
     #[error(
         "the memory file {path} has version {found}; this godwit reads up to {max}: upgrade godwit"
     )]
     NewerVersion { path: String, found: u32, max: u32 },
     #[error("the memory file {path} does not belong to this snapshot: {detail}; use the memory file saved together with the state file")]
     Mismatch { path: String, detail: String },
-    #[error("cannot map guest memory from {path}: {reason}")]
-    Map { path: String, reason: String },
+    #[error("cannot map guest memory from {path}: the region at {guest_addr:#x}: {source}")]
+    MapRegion {
+        path: String,
+        guest_addr: u64,
+        source: MmapRegionError,
+    },
+    #[error("cannot map guest memory from {path}: the region at {guest_addr:#x} of {size:#x} bytes ends past the 64-bit address space")]
+    RegionOverflow {
+        path: String,
+        guest_addr: u64,
+        size: u64,
+    },
+    #[error("cannot map guest memory for {path} into the memfd: the region at {guest_addr:#x}: {source}")]
+    MemfdRegion {
+        path: String,
+        guest_addr: u64,
+        source: FromRangesError,
+    },
+    #[error("cannot build guest memory from the regions of {path}: {source}")]
+    Regions {
+        path: String,
+        source: GuestRegionCollectionError,
+    },
+    #[error("cannot reach restored guest memory at {offset:#x} of a region of {path}: {source}")]
+    RestoredSlice {
+        path: String,
+        offset: u64,
+        source: GuestMemoryError,
+    },
+    #[error("cannot read the memory file {path} into guest memory: {source}")]
+    ReadIntoGuest {
+        path: String,
+        source: VolatileMemoryError,
+    },
     #[error("cannot create the memfd for restored guest memory: {source}")]
     Memfd { source: io::Error },
 }
 
-fn crc(bytes: &[u8]) -> u32 {
-    crc32c::crc32c(bytes)
+/// What makes a memory file's region layout impossible.
+#[derive(Debug, thiserror::Error)]
+pub enum LayoutProblem {
+    #[error("its page size is {found}, not {PAGE_SIZE}")]
+    PageSize { found: u64 },
+    #[error("its data offset {offset} is not page aligned")]
+    DataOffset { offset: u64 },
+    #[error("region {region} is not made of whole pages")]
+    PartialPages { region: usize },
+    #[error("region {region} is not stored right after region {}", region.saturating_sub(1))]
+    NotContiguous { region: usize },
+    #[error("region {region} overlaps or precedes the one before")]
+    Overlap { region: usize },
+    #[error("region {region} ends past the 64-bit address space")]
+    AddressOverflow { region: usize },
+    #[error("region {region} ends past a 64-bit file")]
+    FileOverflow { region: usize },
+    #[error("its regions hold {held} bytes but it gives the RAM size as {ram_size}")]
+    RamSize { held: u64, ram_size: u64 },
+    #[error("its file length does not match its data")]
+    FileLength,
 }
 
-fn u32_at(b: &[u8], at: usize) -> u32 {
-    let mut v = [0u8; 4];
-    v.copy_from_slice(&b[at..at + 4]);
-    u32::from_le_bytes(v)
-}
-
-fn u64_at(b: &[u8], at: usize) -> u64 {
-    let mut v = [0u8; 8];
-    v.copy_from_slice(&b[at..at + 8]);
-    u64::from_le_bytes(v)
+/// Why `save` could not write one region; carried inside the io::Error
+/// that the atomic writer reports, so the vm-memory error stays typed.
+#[derive(Debug, thiserror::Error)]
+enum SaveRegionError {
+    #[error("guest memory region is not mapped: {0}")]
+    Unmapped(#[source] GuestMemoryError),
+    #[error("cannot take pages {start:#x}..{end:#x} of a guest memory region: {source}")]
+    Subslice {
+        start: u64,
+        end: u64,
+        source: VolatileMemoryError,
+    },
+    #[error("cannot write guest memory to the file: {0}")]
+    Write(#[source] VolatileMemoryError),
 }
 
 fn new_id() -> String {
@@ -298,23 +361,25 @@ impl MemoryFileInfo {
                 })
                 .collect(),
         };
-        info.check_consistent().map_err(corrupt)?;
+        info.check_consistent()
+            .map_err(|problem| MemoryFileError::Inconsistent {
+                path: path.to_string(),
+                problem,
+            })?;
         Ok(info)
     }
 
     /// Checks the layout describes whole, sorted, non-overlapping pages.
-    fn check_consistent(&self) -> Result<(), String> {
+    fn check_consistent(&self) -> Result<(), LayoutProblem> {
         if self.page_size != PAGE_SIZE {
-            return Err(format!(
-                "its page size is {}, not {PAGE_SIZE}",
-                self.page_size
-            ));
+            return Err(LayoutProblem::PageSize {
+                found: self.page_size,
+            });
         }
         if !self.data_offset.is_multiple_of(PAGE_SIZE) || self.data_offset < PAGE_SIZE {
-            return Err(format!(
-                "its data offset {} is not page aligned",
-                self.data_offset
-            ));
+            return Err(LayoutProblem::DataOffset {
+                offset: self.data_offset,
+            });
         }
         let mut offset = 0u64;
         let mut end_addr = 0u64;
@@ -323,33 +388,30 @@ impl MemoryFileInfo {
                 || !r.size.is_multiple_of(PAGE_SIZE)
                 || !r.guest_addr.is_multiple_of(PAGE_SIZE)
             {
-                return Err(format!("region {i} is not made of whole pages"));
+                return Err(LayoutProblem::PartialPages { region: i });
             }
             if r.offset != offset {
-                return Err(format!(
-                    "region {i} is not stored right after region {}",
-                    i.saturating_sub(1)
-                ));
+                return Err(LayoutProblem::NotContiguous { region: i });
             }
             if i > 0 && r.guest_addr < end_addr {
-                return Err(format!("region {i} overlaps or precedes the one before"));
+                return Err(LayoutProblem::Overlap { region: i });
             }
             end_addr = r
                 .guest_addr
                 .checked_add(r.size)
-                .ok_or_else(|| format!("region {i} ends past the 64-bit address space"))?;
+                .ok_or(LayoutProblem::AddressOverflow { region: i })?;
             offset = offset
                 .checked_add(r.size)
-                .ok_or_else(|| format!("region {i} ends past a 64-bit file"))?;
+                .ok_or(LayoutProblem::FileOverflow { region: i })?;
         }
         if offset != self.ram_size {
-            return Err(format!(
-                "its regions hold {offset} bytes but it gives the RAM size as {}",
-                self.ram_size
-            ));
+            return Err(LayoutProblem::RamSize {
+                held: offset,
+                ram_size: self.ram_size,
+            });
         }
         if self.data_offset.checked_add(self.ram_size) != Some(self.file_len) {
-            return Err("its file length does not match its data".into());
+            return Err(LayoutProblem::FileLength);
         }
         Ok(())
     }
@@ -437,17 +499,17 @@ fn save_region<B: Bitmap>(
     let len = region.len();
     let whole = region
         .get_slice(MemoryRegionAddress(0), len as usize)
-        .map_err(|e| io::Error::other(format!("guest memory region is not mapped: {e}")))?;
+        .map_err(|e| io::Error::other(SaveRegionError::Unmapped(e)))?;
     let mut write_run = |start: u64, end: u64, stats: &mut SaveStats| -> io::Result<()> {
         if start == end {
             return Ok(());
         }
         let slice = whole
             .subslice(start as usize, (end - start) as usize)
-            .map_err(|e| io::Error::other(e.to_string()))?;
+            .map_err(|source| io::Error::other(SaveRegionError::Subslice { start, end, source }))?;
         file.seek(SeekFrom::Start(file_offset + start))?;
         file.write_all_volatile(&slice)
-            .map_err(|e| io::Error::other(e.to_string()))?;
+            .map_err(|e| io::Error::other(SaveRegionError::Write(e)))?;
         stats.data_bytes += end - start;
         stats.writes += 1;
         Ok(())
@@ -461,7 +523,13 @@ fn save_region<B: Bitmap>(
         while page < end {
             let slice = whole
                 .subslice(page as usize, PAGE_SIZE as usize)
-                .map_err(|e| io::Error::other(e.to_string()))?;
+                .map_err(|source| {
+                    io::Error::other(SaveRegionError::Subslice {
+                        start: page,
+                        end: page + PAGE_SIZE,
+                        source,
+                    })
+                })?;
             if guest_ram::is_zero(&slice) {
                 write_run(run_start, page, stats)?;
                 stats.zero_pages += 1;
@@ -530,11 +598,15 @@ pub fn save<B: Bitmap>(
     Ok(stats)
 }
 
-fn map_err(path: &Path) -> impl Fn(String) -> MemoryFileError + '_ {
-    move |reason| MemoryFileError::Map {
+/// Guest memory made of the regions mapped for the memory file `path`.
+fn memory_of<B: Bitmap>(
+    path: &Path,
+    regions: Vec<GuestRegionMmap<B>>,
+) -> Result<GuestMemoryMmap<B>, MemoryFileError> {
+    GuestMemoryMmap::from_regions(regions).map_err(|source| MemoryFileError::Regions {
         path: path.display().to_string(),
-        reason,
-    }
+        source,
+    })
 }
 
 /// Guest memory rebuilt from a memory file.
@@ -574,13 +646,21 @@ pub fn map_private<B: NewBitmap>(
                     .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
                     .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
                     .build()
-                    .map_err(|e| map_err(path)(e.to_string()))?;
-            GuestRegionMmap::new(mapping, GuestAddress(r.guest_addr))
-                .ok_or_else(|| map_err(path)(format!("region at {:#x} overflows", r.guest_addr)))
+                    .map_err(|source| MemoryFileError::MapRegion {
+                        path: path.display().to_string(),
+                        guest_addr: r.guest_addr,
+                        source,
+                    })?;
+            GuestRegionMmap::new(mapping, GuestAddress(r.guest_addr)).ok_or_else(|| {
+                MemoryFileError::RegionOverflow {
+                    path: path.display().to_string(),
+                    guest_addr: r.guest_addr,
+                    size: r.size,
+                }
+            })
         })
         .collect::<Result<Vec<_>, _>>()?;
-    let memory =
-        GuestMemoryMmap::from_regions(regions).map_err(|e| map_err(path)(e.to_string()))?;
+    let memory = memory_of(path, regions)?;
     Ok(RestoredMemory { memory, file, info })
 }
 
@@ -651,11 +731,14 @@ pub fn restore_to_memfd<B: NewBitmap>(
                 r.size as usize,
                 Some(FileOffset::from_arc(memfd.clone(), r.offset)),
             )
-            .map_err(|e| map_err(path)(e.to_string()))
+            .map_err(|source| MemoryFileError::MemfdRegion {
+                path: path.display().to_string(),
+                guest_addr: r.guest_addr,
+                source,
+            })
         })
         .collect::<Result<Vec<_>, _>>()?;
-    let memory =
-        GuestMemoryMmap::from_regions(regions).map_err(|e| map_err(path)(e.to_string()))?;
+    let memory = memory_of(path, regions)?;
     let read_err = |source| MemoryFileError::Read {
         path: path.display().to_string(),
         source,
@@ -675,10 +758,17 @@ pub fn restore_to_memfd<B: NewBitmap>(
             }
             let slice = region
                 .get_slice(MemoryRegionAddress(start - lo), (end - start) as usize)
-                .map_err(|e| map_err(path)(e.to_string()))?;
+                .map_err(|source| MemoryFileError::RestoredSlice {
+                    path: path.display().to_string(),
+                    offset: start - lo,
+                    source,
+                })?;
             src.seek(SeekFrom::Start(start)).map_err(read_err)?;
             src.read_exact_volatile(&mut slice.clone())
-                .map_err(|e| read_err(io::Error::other(e.to_string())))?;
+                .map_err(|source| MemoryFileError::ReadIntoGuest {
+                    path: path.display().to_string(),
+                    source,
+                })?;
         }
     }
     Ok(RestoredMemory {

@@ -88,6 +88,16 @@ pub enum ProtocolError {
     Unexpected { expected: &'static str, got: Kind },
     #[error("a {kind:?} message is malformed: {detail}")]
     Malformed { kind: Kind, detail: String },
+    #[error("a {kind:?} message is malformed: its JSON does not decode: {source}; the peer runs a godwit whose messages this one cannot read: use the same godwit release on both hosts")]
+    Decode {
+        kind: Kind,
+        source: serde_json::Error,
+    },
+    #[error("cannot encode a {kind:?} message as JSON: {source}")]
+    Encode {
+        kind: Kind,
+        source: serde_json::Error,
+    },
     #[error("the peer aborted the migration: {0}")]
     Aborted(String),
 }
@@ -101,9 +111,9 @@ pub struct Message {
 
 impl Message {
     pub fn json<T: for<'de> Deserialize<'de>>(&self) -> Result<T, ProtocolError> {
-        serde_json::from_slice(&self.payload).map_err(|e| ProtocolError::Malformed {
+        serde_json::from_slice(&self.payload).map_err(|source| ProtocolError::Decode {
             kind: self.kind,
-            detail: e.to_string(),
+            source,
         })
     }
 }
@@ -125,10 +135,8 @@ pub fn write_json<W: Write, T: Serialize>(
     kind: Kind,
     value: &T,
 ) -> Result<(), ProtocolError> {
-    let bytes = serde_json::to_vec(value).map_err(|e| ProtocolError::Malformed {
-        kind,
-        detail: e.to_string(),
-    })?;
+    let bytes =
+        serde_json::to_vec(value).map_err(|source| ProtocolError::Encode { kind, source })?;
     write_message(w, kind, &bytes)
 }
 
@@ -239,6 +247,7 @@ pub fn decode_runs(
                 payload.len()
             ))
         })?;
+    let data = &payload[table_end..];
     let mut runs = Vec::with_capacity(count);
     let mut total: u64 = 0;
     for i in 0..count {
@@ -250,10 +259,29 @@ pub fn decode_runs(
                 "run {i} starts at {gpa:#x}, not on a page boundary"
             )));
         }
-        total += u64::from(pages) * PAGE_SIZE;
+        let run_bytes = u64::from(pages) * PAGE_SIZE;
+        if gpa.checked_add(run_bytes).is_none() {
+            return Err(bad(format!(
+                "run {i} at {gpa:#x} of {pages} pages wraps the address space"
+            )));
+        }
+        // Checked at every run, so that no sum can wrap back to a length
+        // that matches the data.
+        total = total
+            .checked_add(run_bytes)
+            .filter(|t| !with_data || *t <= data.len() as u64)
+            .ok_or_else(|| {
+                bad(format!(
+                    "runs 0..={i} cover more than the {} bytes of data that follow",
+                    if with_data {
+                        data.len() as u64
+                    } else {
+                        u64::MAX
+                    }
+                ))
+            })?;
         runs.push(PageRun { gpa, pages });
     }
-    let data = &payload[table_end..];
     if with_data && data.len() as u64 != total {
         return Err(bad(format!(
             "the runs cover {total} bytes but {} bytes of data follow",
@@ -330,6 +358,38 @@ pub struct Resumed {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Runs whose byte total exceeds 2^64 once wrapped to the size of the
+    /// data that follows, which let a hostile source past the length check
+    /// and panicked the destination's page copy.
+    #[test]
+    fn run_totals_that_wrap_are_refused() {
+        let mut runs = vec![
+            PageRun {
+                gpa: 0,
+                pages: u32::MAX,
+            };
+            1 << 20
+        ];
+        runs.push(PageRun {
+            gpa: 0,
+            pages: (1 << 20) + 1,
+        });
+        let payload = encode_runs(&runs, &[0u8; PAGE_SIZE as usize]);
+        let err = decode_runs(Kind::Pages, &payload, true).unwrap_err();
+        assert!(err.to_string().contains("more than"), "{err}");
+    }
+
+    #[test]
+    fn a_run_that_wraps_the_address_space_is_refused() {
+        let runs = [PageRun {
+            gpa: !(PAGE_SIZE - 1),
+            pages: 2,
+        }];
+        let payload = encode_runs(&runs, &[]);
+        let err = decode_runs(Kind::ZeroPages, &payload, false).unwrap_err();
+        assert!(err.to_string().contains("wraps"), "{err}");
+    }
 
     #[test]
     fn messages_round_trip_and_damage_is_named() {

@@ -6,6 +6,7 @@
 //! - [`abi`] — machine types and the strict check of a network peer.
 //! - [`devices`] — virtio-net devices and their peers (TAP, vhost-user, vhost-net).
 //! - [`machine`] — a running VM, its run state and operations.
+//! - [`run`] — starting a VM: boot, restore or incoming migration.
 //! - [`persist`] — snapshots.
 //! - [`migration`] — live migration, source and destination.
 //! - [`planning`] — host capability reports and the planner.
@@ -22,6 +23,7 @@ pub mod migration;
 pub mod net_backend;
 pub mod persist;
 pub mod planner;
+pub mod run;
 pub mod vstate;
 
 // Old paths, kept while the planning, CLI and API modules move (helpers B

@@ -8,9 +8,10 @@ use clap::{Args, Parser, Subcommand};
 
 use godwit_vmm::boot::KernelImage;
 use godwit_vmm::config::{parse_size, SerialSpec, VmConfig, DEFAULT_CMDLINE};
-use godwit_vmm::machine::{Machine, VmOutcome};
+use godwit_vmm::machine::VmOutcome;
 use godwit_vmm::machine_types;
 use godwit_vmm::net_spec::NetSpec;
+use godwit_vmm::run::{self, Start};
 use godwit_vmm::test_guest::{TEST_GUEST_ELF, TEST_GUEST_NAME};
 
 /// Exit statuses, documented in the README.
@@ -199,11 +200,12 @@ fn run(args: RunArgs) -> ExitCode {
         serial: args.serial,
         api_socket: args.api_socket,
     };
-    let built = match (&args.restore, &args.incoming) {
-        (Some(dir), _) => godwit_vmm::snapshot::restore(&config, dir),
-        (None, Some(uri)) => godwit_vmm::migrate::incoming(&config, uri),
-        (None, None) => Machine::build(&config),
+    let from = match (&args.restore, &args.incoming) {
+        (Some(dir), _) => Start::Restore(dir.clone()),
+        (None, Some(uri)) => Start::Incoming(uri.clone()),
+        (None, None) => Start::Boot,
     };
+    let built = run::start(&config, &from);
     let machine = match built {
         Ok(m) => m,
         Err(e) => {

@@ -26,9 +26,10 @@ use crate::vstate::memory::{GuestRam, MemoryError};
 use crate::vstate::vcpu::{register_kick_signal, IoBuses, VcpuThreads};
 use crate::vstate::vm::{self, Vm, VmError};
 
-/// Why a VM could not start. Each message says what to change.
+/// Why a VM could not be built (boot, and the parts restore and incoming
+/// migration share). Each message says what to change.
 #[derive(Debug, thiserror::Error)]
-pub enum StartError {
+pub enum BuildError {
     #[error(transparent)]
     Vm(#[from] VmError),
     #[error(transparent)]
@@ -57,25 +58,13 @@ pub enum StartError {
     MachineType(#[from] MachineTypeError),
     #[error(transparent)]
     Net(#[from] NetSetupError),
-    #[error(transparent)]
-    Restore(Box<crate::persist::snapshot::RestoreError>),
-    #[error(transparent)]
-    Incoming(Box<crate::migration::IncomingError>),
 }
 
-impl From<crate::migration::IncomingError> for StartError {
-    fn from(e: crate::migration::IncomingError) -> Self {
-        StartError::Incoming(Box::new(e))
-    }
-}
-
-impl StartError {
+impl BuildError {
     /// The strict check refused a network peer (its own exit status).
     pub fn is_strict_refusal(&self) -> bool {
         match self {
-            StartError::Net(e) => e.is_strict_refusal(),
-            StartError::Restore(e) => e.is_peer_refusal(),
-            StartError::Incoming(e) => matches!(**e, crate::migration::IncomingError::Refused(_)),
+            BuildError::Net(e) => e.is_strict_refusal(),
             _ => false,
         }
     }
@@ -413,7 +402,7 @@ pub fn version_info() -> Value {
     json!({"godwit": {"major": major, "minor": minor, "micro": micro}, "package": format!("godwit {}", env!("CARGO_PKG_VERSION"))})
 }
 
-fn serial_output(spec: &SerialSpec) -> Result<SerialOutput, StartError> {
+fn serial_output(spec: &SerialSpec) -> Result<SerialOutput, BuildError> {
     Ok(match spec {
         SerialSpec::Stdio => Box::new(LineWriter::new(std::io::stdout())),
         SerialSpec::Null => Box::new(std::io::sink()),
@@ -422,7 +411,7 @@ fn serial_output(spec: &SerialSpec) -> Result<SerialOutput, StartError> {
                 .create(true)
                 .append(true)
                 .open(path)
-                .map_err(|source| StartError::SerialFile {
+                .map_err(|source| BuildError::SerialFile {
                     path: path.clone(),
                     source,
                 })?;
@@ -493,8 +482,8 @@ pub(crate) fn platform_devices(
     serial_spec: &SerialSpec,
     state: Option<&godwit_devices::serial::SerialDeviceState>,
     event_tx: &Sender<VmEvent>,
-) -> Result<Arc<Mutex<SerialDevice>>, StartError> {
-    let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| StartError::Host {
+) -> Result<Arc<Mutex<SerialDevice>>, BuildError> {
+    let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| BuildError::Host {
         what: "the serial interrupt eventfd",
         source,
     })?;
@@ -509,7 +498,7 @@ pub(crate) fn platform_devices(
         None => SerialDevice::new(serial_irq, output),
         Some(state) => {
             use godwit_migration::persist::Persist;
-            SerialDevice::restore((serial_irq, output), state).map_err(|e| StartError::Host {
+            SerialDevice::restore((serial_irq, output), state).map_err(|e| BuildError::Host {
                 what: "the serial port from its saved state",
                 source: std::io::Error::other(e.to_string()),
             })?
@@ -537,7 +526,7 @@ pub(crate) fn platform_devices(
 impl Machine {
     /// Builds the VM: every check that can fail happens here, before any
     /// vCPU runs.
-    pub fn build(config: &VmConfig) -> Result<Self, StartError> {
+    pub fn build(config: &VmConfig) -> Result<Self, BuildError> {
         let started = Instant::now();
         let kvm = vm::open_kvm()?;
         let num_vcpus = vm::check_vcpus(&kvm, config.vcpus)?;
@@ -613,8 +602,8 @@ impl Machine {
         config: &VmConfig,
         built: BuiltVm,
         blockers: Vec<String>,
-    ) -> Result<Self, StartError> {
-        register_kick_signal().map_err(|e| StartError::Host {
+    ) -> Result<Self, BuildError> {
+        register_kick_signal().map_err(|e| BuildError::Host {
             what: "the vCPU kick signal handler",
             source: std::io::Error::from_raw_os_error(e.errno()),
         })?;
@@ -625,7 +614,7 @@ impl Machine {
             built.event_tx.clone(),
             true,
         )
-        .map_err(|source| StartError::Host {
+        .map_err(|source| BuildError::Host {
             what: "vCPU threads",
             source,
         })?;

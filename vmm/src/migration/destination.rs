@@ -16,9 +16,12 @@ use super::transport::Conn;
 use super::{MigrateError, KVM_CAPS_CHECKED, PEER_TIMEOUT};
 use crate::abi::machine_types;
 use crate::config::VmConfig;
-use crate::machine::{Machine, StartError, VmHandle};
+use std::os::fd::AsRawFd;
+
+use crate::machine::{BuildError, Machine, VmHandle};
+use crate::persist::snapshot::RestoreError;
 use crate::persist::snapshot::{self, read_saved, KNOWN_SECTIONS};
-use crate::vstate::memory::{self, GuestRam};
+use crate::vstate::memory::{self, ram_ranges, GuestRam};
 use crate::vstate::state::vcpu::host_cpuid;
 use crate::vstate::vm::{self, Vm};
 
@@ -31,15 +34,57 @@ pub enum IncomingError {
     Migrate(#[from] MigrateError),
     #[error("incoming migration refused:\n  - {}", .0.join("\n  - "))]
     Refused(Vec<String>),
+    #[error("incoming migration: cannot write the received pages into guest memory: {0}")]
+    GuestMemory(#[source] vm_memory::GuestMemoryError),
+    #[error("incoming migration: cannot zero guest memory at {gpa:#x}+{len:#x}: {source}")]
+    ZeroPages {
+        gpa: u64,
+        len: u64,
+        source: std::io::Error,
+    },
+    #[error("incoming migration: the VM state from the source is unreadable: {0}")]
+    State(#[source] godwit_migration::format::FormatError),
+    #[error("incoming migration: the VM state does not match the VM the source announced (machine type, vCPUs, memory or devices differ); the source does not follow the protocol")]
+    StateMismatch,
+    #[error(
+        "incoming migration: cannot keep a handle on the stream to confirm to the source: {0}"
+    )]
+    ConfirmStream(#[source] std::io::Error),
     #[error("incoming migration: {0}")]
-    Start(String),
+    Restore(#[source] Box<RestoreError>),
+    #[error("incoming migration: {0}")]
+    Build(#[source] Box<BuildError>),
+}
+
+impl From<RestoreError> for IncomingError {
+    fn from(e: RestoreError) -> Self {
+        IncomingError::Restore(Box::new(e))
+    }
+}
+
+impl<E: Into<BuildError>> From<E> for IncomingError {
+    fn from(e: E) -> Self {
+        IncomingError::Build(Box::new(e.into()))
+    }
+}
+
+impl IncomingError {
+    /// This host cannot carry the VM's ABI (strict's exit status).
+    pub fn is_refusal(&self) -> bool {
+        match self {
+            IncomingError::Refused(_) => true,
+            IncomingError::Restore(e) => e.is_peer_refusal(),
+            IncomingError::Build(e) => e.is_strict_refusal(),
+            _ => false,
+        }
+    }
 }
 
 /// `godwit run --incoming URI`: validates the source's VM against this
 /// host, receives it, and returns it ready to run; `Machine::run` then
 /// resumes it and confirms to the source.
-pub fn incoming(config: &VmConfig, uri: &str) -> Result<Machine, StartError> {
-    let mut conn = accept(uri).map_err(IncomingError::from)?;
+pub fn incoming(config: &VmConfig, uri: &str) -> Result<Machine, IncomingError> {
+    let mut conn = accept(uri)?;
     conn.set_timeout(Some(PEER_TIMEOUT));
     match receive(config, &mut conn) {
         Ok(machine) => Ok(machine),
@@ -50,7 +95,7 @@ pub fn incoming(config: &VmConfig, uri: &str) -> Result<Machine, StartError> {
     }
 }
 
-pub(super) fn receive(config: &VmConfig, conn: &mut Conn) -> Result<Machine, StartError> {
+pub(super) fn receive(config: &VmConfig, conn: &mut Conn) -> Result<Machine, IncomingError> {
     let hello: Hello = expect(conn, Kind::Hello, "Hello")
         .and_then(|m| m.json())
         .map_err(|e| IncomingError::from(MigrateError::from(e)))?;
@@ -133,10 +178,10 @@ pub(super) fn receive(config: &VmConfig, conn: &mut Conn) -> Result<Machine, Sta
         devices: device_peers,
         host_cpuid,
     };
-    let proto = |e: ProtocolError| StartError::from(IncomingError::from(MigrateError::from(e)));
+    let proto = |e: ProtocolError| IncomingError::from(MigrateError::from(e));
     write_json(conn, Kind::HelloReply, &reply).map_err(proto)?;
     let Some(machine) = machine.filter(|_| reasons.is_empty()) else {
-        return Err(IncomingError::Refused(reasons).into());
+        return Err(IncomingError::Refused(reasons));
     };
 
     let ram = GuestRam::new(hello.memory_size)?;
@@ -161,18 +206,14 @@ pub(super) fn receive(config: &VmConfig, conn: &mut Conn) -> Result<Machine, Sta
                             ),
                         }));
                     }
-                    let result = if with_data {
-                        let r = ram
-                            .memory
-                            .write_slice(&data[offset..offset + len], GuestAddress(run.gpa));
-                        offset += len;
-                        r
-                    } else {
+                    if with_data {
                         ram.memory
-                            .write_slice(&vec![0u8; len], GuestAddress(run.gpa))
-                    };
-                    result
-                        .map_err(|e| IncomingError::Start(format!("writing guest memory: {e}")))?;
+                            .write_slice(&data[offset..offset + len], GuestAddress(run.gpa))
+                            .map_err(IncomingError::GuestMemory)?;
+                        offset += len;
+                    } else {
+                        write_zeros(&ram, run.gpa, len as u64)?;
+                    }
                     received += len as u64;
                 }
             }
@@ -195,8 +236,8 @@ pub(super) fn receive(config: &VmConfig, conn: &mut Conn) -> Result<Machine, Sta
     };
     expect(conn, Kind::Complete, "Complete").map_err(proto)?;
     let restore_started = Instant::now();
-    let container = Container::from_bytes(state_bytes, KNOWN_SECTIONS)
-        .map_err(|e| IncomingError::Start(format!("the VM state from the source: {e}")))?;
+    let container =
+        Container::from_bytes(state_bytes, KNOWN_SECTIONS).map_err(IncomingError::State)?;
     let saved = read_saved(&container, std::path::Path::new("<migration stream>"))?;
     // The state must be the VM the handshake described.
     if saved.machine.name != machine.name
@@ -209,10 +250,7 @@ pub(super) fn receive(config: &VmConfig, conn: &mut Conn) -> Result<Machine, Sta
             .zip(&hello.devices)
             .any(|(n, d)| n.offered != d.offered)
     {
-        return Err(IncomingError::Start(
-            "the VM state does not match the VM the source announced".into(),
-        )
-        .into());
+        return Err(IncomingError::StateMismatch);
     }
     let mut m = snapshot::machine_from_saved(config, &saved, vm, ram, peers)?;
     let restore_ms = restore_started.elapsed().as_secs_f64() * 1e3;
@@ -221,9 +259,7 @@ pub(super) fn receive(config: &VmConfig, conn: &mut Conn) -> Result<Machine, Sta
         received >> 20,
         started.elapsed().as_secs_f64() * 1e3
     );
-    let mut confirm = conn
-        .try_clone()
-        .map_err(|e| IncomingError::Start(e.to_string()))?;
+    let mut confirm = conn.try_clone().map_err(IncomingError::ConfirmStream)?;
     m.on_running(Box::new(move |handle: &VmHandle| {
         // The guest runs here now: tell the source, then the network.
         if let Err(e) = write_json(&mut confirm, Kind::Resumed, &Resumed { restore_ms }) {
@@ -234,4 +270,44 @@ pub(super) fn receive(config: &VmConfig, conn: &mut Conn) -> Result<Machine, Sta
         }
     }));
     Ok(m)
+}
+
+/// Zeroes `len` bytes of guest RAM at `gpa` by punching the range out of
+/// the memfd behind it: no buffer of the run's claimed length, and pages
+/// that were never written stay unallocated.
+fn write_zeros(ram: &GuestRam, gpa: u64, len: u64) -> Result<(), IncomingError> {
+    for range in ram_ranges(ram.size) {
+        let start = gpa.max(range.guest_addr);
+        let end = (gpa + len).min(range.guest_addr + range.size);
+        if start >= end {
+            continue;
+        }
+        let offset = range.file_offset + (start - range.guest_addr);
+        let (Ok(offset), Ok(length)) = (i64::try_from(offset), i64::try_from(end - start)) else {
+            return Err(IncomingError::ZeroPages {
+                gpa: start,
+                len: end - start,
+                source: std::io::ErrorKind::InvalidInput.into(),
+            });
+        };
+        // SAFETY: fallocate on a descriptor this process owns; it changes
+        // only the file's contents, never memory the process can see other
+        // than through the mapping of that file.
+        let rc = unsafe {
+            libc::fallocate(
+                ram.file.as_raw_fd(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                offset,
+                length,
+            )
+        };
+        if rc != 0 {
+            return Err(IncomingError::ZeroPages {
+                gpa: start,
+                len: end - start,
+                source: std::io::Error::last_os_error(),
+            });
+        }
+    }
+    Ok(())
 }

@@ -64,6 +64,8 @@ pub enum MigrateError {
     #[error("cannot listen on {uri}: {source}")]
     Listen { uri: String, source: std::io::Error },
     #[error(transparent)]
+    ListenPath(#[from] godwit_devices::socket_path::SocketPathError),
+    #[error(transparent)]
     Protocol(#[from] ProtocolError),
     #[error("the destination refused the VM:\n  - {}", .0.join("\n  - "))]
     Refused(Vec<String>),

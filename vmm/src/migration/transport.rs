@@ -2,9 +2,11 @@
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::time::Duration;
+
+use godwit_devices::socket_path;
 
 use super::{MigrateError, CONNECT_TIMEOUT};
 
@@ -116,8 +118,7 @@ pub(super) fn accept(uri: &str) -> Result<Conn, MigrateError> {
             Conn::Tcp(s)
         }
         Uri::Unix(path) => {
-            let _ = std::fs::remove_file(&path);
-            let l = UnixListener::bind(&path).map_err(err)?;
+            let l = socket_path::bind_listener(&path).map_err(MigrateError::ListenPath)?;
             tracing::info!(
                 "waiting for an incoming migration on unix:{}",
                 path.display()

@@ -28,14 +28,14 @@ use crate::abi::machine_types::{self, MachineType};
 use crate::abi::strict::{NetAbiDecision, PeerSupport};
 use crate::config::{RestoreMemory, VmConfig};
 use crate::devices::net::{open_tap, tap_support, NetDevice, NetSetupError};
-use crate::machine::{platform_devices, BuiltVm, Machine, StartError, VmHandle};
+use crate::machine::{platform_devices, BuildError, BuiltVm, Machine, VmHandle};
 use crate::persist::staging::{Staging, StagingError};
 use crate::vstate::memory::{self, GuestRam};
 use crate::vstate::state::vcpu::{check_cpuid, host_cpuid, VCPU_SECTION};
 use crate::vstate::state::vm::{ClockRestore, VM_SECTION};
 use crate::vstate::state::{KvmCaps, StateError, VcpuState, VmState};
 use crate::vstate::vcpu::IoBuses;
-use crate::vstate::vm::{self, Vm, VmError};
+use crate::vstate::vm::{self, Vm};
 
 pub const STATE_FILE: &str = "state.gws";
 pub const MEMORY_FILE: &str = "memory.gwm";
@@ -342,11 +342,24 @@ pub enum RestoreError {
         when: String,
         missing: Vec<String>,
     },
+    #[error(transparent)]
+    Build(Box<BuildError>),
 }
 
 impl RestoreError {
+    /// This host's peer cannot carry the saved ABI (strict's exit status).
     pub fn is_peer_refusal(&self) -> bool {
-        matches!(self, RestoreError::PeerLacks { .. })
+        match self {
+            RestoreError::PeerLacks { .. } => true,
+            RestoreError::Build(e) => e.is_strict_refusal(),
+            _ => false,
+        }
+    }
+}
+
+impl<E: Into<BuildError>> From<E> for RestoreError {
+    fn from(e: E) -> Self {
+        RestoreError::Build(Box::new(e.into()))
     }
 }
 
@@ -480,7 +493,7 @@ pub fn open_peer(
     device: &str,
     spec: &crate::config::net_spec::NetSpec,
     interface: Option<&str>,
-) -> Result<(OpenedPeer, PeerSupport), StartError> {
+) -> Result<(OpenedPeer, PeerSupport), RestoreError> {
     use crate::config::net_spec::PeerSpec;
     match &spec.peer {
         PeerSpec::VhostUser {
@@ -506,7 +519,7 @@ pub fn open_peer(
 pub fn open_peers(
     saved: &[NetSnapshot],
     config: &VmConfig,
-) -> Result<Vec<(OpenedPeer, PeerSupport)>, StartError> {
+) -> Result<Vec<(OpenedPeer, PeerSupport)>, RestoreError> {
     if saved.len() != config.nets.len() {
         return Err(RestoreError::NetCount {
             saved: saved.len(),
@@ -515,8 +528,7 @@ pub fn open_peers(
                 .iter()
                 .map(|n| format!("{} ({})", n.id, n.spec_text))
                 .collect(),
-        }
-        .into());
+        });
     }
     let mut peers = Vec::new();
     for (net, spec) in saved.iter().zip(&config.nets) {
@@ -525,8 +537,7 @@ pub fn open_peers(
                 device: net.id.clone(),
                 saved: net.peer_kind.clone(),
                 given: spec.peer.kind().to_string(),
-            }
-            .into());
+            });
         }
         let (opened, peer) = open_peer(&net.id, spec, net.interface.as_deref())?;
         check_peer(&net.id, net.offered, &peer, "when the snapshot was taken")?;
@@ -544,7 +555,7 @@ pub(crate) fn rebuild_nets(
     ram: &GuestRam,
     vm: &Vm,
     buses: &mut IoBuses,
-) -> Result<Vec<NetDevice>, StartError> {
+) -> Result<Vec<NetDevice>, RestoreError> {
     let mut out = Vec::new();
     for ((net, (opened, peer)), spec) in saved.iter().zip(peers).zip(&config.nets) {
         let setup = |detail: String| NetSetupError::Transport {
@@ -657,7 +668,7 @@ pub(crate) fn rebuild_nets(
 pub(crate) fn restore_vm_state(
     vm: &Vm,
     saved: &SavedVm,
-) -> Result<Vec<crate::vstate::vcpu::Vcpu>, StartError> {
+) -> Result<Vec<crate::vstate::vcpu::Vcpu>, RestoreError> {
     let caps = KvmCaps::probe(&vm.kvm, &vm.fd).map_err(RestoreError::Host)?;
     saved
         .vm_state
@@ -685,7 +696,7 @@ pub(crate) fn machine_from_saved(
     vm: Vm,
     ram: GuestRam,
     peers: Vec<(OpenedPeer, PeerSupport)>,
-) -> Result<Machine, StartError> {
+) -> Result<Machine, RestoreError> {
     let vcpus = restore_vm_state(&vm, saved)?;
     let mut buses = IoBuses::default();
     let nets = rebuild_nets(
@@ -716,11 +727,11 @@ pub(crate) fn machine_from_saved(
         event_tx,
         event_rx,
     };
-    Machine::assemble(config, built, Vec::new())
+    Ok(Machine::assemble(config, built, Vec::new())?)
 }
 
 /// `godwit run --restore DIR`: every check first, then the VM, paused.
-pub fn restore(config: &VmConfig, dir: &Path) -> Result<Machine, StartError> {
+pub fn restore(config: &VmConfig, dir: &Path) -> Result<Machine, RestoreError> {
     let state_path = dir.join(STATE_FILE);
     let started = Instant::now();
     let container = Container::read_file(&state_path, KNOWN_SECTIONS).map_err(|source| {
@@ -742,8 +753,7 @@ pub fn restore(config: &VmConfig, dir: &Path) -> Result<Machine, StartError> {
                 "the memory file holds {} bytes but the machine has {}",
                 mem_info.ram_size, saved.config.memory_size
             ),
-        )
-        .into());
+        ));
     }
     memory::check_size(saved.config.memory_size)?;
     let kvm = vm::open_kvm()?;
@@ -786,7 +796,7 @@ pub fn restore(config: &VmConfig, dir: &Path) -> Result<Machine, StartError> {
         file: restored.file,
         size: saved.config.memory_size,
     };
-    let vm = Vm::new(kvm, &ram.memory).map_err(StartError::from)?;
+    let vm = Vm::new(kvm, &ram.memory).map_err(RestoreError::from)?;
     let m = machine_from_saved(config, &saved, vm, ram, peers)?;
     tracing::info!(
         "restored {} in {:.1} ms",
@@ -794,20 +804,4 @@ pub fn restore(config: &VmConfig, dir: &Path) -> Result<Machine, StartError> {
         started.elapsed().as_secs_f64() * 1e3
     );
     Ok(m)
-}
-
-impl From<RestoreError> for StartError {
-    fn from(e: RestoreError) -> Self {
-        StartError::Restore(Box::new(e))
-    }
-}
-
-impl From<VmError> for RestoreError {
-    fn from(e: VmError) -> Self {
-        RestoreError::Invalid {
-            path: PathBuf::new(),
-            section: "vm".into(),
-            detail: e.to_string(),
-        }
-    }
 }

@@ -277,6 +277,20 @@ const INTERNAL_ERROR_EMULATION: u32 = 1;
 /// KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES
 const EMULATION_FLAG_INSTRUCTION_BYTES: u64 = 1;
 
+/// The instruction bytes KVM reports with an emulation failure. The exit is
+/// `struct kvm_run.emulation_failure` laid over `internal.data`: data[0] is
+/// the flags word, then a one-byte `insn_size` and 15 `insn_bytes`, so the
+/// bytes begin one byte into data[1].
+fn emulation_insn_bytes(data: &[u64]) -> Option<Vec<u8>> {
+    let flags = *data.first()?;
+    if data.len() < 3 || flags & EMULATION_FLAG_INSTRUCTION_BYTES == 0 {
+        return None;
+    }
+    let raw: Vec<u8> = data[1..3].iter().flat_map(|w| w.to_le_bytes()).collect();
+    let len = usize::from(raw[0]).min(15);
+    Some(raw[1..=len].to_vec())
+}
+
 fn internal_error(id: u8, fd: &mut VcpuFd) -> VcpuExitError {
     let run = fd.get_kvm_run();
     // SAFETY: the exit reason is KVM_EXIT_INTERNAL_ERROR, so KVM filled the
@@ -285,21 +299,14 @@ fn internal_error(id: u8, fd: &mut VcpuFd) -> VcpuExitError {
     let suberror = internal.suberror;
     let rip = rip_of(fd);
     if suberror == INTERNAL_ERROR_EMULATION {
-        // With the flag, data[0] holds flags, data[1] the instruction length
-        // and data[2..] up to 15 instruction bytes.
         let ndata = (internal.ndata as usize).min(internal.data.len());
-        let data = &internal.data[..ndata];
-        let bytes = if ndata >= 3 && data[0] & EMULATION_FLAG_INSTRUCTION_BYTES != 0 {
-            let len = (data[1] as usize).min(15);
-            data[2..]
+        let bytes = match emulation_insn_bytes(&internal.data[..ndata]) {
+            Some(insn) => insn
                 .iter()
-                .flat_map(|w| w.to_le_bytes())
-                .take(len)
                 .map(|b| format!("{b:02x}"))
                 .collect::<Vec<_>>()
-                .join(" ")
-        } else {
-            "not reported".to_string()
+                .join(" "),
+            None => "not reported".to_string(),
         };
         return VcpuExitError::EmulationFailure {
             vcpu: id,
@@ -434,5 +441,26 @@ fn vcpu_loop(id: u8, fd: &Mutex<VcpuFd>, control: &RunControl, buses: &IoBuses) 
                 }));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn instruction_bytes_start_after_the_length_byte() {
+        // flags, then insn_size = 4 and `66 0f 6e c0`, padded as KVM does.
+        let data = [
+            EMULATION_FLAG_INSTRUCTION_BYTES,
+            u64::from_le_bytes([4, 0x66, 0x0f, 0x6e, 0xc0, 0x90, 0x90, 0x90]),
+            u64::from_le_bytes([0x90; 8]),
+        ];
+        assert_eq!(
+            emulation_insn_bytes(&data),
+            Some(vec![0x66, 0x0f, 0x6e, 0xc0])
+        );
+        assert_eq!(emulation_insn_bytes(&data[..2]), None);
+        assert_eq!(emulation_insn_bytes(&[0, data[1], data[2]]), None);
     }
 }
