@@ -270,7 +270,8 @@ fn a_map_restored_vm_migrates_with_what_the_guest_wrote_since() {
     let dir = TempDir::new("verifymig");
     let api = dir.join("api.sock");
     let snap = dir.join("a");
-    let (mut vm, _) = boot(&api, &cmdline("16M", ""), None);
+    // Two vCPUs: the APs' state moves too (they idle; the BSP verifies).
+    let (mut vm, _) = boot_with(&api, &cmdline("16M", ""), None, &["--vcpus", "2"]);
     heartbeats(&mut vm, 5);
     save(&api, &snap);
     quit(&mut vm, &api);
