@@ -47,18 +47,29 @@ static u64 gen_of(u64 i)
 	return i < cursor ? pass : pass - 1;
 }
 
+/* The expected sampled words of page i at generation gen, in W_* order of
+ * writing: first, middle, last, checksum. */
+static void expected(u64 i, u64 gen, u64 out[4])
+{
+	u64 gpa = (u64)page_at(i);
+
+	out[0] = word_value(gpa + W_FIRST * 8, gen);
+	out[1] = word_value(gpa + W_MID * 8, gen);
+	out[2] = word_value(gpa + W_LAST * 8, gen);
+	out[3] = page_sum(out[0], out[1], out[2], gen);
+}
+
+/* First, middle, last, then the checksum word. */
 static void write_page(u64 i, u64 gen)
 {
 	volatile u64 *p = page_at(i);
-	u64 gpa = (u64)p;
-	u64 first = word_value(gpa + W_FIRST * 8, gen);
-	u64 mid = word_value(gpa + W_MID * 8, gen);
-	u64 last = word_value(gpa + W_LAST * 8, gen);
+	u64 v[4];
 
-	p[W_FIRST] = first;
-	p[W_MID] = mid;
-	p[W_LAST] = last;
-	p[W_SUM] = page_sum(first, mid, last, gen);
+	expected(i, gen, v);
+	p[W_FIRST] = v[0];
+	p[W_MID] = v[1];
+	p[W_LAST] = v[2];
+	p[W_SUM] = v[3];
 }
 
 static bool parse_rate(const char *key, u64 dflt, u64 *out)
@@ -168,28 +179,24 @@ static void report_mismatch(u64 word_gpa, u64 want, u64 got)
 
 /* Whether page i holds generation gen in every sampled word; on the first
  * mismatch ever, names the word. The page at the cursor is the next one to
- * be rewritten: if a rewrite of it were ever interrupted (it runs in the same
- * loop as this check, so today it cannot be), it may hold either generation. */
-static bool page_ok(u64 i, u64 gen, bool report)
+ * be rewritten: should a rewrite of it ever be cut short (it runs in the same
+ * loop as this check, so today it cannot be), each of its words may hold the
+ * old or the new generation. */
+static bool page_ok(u64 i)
 {
+	static const u32 idx[4] = {W_FIRST, W_MID, W_LAST, W_SUM};
 	volatile u64 *p = page_at(i);
-	u64 gpa = (u64)p;
-	static const u32 idx[3] = {W_FIRST, W_MID, W_LAST};
-	u64 got[3];
+	u64 gen = gen_of(i), want[4], next[4];
+	bool at_cursor = i == cursor;
 
-	for (u32 k = 0; k < 3; k++) {
-		u64 want = word_value(gpa + idx[k] * 8, gen);
-		got[k] = p[idx[k]];
-		if (got[k] != want) {
-			if (report)
-				report_mismatch(gpa + idx[k] * 8, want, got[k]);
-			return false;
-		}
-	}
-	u64 want = page_sum(got[0], got[1], got[2], gen), sum = p[W_SUM];
-	if (sum != want) {
-		if (report)
-			report_mismatch(gpa + W_SUM * 8, want, sum);
+	expected(i, gen, want);
+	expected(i, gen + 1, next);
+	for (u32 k = 0; k < 4; k++) {
+		u64 got = p[idx[k]];
+		if (got == want[k] || (at_cursor && got == next[k]))
+			continue;
+		if (mismatches == 0)
+			report_mismatch((u64)&p[idx[k]], want[k], got);
 		return false;
 	}
 	return true;
@@ -200,12 +207,8 @@ static void check(u64 n)
 	if (n > npages)
 		n = npages; /* a long pause: one full round is enough */
 	while (n--) {
-		u64 i = check_cursor, gen = gen_of(i);
-		bool ok = page_ok(i, gen, false) || (i == cursor && page_ok(i, gen + 1, false));
-		if (!ok) {
-			page_ok(i, gen, mismatches == 0);
+		if (!page_ok(check_cursor))
 			mismatches++;
-		}
 		checked++;
 		if (++check_cursor == npages)
 			check_cursor = 0;
