@@ -553,3 +553,115 @@ fn a_save_killed_midway_leaves_a_restorable_snapshot_and_nothing_after_the_next(
     quit(&mut vm, &api);
     assert!(cut, "the save was killed before it completed");
 }
+
+fn heartbeat_of(line: &str) -> u64 {
+    line.trim()
+        .strip_prefix("heartbeat ")
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{line:?}"))
+}
+
+/// The last heartbeat a VM printed (after draining what it still prints).
+fn last_heartbeat(vm: &mut RunningVm) -> u64 {
+    while vm.try_line(Duration::from_millis(300)).is_some() {}
+    vm.seen
+        .iter()
+        .rev()
+        .find(|l| l.starts_with("heartbeat "))
+        .map(|l| heartbeat_of(l))
+        .expect("a heartbeat")
+}
+
+/// The next VM goes on where the previous one stopped.
+fn continues(vm: &mut RunningVm, last: u64, what: &str) {
+    let first = heartbeat_of(&vm.wait_prefix("heartbeat ", Duration::from_secs(30)));
+    assert_eq!(first, last + 1, "{what}: the heartbeat continues");
+    full_round_without_mismatch(vm, what);
+}
+
+/// Stops the VM, snapshots it into `snap`, quits; returns its last heartbeat.
+fn stop_save_quit(vm: &mut RunningVm, api: &Path, snap: &Path) -> u64 {
+    qmp_connect(api).execute("stop", Value::Null).unwrap();
+    let last = last_heartbeat(vm);
+    save(api, snap);
+    quit(vm, api);
+    last
+}
+
+/// Migrates the VM behind `api` to a new process on a unix socket; returns
+/// the destination and its API socket.
+fn migrate_local(
+    src: &mut RunningVm,
+    api: &Path,
+    dir: &Path,
+    tag: &str,
+) -> (RunningVm, std::path::PathBuf) {
+    let sock = dir.join(format!("{tag}.mig"));
+    let dst_api = dir.join(format!("{tag}.api"));
+    let uri = format!("unix:{}", sock.display());
+    let mut dst = RunningVm::spawn(&[
+        "run",
+        "--incoming",
+        &uri,
+        "--api-socket",
+        dst_api.to_str().unwrap(),
+    ]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !sock.exists() {
+        assert!(std::time::Instant::now() < deadline, "{uri} never listened");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    qmp_connect(api)
+        .execute("migrate", json!({ "uri": uri }))
+        .unwrap();
+    let (status, stderr) = src.wait_exit(Duration::from_secs(120));
+    assert_eq!(status.code(), Some(0), "{tag}: source: {stderr}");
+    let last = src
+        .seen
+        .iter()
+        .rev()
+        .find(|l| l.starts_with("heartbeat "))
+        .map(|l| heartbeat_of(l))
+        .unwrap();
+    continues(&mut dst, last, tag);
+    (dst, dst_api)
+}
+
+/// boot -> snapshot -> restore (map) -> snapshot -> restore (copy) ->
+/// migrate A->B -> migrate B->A -> snapshot -> restore, verifying at every
+/// step.
+fn chain(vcpus: &str) {
+    let dir = TempDir::new("verifychain");
+    let api = dir.join("api.sock");
+    let (mut vm, _) = boot_with(&api, &cmdline("8M", ""), None, &["--vcpus", vcpus]);
+    full_round_without_mismatch(&mut vm, "boot");
+    let last = stop_save_quit(&mut vm, &api, &dir.join("s1"));
+
+    let mut vm = restore(&dir.join("s1"), &api, "map");
+    continues(&mut vm, last, "restore (map)");
+    heartbeats(&mut vm, 5);
+    let last = stop_save_quit(&mut vm, &api, &dir.join("s2"));
+
+    let mut vm = restore(&dir.join("s2"), &api, "copy");
+    continues(&mut vm, last, "restore (copy)");
+    heartbeats(&mut vm, 5);
+    let (mut b, b_api) = migrate_local(&mut vm, &api, dir.path(), "a-to-b");
+    heartbeats(&mut b, 5);
+    let (mut a, a_api) = migrate_local(&mut b, &b_api, dir.path(), "b-to-a");
+    heartbeats(&mut a, 5);
+    let last = stop_save_quit(&mut a, &a_api, &dir.join("s3"));
+
+    let mut vm = restore(&dir.join("s3"), &api, "map");
+    continues(&mut vm, last, "the last restore");
+    quit(&mut vm, &api);
+}
+
+#[test]
+fn a_chain_of_snapshots_restores_and_migrations_loses_nothing_one_vcpu() {
+    chain("1");
+}
+
+#[test]
+fn a_chain_of_snapshots_restores_and_migrations_loses_nothing_two_vcpus() {
+    chain("2");
+}
