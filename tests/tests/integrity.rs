@@ -9,7 +9,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 
 use godwit_migration::memory_file;
-use godwit_tests::{qmp_connect, udp_echo, NetHost, RunningVm, TempDir};
+use godwit_tests::{qmp_connect, udp_echo, EchoClient, NetHost, RunningVm, TempDir, TwoHosts};
 
 const BOOT: Duration = Duration::from_secs(60);
 const HEARTBEAT_MS: u64 = 200;
@@ -588,80 +588,221 @@ fn stop_save_quit(vm: &mut RunningVm, api: &Path, snap: &Path) -> u64 {
     last
 }
 
-/// Migrates the VM behind `api` to a new process on a unix socket; returns
-/// the destination and its API socket.
-fn migrate_local(
-    src: &mut RunningVm,
-    api: &Path,
-    dir: &Path,
-    tag: &str,
-) -> (RunningVm, std::path::PathBuf) {
-    let sock = dir.join(format!("{tag}.mig"));
-    let dst_api = dir.join(format!("{tag}.api"));
-    let uri = format!("unix:{}", sock.display());
-    let mut dst = RunningVm::spawn(&[
-        "run",
-        "--incoming",
-        &uri,
-        "--api-socket",
-        dst_api.to_str().unwrap(),
-    ]);
+/// Where a chain runs: on this host, or on two hosts with a TAP each and a
+/// client that keeps echoing through the guest.
+struct Place<'a> {
+    hosts: Option<&'a TwoHosts>,
+}
+
+const TAP: &str = "tap,ifname=gwtap0";
+const MIG_PORT: u16 = 4444;
+
+impl Place<'_> {
+    fn spawn(&self, ns: Option<String>, args: &[&str]) -> RunningVm {
+        let mut args: Vec<&str> = args.to_vec();
+        if self.hosts.is_some() {
+            args.extend(["--net", TAP]);
+        }
+        match ns {
+            Some(ns) => RunningVm::spawn_in(&ns, &args),
+            None => RunningVm::spawn(&args),
+        }
+    }
+
+    fn ns_a(&self) -> Option<String> {
+        self.hosts.map(|h| h.ns_a())
+    }
+
+    fn boot(&self, api: &Path, vcpus: &str) -> RunningVm {
+        let ip = self.hosts.map(|h| h.guest_ip_param()).unwrap_or_default();
+        let cmdline = cmdline("8M", &ip);
+        let mut vm = self.spawn(
+            self.ns_a(),
+            &[
+                "run",
+                "--vcpus",
+                vcpus,
+                "--api-socket",
+                api.to_str().unwrap(),
+                "--cmdline",
+                &cmdline,
+            ],
+        );
+        vm.wait_line("serve: ready", BOOT);
+        vm
+    }
+
+    /// Restores on host A.
+    fn restore(&self, snap: &Path, api: &Path, mode: &str) -> RunningVm {
+        self.spawn(
+            self.ns_a(),
+            &[
+                "run",
+                "--restore",
+                snap.to_str().unwrap(),
+                "--restore-memory",
+                mode,
+                "--api-socket",
+                api.to_str().unwrap(),
+            ],
+        )
+    }
+
+    /// Migrates the VM behind `api` to a new process, on host B (`to_b`)
+    /// or A, or over a unix socket on this host; returns the destination
+    /// and its API socket.
+    fn migrate(
+        &self,
+        src: &mut RunningVm,
+        api: &Path,
+        dir: &Path,
+        tag: &str,
+        to_b: bool,
+    ) -> (RunningVm, std::path::PathBuf) {
+        let dst_api = dir.join(format!("{tag}.api"));
+        let (ns, uri) = match self.hosts {
+            Some(h) => {
+                let (ns, addr) = if to_b {
+                    (h.ns_b(), h.addr_b())
+                } else {
+                    (h.ns_a(), format!("10.{}.0.11", h.subnet))
+                };
+                (Some(ns), format!("tcp:{addr}:{MIG_PORT}"))
+            }
+            None => (
+                None,
+                format!("unix:{}", dir.join(format!("{tag}.mig")).display()),
+            ),
+        };
+        let mut dst = self.spawn(
+            ns.clone(),
+            &[
+                "run",
+                "--incoming",
+                &uri,
+                "--api-socket",
+                dst_api.to_str().unwrap(),
+            ],
+        );
+        wait_listening(ns.as_deref(), &uri);
+        qmp_connect(api)
+            .execute("migrate", json!({ "uri": uri }))
+            .unwrap();
+        let (status, stderr) = src.wait_exit(Duration::from_secs(120));
+        assert_eq!(status.code(), Some(0), "{tag}: source: {stderr}");
+        let last = src
+            .seen
+            .iter()
+            .rev()
+            .find(|l| l.starts_with("heartbeat "))
+            .map(|l| heartbeat_of(l))
+            .unwrap();
+        continues(&mut dst, last, tag);
+        (dst, dst_api)
+    }
+}
+
+/// Waits until the destination of `uri` listens.
+fn wait_listening(ns: Option<&str>, uri: &str) {
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while !sock.exists() {
+    let port = format!(":{MIG_PORT}");
+    loop {
+        let ready = match uri.strip_prefix("unix:") {
+            Some(path) => Path::new(path).exists(),
+            None => {
+                let out = std::process::Command::new("ip")
+                    .args(["netns", "exec", ns.unwrap(), "ss", "-ltnH"])
+                    .output()
+                    .unwrap();
+                String::from_utf8_lossy(&out.stdout).contains(&port)
+            }
+        };
+        if ready {
+            return;
+        }
         assert!(std::time::Instant::now() < deadline, "{uri} never listened");
         std::thread::sleep(Duration::from_millis(50));
     }
-    qmp_connect(api)
-        .execute("migrate", json!({ "uri": uri }))
-        .unwrap();
-    let (status, stderr) = src.wait_exit(Duration::from_secs(120));
-    assert_eq!(status.code(), Some(0), "{tag}: source: {stderr}");
-    let last = src
-        .seen
-        .iter()
-        .rev()
-        .find(|l| l.starts_with("heartbeat "))
-        .map(|l| heartbeat_of(l))
-        .unwrap();
-    continues(&mut dst, last, tag);
-    (dst, dst_api)
 }
 
 /// boot -> snapshot -> restore (map) -> snapshot -> restore (copy) ->
 /// migrate A->B -> migrate B->A -> snapshot -> restore, verifying at every
-/// step.
-fn chain(vcpus: &str) {
+/// step; with hosts, the client's echoes are answered by every VM of the
+/// chain.
+fn chain(vcpus: &str, hosts: Option<&TwoHosts>) {
+    let place = Place { hosts };
     let dir = TempDir::new("verifychain");
     let api = dir.join("api.sock");
-    let (mut vm, _) = boot_with(&api, &cmdline("8M", ""), None, &["--vcpus", vcpus]);
+    let client = hosts.map(|h| {
+        EchoClient::start(
+            &h.ns_c(),
+            format!("{}:7", h.guest_ip()),
+            Duration::from_millis(50),
+        )
+    });
+    // (step, from, to): each VM answered while it was verified running.
+    let mut windows = Vec::new();
+    let live = |vm: &mut RunningVm, what: &'static str, windows: &mut Vec<_>| {
+        let from = std::time::Instant::now();
+        heartbeats(vm, 5);
+        windows.push((what, from, std::time::Instant::now()));
+    };
+
+    let mut vm = place.boot(&api, vcpus);
     full_round_without_mismatch(&mut vm, "boot");
+    live(&mut vm, "boot", &mut windows);
     let last = stop_save_quit(&mut vm, &api, &dir.join("s1"));
 
-    let mut vm = restore(&dir.join("s1"), &api, "map");
+    let mut vm = place.restore(&dir.join("s1"), &api, "map");
     continues(&mut vm, last, "restore (map)");
-    heartbeats(&mut vm, 5);
+    live(&mut vm, "restore (map)", &mut windows);
     let last = stop_save_quit(&mut vm, &api, &dir.join("s2"));
 
-    let mut vm = restore(&dir.join("s2"), &api, "copy");
+    let mut vm = place.restore(&dir.join("s2"), &api, "copy");
     continues(&mut vm, last, "restore (copy)");
-    heartbeats(&mut vm, 5);
-    let (mut b, b_api) = migrate_local(&mut vm, &api, dir.path(), "a-to-b");
-    heartbeats(&mut b, 5);
-    let (mut a, a_api) = migrate_local(&mut b, &b_api, dir.path(), "b-to-a");
-    heartbeats(&mut a, 5);
+    live(&mut vm, "restore (copy)", &mut windows);
+    let (mut b, b_api) = place.migrate(&mut vm, &api, dir.path(), "a-to-b", true);
+    live(&mut b, "migrated to B", &mut windows);
+    let (mut a, a_api) = place.migrate(&mut b, &b_api, dir.path(), "b-to-a", false);
+    live(&mut a, "migrated back to A", &mut windows);
     let last = stop_save_quit(&mut a, &a_api, &dir.join("s3"));
 
-    let mut vm = restore(&dir.join("s3"), &api, "map");
+    let mut vm = place.restore(&dir.join("s3"), &api, "map");
     continues(&mut vm, last, "the last restore");
+    live(&mut vm, "the last restore", &mut windows);
     quit(&mut vm, &api);
+
+    if let Some(client) = client {
+        let (sent, replies) = client.finish();
+        for (what, from, to) in windows {
+            let n = replies.iter().filter(|t| **t >= from && **t <= to).count();
+            assert!(
+                n >= 5,
+                "{what}: {n} echo replies while it ran ({} of {sent} in all)",
+                replies.len()
+            );
+        }
+    }
 }
 
 #[test]
 fn a_chain_of_snapshots_restores_and_migrations_loses_nothing_one_vcpu() {
-    chain("1");
+    chain("1", None);
 }
 
 #[test]
 fn a_chain_of_snapshots_restores_and_migrations_loses_nothing_two_vcpus() {
-    chain("2");
+    chain("2", None);
+}
+
+#[test]
+fn a_chain_over_taps_between_two_hosts_loses_nothing_and_keeps_echoing_one_vcpu() {
+    let hosts = TwoHosts::new(164, true, true);
+    chain("1", Some(&hosts));
+}
+
+#[test]
+fn a_chain_over_taps_between_two_hosts_loses_nothing_and_keeps_echoing_two_vcpus() {
+    let hosts = TwoHosts::new(165, true, true);
+    chain("2", Some(&hosts));
 }
