@@ -592,16 +592,23 @@ fn stop_save_quit(vm: &mut RunningVm, api: &Path, snap: &Path) -> u64 {
 /// client that keeps echoing through the guest.
 struct Place<'a> {
     hosts: Option<&'a TwoHosts>,
+    /// The vhost-user sockets of godwit's backends on A and B, else TAPs.
+    vhost_user: Option<(std::path::PathBuf, std::path::PathBuf)>,
 }
 
 const TAP: &str = "tap,ifname=gwtap0";
 const MIG_PORT: u16 = 4444;
 
 impl Place<'_> {
-    fn spawn(&self, ns: Option<String>, args: &[&str]) -> RunningVm {
+    fn spawn(&self, on_a: bool, args: &[&str]) -> RunningVm {
+        let ns = self.hosts.map(|h| if on_a { h.ns_a() } else { h.ns_b() });
+        let net = match &self.vhost_user {
+            Some((a, b)) => format!("vhost-user,socket={}", (if on_a { a } else { b }).display()),
+            None => TAP.to_string(),
+        };
         let mut args: Vec<&str> = args.to_vec();
         if self.hosts.is_some() {
-            args.extend(["--net", TAP]);
+            args.extend(["--net", &net]);
         }
         match ns {
             Some(ns) => RunningVm::spawn_in(&ns, &args),
@@ -609,15 +616,11 @@ impl Place<'_> {
         }
     }
 
-    fn ns_a(&self) -> Option<String> {
-        self.hosts.map(|h| h.ns_a())
-    }
-
     fn boot(&self, api: &Path, vcpus: &str) -> RunningVm {
         let ip = self.hosts.map(|h| h.guest_ip_param()).unwrap_or_default();
         let cmdline = cmdline("8M", &ip);
         let mut vm = self.spawn(
-            self.ns_a(),
+            true,
             &[
                 "run",
                 "--vcpus",
@@ -635,7 +638,7 @@ impl Place<'_> {
     /// Restores on host A.
     fn restore(&self, snap: &Path, api: &Path, mode: &str) -> RunningVm {
         self.spawn(
-            self.ns_a(),
+            true,
             &[
                 "run",
                 "--restore",
@@ -675,7 +678,7 @@ impl Place<'_> {
             ),
         };
         let mut dst = self.spawn(
-            ns.clone(),
+            !to_b,
             &[
                 "run",
                 "--incoming",
@@ -684,7 +687,10 @@ impl Place<'_> {
                 dst_api.to_str().unwrap(),
             ],
         );
-        wait_listening(ns.as_deref(), &uri);
+        if !wait_listening(ns.as_deref(), &uri) {
+            let (status, stderr) = dst.wait_exit(Duration::from_secs(10));
+            panic!("{tag}: the destination never listened on {uri}: {status:?}: {stderr}");
+        }
         qmp_connect(api)
             .execute("migrate", json!({ "uri": uri }))
             .unwrap();
@@ -702,8 +708,9 @@ impl Place<'_> {
     }
 }
 
-/// Waits until the destination of `uri` listens.
-fn wait_listening(ns: Option<&str>, uri: &str) {
+/// Waits until the destination of `uri` listens; false if it does not
+/// within 20 s.
+fn wait_listening(ns: Option<&str>, uri: &str) -> bool {
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     let port = format!(":{MIG_PORT}");
     loop {
@@ -718,9 +725,11 @@ fn wait_listening(ns: Option<&str>, uri: &str) {
             }
         };
         if ready {
-            return;
+            return true;
         }
-        assert!(std::time::Instant::now() < deadline, "{uri} never listened");
+        if std::time::Instant::now() > deadline {
+            return false;
+        }
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -729,9 +738,20 @@ fn wait_listening(ns: Option<&str>, uri: &str) {
 /// migrate A->B -> migrate B->A -> snapshot -> restore, verifying at every
 /// step; with hosts, the client's echoes are answered by every VM of the
 /// chain.
-fn chain(vcpus: &str, hosts: Option<&TwoHosts>) {
-    let place = Place { hosts };
+fn chain(vcpus: &str, hosts: Option<&TwoHosts>, vhost_user: bool) {
     let dir = TempDir::new("verifychain");
+    let (sock_a, sock_b) = (dir.join("a.vu"), dir.join("b.vu"));
+    let _backends = match (hosts, vhost_user) {
+        (Some(h), true) => Some((
+            Backend::start(&h.ns_a(), &sock_a),
+            Backend::start(&h.ns_b(), &sock_b),
+        )),
+        _ => None,
+    };
+    let place = Place {
+        hosts,
+        vhost_user: vhost_user.then(|| (sock_a.clone(), sock_b.clone())),
+    };
     let api = dir.join("api.sock");
     let client = hosts.map(|h| {
         EchoClient::start(
@@ -787,22 +807,74 @@ fn chain(vcpus: &str, hosts: Option<&TwoHosts>) {
 
 #[test]
 fn a_chain_of_snapshots_restores_and_migrations_loses_nothing_one_vcpu() {
-    chain("1", None);
+    chain("1", None, false);
 }
 
 #[test]
 fn a_chain_of_snapshots_restores_and_migrations_loses_nothing_two_vcpus() {
-    chain("2", None);
+    chain("2", None, false);
 }
 
 #[test]
 fn a_chain_over_taps_between_two_hosts_loses_nothing_and_keeps_echoing_one_vcpu() {
     let hosts = TwoHosts::new(164, true, true);
-    chain("1", Some(&hosts));
+    chain("1", Some(&hosts), false);
 }
 
 #[test]
 fn a_chain_over_taps_between_two_hosts_loses_nothing_and_keeps_echoing_two_vcpus() {
     let hosts = TwoHosts::new(165, true, true);
-    chain("2", Some(&hosts));
+    chain("2", Some(&hosts), false);
+}
+
+#[test]
+fn a_chain_over_godwits_vhost_user_backend_loses_nothing_and_keeps_echoing_one_vcpu() {
+    let hosts = TwoHosts::new(166, true, true);
+    chain("1", Some(&hosts), true);
+}
+
+#[test]
+fn a_chain_over_godwits_vhost_user_backend_loses_nothing_and_keeps_echoing_two_vcpus() {
+    let hosts = TwoHosts::new(167, true, true);
+    chain("2", Some(&hosts), true);
+}
+
+/// godwit's own vhost-user backend on a host, on that host's TAP.
+struct Backend(std::process::Child);
+
+impl Backend {
+    fn start(ns: &str, socket: &Path) -> Self {
+        let child = godwit_tests::godwit_command(
+            Some(ns),
+            &[
+                "net-backend",
+                "--socket",
+                socket.to_str().unwrap(),
+                "--tap",
+                "gwtap0",
+            ],
+        )
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start godwit net-backend");
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !socket.exists() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{} never appeared",
+                socket.display()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Backend(child)
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
