@@ -6,6 +6,7 @@
 //! rebuilt on another host.
 
 pub mod bus;
+pub mod console;
 pub mod i8042;
 pub mod net;
 pub mod serial;

@@ -9,6 +9,7 @@ use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::bus::BusDevice;
+use crate::console::ConsoleHandle;
 
 pub const COM1_BASE: u16 = 0x3f8;
 pub const COM1_LEN: u16 = 8;
@@ -36,13 +37,22 @@ pub type SerialOutput = Box<dyn Write + Send>;
 
 pub struct SerialDevice {
     uart: Serial<EventFdTrigger, NoEvents, SerialOutput>,
+    /// The console writer thread behind `uart`'s output, when it has one.
+    console: Option<ConsoleHandle>,
 }
 
 impl SerialDevice {
     pub fn new(interrupt: EventFd, output: SerialOutput) -> Self {
         SerialDevice {
             uart: Serial::new(EventFdTrigger::new(interrupt), output),
+            console: None,
         }
+    }
+
+    /// Names the console thread that drains this UART's output.
+    pub fn with_console(mut self, console: Option<ConsoleHandle>) -> Self {
+        self.console = console;
+        self
     }
 
     /// Feeds host input (a console's stdin) to the guest. Returns how many
@@ -57,8 +67,30 @@ impl SerialDevice {
         }
     }
 
-    pub fn flush_output(&mut self) {
+    /// Writes out what the console still holds, waiting at most `timeout`
+    /// for a slow reader; says how much output was lost over the run.
+    pub fn drain_output(&mut self, timeout: std::time::Duration) {
         let _ = self.uart.writer_mut().flush();
+        let Some(console) = &self.console else {
+            return;
+        };
+        if !console.drain(timeout) {
+            tracing::warn!(
+                "the console reader did not take the last of the guest's output within {timeout:?}"
+            );
+        }
+        let dropped = console.dropped();
+        if dropped > 0 {
+            tracing::warn!(
+                "{dropped} bytes of console output were dropped: its reader did not keep up, failed, or its file reached max-size"
+            );
+        }
+        console.close();
+    }
+
+    /// Console bytes dropped so far (0 without a console thread).
+    pub fn dropped_output(&self) -> u64 {
+        self.console.as_ref().map_or(0, ConsoleHandle::dropped)
     }
 }
 
@@ -158,7 +190,10 @@ impl Persist for SerialDevice {
             output,
         )
         .map_err(SerialRestoreError::InvalidState)?;
-        Ok(SerialDevice { uart })
+        Ok(SerialDevice {
+            uart,
+            console: None,
+        })
     }
 }
 

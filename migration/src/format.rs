@@ -76,6 +76,9 @@ pub const MACHINE_TYPE_LEN: usize = 32;
 pub const SECTION_NAME_LEN: usize = 24;
 /// The most sections one container may hold.
 pub const MAX_SECTIONS: usize = 4096;
+/// The largest container file read: device and vCPU state, never guest
+/// RAM (which lives in the memory file), fit in far less.
+pub const MAX_CONTAINER_FILE: u64 = 64 << 20;
 
 const PREAMBLE_LEN: usize = 20;
 const FIXED_LEN: usize = 80;
@@ -278,11 +281,25 @@ pub enum FormatError {
         name: String,
         source: serde_json::Error,
     },
-    #[error("cannot build the snapshot: {0}")]
-    InvalidWrite(String),
-    #[error("cannot read {path}: {source}")]
+    #[error("{} is not a regular file: give the state file a snapshot directory holds", path.display())]
+    NotAFile { path: std::path::PathBuf },
+    #[error("{} is {len} bytes, more than the {MAX_CONTAINER_FILE} bytes a state file can hold: it is not a godwit state file", path.display())]
+    TooLarge { path: std::path::PathBuf, len: u64 },
+    #[error(
+        "cannot build the snapshot: {what} {tag:?} must be 1 to {len} printable ASCII characters"
+    )]
+    BadTag {
+        what: &'static str,
+        tag: String,
+        len: usize,
+    },
+    #[error("cannot build the snapshot: section '{name}' was added twice")]
+    DuplicateSection { name: String },
+    #[error("cannot build the snapshot: more than {MAX_SECTIONS} sections")]
+    TooManySections,
+    #[error("cannot read {}: {source}", path.display())]
     Read {
-        path: String,
+        path: std::path::PathBuf,
         source: std::io::Error,
     },
     #[error(transparent)]
@@ -290,12 +307,14 @@ pub enum FormatError {
 }
 
 /// Checks a tag fits a NUL-padded field: printable ASCII, not empty.
-fn check_tag(what: &str, tag: &str, len: usize) -> Result<(), FormatError> {
+fn check_tag(what: &'static str, tag: &str, len: usize) -> Result<(), FormatError> {
     if tag.is_empty() || tag.len() > len || !tag.bytes().all(|b| b.is_ascii_graphic() || b == b' ')
     {
-        return Err(FormatError::InvalidWrite(format!(
-            "{what} {tag:?} must be 1 to {len} printable ASCII characters"
-        )));
+        return Err(FormatError::BadTag {
+            what,
+            tag: tag.to_string(),
+            len,
+        });
     }
     Ok(())
 }
@@ -552,11 +571,45 @@ impl Container {
     }
 
     /// Reads and checks a container file (see [`Container::from_bytes`]).
+    /// Only a regular file is read, and at most [`MAX_CONTAINER_FILE`]
+    /// bytes of it: a FIFO or device at the path, or a file grown without
+    /// bound, is refused instead of read into memory.
     pub fn read_file(path: &Path, known: &[SectionKind]) -> Result<Self, FormatError> {
-        let bytes = std::fs::read(path).map_err(|source| FormatError::Read {
-            path: path.display().to_string(),
+        use std::io::Read;
+        use std::os::unix::fs::OpenOptionsExt;
+        let read_err = |source| FormatError::Read {
+            path: path.to_path_buf(),
             source,
-        })?;
+        };
+        // O_NONBLOCK: opening a FIFO for reading would otherwise wait for a
+        // writer before the check below could refuse it.
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(path)
+            .map_err(read_err)?;
+        let meta = file.metadata().map_err(read_err)?;
+        if !meta.is_file() {
+            return Err(FormatError::NotAFile {
+                path: path.to_path_buf(),
+            });
+        }
+        if meta.len() > MAX_CONTAINER_FILE {
+            return Err(FormatError::TooLarge {
+                path: path.to_path_buf(),
+                len: meta.len(),
+            });
+        }
+        let mut bytes = Vec::with_capacity(meta.len() as usize);
+        file.take(MAX_CONTAINER_FILE + 1)
+            .read_to_end(&mut bytes)
+            .map_err(read_err)?;
+        if bytes.len() as u64 > MAX_CONTAINER_FILE {
+            return Err(FormatError::TooLarge {
+                path: path.to_path_buf(),
+                len: bytes.len() as u64,
+            });
+        }
         Self::from_bytes(bytes, known)
     }
 
@@ -683,14 +736,10 @@ impl ContainerWriter {
             .iter()
             .any(|s| s.kind == kind.id && s.instance == instance)
         {
-            return Err(FormatError::InvalidWrite(format!(
-                "section '{name}' was added twice"
-            )));
+            return Err(FormatError::DuplicateSection { name });
         }
         if self.sections.len() >= MAX_SECTIONS {
-            return Err(FormatError::InvalidWrite(format!(
-                "more than {MAX_SECTIONS} sections"
-            )));
+            return Err(FormatError::TooManySections);
         }
         self.sections.push(PendingSection {
             kind: kind.id,
@@ -1219,5 +1268,22 @@ pub(crate) mod tests {
 
         let err = Container::read_file(&dir.as_path().join("missing"), KNOWN).unwrap_err();
         assert!(matches!(err, FormatError::Read { .. }));
+
+        // A FIFO where the state file should be would never end: refused
+        // without reading.
+        let fifo = dir.as_path().join("fifo");
+        let c_path = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: mkfifo takes a NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+        let err = Container::read_file(&fifo, KNOWN).unwrap_err();
+        assert!(matches!(err, FormatError::NotAFile { .. }), "{err}");
+
+        let big = dir.as_path().join("big");
+        std::fs::File::create(&big)
+            .unwrap()
+            .set_len(MAX_CONTAINER_FILE + 1)
+            .unwrap();
+        let err = Container::read_file(&big, KNOWN).unwrap_err();
+        assert!(matches!(err, FormatError::TooLarge { .. }), "{err}");
     }
 }

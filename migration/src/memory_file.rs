@@ -44,7 +44,7 @@
 use std::fs::File;
 use std::io::{self, Seek, SeekFrom, Write};
 use std::os::fd::{AsRawFd, FromRawFd};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
@@ -126,68 +126,68 @@ pub struct SaveStats {
 
 #[derive(Debug, thiserror::Error)]
 pub enum MemoryFileError {
-    #[error("cannot save guest memory: {0}")]
-    Layout(String),
+    #[error("cannot save guest memory: the region at {addr:#x} of {size:#x} bytes is not made of whole 4 KiB pages")]
+    PartialPageRegion { addr: u64, size: u64 },
+    #[error("cannot save guest memory: {count} memory regions are more than the {MAX_REGIONS} a memory file holds")]
+    TooManyRegions { count: usize },
     #[error(transparent)]
     Write(#[from] AtomicWriteError),
-    #[error("the memory file {path} is missing: the snapshot's guest memory is in it; put it where the snapshot state says, next to the state file")]
-    Missing { path: String },
-    #[error("cannot read the memory file {path}: {source}")]
-    Read { path: String, source: io::Error },
-    #[error("{path} is not a godwit memory file: it starts with {found} instead of \"GODWITMF\"; check the paths of the state and memory files")]
-    NotMemoryFile { path: String, found: String },
-    #[error("the memory file {path} is truncated: expected {expected} bytes, found {found}; it was cut short (interrupted copy or full disk): use the complete file")]
+    #[error("the memory file {} is missing: the snapshot's guest memory is in it; put it where the snapshot state says, next to the state file", path.display())]
+    Missing { path: PathBuf },
+    #[error("cannot read the memory file {}: {source}", path.display())]
+    Read { path: PathBuf, source: io::Error },
+    #[error("{} is not a godwit memory file: it starts with {found} instead of \"GODWITMF\"; check the paths of the state and memory files", path.display())]
+    NotMemoryFile { path: PathBuf, found: String },
+    #[error("the memory file {} is truncated: expected {expected} bytes, found {found}; it was cut short (interrupted copy or full disk): use the complete file", path.display())]
     Truncated {
-        path: String,
+        path: PathBuf,
         expected: u64,
         found: u64,
     },
-    #[error("the memory file {path} is corrupt: {detail}; use an intact copy")]
-    Corrupt { path: String, detail: String },
-    #[error("the memory file {path} is corrupt: {problem}; use an intact copy")]
+    #[error("the memory file {} is corrupt: {detail}; use an intact copy", path.display())]
+    Corrupt { path: PathBuf, detail: String },
+    #[error("the memory file {} is corrupt: {problem}; use an intact copy", path.display())]
     Inconsistent {
-        path: String,
+        path: PathBuf,
         #[source]
         problem: LayoutProblem,
     },
-    #[error(
-        "the memory file {path} has version {found}; this godwit reads up to {max}: upgrade godwit"
-    )]
-    NewerVersion { path: String, found: u32, max: u32 },
-    #[error("the memory file {path} does not belong to this snapshot: {detail}; use the memory file saved together with the state file")]
-    Mismatch { path: String, detail: String },
-    #[error("cannot map guest memory from {path}: the region at {guest_addr:#x}: {source}")]
+    #[error("the memory file {} has version {found}; this godwit reads up to {max}: upgrade godwit", path.display())]
+    NewerVersion { path: PathBuf, found: u32, max: u32 },
+    #[error("the memory file {} does not belong to this snapshot: {detail}; use the memory file saved together with the state file", path.display())]
+    Mismatch { path: PathBuf, detail: String },
+    #[error("cannot map guest memory from {}: the region at {guest_addr:#x}: {source}", path.display())]
     MapRegion {
-        path: String,
+        path: PathBuf,
         guest_addr: u64,
         source: MmapRegionError,
     },
-    #[error("cannot map guest memory from {path}: the region at {guest_addr:#x} of {size:#x} bytes ends past the 64-bit address space")]
+    #[error("cannot map guest memory from {}: the region at {guest_addr:#x} of {size:#x} bytes ends past the 64-bit address space", path.display())]
     RegionOverflow {
-        path: String,
+        path: PathBuf,
         guest_addr: u64,
         size: u64,
     },
-    #[error("cannot map guest memory for {path} into the memfd: the region at {guest_addr:#x}: {source}")]
+    #[error("cannot map guest memory for {} into the memfd: the region at {guest_addr:#x}: {source}", path.display())]
     MemfdRegion {
-        path: String,
+        path: PathBuf,
         guest_addr: u64,
         source: FromRangesError,
     },
-    #[error("cannot build guest memory from the regions of {path}: {source}")]
+    #[error("cannot build guest memory from the regions of {}: {source}", path.display())]
     Regions {
-        path: String,
+        path: PathBuf,
         source: GuestRegionCollectionError,
     },
-    #[error("cannot reach restored guest memory at {offset:#x} of a region of {path}: {source}")]
+    #[error("cannot reach restored guest memory at {offset:#x} of a region of {}: {source}", path.display())]
     RestoredSlice {
-        path: String,
+        path: PathBuf,
         offset: u64,
         source: GuestMemoryError,
     },
-    #[error("cannot read the memory file {path} into guest memory: {source}")]
+    #[error("cannot read the memory file {} into guest memory: {source}", path.display())]
     ReadIntoGuest {
-        path: String,
+        path: PathBuf,
         source: VolatileMemoryError,
     },
     #[error("cannot create the memfd for restored guest memory: {source}")]
@@ -287,13 +287,13 @@ impl MemoryFileInfo {
     }
 
     /// Reads a header; `file_len` is the actual length of the file.
-    fn decode_header(path: &str, h: &[u8], file_len: u64) -> Result<Self, MemoryFileError> {
+    fn decode_header(path: &Path, h: &[u8], file_len: u64) -> Result<Self, MemoryFileError> {
         let corrupt = |detail: String| MemoryFileError::Corrupt {
-            path: path.to_string(),
+            path: path.to_path_buf(),
             detail,
         };
         let truncated = |expected: u64| MemoryFileError::Truncated {
-            path: path.to_string(),
+            path: path.to_path_buf(),
             expected,
             found: file_len,
         };
@@ -302,7 +302,7 @@ impl MemoryFileInfo {
                 return Err(truncated(DATA_OFFSET));
             }
             return Err(MemoryFileError::NotMemoryFile {
-                path: path.to_string(),
+                path: path.to_path_buf(),
                 found: format!("\"{}\"", h[..h.len().min(8)].escape_ascii()),
             });
         }
@@ -317,7 +317,7 @@ impl MemoryFileInfo {
         let version = u32_at(h, 8);
         if version > VERSION {
             return Err(MemoryFileError::NewerVersion {
-                path: path.to_string(),
+                path: path.to_path_buf(),
                 found: version,
                 max: VERSION,
             });
@@ -363,7 +363,7 @@ impl MemoryFileInfo {
         };
         info.check_consistent()
             .map_err(|problem| MemoryFileError::Inconsistent {
-                path: path.to_string(),
+                path: path.to_path_buf(),
                 problem,
             })?;
         Ok(info)
@@ -424,7 +424,7 @@ pub fn read_info(path: &Path) -> Result<MemoryFileInfo, MemoryFileError> {
 }
 
 fn open_checked(path: &Path) -> Result<(File, MemoryFileInfo), MemoryFileError> {
-    let p = path.display().to_string();
+    let p = path.to_path_buf();
     let file = File::open(path).map_err(|source| {
         if source.kind() == io::ErrorKind::NotFound {
             MemoryFileError::Missing { path: p.clone() }
@@ -485,7 +485,7 @@ fn check_expected(
         "its region layout differs from the one the state records".to_string()
     };
     Err(MemoryFileError::Mismatch {
-        path: path.display().to_string(),
+        path: path.to_path_buf(),
         detail,
     })
 }
@@ -556,9 +556,7 @@ pub fn save<B: Bitmap>(
     for region in memory.iter() {
         let (addr, size) = (region.start_addr().0, region.len());
         if !addr.is_multiple_of(PAGE_SIZE) || !size.is_multiple_of(PAGE_SIZE) {
-            return Err(MemoryFileError::Layout(format!(
-                "the region at {addr:#x} of {size:#x} bytes is not made of whole 4 KiB pages"
-            )));
+            return Err(MemoryFileError::PartialPageRegion { addr, size });
         }
         regions.push(MemoryRegionInfo {
             guest_addr: addr,
@@ -568,10 +566,9 @@ pub fn save<B: Bitmap>(
         offset += size;
     }
     if regions.len() > MAX_REGIONS {
-        return Err(MemoryFileError::Layout(format!(
-            "{} memory regions are more than the {MAX_REGIONS} a memory file holds",
-            regions.len()
-        )));
+        return Err(MemoryFileError::TooManyRegions {
+            count: regions.len(),
+        });
     }
     let info = MemoryFileInfo {
         id: new_id(),
@@ -604,7 +601,7 @@ fn memory_of<B: Bitmap>(
     regions: Vec<GuestRegionMmap<B>>,
 ) -> Result<GuestMemoryMmap<B>, MemoryFileError> {
     GuestMemoryMmap::from_regions(regions).map_err(|source| MemoryFileError::Regions {
-        path: path.display().to_string(),
+        path: path.to_path_buf(),
         source,
     })
 }
@@ -647,13 +644,13 @@ pub fn map_private<B: NewBitmap>(
                     .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
                     .build()
                     .map_err(|source| MemoryFileError::MapRegion {
-                        path: path.display().to_string(),
+                        path: path.to_path_buf(),
                         guest_addr: r.guest_addr,
                         source,
                     })?;
             GuestRegionMmap::new(mapping, GuestAddress(r.guest_addr)).ok_or_else(|| {
                 MemoryFileError::RegionOverflow {
-                    path: path.display().to_string(),
+                    path: path.to_path_buf(),
                     guest_addr: r.guest_addr,
                     size: r.size,
                 }
@@ -732,7 +729,7 @@ pub fn restore_to_memfd<B: NewBitmap>(
                 Some(FileOffset::from_arc(memfd.clone(), r.offset)),
             )
             .map_err(|source| MemoryFileError::MemfdRegion {
-                path: path.display().to_string(),
+                path: path.to_path_buf(),
                 guest_addr: r.guest_addr,
                 source,
             })
@@ -740,7 +737,7 @@ pub fn restore_to_memfd<B: NewBitmap>(
         .collect::<Result<Vec<_>, _>>()?;
     let memory = memory_of(path, regions)?;
     let read_err = |source| MemoryFileError::Read {
-        path: path.display().to_string(),
+        path: path.to_path_buf(),
         source,
     };
     // The source is the memory file, which save wrote with zero pages as
@@ -759,14 +756,14 @@ pub fn restore_to_memfd<B: NewBitmap>(
             let slice = region
                 .get_slice(MemoryRegionAddress(start - lo), (end - start) as usize)
                 .map_err(|source| MemoryFileError::RestoredSlice {
-                    path: path.display().to_string(),
+                    path: path.to_path_buf(),
                     offset: start - lo,
                     source,
                 })?;
             src.seek(SeekFrom::Start(start)).map_err(read_err)?;
             src.read_exact_volatile(&mut slice.clone())
                 .map_err(|source| MemoryFileError::ReadIntoGuest {
-                    path: path.display().to_string(),
+                    path: path.to_path_buf(),
                     source,
                 })?;
         }
@@ -1037,13 +1034,14 @@ mod tests {
         h[8..12].copy_from_slice(&2u32.to_le_bytes());
         let c = crc(&h[..16]);
         h[16..20].copy_from_slice(&c.to_le_bytes());
-        let err = MemoryFileInfo::decode_header("m", &h, info.file_len).unwrap_err();
+        let err = MemoryFileInfo::decode_header(Path::new("m"), &h, info.file_len).unwrap_err();
         assert!(
             matches!(err, MemoryFileError::NewerVersion { found: 2, .. }),
             "{err}"
         );
         assert_eq!(
-            MemoryFileInfo::decode_header("m", &info.encode_header(), info.file_len).unwrap(),
+            MemoryFileInfo::decode_header(Path::new("m"), &info.encode_header(), info.file_len)
+                .unwrap(),
             info
         );
     }
@@ -1087,7 +1085,7 @@ mod tests {
                     h[hl - 4..hl].copy_from_slice(&c.to_le_bytes());
                 }
             }
-            let _ = MemoryFileInfo::decode_header("m", &h, r() % (2 * info.file_len));
+            let _ = MemoryFileInfo::decode_header(Path::new("m"), &h, r() % (2 * info.file_len));
         }
     }
 }

@@ -11,17 +11,14 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use godwit_migration::protocol::{self, Kind};
-use godwit_tests::{qmp_connect, EchoClient, QmpClient, RunningVm, TempDir, TwoHosts};
+use godwit_tests::guest::spawn_serving;
+use godwit_tests::migrate::{assert_heartbeat_continues, wait_migration};
+use godwit_tests::{
+    heartbeat, qmp_connect, serve_cmdline, wait_listening, EchoClient, QmpClient, RunningVm,
+    TempDir, TwoHosts, BOOT,
+};
 
-const BOOT: Duration = Duration::from_secs(60);
 const PORT: u16 = 4444;
-
-fn heartbeat(line: &str) -> u64 {
-    line.trim()
-        .strip_prefix("heartbeat ")
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("{line:?}"))
-}
 
 struct Source {
     vm: RunningVm,
@@ -36,26 +33,15 @@ fn start_source(
     cmdline_extra: &str,
 ) -> Source {
     let api = dir.join("a.sock");
-    let cmdline = format!(
-        "console=ttyS0 reboot=k godwit.mode=serve godwit.heartbeat_ms=200 {} {cmdline_extra}",
-        hosts.guest_ip_param()
-    );
+    let cmdline = serve_cmdline(200, &format!("{} {cmdline_extra}", hosts.guest_ip_param()));
     let net = format!("tap,ifname=gwtap0{net_extra}");
-    let mut vm = RunningVm::spawn_in(
-        &hosts.ns_a(),
-        &[
-            "run",
-            "--vcpus",
-            &vcpus.to_string(),
-            "--net",
-            &net,
-            "--api-socket",
-            api.to_str().unwrap(),
-            "--cmdline",
-            &cmdline,
-        ],
+    let mut vm = spawn_serving(
+        Some(&hosts.ns_a()),
+        &["--vcpus", &vcpus.to_string()],
+        &net,
+        &cmdline,
+        Some(&api),
     );
-    vm.wait_line("serve: ready", BOOT);
     vm.wait_prefix("heartbeat ", BOOT);
     let qmp = qmp_connect(&api);
     Source { vm, qmp }
@@ -68,53 +54,13 @@ fn start_destination(hosts: &TwoHosts, net: &str) -> RunningVm {
     vm
 }
 
-fn wait_listening(ns: &str, port: u16) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while Instant::now() < deadline {
-        let out = std::process::Command::new("ip")
-            .args(["netns", "exec", ns, "ss", "-ltnH"])
-            .output()
-            .unwrap();
-        if String::from_utf8_lossy(&out.stdout).contains(&format!(":{port}")) {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    panic!("nothing listens on port {port} in {ns}");
-}
-
-/// Waits until query-migrate reports a final status; returns the info.
-fn wait_migration(qmp: &mut QmpClient, timeout: Duration) -> Value {
-    let deadline = Instant::now() + timeout;
-    let mut last = Value::Null;
-    while Instant::now() < deadline {
-        match qmp.execute("query-migrate", Value::Null) {
-            Ok(info) => {
-                let status = info["status"].as_str().unwrap_or("").to_string();
-                last = info;
-                if matches!(status.as_str(), "completed" | "failed" | "cancelled") {
-                    return last;
-                }
-            }
-            // The source exits right after completing.
-            Err(_) => return json!({"status": "completed", "source-exited": true, "last": last}),
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    panic!("migration did not end within {timeout:?}: {last}");
-}
-
 /// Migrates a running guest from A to B while a client talks to it.
 fn migrate_and_check(vcpus: u32, subnet: u8, cmdline_extra: &str) {
     let hosts = TwoHosts::new(subnet, true, true);
     let dir = TempDir::new("mig");
     let mut src = start_source(&hosts, &dir, vcpus, "", cmdline_extra);
     let mut dst = start_destination(&hosts, "tap,ifname=gwtap0");
-    let client = EchoClient::start(
-        &hosts.ns_c(),
-        format!("{}:7", hosts.guest_ip()),
-        Duration::from_millis(20),
-    );
+    let client = EchoClient::start(&hosts.ns_c(), hosts.guest_echo(), Duration::from_millis(20));
     std::thread::sleep(Duration::from_millis(500));
 
     let uri = format!("tcp:{}:{PORT}", hosts.addr_b());
@@ -126,22 +72,9 @@ fn migrate_and_check(vcpus: u32, subnet: u8, cmdline_extra: &str) {
     // The source exits cleanly once the destination confirmed.
     let (status, stderr) = src.vm.wait_exit(Duration::from_secs(20));
     assert_eq!(status.code(), Some(0), "source: {stderr}");
-    let last_on_a = src
-        .vm
-        .seen
-        .iter()
-        .rev()
-        .find(|l| l.starts_with("heartbeat "))
-        .map(|l| heartbeat(l))
-        .unwrap();
 
     // The counter continues on B.
-    let first_on_b = heartbeat(&dst.wait_prefix("heartbeat ", Duration::from_secs(20)));
-    assert_eq!(
-        first_on_b,
-        last_on_a + 1,
-        "heartbeat continues on the destination"
-    );
+    let first_on_b = assert_heartbeat_continues(&src.vm, &mut dst);
     dst.wait_prefix(
         &format!("heartbeat {}", first_on_b + 2),
         Duration::from_secs(20),
@@ -350,7 +283,7 @@ fn the_source_survives_a_destination_that_dies_in_each_phase() {
         let m = heartbeat(&src.vm.wait_prefix("heartbeat ", Duration::from_secs(5)));
         assert_eq!(m, n + 1, "{phase}: the guest keeps counting on the source");
         let echo = TwoHosts::run_in(&hosts.ns_c(), {
-            let target = format!("{}:7", hosts.guest_ip());
+            let target = hosts.guest_echo();
             move || godwit_tests::udp_echo(&target, 5, &[64], 1, Duration::from_secs(10))
         });
         assert_eq!(echo.join().unwrap(), 5, "{phase}: the source guest answers");
@@ -388,6 +321,20 @@ fn a_corrupted_stream_is_refused_by_the_destination() {
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
 
+/// Sets the migration `parameters` on the source, then starts migrating to
+/// host B.
+fn migrate_with(src: &mut Source, hosts: &TwoHosts, parameters: Value) {
+    src.qmp
+        .execute("migrate-set-parameters", parameters)
+        .unwrap();
+    src.qmp
+        .execute(
+            "migrate",
+            json!({"uri": format!("tcp:{}:{PORT}", hosts.addr_b())}),
+        )
+        .unwrap();
+}
+
 #[test]
 fn cancel_and_non_convergence_leave_the_source_running() {
     let hosts = TwoHosts::new(121, true, true);
@@ -396,18 +343,7 @@ fn cancel_and_non_convergence_leave_the_source_running() {
     src.vm.wait_prefix("dirty: ", BOOT);
     // Slow link: cancel in the middle of pre-copy.
     let mut dst = start_destination(&hosts, "tap,ifname=gwtap0");
-    src.qmp
-        .execute(
-            "migrate-set-parameters",
-            json!({"max-bandwidth": 2_000_000}),
-        )
-        .unwrap();
-    src.qmp
-        .execute(
-            "migrate",
-            json!({"uri": format!("tcp:{}:{PORT}", hosts.addr_b())}),
-        )
-        .unwrap();
+    migrate_with(&mut src, &hosts, json!({"max-bandwidth": 2_000_000}));
     std::thread::sleep(Duration::from_secs(2));
     src.qmp.execute("migrate_cancel", Value::Null).unwrap();
     let info = wait_migration(&mut src.qmp, Duration::from_secs(30));
@@ -421,18 +357,11 @@ fn cancel_and_non_convergence_leave_the_source_running() {
 
     // A guest that dirties faster than the link: a clear outcome, not a loop.
     let mut dst = start_destination(&hosts, "tap,ifname=gwtap0");
-    src.qmp
-        .execute(
-            "migrate-set-parameters",
-            json!({"max-bandwidth": 1_000_000, "downtime-limit": 1, "max-rounds": 3}),
-        )
-        .unwrap();
-    src.qmp
-        .execute(
-            "migrate",
-            json!({"uri": format!("tcp:{}:{PORT}", hosts.addr_b())}),
-        )
-        .unwrap();
+    migrate_with(
+        &mut src,
+        &hosts,
+        json!({"max-bandwidth": 1_000_000, "downtime-limit": 1, "max-rounds": 3}),
+    );
     let info = wait_migration(&mut src.qmp, Duration::from_secs(120));
     assert_eq!(info["status"], "failed", "{info}");
     assert!(
@@ -494,24 +423,12 @@ fn migrates_a_vhost_user_guest_with_the_backends_dirty_log() {
     let _backend_a = Backend::start(&hosts.ns_a(), &sock_a);
     let _backend_b = Backend::start(&hosts.ns_b(), &sock_b);
     let api = dir.join("a.sock");
-    let cmdline = format!(
-        "console=ttyS0 reboot=k godwit.mode=serve godwit.heartbeat_ms=200 {} godwit.dirty=4M:1000",
-        hosts.guest_ip_param()
+    let cmdline = serve_cmdline(
+        200,
+        &format!("{} godwit.dirty=4M:1000", hosts.guest_ip_param()),
     );
     let net_a = format!("vhost-user,socket={}", sock_a.display());
-    let mut src = RunningVm::spawn_in(
-        &hosts.ns_a(),
-        &[
-            "run",
-            "--net",
-            &net_a,
-            "--api-socket",
-            api.to_str().unwrap(),
-            "--cmdline",
-            &cmdline,
-        ],
-    );
-    src.wait_line("serve: ready", BOOT);
+    let mut src = spawn_serving(Some(&hosts.ns_a()), &[], &net_a, &cmdline, Some(&api));
     src.wait_prefix("heartbeat ", BOOT);
     let mut qmp = qmp_connect(&api);
     let net0 = &qmp.execute("query-net", Value::Null).unwrap()[0];
@@ -522,11 +439,7 @@ fn migrates_a_vhost_user_guest_with_the_backends_dirty_log() {
         "godwit's backend logs dirty pages"
     );
     let mut dst = start_destination(&hosts, &format!("vhost-user,socket={}", sock_b.display()));
-    let client = EchoClient::start(
-        &hosts.ns_c(),
-        format!("{}:7", hosts.guest_ip()),
-        Duration::from_millis(20),
-    );
+    let client = EchoClient::start(&hosts.ns_c(), hosts.guest_echo(), Duration::from_millis(20));
     std::thread::sleep(Duration::from_millis(500));
     qmp.execute(
         "migrate",
@@ -538,19 +451,7 @@ fn migrates_a_vhost_user_guest_with_the_backends_dirty_log() {
     let migrated_at = Instant::now();
     let (status, stderr) = src.wait_exit(Duration::from_secs(20));
     assert_eq!(status.code(), Some(0), "source: {stderr}");
-    let last_on_a = src
-        .seen
-        .iter()
-        .rev()
-        .find(|l| l.starts_with("heartbeat "))
-        .map(|l| heartbeat(l))
-        .unwrap();
-    let first_on_b = heartbeat(&dst.wait_prefix("heartbeat ", Duration::from_secs(20)));
-    assert_eq!(
-        first_on_b,
-        last_on_a + 1,
-        "heartbeat continues on the destination"
-    );
+    assert_heartbeat_continues(&src, &mut dst);
     std::thread::sleep(Duration::from_secs(1));
     let (sent, replies) = client.finish();
     let after = replies.iter().filter(|t| **t > migrated_at).count();

@@ -4,21 +4,16 @@
 
 use std::time::Duration;
 
-use godwit_tests::{udp_echo, NetHost, RunningVm};
-
-const BOOT: Duration = Duration::from_secs(60);
+use godwit_tests::guest::spawn_serving;
+use godwit_tests::udp::sizes_up_to_mtu;
+use godwit_tests::{hex_field, serve_cmdline, sh, udp_echo, NetHost, RunningVm, BOOT};
 
 /// Features a TAP without vnet header cannot carry (the strict remedy).
 const NO_OFFLOADS: &str = "csum=off,guest_csum=off,guest_tso4=off,guest_tso6=off,guest_ecn=off,guest_ufo=off,host_tso4=off,host_tso6=off,host_ecn=off,host_ufo=off,guest_uso4=off,guest_uso6=off,host_uso=off";
 
 fn serve(host: &NetHost, net: &str, extra_cmdline: &str) -> RunningVm {
-    let cmdline = format!(
-        "console=ttyS0 reboot=k godwit.mode=serve godwit.heartbeat_ms=1000 {} {extra_cmdline}",
-        host.guest_ip_param()
-    );
-    let mut vm = RunningVm::spawn_in(&host.ns, &["run", "--net", net, "--cmdline", &cmdline]);
-    vm.wait_line("serve: ready", BOOT);
-    vm
+    let cmdline = serve_cmdline(1000, &format!("{} {extra_cmdline}", host.guest_ip_param()));
+    spawn_serving(Some(&host.ns), &[], net, &cmdline, None)
 }
 
 fn arp_ping_and_udp_echo(vnet_hdr: bool, subnet: u8) {
@@ -32,20 +27,15 @@ fn arp_ping_and_udp_echo(vnet_hdr: bool, subnet: u8) {
     let link = vm.wait_line("virtio-net0: mac=", BOOT);
     assert!(link.contains("link=up"), "{link}");
 
-    let ping = host.exec(&["ping", "-c", "3", "-W", "5", &host.guest_ip()]);
-    assert!(
-        ping.status.success(),
-        "ping failed: {}",
-        String::from_utf8_lossy(&ping.stdout)
-    );
+    host.assert_ping(&host.guest_ip(), 3, "ping failed");
     // ARP resolved the guest's MAC.
     let neigh = host.exec(&["ip", "neigh", "show", &host.guest_ip()]);
     let neigh = String::from_utf8_lossy(&neigh.stdout).to_string();
     assert!(neigh.contains("52:54:00:12:34:56"), "{neigh}");
 
     // IP packets of 64 to 1500 bytes (the MTU): UDP payloads of 36 to 1472.
-    let target = format!("{}:7", host.guest_ip());
-    let sizes: Vec<usize> = (0..1000).map(|i| 36 + (i * 1436 / 999)).collect();
+    let target = host.guest_echo();
+    let sizes = sizes_up_to_mtu(1000);
     let echoed = host.run(move || udp_echo(&target, 1000, &sizes, 16, Duration::from_secs(90)));
     assert_eq!(
         echoed, 1000,
@@ -72,14 +62,6 @@ fn arp_ping_and_udp_echo_without_vnet_hdr() {
 fn partial_checksums_from_the_guest_arrive_valid() {
     let host = NetHost::new(true, 63);
     let peer_ns = format!("{}p", host.ns);
-    let sh = |cmd: &str| {
-        let ok = std::process::Command::new("sh")
-            .args(["-c", cmd])
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "{cmd}");
-    };
     sh(&format!("ip netns add {peer_ns}"));
     struct Cleanup(String);
     impl Drop for Cleanup {
@@ -110,13 +92,8 @@ fn partial_checksums_from_the_guest_arrive_valid() {
     ));
 
     // UDP echo server in the peer namespace.
-    let peer_path = format!("/var/run/netns/{peer_ns}");
     let (tx, rx) = std::sync::mpsc::channel();
-    let server = std::thread::spawn(move || {
-        use std::os::fd::AsRawFd;
-        let f = std::fs::File::open(&peer_path).unwrap();
-        // SAFETY: moves only this test thread into the peer namespace.
-        assert_eq!(unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
+    let server = godwit_tests::in_netns(&peer_ns, move || {
         let sock = std::net::UdpSocket::bind("10.64.0.2:9000").unwrap();
         sock.set_read_timeout(Some(Duration::from_secs(60)))
             .unwrap();
@@ -138,9 +115,7 @@ fn partial_checksums_from_the_guest_arrive_valid() {
         &format!("tap,ifname={}", host.tap),
         "godwit.udp_burst=10.64.0.2:9000:50:512",
     );
-    let acked = vm.wait_line("virtio-net0: base=", BOOT);
-    let acked_hex = acked.split("acked=0x").nth(1).unwrap_or("0");
-    let acked = u64::from_str_radix(acked_hex.trim(), 16).unwrap();
+    let acked = hex_field(&vm.wait_line("virtio-net0: base=", BOOT), "acked");
     assert_ne!(acked & 1, 0, "the guest acked csum: {acked:#x}");
     let burst = vm.wait_line("udp-burst:", Duration::from_secs(60));
     assert_eq!(burst.trim(), "udp-burst: sent 50 received 50", "{burst}");
@@ -155,12 +130,11 @@ fn large_receive_through_mergeable_buffers() {
     let host = NetHost::new(true, 65);
     let mut vm = serve(&host, &format!("tap,ifname={}", host.tap), "");
     let line = vm.wait_line("virtio-net0: base=", BOOT);
-    let acked = u64::from_str_radix(line.split("acked=0x").nth(1).unwrap().trim(), 16).unwrap();
+    let acked = hex_field(&line, "acked");
     assert_ne!(acked & (1 << 54), 0, "guest_uso4 acked: {line}");
     assert_ne!(acked & (1 << 15), 0, "mrg_rxbuf acked: {line}");
-    let ping = host.exec(&["ping", "-c", "1", "-W", "5", &host.guest_ip()]);
-    assert!(ping.status.success());
-    let target = format!("{}:7", host.guest_ip());
+    host.assert_ping(&host.guest_ip(), 1, "ping before the large receive");
+    let target = host.guest_echo();
     host.run(move || {
         use std::os::fd::AsRawFd;
         let sock = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();

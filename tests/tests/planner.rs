@@ -13,12 +13,15 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use godwit_devices::net::tap::TapOffloads;
+use godwit_tests::migrate::wait_migration;
 use godwit_tests::{
-    godwit_command, qmp_connect, run_godwit, run_godwit_in, Finished, NetHost, QmpClient,
-    RunningVm, TempDir, TwoHosts,
+    godwit_command, heartbeat, qmp_connect, run_godwit, run_godwit_in, wait_listening, Finished,
+    NetHost, QmpClient, RunningVm, TempDir, TwoHosts,
 };
-use godwit_vmm::host_caps::{self, parse_report, HostCaps, PeerKind, PeerStatus, Probe};
-use godwit_vmm::machine_types::{bits_of, resolve, MACHINE_TYPES};
+use godwit_vmm::abi::machine_types::{bits_of, resolve, MACHINE_TYPES};
+use godwit_vmm::planning::host_caps::{
+    self, backend_offer, parse_report, HostReport, PeerKind, PeerStatus, Probe,
+};
 
 const BOOT: Duration = Duration::from_secs(60);
 const PORT: u16 = 4444;
@@ -34,7 +37,7 @@ fn fixture(name: &str) -> String {
         .to_string()
 }
 
-fn read_fixture(name: &str) -> HostCaps {
+fn read_fixture(name: &str) -> HostReport {
     let path = fixture(name);
     let text = std::fs::read_to_string(&path).unwrap();
     parse_report(&text, &path).unwrap_or_else(|e| panic!("{e}"))
@@ -84,16 +87,21 @@ fn fixtures_parse_and_agree_with_the_feature_model() {
             let recorded = p.supported.as_ref().unwrap().bits();
             let computed = match &p.probe {
                 Probe::Tap(t) => {
-                    godwit_vmm::net::tap_support("t", t.offloads.as_ref().unwrap()).supported
+                    godwit_vmm::devices::net::tap_support("t", t.offloads.as_ref().unwrap())
+                        .supported
                 }
                 Probe::VhostUser(u) => {
                     let f = u64::from_str_radix(&u.features.as_ref().unwrap()[2..], 16).unwrap();
-                    host_caps::vhost_user_support(&u.socket, f, u.queue_num).supported
+                    godwit_vmm::devices::net::vhost_user_support(
+                        &u.socket,
+                        &backend_offer(f, 0, u.queue_num),
+                    )
+                    .supported
                 }
                 Probe::VhostNet(v) => {
                     let f = u64::from_str_radix(&v.features.as_ref().unwrap()[2..], 16).unwrap();
                     let tap = v.tap.as_ref().unwrap().offloads.unwrap();
-                    godwit_vmm::net::vhost_net_support("t", &tap, f).supported
+                    godwit_vmm::devices::net::vhost_net_support("t", &tap, f).supported
                 }
             };
             assert_eq!(recorded, computed, "{name}: {}", p.name);
@@ -348,7 +356,7 @@ fn malformed_and_future_reports_name_the_file_and_the_field() {
         (
             "/host/name",
             json!(false),
-            "field `host.name`: expected a string, found a boolean",
+            "field `host.name`: invalid type: boolean `false`, expected a string",
         ),
         (
             "/peers/0/status",
@@ -358,12 +366,12 @@ fn malformed_and_future_reports_name_the_file_and_the_field() {
         (
             "/peers/0/probe/offloads/csum",
             json!(1),
-            "field `peers[0].probe.offloads.csum`: expected true or false",
+            "field `peers[0].probe.offloads.csum`: invalid type: integer `1`, expected a boolean",
         ),
         (
             "/godwit/machine_types",
             json!("godwit-1.1"),
-            "field `godwit.machine_types`: expected an array",
+            "field `godwit.machine_types`: invalid type: string \"godwit-1.1\", expected a sequence",
         ),
         (
             "/cpuid/entries/3",
@@ -373,7 +381,7 @@ fn malformed_and_future_reports_name_the_file_and_the_field() {
         (
             "/cpuid/entries/4",
             json!({"function": 7}),
-            "field `cpuid.entries[4]`: expected a string, found an object",
+            "field `cpuid.entries[4]`: invalid type: map, expected a string",
         ),
     ];
     for (pointer, value, needle) in cases {
@@ -602,47 +610,6 @@ fn the_planned_line_starts_strictly_on_each_hosts_peer() {
     args.extend(["--cmdline", "console=ttyS0 reboot=k"]);
     let out = run_godwit_in(Some(&full.ns), &args, BOOT);
     assert_eq!(out.code(), Some(0), "{line}: {out:?}");
-}
-
-fn heartbeat(line: &str) -> u64 {
-    line.trim()
-        .strip_prefix("heartbeat ")
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("{line:?}"))
-}
-
-fn wait_listening(ns: &str, port: u16) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while Instant::now() < deadline {
-        let out = std::process::Command::new("ip")
-            .args(["netns", "exec", ns, "ss", "-ltnH"])
-            .output()
-            .unwrap();
-        if String::from_utf8_lossy(&out.stdout).contains(&format!(":{port}")) {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    panic!("nothing listens on port {port} in {ns}");
-}
-
-fn wait_migration(qmp: &mut QmpClient, timeout: Duration) -> Value {
-    let deadline = Instant::now() + timeout;
-    let mut last = Value::Null;
-    while Instant::now() < deadline {
-        match qmp.execute("query-migrate", Value::Null) {
-            Ok(info) => {
-                let status = info["status"].as_str().unwrap_or("").to_string();
-                last = info;
-                if matches!(status.as_str(), "completed" | "failed" | "cancelled") {
-                    return last;
-                }
-            }
-            Err(_) => return json!({"status": "completed", "source-exited": true, "last": last}),
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    panic!("migration did not end within {timeout:?}: {last}");
 }
 
 /// Migrates from `src` (API `qmp`) to a destination already listening at

@@ -8,25 +8,18 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use godwit_tests::{qmp_connect, run_godwit_in, udp_echo, NetHost, RunningVm, TempDir};
-
-const BOOT: Duration = Duration::from_secs(60);
+use godwit_tests::{
+    heartbeat, qmp_connect, run_godwit_in, udp_echo, NetHost, RunningVm, TempDir, BOOT,
+};
 
 fn serve_cmdline(host: Option<&NetHost>) -> String {
     let ip = host.map(|h| h.guest_ip_param()).unwrap_or_default();
-    format!("console=ttyS0 reboot=k godwit.mode=serve godwit.heartbeat_ms=200 {ip}")
+    godwit_tests::serve_cmdline(200, &ip)
 }
 
-fn heartbeat(line: &str) -> u64 {
-    line.trim()
-        .strip_prefix("heartbeat ")
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("{line:?}"))
-}
-
-/// Boots a serving guest, snapshots it, ends it; returns the last heartbeat
-/// printed before the snapshot.
-fn take_snapshot(host: Option<&NetHost>, vcpus: u32, snap: &Path, api: &Path) -> u64 {
+/// Starts a serving guest with `vcpus` and an API socket, on `host`'s TAP
+/// when given; waits for its third heartbeat.
+fn start_serving(host: Option<&NetHost>, vcpus: u32, api: &Path) -> RunningVm {
     let mut args = vec![
         "run".to_string(),
         "--vcpus".into(),
@@ -38,7 +31,7 @@ fn take_snapshot(host: Option<&NetHost>, vcpus: u32, snap: &Path, api: &Path) ->
     ];
     if let Some(h) = host {
         args.push("--net".into());
-        args.push(format!("tap,ifname={}", h.tap));
+        args.push(h.tap_net(""));
     }
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let mut vm = match host {
@@ -46,6 +39,13 @@ fn take_snapshot(host: Option<&NetHost>, vcpus: u32, snap: &Path, api: &Path) ->
         None => RunningVm::spawn(&args),
     };
     vm.wait_line("heartbeat 3", BOOT);
+    vm
+}
+
+/// Boots a serving guest, snapshots it, ends it; returns the last heartbeat
+/// printed before the snapshot.
+fn take_snapshot(host: Option<&NetHost>, vcpus: u32, snap: &Path, api: &Path) -> u64 {
+    let mut vm = start_serving(host, vcpus, api);
     let mut qmp = qmp_connect(api);
     let stats = qmp.execute("snapshot-save", json!({"dir": snap})).unwrap();
     assert!(stats["total_ms"].as_f64().unwrap() > 0.0, "{stats}");
@@ -62,38 +62,11 @@ fn snapshot_and_restore(vcpus: u32, subnet: u8) {
     let snap = dir.join("snap");
     let api = dir.join("api.sock");
     // Source: save while the guest runs.
-    let mut args = vec![
-        "run".to_string(),
-        "--vcpus".into(),
-        vcpus.to_string(),
-        "--api-socket".into(),
-        api.display().to_string(),
-        "--net".into(),
-        format!("tap,ifname={}", host.tap),
-        "--cmdline".into(),
-        serve_cmdline(Some(&host)),
-    ];
-    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
-    let mut vm = RunningVm::spawn_in(&host.ns, &argv);
-    vm.wait_line("heartbeat 3", BOOT);
+    let mut vm = start_serving(Some(&host), vcpus, &api);
     let mut qmp = qmp_connect(&api);
     qmp.execute("stop", Value::Null).unwrap();
     // Paused: read every line already printed; the last is the count saved.
-    let mut last = 0;
-    while let Some(l) = vm.try_line(Duration::from_millis(300)) {
-        if l.starts_with("heartbeat ") {
-            last = heartbeat(&l);
-        }
-    }
-    if last == 0 {
-        last = vm
-            .seen
-            .iter()
-            .rev()
-            .find(|l| l.starts_with("heartbeat "))
-            .map(|l| heartbeat(l))
-            .unwrap();
-    }
+    let last = vm.heartbeat_when_paused(Duration::from_millis(300));
     qmp.execute("snapshot-save", json!({"dir": snap})).unwrap();
     qmp.execute("quit", Value::Null).unwrap();
     assert_eq!(vm.wait_exit(Duration::from_secs(10)).0.code(), Some(0));
@@ -101,24 +74,25 @@ fn snapshot_and_restore(vcpus: u32, subnet: u8) {
     // Destination: a new process on a fresh TAP of the same name.
     drop(host);
     let host = NetHost::new(true, subnet);
-    args = vec![
-        "run".into(),
-        "--restore".into(),
-        snap.display().to_string(),
-        "--net".into(),
-        format!("tap,ifname={}", host.tap),
-        "--api-socket".into(),
-        api.display().to_string(),
-    ];
-    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
-    let mut restored = RunningVm::spawn_in(&host.ns, &argv);
+    let mut restored = RunningVm::spawn_in(
+        &host.ns,
+        &[
+            "run",
+            "--restore",
+            snap.to_str().unwrap(),
+            "--net",
+            &host.tap_net(""),
+            "--api-socket",
+            api.to_str().unwrap(),
+        ],
+    );
     let first = heartbeat(&restored.wait_prefix("heartbeat ", Duration::from_secs(20)));
     assert_eq!(
         first,
         last + 1,
         "the counter continues where the snapshot stopped it"
     );
-    let target = format!("{}:7", host.guest_ip());
+    let target = host.guest_echo();
     let echoed =
         host.run(move || udp_echo(&target, 50, &[64, 512, 1400], 4, Duration::from_secs(30)));
     assert_eq!(echoed, 50, "UDP echo through the restored TAP");
@@ -196,17 +170,17 @@ fn a_blocked_vm_cannot_be_snapshotted() {
     let dir = TempDir::new("snapblocked");
     let api = dir.join("api.sock");
     let snap = dir.join("snap");
-    let net = format!("tap,ifname={},vnet_hdr=off,strict=off", host.tap);
+    let net = host.tap_net(",vnet_hdr=off,strict=off");
     let mut vm = RunningVm::spawn_in(
         &host.ns,
         &[
             "run",
             "--net",
             &net,
-            "--api-socket",
-            api.to_str().unwrap(),
             "--cmdline",
             &serve_cmdline(Some(&host)),
+            "--api-socket",
+            api.to_str().unwrap(),
         ],
     );
     vm.wait_line("heartbeat 1", BOOT);

@@ -6,22 +6,30 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use godwit_tests::{qmp_connect, run_godwit, run_godwit_in, NetHost, RunningVm, TempDir};
+use godwit_tests::guest::spawn_serving;
+use godwit_tests::{
+    hex_field, qmp_connect, remedy_line, run_godwit, run_godwit_in, serve_cmdline, Finished,
+    NetHost, TempDir, BOOT,
+};
 
-const BOOT: Duration = Duration::from_secs(60);
 const MACHINES: [&str; 2] = ["godwit-1.0", "godwit-1.1"];
 
-fn report_cmdline() -> &'static str {
-    "console=ttyS0 reboot=k"
-}
-
-/// The `--net ...` line of remedy `n` in a refusal message.
-fn remedy_line(stderr: &str, n: usize) -> Option<String> {
-    let mut lines = stderr
-        .lines()
-        .skip_while(|l| !l.trim_start().starts_with(&format!("{n}. ")));
-    lines.next()?;
-    lines.next().map(|l| l.trim().to_string())
+/// Boots the test guest (it reports and powers off) on `machine` with
+/// `--net net`, in `host`'s namespace.
+fn run_report(host: &NetHost, machine: &str, net: &str) -> Finished {
+    run_godwit_in(
+        Some(&host.ns),
+        &[
+            "run",
+            "--machine",
+            machine,
+            "--net",
+            net,
+            "--cmdline",
+            "console=ttyS0 reboot=k",
+        ],
+        BOOT,
+    )
 }
 
 #[test]
@@ -29,19 +37,7 @@ fn full_offload_tap_starts_every_machine_type_strictly() {
     let host = NetHost::new(true, 71);
     for machine in MACHINES {
         let net = format!("tap,ifname={}", host.tap);
-        let out = run_godwit_in(
-            Some(&host.ns),
-            &[
-                "run",
-                "--machine",
-                machine,
-                "--net",
-                &net,
-                "--cmdline",
-                report_cmdline(),
-            ],
-            BOOT,
-        );
+        let out = run_report(&host, machine, &net);
         assert_eq!(out.code(), Some(0), "{machine}: {out:?}");
     }
 }
@@ -86,19 +82,7 @@ fn tap_without_vnet_hdr_is_refused_and_each_remedy_works() {
             spec.contains("csum=off") && spec.contains("host_tso4=off"),
             "{spec}"
         );
-        let out = run_godwit_in(
-            Some(&host.ns),
-            &[
-                "run",
-                "--machine",
-                machine,
-                "--net",
-                spec,
-                "--cmdline",
-                report_cmdline(),
-            ],
-            BOOT,
-        );
+        let out = run_report(&host, machine, spec);
         assert_eq!(
             out.code(),
             Some(0),
@@ -114,33 +98,13 @@ fn tap_without_vnet_hdr_is_refused_and_each_remedy_works() {
         let remedy = remedy_line(err, 3).expect("remedy 3");
         let spec = remedy.strip_prefix("--net ").expect("a --net line");
         assert!(spec.ends_with("strict=off"), "{spec}");
-        let out = run_godwit_in(
-            Some(&host.ns),
-            &[
-                "run",
-                "--machine",
-                machine,
-                "--net",
-                spec,
-                "--cmdline",
-                report_cmdline(),
-            ],
-            BOOT,
-        );
+        let out = run_report(&host, machine, spec);
         assert_eq!(out.code(), Some(0), "remedy 3 for {machine}: {out:?}");
         assert!(
             out.stderr.contains("dropping csum (bit 0)"),
             "a warning per dropped feature: {out:?}"
         );
     }
-}
-
-fn hex_field(line: &str, key: &str) -> u64 {
-    let v = line
-        .split(&format!("{key}=0x"))
-        .nth(1)
-        .unwrap_or_else(|| panic!("{key} in {line}"));
-    u64::from_str_radix(v.split_whitespace().next().unwrap(), 16).unwrap()
 }
 
 fn query_hex(v: &Value) -> u64 {
@@ -152,25 +116,10 @@ fn strict_off_registers_a_blocker_and_query_net_matches_the_guest() {
     let host = NetHost::new(true, 74);
     let dir = TempDir::new("strictoff");
     let socket = dir.join("api.sock");
-    let net = format!("tap,ifname={},vnet_hdr=off,strict=off", host.tap);
-    let cmdline = format!(
-        "console=ttyS0 reboot=k godwit.mode=serve godwit.heartbeat_ms=1000 {}",
-        host.guest_ip_param()
-    );
-    let mut vm = RunningVm::spawn_in(
-        &host.ns,
-        &[
-            "run",
-            "--net",
-            &net,
-            "--api-socket",
-            socket.to_str().unwrap(),
-            "--cmdline",
-            &cmdline,
-        ],
-    );
+    let net = host.tap_net(",vnet_hdr=off,strict=off");
+    let cmdline = serve_cmdline(1000, &host.guest_ip_param());
+    let mut vm = spawn_serving(Some(&host.ns), &[], &net, &cmdline, Some(&socket));
     let line = vm.wait_line("virtio-net0: base=", BOOT);
-    vm.wait_line("serve: ready", BOOT);
     let mut qmp = qmp_connect(&socket);
     let migrate = qmp.execute("query-migrate", Value::Null).unwrap();
     let reasons = migrate["blocked-reasons"].as_array().unwrap();
@@ -217,27 +166,15 @@ fn strict_vm_has_no_blocker_and_query_net_matches_the_guest() {
     let host = NetHost::new(true, 75);
     let dir = TempDir::new("stricton");
     let socket = dir.join("api.sock");
-    let net = format!("tap,ifname={}", host.tap);
-    let cmdline = format!(
-        "console=ttyS0 reboot=k godwit.mode=serve godwit.heartbeat_ms=1000 {}",
-        host.guest_ip_param()
-    );
-    let mut vm = RunningVm::spawn_in(
-        &host.ns,
-        &[
-            "run",
-            "--machine",
-            "godwit-1.0",
-            "--net",
-            &net,
-            "--api-socket",
-            socket.to_str().unwrap(),
-            "--cmdline",
-            &cmdline,
-        ],
+    let cmdline = serve_cmdline(1000, &host.guest_ip_param());
+    let mut vm = spawn_serving(
+        Some(&host.ns),
+        &["--machine", "godwit-1.0"],
+        &host.tap_net(""),
+        &cmdline,
+        Some(&socket),
     );
     let line = vm.wait_line("virtio-net0: base=", BOOT);
-    vm.wait_line("serve: ready", BOOT);
     let mut qmp = qmp_connect(&socket);
     assert_eq!(
         qmp.execute("query-migrate", Value::Null).unwrap()["blocked-reasons"],

@@ -8,9 +8,9 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use godwit_tests::{qmp_connect, run_godwit_in, udp_echo, NetHost, RunningVm, TempDir};
-
-const BOOT: Duration = Duration::from_secs(60);
+use godwit_tests::guest::spawn_serving;
+use godwit_tests::udp::sizes_up_to_mtu;
+use godwit_tests::{qmp_connect, run_godwit_in, serve_cmdline, udp_echo, NetHost, TempDir, BOOT};
 const VHOST_NET: &str = "/dev/vhost-net";
 
 fn have_vhost_net() -> bool {
@@ -56,31 +56,11 @@ fn ping_and_udp_echo_through_kernel_vhost_net() {
     let dir = TempDir::new("vhost-net");
     let api = dir.join("api.sock");
     let net = format!("vhost-net,ifname={}", host.tap);
-    let cmdline = format!(
-        "console=ttyS0 reboot=k godwit.mode=serve godwit.heartbeat_ms=1000 {}",
-        host.guest_ip_param()
-    );
-    let mut vm = RunningVm::spawn_in(
-        &host.ns,
-        &[
-            "run",
-            "--net",
-            &net,
-            "--cmdline",
-            &cmdline,
-            "--api-socket",
-            api.to_str().unwrap(),
-        ],
-    );
-    vm.wait_line("serve: ready", BOOT);
-    let ping = host.exec(&["ping", "-c", "3", "-W", "5", &host.guest_ip()]);
-    assert!(
-        ping.status.success(),
-        "{}",
-        String::from_utf8_lossy(&ping.stdout)
-    );
-    let target = format!("{}:7", host.guest_ip());
-    let sizes: Vec<usize> = (0..500).map(|i| 36 + (i * 1436 / 499)).collect();
+    let cmdline = serve_cmdline(1000, &host.guest_ip_param());
+    let mut vm = spawn_serving(Some(&host.ns), &[], &net, &cmdline, Some(&api));
+    host.assert_ping(&host.guest_ip(), 3, "ping through kernel vhost-net");
+    let target = host.guest_echo();
+    let sizes = sizes_up_to_mtu(500);
     let echoed = host.run(move || udp_echo(&target, 500, &sizes, 16, Duration::from_secs(60)));
     assert_eq!(echoed, 500);
     let mut q = qmp_connect(&api);

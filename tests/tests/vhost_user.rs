@@ -12,11 +12,14 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
+use godwit_tests::guest::spawn_serving;
+use godwit_tests::netns::wait_for_path;
+use godwit_tests::process::{signal, stop_child, testpmd_command, TESTPMD_LACKS_OF_GODWIT_1_1};
+use godwit_tests::udp::sizes_up_to_mtu;
 use godwit_tests::{
-    godwit_command, qmp_connect, run_godwit, udp_echo, NetHost, RunningVm, TempDir,
+    godwit_command, hex_field, qmp_connect, remedy_line, run_godwit, serve_cmdline, sh, udp_echo,
+    NetHost, RunningVm, TempDir, BOOT,
 };
-
-const BOOT: Duration = Duration::from_secs(60);
 /// The versions godwit's backend publishes.
 const V1: &str = "org.godwit.net.v1";
 const V2: &str = "org.godwit.net.v2";
@@ -26,18 +29,6 @@ const V1_FEATURES: u64 = 0x0000_0001_3027_ffab;
 const DPDK_FEATURES: &str = "0xd7c66e7cb";
 /// What DPDK lacks of godwit-1.0 (host TSO, and ECN with it).
 const DPDK_OVERRIDES: &str = "host_tso4=off,host_tso6=off,host_ecn=off";
-
-fn serve_cmdline(ip: &str, gateway: &str) -> String {
-    format!(
-        "console=ttyS0 reboot=k godwit.mode=serve godwit.heartbeat_ms=1000 ip={ip}::{gateway}:255.255.255.0"
-    )
-}
-
-fn kill(child: &mut Child, signal: libc::c_int) {
-    // SAFETY: kill(2) on the pid of a child this test spawned and has not
-    // reaped yet.
-    unsafe { libc::kill(child.id() as libc::pid_t, signal) };
-}
 
 /// `godwit net-backend` on a namespace's TAP, killed on drop.
 struct Backend {
@@ -81,16 +72,17 @@ impl Backend {
             }
         }
         if !extra.contains(&"--client") {
-            while !socket.exists() {
-                assert!(Instant::now() < deadline, "no socket {}", socket.display());
-                std::thread::sleep(Duration::from_millis(20));
-            }
+            wait_for_path(
+                socket,
+                deadline.saturating_duration_since(Instant::now()),
+                "godwit net-backend",
+            );
         }
         b
     }
 
     fn kill9(&mut self) {
-        kill(&mut self.child, libc::SIGKILL);
+        signal(&self.child, libc::SIGKILL);
         let _ = self.child.wait();
     }
 }
@@ -132,37 +124,7 @@ impl Testpmd {
                 .success(),
             "{bin} is not installed: apt-get install -y dpdk-dev (.ci/run does)"
         );
-        let mut cmd = match ns {
-            Some(ns) => {
-                let mut c = Command::new("ip");
-                c.args(["netns", "exec", ns, bin]);
-                c
-            }
-            None => Command::new(bin),
-        };
-        cmd.args(["--no-pci", "--no-huge", "--no-shconf", "-m", "512"]);
-        cmd.args([
-            "--vdev",
-            &format!(
-                "net_vhost0,iface={},queues=1{}",
-                socket.display(),
-                if client { ",client=1" } else { "" }
-            ),
-        ]);
-        if ns.is_some() {
-            cmd.args(["--vdev", "net_tap0,iface=dtap0"]);
-        }
-        cmd.args([
-            "--",
-            "--forward-mode=io",
-            "--total-num-mbufs=2048",
-            "--stats-period",
-            "60",
-        ]);
-        let child = cmd
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
+        let child = testpmd_command(ns, socket, client)
             .spawn()
             .expect("spawn dpdk-testpmd");
         let t = Testpmd { child, _lock: lock };
@@ -177,50 +139,14 @@ impl Testpmd {
 
 impl Drop for Testpmd {
     fn drop(&mut self) {
-        kill(&mut self.child, libc::SIGINT);
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        stop_child(&mut self.child, libc::SIGINT, Duration::from_secs(15));
     }
-}
-
-/// The `--net ...` line of remedy `n` in a refusal message.
-fn remedy_line(stderr: &str, n: usize) -> Option<String> {
-    let mut lines = stderr
-        .lines()
-        .skip_while(|l| !l.trim_start().starts_with(&format!("{n}. ")));
-    lines.next()?;
-    lines.next().map(|l| l.trim().to_string())
-}
-
-fn hex_field(line: &str, key: &str) -> u64 {
-    let v = line
-        .split(&format!("{key}=0x"))
-        .nth(1)
-        .and_then(|s| s.split_whitespace().next())
-        .unwrap_or_else(|| panic!("no {key}= in {line}"));
-    u64::from_str_radix(v, 16).unwrap()
 }
 
 fn query_net(api: &Path) -> Value {
     let mut q = qmp_connect(api);
     let v = q.execute("query-net", json!({})).expect("query-net");
     v[0].clone()
-}
-
-fn sh(cmd: &str) {
-    let ok = Command::new("sh")
-        .args(["-c", cmd])
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok, "{cmd}");
 }
 
 /// Traffic through DPDK: the namespace's kernel stack talks to the guest
@@ -243,20 +169,15 @@ fn guest_traffic_through_dpdk_testpmd_and_back() {
     ));
     let api = dir.join("api.sock");
     let net = format!("vhost-user,socket={},{DPDK_OVERRIDES}", socket.display());
-    let cmdline = serve_cmdline("10.92.0.2", "10.92.0.1");
-    let mut vm = RunningVm::spawn(&[
-        "run",
-        "--machine",
-        "godwit-1.0",
-        "--net",
+    let cmdline = serve_cmdline(1000, "ip=10.92.0.2::10.92.0.1:255.255.255.0");
+    let mut vm = spawn_serving(
+        None,
+        &["--machine", "godwit-1.0"],
         &net,
-        "--cmdline",
         &cmdline,
-        "--api-socket",
-        api.to_str().unwrap(),
-    ]);
+        Some(&api),
+    );
     let dev = vm.wait_line("virtio-net0: base=", BOOT);
-    vm.wait_line("serve: ready", BOOT);
     let link = vm.wait_line("virtio-net0: mac=", BOOT);
     assert!(link.contains("link=up"), "{link}");
     // The guest sees godwit-1.0 minus what DPDK lacks, nothing else.
@@ -265,13 +186,8 @@ fn guest_traffic_through_dpdk_testpmd_and_back() {
         V1_FEATURES & !((1 << 11) | (1 << 12) | (1 << 13)),
         "{dev}"
     );
-    let ping = host.exec(&["ping", "-c", "3", "-W", "5", "10.92.0.2"]);
-    assert!(
-        ping.status.success(),
-        "ping through testpmd: {}",
-        String::from_utf8_lossy(&ping.stdout)
-    );
-    let sizes: Vec<usize> = (0..200).map(|i| 36 + (i * 1436 / 199)).collect();
+    host.assert_ping("10.92.0.2", 3, "ping through testpmd");
+    let sizes = sizes_up_to_mtu(200);
     let echoed = host.run(move || udp_echo("10.92.0.2:7", 200, &sizes, 8, Duration::from_secs(60)));
     assert_eq!(echoed, 200, "UDP echo through testpmd");
 
@@ -365,18 +281,13 @@ fn strict_against_dpdk_refuses_with_remedies_that_start_the_vm() {
     let spec = spec.strip_prefix("--net ").unwrap();
     assert!(spec.ends_with("strict=off"), "{spec}");
     let api = dir.join("api.sock");
-    let mut vm = RunningVm::spawn(&[
-        "run",
-        "--machine",
-        "godwit-1.1",
-        "--net",
+    let mut vm = spawn_serving(
+        None,
+        &["--machine", "godwit-1.1"],
         spec,
-        "--cmdline",
         "console=ttyS0 reboot=k godwit.mode=serve godwit.heartbeat_ms=1000",
-        "--api-socket",
-        api.to_str().unwrap(),
-    ]);
-    vm.wait_line("serve: ready", BOOT);
+        Some(&api),
+    );
     let mut q = qmp_connect(&api);
     let migrate = q.execute("query-migrate", json!({})).unwrap();
     let reasons = migrate["blocked-reasons"].to_string();
@@ -393,14 +304,7 @@ fn strict_against_dpdk_refuses_with_remedies_that_start_the_vm() {
     );
     assert_eq!(
         netq[0]["dropped"]["names"],
-        json!([
-            "host_tso4",
-            "host_tso6",
-            "host_ecn",
-            "guest_uso4",
-            "guest_uso6",
-            "host_uso"
-        ]),
+        json!(TESTPMD_LACKS_OF_GODWIT_1_1),
         "{netq:#}"
     );
     let _ = q.execute("quit", json!({}));
@@ -452,28 +356,11 @@ fn ping_and_udp_echo_through_godwits_backend() {
     let _backend = Backend::start(&host, &socket, &[]);
     let api = dir.join("api.sock");
     let net = format!("vhost-user,socket={}", socket.display());
-    let cmdline = format!(
-        "console=ttyS0 reboot=k godwit.mode=serve godwit.heartbeat_ms=1000 {}",
-        host.guest_ip_param()
-    );
-    let mut vm = RunningVm::spawn(&[
-        "run",
-        "--net",
-        &net,
-        "--cmdline",
-        &cmdline,
-        "--api-socket",
-        api.to_str().unwrap(),
-    ]);
-    vm.wait_line("serve: ready", BOOT);
-    let ping = host.exec(&["ping", "-c", "3", "-W", "5", &host.guest_ip()]);
-    assert!(
-        ping.status.success(),
-        "{}",
-        String::from_utf8_lossy(&ping.stdout)
-    );
-    let target = format!("{}:7", host.guest_ip());
-    let sizes: Vec<usize> = (0..1000).map(|i| 36 + (i * 1436 / 999)).collect();
+    let cmdline = serve_cmdline(1000, &host.guest_ip_param());
+    let _vm = spawn_serving(None, &[], &net, &cmdline, Some(&api));
+    host.assert_ping(&host.guest_ip(), 3, "ping through godwit's backend");
+    let target = host.guest_echo();
+    let sizes = sizes_up_to_mtu(1000);
     let echoed = host.run(move || udp_echo(&target, 1000, &sizes, 16, Duration::from_secs(90)));
     assert_eq!(echoed, 1000, "UDP echo through godwit's backend");
     let q = query_net(&api);
@@ -508,22 +395,14 @@ fn interface_pinning_gives_the_old_abi_and_refuses_unknown_versions() {
 
     let api = dir.join("api.sock");
     let net = format!("vhost-user,socket={},interface={V1}", socket.display());
-    let mut vm = RunningVm::spawn(&[
-        "run",
-        "--machine",
-        "godwit-1.0",
-        "--net",
+    let mut vm = spawn_serving(
+        None,
+        &["--machine", "godwit-1.0"],
         &net,
-        "--cmdline",
-        &format!(
-            "console=ttyS0 reboot=k godwit.mode=serve godwit.heartbeat_ms=1000 {}",
-            host.guest_ip_param()
-        ),
-        "--api-socket",
-        api.to_str().unwrap(),
-    ]);
+        &serve_cmdline(1000, &host.guest_ip_param()),
+        Some(&api),
+    );
     let dev = vm.wait_line("virtio-net0: base=", BOOT);
-    vm.wait_line("serve: ready", BOOT);
     assert_eq!(hex_field(&dev, "offered"), V1_FEATURES, "{dev}");
     let q = query_net(&api);
     assert_eq!(q["interface"]["name"], V1, "{q:#}");
@@ -580,26 +459,13 @@ fn backend_killed_during_traffic_link_goes_down_and_traffic_resumes() {
     let mut backend = Backend::start(&host, &socket, &[]);
     let api = dir.join("api.sock");
     let net = format!("vhost-user,socket={}", socket.display());
-    let cmdline = format!(
-        "console=ttyS0 reboot=k godwit.mode=serve godwit.heartbeat_ms=500 {}",
-        host.guest_ip_param()
-    );
-    let mut vm = RunningVm::spawn(&[
-        "run",
-        "--net",
-        &net,
-        "--cmdline",
-        &cmdline,
-        "--api-socket",
-        api.to_str().unwrap(),
-    ]);
-    vm.wait_line("serve: ready", BOOT);
+    let cmdline = serve_cmdline(500, &host.guest_ip_param());
+    let mut vm = spawn_serving(None, &[], &net, &cmdline, Some(&api));
     // Traffic in flight while the backend dies.
-    let target = format!("{}:7", host.guest_ip());
+    let target = host.guest_echo();
     let t2 = target.clone();
-    let traffic = host_run_async(&host, move || {
-        udp_echo(&t2, 2000, &[64, 512, 1400], 16, Duration::from_secs(4))
-    });
+    let traffic =
+        host.spawn(move || udp_echo(&t2, 2000, &[64, 512, 1400], 16, Duration::from_secs(4)));
     std::thread::sleep(Duration::from_millis(500));
     backend.kill9();
     let _ = traffic.join();
@@ -621,38 +487,6 @@ fn backend_killed_during_traffic_link_goes_down_and_traffic_resumes() {
     assert_eq!(netq[0]["link"], "up");
 }
 
-/// The next console line containing `needle` (lines seen before are not
-/// looked at).
-fn wait_new_line(vm: &mut RunningVm, needle: &str, timeout: Duration) -> String {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match vm.try_line(left) {
-            Some(l) if l.contains(needle) => return l,
-            Some(_) => {}
-            None => panic!(
-                "no new console line containing {needle:?} within {timeout:?}; console:\n{}",
-                vm.seen.join("\n")
-            ),
-        }
-    }
-}
-
-fn host_run_async<T: Send + 'static>(
-    host: &NetHost,
-    f: impl FnOnce() -> T + Send + 'static,
-) -> std::thread::JoinHandle<T> {
-    let path = format!("/var/run/netns/{}", host.ns);
-    std::thread::spawn(move || {
-        let file = std::fs::File::open(&path).unwrap();
-        use std::os::fd::AsRawFd;
-        // SAFETY: setns on a valid namespace fd changes only this test thread.
-        let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-        assert_eq!(rc, 0);
-        f()
-    })
-}
-
 /// A backend that comes back with fewer features (v1 instead of v2, no
 /// USO) is handled by strict as at start-up: strict=on keeps the link down
 /// and says why; strict=off drops the features, registers a blocker and
@@ -670,24 +504,16 @@ fn backend_returning_with_fewer_features_follows_strict() {
             socket.display(),
             if strict { "on" } else { "off" }
         );
-        let cmdline = format!(
-            "console=ttyS0 reboot=k godwit.mode=serve godwit.heartbeat_ms=500 {}",
-            host.guest_ip_param()
-        );
-        let mut vm = RunningVm::spawn(&[
-            "run",
-            "--machine",
-            "godwit-1.1",
-            "--net",
+        let cmdline = serve_cmdline(500, &host.guest_ip_param());
+        let mut vm = spawn_serving(
+            None,
+            &["--machine", "godwit-1.1"],
             &net,
-            "--cmdline",
             &cmdline,
-            "--api-socket",
-            api.to_str().unwrap(),
-        ]);
+            Some(&api),
+        );
         let first = vm.wait_line("virtio-net0: base=", BOOT);
         assert_ne!(hex_field(&first, "offered") & (1 << 54), 0, "{first}");
-        vm.wait_line("serve: ready", BOOT);
         backend.kill9();
         vm.wait_line("virtio-net0: link=down", Duration::from_secs(20));
         let _older = Backend::start(&host, &socket, &["--interface", V1]);
@@ -715,9 +541,9 @@ fn backend_returning_with_fewer_features_follows_strict() {
             assert_eq!(status["status"], "running");
         } else {
             vm.wait_line("virtio-net0: device needs reset", Duration::from_secs(30));
-            let again = wait_new_line(&mut vm, "virtio-net0: base=", Duration::from_secs(60));
+            let again = vm.wait_new_line("virtio-net0: base=", Duration::from_secs(60));
             assert_eq!(hex_field(&again, "offered") & (7 << 54), 0, "{again}");
-            wait_new_line(&mut vm, "link=up", Duration::from_secs(30));
+            vm.wait_new_line("link=up", Duration::from_secs(30));
             let migrate = q.execute("query-migrate", json!({})).unwrap();
             let netq = q.execute("query-net", json!({})).unwrap();
             let blockers = netq[0]["blockers"].to_string();
@@ -961,16 +787,9 @@ fn server_mode_lets_the_backend_connect() {
     let dir = TempDir::new("vu-server");
     let socket = dir.join("godwit.sock");
     let net = format!("vhost-user,socket={},server=on", socket.display());
-    let cmdline = format!(
-        "console=ttyS0 reboot=k godwit.mode=serve godwit.heartbeat_ms=1000 {}",
-        host.guest_ip_param()
-    );
+    let cmdline = serve_cmdline(1000, &host.guest_ip_param());
     let mut vm = RunningVm::spawn(&["run", "--net", &net, "--cmdline", &cmdline]);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !socket.exists() {
-        assert!(Instant::now() < deadline, "godwit does not listen");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for_path(&socket, Duration::from_secs(20), "godwit does not listen");
     let _backend = Backend::start(&host, &socket, &["--client"]);
     vm.wait_line("serve: ready", BOOT);
     let ping = host.exec(&["ping", "-c", "2", "-W", "5", &host.guest_ip()]);
@@ -995,11 +814,7 @@ fn dpdk_connects_to_godwit_in_server_mode() {
         "--cmdline",
         "console=ttyS0 reboot=k godwit.mode=serve godwit.heartbeat_ms=300 godwit.poweroff_after=2",
     ]);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !socket.exists() {
-        assert!(Instant::now() < deadline, "godwit does not listen");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for_path(&socket, Duration::from_secs(20), "godwit does not listen");
     let _tp = Testpmd::start_with(&socket, None, true);
     let dev = vm.wait_line("virtio-net0: base=", BOOT);
     assert_eq!(

@@ -11,18 +11,18 @@
 //! - [`migration`] — live migration, source and destination.
 //! - [`planning`] — host capability reports and the planner.
 //! - [`api`] — the QMP-style management API.
+//! - [`cli`] — the `godwit` command's subcommands.
 
 pub mod abi;
 pub mod api;
 pub mod boot;
+pub mod cli;
 pub mod config;
 pub mod devices;
-pub mod host_caps;
 pub mod machine;
 pub mod migration;
-pub mod net_backend;
 pub mod persist;
-pub mod planner;
+pub mod planning;
 pub mod run;
 pub mod vstate;
 

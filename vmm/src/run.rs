@@ -4,7 +4,7 @@
 
 use std::path::PathBuf;
 
-use crate::config::VmConfig;
+use crate::config::{ConfigError, VmConfig};
 use crate::machine::{BuildError, Machine};
 use crate::migration::IncomingError;
 use crate::persist::snapshot::RestoreError;
@@ -24,6 +24,8 @@ pub enum Start {
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
     Build(#[from] BuildError),
     #[error(transparent)]
     Restore(#[from] RestoreError),
@@ -40,12 +42,14 @@ impl StartError {
             StartError::Build(e) => e.is_strict_refusal(),
             StartError::Restore(e) => e.is_peer_refusal(),
             StartError::Incoming(e) => e.is_refusal(),
+            StartError::Config(_) => false,
         }
     }
 }
 
 /// Builds the VM, ready for [`Machine::run`].
 pub fn start(config: &VmConfig, from: &Start) -> Result<Machine, StartError> {
+    config.check()?;
     Ok(match from {
         Start::Boot => Machine::build(config)?,
         Start::Restore(dir) => crate::persist::snapshot::restore(config, dir)?,

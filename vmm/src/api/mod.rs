@@ -24,6 +24,7 @@
 mod args;
 pub mod client;
 mod framing;
+pub mod plan;
 mod protocol;
 mod server;
 

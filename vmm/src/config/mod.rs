@@ -18,8 +18,14 @@ pub const DEFAULT_MEMORY: u64 = 128 << 20;
 pub enum ConfigError {
     #[error("invalid size '{0}': use a number with an optional K, M, G or T suffix (a bare number means MiB, as in QEMU), e.g. 512M or 2G")]
     Size(String),
-    #[error("invalid serial '{0}': use stdio, null, or file:PATH")]
+    #[error("invalid serial '{0}': use stdio, null, or file:PATH[,max-size=SIZE]")]
     Serial(String),
+    #[error("--net {first} and --net {second} both hand over fd={fd}: each TAP descriptor belongs to one device; open one TAP per device")]
+    FdTwice {
+        fd: i32,
+        first: String,
+        second: String,
+    },
 }
 
 /// Parses `512`, `512M`, `512MiB`, `2G`, `64k`. A bare number is MiB.
@@ -43,13 +49,29 @@ pub fn parse_size(text: &str) -> Result<u64, ConfigError> {
         .ok_or_else(err)
 }
 
+/// A size where a bare number means bytes (K, M, G, T suffixes as usual).
+fn parse_size_bytes(text: &str) -> Result<u64, ConfigError> {
+    if !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()) {
+        return text
+            .parse()
+            .ok()
+            .filter(|v| *v > 0)
+            .ok_or_else(|| ConfigError::Size(text.to_string()));
+    }
+    parse_size(text)
+}
+
 /// Where the guest's serial console goes.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum SerialSpec {
     /// Output to stdout, input from stdin.
     Stdio,
-    /// Output appended to a file; no input.
-    File(PathBuf),
+    /// Output appended to a file (at most `max_size` bytes of it written by
+    /// this run, when given); no input.
+    File {
+        path: PathBuf,
+        max_size: Option<u64>,
+    },
     /// Discarded.
     Null,
 }
@@ -60,10 +82,22 @@ impl FromStr for SerialSpec {
         match s {
             "stdio" => Ok(SerialSpec::Stdio),
             "null" => Ok(SerialSpec::Null),
-            _ => match s.strip_prefix("file:") {
-                Some(path) if !path.is_empty() => Ok(SerialSpec::File(PathBuf::from(path))),
-                _ => Err(ConfigError::Serial(s.to_string())),
-            },
+            _ => {
+                let Some(rest) = s.strip_prefix("file:") else {
+                    return Err(ConfigError::Serial(s.to_string()));
+                };
+                let (path, max_size) = match rest.rsplit_once(",max-size=") {
+                    Some((path, size)) => (path, Some(parse_size_bytes(size)?)),
+                    None => (rest, None),
+                };
+                if path.is_empty() {
+                    return Err(ConfigError::Serial(s.to_string()));
+                }
+                Ok(SerialSpec::File {
+                    path: PathBuf::from(path),
+                    max_size,
+                })
+            }
         }
     }
 }
@@ -106,9 +140,51 @@ pub struct VmConfig {
     pub api_socket: Option<PathBuf>,
 }
 
+impl VmConfig {
+    /// Checks what no single option can: a descriptor handed to two
+    /// devices would be owned, and closed, twice.
+    pub fn check(&self) -> Result<(), ConfigError> {
+        let mut seen: Vec<(i32, &str)> = Vec::new();
+        for spec in &self.nets {
+            if let net_spec::PeerSpec::Tap { fd: Some(fd), .. } = &spec.peer {
+                if let Some((_, first)) = seen.iter().find(|(f, _)| f == fd) {
+                    return Err(ConfigError::FdTwice {
+                        fd: *fd,
+                        first: first.to_string(),
+                        second: spec.text.clone(),
+                    });
+                }
+                seen.push((*fd, &spec.text));
+            }
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_tap_descriptor_given_to_two_devices_is_refused() {
+        let config = VmConfig {
+            restore_memory: RestoreMemory::Map,
+            machine: "godwit".into(),
+            nets: vec!["tap,fd=7".parse().unwrap(), "tap,fd=7".parse().unwrap()],
+            kernel: KernelImage::Embedded {
+                name: "test",
+                bytes: &[],
+            },
+            initrd: None,
+            cmdline: String::new(),
+            memory: 128 << 20,
+            vcpus: 1,
+            serial: SerialSpec::Null,
+            api_socket: None,
+        };
+        let err = config.check().unwrap_err().to_string();
+        assert!(err.contains("both hand over fd=7"), "{err}");
+    }
 
     #[test]
     fn sizes() {
@@ -138,7 +214,28 @@ mod tests {
     fn serial_specs() {
         assert_eq!("stdio".parse(), Ok(SerialSpec::Stdio));
         assert_eq!("null".parse(), Ok(SerialSpec::Null));
-        assert_eq!("file:/tmp/x".parse(), Ok(SerialSpec::File("/tmp/x".into())));
+        assert_eq!(
+            "file:/tmp/x".parse(),
+            Ok(SerialSpec::File {
+                path: "/tmp/x".into(),
+                max_size: None
+            })
+        );
+        assert_eq!(
+            "file:/tmp/x,max-size=1M".parse(),
+            Ok(SerialSpec::File {
+                path: "/tmp/x".into(),
+                max_size: Some(1 << 20)
+            })
+        );
+        assert_eq!(
+            "file:/tmp/x,max-size=4096".parse(),
+            Ok(SerialSpec::File {
+                path: "/tmp/x".into(),
+                max_size: Some(4096)
+            })
+        );
+        assert!("file:/tmp/x,max-size=lots".parse::<SerialSpec>().is_err());
         assert!("file:".parse::<SerialSpec>().is_err());
         assert!("tcp:1".parse::<SerialSpec>().is_err());
     }

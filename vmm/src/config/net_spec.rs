@@ -143,8 +143,14 @@ impl std::str::FromStr for NetSpec {
                     Some(v) => Some(
                         v.parse::<i32>()
                             .ok()
-                            .filter(|fd| *fd >= 0)
-                            .ok_or_else(|| bad("fd", &v, "use a file descriptor number"))?,
+                            .filter(|fd| *fd > 2)
+                            .ok_or_else(|| {
+                                bad(
+                                    "fd",
+                                    &v,
+                                    "use the number of an open TAP descriptor above 2 (0, 1 and 2 are godwit's standard input, output and error)",
+                                )
+                            })?,
                     ),
                     None => None,
                 };
@@ -311,6 +317,8 @@ mod tests {
             ),
             ("tap,ifname=averyveryverylongname", "1 to 15 characters"),
             ("tap,fd=-1", "fd=-1"),
+            ("tap,fd=0", "standard input, output and error"),
+            ("tap,fd=2", "standard input, output and error"),
             ("tap,ifname=t0,mac=01:02", "mac=01:02"),
             ("tap,ifname=t0,mtu=20", "mtu=20"),
             ("tap,ifname=t0,csum=sometimes", "csum=sometimes"),

@@ -2,18 +2,22 @@
 //! kernel, devices, vCPUs, console, management API.
 
 use std::fs::OpenOptions;
-use std::io::{LineWriter, Read};
+use std::io::Read;
 use std::path::PathBuf;
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use serde_json::{json, Map, Value};
 use vmm_sys_util::eventfd::EventFd;
 
 use godwit_devices::bus::BusError;
+use godwit_devices::console::{self, ConsoleHandle};
 use godwit_devices::i8042::{I8042, I8042_BASE, I8042_LEN};
 use godwit_devices::serial::{SerialDevice, SerialOutput, COM1_BASE, COM1_IRQ, COM1_LEN};
+
+/// How long godwit waits at exit for a slow console reader.
+const CONSOLE_DRAIN_AT_EXIT: Duration = Duration::from_secs(2);
 
 use crate::abi::machine_types::{self, MachineType, MachineTypeError};
 use crate::api::{self, ApiServer, CommandHandler, EventSender, QmpError};
@@ -337,8 +341,8 @@ impl CommandHandler for VmCommands {
                     .clone();
                 Ok(serde_json::to_value(p).unwrap_or(json!({})))
             }
-            "query-host-caps" => crate::planner::qmp_query_host_caps(args),
-            "plan" => crate::planner::qmp_plan(&self.vm, args),
+            "query-host-caps" => api::plan::qmp_query_host_caps(args),
+            "plan" => api::plan::qmp_plan(&self.vm, args),
             other => Err(QmpError::command_not_found(format!(
                 "The command {other} has not been found"
             ))),
@@ -402,11 +406,13 @@ pub fn version_info() -> Value {
     json!({"godwit": {"major": major, "minor": minor, "micro": micro}, "package": format!("godwit {}", env!("CARGO_PKG_VERSION"))})
 }
 
-fn serial_output(spec: &SerialSpec) -> Result<SerialOutput, BuildError> {
-    Ok(match spec {
-        SerialSpec::Stdio => Box::new(LineWriter::new(std::io::stdout())),
-        SerialSpec::Null => Box::new(std::io::sink()),
-        SerialSpec::File(path) => {
+/// The console sink for `spec`, behind its own writer thread (so that a
+/// reader that stops draining never blocks a vCPU).
+fn serial_output(spec: &SerialSpec) -> Result<(SerialOutput, Option<ConsoleHandle>), BuildError> {
+    let (sink, limit): (Box<dyn std::io::Write + Send>, Option<u64>) = match spec {
+        SerialSpec::Null => return Ok((Box::new(std::io::sink()), None)),
+        SerialSpec::Stdio => (Box::new(std::io::stdout()), None),
+        SerialSpec::File { path, max_size } => {
             let file = OpenOptions::new()
                 .create(true)
                 .append(true)
@@ -415,9 +421,17 @@ fn serial_output(spec: &SerialSpec) -> Result<SerialOutput, BuildError> {
                     path: path.clone(),
                     source,
                 })?;
-            Box::new(LineWriter::new(file))
+            (Box::new(file), *max_size)
         }
-    })
+    };
+    let (writer, handle) =
+        console::spawn(sink, console::DEFAULT_BUFFER, limit).map_err(|source| {
+            BuildError::Host {
+                what: "the console writer thread",
+                source,
+            }
+        })?;
+    Ok((Box::new(writer), Some(handle)))
 }
 
 /// Feeds stdin to the serial receive FIFO until EOF.
@@ -493,7 +507,7 @@ pub(crate) fn platform_devices(
             what: "wiring the serial interrupt (irqfd)",
             source: e,
         })?;
-    let output = serial_output(serial_spec)?;
+    let (output, console) = serial_output(serial_spec)?;
     let device = match state {
         None => SerialDevice::new(serial_irq, output),
         Some(state) => {
@@ -504,7 +518,7 @@ pub(crate) fn platform_devices(
             })?
         }
     };
-    let serial = Arc::new(Mutex::new(device));
+    let serial = Arc::new(Mutex::new(device.with_console(console)));
     buses
         .pio
         .insert(u64::from(COM1_BASE), u64::from(COM1_LEN), serial.clone())?;
@@ -683,7 +697,7 @@ impl Machine {
             .serial
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .flush_output();
+            .drain_output(CONSOLE_DRAIN_AT_EXIT);
         let (guest, reason) = match &outcome {
             VmOutcome::GuestPoweroff => (true, "guest-reset"),
             VmOutcome::Quit => (false, "host-qmp-quit"),

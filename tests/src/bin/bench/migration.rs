@@ -38,7 +38,7 @@ use godwit_tests::{qmp_connect, QmpClient, TempDir, TwoHosts};
 
 use super::snapshot::{
     float_between, fmt_bytes, godwit_cmd, loadavg, mem_available_bytes, number_after, size_name,
-    Proc, Stream,
+    spawn_guest, Proc, Stream,
 };
 use super::{median, status_kib};
 
@@ -255,25 +255,7 @@ fn godwit_migrate(
         return Err(format!("the destination did not listen:\n{}", dest.tail()));
     }
     let api = dir.join(format!("src-{port}.sock"));
-    let (mem, api_s, cmdline) = (
-        format!("{}M", ram / MIB),
-        api.display().to_string(),
-        serve_cmdline(dirty),
-    );
-    let mut src = Proc::spawn(godwit_cmd(
-        Some(&link.a),
-        &[
-            "run",
-            "--memory",
-            &mem,
-            "--api-socket",
-            &api_s,
-            "--serial",
-            "stdio",
-            "--cmdline",
-            &cmdline,
-        ],
-    ));
+    let mut src = spawn_guest(Some(&link.a), ram, &api, &serve_cmdline(dirty));
     let boot = Duration::from_secs(60);
     if src
         .wait_for(Stream::Stdout, boot, |l| l.starts_with("heartbeat "))

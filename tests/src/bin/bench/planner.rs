@@ -8,8 +8,8 @@ use std::time::Instant;
 use serde_json::Value;
 
 use godwit_tests::{godwit_bin, TempDir};
-use godwit_vmm::host_caps::parse_report;
-use godwit_vmm::planner::{self, HostInput};
+use godwit_vmm::planning::host_caps::parse_report;
+use godwit_vmm::planning::planner::{self, HostInput};
 
 use crate::median;
 
@@ -112,8 +112,8 @@ pub fn bench_planner() {
             machine: "godwit-1.1".into(),
             devices: vec![planner::VmDevice {
                 id: "net0".into(),
-                kind: godwit_vmm::host_caps::PeerKind::Tap,
-                offered: godwit_vmm::machine_types::newest().net_features(),
+                kind: godwit_vmm::planning::host_caps::PeerKind::Tap,
+                offered: godwit_vmm::abi::machine_types::newest().net_features(),
                 acked: 0,
                 interface: None,
             }],

@@ -208,6 +208,26 @@ impl Drop for Proc {
     }
 }
 
+/// The test guest with `ram` bytes of memory, an API socket `api`, its
+/// console on stdout and command line `cmdline`, in namespace `ns` if given.
+pub(crate) fn spawn_guest(ns: Option<&str>, ram: u64, api: &Path, cmdline: &str) -> Proc {
+    let (mem, api_s) = (format!("{}M", ram / MIB), api.display().to_string());
+    Proc::spawn(godwit_cmd(
+        ns,
+        &[
+            "run",
+            "--memory",
+            &mem,
+            "--api-socket",
+            &api_s,
+            "--serial",
+            "stdio",
+            "--cmdline",
+            cmdline,
+        ],
+    ))
+}
+
 /// `godwit ARGS` with `GODWIT_LOG=info`, inside namespace `ns` if given.
 pub(crate) fn godwit_cmd(ns: Option<&str>, args: &[&str]) -> Command {
     let mut cmd = godwit_tests::godwit_command(ns, args);
@@ -331,21 +351,7 @@ fn take_snapshot(dir: &TempDir, ram: u64, snap: &Path) -> Result<SnapResult, Str
     let cmdline = format!(
         "console=ttyS0 reboot=k godwit.mode=serve godwit.heartbeat_ms={HEARTBEAT_MS} godwit.dirty={mib}M:{DIRTY_RATE}"
     );
-    let (mem, api_s) = (format!("{mib}M"), api.display().to_string());
-    let mut vm = Proc::spawn(godwit_cmd(
-        None,
-        &[
-            "run",
-            "--memory",
-            &mem,
-            "--api-socket",
-            &api_s,
-            "--serial",
-            "stdio",
-            "--cmdline",
-            &cmdline,
-        ],
-    ));
+    let mut vm = spawn_guest(None, ram, &api, &cmdline);
     let Some((line, _)) = vm.wait_for(Stream::Stdout, Duration::from_secs(60), |l| {
         l.starts_with("serve: dirty buffer=")
     }) else {

@@ -47,6 +47,7 @@ use godwit_devices::virtio::net::{NET_HDR_LEN, RX_QUEUE, TX_QUEUE};
 use godwit_devices::virtio::testing::{net_hdr, udp_frame, Buf, GuestDriver, UdpCsum, Used};
 use godwit_devices::virtio::{feature, VirtioDevice, VIRTIO_F_VERSION_1};
 use godwit_devices::GuestMemory;
+use godwit_tests::process::{stop_child, testpmd_command};
 use godwit_tests::{godwit_bin, NetHost, TempDir};
 use virtio_bindings::virtio_net::{VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF};
 use vm_memory::{FileOffset, GuestAddress};
@@ -299,25 +300,12 @@ fn rate(packets: u64, bytes_each: usize, secs: f64) -> (String, String) {
     )
 }
 
-fn kill(child: &mut Child, sig: libc::c_int) {
-    // SAFETY: kill(2) on a child this benchmark spawned and has not reaped.
-    unsafe { libc::kill(child.id() as libc::pid_t, sig) };
-}
-
+/// A helper process and the signal that stops it, stopped on drop.
 struct Proc(Child, libc::c_int);
 
 impl Drop for Proc {
     fn drop(&mut self) {
-        kill(&mut self.0, self.1);
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.0.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        stop_child(&mut self.0, self.1, Duration::from_secs(15));
     }
 }
 
@@ -342,26 +330,7 @@ fn start_backend(host: &NetHost, socket: &Path) -> Res<Proc> {
 }
 
 fn start_testpmd(socket: &Path) -> Res<Proc> {
-    let child = Command::new("dpdk-testpmd")
-        .args([
-            "--no-pci",
-            "--no-huge",
-            "--no-shconf",
-            "-m",
-            "512",
-            "--vdev",
-        ])
-        .arg(format!("net_vhost0,iface={},queues=1", socket.display()))
-        .args([
-            "--",
-            "--forward-mode=io",
-            "--total-num-mbufs=2048",
-            "--stats-period",
-            "60",
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
+    let child = testpmd_command(None, socket, false)
         .spawn()
         .map_err(|e| format!("dpdk-testpmd ({e}): apt-get install -y dpdk-dev"))?;
     let p = Proc(child, libc::SIGINT);

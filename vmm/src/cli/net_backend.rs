@@ -6,7 +6,6 @@
 
 use std::io::Write;
 use std::path::PathBuf;
-use std::process::ExitCode;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
@@ -50,7 +49,11 @@ pub enum NetBackendError {
     #[error(transparent)]
     Backend(#[from] BackendError),
     #[error("cannot open TAP {name}: {source}")]
-    Tap { name: String, source: TapError },
+    Tap {
+        name: String,
+        #[source]
+        source: TapError,
+    },
     #[error("--socket and --tap are required")]
     Usage,
 }
@@ -102,13 +105,7 @@ pub fn run(args: NetBackendArgs) -> Result<(), NetBackendError> {
     Ok(())
 }
 
-/// The `godwit net-backend` command's exit status.
-pub fn main(args: NetBackendArgs) -> ExitCode {
-    match run(args) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            let _ = writeln!(std::io::stderr(), "godwit net-backend: error: {e}");
-            ExitCode::from(1)
-        }
-    }
+pub fn execute(args: NetBackendArgs) -> Result<u8, super::Error> {
+    run(args)?;
+    Ok(super::EXIT_SUCCESS)
 }

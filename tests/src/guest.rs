@@ -1,0 +1,97 @@
+//! The built-in test guest as the tests drive it: its serve-mode command
+//! line, starting it, and reading what its console and godwit print.
+
+use std::path::Path;
+use std::time::Duration;
+
+use crate::RunningVm;
+
+/// How long a guest may take to boot and report on a loaded machine.
+pub const BOOT: Duration = Duration::from_secs(60);
+
+/// The command line of a guest that serves UDP echo and prints
+/// `heartbeat N` every `heartbeat_ms`; `params` adds more (its `ip=`, ...).
+pub fn serve_cmdline(heartbeat_ms: u32, params: &str) -> String {
+    format!("console=ttyS0 reboot=k godwit.mode=serve godwit.heartbeat_ms={heartbeat_ms} {params}")
+}
+
+/// Starts `godwit run ARGS --net NET --cmdline CMDLINE`, with
+/// `--api-socket API` when given, inside namespace `ns` when given, and
+/// waits until the guest serves.
+pub fn spawn_serving(
+    ns: Option<&str>,
+    args: &[&str],
+    net: &str,
+    cmdline: &str,
+    api: Option<&Path>,
+) -> RunningVm {
+    let mut argv = vec!["run"];
+    argv.extend_from_slice(args);
+    argv.extend(["--net", net, "--cmdline", cmdline]);
+    let api = api.map(|p| p.to_str().expect("API socket path is UTF-8"));
+    if let Some(api) = api {
+        argv.extend(["--api-socket", api]);
+    }
+    let mut vm = match ns {
+        Some(ns) => RunningVm::spawn_in(ns, &argv),
+        None => RunningVm::spawn(&argv),
+    };
+    vm.wait_line("serve: ready", BOOT);
+    vm
+}
+
+/// The counter of a `heartbeat N` console line.
+pub fn heartbeat(line: &str) -> u64 {
+    line.trim()
+        .strip_prefix("heartbeat ")
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{line:?}"))
+}
+
+/// The hexadecimal `key=0x...` field of a console line (the device's
+/// `offered=`, `acked=`).
+pub fn hex_field(line: &str, key: &str) -> u64 {
+    let v = line
+        .split(&format!("{key}=0x"))
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no {key}= in {line}"));
+    u64::from_str_radix(v, 16).unwrap()
+}
+
+/// The `--net ...` line of remedy `n` in a strict refusal message.
+pub fn remedy_line(stderr: &str, n: usize) -> Option<String> {
+    let mut lines = stderr
+        .lines()
+        .skip_while(|l| !l.trim_start().starts_with(&format!("{n}. ")));
+    lines.next()?;
+    lines.next().map(|l| l.trim().to_string())
+}
+
+impl RunningVm {
+    /// The counter of the last heartbeat line seen so far.
+    pub fn last_heartbeat(&self) -> u64 {
+        self.seen
+            .iter()
+            .rev()
+            .find(|l| l.starts_with("heartbeat "))
+            .map(|l| heartbeat(l))
+            .expect("a heartbeat line on the console")
+    }
+
+    /// For a paused guest: reads every line still on its way (until none
+    /// comes for `quiet`) and returns the counter of the last heartbeat,
+    /// the one the guest stopped at.
+    pub fn heartbeat_when_paused(&mut self, quiet: Duration) -> u64 {
+        let mut last = 0;
+        while let Some(l) = self.try_line(quiet) {
+            if l.starts_with("heartbeat ") {
+                last = heartbeat(&l);
+            }
+        }
+        if last == 0 {
+            last = self.last_heartbeat();
+        }
+        last
+    }
+}

@@ -1,0 +1,162 @@
+//! The `godwit` command: one module per subcommand, each with its clap
+//! arguments and the glue that runs it. `main.rs` parses, calls
+//! [`Command::execute`] and turns the outcome into the exit status; the
+//! statuses are documented in the README.
+
+pub mod ctl;
+pub mod host_caps;
+pub mod machines;
+pub mod net_backend;
+pub mod plan;
+pub mod probe;
+pub mod run;
+
+use std::io::Write;
+
+use clap::{Parser, Subcommand};
+
+/// Exit statuses, documented in the README.
+pub const EXIT_SUCCESS: u8 = 0;
+pub const EXIT_START_FAILED: u8 = 1;
+pub const EXIT_GUEST_FAILED: u8 = 3;
+pub const EXIT_STRICT_REFUSAL: u8 = 4;
+/// `godwit plan`: no common ABI exists (or the VM cannot migrate to some host).
+pub const EXIT_NO_COMMON_ABI: u8 = crate::planning::planner::EXIT_NO_COMMON_ABI;
+
+#[derive(Parser)]
+#[command(
+    name = "godwit",
+    version,
+    about = "A minimal VMM on KVM whose virtio-net ABI is explicit, checked and portable"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Boot a VM (the built-in test guest unless --kernel is given).
+    Run(run::RunArgs),
+    /// Send one command to a running godwit's management API and print the result.
+    Ctl(ctl::CtlArgs),
+    /// List the machine types, the alias, and what each version adds.
+    Machines,
+    /// Report what a network peer supports, without starting a VM.
+    Probe(probe::ProbeArgs),
+    /// godwit's vhost-user net backend: forwards a frontend's rings to a TAP.
+    NetBackend(net_backend::NetBackendArgs),
+    /// Report this host's capabilities (godwit, KVM, CPUID, network peers) as versioned JSON for `godwit plan`.
+    HostCaps(host_caps::HostCapsArgs),
+    /// From host-caps reports: how to start a VM so it can migrate between those hosts (or, with --vm, whether an existing VM can).
+    Plan(plan::PlanArgs),
+}
+
+impl Command {
+    /// Runs the subcommand: `Ok` with the exit status of a normal end (a
+    /// plan without a common ABI is one), `Err` when it failed.
+    pub fn execute(self) -> Result<u8, Error> {
+        match self {
+            Command::Run(args) => run::execute(args),
+            Command::Ctl(args) => ctl::execute(&args),
+            Command::Machines => machines::execute(),
+            Command::Probe(args) => probe::execute(&args),
+            Command::NetBackend(args) => net_backend::execute(args),
+            Command::HostCaps(args) => host_caps::execute(&args),
+            Command::Plan(args) => plan::execute(&args),
+        }
+    }
+}
+
+/// How a subcommand failed; the message is the line godwit prints on
+/// standard error.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("godwit: error: {0}")]
+    Run(#[from] run::RunError),
+    #[error("godwit: guest failed: {0}")]
+    Guest(#[source] crate::vstate::events::VcpuExitError),
+    #[error("godwit: {0}")]
+    Ctl(#[from] crate::api::ClientError),
+    #[error("godwit: error: {0}")]
+    Probe(#[from] crate::devices::net::NetSetupError),
+    #[error("godwit net-backend: error: {0}")]
+    NetBackend(#[from] net_backend::NetBackendError),
+    #[error("godwit host-caps: error: {0}")]
+    HostCaps(#[from] host_caps::HostCapsError),
+    #[error("godwit plan: error: {0}")]
+    Plan(#[from] plan::PlanCliError),
+}
+
+impl Error {
+    /// The exit status this failure ends `godwit` with.
+    pub fn exit_status(&self) -> u8 {
+        match self {
+            Error::Run(e) if e.is_strict_refusal() => EXIT_STRICT_REFUSAL,
+            Error::Guest(_) => EXIT_GUEST_FAILED,
+            _ => EXIT_START_FAILED,
+        }
+    }
+}
+
+/// Standard error that never fails: a closed or full stderr must not take
+/// down a thread that logs (a vCPU thread, say); the lines are lost instead.
+pub struct LossyStderr;
+
+impl Write for LossyStderr {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let _ = std::io::stderr().write_all(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        let _ = std::io::stderr().flush();
+        Ok(())
+    }
+}
+
+/// Prints one line on stderr, ignoring a broken stderr.
+pub fn report(line: impl std::fmt::Display) {
+    let _ = writeln!(LossyStderr, "{line}");
+}
+
+/// Prints on stdout, ignoring a closed stdout (`godwit plan | head`).
+pub(crate) fn print_out(text: &str) {
+    let _ = std::io::stdout().write_all(text.as_bytes());
+}
+
+/// Logs to stderr, filtered by `GODWIT_LOG` (default: warnings).
+pub fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("GODWIT_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(|| LossyStderr)
+        .with_target(false)
+        .init();
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::{CommandFactory, Parser};
+
+    use super::{Cli, Command};
+
+    #[test]
+    fn the_command_line_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn subcommands_parse_as_before() {
+        let plan = Cli::try_parse_from(["godwit", "plan", "a.json", "--device", "vhost-user"])
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(matches!(plan.command, Command::Plan(ref p) if p.devices.len() == 1));
+        let e = Cli::try_parse_from(["godwit", "plan", "a.json", "--device", "slirp"])
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(e.contains("unknown peer kind 'slirp'"), "{e}");
+        assert!(Cli::try_parse_from(["godwit", "net-backend", "--print-versions"]).is_ok());
+        assert!(Cli::try_parse_from(["godwit", "net-backend"]).is_err());
+    }
+}

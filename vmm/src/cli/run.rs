@@ -1,0 +1,124 @@
+//! `godwit run`: boot a VM, restore one from a snapshot, or receive one by
+//! live migration, and run it until it ends.
+
+use std::path::PathBuf;
+
+use clap::Args;
+
+use crate::abi::machine_types::{self, MachineTypeError};
+use crate::boot::test_guest::{TEST_GUEST_ELF, TEST_GUEST_NAME};
+use crate::boot::KernelImage;
+use crate::config::net_spec::NetSpec;
+use crate::config::{parse_size, RestoreMemory, SerialSpec, VmConfig, DEFAULT_CMDLINE};
+use crate::machine::VmOutcome;
+use crate::run::{start, Start, StartError};
+
+#[derive(Args)]
+pub struct RunArgs {
+    /// Machine type (`godwit machines` lists them; `help`, or TYPE,help for one type's ABI).
+    #[arg(long, value_name = "TYPE", default_value = machine_types::ALIAS)]
+    machine: String,
+    /// A virtio-net device and its peer: tap,ifname=NAME|fd=N[,vnet_hdr=on|off][,mac=..][,mtu=..][,strict=on|off][,FEATURE=on|off...]. Repeatable.
+    #[arg(long, value_name = "SPEC")]
+    net: Vec<NetSpec>,
+    /// Linux kernel: bzImage or ELF vmlinux. Default: the built-in test guest.
+    #[arg(long, value_name = "PATH")]
+    kernel: Option<PathBuf>,
+    /// Initial ramdisk.
+    #[arg(long, value_name = "PATH")]
+    initrd: Option<PathBuf>,
+    /// Kernel command line.
+    #[arg(long, value_name = "STR", default_value = DEFAULT_CMDLINE)]
+    cmdline: String,
+    /// Guest RAM, e.g. 512M or 2G (a bare number is MiB).
+    #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "128M")]
+    memory: u64,
+    /// Number of vCPUs.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    vcpus: u32,
+    /// Serial console: stdio, null, or file:PATH.
+    #[arg(long, value_name = "SPEC", default_value = "stdio")]
+    serial: SerialSpec,
+    /// Serve the QMP-style management API on this Unix socket.
+    #[arg(long, value_name = "PATH")]
+    api_socket: Option<PathBuf>,
+    /// Start from a snapshot directory (written by snapshot-save) instead of
+    /// booting; --net gives this host's peers, one per saved device, in order.
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["kernel", "initrd", "cmdline", "memory", "vcpus", "machine"])]
+    restore: Option<PathBuf>,
+    /// Wait for a live migration on tcp:ADDR:PORT or unix:PATH instead of
+    /// booting; --net gives this host's peers, one per device, in order.
+    #[arg(long, value_name = "URI", conflicts_with_all = ["kernel", "initrd", "cmdline", "memory", "vcpus", "machine", "restore"])]
+    incoming: Option<String>,
+    /// With --restore: `map` the memory file privately (no copy; the
+    /// default) or `copy` it into shared memory (needed by vhost-user peers).
+    #[arg(long, value_name = "MODE", default_value = "map", requires = "restore")]
+    restore_memory: RestoreMemory,
+}
+
+/// Why the VM did not start.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Start(#[from] StartError),
+    #[error(transparent)]
+    MachineType(#[from] MachineTypeError),
+}
+
+impl RunError {
+    /// The strict check refused a device (its own exit status).
+    pub fn is_strict_refusal(&self) -> bool {
+        matches!(self, RunError::Start(e) if e.is_strict_refusal())
+    }
+}
+
+/// `--machine help` and `--machine TYPE,help`; None when it is a real choice.
+fn machine_help(machine: &str) -> Option<Result<u8, super::Error>> {
+    if machine == "help" {
+        super::print_out(&machine_types::help_text());
+        return Some(Ok(super::EXIT_SUCCESS));
+    }
+    let name = machine.strip_suffix(",help")?;
+    Some(match machine_types::resolve(name) {
+        Ok(m) => {
+            super::print_out(&machine_types::type_help_text(m));
+            Ok(super::EXIT_SUCCESS)
+        }
+        Err(e) => Err(RunError::from(e).into()),
+    })
+}
+
+pub fn execute(args: RunArgs) -> Result<u8, super::Error> {
+    if let Some(done) = machine_help(&args.machine) {
+        return done;
+    }
+    let kernel = match args.kernel {
+        Some(path) => KernelImage::File(path),
+        None => KernelImage::Embedded {
+            name: TEST_GUEST_NAME,
+            bytes: TEST_GUEST_ELF,
+        },
+    };
+    let config = VmConfig {
+        restore_memory: args.restore_memory,
+        machine: args.machine.clone(),
+        nets: args.net,
+        kernel,
+        initrd: args.initrd,
+        cmdline: args.cmdline,
+        memory: args.memory,
+        vcpus: args.vcpus,
+        serial: args.serial,
+        api_socket: args.api_socket,
+    };
+    let from = match (&args.restore, &args.incoming) {
+        (Some(dir), _) => Start::Restore(dir.clone()),
+        (None, Some(uri)) => Start::Incoming(uri.clone()),
+        (None, None) => Start::Boot,
+    };
+    let machine = start(&config, &from).map_err(RunError::from)?;
+    match machine.run() {
+        VmOutcome::GuestPoweroff | VmOutcome::Quit | VmOutcome::Migrated => Ok(super::EXIT_SUCCESS),
+        VmOutcome::GuestFailed(e) => Err(super::Error::Guest(e)),
+    }
+}
