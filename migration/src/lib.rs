@@ -4,6 +4,7 @@
 pub mod atomic;
 pub mod cpu_compat;
 pub mod format;
+pub mod guest_ram;
 mod le;
 pub mod memory_file;
 pub mod persist;

@@ -59,6 +59,7 @@ use vm_memory::{
 
 use crate::atomic::{write_atomically, AtomicWriteError};
 use crate::format::{kind_ids, SectionKind};
+use crate::guest_ram;
 use crate::le::{crc, u32_at, u64_at};
 
 pub const MAGIC: [u8; 8] = *b"GODWITMF";
@@ -489,19 +490,6 @@ fn check_expected(
     })
 }
 
-/// Whether a page of guest memory is all zero. `ptr` points at a page that
-/// stays mapped while this runs.
-fn page_is_zero(ptr: *const u8) -> bool {
-    let words = ptr.cast::<u64>();
-    (0..PAGE_SIZE as usize / 8).all(|i| {
-        // SAFETY: `ptr` is the page-aligned start of a whole page inside a
-        // live guest memory mapping (see the callers), so every u64 of the
-        // page is aligned and readable. Volatile reads because the guest and
-        // devices may share this memory.
-        unsafe { std::ptr::read_volatile(words.add(i)) == 0 }
-    })
-}
-
 fn save_region<B: Bitmap>(
     file: &mut File,
     region: &GuestRegionMmap<B>,
@@ -512,8 +500,6 @@ fn save_region<B: Bitmap>(
     let whole = region
         .get_slice(MemoryRegionAddress(0), len as usize)
         .map_err(|e| io::Error::other(SaveRegionError::Unmapped(e)))?;
-    let guard = whole.ptr_guard();
-    let base = guard.as_ptr();
     let mut write_run = |start: u64, end: u64, stats: &mut SaveStats| -> io::Result<()> {
         if start == end {
             return Ok(());
@@ -528,26 +514,23 @@ fn save_region<B: Bitmap>(
         stats.writes += 1;
         Ok(())
     };
-    // Holes of a file-backed region (godwit's memfd) are zero without
-    // looking: touching them would allocate memory for every never-used
-    // guest page.
-    let extents = match region.file_offset() {
-        Some(fo) => data_extents(fo.file(), fo.start(), fo.start() + len)?
-            .into_iter()
-            .map(|(s, e)| (s - fo.start(), e - fo.start()))
-            .collect(),
-        None => vec![(0, len)],
-    };
+    // Outside these ranges the region is zero without looking: touching
+    // never-used pages would allocate memory for them.
     let mut scanned = 0u64;
-    for (start, end) in extents {
-        // Extents of a file are page aligned except perhaps at its end.
-        let start = start / PAGE_SIZE * PAGE_SIZE;
-        let end = end.div_ceil(PAGE_SIZE).saturating_mul(PAGE_SIZE).min(len);
+    for (start, end) in guest_ram::data_ranges(region)? {
         let mut run_start = start;
         let mut page = start;
         while page < end {
-            // `page` is inside the region, which `whole` keeps mapped.
-            if page_is_zero(base.wrapping_add(page as usize)) {
+            let slice = whole
+                .subslice(page as usize, PAGE_SIZE as usize)
+                .map_err(|source| {
+                    io::Error::other(SaveRegionError::Subslice {
+                        start: page,
+                        end: page + PAGE_SIZE,
+                        source,
+                    })
+                })?;
+            if guest_ram::is_zero(&slice) {
                 write_run(run_start, page, stats)?;
                 stats.zero_pages += 1;
                 run_start = page + PAGE_SIZE;
@@ -757,6 +740,8 @@ pub fn restore_to_memfd<B: NewBitmap>(
         path: path.to_path_buf(),
         source,
     };
+    // The source is the memory file, which save wrote with zero pages as
+    // holes: its data extents are all there is to copy.
     let extents = data_extents(&src, info.data_offset, info.file_len).map_err(read_err)?;
     for (region, r) in memory.iter().zip(&info.regions) {
         let (lo, hi) = (

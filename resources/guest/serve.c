@@ -10,10 +10,11 @@
 #include "net/udp_echo.h"
 #include "timer.h"
 #include "udp_burst.h"
+#include "verify.h"
 #include "virtio_net.h"
 
 #define DEFAULT_HEARTBEAT_MS 1000
-#define FINE_TICK_MS 10 /* when dirtying or bursting */
+#define FINE_TICK_MS 10 /* when dirtying, verifying or bursting */
 
 static u64 poweroff_after;
 static u64 heartbeat_ms;
@@ -23,6 +24,8 @@ static void after_heartbeat(u64 n)
 {
 	if (dirty_active())
 		dirty_report();
+	if (verify_active())
+		verify_report();
 	if (n % 10 == 0)
 		virtio_net_report();
 	virtio_net_check_all();
@@ -30,12 +33,13 @@ static void after_heartbeat(u64 n)
 		poweroff();
 }
 
-/* The heartbeat period, or a finer tick while dirtying or bursting. */
+/* The heartbeat period, or a finer tick while dirtying, verifying or bursting. */
 static u32 choose_tick_ms(void)
 {
 	u64 tick = heartbeat_ms;
 
-	if ((dirty_active() || udp_burst_active()) && (tick == 0 || tick > FINE_TICK_MS))
+	if ((dirty_active() || verify_active() || udp_burst_active()) &&
+	    (tick == 0 || tick > FINE_TICK_MS))
 		tick = FINE_TICK_MS;
 	return tick > 0xffffffffu ? 0xffffffffu : (u32)tick;
 }
@@ -52,6 +56,7 @@ void serve_run(void)
 	udp_echo_init();
 	virtio_net_init_all();
 	udp_burst_init();
+	verify_init();
 	dirty_init(); /* last: it may take most of the free memory */
 	heartbeat_init(heartbeat_ms, after_heartbeat);
 	println("serve: ready");
@@ -67,6 +72,7 @@ void serve_run(void)
 			u64 now = timer_now_ms(), elapsed = now - last_ms;
 			last_ms = now;
 			dirty_advance(elapsed);
+			verify_advance(elapsed);
 			heartbeat_advance(elapsed);
 		}
 		udp_burst_poll(timer_now_ms());

@@ -17,6 +17,7 @@
 #include "net/csum.h"
 #include "tsc.h"
 #include "udp_burst.h"
+#include "verify.h"
 #include "virtio_net.h"
 #include "virtio_net_features.h"
 
@@ -734,6 +735,131 @@ static void t_udp_burst_timeout(void)
 	CHECK_LINE("udp-burst: sent 3 received 0\n");
 }
 
+/* ---- godwit.verify ---- */
+
+#define VPAGE 4096
+#define VWORDS (VPAGE / 8)
+
+/* Starts the verifier of `cmdline` and returns its buffer. */
+static u8 *verify_start(const char *cmdline)
+{
+	static char buf[256];
+	snprintf(buf, sizeof(buf), "%s", cmdline);
+	cmdline_set(buf);
+	CHECK(verify_init(), "verify_init");
+	console[console_len] = 0;
+	const char *at = strstr(console, "serve: verify buffer=0x");
+	CHECK(at != NULL, "no verify line");
+	return at ? (u8 *)(uintptr_t)strtoull(at + strlen("serve: verify buffer=0x"), NULL, 16) : NULL;
+}
+
+static u64 *vpage(u8 *buf, u32 i) { return (u64 *)(buf + (u64)i * VPAGE); }
+
+static u64 vword(u8 *buf, u32 i, u32 w, u64 gen)
+{
+	return (u64)(uintptr_t)&vpage(buf, i)[w] | gen << 32;
+}
+
+static int count(const char *needle)
+{
+	int n = 0;
+	console[console_len] = 0;
+	for (const char *p = console; (p = strstr(p, needle)); p++)
+		n++;
+	return n;
+}
+
+static void check_mismatch_line(u8 *buf, u32 page, u32 word, u64 want, u64 got)
+{
+	char line[160];
+	snprintf(line, sizeof(line), "verify: mismatch at 0x%llx want 0x%llx got 0x%llx\n",
+		 (unsigned long long)(uintptr_t)&vpage(buf, page)[word], (unsigned long long)want,
+		 (unsigned long long)got);
+	CHECK_LINE(line);
+	CHECK(count("verify: mismatch at") == 1, "only the first mismatch is named");
+}
+
+/* Many passes over a buffer that starts as garbage: never a mismatch. */
+static void t_verify_clean(void)
+{
+	u8 *buf = verify_start("godwit.verify=64K godwit.verify_rate=100 godwit.verify_check_rate=1000");
+	CHECK_LINE(" pages=16 rate=100 check=1000 pages/s\n");
+	for (int i = 0; i < 100; i++)
+		verify_advance(37);
+	verify_report();
+	CHECK_LINE("verify: 16 pages, 1600 checked, 0 mismatches\n");
+	CHECK(!console_has("mismatch at"), "false mismatch");
+	/* 370 rewrites: 23 passes and 2 pages: page 1 holds generation 24. */
+	CHECK(vpage(buf, 1)[0] == vword(buf, 1, 0, 24), "pattern %llx",
+	      (unsigned long long)vpage(buf, 1)[0]);
+	CHECK(vpage(buf, 2)[VWORDS - 1] == vword(buf, 2, VWORDS - 1, 23), "pattern");
+}
+
+/* A written page that comes back zero. */
+static void t_verify_zero(void)
+{
+	u8 *buf = verify_start("godwit.verify=64K godwit.verify_rate=100 godwit.verify_check_rate=1000");
+	verify_advance(100); /* pages 0-9 at generation 1 */
+	memset(vpage(buf, 3), 0, VPAGE);
+	verify_advance(16);
+	check_mismatch_line(buf, 3, 0, vword(buf, 3, 0, 1), 0);
+	verify_advance(16);
+	verify_report();
+	CHECK_LINE("verify: 16 pages, 48 checked, 2 mismatches\n");
+}
+
+/* A page from an older generation. */
+static void t_verify_stale(void)
+{
+	static u64 saved[VWORDS];
+	u8 *buf = verify_start("godwit.verify=64K godwit.verify_rate=100 godwit.verify_check_rate=1000");
+	verify_advance(160); /* one full pass: every page at generation 1 */
+	memcpy(saved, vpage(buf, 5), VPAGE);
+	verify_advance(100); /* pages 0-9 at generation 2 */
+	memcpy(vpage(buf, 5), saved, VPAGE);
+	verify_advance(16);
+	check_mismatch_line(buf, 5, 0, vword(buf, 5, 0, 2), vword(buf, 5, 0, 1));
+}
+
+static void t_verify_moved(void)
+{
+	u8 *buf = verify_start("godwit.verify=64K godwit.verify_rate=100 godwit.verify_check_rate=1000");
+	verify_advance(100);
+	memcpy(vpage(buf, 7), vpage(buf, 6), VPAGE); /* same generation, wrong place */
+	verify_advance(16);
+	check_mismatch_line(buf, 7, 0, vword(buf, 7, 0, 1), vword(buf, 6, 0, 1));
+}
+
+/* Only the page at the cursor may be half rewritten; elsewhere that is a
+ * mismatch, and so is a damaged checksum word. */
+static void t_verify_cut_rewrite(void)
+{
+	u8 *buf = verify_start("godwit.verify=64K godwit.verify_rate=100 godwit.verify_check_rate=16000");
+	verify_advance(100); /* cursor at page 10, which is at generation 0 */
+	vpage(buf, 10)[0] = vword(buf, 10, 0, 1);
+	vpage(buf, 10)[VWORDS / 2] = vword(buf, 10, VWORDS / 2, 1);
+	verify_advance(1); /* no rewrite due; all 16 pages checked */
+	verify_report();
+	CHECK_LINE("verify: 16 pages, 32 checked, 0 mismatches\n");
+
+	vpage(buf, 12)[0] = vword(buf, 12, 0, 1);
+	verify_advance(1);
+	check_mismatch_line(buf, 12, 0, 0, vword(buf, 12, 0, 1));
+	vpage(buf, 12)[0] = 0;
+	vpage(buf, 4)[1] ^= 1;
+	verify_advance(1);
+	verify_report();
+	CHECK_LINE("verify: 16 pages, 64 checked, 2 mismatches\n");
+}
+
+static void t_verify_bad_words(void)
+{
+	cmdline_set("godwit.verify=lots");
+	CHECK(!verify_init(), "accepted a bad size");
+	CHECK_LINE("serve: ignoring godwit.verify=lots: want a size (K/M/G suffixes) of at least 4K\n");
+	CHECK(!verify_active(), "active");
+}
+
 struct scenario {
 	const char *name;
 	void (*fn)(void);
@@ -757,6 +883,12 @@ static const struct scenario scenarios[] = {
 	{ "two_devices", t_two_devices },
 	{ "udp_burst", t_udp_burst },
 	{ "udp_burst_timeout", t_udp_burst_timeout },
+	{ "verify_clean", t_verify_clean },
+	{ "verify_zero", t_verify_zero },
+	{ "verify_stale", t_verify_stale },
+	{ "verify_moved", t_verify_moved },
+	{ "verify_cut_rewrite", t_verify_cut_rewrite },
+	{ "verify_bad_words", t_verify_bad_words },
 };
 
 int main(int argc, char **argv)

@@ -96,33 +96,22 @@ pub(super) fn set_dirty_logging(handle: &VmHandle, on: bool) -> Result<(), Migra
     Ok(())
 }
 
-/// The pages that may hold data. Guest RAM is a shared memfd whose pages
-/// the guest never touched are holes: SEEK_DATA skips them without faulting
-/// them in. A privately mapped restore keeps its changes outside the file,
-/// so there every page is a candidate.
+/// The pages that may hold data, however guest RAM is backed (see
+/// [`godwit_migration::guest_ram`]): the rest is zero, and the destination
+/// starts zeroed. A region whose backing cannot be inspected yields all of
+/// its pages.
 pub(super) fn pages_with_data(handle: &VmHandle) -> Vec<u64> {
     let mut pages = Vec::new();
     for region in handle.ram.memory.iter() {
         let base = region.start_addr().0;
-        let len = region.len();
-        let mapping = std::ops::Deref::deref(region);
-        let extents = match mapping.file_offset() {
-            Some(fo) if mapping.flags() & libc::MAP_SHARED != 0 => {
-                godwit_migration::memory_file::data_extents(fo.file(), fo.start(), fo.start() + len)
-                    .ok()
-                    .map(|ex| (fo.start(), ex))
-            }
-            _ => None,
-        };
-        match extents {
-            Some((start, ex)) => {
-                for (from, to) in ex {
-                    let first = (from - start) / PAGE_SIZE;
-                    let last = (to - start).div_ceil(PAGE_SIZE).min(len / PAGE_SIZE);
-                    pages.extend((first..last).map(|p| base + p * PAGE_SIZE));
-                }
-            }
-            None => pages.extend((0..len / PAGE_SIZE).map(|p| base + p * PAGE_SIZE)),
+        let ranges = godwit_migration::guest_ram::data_ranges(region).unwrap_or_else(|e| {
+            tracing::warn!(
+                "migration: cannot tell which guest pages at {base:#x} hold data ({e}): sending all of them"
+            );
+            vec![(0, region.len())]
+        });
+        for (from, to) in ranges {
+            pages.extend((from / PAGE_SIZE..to / PAGE_SIZE).map(|p| base + p * PAGE_SIZE));
         }
     }
     pages

@@ -90,15 +90,9 @@ impl Sender<'_> {
                 .memory
                 .get_slice(GuestAddress(gpa), PAGE_SIZE as usize)
                 .map_err(|e| MigrateError::Local(format!("reading guest page {gpa:#x}: {e}")))?;
-            let zero = {
-                let guard = slice.ptr_guard();
-                let words = guard.as_ptr() as *const u64;
-                // SAFETY: the slice covers PAGE_SIZE bytes of mapped guest
-                // memory (page aligned); volatile reads, since the guest may
-                // write concurrently (it is then dirty and sent again).
-                (0..PAGE_SIZE as usize / 8)
-                    .all(|i| unsafe { std::ptr::read_volatile(words.add(i)) } == 0)
-            };
+            // Checked in place; the guest may write it meanwhile (it is
+            // then dirty and sent again).
+            let zero = godwit_migration::guest_ram::is_zero(&slice);
             if zero && skip_zero {
                 continue;
             }

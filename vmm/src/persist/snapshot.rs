@@ -25,6 +25,7 @@ use crate::abi::strict::{NetAbiDecision, PeerSupport};
 use crate::config::{RestoreMemory, VmConfig};
 use crate::devices::net::{self, NetDevice, NetSetupError};
 use crate::machine::{platform_devices, BuildError, BuiltVm, Machine, VmHandle};
+use crate::persist::staging::{Staging, StagingError};
 use crate::vstate::memory::{self, GuestRam};
 use crate::vstate::state::vcpu::{check_cpuid, host_cpuid, VCPU_SECTION};
 use crate::vstate::state::vm::{ClockRestore, VM_SECTION};
@@ -101,11 +102,8 @@ pub struct NetSnapshot {
 pub enum SnapshotError {
     #[error("the VM cannot be snapshotted: {}", .0.join("; "))]
     Blocked(Vec<String>),
-    #[error("cannot create snapshot directory {}: {source}", path.display())]
-    Dir {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Staging(#[from] StagingError),
     #[error("cannot pause {what}: {detail}")]
     Pause { what: String, detail: String },
     #[error("saving {what}: {source}")]
@@ -263,15 +261,14 @@ pub fn save(handle: &VmHandle, dir: &Path) -> Result<SnapshotStats, SnapshotErro
         .try_lock()
         .map_err(|_| SnapshotError::Busy)?;
     let started = Instant::now();
-    std::fs::create_dir_all(dir).map_err(|source| SnapshotError::Dir {
-        path: dir.to_path_buf(),
-        source,
-    })?;
+    // Written aside and put in place whole once complete: an older snapshot
+    // in `dir` stays restorable whatever fails.
+    let staging = Staging::new(dir)?;
     let quiet = Quiesced::new(handle)?;
     let paused_at = Instant::now();
     tracing::info!("snapshot: VM paused, saving state to {}", dir.display());
     let mut writer = capture_state(handle)?;
-    let stats = memory_file::save(&handle.ram.memory, &dir.join(MEMORY_FILE))?;
+    let stats = memory_file::save(&handle.ram.memory, &staging.path().join(MEMORY_FILE))?;
     tracing::info!(
         "snapshot: guest memory written: {} MiB of data, {} zero pages left as holes",
         stats.data_bytes >> 20,
@@ -279,9 +276,10 @@ pub fn save(handle: &VmHandle, dir: &Path) -> Result<SnapshotStats, SnapshotErro
     );
     writer.add(&MEMORY_SECTION, 0, &stats.info)?;
     let bytes = writer.to_bytes();
-    writer.write_file(&dir.join(STATE_FILE))?;
+    writer.write_file(&staging.path().join(STATE_FILE))?;
     let paused_ms = paused_at.elapsed().as_secs_f64() * 1e3;
     drop(quiet);
+    staging.commit()?;
     let out = SnapshotStats {
         dir: dir.to_path_buf(),
         memory_bytes: handle.ram.size,
