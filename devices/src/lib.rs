@@ -15,6 +15,7 @@ pub mod i8042;
 pub mod net;
 pub mod serial;
 pub mod socket_path;
+pub mod thread_hook;
 pub mod vhost_net;
 pub mod vhost_user;
 pub mod virtio;

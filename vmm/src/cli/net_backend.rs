@@ -18,6 +18,8 @@ use godwit_devices::vhost_user::backend::{
 };
 use godwit_devices::vhost_user::interface::{version_list, INTERFACES};
 
+use crate::seccomp::{self, SeccompError, SeccompMode, ThreadKind};
+
 #[derive(Args, Debug)]
 pub struct NetBackendArgs {
     /// The vhost-user socket: listened on, or connected to with --client.
@@ -42,6 +44,9 @@ pub struct NetBackendArgs {
     /// With --print-versions: add each version's values.
     #[arg(long)]
     pub verbose: bool,
+    /// System-call filter on the backend's threads: on, off or log (as `godwit run --seccomp`).
+    #[arg(long, value_name = "MODE", value_enum, env = "GODWIT_SECCOMP", default_value_t = SeccompMode::On)]
+    pub seccomp: SeccompMode,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -56,6 +61,8 @@ pub enum NetBackendError {
     },
     #[error("--socket and --tap are required")]
     Usage,
+    #[error(transparent)]
+    Seccomp(#[from] SeccompError),
 }
 
 /// Runs the backend until killed (or prints the versions).
@@ -97,6 +104,9 @@ pub fn run(args: NetBackendArgs) -> Result<(), NetBackendError> {
         if args.client { "client" } else { "server" }
     );
     let _ = std::io::stdout().flush();
+    // The daemon's threads start from this one and inherit its filter.
+    seccomp::init(args.seccomp)?;
+    seccomp::install(ThreadKind::NetBackend)?;
     serve(
         &opts,
         Arc::new(BackendCounters::default()),

@@ -12,6 +12,7 @@ use crate::config::net_spec::NetSpec;
 use crate::config::{parse_size, RestoreMemory, SerialSpec, VmConfig, DEFAULT_CMDLINE};
 use crate::machine::VmOutcome;
 use crate::run::{start, Start, StartError};
+use crate::seccomp::{self, SeccompError, SeccompMode, ThreadKind};
 
 #[derive(Args)]
 pub struct RunArgs {
@@ -54,6 +55,11 @@ pub struct RunArgs {
     /// default) or `copy` it into shared memory (needed by vhost-user peers).
     #[arg(long, value_name = "MODE", default_value = "map", requires = "restore")]
     restore_memory: RestoreMemory,
+    /// System-call filters on every thread: `on` (a forbidden call stops
+    /// godwit, exit status 159), `off`, or `log` (allowed and logged by the
+    /// kernel, audit type=1326, to find calls missing from the lists).
+    #[arg(long, value_name = "MODE", value_enum, env = "GODWIT_SECCOMP", default_value_t = SeccompMode::On)]
+    seccomp: SeccompMode,
 }
 
 /// Why the VM did not start.
@@ -63,6 +69,10 @@ pub enum RunError {
     Start(#[from] StartError),
     #[error(transparent)]
     MachineType(#[from] MachineTypeError),
+    #[error(transparent)]
+    Seccomp(#[from] SeccompError),
+    #[error("cannot start the signal thread: {0}")]
+    Signals(#[source] std::io::Error),
 }
 
 impl RunError {
@@ -116,9 +126,17 @@ pub fn execute(args: RunArgs) -> Result<u8, super::Error> {
         (None, Some(uri)) => Start::Incoming(uri.clone()),
         (None, None) => Start::Boot,
     };
+    seccomp::init(args.seccomp).map_err(RunError::from)?;
+    crate::signals::start().map_err(RunError::Signals)?;
+    // Before the snapshot or the migration stream is read.
+    seccomp::install(ThreadKind::Main).map_err(RunError::from)?;
     let machine = start(&config, &from).map_err(RunError::from)?;
     match machine.run() {
         VmOutcome::GuestPoweroff | VmOutcome::Quit | VmOutcome::Migrated => Ok(super::EXIT_SUCCESS),
         VmOutcome::GuestFailed(e) => Err(super::Error::Guest(e)),
+        VmOutcome::Signal(signal) => {
+            crate::signals::remove_temp_paths();
+            Ok(crate::signals::exit_status(signal))
+        }
     }
 }
