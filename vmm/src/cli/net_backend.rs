@@ -66,7 +66,7 @@ pub enum NetBackendError {
 }
 
 /// Runs the backend until killed (or prints the versions).
-pub fn run(args: NetBackendArgs) -> Result<(), NetBackendError> {
+pub fn run(args: NetBackendArgs) -> Result<(), super::Error> {
     if args.print_versions {
         let list = version_list();
         let out = if args.verbose {
@@ -78,13 +78,12 @@ pub fn run(args: NetBackendArgs) -> Result<(), NetBackendError> {
         } else {
             json!(list)
         };
-        let _ = writeln!(std::io::stdout(), "{out}");
-        return Ok(());
+        return super::print_out(&format!("{out}\n"));
     }
     let (Some(socket), Some(tap_name)) = (args.socket, args.tap) else {
-        return Err(NetBackendError::Usage);
+        return Err(NetBackendError::Usage.into());
     };
-    let default = default_interface(args.interface.as_deref())?;
+    let default = default_interface(args.interface.as_deref()).map_err(NetBackendError::from)?;
     let tap = Tap::open(&tap_name, VnetHdr::On).map_err(|source| NetBackendError::Tap {
         name: tap_name.clone(),
         source,
@@ -95,6 +94,7 @@ pub fn run(args: NetBackendArgs) -> Result<(), NetBackendError> {
         default_interface: default,
         client: args.client,
     };
+    // A daemon keeps serving when nobody reads its ready line.
     let _ = writeln!(
         std::io::stdout(),
         "net-backend: ready socket={} tap={} interface={} mode={}",
@@ -105,13 +105,14 @@ pub fn run(args: NetBackendArgs) -> Result<(), NetBackendError> {
     );
     let _ = std::io::stdout().flush();
     // The daemon's threads start from this one and inherit its filter.
-    seccomp::init(args.seccomp)?;
-    seccomp::install(ThreadKind::NetBackend)?;
+    seccomp::init(args.seccomp).map_err(NetBackendError::from)?;
+    seccomp::install(ThreadKind::NetBackend).map_err(NetBackendError::from)?;
     serve(
         &opts,
         Arc::new(BackendCounters::default()),
         Arc::new(AtomicBool::new(false)),
-    )?;
+    )
+    .map_err(NetBackendError::from)?;
     Ok(())
 }
 

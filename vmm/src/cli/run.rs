@@ -85,15 +85,11 @@ impl RunError {
 /// `--machine help` and `--machine TYPE,help`; None when it is a real choice.
 fn machine_help(machine: &str) -> Option<Result<u8, super::Error>> {
     if machine == "help" {
-        super::print_out(&machine_types::help_text());
-        return Some(Ok(super::EXIT_SUCCESS));
+        return Some(super::print_out(&machine_types::help_text()).map(|()| super::EXIT_SUCCESS));
     }
     let name = machine.strip_suffix(",help")?;
     Some(match machine_types::resolve(name) {
-        Ok(m) => {
-            super::print_out(&machine_types::type_help_text(m));
-            Ok(super::EXIT_SUCCESS)
-        }
+        Ok(m) => super::print_out(&machine_types::type_help_text(m)).map(|()| super::EXIT_SUCCESS),
         Err(e) => Err(RunError::from(e).into()),
     })
 }

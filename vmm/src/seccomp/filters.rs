@@ -242,6 +242,9 @@ fn base() -> Rules {
                 PR_GET_NAME as u64,
             ],
         )
+        // Rust's standard library checks that a descriptor is open before
+        // it closes it (debug builds).
+        .allow_with(SYS_fcntl, 1, &[F_GETFD as u64])
 }
 
 /// Starting a thread; the new thread runs glibc's and Rust's start-up
@@ -254,6 +257,11 @@ fn spawn() -> Rules {
         SYS_rseq,
         SYS_sched_getaffinity,
     ])
+}
+
+/// Reading and setting a descriptor's flags (non-blocking I/O).
+fn fd_flags() -> Rules {
+    Rules::default().allow_with(SYS_fcntl, 1, &[F_GETFL as u64, F_SETFL as u64])
 }
 
 fn poll() -> Rules {
@@ -340,12 +348,13 @@ fn files() -> Rules {
 fn rules_of(kind: ThreadKind) -> Rules {
     match kind {
         // Reads stdin, writes the console: nothing else.
-        ThreadKind::SerialStdin | ThreadKind::Console => base(),
+        ThreadKind::SerialStdin | ThreadKind::Console => base().with(&fd_flags()),
         ThreadKind::Signals => base().allow(&[SYS_rt_sigtimedwait]).with(&cleanup()),
-        ThreadKind::ApiWriter => base().with(&sockets()).with(&poll()),
+        ThreadKind::ApiWriter => base().with(&sockets()).with(&poll()).with(&fd_flags()),
         // Moves frames between the TAP and the guest's rings.
         ThreadKind::NetDatapath => base()
             .with(&poll())
+            .with(&fd_flags())
             .allow(&[
                 SYS_readv,
                 SYS_recvmsg,
@@ -393,6 +402,8 @@ fn rules_of(kind: ThreadKind) -> Rules {
             .with(&listening())
             .with(&files())
             .allow(&[SYS_ioctl, SYS_setns])
+            // Whether the process that left a staging directory still runs.
+            .allow_with(SYS_kill, 1, &[0])
             .spawner(&[
                 ThreadKind::MigrationSource,
                 ThreadKind::NetDatapath,
