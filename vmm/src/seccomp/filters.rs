@@ -15,6 +15,8 @@ use seccompiler::{
 
 use super::ThreadKind;
 
+use libc::*;
+
 /// One thread kind's allowed calls: a call with `None` is allowed whatever
 /// its arguments, one with `Some((arg, values))` only when argument `arg`
 /// is one of `values` (ioctl request numbers, prctl options).
@@ -100,8 +102,6 @@ pub(super) fn program(
 ) -> Result<BpfProgram, BackendError> {
     rules_of(kind).into_filter(mismatch)?.try_into()
 }
-
-use libc::*;
 
 /// `_IOC` of asm-generic/ioctl.h.
 const fn ioc(dir: u64, ty: u64, nr: u64, size: u64) -> u64 {
@@ -425,7 +425,25 @@ fn rules_of(kind: ThreadKind) -> Rules {
             .with(&descriptors())
             .with(&cleanup())
             .allow(&[SYS_ioctl]),
-        ThreadKind::Main | ThreadKind::NetBackend => base()
+        // Serves one frontend after the other: its memory table (mapped
+        // from the descriptors it sends), rings and kicks, the TAP's offloads.
+        ThreadKind::NetBackend => base()
+            .with(&poll())
+            .with(&descriptors())
+            .with(&sockets())
+            .with(&listening())
+            .with(&cleanup())
+            // The vhost-user daemon sets up its own signal handling.
+            .allow(&[SYS_rt_sigaction])
+            .ioctls(&[
+                TUNSETOFFLOAD,
+                TUNSETVNETHDRSZ,
+                TUNGETVNETHDRSZ,
+                TUNSETVNETLE,
+                FIONBIO,
+            ])
+            .spawner(&[]),
+        ThreadKind::Main => base()
             .with(&poll())
             .with(&descriptors())
             .with(&sockets())
