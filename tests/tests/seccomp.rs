@@ -184,3 +184,46 @@ fn a_forbidden_call_on_the_tap_datapath_is_stopped_too() {
         "{done:?}"
     );
 }
+
+#[test]
+fn every_thread_of_a_net_backend_and_its_vm_is_filtered() {
+    let host = NetHost::new(true, 132);
+    let dir = TempDir::new("seccomp-backend");
+    let socket = dir.join("backend.sock");
+    let socket_s = socket.to_str().unwrap();
+    let backend = godwit_command(
+        Some(&host.ns),
+        &["net-backend", "--socket", socket_s, "--tap", &host.tap],
+    )
+    .stdin(Stdio::null())
+    .stdout(Stdio::null())
+    .stderr(Stdio::null())
+    .spawn()
+    .expect("spawn godwit net-backend");
+    let backend = KillOnDrop(backend);
+    // The socket is made after the filter is installed.
+    godwit_tests::netns::wait_for_path(&socket, BOOT, "godwit net-backend");
+    let net = format!("vhost-user,socket={socket_s}");
+    let cmdline = serve_cmdline(100, &host.guest_ip_param());
+    let vm = spawn_serving(None, &[], &net, &cmdline, None);
+    host.assert_ping(&host.guest_ip(), 1, "the guest answers through the backend");
+    for pid in [backend.0.id(), vm.pid()] {
+        let modes = thread_seccomp_modes(pid);
+        assert!(modes.len() > 1, "{modes:?}");
+        for (name, mode) in &modes {
+            assert_eq!(
+                mode, "2",
+                "thread {name} of {pid} is not filtered: {modes:?}"
+            );
+        }
+    }
+}
+
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
