@@ -424,7 +424,9 @@ fn rules_of(kind: ThreadKind) -> Rules {
             .with(&sockets())
             .with(&descriptors())
             .with(&cleanup())
-            .allow(&[SYS_ioctl]),
+            // Tearing devices down: a TAP back to blocking, a vhost-net
+            // device released.
+            .ioctls(&[FIONBIO, VHOST_RESET_OWNER, TUNSETOFFLOAD]),
         // Serves one frontend after the other: its memory table (mapped
         // from the descriptors it sends), rings and kicks, the TAP's offloads.
         ThreadKind::NetBackend => base()

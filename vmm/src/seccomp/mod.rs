@@ -30,6 +30,10 @@ use godwit_devices::thread_hook::{self, DeviceThread};
 /// what a shell shows for a process the signal killed).
 pub const EXIT_SECCOMP: u8 = 159;
 
+/// Exit status when a thread's filter cannot be installed: README's
+/// "could not start" (this module sits below `cli`, which defines it too).
+const EXIT_FILTER_FAILED: u8 = 1;
+
 /// The environment variable of the test hook.
 pub const SELFTEST_ENV: &str = "GODWIT_SECCOMP_SELFTEST";
 
@@ -205,8 +209,9 @@ pub fn install(kind: ThreadKind) -> Result<(), SeccompError> {
 /// thread that cannot be confined must not go on unconfined.
 pub fn install_or_exit(kind: ThreadKind) {
     if let Err(e) = install(kind) {
-        crate::cli::report(format!("godwit: error: {e}"));
-        std::process::exit(i32::from(crate::cli::EXIT_START_FAILED));
+        use std::io::Write;
+        let _ = writeln!(std::io::stderr(), "godwit: error: {e}");
+        std::process::exit(i32::from(EXIT_FILTER_FAILED));
     }
 }
 
