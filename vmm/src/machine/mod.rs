@@ -499,10 +499,8 @@ impl Machine {
         self.handle.migration.cancel();
         let deadline = Instant::now() + OPERATION_END_AT_SIGNAL;
         while Instant::now() < deadline {
-            match self.handle.operation.try_lock() {
-                Err(std::sync::TryLockError::WouldBlock) => {}
-                // Poisoned: the operation ended (by a panic).
-                Ok(_) | Err(std::sync::TryLockError::Poisoned(_)) => return,
+            if self.handle.operation.try_lock().is_ok() {
+                return;
             }
             std::thread::sleep(Duration::from_millis(10));
         }
