@@ -22,6 +22,8 @@ use std::io::{Read, Write};
 
 use serde::{Deserialize, Serialize};
 
+use crate::le::bounded_u32;
+
 pub const MAGIC: [u8; 4] = *b"GWMG";
 pub const PROTOCOL_VERSION: u16 = 1;
 pub const HEADER_LEN: usize = 16;
@@ -119,11 +121,18 @@ impl Message {
 }
 
 pub fn write_message<W: Write>(w: &mut W, kind: Kind, payload: &[u8]) -> Result<(), ProtocolError> {
+    let len = u32::try_from(payload.len())
+        .ok()
+        .filter(|len| *len <= MAX_PAYLOAD)
+        .ok_or(ProtocolError::TooLong {
+            kind,
+            len: bounded_u32(payload.len()),
+        })?;
     let mut header = [0u8; HEADER_LEN];
     header[0..4].copy_from_slice(&MAGIC);
     header[4..6].copy_from_slice(&PROTOCOL_VERSION.to_le_bytes());
     header[6..8].copy_from_slice(&(kind as u16).to_le_bytes());
-    header[8..12].copy_from_slice(&(payload.len() as u32).to_le_bytes());
+    header[8..12].copy_from_slice(&len.to_le_bytes());
     header[12..16].copy_from_slice(&crc32c::crc32c(payload).to_le_bytes());
     w.write_all(&header)?;
     w.write_all(payload)?;
@@ -217,7 +226,7 @@ pub struct PageRun {
 /// Encodes a page batch: `count u32`, `count × (gpa u64, pages u32)`, data.
 pub fn encode_runs(runs: &[PageRun], data: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(4 + runs.len() * 12 + data.len());
-    out.extend_from_slice(&(runs.len() as u32).to_le_bytes());
+    out.extend_from_slice(&bounded_u32(runs.len()).to_le_bytes());
     for r in runs {
         out.extend_from_slice(&r.gpa.to_le_bytes());
         out.extend_from_slice(&r.pages.to_le_bytes());
