@@ -9,7 +9,9 @@ use crate::abi::machine_types::{self, MachineTypeError};
 use crate::boot::test_guest::{TEST_GUEST_ELF, TEST_GUEST_NAME};
 use crate::boot::KernelImage;
 use crate::config::net_spec::NetSpec;
-use crate::config::{parse_size, RestoreMemory, SerialSpec, VmConfig, DEFAULT_CMDLINE};
+use crate::config::{
+    parse_duration, parse_size, RestoreMemory, SerialSpec, VmConfig, DEFAULT_CMDLINE,
+};
 use crate::machine::VmOutcome;
 use crate::run::{start, Start, StartError};
 
@@ -54,6 +56,14 @@ pub struct RunArgs {
     /// default) or `copy` it into shared memory (needed by vhost-user peers).
     #[arg(long, value_name = "MODE", default_value = "map", requires = "restore")]
     restore_memory: RestoreMemory,
+    /// Add QEMU's isa-debug-exit device (port 0xf4): a guest write of v ends
+    /// godwit with status (v << 1) | 1.
+    #[arg(long)]
+    debug_exit: bool,
+    /// Stop the VM after it has run this long (e.g. 30s, 5m; a bare number
+    /// is seconds), with its own exit status.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    timeout: Option<std::time::Duration>,
 }
 
 /// Why the VM did not start.
@@ -110,6 +120,8 @@ pub fn execute(args: RunArgs) -> Result<u8, super::Error> {
         vcpus: args.vcpus,
         serial: args.serial,
         api_socket: args.api_socket,
+        debug_exit: args.debug_exit,
+        timeout: args.timeout,
     };
     let from = match (&args.restore, &args.incoming) {
         (Some(dir), _) => Start::Restore(dir.clone()),
@@ -120,5 +132,12 @@ pub fn execute(args: RunArgs) -> Result<u8, super::Error> {
     match machine.run() {
         VmOutcome::GuestPoweroff | VmOutcome::Quit | VmOutcome::Migrated => Ok(super::EXIT_SUCCESS),
         VmOutcome::GuestFailed(e) => Err(super::Error::Guest(e)),
+        VmOutcome::DebugExit(value) => {
+            let status = godwit_devices::debug_exit::exit_status(value);
+            tracing::info!(value, status, "the guest ended the VM through debug-exit");
+            Ok(status)
+        }
+        VmOutcome::GuestPanicked => Err(super::Error::GuestPanicked),
+        VmOutcome::TimedOut(limit) => Err(super::Error::TimedOut(limit)),
     }
 }

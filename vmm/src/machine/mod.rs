@@ -16,7 +16,9 @@ use vmm_sys_util::eventfd::EventFd;
 
 use godwit_devices::bus::BusError;
 use godwit_devices::console::{self, ConsoleHandle};
+use godwit_devices::debug_exit::{DebugExit, DEBUG_EXIT_BASE, DEBUG_EXIT_LEN};
 use godwit_devices::i8042::{I8042, I8042_BASE, I8042_LEN};
+use godwit_devices::pvpanic::{PvPanic, PVPANIC_LEN, PVPANIC_PORT};
 use godwit_devices::serial::{SerialDevice, SerialOutput, COM1_BASE, COM1_IRQ, COM1_LEN};
 
 /// How long godwit waits at exit for a slow console reader.
@@ -50,6 +52,8 @@ pub enum BuildError {
     Regs(#[from] boot::regs::RegsError),
     #[error(transparent)]
     MpTable(#[from] boot::mptable::MpTableError),
+    #[error(transparent)]
+    Acpi(#[from] boot::acpi::AcpiError),
     #[error("cannot open serial output file {}: {source}", path.display())]
     SerialFile {
         path: PathBuf,
@@ -89,6 +93,12 @@ pub enum VmOutcome {
     GuestFailed(VcpuExitError),
     /// The guest was migrated away and runs on the destination.
     Migrated,
+    /// The guest wrote this value to the debug-exit port.
+    DebugExit(u32),
+    /// The guest kernel panicked (pvpanic).
+    GuestPanicked,
+    /// `--timeout` ran out.
+    TimedOut(Duration),
 }
 
 /// Run state as QMP `query-status` reports it.
@@ -286,6 +296,7 @@ pub struct Machine {
     vm_events: Receiver<VmEvent>,
     services: Vec<Box<dyn Service>>,
     on_running: Option<OnRunning>,
+    timeout: Option<Duration>,
 }
 
 /// Everything of a VM that exists before its vCPU threads start.
@@ -301,13 +312,26 @@ pub(crate) struct BuiltVm {
     pub event_rx: Receiver<VmEvent>,
 }
 
-/// COM1 and the i8042 reset line on the port bus. `state` restores the UART.
+/// A callback for a port device that ends the VM with `event`.
+fn send_event(event_tx: &Sender<VmEvent>, event: fn() -> VmEvent) -> Box<dyn Fn() + Send> {
+    let tx = Mutex::new(event_tx.clone());
+    Box::new(move || {
+        let _ = tx
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .send(event());
+    })
+}
+
+/// COM1, the i8042 reset line, pvpanic and (with `debug_exit`) QEMU's
+/// isa-debug-exit on the port bus. `state` restores the UART.
 pub(crate) fn platform_devices(
     vm: &Vm,
     buses: &mut IoBuses,
     serial_spec: &SerialSpec,
     state: Option<&godwit_devices::serial::SerialDeviceState>,
     event_tx: &Sender<VmEvent>,
+    debug_exit: bool,
 ) -> Result<Arc<Mutex<SerialDevice>>, BuildError> {
     let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| BuildError::Host {
         what: "the serial interrupt eventfd",
@@ -334,18 +358,32 @@ pub(crate) fn platform_devices(
     buses
         .pio
         .insert(u64::from(COM1_BASE), u64::from(COM1_LEN), serial.clone())?;
-    let reset_tx = Mutex::new(event_tx.clone());
-    let i8042 = I8042::new(Box::new(move || {
-        let _ = reset_tx
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .send(VmEvent::GuestReset);
-    }));
+    let i8042 = I8042::new(send_event(event_tx, || VmEvent::GuestReset));
     buses.pio.insert(
         u64::from(I8042_BASE),
         u64::from(I8042_LEN),
         Arc::new(Mutex::new(i8042)),
     )?;
+    let pvpanic = PvPanic::new(send_event(event_tx, || VmEvent::GuestPanicked));
+    buses.pio.insert(
+        u64::from(PVPANIC_PORT),
+        u64::from(PVPANIC_LEN),
+        Arc::new(Mutex::new(pvpanic)),
+    )?;
+    if debug_exit {
+        let tx = Mutex::new(event_tx.clone());
+        let device = DebugExit::new(Box::new(move |value| {
+            let _ = tx
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .send(VmEvent::DebugExit(value));
+        }));
+        buses.pio.insert(
+            u64::from(DEBUG_EXIT_BASE),
+            u64::from(DEBUG_EXIT_LEN),
+            Arc::new(Mutex::new(device)),
+        )?;
+    }
     Ok(serial)
 }
 
@@ -392,12 +430,28 @@ impl Machine {
                 initrd: config.initrd.as_deref(),
                 cmdline: &cmdline,
                 memory_size: config.memory,
+                acpi_rsdp: Some(boot::acpi::ACPI_START),
             },
         )?;
         boot::mptable::setup(&ram.memory, num_vcpus)?;
+        let virtio: Vec<boot::acpi::VirtioMmioDevice> = nets
+            .iter()
+            .map(|n| boot::acpi::VirtioMmioDevice {
+                base: n.mmio_base,
+                irq: n.irq,
+            })
+            .collect();
+        boot::acpi::setup(&ram.memory, num_vcpus, &virtio)?;
 
         let (event_tx, event_rx) = mpsc::channel();
-        let serial = platform_devices(&vm, &mut buses, &config.serial, None, &event_tx)?;
+        let serial = platform_devices(
+            &vm,
+            &mut buses,
+            &config.serial,
+            None,
+            &event_tx,
+            config.debug_exit,
+        )?;
 
         let mut vcpus = Vec::with_capacity(usize::from(num_vcpus));
         for id in 0..num_vcpus {
@@ -467,6 +521,7 @@ impl Machine {
             vm_events: built.event_rx,
             services: Vec::new(),
             on_running: None,
+            timeout: config.timeout,
         })
     }
 
@@ -500,11 +555,21 @@ impl Machine {
         if let Some(f) = self.on_running.take() {
             f(&self.handle);
         }
-        let outcome = match self.vm_events.recv() {
+        let event = match self.timeout {
+            None => self.vm_events.recv().map_err(|_| None),
+            Some(limit) => self.vm_events.recv_timeout(limit).map_err(|e| match e {
+                mpsc::RecvTimeoutError::Timeout => Some(limit),
+                mpsc::RecvTimeoutError::Disconnected => None,
+            }),
+        };
+        let outcome = match event {
             Ok(VmEvent::GuestReset) => VmOutcome::GuestPoweroff,
-            Ok(VmEvent::Quit) | Err(_) => VmOutcome::Quit,
+            Ok(VmEvent::Quit) | Err(None) => VmOutcome::Quit,
             Ok(VmEvent::VcpuFailed(e)) => VmOutcome::GuestFailed(e),
             Ok(VmEvent::Migrated) => VmOutcome::Migrated,
+            Ok(VmEvent::DebugExit(value)) => VmOutcome::DebugExit(value),
+            Ok(VmEvent::GuestPanicked) => VmOutcome::GuestPanicked,
+            Err(Some(limit)) => VmOutcome::TimedOut(limit),
         };
         self.handle.set_state(RunState::Shutdown);
         self.handle.vcpus.exit();
@@ -518,6 +583,9 @@ impl Machine {
             VmOutcome::Quit => (false, "host-qmp-quit"),
             VmOutcome::GuestFailed(_) => (true, "guest-panic"),
             VmOutcome::Migrated => (false, "migrated"),
+            VmOutcome::DebugExit(_) => (true, "guest-shutdown"),
+            VmOutcome::GuestPanicked => (true, "guest-panic"),
+            VmOutcome::TimedOut(_) => (false, "host-timeout"),
         };
         self.handle
             .api_events

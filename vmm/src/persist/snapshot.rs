@@ -626,6 +626,7 @@ pub(crate) fn machine_from_saved(
         &config.serial,
         Some(&saved.serial),
         &event_tx,
+        config.debug_exit,
     )?;
     let built = BuiltVm {
         machine: saved.machine,
