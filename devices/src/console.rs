@@ -154,7 +154,10 @@ pub fn spawn(
     let thread_shared = shared.clone();
     std::thread::Builder::new()
         .name("console".into())
-        .spawn(move || write_out(&thread_shared, sink))?;
+        .spawn(move || {
+            crate::thread_hook::started(crate::thread_hook::DeviceThread::Console);
+            write_out(&thread_shared, sink)
+        })?;
     Ok((
         ConsoleWriter {
             shared: shared.clone(),

@@ -17,6 +17,7 @@ pub mod net;
 pub mod pvpanic;
 pub mod serial;
 pub mod socket_path;
+pub mod thread_hook;
 pub mod vhost_net;
 pub mod vhost_user;
 pub mod virtio;

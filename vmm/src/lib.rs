@@ -12,6 +12,8 @@
 //! - [`planning`] — host capability reports and the planner.
 //! - [`api`] — the QMP-style management API.
 //! - [`cli`] — the `godwit` command's subcommands.
+//! - [`seccomp`] — the system-call filter of each thread.
+//! - [`signals`] — SIGTERM / SIGINT and the files removed on them.
 
 pub mod abi;
 pub mod api;
@@ -24,4 +26,6 @@ pub mod migration;
 pub mod persist;
 pub mod planning;
 pub mod run;
+pub mod seccomp;
+pub mod signals;
 pub mod vstate;

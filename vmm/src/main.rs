@@ -13,7 +13,7 @@ fn main() -> ExitCode {
     match args.command.execute() {
         Ok(status) => ExitCode::from(status),
         Err(e) => {
-            cli::report(&e);
+            cli::report_error(&e);
             ExitCode::from(e.exit_status())
         }
     }

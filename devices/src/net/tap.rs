@@ -565,6 +565,7 @@ impl Tap {
         let handle = std::thread::Builder::new()
             .name("godwit-tap-ns".into())
             .spawn(move || -> io::Result<OwnedFd> {
+                crate::thread_hook::started(crate::thread_hook::DeviceThread::TapNamespace);
                 // SAFETY: setns with a namespace fd and CLONE_NEWNET only
                 // changes this thread's network namespace.
                 if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } < 0 {

@@ -103,7 +103,10 @@ impl VhostUserNet {
         let monitor_inner = inner.clone();
         let thread = std::thread::Builder::new()
             .name("gw-vhost-mon".into())
-            .spawn(move || monitor(monitor_inner, thread_stop))
+            .spawn(move || {
+                crate::thread_hook::started(crate::thread_hook::DeviceThread::VhostUserMonitor);
+                monitor(monitor_inner, thread_stop)
+            })
             .map_err(VhostUserNetError::Thread)?;
         tracing::info!(
             backend = %name,

@@ -544,7 +544,10 @@ impl ApiServer {
         };
         let thread = thread::Builder::new()
             .name("api-accept".to_string())
-            .spawn(move || accept.run(poll))
+            .spawn(move || {
+                crate::seccomp::install_or_exit(crate::seccomp::ThreadKind::ApiAccept);
+                accept.run(poll)
+            })
             .map_err(|source| ApiError::Setup {
                 what: "accept thread",
                 source,
@@ -753,7 +756,10 @@ impl Acceptor {
             let conn = Arc::clone(&conn);
             thread::Builder::new()
                 .name(format!("api-conn{id}-wr"))
-                .spawn(move || write_loop(&conn, writer_stream))
+                .spawn(move || {
+                    crate::seccomp::install_or_exit(crate::seccomp::ThreadKind::ApiWriter);
+                    write_loop(&conn, writer_stream)
+                })
         };
         let writer = match writer {
             Ok(writer) => writer,
@@ -771,6 +777,7 @@ impl Acceptor {
             thread::Builder::new()
                 .name(format!("api-conn{id}-rd"))
                 .spawn(move || {
+                    crate::seccomp::install_or_exit(crate::seccomp::ThreadKind::ApiReader);
                     read_loop(&conn, stream, handler.as_ref(), negotiation_timeout);
                     // No more events for this client; flush the replies.
                     hub.remove(conn.id);

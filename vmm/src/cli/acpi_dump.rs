@@ -36,15 +36,12 @@ pub enum AcpiDumpError {
 }
 
 pub fn execute(args: &AcpiDumpArgs) -> Result<u8, super::Error> {
-    Ok(dump(args)?)
-}
-
-fn dump(args: &AcpiDumpArgs) -> Result<u8, AcpiDumpError> {
     if args.nets > placement::max_devices() {
         return Err(AcpiDumpError::TooManyNets {
             asked: args.nets,
             max: placement::max_devices(),
-        });
+        }
+        .into());
     }
     let devices: Vec<VirtioMmioDevice> = (0..args.nets)
         .map(|i| {
@@ -52,7 +49,7 @@ fn dump(args: &AcpiDumpArgs) -> Result<u8, AcpiDumpError> {
             VirtioMmioDevice { base, irq }
         })
         .collect();
-    let tables = acpi::build(args.vcpus, &devices)?;
+    let tables = acpi::build(args.vcpus, &devices).map_err(AcpiDumpError::from)?;
     let write_err = |path: &PathBuf| {
         let path = path.clone();
         move |source| AcpiDumpError::Write { path, source }
@@ -66,7 +63,7 @@ fn dump(args: &AcpiDumpArgs) -> Result<u8, AcpiDumpError> {
             t.signature,
             t.addr,
             path.display()
-        ));
+        ))?;
     }
     Ok(super::EXIT_SUCCESS)
 }

@@ -105,6 +105,6 @@ fn ctl(args: &CtlArgs) -> Result<String, ClientError> {
 
 pub fn execute(args: &CtlArgs) -> Result<u8, super::Error> {
     let out = ctl(args)?;
-    super::print_out(&format!("{out}\n"));
+    super::print_out(&format!("{out}\n"))?;
     Ok(super::EXIT_SUCCESS)
 }

@@ -2,7 +2,6 @@
 //! Peers that cannot be probed are entries with an error, not a failure;
 //! exit status 1 only when the report cannot be written.
 
-use std::io::Write;
 use std::path::PathBuf;
 
 use clap::Args;
@@ -35,8 +34,6 @@ pub enum HostCapsError {
         #[source]
         source: std::io::Error,
     },
-    #[error("cannot write the report: {0}")]
-    WriteStdout(#[source] std::io::Error),
 }
 
 pub fn execute(args: &HostCapsArgs) -> Result<u8, super::Error> {
@@ -47,9 +44,7 @@ pub fn execute(args: &HostCapsArgs) -> Result<u8, super::Error> {
             path: path.clone(),
             source,
         })?,
-        None => std::io::stdout()
-            .write_all(text.as_bytes())
-            .map_err(HostCapsError::WriteStdout)?,
+        None => super::print_out(&text)?,
     }
     Ok(super::EXIT_SUCCESS)
 }

@@ -26,6 +26,9 @@ pub const EXIT_STRICT_REFUSAL: u8 = 4;
 pub const EXIT_GUEST_PANICKED: u8 = 6;
 /// `--timeout` ran out; the number `timeout(1)` uses.
 pub const EXIT_TIMEOUT: u8 = 124;
+/// Standard output was closed before the output was written (`| head`):
+/// 128 + SIGPIPE, what a shell shows for a process the signal killed.
+pub const EXIT_OUTPUT_CLOSED: u8 = 141;
 /// `godwit plan`: no common ABI exists (or the VM cannot migrate to some host).
 pub const EXIT_NO_COMMON_ABI: u8 = crate::planning::planner::EXIT_NO_COMMON_ABI;
 
@@ -102,6 +105,8 @@ pub enum Error {
     Plan(#[from] plan::PlanCliError),
     #[error("godwit acpi-dump: error: {0}")]
     AcpiDump(#[from] acpi_dump::AcpiDumpError),
+    #[error("godwit: cannot write to standard output: {0}")]
+    Output(#[source] std::io::Error),
 }
 
 impl Error {
@@ -112,6 +117,7 @@ impl Error {
             Error::Guest(_) => EXIT_GUEST_FAILED,
             Error::GuestPanicked => EXIT_GUEST_PANICKED,
             Error::TimedOut(_) => EXIT_TIMEOUT,
+            Error::Output(e) if e.kind() == std::io::ErrorKind::BrokenPipe => EXIT_OUTPUT_CLOSED,
             _ => EXIT_START_FAILED,
         }
     }
@@ -147,9 +153,22 @@ pub fn report(line: impl std::fmt::Display) {
     let _ = writeln!(LossyStderr, "{line}");
 }
 
-/// Prints on stdout, ignoring a closed stdout (`godwit plan | head`).
-pub(crate) fn print_out(text: &str) {
-    let _ = std::io::stdout().write_all(text.as_bytes());
+/// Prints how a subcommand failed, except when its reader went away
+/// (`godwit machines | head -c1`): that ends the command quietly.
+pub fn report_error(e: &Error) {
+    if e.exit_status() != EXIT_OUTPUT_CLOSED {
+        report(e);
+    }
+}
+
+/// Prints on stdout and flushes, so that a closed stdout shows here as an
+/// error (Rust ignores SIGPIPE: the write fails with EPIPE) and not as a
+/// panic at exit.
+pub(crate) fn print_out(text: &str) -> Result<(), Error> {
+    let mut out = std::io::stdout().lock();
+    out.write_all(text.as_bytes())
+        .and_then(|()| out.flush())
+        .map_err(Error::Output)
 }
 
 /// Logs to stderr, filtered by `GODWIT_LOG` (default: warnings).

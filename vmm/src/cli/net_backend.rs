@@ -18,6 +18,8 @@ use godwit_devices::vhost_user::backend::{
 };
 use godwit_devices::vhost_user::interface::{version_list, INTERFACES};
 
+use crate::seccomp::{self, SeccompError, SeccompMode, ThreadKind};
+
 #[derive(Args, Debug)]
 pub struct NetBackendArgs {
     /// The vhost-user socket: listened on, or connected to with --client.
@@ -42,6 +44,9 @@ pub struct NetBackendArgs {
     /// With --print-versions: add each version's values.
     #[arg(long)]
     pub verbose: bool,
+    /// System-call filter on the backend's threads: on, off or log (as `godwit run --seccomp`).
+    #[arg(long, value_name = "MODE", value_enum, env = "GODWIT_SECCOMP", default_value_t = SeccompMode::On)]
+    pub seccomp: SeccompMode,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -56,10 +61,12 @@ pub enum NetBackendError {
     },
     #[error("--socket and --tap are required")]
     Usage,
+    #[error(transparent)]
+    Seccomp(#[from] SeccompError),
 }
 
 /// Runs the backend until killed (or prints the versions).
-pub fn run(args: NetBackendArgs) -> Result<(), NetBackendError> {
+pub fn run(args: NetBackendArgs) -> Result<(), super::Error> {
     if args.print_versions {
         let list = version_list();
         let out = if args.verbose {
@@ -71,13 +78,12 @@ pub fn run(args: NetBackendArgs) -> Result<(), NetBackendError> {
         } else {
             json!(list)
         };
-        let _ = writeln!(std::io::stdout(), "{out}");
-        return Ok(());
+        return super::print_out(&format!("{out}\n"));
     }
     let (Some(socket), Some(tap_name)) = (args.socket, args.tap) else {
-        return Err(NetBackendError::Usage);
+        return Err(NetBackendError::Usage.into());
     };
-    let default = default_interface(args.interface.as_deref())?;
+    let default = default_interface(args.interface.as_deref()).map_err(NetBackendError::from)?;
     let tap = Tap::open(&tap_name, VnetHdr::On).map_err(|source| NetBackendError::Tap {
         name: tap_name.clone(),
         source,
@@ -88,6 +94,7 @@ pub fn run(args: NetBackendArgs) -> Result<(), NetBackendError> {
         default_interface: default,
         client: args.client,
     };
+    // A daemon keeps serving when nobody reads its ready line.
     let _ = writeln!(
         std::io::stdout(),
         "net-backend: ready socket={} tap={} interface={} mode={}",
@@ -97,11 +104,15 @@ pub fn run(args: NetBackendArgs) -> Result<(), NetBackendError> {
         if args.client { "client" } else { "server" }
     );
     let _ = std::io::stdout().flush();
+    // The daemon's threads start from this one and inherit its filter.
+    seccomp::init(args.seccomp).map_err(NetBackendError::from)?;
+    seccomp::install(ThreadKind::NetBackend).map_err(NetBackendError::from)?;
     serve(
         &opts,
         Arc::new(BackendCounters::default()),
         Arc::new(AtomicBool::new(false)),
-    )?;
+    )
+    .map_err(NetBackendError::from)?;
     Ok(())
 }
 

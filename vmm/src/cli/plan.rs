@@ -108,9 +108,9 @@ fn answer(args: &PlanArgs) -> Result<(u8, Value, String), PlanCliError> {
 pub fn execute(args: &PlanArgs) -> Result<u8, super::Error> {
     let (code, json, text) = answer(args)?;
     if args.json {
-        super::print_out(&format!("{json:#}\n"));
+        super::print_out(&format!("{json:#}\n"))?;
     } else {
-        super::print_out(&text);
+        super::print_out(&text)?;
     }
     Ok(code)
 }

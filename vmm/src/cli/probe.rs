@@ -13,6 +13,6 @@ pub struct ProbeArgs {
 
 pub fn execute(args: &ProbeArgs) -> Result<u8, super::Error> {
     let report = crate::devices::net::probe_report(&args.net)?;
-    super::print_out(&format!("{report:#}\n"));
+    super::print_out(&format!("{report:#}\n"))?;
     Ok(super::EXIT_SUCCESS)
 }

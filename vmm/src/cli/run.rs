@@ -14,6 +14,7 @@ use crate::config::{
 };
 use crate::machine::VmOutcome;
 use crate::run::{start, Start, StartError};
+use crate::seccomp::{self, SeccompError, SeccompMode, ThreadKind};
 
 #[derive(Args)]
 pub struct RunArgs {
@@ -64,6 +65,11 @@ pub struct RunArgs {
     /// is seconds), with its own exit status.
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     timeout: Option<std::time::Duration>,
+    /// System-call filters on every thread: `on` (a forbidden call stops
+    /// godwit, exit status 159), `off`, or `log` (allowed and logged by the
+    /// kernel, audit type=1326, to find calls missing from the lists).
+    #[arg(long, value_name = "MODE", value_enum, env = "GODWIT_SECCOMP", default_value_t = SeccompMode::On)]
+    seccomp: SeccompMode,
 }
 
 /// Why the VM did not start.
@@ -73,6 +79,10 @@ pub enum RunError {
     Start(#[from] StartError),
     #[error(transparent)]
     MachineType(#[from] MachineTypeError),
+    #[error(transparent)]
+    Seccomp(#[from] SeccompError),
+    #[error("cannot start the signal thread: {0}")]
+    Signals(#[source] std::io::Error),
 }
 
 impl RunError {
@@ -85,15 +95,11 @@ impl RunError {
 /// `--machine help` and `--machine TYPE,help`; None when it is a real choice.
 fn machine_help(machine: &str) -> Option<Result<u8, super::Error>> {
     if machine == "help" {
-        super::print_out(&machine_types::help_text());
-        return Some(Ok(super::EXIT_SUCCESS));
+        return Some(super::print_out(&machine_types::help_text()).map(|()| super::EXIT_SUCCESS));
     }
     let name = machine.strip_suffix(",help")?;
     Some(match machine_types::resolve(name) {
-        Ok(m) => {
-            super::print_out(&machine_types::type_help_text(m));
-            Ok(super::EXIT_SUCCESS)
-        }
+        Ok(m) => super::print_out(&machine_types::type_help_text(m)).map(|()| super::EXIT_SUCCESS),
         Err(e) => Err(RunError::from(e).into()),
     })
 }
@@ -128,6 +134,10 @@ pub fn execute(args: RunArgs) -> Result<u8, super::Error> {
         (None, Some(uri)) => Start::Incoming(uri.clone()),
         (None, None) => Start::Boot,
     };
+    seccomp::init(args.seccomp).map_err(RunError::from)?;
+    crate::signals::start().map_err(RunError::Signals)?;
+    // Before the snapshot or the migration stream is read.
+    seccomp::install(ThreadKind::Main).map_err(RunError::from)?;
     let machine = start(&config, &from).map_err(RunError::from)?;
     match machine.run() {
         VmOutcome::GuestPoweroff | VmOutcome::Quit | VmOutcome::Migrated => Ok(super::EXIT_SUCCESS),
@@ -139,5 +149,9 @@ pub fn execute(args: RunArgs) -> Result<u8, super::Error> {
         }
         VmOutcome::GuestPanicked => Err(super::Error::GuestPanicked),
         VmOutcome::TimedOut(limit) => Err(super::Error::TimedOut(limit)),
+        VmOutcome::Signal(signal) => {
+            crate::signals::remove_temp_paths();
+            Ok(crate::signals::exit_status(signal))
+        }
     }
 }

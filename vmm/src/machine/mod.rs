@@ -23,6 +23,8 @@ use godwit_devices::serial::{SerialDevice, SerialOutput, COM1_BASE, COM1_IRQ, CO
 
 /// How long godwit waits at exit for a slow console reader.
 const CONSOLE_DRAIN_AT_EXIT: Duration = Duration::from_secs(2);
+/// How long a termination signal waits for a snapshot under way to end.
+const OPERATION_END_AT_SIGNAL: Duration = Duration::from_secs(10);
 
 pub mod migration_status;
 pub mod services;
@@ -99,6 +101,8 @@ pub enum VmOutcome {
     GuestPanicked,
     /// `--timeout` ran out.
     TimedOut(Duration),
+    /// godwit received this termination signal (SIGTERM, SIGINT).
+    Signal(i32),
 }
 
 /// Run state as QMP `query-status` reports it.
@@ -261,6 +265,7 @@ fn spawn_stdin_reader(serial: Arc<Mutex<SerialDevice>>) {
     let spawned = std::thread::Builder::new()
         .name("serial-stdin".into())
         .spawn(move || {
+            crate::seccomp::install_or_exit(crate::seccomp::ThreadKind::SerialStdin);
             let mut stdin = std::io::stdin().lock();
             let mut buf = [0u8; 64];
             loop {
@@ -516,6 +521,7 @@ impl Machine {
         if matches!(config.serial, SerialSpec::Stdio) {
             spawn_stdin_reader(built.serial);
         }
+        crate::signals::set_target(handle.event_sender());
         Ok(Machine {
             handle,
             vm_events: built.event_rx,
@@ -541,6 +547,21 @@ impl Machine {
         self.on_running = Some(f);
     }
 
+    /// Lets a snapshot or migration under way end (a migration is
+    /// cancelled) so that it removes its files, waiting at most
+    /// [`OPERATION_END_AT_SIGNAL`].
+    fn finish_operation(&self) {
+        self.handle.migration.cancel();
+        let deadline = Instant::now() + OPERATION_END_AT_SIGNAL;
+        while Instant::now() < deadline {
+            if self.handle.operation.try_lock().is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        tracing::warn!("an operation still runs at exit; its files are removed under it");
+    }
+
     /// Runs the guest until it powers off, fails, or is told to quit.
     pub fn run(mut self) -> VmOutcome {
         self.handle.set_state(RunState::Running);
@@ -555,6 +576,7 @@ impl Machine {
         if let Some(f) = self.on_running.take() {
             f(&self.handle);
         }
+        crate::seccomp::install_or_exit(crate::seccomp::ThreadKind::MainLoop);
         let event = match self.timeout {
             None => self.vm_events.recv().map_err(|_| None),
             Some(limit) => self.vm_events.recv_timeout(limit).map_err(|e| match e {
@@ -564,13 +586,19 @@ impl Machine {
         };
         let outcome = match event {
             Ok(VmEvent::GuestReset) => VmOutcome::GuestPoweroff,
-            Ok(VmEvent::Quit) | Err(None) => VmOutcome::Quit,
+            Ok(VmEvent::Quit) | Err(None) => match crate::signals::received() {
+                Some(signal) => VmOutcome::Signal(signal),
+                None => VmOutcome::Quit,
+            },
             Ok(VmEvent::VcpuFailed(e)) => VmOutcome::GuestFailed(e),
             Ok(VmEvent::Migrated) => VmOutcome::Migrated,
             Ok(VmEvent::DebugExit(value)) => VmOutcome::DebugExit(value),
             Ok(VmEvent::GuestPanicked) => VmOutcome::GuestPanicked,
             Err(Some(limit)) => VmOutcome::TimedOut(limit),
         };
+        if matches!(outcome, VmOutcome::Signal(_)) {
+            self.finish_operation();
+        }
         self.handle.set_state(RunState::Shutdown);
         self.handle.vcpus.exit();
         self.handle
@@ -586,6 +614,7 @@ impl Machine {
             VmOutcome::DebugExit(_) => (true, "guest-shutdown"),
             VmOutcome::GuestPanicked => (true, "guest-panic"),
             VmOutcome::TimedOut(_) => (false, "host-timeout"),
+            VmOutcome::Signal(_) => (false, "host-signal"),
         };
         self.handle
             .api_events

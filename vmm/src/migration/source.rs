@@ -156,6 +156,7 @@ pub fn start(
     let spawned = std::thread::Builder::new()
         .name("migration".into())
         .spawn(move || {
+            crate::seccomp::install_or_exit(crate::seccomp::ThreadKind::MigrationSource);
             let started = Instant::now();
             emit_status(&h, "setup");
             let result = run_source(&h, &uri, started);

@@ -119,6 +119,7 @@ pub(super) fn accept(uri: &str) -> Result<Conn, MigrateError> {
         }
         Uri::Unix(path) => {
             let l = socket_path::bind_listener(&path).map_err(MigrateError::ListenPath)?;
+            let _temp = crate::signals::TempPath::register(&path);
             tracing::info!(
                 "waiting for an incoming migration on unix:{}",
                 path.display()

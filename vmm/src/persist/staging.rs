@@ -47,6 +47,8 @@ pub struct Staging {
     /// Staged inside `dir` (files renamed one by one) rather than beside it.
     inside: bool,
     committed: bool,
+    /// Removed by a termination signal that comes before the commit.
+    _temp: crate::signals::TempPath,
 }
 
 fn io_err(dir: &Path, step: &'static str) -> impl FnOnce(io::Error) -> StagingError {
@@ -162,6 +164,7 @@ impl Staging {
         };
         std::fs::create_dir(&path).map_err(io_err(&dir, "creating a staging directory"))?;
         Ok(Staging {
+            _temp: crate::signals::TempPath::register(&path),
             dir,
             path,
             inside,

@@ -149,7 +149,10 @@ impl VcpuThreads {
             let (thread_control, buses, events) = (control.clone(), buses.clone(), events.clone());
             let spawned = std::thread::Builder::new()
                 .name(format!("vcpu{id}"))
-                .spawn(move || run_vcpu(id, &fd, &thread_control, &buses, &events));
+                .spawn(move || {
+                    crate::seccomp::install_or_exit(crate::seccomp::ThreadKind::Vcpu);
+                    run_vcpu(id, &fd, &thread_control, &buses, &events)
+                });
             match spawned {
                 Ok(h) => handles.push(h),
                 Err(e) => {

@@ -270,6 +270,7 @@ impl CtrlThread {
         let thread = std::thread::Builder::new()
             .name(name)
             .spawn(move || {
+                crate::thread_hook::started(crate::thread_hook::DeviceThread::NetCtrl);
                 let gate = job.gate.clone();
                 let q = run_ctrl(job, epoll, thread_stop);
                 gate.detach();

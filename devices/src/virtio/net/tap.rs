@@ -200,7 +200,10 @@ impl VirtioNet {
         gate.attach();
         let thread = std::thread::Builder::new()
             .name(name)
-            .spawn(move || worker.run())
+            .spawn(move || {
+                crate::thread_hook::started(crate::thread_hook::DeviceThread::NetDatapath);
+                worker.run()
+            })
             .map_err(|source| {
                 gate.detach();
                 thread_err(source)

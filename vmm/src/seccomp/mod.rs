@@ -1,0 +1,358 @@
+//! Per-thread system-call filters (seccomp-BPF, built with `seccompiler`).
+//!
+//! Every thread of a running godwit installs the filter of its kind on
+//! itself before it reads anything a guest, a management client, a
+//! migration peer or a vhost-user peer controls. A call outside the list
+//! raises SIGSYS (`SECCOMP_RET_TRAP`); the handler here names the thread and
+//! the call on stderr and ends godwit with [`EXIT_SECCOMP`]. `--seccomp log`
+//! lets the call through and has the kernel log it (audit `type=1326`),
+//! which is how the lists in [`filters`] are kept complete.
+//!
+//! Filters stack: a thread is born with its parent's, so the list of a
+//! thread that starts others includes theirs (see [`filters`]).
+//!
+//! Test hook: `GODWIT_SECCOMP_SELFTEST=KIND` (a [`ThreadKind::name`]) makes
+//! the first thread of that kind make a forbidden call right after its
+//! filter is installed, so the tests can see the handler at work.
+
+pub mod filters;
+
+use std::cell::Cell;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::OnceLock;
+
+use seccompiler::{BpfProgram, SeccompAction};
+
+use godwit_devices::thread_hook::{self, DeviceThread};
+
+/// Exit status after a thread made a forbidden system call (128 + SIGSYS,
+/// what a shell shows for a process the signal killed).
+pub const EXIT_SECCOMP: u8 = 159;
+
+/// The environment variable of the test hook.
+pub const SELFTEST_ENV: &str = "GODWIT_SECCOMP_SELFTEST";
+
+/// What a filter does with a call outside its list.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum SeccompMode {
+    /// Stop godwit with a message naming the thread and the call.
+    #[default]
+    On,
+    /// No filters.
+    Off,
+    /// Allow the call and have the kernel log it (for finding missing calls).
+    Log,
+}
+
+/// The kinds of thread godwit runs, one filter each.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ThreadKind {
+    /// The main thread of `godwit run` while it builds, restores or receives
+    /// the VM (an incoming migration is read here).
+    Main,
+    /// The main thread once the VM runs: it waits for the end and tears down.
+    MainLoop,
+    Vcpu,
+    NetDatapath,
+    NetCtrl,
+    VhostUserMonitor,
+    Console,
+    TapNamespace,
+    SerialStdin,
+    ApiAccept,
+    ApiReader,
+    ApiWriter,
+    MigrationSource,
+    /// The thread that turns SIGTERM / SIGINT into an orderly shutdown.
+    Signals,
+    /// `godwit net-backend` (the vhost-user daemon's threads inherit it).
+    NetBackend,
+}
+
+impl ThreadKind {
+    pub const ALL: [ThreadKind; 15] = [
+        ThreadKind::Main,
+        ThreadKind::MainLoop,
+        ThreadKind::Vcpu,
+        ThreadKind::NetDatapath,
+        ThreadKind::NetCtrl,
+        ThreadKind::VhostUserMonitor,
+        ThreadKind::Console,
+        ThreadKind::TapNamespace,
+        ThreadKind::SerialStdin,
+        ThreadKind::ApiAccept,
+        ThreadKind::ApiReader,
+        ThreadKind::ApiWriter,
+        ThreadKind::MigrationSource,
+        ThreadKind::Signals,
+        ThreadKind::NetBackend,
+    ];
+
+    /// The name the SIGSYS message and the test hook use.
+    pub fn name(self) -> &'static str {
+        match self {
+            ThreadKind::Main => "main",
+            ThreadKind::MainLoop => "main-loop",
+            ThreadKind::Vcpu => "vcpu",
+            ThreadKind::NetDatapath => "net-datapath",
+            ThreadKind::NetCtrl => "net-ctrl",
+            ThreadKind::VhostUserMonitor => "vhost-user-monitor",
+            ThreadKind::Console => "console",
+            ThreadKind::TapNamespace => "tap-namespace",
+            ThreadKind::SerialStdin => "serial-stdin",
+            ThreadKind::ApiAccept => "api-accept",
+            ThreadKind::ApiReader => "api-reader",
+            ThreadKind::ApiWriter => "api-writer",
+            ThreadKind::MigrationSource => "migration-source",
+            ThreadKind::Signals => "signals",
+            ThreadKind::NetBackend => "net-backend",
+        }
+    }
+
+    fn from_device(kind: DeviceThread) -> Self {
+        match kind {
+            DeviceThread::NetDatapath => ThreadKind::NetDatapath,
+            DeviceThread::NetCtrl => ThreadKind::NetCtrl,
+            DeviceThread::VhostUserMonitor => ThreadKind::VhostUserMonitor,
+            DeviceThread::Console => ThreadKind::Console,
+            DeviceThread::TapNamespace => ThreadKind::TapNamespace,
+        }
+    }
+}
+
+/// Why the filters could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum SeccompError {
+    #[error("cannot build the {kind} system-call filter: {source}")]
+    Build {
+        kind: &'static str,
+        #[source]
+        source: seccompiler::BackendError,
+    },
+    #[error("cannot install the SIGSYS handler: {0}")]
+    Handler(#[source] std::io::Error),
+    #[error("cannot install the {kind} system-call filter (run with --seccomp off on a kernel without seccomp): {source}")]
+    Apply {
+        kind: &'static str,
+        #[source]
+        source: seccompiler::Error,
+    },
+}
+
+struct Filters {
+    programs: HashMap<ThreadKind, BpfProgram>,
+    selftest: Option<String>,
+}
+
+static FILTERS: OnceLock<Filters> = OnceLock::new();
+static SELFTEST_DONE: AtomicBool = AtomicBool::new(false);
+
+thread_local! {
+    // Read by the SIGSYS handler: a const-initialised thread-local without
+    // a destructor is a plain TLS slot, safe to read in a signal handler.
+    static THREAD_NAME: Cell<[u8; 16]> = const { Cell::new([0; 16]) };
+    static THREAD_KIND: Cell<&'static str> = const { Cell::new("") };
+}
+
+/// Builds every filter for `mode` (`Off`: none) and sets the hook the
+/// device threads call. Call once, before any thread starts.
+pub fn init(mode: SeccompMode) -> Result<(), SeccompError> {
+    if mode == SeccompMode::Off {
+        return Ok(());
+    }
+    let mismatch = match mode {
+        SeccompMode::Log => SeccompAction::Log,
+        _ => SeccompAction::Trap,
+    };
+    let mut programs = HashMap::new();
+    for kind in ThreadKind::ALL {
+        let program =
+            filters::program(kind, mismatch.clone()).map_err(|source| SeccompError::Build {
+                kind: kind.name(),
+                source,
+            })?;
+        programs.insert(kind, program);
+    }
+    install_sigsys_handler()?;
+    let selftest = std::env::var(SELFTEST_ENV).ok();
+    let _ = FILTERS.set(Filters { programs, selftest });
+    thread_hook::set_hook(device_thread_started);
+    Ok(())
+}
+
+/// Installs the filter of `kind` on the calling thread (nothing when the
+/// filters are off).
+pub fn install(kind: ThreadKind) -> Result<(), SeccompError> {
+    let Some(filters) = FILTERS.get() else {
+        return Ok(());
+    };
+    remember_thread(kind);
+    let program = &filters.programs[&kind];
+    seccompiler::apply_filter(program).map_err(|source| SeccompError::Apply {
+        kind: kind.name(),
+        source,
+    })?;
+    if filters.selftest.as_deref() == Some(kind.name())
+        && !SELFTEST_DONE.swap(true, Ordering::SeqCst)
+    {
+        forbidden_call();
+    }
+    Ok(())
+}
+
+/// [`install`] for threads that have no caller to return an error to: a
+/// thread that cannot be confined must not go on unconfined.
+pub fn install_or_exit(kind: ThreadKind) {
+    if let Err(e) = install(kind) {
+        crate::cli::report(format!("godwit: error: {e}"));
+        std::process::exit(i32::from(crate::cli::EXIT_START_FAILED));
+    }
+}
+
+fn device_thread_started(kind: DeviceThread) {
+    install_or_exit(ThreadKind::from_device(kind));
+}
+
+fn remember_thread(kind: ThreadKind) {
+    let mut name = [0u8; 16];
+    if let Some(n) = std::thread::current().name() {
+        let n = n.as_bytes();
+        let len = n.len().min(name.len());
+        name[..len].copy_from_slice(&n[..len]);
+    }
+    THREAD_NAME.with(|c| c.set(name));
+    THREAD_KIND.with(|c| c.set(kind.name()));
+}
+
+/// A call no filter allows (the test hook).
+fn forbidden_call() {
+    // SAFETY: getppid takes no arguments and changes nothing.
+    unsafe {
+        libc::syscall(libc::SYS_getppid);
+    }
+}
+
+fn install_sigsys_handler() -> Result<(), SeccompError> {
+    // SAFETY: a zeroed sigaction is a valid starting point; the handler
+    // only makes async-signal-safe calls (write, _exit).
+    unsafe {
+        let mut action: libc::sigaction = std::mem::zeroed();
+        action.sa_sigaction = sigsys_handler as *const () as usize;
+        action.sa_flags = libc::SA_SIGINFO;
+        libc::sigemptyset(&mut action.sa_mask);
+        if libc::sigaction(libc::SIGSYS, &action, std::ptr::null_mut()) != 0 {
+            return Err(SeccompError::Handler(std::io::Error::last_os_error()));
+        }
+    }
+    Ok(())
+}
+
+/// A stack buffer for the message: no allocation in a signal handler.
+struct Message {
+    buf: [u8; 512],
+    len: usize,
+}
+
+impl Message {
+    fn push(&mut self, bytes: &[u8]) {
+        let n = bytes.len().min(self.buf.len() - self.len);
+        self.buf[self.len..self.len + n].copy_from_slice(&bytes[..n]);
+        self.len += n;
+    }
+
+    fn push_number(&mut self, mut value: u64) {
+        let mut digits = [0u8; 20];
+        let mut i = digits.len();
+        loop {
+            i -= 1;
+            digits[i] = b'0' + (value % 10) as u8;
+            value /= 10;
+            if value == 0 {
+                break;
+            }
+        }
+        self.push(&digits[i..]);
+    }
+}
+
+/// The system-call number of a SIGSYS from seccomp: `si_syscall` of the
+/// kernel's `_sigsys` member, after `_call_addr` at the union's start.
+///
+/// # Safety
+/// `info` points to the siginfo the kernel passed to the handler.
+unsafe fn sigsys_syscall(info: *const libc::siginfo_t) -> i32 {
+    const UNION_OFFSET: usize = 16;
+    // SAFETY: the caller passes the kernel's siginfo; `_sigsys` lies within
+    // it (si_syscall after the pointer-sized _call_addr), read unaligned.
+    unsafe {
+        let union = info.cast::<u8>().add(UNION_OFFSET);
+        union
+            .add(std::mem::size_of::<*const libc::c_void>())
+            .cast::<i32>()
+            .read_unaligned()
+    }
+}
+
+extern "C" fn sigsys_handler(
+    _signal: libc::c_int,
+    info: *mut libc::siginfo_t,
+    _context: *mut libc::c_void,
+) {
+    // SAFETY: the kernel passes a valid siginfo to an SA_SIGINFO handler.
+    let nr = unsafe { sigsys_syscall(info) };
+    let name = THREAD_NAME.with(Cell::get);
+    let kind = THREAD_KIND.with(Cell::get);
+    let name_len = name.iter().position(|&b| b == 0).unwrap_or(name.len());
+    let mut msg = Message {
+        buf: [0; 512],
+        len: 0,
+    };
+    msg.push(b"godwit: seccomp: thread '");
+    msg.push(&name[..name_len]);
+    msg.push(b"' (");
+    msg.push(kind.as_bytes());
+    msg.push(b") made the forbidden system call ");
+    msg.push_number(u64::from(nr.unsigned_abs()));
+    msg.push(b" (`ausyscall ");
+    msg.push_number(u64::from(nr.unsigned_abs()));
+    msg.push(b"` names it); stopping. Run with --seccomp log to find what is missing\n");
+    // SAFETY: write and _exit are async-signal-safe, every filter allows
+    // them, and the buffer lives on this stack.
+    unsafe {
+        libc::write(2, msg.buf.as_ptr().cast(), msg.len);
+        libc::_exit(i32::from(EXIT_SECCOMP));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_filter_builds_in_every_mode() {
+        for kind in ThreadKind::ALL {
+            for action in [SeccompAction::Trap, SeccompAction::Log] {
+                let program = filters::program(kind, action)
+                    .unwrap_or_else(|e| panic!("{}: {e}", kind.name()));
+                // The kernel refuses programs over BPF_MAXINSNS.
+                assert!(program.len() <= 4096, "{}: {}", kind.name(), program.len());
+            }
+        }
+    }
+
+    #[test]
+    fn the_message_buffer_formats_numbers_and_stops_at_its_end() {
+        let mut m = Message {
+            buf: [0; 512],
+            len: 0,
+        };
+        m.push(b"nr ");
+        m.push_number(0);
+        m.push(b" ");
+        m.push_number(435);
+        assert_eq!(&m.buf[..m.len], b"nr 0 435");
+        m.push(&[b'x'; 600]);
+        assert_eq!(m.len, 512);
+    }
+}
