@@ -587,6 +587,12 @@ impl Machine {
             VmOutcome::GuestPanicked => (true, "guest-panic"),
             VmOutcome::TimedOut(_) => (false, "host-timeout"),
         };
+        if matches!(outcome, VmOutcome::GuestPanicked) {
+            // QEMU's event for a pvpanic report; the VM is then shut down.
+            self.handle
+                .api_events
+                .emit("GUEST_PANICKED", json!({"action": "poweroff"}));
+        }
         self.handle
             .api_events
             .emit("SHUTDOWN", json!({"guest": guest, "reason": reason}));
