@@ -49,10 +49,19 @@ kernel_dir="${GODWIT_CACHE:-/var/cache/godwit}/debian-cloud-kernel"
 # (the LZ4 payload at (setup_sects + 1) * 512 + payload_offset; lz4 exits
 # non-zero on the bytes after the frame, which is why its status is ignored
 # and the ELF magic checked instead).
+kernel_package() {
+    apt-cache depends linux-image-cloud-amd64 2>/dev/null | sed -n 's/^ *Depends: \(linux-image-[0-9].*-cloud-amd64\)$/\1/p' | head -n1
+}
+
 fetch_debian_kernel() {
     [ -s "$kernel_dir/vmlinux" ] && return 0
     local pkg
-    pkg=$(apt-cache depends linux-image-cloud-amd64 | sed -n 's/^ *Depends: \(linux-image-[0-9].*-cloud-amd64\)$/\1/p' | head -n1)
+    pkg=$(kernel_package)
+    if [ -z "$pkg" ]; then
+        # A fresh machine may have no package lists yet.
+        apt-get update -q >/dev/null
+        pkg=$(kernel_package)
+    fi
     if [ -z "$pkg" ]; then
         echo "install-deps: apt knows no linux-image-cloud-amd64: run apt-get update, or add Debian's main archive" >&2
         return 1

@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use godwit_tests::run_godwit;
+use godwit_tests::{qmp_connect, run_godwit, RunningVm, TempDir};
 
 const DEADLINE: Duration = Duration::from_secs(60);
 
@@ -50,6 +50,28 @@ fn a_pvpanic_report_fails_the_run_with_its_own_status() {
         "{out:?}"
     );
     assert!(!out.has_line("godwit-test-guest: poweroff"), "{out:?}");
+}
+
+#[test]
+fn a_pvpanic_report_is_announced_to_management_clients() {
+    let dir = TempDir::new("pvpanic-api");
+    let socket = dir.join("api.sock");
+    let mut vm = RunningVm::spawn(&[
+        "run",
+        "--api-socket",
+        socket.to_str().unwrap(),
+        "--cmdline",
+        "console=ttyS0 reboot=k godwit.mode=serve godwit.heartbeat_ms=100 godwit.poweroff_after=30 godwit.panic=1",
+    ]);
+    vm.wait_line("heartbeat 2", DEADLINE);
+    let mut qmp = qmp_connect(&socket);
+    let panicked = qmp.wait_event("GUEST_PANICKED", DEADLINE).unwrap();
+    assert_eq!(panicked["data"]["action"], "poweroff", "{panicked}");
+    let shutdown = qmp.wait_event("SHUTDOWN", Duration::from_secs(5)).unwrap();
+    assert_eq!(shutdown["data"]["reason"], "guest-panic", "{shutdown}");
+    assert_eq!(shutdown["data"]["guest"], true, "{shutdown}");
+    let (status, stderr) = vm.wait_exit(Duration::from_secs(10));
+    assert_eq!(status.code(), Some(6), "{stderr}");
 }
 
 #[test]

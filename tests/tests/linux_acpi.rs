@@ -168,13 +168,9 @@ fn cpio_entry(out: &mut Vec<u8>, ino: u32, name: &str, mode: u32, data: &[u8]) {
     )
     .unwrap();
     out.extend_from_slice(name_z.as_bytes());
-    while out.len() % 4 != 0 {
-        out.push(0);
-    }
+    out.resize(out.len().next_multiple_of(4), 0);
     out.extend_from_slice(data);
-    while out.len() % 4 != 0 {
-        out.push(0);
-    }
+    out.resize(out.len().next_multiple_of(4), 0);
 }
 
 fn build_initramfs(dir: &Path, modules_dir: &Path) -> PathBuf {

@@ -616,6 +616,12 @@ impl Machine {
             VmOutcome::TimedOut(_) => (false, "host-timeout"),
             VmOutcome::Signal(_) => (false, "host-signal"),
         };
+        if matches!(outcome, VmOutcome::GuestPanicked) {
+            // QEMU's event for a pvpanic report; the VM is then shut down.
+            self.handle
+                .api_events
+                .emit("GUEST_PANICKED", json!({"action": "poweroff"}));
+        }
         self.handle
             .api_events
             .emit("SHUTDOWN", json!({"guest": guest, "reason": reason}));
