@@ -11,6 +11,11 @@
 # (so a ping from another package is fine) or when dpkg has it installed.
 # The Rust toolchain is not installed from Debian: godwit needs Rust 1.80 or
 # newer, Debian 12 ships 1.63 (install one with https://rustup.rs).
+#
+# The Linux guest of tests/tests/qemu_frontend.rs is Debian's cloud kernel:
+# its .deb is downloaded (apt-get download, never installed on this host)
+# into the test cache, $GODWIT_TEST_CACHE or /var/cache/godwit-test, where
+# the test unpacks it.
 set -euo pipefail
 
 check_only=0
@@ -34,7 +39,40 @@ deps=(
     "ethtool|ethtool|tests: net_tap switches TAP offloads"
     "util-linux|unshare|tests: boot runs godwit in a private mount namespace"
     "dpdk-dev|dpdk-testpmd|tests: the vhost-user tests use DPDK testpmd as the peer"
+    "qemu-system-x86|qemu-system-x86_64|tests: qemu_frontend runs QEMU (TCG) as a standard vhost-user frontend"
+    "busybox-static|-|tests: qemu_frontend builds the Linux guest's initramfs around /bin/busybox"
 )
+
+cache=${GODWIT_TEST_CACHE:-/var/cache/godwit-test}
+kernel_meta=linux-image-cloud-amd64
+
+# The kernel package the metapackage points at (linux-image-6.1.0-N-cloud-amd64).
+kernel_package() {
+    apt-cache depends "$kernel_meta" 2>/dev/null | sed -n 's/^ *Depends: \(linux-image-[^ ]*\)$/\1/p' | head -n 1
+}
+
+have_kernel_deb() {
+    compgen -G "$cache/linux-image-*-cloud-amd64_*.deb" >/dev/null
+}
+
+# Downloads the kernel .deb into the cache (after apt-get update when apt
+# does not know the package yet).
+fetch_kernel_deb() {
+    local pkg
+    pkg=$(kernel_package)
+    if [ -z "$pkg" ]; then
+        apt-get update -q
+        pkg=$(kernel_package)
+    fi
+    if [ -z "$pkg" ]; then
+        echo "install-deps: apt knows no $kernel_meta: add Debian 12's main suite to apt's sources" >&2
+        exit 1
+    fi
+    mkdir -p "$cache"
+    echo "install-deps: downloading $pkg into $cache (for qemu_frontend's Linux guest; not installed)"
+    # _apt cannot write to a root-owned cache: download as root, quietly.
+    (cd "$cache" && apt-get download -q -o APT::Sandbox::User=root "$pkg")
+}
 
 missing=()
 for dep in "${deps[@]}"; do
@@ -55,13 +93,28 @@ check_cargo() {
     fi
 }
 
-if [ ${#missing[@]} -eq 0 ]; then
+kernel_missing=0
+if ! have_kernel_deb; then
+    echo "install-deps: missing the $kernel_meta .deb in $cache, for tests: qemu_frontend boots it under QEMU"
+    kernel_missing=1
+fi
+
+if [ ${#missing[@]} -eq 0 ] && [ "$kernel_missing" = 0 ]; then
     echo "install-deps: all build, demo and test packages are present"
     check_cargo
     exit 0
 fi
 if [ "$check_only" = 1 ]; then
     exit 1
+fi
+if [ ${#missing[@]} -eq 0 ]; then
+    if [ "$(id -u)" != 0 ]; then
+        echo "install-deps: downloading the kernel .deb into $cache needs root: run as root (sudo $0)" >&2
+        exit 1
+    fi
+    fetch_kernel_deb
+    check_cargo
+    exit 0
 fi
 if [ "$(id -u)" != 0 ]; then
     echo "install-deps: installing ${missing[*]} needs root: run as root (sudo $0)" >&2
@@ -77,4 +130,7 @@ export DEBIAN_FRONTEND=noninteractive
 apt-get update -q
 apt-get install -y -q --no-install-recommends "${missing[@]}"
 echo "install-deps: installed ${missing[*]}"
+if [ "$kernel_missing" = 1 ]; then
+    fetch_kernel_deb
+fi
 check_cargo

@@ -443,7 +443,8 @@ impl VhostUserBackendMut for NetBackend {
     fn acked_features(&mut self, features: u64) {
         tracing::info!(
             interface = self.interface().name,
-            "the frontend acked features {features:#x}"
+            "the frontend acked features {features:#x} of {:#x} offered",
+            self.features()
         );
         self.acked = features;
         self.features_set = true;
