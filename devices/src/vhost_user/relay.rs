@@ -350,3 +350,120 @@ fn end(frontend: &UnixStream, inner: &UnixStream) {
     let _ = frontend.shutdown(std::net::Shutdown::Both);
     let _ = inner.shutdown(std::net::Shutdown::Both);
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::IntoRawFd;
+    use std::time::Duration;
+
+    fn msg(req: FrontendReq, flags: u32, payload: Vec<u8>, files: Vec<File>) -> Message {
+        Message {
+            code: u32::from(req),
+            flags: FLAG_VERSION | flags,
+            payload,
+            files,
+        }
+    }
+
+    fn ring_state(index: u32, num: u32) -> Vec<u8> {
+        let mut p = index.to_le_bytes().to_vec();
+        p.extend_from_slice(&num.to_le_bytes());
+        p
+    }
+
+    #[test]
+    fn early_enables_wait_for_set_features_and_descriptors_pass_through() {
+        let (frontend, relay_front) = UnixStream::pair().unwrap();
+        let (relay_inner, inner) = UnixStream::pair().unwrap();
+        for s in [&frontend, &inner] {
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        }
+        let negotiated = Arc::new(Negotiated::default());
+        let relay = Relay::spawn(relay_front, relay_inner, negotiated.clone()).unwrap();
+
+        let protocol = P::REPLY_ACK.bits() | P::MQ.bits();
+        let set_protocol = msg(
+            FrontendReq::SET_PROTOCOL_FEATURES,
+            0,
+            protocol.to_le_bytes().to_vec(),
+            Vec::new(),
+        );
+        write_message(&frontend, &set_protocol).unwrap();
+        let got = read_message(&inner).unwrap().unwrap();
+        assert!(got.is(FrontendReq::SET_PROTOCOL_FEATURES));
+        assert_eq!(negotiated.protocol(), protocol);
+
+        // Kept, and acknowledged by the relay itself.
+        let enable = msg(
+            FrontendReq::SET_VRING_ENABLE,
+            FLAG_NEED_REPLY,
+            ring_state(1, 1),
+            Vec::new(),
+        );
+        write_message(&frontend, &enable).unwrap();
+        let ack = read_message(&frontend).unwrap().unwrap();
+        assert!(ack.is(FrontendReq::SET_VRING_ENABLE));
+        assert_eq!(ack.flags, FLAG_VERSION | FLAG_REPLY);
+        assert_eq!(ack.u64_at(0), Some(0));
+
+        // A descriptor travels with its message.
+        let event = vmm_sys_util::eventfd::EventFd::new(0).unwrap();
+        event.write(7).unwrap();
+        let kick = msg(
+            FrontendReq::SET_VRING_KICK,
+            0,
+            1u64.to_le_bytes().to_vec(),
+            // SAFETY: into_raw_fd hands over the clone's descriptor, which
+            // nothing else owns.
+            vec![unsafe { File::from_raw_fd(event.try_clone().unwrap().into_raw_fd()) }],
+        );
+        write_message(&frontend, &kick).unwrap();
+        let got = read_message(&inner).unwrap().unwrap();
+        assert!(got.is(FrontendReq::SET_VRING_KICK));
+        assert_eq!(got.files.len(), 1);
+        let mut count = [0u8; 8];
+        (&got.files[0]).read_exact(&mut count).unwrap();
+        assert_eq!(u64::from_ne_bytes(count), 7, "the same eventfd");
+
+        // SET_FEATURES with bit 30, then the kept state.
+        let features = msg(
+            FrontendReq::SET_FEATURES,
+            0,
+            (F_PROTOCOL_FEATURES | 1 << 32).to_le_bytes().to_vec(),
+            Vec::new(),
+        );
+        write_message(&frontend, &features).unwrap();
+        assert!(read_message(&inner)
+            .unwrap()
+            .unwrap()
+            .is(FrontendReq::SET_FEATURES));
+        let passed = read_message(&inner).unwrap().unwrap();
+        assert!(passed.is(FrontendReq::SET_VRING_ENABLE));
+        assert_eq!(passed.payload, ring_state(1, 1));
+        assert_eq!(
+            passed.flags & FLAG_NEED_REPLY,
+            0,
+            "nobody waits for its ack"
+        );
+
+        // From now on the crate takes them, and its replies come back.
+        write_message(&frontend, &enable).unwrap();
+        let got = read_message(&inner).unwrap().unwrap();
+        assert!(got.is(FrontendReq::SET_VRING_ENABLE));
+        let reply = msg(
+            FrontendReq::SET_VRING_ENABLE,
+            FLAG_REPLY,
+            0u64.to_le_bytes().to_vec(),
+            Vec::new(),
+        );
+        write_message(&inner, &reply).unwrap();
+        let back = read_message(&frontend).unwrap().unwrap();
+        assert_eq!(back.encode(), reply.encode());
+
+        // The frontend's hang-up reaches the crate's side.
+        drop(frontend);
+        assert!(read_message(&inner).unwrap().is_none());
+        relay.finish();
+    }
+}
