@@ -79,8 +79,10 @@ fn linux_virtio_net_under_qemu_works_through_godwits_backend() {
 
     // Something to receive the guest's TCP stream, in the namespace.
     let listen_addr = format!("{}:5001", host.host_ip);
+    let (bound_tx, bound) = std::sync::mpsc::channel();
     let receiver = host.spawn(move || {
         let listener = TcpListener::bind(&listen_addr).expect("bind the stream receiver");
+        let _ = bound_tx.send(());
         let (mut conn, _) = listener.accept().expect("the guest connects");
         conn.set_read_timeout(Some(Duration::from_secs(60)))
             .unwrap();
@@ -94,6 +96,10 @@ fn linux_virtio_net_under_qemu_works_through_godwits_backend() {
             }
         }
     });
+
+    bound
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the stream receiver listens");
 
     let script = format!(
         "ip link set lo up\n\
