@@ -12,7 +12,7 @@
 # It also puts Debian's cloud kernel (linux-image-cloud-amd64, downloaded and
 # unpacked, not installed) and its uncompressed vmlinux in
 # $GODWIT_CACHE/debian-cloud-kernel (default /var/cache/godwit), for the
-# linux_acpi tests.
+# linux_acpi and qemu_frontend tests.
 # The Rust toolchain is not installed from Debian: godwit needs Rust 1.80 or
 # newer, Debian 12 ships 1.63 (install one with https://rustup.rs).
 set -euo pipefail
@@ -40,6 +40,8 @@ deps=(
     "dpdk-dev|dpdk-testpmd|tests: the vhost-user tests use DPDK testpmd as the peer"
     "acpica-tools|iasl|tests: acpi disassembles every ACPI table godwit builds"
     "lz4|lz4|tests: linux_acpi unpacks the vmlinux from Debian's cloud kernel"
+    "qemu-system-x86|qemu-system-x86_64|tests: qemu_frontend runs QEMU (TCG) as a standard vhost-user frontend"
+    "busybox-static|-|tests: qemu_frontend builds the Linux guest's initramfs around /bin/busybox"
 )
 
 kernel_dir="${GODWIT_CACHE:-/var/cache/godwit}/debian-cloud-kernel"
@@ -112,7 +114,7 @@ if [ ${#missing[@]} -eq 0 ]; then
     echo "install-deps: all build, demo and test packages are present"
     if [ "$check_only" = 1 ]; then
         [ -s "$kernel_dir/vmlinux" ] || {
-            echo "install-deps: missing Debian's cloud kernel in $kernel_dir, for tests: linux_acpi"
+            echo "install-deps: missing Debian's cloud kernel in $kernel_dir, for tests: linux_acpi, qemu_frontend"
             exit 1
         }
     else
@@ -123,6 +125,15 @@ if [ ${#missing[@]} -eq 0 ]; then
 fi
 if [ "$check_only" = 1 ]; then
     exit 1
+fi
+if [ ${#missing[@]} -eq 0 ]; then
+    if [ "$(id -u)" != 0 ]; then
+        echo "install-deps: downloading the kernel .deb into $cache needs root: run as root (sudo $0)" >&2
+        exit 1
+    fi
+    fetch_kernel_deb
+    check_cargo
+    exit 0
 fi
 if [ "$(id -u)" != 0 ]; then
     echo "install-deps: installing ${missing[*]} needs root: run as root (sudo $0)" >&2

@@ -15,7 +15,9 @@ use std::time::{Duration, Instant};
 pub use godwit_vmm::api::QmpClient;
 
 pub mod guest;
+pub mod linux_guest;
 pub mod migrate;
+pub mod net_backend;
 pub mod netns;
 pub mod process;
 pub mod udp;

@@ -23,16 +23,7 @@ const EMULATED_TIMEOUT: &str = "480s";
 const EMULATED_DEADLINE: Duration = Duration::from_secs(540);
 const HARDWARE_DEADLINE: Duration = Duration::from_secs(120);
 
-fn kernel_dir() -> PathBuf {
-    let cache = std::env::var_os("GODWIT_CACHE").unwrap_or_else(|| "/var/cache/godwit".into());
-    let dir = PathBuf::from(cache).join("debian-cloud-kernel");
-    assert!(
-        dir.join("vmlinux").is_file(),
-        "Debian's cloud kernel is not in {}: run resources/install-deps.sh",
-        dir.display()
-    );
-    dir
-}
+use godwit_tests::linux_guest::kernel_dir;
 
 fn hardware_virtualisation() -> bool {
     std::fs::read_to_string("/proc/cpuinfo")
