@@ -9,6 +9,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 
 use godwit_migration::memory_file;
+use godwit_tests::migrate::{assert_heartbeat_follows, last_complete_heartbeat};
 use godwit_tests::{qmp_connect, udp_echo, EchoClient, NetHost, RunningVm, TempDir, TwoHosts};
 
 const BOOT: Duration = Duration::from_secs(60);
@@ -554,28 +555,16 @@ fn a_save_killed_midway_leaves_a_restorable_snapshot_and_nothing_after_the_next(
     assert!(cut, "the save was killed before it completed");
 }
 
-fn heartbeat_of(line: &str) -> u64 {
-    line.trim()
-        .strip_prefix("heartbeat ")
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("{line:?}"))
-}
-
-/// The last heartbeat a VM printed (after draining what it still prints).
+/// The last complete heartbeat a VM printed (after draining what it still
+/// prints).
 fn last_heartbeat(vm: &mut RunningVm) -> u64 {
     while vm.try_line(Duration::from_millis(300)).is_some() {}
-    vm.seen
-        .iter()
-        .rev()
-        .find(|l| l.starts_with("heartbeat "))
-        .map(|l| heartbeat_of(l))
-        .expect("a heartbeat")
+    last_complete_heartbeat(&vm.seen)
 }
 
 /// The next VM goes on where the previous one stopped.
 fn continues(vm: &mut RunningVm, last: u64, what: &str) {
-    let first = heartbeat_of(&vm.wait_prefix("heartbeat ", Duration::from_secs(30)));
-    assert_eq!(first, last + 1, "{what}: the heartbeat continues");
+    assert_heartbeat_follows(last, vm);
     full_round_without_mismatch(vm, what);
 }
 
@@ -696,14 +685,7 @@ impl Place<'_> {
             .unwrap();
         let (status, stderr) = src.wait_exit(Duration::from_secs(120));
         assert_eq!(status.code(), Some(0), "{tag}: source: {stderr}");
-        let last = src
-            .seen
-            .iter()
-            .rev()
-            .find(|l| l.starts_with("heartbeat "))
-            .map(|l| heartbeat_of(l))
-            .unwrap();
-        continues(&mut dst, last, tag);
+        continues(&mut dst, last_complete_heartbeat(&src.seen), tag);
         (dst, dst_api)
     }
 }
