@@ -9,33 +9,11 @@ use std::time::Duration;
 use serde_json::{json, Value};
 
 use godwit_migration::memory_file;
+use godwit_tests::verify::{full_round_without_mismatch, next_verdict};
 use godwit_tests::{qmp_connect, udp_echo, EchoClient, NetHost, RunningVm, TempDir, TwoHosts};
 
 const BOOT: Duration = Duration::from_secs(60);
 const HEARTBEAT_MS: u64 = 200;
-
-/// The console's `verify: <pages> pages, <checked> checked, <mismatches> mismatches`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Verdict {
-    pages: u64,
-    checked: u64,
-    mismatches: u64,
-}
-
-fn verdict(line: &str) -> Verdict {
-    let parse = || {
-        let rest = line.trim_end().strip_prefix("verify: ")?;
-        let (pages, rest) = rest.split_once(" pages, ")?;
-        let (checked, rest) = rest.split_once(" checked, ")?;
-        let mismatches = rest.strip_suffix(" mismatches")?;
-        Some(Verdict {
-            pages: pages.parse().ok()?,
-            checked: checked.parse().ok()?,
-            mismatches: mismatches.parse().ok()?,
-        })
-    };
-    parse().unwrap_or_else(|| panic!("not a verify line: {line:?}"))
-}
 
 fn cmdline(verify: &str, extra: &str) -> String {
     format!(
@@ -88,37 +66,6 @@ fn restore(snap: &Path, api: &Path, mode: &str) -> RunningVm {
         "--api-socket",
         api.to_str().unwrap(),
     ])
-}
-
-/// The next verify verdict line (mismatch lines stay in `vm.seen`).
-fn next_verdict(vm: &mut RunningVm) -> Verdict {
-    loop {
-        let line = vm.wait_prefix("verify: ", Duration::from_secs(30));
-        if !line.starts_with("verify: mismatch") {
-            return verdict(&line);
-        }
-    }
-}
-
-/// Reads verify lines until the guest has checked every page of its buffer
-/// at least once more; panics on any mismatch. Returns the last verdict.
-fn full_round_without_mismatch(vm: &mut RunningVm, what: &str) -> Verdict {
-    let first = next_verdict(vm);
-    let mut last = first;
-    while last.checked < first.checked + first.pages {
-        last = next_verdict(vm);
-    }
-    let bad: Vec<&String> = vm
-        .seen
-        .iter()
-        .filter(|l| l.starts_with("verify: mismatch"))
-        .collect();
-    assert!(
-        bad.is_empty() && first.mismatches == 0 && last.mismatches == 0,
-        "{what}: the guest found memory that is not what it wrote: {bad:?}, {last:?}; console:\n{}",
-        vm.seen.join("\n")
-    );
-    last
 }
 
 fn quit(vm: &mut RunningVm, api: &Path) {
