@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 pub use godwit_vmm::api::QmpClient;
 
+pub mod backend;
 pub mod guest;
 pub mod migrate;
 pub mod netns;

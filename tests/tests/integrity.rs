@@ -9,6 +9,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 
 use godwit_migration::memory_file;
+use godwit_tests::backend::NetBackend;
 use godwit_tests::verify::{full_round_without_mismatch, next_verdict};
 use godwit_tests::{qmp_connect, udp_echo, EchoClient, NetHost, RunningVm, TempDir, TwoHosts};
 
@@ -690,8 +691,8 @@ fn chain(vcpus: &str, hosts: Option<&TwoHosts>, vhost_user: bool) {
     let (sock_a, sock_b) = (dir.join("a.vu"), dir.join("b.vu"));
     let _backends = match (hosts, vhost_user) {
         (Some(h), true) => Some((
-            Backend::start(&h.ns_a(), &sock_a),
-            Backend::start(&h.ns_b(), &sock_b),
+            NetBackend::start(&h.ns_a(), &sock_a),
+            NetBackend::start(&h.ns_b(), &sock_b),
         )),
         _ => None,
     };
@@ -784,44 +785,4 @@ fn a_chain_over_godwits_vhost_user_backend_loses_nothing_and_keeps_echoing_one_v
 fn a_chain_over_godwits_vhost_user_backend_loses_nothing_and_keeps_echoing_two_vcpus() {
     let hosts = TwoHosts::new(167, true, true);
     chain("2", Some(&hosts), true);
-}
-
-/// godwit's own vhost-user backend on a host, on that host's TAP.
-struct Backend(std::process::Child);
-
-impl Backend {
-    fn start(ns: &str, socket: &Path) -> Self {
-        let child = godwit_tests::godwit_command(
-            Some(ns),
-            &[
-                "net-backend",
-                "--socket",
-                socket.to_str().unwrap(),
-                "--tap",
-                "gwtap0",
-            ],
-        )
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("start godwit net-backend");
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while !socket.exists() {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "{} never appeared",
-                socket.display()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Backend(child)
-    }
-}
-
-impl Drop for Backend {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }

@@ -371,7 +371,6 @@ pub(super) fn finish(
     // The commit: decided before the first byte of `Go` leaves.
     handle.set_state(RunState::PostMigrate);
     quiet.keep_paused();
-    handle.migration.update(|i| i.status = "postmigrate");
     tracing::info!("migration: the destination holds the whole VM; telling it to run the guest");
     sender.conn.set_timeout(Some(HANDOFF_WAIT));
     let answer = write_message(sender.conn, Kind::Go, &[])
