@@ -145,7 +145,12 @@ fn storm_and_restore(net: &dyn Fn() -> String, host: &NetHost) {
     full_round_without_mismatch(&mut vm, "after the storm");
     let target = host.guest_echo();
     let echoed = host.run(move || udp_echo(&target, 10, &[64], 1, Duration::from_secs(20)));
-    assert_eq!(echoed, 10, "the guest answers after the storm");
+    if echoed != 10 {
+        let net = qmp.execute("query-net", Value::Null);
+        let _ = qmp.execute("quit", Value::Null);
+        let (_, stderr) = vm.wait_exit(Duration::from_secs(30));
+        panic!("the guest answers {echoed} of 10 echoes after the storm; query-net: {net:?}; godwit: {stderr}");
+    }
 
     // quit sent while a save runs waits for it: the save completes (or
     // was refused before it began) and leaves nothing behind.
