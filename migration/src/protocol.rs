@@ -14,9 +14,12 @@
 //! every reason to refuse, and what it offers). Only after an accept do
 //! `Pages`/`ZeroPages` flow in rounds (`RoundEnd` closes each), then the
 //! source stops the guest and sends the last pages and `State` (the
-//! snapshot container's bytes), then `Complete`. The destination loads,
-//! resumes, and answers `Resumed`; only then does the source end. `Abort`
-//! ends a session from either side with a reason.
+//! snapshot container's bytes), then `Complete`. The destination loads
+//! everything and answers `Ready` (it holds the whole VM and will run it when
+//! told); the source commits and answers `Go`; only then does the
+//! destination resume the guest, and it answers `Resumed`. `Abort` ends a
+//! session from either side with a reason; from the destination after
+//! `Ready` it means it will not run the guest.
 
 use std::io::{Read, Write};
 
@@ -25,7 +28,8 @@ use serde::{Deserialize, Serialize};
 use crate::le::bounded_u32;
 
 pub const MAGIC: [u8; 4] = *b"GWMG";
-pub const PROTOCOL_VERSION: u16 = 1;
+/// 2: the `Ready`/`Go` handoff before the destination resumes.
+pub const PROTOCOL_VERSION: u16 = 2;
 pub const HEADER_LEN: usize = 16;
 /// Large enough for a 1 MiB page batch plus its table, and for the state.
 pub const MAX_PAYLOAD: u32 = 64 << 20;
@@ -43,10 +47,13 @@ pub enum Kind {
     Complete = 7,
     Resumed = 8,
     Abort = 9,
+    Ready = 10,
+    Go = 11,
 }
 
 impl Kind {
-    fn from_u16(v: u16) -> Option<Kind> {
+    /// The kind a header names, if any.
+    pub fn from_u16(v: u16) -> Option<Kind> {
         Some(match v {
             1 => Kind::Hello,
             2 => Kind::HelloReply,
@@ -57,6 +64,8 @@ impl Kind {
             7 => Kind::Complete,
             8 => Kind::Resumed,
             9 => Kind::Abort,
+            10 => Kind::Ready,
+            11 => Kind::Go,
             _ => return None,
         })
     }

@@ -32,6 +32,16 @@ pub struct SnapshotSaveArgs {
     pub dir: PathBuf,
 }
 
+/// `cont` arguments.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ContArgs {
+    /// Resumes a VM in postmigrate: the operator's word that the
+    /// destination does not run the guest.
+    #[serde(default)]
+    pub force: bool,
+}
+
 /// `migrate` arguments.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -84,7 +94,7 @@ qmp_commands! {
         "query-version" => QueryVersion,
         "query-status" => QueryStatus,
         "stop" => Stop,
-        "cont" => Cont,
+        "cont" => Cont(ContArgs),
         "quit" => Quit,
         "query-net" => QueryNet,
         "query-machines" => QueryMachines,
@@ -102,9 +112,12 @@ qmp_commands! {
 /// Why a command failed. Converted to a QMP error only for the reply.
 #[derive(Debug, thiserror::Error)]
 pub enum CommandError {
-    /// `cont` after the VM shut down.
-    #[error("the VM has shut down and cannot be resumed")]
-    ShutDown,
+    /// `stop` while an operation holds the VM.
+    #[error(transparent)]
+    Busy(#[from] crate::machine::Busy),
+    /// `cont` refused.
+    #[error(transparent)]
+    Cont(#[from] crate::machine::ContError),
     /// `snapshot-save` failed.
     #[error(transparent)]
     Snapshot(#[from] crate::persist::snapshot::SnapshotError),
@@ -224,18 +237,22 @@ impl VmCommands {
                 json!({"running": state == RunState::Running, "status": state.as_str(), "singlestep": false})
             }
             Command::Stop => {
-                vm.pause();
+                vm.stop()?;
                 json!({})
             }
-            Command::Cont => {
-                if vm.run_state() == RunState::Shutdown {
-                    return Err(CommandError::ShutDown);
+            Command::Cont(args) => {
+                let postmigrate = vm.run_state() == RunState::PostMigrate;
+                vm.cont(args.force)?;
+                if postmigrate {
+                    json!({"warning": "resumed from postmigrate on the operator's word: the operator takes responsibility that the destination does not run this guest"})
+                } else {
+                    json!({})
                 }
-                vm.resume();
-                json!({})
             }
             Command::Quit => {
-                vm.request_quit();
+                // Waits for a snapshot being written, and for a cancelled
+                // migration to end, so that none is cut off half-way.
+                vm.quit();
                 json!({})
             }
             Command::QueryNet => Value::Array(vm.nets.iter().map(NetDevice::query).collect()),

@@ -62,7 +62,8 @@ fn ctl_migrate(socket: &Path, uri: &str) -> Result<String, ClientError> {
                     info["downtime-ms"].as_f64().unwrap_or(0.0)
                 ))
             }
-            "failed" | "cancelled" => {
+            // postmigrate: the outcome is unknown; the error says what to do.
+            "failed" | "cancelled" | "postmigrate" => {
                 return Err(ClientError::Qmp {
                     class: "GenericError".into(),
                     desc: format!(

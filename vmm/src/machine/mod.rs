@@ -8,7 +8,7 @@ use std::fs::OpenOptions;
 use std::io::Read;
 use std::path::PathBuf;
 use std::sync::mpsc::{self, Receiver, Sender};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
@@ -110,6 +110,10 @@ pub enum VmOutcome {
 pub enum RunState {
     Running,
     Paused,
+    /// Paused after a migration handed the guest over (or may have): the
+    /// destination runs it, or the outcome is unknown. Nothing resumes it
+    /// but an operator's `cont` with `force`.
+    PostMigrate,
     Shutdown,
 }
 
@@ -119,8 +123,95 @@ impl RunState {
         match self {
             RunState::Running => "running",
             RunState::Paused => "paused",
+            RunState::PostMigrate => "postmigrate",
             RunState::Shutdown => "shutdown",
         }
+    }
+}
+
+/// A whole-VM operation that holds the VM while it runs: the others are
+/// refused meanwhile, and `stop`/`cont` only run when it allows them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Operation {
+    /// `snapshot-save`: vCPUs are paused and memory is being written.
+    Snapshot,
+    /// A migration's pre-copy rounds: the guest may run or not, as the
+    /// operator says.
+    Migration,
+    /// A migration's stop-and-copy and handoff: the guest is paused and its
+    /// last state is on its way; only the migration decides where it runs.
+    StopAndCopy,
+    /// `quit`: the VM is ending.
+    Quit,
+}
+
+impl Operation {
+    fn doing(self) -> &'static str {
+        match self {
+            Operation::Snapshot => "a snapshot is being written",
+            Operation::Migration => "a migration is in progress (migrate_cancel stops it)",
+            Operation::StopAndCopy => {
+                "a migration is copying the paused VM's last state to the destination"
+            }
+            Operation::Quit => "the VM is quitting",
+        }
+    }
+
+    /// Whether `stop` and `cont` may run during it.
+    fn allows_run_state_changes(self) -> bool {
+        self == Operation::Migration
+    }
+}
+
+/// An operation was refused because another one holds the VM.
+#[derive(Debug, thiserror::Error)]
+#[error("busy: {}; try again when it has finished", .0.doing())]
+pub struct Busy(pub Operation);
+
+/// Why `cont` did not resume the VM.
+#[derive(Debug, thiserror::Error)]
+pub enum ContError {
+    #[error(transparent)]
+    Busy(#[from] Busy),
+    #[error("the VM has shut down and cannot be resumed")]
+    ShutDown,
+    #[error("the VM is in postmigrate: its last migration handed the guest over or may have (query-migrate says which), so the destination may be running it; resuming it here too would run two copies with one MAC address and diverging disks. Check on the destination host that the guest does not run there (kill that godwit if it does), then send cont with {{\"force\": true}} to take responsibility for resuming it here")]
+    PostMigrate,
+}
+
+/// The operation that holds the VM, if any (see [`Operation`]).
+#[derive(Default)]
+pub(crate) struct Operations {
+    current: Mutex<Option<Operation>>,
+    ended: Condvar,
+}
+
+impl Operations {
+    fn lock(&self) -> MutexGuard<'_, Option<Operation>> {
+        self.current.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// Holds the VM for one operation; the next may start once it is dropped.
+pub(crate) struct OperationGuard {
+    ops: Arc<Operations>,
+}
+
+impl OperationGuard {
+    /// Moves on to `next` (the migration's stop-and-copy): `stop`/`cont` in
+    /// flight finish first, none starts afterwards unless `next` allows it.
+    pub(crate) fn enter(&self, next: Operation) {
+        *self.ops.lock() = Some(next);
+    }
+}
+
+impl Drop for OperationGuard {
+    fn drop(&mut self) {
+        let mut current = self.ops.lock();
+        if *current != Some(Operation::Quit) {
+            *current = None;
+        }
+        self.ops.ended.notify_all();
     }
 }
 
@@ -139,8 +230,9 @@ pub struct VmHandle {
     pub(crate) api_events: Events,
     pub(crate) vm: Vm,
     pub(crate) ram: GuestRam,
-    /// Serializes whole-VM operations (snapshot, migration) with stop/cont.
-    pub(crate) operation: Mutex<()>,
+    /// Serializes whole-VM operations (snapshot, migration, quit) with each
+    /// other and with stop/cont.
+    pub(crate) operations: Arc<Operations>,
     pub(crate) migration: migration_status::MigrationState,
 }
 
@@ -196,6 +288,102 @@ impl VmHandle {
         self.vcpus.resume();
         self.api_events.emit("RESUME", json!({}));
         true
+    }
+
+    /// Takes the VM for `op`; refused while another operation holds it.
+    pub(crate) fn begin(&self, op: Operation) -> Result<OperationGuard, Busy> {
+        let mut current = self.operations.lock();
+        if let Some(held) = *current {
+            return Err(Busy(held));
+        }
+        *current = Some(op);
+        Ok(OperationGuard {
+            ops: Arc::clone(&self.operations),
+        })
+    }
+
+    /// `stop`: pauses the VM unless an operation that owns the run state
+    /// (a snapshot, a stop-and-copy, quit) holds it. Returns whether it was
+    /// running.
+    pub fn stop(&self) -> Result<bool, Busy> {
+        let current = self.operations.lock();
+        if let Some(held) = current.filter(|op| !op.allows_run_state_changes()) {
+            return Err(Busy(held));
+        }
+        // Paused under the lock: no operation starts half-way through.
+        Ok(self.pause())
+    }
+
+    /// `cont`: resumes a paused VM unless an operation holds it. A VM in
+    /// postmigrate resumes only with `force`: the operator's word that the
+    /// destination does not run the guest. Returns whether it resumed.
+    pub fn cont(&self, force: bool) -> Result<bool, ContError> {
+        let current = self.operations.lock();
+        if let Some(held) = current.filter(|op| !op.allows_run_state_changes()) {
+            return Err(Busy(held).into());
+        }
+        match self.run_state() {
+            RunState::Shutdown => Err(ContError::ShutDown),
+            RunState::PostMigrate if !force => Err(ContError::PostMigrate),
+            RunState::PostMigrate => {
+                tracing::warn!(
+                    "cont with force on a VM in postmigrate: the operator takes responsibility that the destination does not run this guest; resuming it here"
+                );
+                self.set_state(RunState::Paused);
+                Ok(self.resume())
+            }
+            _ => Ok(self.resume()),
+        }
+    }
+
+    /// Waits up to `timeout` for the operation under way (if any) to end;
+    /// says whether none runs now.
+    pub fn wait_idle(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut current = self.operations.lock();
+        while current.is_some() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            current = self
+                .operations
+                .ended
+                .wait_timeout(current, left)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+        true
+    }
+
+    /// `quit`: waits for a snapshot to be written, cancels a migration and
+    /// waits for it to end, then ends the VM; nothing starts afterwards.
+    pub fn quit(&self) {
+        let mut current = self.operations.lock();
+        let mut told = false;
+        loop {
+            match *current {
+                None => break,
+                Some(Operation::Quit) => return,
+                Some(Operation::Migration | Operation::StopAndCopy) => {
+                    self.migration.cancel();
+                }
+                Some(Operation::Snapshot) => {}
+            }
+            if let Some(op) = current.filter(|_| !told) {
+                tracing::info!("quit: waiting until it ends: {}", op.doing());
+                told = true;
+            }
+            current = self
+                .operations
+                .ended
+                .wait_timeout(current, Duration::from_millis(200))
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+        *current = Some(Operation::Quit);
+        drop(current);
+        self.request_quit();
     }
 
     /// Every reason the VM cannot be snapshotted or migrated now: those
@@ -515,7 +703,7 @@ impl Machine {
             api_events,
             vm: built.vm,
             ram: built.ram,
-            operation: Mutex::new(()),
+            operations: Arc::default(),
             migration: migration_status::MigrationState::default(),
         });
         if matches!(config.serial, SerialSpec::Stdio) {
@@ -552,14 +740,9 @@ impl Machine {
     /// [`OPERATION_END_AT_SIGNAL`].
     fn finish_operation(&self) {
         self.handle.migration.cancel();
-        let deadline = Instant::now() + OPERATION_END_AT_SIGNAL;
-        while Instant::now() < deadline {
-            if self.handle.operation.try_lock().is_ok() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(10));
+        if !self.handle.wait_idle(OPERATION_END_AT_SIGNAL) {
+            tracing::warn!("an operation still runs at exit; its files are removed under it");
         }
-        tracing::warn!("an operation still runs at exit; its files are removed under it");
     }
 
     /// Runs the guest until it powers off, fails, or is told to quit.

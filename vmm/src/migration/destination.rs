@@ -50,6 +50,8 @@ pub enum IncomingError {
         "incoming migration: cannot keep a handle on the stream to confirm to the source: {0}"
     )]
     ConfirmStream(#[source] std::io::Error),
+    #[error("incoming migration: the source did not tell this host to run the guest ({0}); the guest was not started here, the source keeps it (paused in postmigrate if it had committed: resume it there with cont and force)")]
+    NoGo(#[source] ProtocolError),
     #[error("incoming migration: {0}")]
     Restore(#[source] Box<RestoreError>),
     #[error("incoming migration: {0}")]
@@ -81,8 +83,9 @@ impl IncomingError {
 }
 
 /// `godwit run --incoming URI`: validates the source's VM against this
-/// host, receives it, and returns it ready to run; `Machine::run` then
-/// resumes it and confirms to the source.
+/// host, receives it, tells the source it holds it (`Ready`), and once the
+/// source commits (`Go`) returns it ready to run; `Machine::run` then
+/// resumes it and confirms (`Resumed`).
 pub fn incoming(config: &VmConfig, uri: &str) -> Result<Machine, IncomingError> {
     let mut conn = accept(uri)?;
     conn.set_timeout(Some(PEER_TIMEOUT));
@@ -260,6 +263,13 @@ pub(super) fn receive(config: &VmConfig, conn: &mut Conn) -> Result<Machine, Inc
         started.elapsed().as_secs_f64() * 1e3
     );
     let mut confirm = conn.try_clone().map_err(IncomingError::ConfirmStream)?;
+    // Everything is here and checked; the guest runs only once the source
+    // committed to stay paused (see `source` for why this leaves at most
+    // one copy running). Any error from here on makes `incoming` send
+    // `Abort`, the promise that the guest will not run here.
+    write_message(conn, Kind::Ready, &[]).map_err(IncomingError::NoGo)?;
+    expect(conn, Kind::Go, "Go").map_err(IncomingError::NoGo)?;
+    tracing::info!("incoming migration: the source committed; running the guest here");
     m.on_running(Box::new(move |handle: &VmHandle| {
         // The guest runs here now: tell the source, then the network.
         if let Err(e) = write_json(&mut confirm, Kind::Resumed, &Resumed { restore_ms }) {
