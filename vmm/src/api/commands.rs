@@ -50,6 +50,10 @@ pub struct MigrateParametersArgs {
     pub max_bandwidth: Option<u64>,
     /// Pre-copy rounds before giving up on convergence (at least 1).
     pub max_rounds: Option<u32>,
+    /// TLS credentials directory for `tls:` URIs; "" clears it.
+    pub tls_creds: Option<String>,
+    /// Name the destination's certificate must carry; "" means the URI's host.
+    pub tls_hostname: Option<String>,
 }
 
 /// `query-host-caps` arguments.
@@ -297,6 +301,12 @@ fn set_migration_parameters(
     }
     if let Some(r) = args.max_rounds {
         params.max_rounds = r;
+    }
+    if let Some(dir) = &args.tls_creds {
+        params.tls_creds.clone_from(dir);
+    }
+    if let Some(name) = &args.tls_hostname {
+        params.tls_hostname.clone_from(name);
     }
     Ok(())
 }

@@ -19,6 +19,14 @@ pub struct MigrationParams {
     /// Pre-copy rounds before giving up on convergence.
     #[serde(rename = "max-rounds")]
     pub max_rounds: u32,
+    /// Directory of TLS credentials (QEMU's tls-creds-x509 layout) for
+    /// `tls:` URIs; empty: none.
+    #[serde(rename = "tls-creds")]
+    pub tls_creds: String,
+    /// The name the destination's certificate must carry; empty: the URI's
+    /// host.
+    #[serde(rename = "tls-hostname")]
+    pub tls_hostname: String,
 }
 
 impl Default for MigrationParams {
@@ -27,6 +35,8 @@ impl Default for MigrationParams {
             downtime_limit_ms: 300,
             max_bandwidth: 0,
             max_rounds: 30,
+            tls_creds: String::new(),
+            tls_hostname: String::new(),
         }
     }
 }

@@ -83,8 +83,14 @@ impl IncomingError {
 /// `godwit run --incoming URI`: validates the source's VM against this
 /// host, receives it, and returns it ready to run; `Machine::run` then
 /// resumes it and confirms to the source.
-pub fn incoming(config: &VmConfig, uri: &str) -> Result<Machine, IncomingError> {
-    let mut conn = accept(uri)?;
+/// With `tls_dir`, only a source whose certificate that directory's CA
+/// signed gets as far as sending a byte of the VM.
+pub fn incoming(
+    config: &VmConfig,
+    uri: &str,
+    tls_dir: Option<&std::path::Path>,
+) -> Result<Machine, IncomingError> {
+    let mut conn = accept(uri, tls_dir)?;
     conn.set_timeout(Some(PEER_TIMEOUT));
     match receive(config, &mut conn) {
         Ok(machine) => Ok(machine),

@@ -195,7 +195,13 @@ pub(super) fn run_source(
         .operation
         .try_lock()
         .map_err(|_| MigrateError::Busy)?;
-    let mut conn = connect(uri)?;
+    let params = handle
+        .migration
+        .params
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .clone();
+    let mut conn = connect(uri, &params)?;
     conn.set_timeout(Some(PEER_TIMEOUT));
     let breaker = conn
         .try_clone()
@@ -215,12 +221,6 @@ pub(super) fn run_source(
         return Err(MigrateError::DestinationLacks(problems));
     }
     emit_status(handle, "active");
-    let params = handle
-        .migration
-        .params
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .clone();
     set_dirty_logging(handle, true)?;
     start_device_logs(handle)?;
     let result = precopy(handle, &mut conn, &params, started);
