@@ -16,7 +16,8 @@ use serde_json::{json, Value};
 use godwit_tests::guest::spawn_serving;
 use godwit_tests::migrate::wait_migration;
 use godwit_tests::{
-    qmp_connect, serve_cmdline, wait_listening, QmpClient, RunningVm, TempDir, TwoHosts, BOOT,
+    qmp_connect, run_godwit, serve_cmdline, wait_listening, QmpClient, RunningVm, TempDir,
+    TwoHosts, BOOT,
 };
 
 const PORT: u16 = 4444;
@@ -140,12 +141,27 @@ fn start_source(hosts: &TwoHosts, dir: &TempDir) -> Source {
 }
 
 fn start_destination(hosts: &TwoHosts, scheme: &str, tls_dir: Option<&Path>) -> RunningVm {
+    start_destination_with(hosts, scheme, tls_dir, None)
+}
+
+/// [`start_destination`], serving its API on `api` when given.
+fn start_destination_with(
+    hosts: &TwoHosts,
+    scheme: &str,
+    tls_dir: Option<&Path>,
+    api: Option<&Path>,
+) -> RunningVm {
     let uri = format!("{scheme}:{}:{PORT}", hosts.addr_b());
     let mut args = vec!["run", "--incoming", &uri, "--net", "tap,ifname=gwtap0"];
-    let dir;
-    if let Some(d) = tls_dir {
-        dir = d.display().to_string();
-        args.extend(["--tls-dir", &dir]);
+    let (dir, api) = (
+        tls_dir.map(|d| d.display().to_string()),
+        api.map(|a| a.display().to_string()),
+    );
+    if let Some(d) = &dir {
+        args.extend(["--tls-dir", d.as_str()]);
+    }
+    if let Some(a) = &api {
+        args.extend(["--api-socket", a.as_str()]);
     }
     let vm = RunningVm::spawn_in(&hosts.ns_b(), &args);
     wait_listening(&hosts.ns_b(), PORT);
@@ -447,15 +463,42 @@ fn captured_pattern(subnet: u8, scheme: &str) -> usize {
     // Let the guest write a good part of its buffer.
     std::thread::sleep(Duration::from_secs(3));
     let tls_dir = (scheme == "tls").then_some(creds.as_path());
-    let mut dst = start_destination(&hosts, scheme, tls_dir);
+    let dst_api = dir.join("b.sock");
+    let mut dst = start_destination_with(&hosts, scheme, tls_dir, Some(&dst_api));
     let capture = Capture::start(&hosts.ns_b(), dir.join("mig.pcap"));
-    let info = migrate(
-        &mut src,
-        &hosts,
-        scheme,
-        json!({"tls-creds": creds.display().to_string()}),
+    src.qmp
+        .execute(
+            "migrate-set-parameters",
+            json!({"tls-creds": creds.display().to_string()}),
+        )
+        .unwrap();
+    // `godwit ctl migrate` ends with its one summary line.
+    let uri = format!("{scheme}:{}:{PORT}", hosts.addr_b());
+    let api = dir.join("a.sock");
+    let ctl = run_godwit(
+        &[
+            "ctl",
+            "--api-socket",
+            api.to_str().unwrap(),
+            "migrate",
+            &uri,
+        ],
+        Duration::from_secs(120),
     );
-    assert_eq!(info["status"], "completed", "{info}");
+    assert_eq!(ctl.code(), Some(0), "{ctl:?}");
+    let summary = ctl.stdout.lines().last().unwrap_or_default().to_string();
+    for part in [
+        "migration completed: total time ",
+        " ms, downtime ",
+        " MiB sent in ",
+        " rounds, ",
+        " Mbit/s",
+    ] {
+        assert!(
+            summary.contains(part),
+            "{part:?} in the summary line {summary:?}; {ctl:?}"
+        );
+    }
     let bytes = capture.finish();
     assert!(
         bytes.len() > 1 << 20,
@@ -464,6 +507,18 @@ fn captured_pattern(subnet: u8, scheme: &str) -> usize {
     );
     let _ = src.vm.wait_exit(Duration::from_secs(20));
     assert_nothing_lost(&mut dst);
+    // The destination reports the incoming migration as QEMU does.
+    let info = qmp_connect(&dst_api)
+        .execute("query-migrate", Value::Null)
+        .unwrap();
+    assert_eq!(info["status"], "completed", "{info}");
+    assert!(
+        info["ram"]["transferred"].as_u64().unwrap() > 1 << 20,
+        "{info}"
+    );
+    assert!(info["ram"]["normal"].as_u64().unwrap() > 0, "{info}");
+    assert!(info["ram"]["total"].as_u64().unwrap() >= 64 << 20, "{info}");
+    assert!(info["total-time"].as_u64().is_some(), "{info}");
     occurrences(&bytes, &pattern_words(src.buffer))
 }
 

@@ -12,6 +12,7 @@ use godwit_migration::protocol::{
 };
 
 use super::announce::announce;
+use super::status::IncomingTally;
 use super::transport::Conn;
 use super::{MigrateError, KVM_CAPS_CHECKED, PEER_TIMEOUT};
 use crate::abi::machine_types;
@@ -194,8 +195,10 @@ pub(super) fn receive(config: &VmConfig, conn: &mut Conn) -> Result<Machine, Inc
     let vm = Vm::new(kvm, &ram.memory)?;
     let started = Instant::now();
     let mut received = 0u64;
+    let mut tally = IncomingTally::new();
     let state_bytes = loop {
         let m = read_message(conn).map_err(proto)?;
+        tally.message(&m);
         match m.kind {
             Kind::Pages | Kind::ZeroPages => {
                 let with_data = m.kind == Kind::Pages;
@@ -221,10 +224,12 @@ pub(super) fn receive(config: &VmConfig, conn: &mut Conn) -> Result<Machine, Inc
                         write_zeros(&ram, run.gpa, len as u64)?;
                     }
                     received += len as u64;
+                    tally.pages(with_data, run.pages);
                 }
             }
             Kind::RoundEnd => {
                 let r: RoundEnd = m.json().map_err(proto)?;
+                tally.round();
                 tracing::info!(
                     "incoming migration: round {} done, {} MiB received",
                     r.round,
@@ -259,6 +264,8 @@ pub(super) fn receive(config: &VmConfig, conn: &mut Conn) -> Result<Machine, Inc
         return Err(IncomingError::StateMismatch);
     }
     let mut m = snapshot::machine_from_saved(config, &saved, vm, ram, peers)?;
+    let incoming_info = tally.completed(hello.memory_size);
+    m.handle().migration.update(|i| *i = incoming_info);
     let restore_ms = restore_started.elapsed().as_secs_f64() * 1e3;
     tracing::info!(
         "incoming migration: {} MiB received in {:.0} ms, state restored in {restore_ms:.1} ms",

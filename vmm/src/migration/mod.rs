@@ -20,6 +20,7 @@ mod destination;
 mod dirty;
 mod handshake;
 mod source;
+mod status;
 mod tls;
 mod transport;
 

@@ -84,6 +84,7 @@ impl Sender<'_> {
         let mut runs: Vec<PageRun> = Vec::new();
         let mut data: Vec<u8> = Vec::with_capacity(BATCH_PAGES * PAGE_SIZE as usize);
         let mut zero_runs: Vec<PageRun> = Vec::new();
+        let mut normal = 0u64;
         for &gpa in pages {
             let slice = handle
                 .ram
@@ -102,6 +103,7 @@ impl Sender<'_> {
                 _ => list.push(PageRun { gpa, pages: 1 }),
             }
             if !zero {
+                normal += 1;
                 let at = data.len();
                 data.resize(at + PAGE_SIZE as usize, 0);
                 slice.copy_to(&mut data[at..]);
@@ -118,15 +120,25 @@ impl Sender<'_> {
         for chunk in zero_runs.chunks(4096) {
             self.send(Kind::ZeroPages, &encode_runs(chunk, &[]))?;
         }
+        let zero: u64 = zero_runs.iter().map(|r| u64::from(r.pages)).sum();
+        self.state.update(|i| {
+            i.duplicate_pages += zero;
+            i.normal_pages += normal;
+        });
         Ok(())
     }
 }
 
 pub(super) fn emit_status(handle: &VmHandle, status: &'static str) {
     handle.migration.update(|i| i.status = status);
-    handle
-        .api_events
-        .emit("MIGRATION", json!({ "status": status }));
+    // The source ends right after completing: the event carries the final
+    // numbers for a client that cannot query them any more.
+    let data = if status == "completed" {
+        json!({ "status": status, "info": handle.migration.info() })
+    } else {
+        json!({ "status": status })
+    };
+    handle.api_events.emit("MIGRATION", data);
     tracing::info!("migration: {status}");
 }
 
@@ -149,6 +161,7 @@ pub fn start(
         *i = MigrationInfo {
             status: "setup",
             total_bytes: handle.ram.size,
+            started: Some(Instant::now()),
             ..Default::default()
         }
     });
@@ -220,6 +233,9 @@ pub(super) fn run_source(
         let _ = write_message(&mut conn, Kind::Abort, problems.join("; ").as_bytes());
         return Err(MigrateError::DestinationLacks(problems));
     }
+    handle
+        .migration
+        .update(|i| i.setup_ms = Some(started.elapsed().as_secs_f64() * 1e3));
     emit_status(handle, "active");
     set_dirty_logging(handle, true)?;
     start_device_logs(handle)?;

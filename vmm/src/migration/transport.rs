@@ -200,6 +200,18 @@ fn first_byte_is_tls(s: &TcpStream) -> std::io::Result<Option<bool>> {
     }
 }
 
+/// Tells a peer that speaks the other language why it is refused, in a
+/// plaintext `Abort`. What it sent is read and dropped until it closes (or
+/// a second passes): closing with unread input would reset the connection
+/// and lose the message.
+fn refuse(mut s: TcpStream, why: &str) {
+    let _ = write_message(&mut s, Kind::Abort, why.as_bytes());
+    let _ = s.shutdown(std::net::Shutdown::Write);
+    let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
+    let mut sink = [0u8; 4096];
+    while matches!(s.read(&mut sink), Ok(n) if n > 0) {}
+}
+
 pub(super) fn accept(uri: &str, tls_dir: Option<&Path>) -> Result<Conn, MigrateError> {
     let err = |source| MigrateError::Listen {
         uri: uri.to_string(),
@@ -222,7 +234,7 @@ pub(super) fn accept(uri: &str, tls_dir: Option<&Path>) -> Result<Conn, MigrateE
                 "tcp"
             };
             tracing::info!("waiting for an incoming migration on {scheme}:{addr}");
-            let (mut s, from) = l.accept().map_err(err)?;
+            let (s, from) = l.accept().map_err(err)?;
             tracing::info!("incoming migration from {from}");
             let _ = s.set_nodelay(true);
             let peer = format!("the source {from}");
@@ -237,20 +249,18 @@ pub(super) fn accept(uri: &str, tls_dir: Option<&Path>) -> Result<Conn, MigrateE
                     Conn::tls(stream, under)
                 }
                 (Some(_), _) => {
-                    let _ = write_message(
-                        &mut s,
-                        Kind::Abort,
-                        b"this destination accepts only TLS migrations: migrate to a tls: URI with tls-creds set",
+                    refuse(
+                        s,
+                        "this destination accepts only TLS migrations: migrate to a tls: URI with tls-creds set",
                     );
                     return Err(
                         tls::plaintext_peer(&peer, "the source sent no TLS ClientHello").into(),
                     );
                 }
                 (None, Some(true)) => {
-                    let _ = write_message(
-                        &mut s,
-                        Kind::Abort,
-                        b"this destination listens on plaintext tcp:; start it with --incoming tls:ADDR:PORT --tls-dir DIR",
+                    refuse(
+                        s,
+                        "this destination listens on plaintext tcp:; start it with --incoming tls:ADDR:PORT --tls-dir DIR",
                     );
                     return Err(MigrateError::TlsOnPlain(from.to_string()));
                 }
