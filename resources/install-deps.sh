@@ -34,6 +34,7 @@ deps=(
     "ethtool|ethtool|tests: net_tap switches TAP offloads"
     "util-linux|unshare|tests: boot runs godwit in a private mount namespace"
     "dpdk-dev|dpdk-testpmd|tests: the vhost-user tests use DPDK testpmd as the peer"
+    "openssl|openssl|demo: makes the TLS certificates for the migration"
     "tcpdump|tcpdump|tests: migration_tls captures the migration stream on the veth"
 )
 
