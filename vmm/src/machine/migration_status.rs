@@ -28,6 +28,15 @@ pub struct MigrationParams {
     /// host.
     #[serde(rename = "tls-hostname")]
     pub tls_hostname: String,
+    /// With auto-converge: the first throttle, in percent of vCPU time.
+    #[serde(rename = "cpu-throttle-initial")]
+    pub cpu_throttle_initial: u32,
+    /// With auto-converge: added each round that still does not converge.
+    #[serde(rename = "cpu-throttle-increment")]
+    pub cpu_throttle_increment: u32,
+    /// The `auto-converge` capability (migrate-set-capabilities).
+    #[serde(skip)]
+    pub auto_converge: bool,
 }
 
 impl Default for MigrationParams {
@@ -38,6 +47,9 @@ impl Default for MigrationParams {
             max_rounds: 30,
             tls_creds: String::new(),
             tls_hostname: String::new(),
+            cpu_throttle_initial: 20,
+            cpu_throttle_increment: 10,
+            auto_converge: false,
         }
     }
 }
@@ -65,6 +77,12 @@ pub struct MigrationInfo {
     pub total_time_ms: f64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// How much auto-converge throttles the vCPUs now, in percent.
+    #[serde(
+        rename = "cpu-throttle-percentage",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub cpu_throttle_percentage: Option<u32>,
     /// Pages sent with their contents.
     #[serde(skip)]
     pub normal_pages: u64,

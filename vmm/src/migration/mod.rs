@@ -21,6 +21,7 @@ mod dirty;
 mod handshake;
 mod source;
 mod status;
+mod throttle;
 mod tls;
 mod transport;
 

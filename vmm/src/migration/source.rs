@@ -26,6 +26,7 @@ use crate::migration::dirty::take_dirty;
 use crate::migration::dirty::{start_device_logs, stop_device_logs};
 use crate::migration::handshake::check_destination;
 use crate::migration::handshake::hello_of;
+use crate::migration::throttle::{self, Throttle};
 use crate::migration::transport::connect;
 use crate::migration::transport::parse_uri;
 
@@ -239,7 +240,9 @@ pub(super) fn run_source(
     emit_status(handle, "active");
     set_dirty_logging(handle, true)?;
     start_device_logs(handle)?;
-    let result = precopy(handle, &mut conn, &params, started);
+    let result = throttle::with_kicker(handle, &params, || {
+        precopy(handle, &mut conn, &params, started)
+    });
     stop_device_logs(handle);
     result
 }
@@ -263,6 +266,7 @@ pub(super) fn precopy(
     sender.send_pages(handle, &pages, true)?;
     let mut round = 0u32;
     let mut last_dirty_rate;
+    let mut throttle = Throttle::new(handle, params);
     loop {
         let elapsed = round_started.elapsed().as_secs_f64().max(1e-6);
         let dirty = take_dirty(handle)?;
@@ -298,6 +302,11 @@ pub(super) fn precopy(
             // Stop-and-copy: what is dirty now plus what the guest dirties
             // before it stops.
             return finish(handle, &mut sender, dirty, started);
+        }
+        if let Some(t) = throttle.as_mut() {
+            if last_dirty_rate * PAGE_SIZE as f64 > throughput / 2.0 {
+                t.step_up();
+            }
         }
         round += 1;
         if round >= params.max_rounds {
