@@ -368,10 +368,38 @@ fn mutual_tls_refuses_each_bad_peer_and_then_migrates_with_nothing_lost() {
         "certificate has expired",
     );
 
+    // migrate_cancel breaks off a TLS stream in the middle of pre-copy.
+    let mut dst = start_destination(&hosts, "tls", Some(&good));
+    let mut slow = creds(&good, SERVER_NAME);
+    slow["max-bandwidth"] = json!(500_000);
+    src.qmp.execute("migrate-set-parameters", slow).unwrap();
+    src.qmp
+        .execute(
+            "migrate",
+            json!({"uri": format!("tls:{}:{PORT}", hosts.addr_b())}),
+        )
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    src.qmp.execute("migrate_cancel", Value::Null).unwrap();
+    let info = wait_migration(&mut src.qmp, Duration::from_secs(30));
+    assert_eq!(info["status"], "cancelled", "{info}");
+    let (status, _) = dst.wait_exit(Duration::from_secs(30));
+    assert_ne!(
+        status.code(),
+        Some(0),
+        "the destination discards what it received"
+    );
+    assert_eq!(
+        src.qmp.execute("query-status", Value::Null).unwrap()["status"],
+        "running"
+    );
+
     // Then, with good credentials on both sides and the name in the
     // certificate, the guest moves with every page it wrote.
     let mut dst = start_destination(&hosts, "tls", Some(&good));
-    let info = migrate(&mut src, &hosts, "tls", creds(&good, SERVER_NAME));
+    let mut fast = creds(&good, SERVER_NAME);
+    fast["max-bandwidth"] = json!(0);
+    let info = migrate(&mut src, &hosts, "tls", fast);
     assert_eq!(info["status"], "completed", "{info}");
     let (status, stderr) = src.vm.wait_exit(Duration::from_secs(20));
     assert_eq!(status.code(), Some(0), "source: {stderr}");
