@@ -42,6 +42,8 @@ deps=(
     "lz4|lz4|tests: linux_acpi unpacks the vmlinux from Debian's cloud kernel"
     "qemu-system-x86|qemu-system-x86_64|tests: qemu_frontend runs QEMU (TCG) as a standard vhost-user frontend"
     "busybox-static|-|tests: qemu_frontend builds the Linux guest's initramfs around /bin/busybox"
+    "openssl|openssl|demo: makes the TLS certificates for the migration"
+    "tcpdump|tcpdump|tests: migration_tls captures the migration stream on the veth"
 )
 
 kernel_dir="${GODWIT_CACHE:-/var/cache/godwit}/debian-cloud-kernel"

@@ -49,10 +49,15 @@ pub struct RunArgs {
     /// booting; --net gives this host's peers, one per saved device, in order.
     #[arg(long, value_name = "DIR", conflicts_with_all = ["kernel", "initrd", "cmdline", "memory", "vcpus", "machine"])]
     restore: Option<PathBuf>,
-    /// Wait for a live migration on tcp:ADDR:PORT or unix:PATH instead of
+    /// Wait for a live migration on tls:ADDR:PORT, tcp:ADDR:PORT or unix:PATH instead of
     /// booting; --net gives this host's peers, one per device, in order.
     #[arg(long, value_name = "URI", conflicts_with_all = ["kernel", "initrd", "cmdline", "memory", "vcpus", "machine", "restore"])]
     incoming: Option<String>,
+    /// TLS credentials for --incoming tls:ADDR:PORT, in QEMU's tls-creds-x509
+    /// layout (ca-cert.pem, server-cert.pem, server-key.pem; the source's
+    /// certificate must be signed by that CA).
+    #[arg(long, value_name = "DIR", requires = "incoming")]
+    tls_dir: Option<PathBuf>,
     /// With --restore: `map` the memory file privately (no copy; the
     /// default) or `copy` it into shared memory (needed by vhost-user peers).
     #[arg(long, value_name = "MODE", default_value = "map", requires = "restore")]
@@ -131,7 +136,10 @@ pub fn execute(args: RunArgs) -> Result<u8, super::Error> {
     };
     let from = match (&args.restore, &args.incoming) {
         (Some(dir), _) => Start::Restore(dir.clone()),
-        (None, Some(uri)) => Start::Incoming(uri.clone()),
+        (None, Some(uri)) => Start::Incoming {
+            uri: uri.clone(),
+            tls_dir: args.tls_dir.clone(),
+        },
         (None, None) => Start::Boot,
     };
     seccomp::init(args.seccomp).map_err(RunError::from)?;

@@ -12,6 +12,7 @@ use godwit_migration::protocol::{
 };
 
 use super::announce::announce;
+use super::status::IncomingTally;
 use super::transport::Conn;
 use super::{MigrateError, KVM_CAPS_CHECKED, PEER_TIMEOUT};
 use crate::abi::machine_types;
@@ -85,9 +86,15 @@ impl IncomingError {
 /// `godwit run --incoming URI`: validates the source's VM against this
 /// host, receives it, tells the source it holds it (`Ready`), and once the
 /// source commits (`Go`) returns it ready to run; `Machine::run` then
-/// resumes it and confirms (`Resumed`).
-pub fn incoming(config: &VmConfig, uri: &str) -> Result<Machine, IncomingError> {
-    let mut conn = accept(uri)?;
+/// resumes it and confirms (`Resumed`). With `tls_dir`, only a source whose
+/// certificate that directory's CA signed gets as far as sending a byte of
+/// the VM.
+pub fn incoming(
+    config: &VmConfig,
+    uri: &str,
+    tls_dir: Option<&std::path::Path>,
+) -> Result<Machine, IncomingError> {
+    let mut conn = accept(uri, tls_dir)?;
     conn.set_timeout(Some(PEER_TIMEOUT));
     match receive(config, &mut conn) {
         Ok(machine) => Ok(machine),
@@ -191,8 +198,10 @@ pub(super) fn receive(config: &VmConfig, conn: &mut Conn) -> Result<Machine, Inc
     let vm = Vm::new(kvm, &ram.memory)?;
     let started = Instant::now();
     let mut received = 0u64;
+    let mut tally = IncomingTally::new();
     let state_bytes = loop {
         let m = read_message(conn).map_err(proto)?;
+        tally.message(&m);
         match m.kind {
             Kind::Pages | Kind::ZeroPages => {
                 let with_data = m.kind == Kind::Pages;
@@ -218,10 +227,12 @@ pub(super) fn receive(config: &VmConfig, conn: &mut Conn) -> Result<Machine, Inc
                         write_zeros(&ram, run.gpa, len as u64)?;
                     }
                     received += len as u64;
+                    tally.pages(with_data, run.pages);
                 }
             }
             Kind::RoundEnd => {
                 let r: RoundEnd = m.json().map_err(proto)?;
+                tally.round();
                 tracing::info!(
                     "incoming migration: round {} done, {} MiB received",
                     r.round,
@@ -256,6 +267,8 @@ pub(super) fn receive(config: &VmConfig, conn: &mut Conn) -> Result<Machine, Inc
         return Err(IncomingError::StateMismatch);
     }
     let mut m = snapshot::machine_from_saved(config, &saved, vm, ram, peers)?;
+    let incoming_info = tally.completed(hello.memory_size);
+    m.handle().migration.update(|i| *i = incoming_info);
     let restore_ms = restore_started.elapsed().as_secs_f64() * 1e3;
     tracing::info!(
         "incoming migration: {} MiB received in {:.0} ms, state restored in {restore_ms:.1} ms",

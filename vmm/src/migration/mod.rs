@@ -23,11 +23,15 @@ mod destination;
 mod dirty;
 mod handshake;
 mod source;
+mod status;
+mod throttle;
+mod tls;
 mod transport;
 
 pub use announce::announce;
 pub use destination::{incoming, IncomingError};
 pub use source::start;
+pub use tls::{Refusal, TlsError};
 pub use transport::Conn;
 
 use std::time::Duration;
@@ -61,8 +65,18 @@ const KVM_CAPS_CHECKED: [KvmCap; 10] = [
 
 #[derive(Debug, thiserror::Error)]
 pub enum MigrateError {
-    #[error("invalid migration URI '{0}': use tcp:HOST:PORT or unix:PATH")]
+    #[error("invalid migration URI '{0}': use tls:HOST:PORT, tcp:HOST:PORT or unix:PATH")]
     Uri(String),
+    #[error("{0} needs TLS credentials: set them first with migrate-set-parameters {{\"tls-creds\": DIR}} (QEMU's tls-creds-x509 layout)")]
+    TlsCredsMissing(String),
+    #[error("--incoming {0} needs --tls-dir DIR (QEMU's tls-creds-x509 layout)")]
+    TlsDirMissing(String),
+    #[error("--tls-dir is only for --incoming tls:ADDR:PORT, not {0}")]
+    TlsDirUnused(String),
+    #[error("the source {0} speaks TLS but this destination listens on plaintext tcp:; start it with --incoming tls:ADDR:PORT --tls-dir DIR")]
+    TlsOnPlain(String),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
     #[error("cannot connect to {uri}: {source}; is `godwit run --incoming {uri}` running there?")]
     Connect { uri: String, source: std::io::Error },
     #[error("cannot listen on {uri}: {source}")]

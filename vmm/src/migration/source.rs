@@ -62,6 +62,7 @@ use crate::migration::dirty::take_dirty;
 use crate::migration::dirty::{start_device_logs, stop_device_logs};
 use crate::migration::handshake::check_destination;
 use crate::migration::handshake::hello_of;
+use crate::migration::throttle::{self, Throttle};
 use crate::migration::transport::connect;
 use crate::migration::transport::parse_uri;
 
@@ -120,6 +121,7 @@ impl Sender<'_> {
         let mut runs: Vec<PageRun> = Vec::new();
         let mut data: Vec<u8> = Vec::with_capacity(BATCH_PAGES * PAGE_SIZE as usize);
         let mut zero_runs: Vec<PageRun> = Vec::new();
+        let mut normal = 0u64;
         for &gpa in pages {
             let slice = handle
                 .ram
@@ -138,6 +140,7 @@ impl Sender<'_> {
                 _ => list.push(PageRun { gpa, pages: 1 }),
             }
             if !zero {
+                normal += 1;
                 let at = data.len();
                 data.resize(at + PAGE_SIZE as usize, 0);
                 slice.copy_to(&mut data[at..]);
@@ -154,15 +157,25 @@ impl Sender<'_> {
         for chunk in zero_runs.chunks(4096) {
             self.send(Kind::ZeroPages, &encode_runs(chunk, &[]))?;
         }
+        let zero: u64 = zero_runs.iter().map(|r| u64::from(r.pages)).sum();
+        self.state.update(|i| {
+            i.duplicate_pages += zero;
+            i.normal_pages += normal;
+        });
         Ok(())
     }
 }
 
 pub(super) fn emit_status(handle: &VmHandle, status: &'static str) {
     handle.migration.update(|i| i.status = status);
-    handle
-        .api_events
-        .emit("MIGRATION", json!({ "status": status }));
+    // The source ends right after completing: the event carries the final
+    // numbers for a client that cannot query them any more.
+    let data = if status == "completed" {
+        json!({ "status": status, "info": handle.migration.info() })
+    } else {
+        json!({ "status": status })
+    };
+    handle.api_events.emit("MIGRATION", data);
     tracing::info!("migration: {status}");
 }
 
@@ -189,6 +202,7 @@ pub fn start(
         *i = MigrationInfo {
             status: "setup",
             total_bytes: handle.ram.size,
+            started: Some(Instant::now()),
             ..Default::default()
         }
     });
@@ -240,7 +254,13 @@ pub(super) fn run_source(
     uri: &str,
     started: Instant,
 ) -> Result<(), MigrateError> {
-    let mut conn = connect(uri)?;
+    let params = handle
+        .migration
+        .params
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .clone();
+    let mut conn = connect(uri, &params)?;
     conn.set_timeout(Some(PEER_TIMEOUT));
     let breaker = conn
         .try_clone()
@@ -259,16 +279,15 @@ pub(super) fn run_source(
         let _ = write_message(&mut conn, Kind::Abort, problems.join("; ").as_bytes());
         return Err(MigrateError::DestinationLacks(problems));
     }
-    emit_status(handle, "active");
-    let params = handle
+    handle
         .migration
-        .params
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .clone();
+        .update(|i| i.setup_ms = Some(started.elapsed().as_secs_f64() * 1e3));
+    emit_status(handle, "active");
     set_dirty_logging(handle, true)?;
     start_device_logs(handle)?;
-    let result = precopy(handle, op, &mut conn, &params, started);
+    let result = throttle::with_kicker(handle, &params, || {
+        precopy(handle, op, &mut conn, &params, started)
+    });
     stop_device_logs(handle);
     result
 }
@@ -293,6 +312,7 @@ pub(super) fn precopy(
     sender.send_pages(handle, &pages, true)?;
     let mut round = 0u32;
     let mut last_dirty_rate;
+    let mut throttle = Throttle::new(handle, params);
     loop {
         let elapsed = round_started.elapsed().as_secs_f64().max(1e-6);
         let dirty = take_dirty(handle)?;
@@ -328,6 +348,11 @@ pub(super) fn precopy(
             // Stop-and-copy: what is dirty now plus what the guest dirties
             // before it stops.
             return finish(handle, op, &mut sender, dirty, started);
+        }
+        if let Some(t) = throttle.as_mut() {
+            if last_dirty_rate * PAGE_SIZE as f64 > throughput / 2.0 {
+                t.step_up();
+            }
         }
         round += 1;
         if round >= params.max_rounds {
