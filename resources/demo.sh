@@ -2,7 +2,8 @@
 # godwit's demo: two local "hosts" (network namespaces on one L2 segment
 # with a client, from resources/twohosts.sh), the built-in test guest booted
 # on host A with a virtio-net NIC on a TAP, pinged from the client, then
-# live-migrated to host B while it keeps answering. Needs root (namespaces).
+# live-migrated to host B over mutual TLS (certificates made here with
+# openssl) while it keeps answering. Needs root (namespaces).
 set -euo pipefail
 
 GODWIT=$(realpath "${1:-target/debug/godwit}")
@@ -40,14 +41,33 @@ sed -n '/virtio-net0/p;/serve: ready/p' "$work/a.console"
 echo "== client: ping the guest on host A"
 ip netns exec "$prefix-c" ping -c 2 -W 2 "$guest" | tail -2
 
-echo "== host B: waiting for the VM (godwit run --incoming tcp:10.$subnet.0.12:4444)"
-ip netns exec "$prefix-b" "$GODWIT" run --incoming "tcp:10.$subnet.0.12:4444" --net tap,ifname=gwtap0 \
-    --api-socket "$work/b.sock" </dev/null >"$work/b.console" 2>"$work/b.log" &
+echo "== TLS credentials for both hosts (QEMU's tls-creds-x509 layout, one CA)"
+tls=$work/tls
+mkdir "$tls"
+key() { openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out "$1" 2>/dev/null; }
+key "$tls/ca-key.pem"
+openssl req -x509 -new -key "$tls/ca-key.pem" -subj /CN=godwit-demo-CA -days 1 -out "$tls/ca-cert.pem"
+issue() { # ROLE CN EXTENSIONS
+    key "$tls/$1-key.pem"
+    openssl req -new -key "$tls/$1-key.pem" -subj "/CN=$2" -out "$work/$1.csr"
+    openssl x509 -req -in "$work/$1.csr" -CA "$tls/ca-cert.pem" -CAkey "$tls/ca-key.pem" \
+        -CAcreateserial -CAserial "$work/ca.srl" -days 1 -extfile <(printf '%s\n' "$3") -out "$tls/$1-cert.pem" 2>/dev/null
+}
+issue server "host B" "subjectAltName=IP:10.$subnet.0.12
+extendedKeyUsage=serverAuth"
+issue client "host A" "extendedKeyUsage=clientAuth"
+ls "$tls" | grep -v ca-key | tr '\n' ' '
+echo
+
+echo "== host B: waiting for the VM (godwit run --incoming tls:10.$subnet.0.12:4444 --tls-dir DIR)"
+ip netns exec "$prefix-b" "$GODWIT" run --incoming "tls:10.$subnet.0.12:4444" --tls-dir "$tls" \
+    --net tap,ifname=gwtap0 --api-socket "$work/b.sock" </dev/null >"$work/b.console" 2>"$work/b.log" &
 pids+=($!)
 for _ in $(seq 100); do ip netns exec "$prefix-b" ss -ltnH | grep -q ':4444' && break; sleep 0.1; done
 
-echo "== host A: live-migrating to host B"
-"$GODWIT" ctl --api-socket "$work/a.sock" migrate "tcp:10.$subnet.0.12:4444"
+echo "== host A: live-migrating to host B over mutual TLS 1.3"
+"$GODWIT" ctl --api-socket "$work/a.sock" migrate-set-parameters "{\"tls-creds\": \"$tls\"}" >/dev/null
+"$GODWIT" ctl --api-socket "$work/a.sock" migrate "tls:10.$subnet.0.12:4444"
 last_a=$(grep '^heartbeat' "$work/a.console" | tail -1)
 for _ in $(seq 100); do grep -q "^heartbeat" "$work/b.console" 2>/dev/null && break; sleep 0.1; done
 echo "   last on A: $last_a; first on B: $(grep '^heartbeat' "$work/b.console" | head -1)"
@@ -55,5 +75,7 @@ echo "   last on A: $last_a; first on B: $(grep '^heartbeat' "$work/b.console" |
 echo "== client: ping the guest, now on host B"
 ip netns exec "$prefix-c" ping -c 2 -W 2 "$guest" | tail -2
 "$GODWIT" ctl --api-socket "$work/b.sock" query-status
+echo "== host B: query-migrate reports the incoming migration"
+"$GODWIT" ctl --api-socket "$work/b.sock" query-migrate
 "$GODWIT" ctl --api-socket "$work/b.sock" quit >/dev/null
 echo "== done: the guest moved from host A to host B"

@@ -10,9 +10,11 @@
 
 pub mod bus;
 pub mod console;
+pub mod debug_exit;
 pub mod dirty_log;
 pub mod i8042;
 pub mod net;
+pub mod pvpanic;
 pub mod serial;
 pub mod socket_path;
 pub mod thread_hook;

@@ -60,7 +60,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::atomic::{write_atomically, AtomicWriteError};
-use crate::le::{crc, u32_at, u64_at};
+use crate::le::{bounded_u32, crc, u32_at, u64_at, usize_of};
 
 /// The first bytes of every godwit container.
 pub const MAGIC: [u8; 8] = *b"GODWITSN";
@@ -396,7 +396,8 @@ pub fn read_header(bytes: &[u8]) -> Result<Header, FormatError> {
             min: MIN_FORMAT_VERSION,
         });
     }
-    let header_len = u32_at(bytes, 12) as usize;
+    let header_field = u32_at(bytes, 12);
+    let header_len = header_field as usize;
     if !(FIXED_LEN + CRC_LEN..=MAX_HEADER_LEN).contains(&header_len) {
         return Err(corrupt(format!(
             "its length {header_len} is impossible for format version {format_version}"
@@ -468,7 +469,7 @@ pub fn read_header(bytes: &[u8]) -> Result<Header, FormatError> {
     }
     Ok(Header {
         format_version,
-        header_len: header_len as u32,
+        header_len: header_field,
         arch,
         machine_type,
         file_len,
@@ -547,7 +548,7 @@ impl Container {
                     min: kind.min_version,
                 });
             }
-            let data = &bytes[s.offset as usize..(s.offset + s.length) as usize];
+            let data = &bytes[usize_of(s.offset)..usize_of(s.offset + s.length)];
             let computed = crc(data);
             if computed != s.crc {
                 return Err(FormatError::SectionCorrupt {
@@ -600,7 +601,7 @@ impl Container {
                 len: meta.len(),
             });
         }
-        let mut bytes = Vec::with_capacity(meta.len() as usize);
+        let mut bytes = Vec::with_capacity(usize_of(meta.len()));
         file.take(MAX_CONTAINER_FILE + 1)
             .read_to_end(&mut bytes)
             .map_err(read_err)?;
@@ -650,7 +651,7 @@ impl Container {
     /// The bytes of a section.
     pub fn raw_section(&self, kind: &SectionKind, instance: u32) -> Result<&[u8], FormatError> {
         let s = self.require(kind, instance)?;
-        Ok(&self.bytes[s.offset as usize..(s.offset + s.length) as usize])
+        Ok(&self.bytes[usize_of(s.offset)..usize_of(s.offset + s.length)])
     }
 
     /// Decodes a JSON section. `T` must read every version from
@@ -669,7 +670,7 @@ impl Container {
                 encoding: s.encoding,
             });
         }
-        let data = &self.bytes[s.offset as usize..(s.offset + s.length) as usize];
+        let data = &self.bytes[usize_of(s.offset)..usize_of(s.offset + s.length)];
         serde_json::from_slice(data).map_err(|source| FormatError::Payload {
             name: s.name.clone(),
             version: s.version,
@@ -775,12 +776,12 @@ impl ContainerWriter {
         let mut out = Vec::with_capacity(header_len + data_len);
         out.extend_from_slice(&MAGIC);
         out.extend_from_slice(&self.format_version.to_le_bytes());
-        out.extend_from_slice(&(header_len as u32).to_le_bytes());
+        out.extend_from_slice(&bounded_u32(header_len).to_le_bytes());
         let preamble_crc = crc(&out);
         out.extend_from_slice(&preamble_crc.to_le_bytes());
         put_tag(&mut out, &self.arch, ARCH_LEN);
         put_tag(&mut out, &self.machine_type, MACHINE_TYPE_LEN);
-        out.extend_from_slice(&(self.sections.len() as u32).to_le_bytes());
+        out.extend_from_slice(&bounded_u32(self.sections.len()).to_le_bytes());
         out.extend_from_slice(&file_len.to_le_bytes());
         let mut offset = header_len as u64;
         for s in &self.sections {
@@ -886,7 +887,8 @@ pub(crate) mod tests {
     fn reseal(bytes: &mut [u8]) {
         let c = crc(&bytes[..16]);
         bytes[16..20].copy_from_slice(&c.to_le_bytes());
-        let header_len = u32_at(bytes, 12) as usize;
+        let header_field = u32_at(bytes, 12);
+        let header_len = header_field as usize;
         let c = crc(&bytes[..header_len - 4]);
         bytes[header_len - 4..header_len].copy_from_slice(&c.to_le_bytes());
     }

@@ -23,6 +23,7 @@ use std::os::unix::fs::FileExt;
 use vm_memory::bitmap::{Bitmap, BitmapSlice};
 use vm_memory::{GuestMemoryRegion, GuestRegionMmap, VolatileSlice};
 
+use crate::le::usize_of;
 use crate::memory_file::{data_extents, PAGE_SIZE};
 
 /// How a guest RAM region is backed.
@@ -97,7 +98,7 @@ fn private_pages(addr: u64, len: u64) -> io::Result<Vec<(u64, u64)>> {
     let mut buf = vec![0u8; PAGEMAP_CHUNK * 8];
     let mut page = 0u64;
     while page < pages {
-        let n = (pages - page).min(PAGEMAP_CHUNK as u64) as usize;
+        let n = usize_of((pages - page).min(PAGEMAP_CHUNK as u64));
         pagemap.read_exact_at(&mut buf[..n * 8], (first + page) * 8)?;
         for (i, e) in buf[..n * 8].chunks_exact(8).enumerate() {
             let e = u64::from_le_bytes(e.try_into().expect("8-byte chunk"));

@@ -60,7 +60,7 @@ use vm_memory::{
 use crate::atomic::{write_atomically, AtomicWriteError};
 use crate::format::{kind_ids, SectionKind};
 use crate::guest_ram;
-use crate::le::{crc, u32_at, u64_at};
+use crate::le::{bounded_u32, crc, u32_at, u64_at, usize_of};
 
 pub const MAGIC: [u8; 8] = *b"GODWITMF";
 /// The layout this godwit writes and the newest it reads.
@@ -75,7 +75,7 @@ const FIXED_LEN: usize = 72;
 const REGION_LEN: usize = 24;
 const CRC_LEN: usize = 4;
 /// The header fits in the first page.
-pub const MAX_REGIONS: usize = (PAGE_SIZE as usize - FIXED_LEN - CRC_LEN) / REGION_LEN;
+pub const MAX_REGIONS: usize = (usize_of(PAGE_SIZE) - FIXED_LEN - CRC_LEN) / REGION_LEN;
 
 /// The state-container section that records the memory file of a snapshot:
 /// its payload is the [`MemoryFileInfo`] [`save`] returned, which restore
@@ -262,19 +262,19 @@ fn id_bytes(id: &str) -> Option<[u8; 16]> {
 
 impl MemoryFileInfo {
     fn encode_header(&self) -> Vec<u8> {
-        let mut h = Vec::with_capacity(PAGE_SIZE as usize);
+        let mut h = Vec::with_capacity(usize_of(PAGE_SIZE));
         h.extend_from_slice(&MAGIC);
         h.extend_from_slice(&VERSION.to_le_bytes());
         let header_len = FIXED_LEN + REGION_LEN * self.regions.len() + CRC_LEN;
-        h.extend_from_slice(&(header_len as u32).to_le_bytes());
+        h.extend_from_slice(&bounded_u32(header_len).to_le_bytes());
         let c = crc(&h);
         h.extend_from_slice(&c.to_le_bytes());
-        h.extend_from_slice(&(self.page_size as u32).to_le_bytes());
+        h.extend_from_slice(&bounded_u32(self.page_size).to_le_bytes());
         h.extend_from_slice(&self.data_offset.to_le_bytes());
         h.extend_from_slice(&self.ram_size.to_le_bytes());
         h.extend_from_slice(&self.file_len.to_le_bytes());
         h.extend_from_slice(&id_bytes(&self.id).unwrap_or_default());
-        h.extend_from_slice(&(self.regions.len() as u32).to_le_bytes());
+        h.extend_from_slice(&bounded_u32(self.regions.len()).to_le_bytes());
         h.extend_from_slice(&0u32.to_le_bytes());
         for r in &self.regions {
             h.extend_from_slice(&r.guest_addr.to_le_bytes());
@@ -326,7 +326,7 @@ impl MemoryFileInfo {
             return Err(corrupt("its version is 0".into()));
         }
         let header_len = u32_at(h, 12) as usize;
-        if !(FIXED_LEN + CRC_LEN..=PAGE_SIZE as usize).contains(&header_len) {
+        if !(FIXED_LEN + CRC_LEN..=usize_of(PAGE_SIZE)).contains(&header_len) {
             return Err(corrupt(format!(
                 "its header length {header_len} is impossible"
             )));
@@ -440,7 +440,7 @@ fn open_checked(path: &Path) -> Result<(File, MemoryFileInfo), MemoryFileError> 
         source,
     };
     let len = file.metadata().map_err(read_err)?.len();
-    let mut header = vec![0u8; (PAGE_SIZE).min(len) as usize];
+    let mut header = vec![0u8; usize_of((PAGE_SIZE).min(len))];
     use std::os::unix::fs::FileExt;
     file.read_exact_at(&mut header, 0).map_err(read_err)?;
     let info = MemoryFileInfo::decode_header(&p, &header, len)?;
@@ -498,14 +498,14 @@ fn save_region<B: Bitmap>(
 ) -> io::Result<()> {
     let len = region.len();
     let whole = region
-        .get_slice(MemoryRegionAddress(0), len as usize)
+        .get_slice(MemoryRegionAddress(0), usize_of(len))
         .map_err(|e| io::Error::other(SaveRegionError::Unmapped(e)))?;
     let mut write_run = |start: u64, end: u64, stats: &mut SaveStats| -> io::Result<()> {
         if start == end {
             return Ok(());
         }
         let slice = whole
-            .subslice(start as usize, (end - start) as usize)
+            .subslice(usize_of(start), usize_of(end - start))
             .map_err(|source| io::Error::other(SaveRegionError::Subslice { start, end, source }))?;
         file.seek(SeekFrom::Start(file_offset + start))?;
         file.write_all_volatile(&slice)
@@ -522,7 +522,7 @@ fn save_region<B: Bitmap>(
         let mut page = start;
         while page < end {
             let slice = whole
-                .subslice(page as usize, PAGE_SIZE as usize)
+                .subslice(usize_of(page), usize_of(PAGE_SIZE))
                 .map_err(|source| {
                     io::Error::other(SaveRegionError::Subslice {
                         start: page,
@@ -635,7 +635,7 @@ pub fn map_private<B: NewBitmap>(
         .iter()
         .map(|r| {
             let mapping =
-                MmapRegionBuilder::new_with_bitmap(r.size as usize, B::with_len(r.size as usize))
+                MmapRegionBuilder::new_with_bitmap(usize_of(r.size), B::with_len(usize_of(r.size)))
                     .with_file_offset(FileOffset::from_arc(
                         file.clone(),
                         info.data_offset + r.offset,
@@ -725,7 +725,7 @@ pub fn restore_to_memfd<B: NewBitmap>(
         .map(|r| {
             GuestRegionMmap::<B>::from_range(
                 GuestAddress(r.guest_addr),
-                r.size as usize,
+                usize_of(r.size),
                 Some(FileOffset::from_arc(memfd.clone(), r.offset)),
             )
             .map_err(|source| MemoryFileError::MemfdRegion {
@@ -754,7 +754,7 @@ pub fn restore_to_memfd<B: NewBitmap>(
                 continue;
             }
             let slice = region
-                .get_slice(MemoryRegionAddress(start - lo), (end - start) as usize)
+                .get_slice(MemoryRegionAddress(start - lo), usize_of(end - start))
                 .map_err(|source| MemoryFileError::RestoredSlice {
                     path: path.to_path_buf(),
                     offset: start - lo,

@@ -14,16 +14,22 @@
 //! every reason to refuse, and what it offers). Only after an accept do
 //! `Pages`/`ZeroPages` flow in rounds (`RoundEnd` closes each), then the
 //! source stops the guest and sends the last pages and `State` (the
-//! snapshot container's bytes), then `Complete`. The destination loads,
-//! resumes, and answers `Resumed`; only then does the source end. `Abort`
-//! ends a session from either side with a reason.
+//! snapshot container's bytes), then `Complete`. The destination loads
+//! everything and answers `Ready` (it holds the whole VM and will run it when
+//! told); the source commits and answers `Go`; only then does the
+//! destination resume the guest, and it answers `Resumed`. `Abort` ends a
+//! session from either side with a reason; from the destination after
+//! `Ready` it means it will not run the guest.
 
 use std::io::{Read, Write};
 
 use serde::{Deserialize, Serialize};
 
+use crate::le::bounded_u32;
+
 pub const MAGIC: [u8; 4] = *b"GWMG";
-pub const PROTOCOL_VERSION: u16 = 1;
+/// 2: the `Ready`/`Go` handoff before the destination resumes.
+pub const PROTOCOL_VERSION: u16 = 2;
 pub const HEADER_LEN: usize = 16;
 /// Large enough for a 1 MiB page batch plus its table, and for the state.
 pub const MAX_PAYLOAD: u32 = 64 << 20;
@@ -41,10 +47,13 @@ pub enum Kind {
     Complete = 7,
     Resumed = 8,
     Abort = 9,
+    Ready = 10,
+    Go = 11,
 }
 
 impl Kind {
-    fn from_u16(v: u16) -> Option<Kind> {
+    /// The kind a header names, if any.
+    pub fn from_u16(v: u16) -> Option<Kind> {
         Some(match v {
             1 => Kind::Hello,
             2 => Kind::HelloReply,
@@ -55,6 +64,8 @@ impl Kind {
             7 => Kind::Complete,
             8 => Kind::Resumed,
             9 => Kind::Abort,
+            10 => Kind::Ready,
+            11 => Kind::Go,
             _ => return None,
         })
     }
@@ -119,11 +130,18 @@ impl Message {
 }
 
 pub fn write_message<W: Write>(w: &mut W, kind: Kind, payload: &[u8]) -> Result<(), ProtocolError> {
+    let len = u32::try_from(payload.len())
+        .ok()
+        .filter(|len| *len <= MAX_PAYLOAD)
+        .ok_or(ProtocolError::TooLong {
+            kind,
+            len: bounded_u32(payload.len()),
+        })?;
     let mut header = [0u8; HEADER_LEN];
     header[0..4].copy_from_slice(&MAGIC);
     header[4..6].copy_from_slice(&PROTOCOL_VERSION.to_le_bytes());
     header[6..8].copy_from_slice(&(kind as u16).to_le_bytes());
-    header[8..12].copy_from_slice(&(payload.len() as u32).to_le_bytes());
+    header[8..12].copy_from_slice(&len.to_le_bytes());
     header[12..16].copy_from_slice(&crc32c::crc32c(payload).to_le_bytes());
     w.write_all(&header)?;
     w.write_all(payload)?;
@@ -217,7 +235,7 @@ pub struct PageRun {
 /// Encodes a page batch: `count u32`, `count × (gpa u64, pages u32)`, data.
 pub fn encode_runs(runs: &[PageRun], data: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(4 + runs.len() * 12 + data.len());
-    out.extend_from_slice(&(runs.len() as u32).to_le_bytes());
+    out.extend_from_slice(&bounded_u32(runs.len()).to_le_bytes());
     for r in runs {
         out.extend_from_slice(&r.gpa.to_le_bytes());
         out.extend_from_slice(&r.pages.to_le_bytes());

@@ -9,6 +9,11 @@
 static u8 *buf;
 static u64 npages, rate, cursor, written, carry_milli;
 static u8 pass = 1;
+/* godwit.dirty_pace=cpu: each tick dirties one tick's pages however late it
+ * comes, so that a guest whose vCPU is throttled dirties less (like a busy
+ * workload); by default a late tick catches up (wall-clock rate). */
+static bool pace_cpu;
+#define PACE_TICK_MS 10
 
 /* A plain number is KiB; with a K/M/G suffix it is a size in bytes. */
 static bool parse_kib(struct str s, u64 *kib)
@@ -50,6 +55,8 @@ bool dirty_init(void)
 	if (!buf)
 		npages = 0;
 	rate = r;
+	struct str pace;
+	pace_cpu = cmdline_value("godwit.dirty_pace", &pace) && str_eq(pace, "cpu");
 
 	print_lock();
 	put_str("serve: dirty buffer=");
@@ -67,6 +74,8 @@ void dirty_advance(u64 elapsed_ms)
 {
 	if (!dirty_active())
 		return;
+	if (pace_cpu && elapsed_ms > PACE_TICK_MS)
+		elapsed_ms = PACE_TICK_MS;
 	u64 milli = rate * elapsed_ms + carry_milli;
 	u64 due = milli / 1000;
 	carry_milli = milli % 1000;

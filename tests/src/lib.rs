@@ -3,8 +3,9 @@
 //! talk to its management API. The modules hold the rest of what more than
 //! one test needs: network namespaces and hosts ([`netns`]), the test
 //! guest's command lines and console lines ([`guest`]), UDP traffic
-//! ([`udp`]), live-migration waits ([`migrate`]) and helper processes such
-//! as DPDK testpmd ([`process`]).
+//! ([`udp`]), live-migration waits ([`migrate`]), the guest's memory
+//! checker ([`verify`]) and helper processes such as DPDK testpmd
+//! ([`process`]).
 
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
@@ -14,11 +15,15 @@ use std::time::{Duration, Instant};
 
 pub use godwit_vmm::api::QmpClient;
 
+pub mod backend;
 pub mod guest;
+pub mod linux_guest;
 pub mod migrate;
+pub mod net_backend;
 pub mod netns;
 pub mod process;
 pub mod udp;
+pub mod verify;
 
 pub use guest::{heartbeat, hex_field, remedy_line, serve_cmdline, BOOT};
 pub use netns::{in_netns, sh, wait_listening, NetHost, TwoHosts};

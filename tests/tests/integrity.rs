@@ -9,33 +9,13 @@ use std::time::Duration;
 use serde_json::{json, Value};
 
 use godwit_migration::memory_file;
+use godwit_tests::backend::NetBackend;
+use godwit_tests::migrate::{assert_heartbeat_follows, last_complete_heartbeat};
+use godwit_tests::verify::{full_round_without_mismatch, next_verdict};
 use godwit_tests::{qmp_connect, udp_echo, EchoClient, NetHost, RunningVm, TempDir, TwoHosts};
 
 const BOOT: Duration = Duration::from_secs(60);
 const HEARTBEAT_MS: u64 = 200;
-
-/// The console's `verify: <pages> pages, <checked> checked, <mismatches> mismatches`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Verdict {
-    pages: u64,
-    checked: u64,
-    mismatches: u64,
-}
-
-fn verdict(line: &str) -> Verdict {
-    let parse = || {
-        let rest = line.trim_end().strip_prefix("verify: ")?;
-        let (pages, rest) = rest.split_once(" pages, ")?;
-        let (checked, rest) = rest.split_once(" checked, ")?;
-        let mismatches = rest.strip_suffix(" mismatches")?;
-        Some(Verdict {
-            pages: pages.parse().ok()?,
-            checked: checked.parse().ok()?,
-            mismatches: mismatches.parse().ok()?,
-        })
-    };
-    parse().unwrap_or_else(|| panic!("not a verify line: {line:?}"))
-}
 
 fn cmdline(verify: &str, extra: &str) -> String {
     format!(
@@ -88,37 +68,6 @@ fn restore(snap: &Path, api: &Path, mode: &str) -> RunningVm {
         "--api-socket",
         api.to_str().unwrap(),
     ])
-}
-
-/// The next verify verdict line (mismatch lines stay in `vm.seen`).
-fn next_verdict(vm: &mut RunningVm) -> Verdict {
-    loop {
-        let line = vm.wait_prefix("verify: ", Duration::from_secs(30));
-        if !line.starts_with("verify: mismatch") {
-            return verdict(&line);
-        }
-    }
-}
-
-/// Reads verify lines until the guest has checked every page of its buffer
-/// at least once more; panics on any mismatch. Returns the last verdict.
-fn full_round_without_mismatch(vm: &mut RunningVm, what: &str) -> Verdict {
-    let first = next_verdict(vm);
-    let mut last = first;
-    while last.checked < first.checked + first.pages {
-        last = next_verdict(vm);
-    }
-    let bad: Vec<&String> = vm
-        .seen
-        .iter()
-        .filter(|l| l.starts_with("verify: mismatch"))
-        .collect();
-    assert!(
-        bad.is_empty() && first.mismatches == 0 && last.mismatches == 0,
-        "{what}: the guest found memory that is not what it wrote: {bad:?}, {last:?}; console:\n{}",
-        vm.seen.join("\n")
-    );
-    last
 }
 
 fn quit(vm: &mut RunningVm, api: &Path) {
@@ -554,28 +503,16 @@ fn a_save_killed_midway_leaves_a_restorable_snapshot_and_nothing_after_the_next(
     assert!(cut, "the save was killed before it completed");
 }
 
-fn heartbeat_of(line: &str) -> u64 {
-    line.trim()
-        .strip_prefix("heartbeat ")
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("{line:?}"))
-}
-
-/// The last heartbeat a VM printed (after draining what it still prints).
+/// The last complete heartbeat a VM printed (after draining what it still
+/// prints).
 fn last_heartbeat(vm: &mut RunningVm) -> u64 {
     while vm.try_line(Duration::from_millis(300)).is_some() {}
-    vm.seen
-        .iter()
-        .rev()
-        .find(|l| l.starts_with("heartbeat "))
-        .map(|l| heartbeat_of(l))
-        .expect("a heartbeat")
+    last_complete_heartbeat(&vm.seen)
 }
 
 /// The next VM goes on where the previous one stopped.
 fn continues(vm: &mut RunningVm, last: u64, what: &str) {
-    let first = heartbeat_of(&vm.wait_prefix("heartbeat ", Duration::from_secs(30)));
-    assert_eq!(first, last + 1, "{what}: the heartbeat continues");
+    assert_heartbeat_follows(last, vm);
     full_round_without_mismatch(vm, what);
 }
 
@@ -696,14 +633,7 @@ impl Place<'_> {
             .unwrap();
         let (status, stderr) = src.wait_exit(Duration::from_secs(120));
         assert_eq!(status.code(), Some(0), "{tag}: source: {stderr}");
-        let last = src
-            .seen
-            .iter()
-            .rev()
-            .find(|l| l.starts_with("heartbeat "))
-            .map(|l| heartbeat_of(l))
-            .unwrap();
-        continues(&mut dst, last, tag);
+        continues(&mut dst, last_complete_heartbeat(&src.seen), tag);
         (dst, dst_api)
     }
 }
@@ -743,8 +673,8 @@ fn chain(vcpus: &str, hosts: Option<&TwoHosts>, vhost_user: bool) {
     let (sock_a, sock_b) = (dir.join("a.vu"), dir.join("b.vu"));
     let _backends = match (hosts, vhost_user) {
         (Some(h), true) => Some((
-            Backend::start(&h.ns_a(), &sock_a),
-            Backend::start(&h.ns_b(), &sock_b),
+            NetBackend::start(&h.ns_a(), &sock_a),
+            NetBackend::start(&h.ns_b(), &sock_b),
         )),
         _ => None,
     };
@@ -837,44 +767,4 @@ fn a_chain_over_godwits_vhost_user_backend_loses_nothing_and_keeps_echoing_one_v
 fn a_chain_over_godwits_vhost_user_backend_loses_nothing_and_keeps_echoing_two_vcpus() {
     let hosts = TwoHosts::new(167, true, true);
     chain("2", Some(&hosts), true);
-}
-
-/// godwit's own vhost-user backend on a host, on that host's TAP.
-struct Backend(std::process::Child);
-
-impl Backend {
-    fn start(ns: &str, socket: &Path) -> Self {
-        let child = godwit_tests::godwit_command(
-            Some(ns),
-            &[
-                "net-backend",
-                "--socket",
-                socket.to_str().unwrap(),
-                "--tap",
-                "gwtap0",
-            ],
-        )
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("start godwit net-backend");
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while !socket.exists() {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "{} never appeared",
-                socket.display()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Backend(child)
-    }
-}
-
-impl Drop for Backend {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }

@@ -3,7 +3,7 @@
 //! Debian's dpdk-dev) or godwit's own `godwit net-backend` on a TAP in a
 //! namespace the test creates; and scripted misbehaving backends.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -14,7 +14,7 @@ use serde_json::{json, Value};
 
 use godwit_tests::guest::spawn_serving;
 use godwit_tests::netns::wait_for_path;
-use godwit_tests::process::{signal, stop_child, testpmd_command, TESTPMD_LACKS_OF_GODWIT_1_1};
+use godwit_tests::process::{stop_child, testpmd_command, TESTPMD_LACKS_OF_GODWIT_1_1};
 use godwit_tests::udp::sizes_up_to_mtu;
 use godwit_tests::{
     godwit_command, hex_field, qmp_connect, remedy_line, run_godwit, serve_cmdline, sh, udp_echo,
@@ -30,68 +30,8 @@ const DPDK_FEATURES: &str = "0xd7c66e7cb";
 /// What DPDK lacks of godwit-1.0 (host TSO, and ECN with it).
 const DPDK_OVERRIDES: &str = "host_tso4=off,host_tso6=off,host_ecn=off";
 
-/// `godwit net-backend` on a namespace's TAP, killed on drop.
-struct Backend {
-    child: Child,
-    lines: std::sync::mpsc::Receiver<String>,
-}
-
-impl Backend {
-    fn start(host: &NetHost, socket: &Path, extra: &[&str]) -> Backend {
-        let socket_s = socket.to_str().unwrap();
-        let mut args = vec!["net-backend", "--socket", socket_s, "--tap", &host.tap];
-        args.extend_from_slice(extra);
-        let mut child = godwit_command(Some(&host.ns), &args)
-            .env("GODWIT_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn godwit net-backend");
-        let (tx, lines) = std::sync::mpsc::channel();
-        let out = child.stdout.take().unwrap();
-        let err = child.stderr.take().unwrap();
-        let tx2 = tx.clone();
-        std::thread::spawn(move || {
-            for l in BufReader::new(out).lines().map_while(Result::ok) {
-                let _ = tx.send(l);
-            }
-        });
-        std::thread::spawn(move || {
-            for l in BufReader::new(err).lines().map_while(Result::ok) {
-                let _ = tx2.send(l);
-            }
-        });
-        let b = Backend { child, lines };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            match b.lines.recv_timeout(Duration::from_millis(100)) {
-                Ok(l) if l.contains("net-backend: ready") => break,
-                _ if Instant::now() > deadline => panic!("godwit net-backend did not start"),
-                _ => {}
-            }
-        }
-        if !extra.contains(&"--client") {
-            wait_for_path(
-                socket,
-                deadline.saturating_duration_since(Instant::now()),
-                "godwit net-backend",
-            );
-        }
-        b
-    }
-
-    fn kill9(&mut self) {
-        signal(&self.child, libc::SIGKILL);
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Backend {
-    fn drop(&mut self) {
-        self.kill9();
-    }
-}
+// `godwit net-backend` on a namespace's TAP, killed on drop.
+use godwit_tests::net_backend::NetBackend as Backend;
 
 /// One testpmd at a time: its forwarding thread busy-polls a core.
 static DPDK: Mutex<()> = Mutex::new(());

@@ -17,8 +17,11 @@ pub enum Start {
     Boot,
     /// `--restore DIR`.
     Restore(PathBuf),
-    /// `--incoming URI`.
-    Incoming(String),
+    /// `--incoming URI`, with `--tls-dir` for a `tls:` URI.
+    Incoming {
+        uri: String,
+        tls_dir: Option<PathBuf>,
+    },
 }
 
 /// Why a VM could not start. Each message says what to change.
@@ -58,7 +61,9 @@ pub fn start(config: &VmConfig, from: &Start) -> Result<Machine, StartError> {
     let mut machine = match from {
         Start::Boot => Machine::build(config)?,
         Start::Restore(dir) => crate::persist::snapshot::restore(config, dir)?,
-        Start::Incoming(uri) => crate::migration::incoming(config, uri)?,
+        Start::Incoming { uri, tls_dir } => {
+            crate::migration::incoming(config, uri, tls_dir.as_deref())?
+        }
     };
     if let Some(path) = &config.api_socket {
         crate::api::commands::serve(&mut machine, path)?;

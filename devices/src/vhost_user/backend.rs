@@ -18,12 +18,23 @@
 //! version's, in godwit's configuration space; announcements after a
 //! migration use GUEST_ANNOUNCE, which every interface version has.
 //!
+//! Standard frontends (QEMU's `-netdev vhost-user`, DPDK's virtio-user) see
+//! a plain vhost-user backend: the extension's window answers only a
+//! frontend that set bit 60 in SET_PROTOCOL_FEATURES, and the connection
+//! runs through [`relay`](super::relay), which fixes what the crate's
+//! request handler refuses of them (SET_VRING_ENABLE before SET_FEATURES).
+//! CONFIG is offered because godwit's frontend needs it as the extension's
+//! carrier; a frontend that does not serve the configuration space from the
+//! backend leaves it unset (QEMU says so in a warning) and nothing changes.
+//!
 //! One frontend at a time: [`serve`] serves a connection until the frontend
 //! disconnects, then waits for the next one (a restarted godwit, a
 //! migration destination) with fresh session state on the same TAP.
 
 use std::io;
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::DirBuilderExt;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
@@ -48,6 +59,7 @@ use super::interface::{
     by_interface_name, latest, valid_name, InterfaceRecord, InterfaceVersion, INTERFACES,
     PROTOCOL_F_GODWIT_INTERFACE, WINDOW_OFFSET, WINDOW_SIZE,
 };
+use super::relay::{Negotiated, Relay};
 use crate::net::tap::VNET_HDR_LEN;
 use crate::net::Tap;
 use crate::virtio::feature;
@@ -92,6 +104,16 @@ pub enum BackendError {
     },
     #[error("cannot register the TAP with the vring event loop: {0}")]
     Register(io::Error),
+    /// The relay's connection to the crate's request handler, a socket in
+    /// a private directory under the temporary directory.
+    #[error("cannot connect the relay to the request handler through {path}: {source}; check that the temporary directory (TMPDIR) is writable")]
+    Inner {
+        path: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot start the vhost-user message relay: {0}")]
+    Relay(#[source] io::Error),
 }
 
 /// Counters over the backend's life (all sessions).
@@ -118,6 +140,7 @@ pub struct NetBackend {
     rx_pending: usize,
     tx_buf: Vec<u8>,
     counters: Arc<BackendCounters>,
+    negotiated: Arc<Negotiated>,
     ring_limit_logged: bool,
     ring_error_logged: bool,
 }
@@ -127,6 +150,7 @@ impl NetBackend {
         tap: Arc<Tap>,
         default: &'static InterfaceVersion,
         counters: Arc<BackendCounters>,
+        negotiated: Arc<Negotiated>,
     ) -> Self {
         NetBackend {
             tap,
@@ -140,6 +164,7 @@ impl NetBackend {
             rx_pending: 0,
             tx_buf: vec![0; FRAME_MAX],
             counters,
+            negotiated,
             ring_limit_logged: false,
             ring_error_logged: false,
         }
@@ -163,6 +188,12 @@ impl NetBackend {
             truncated: false,
             values: active.values(),
         }
+    }
+
+    /// The frontend negotiated godwit's extension (bit 60): only then is
+    /// the window there.
+    fn extension(&self) -> bool {
+        self.negotiated.protocol() & PROTOCOL_F_GODWIT_INTERFACE != 0
     }
 
     fn guest_csum(&self) -> bool {
@@ -410,6 +441,11 @@ impl VhostUserBackendMut for NetBackend {
     }
 
     fn acked_features(&mut self, features: u64) {
+        tracing::info!(
+            interface = self.interface().name,
+            "the frontend acked features {features:#x} of {:#x} offered",
+            self.features()
+        );
         self.acked = features;
         self.features_set = true;
         let flags = features::tun_offloads_for_guest(features);
@@ -441,7 +477,7 @@ impl VhostUserBackendMut for NetBackend {
     }
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
-        if offset == WINDOW_OFFSET && size <= WINDOW_SIZE {
+        if offset == WINDOW_OFFSET && size <= WINDOW_SIZE && self.extension() {
             return self.record().encode(size as usize);
         }
         // godwit's frontend keeps virtio-net's configuration space itself.
@@ -449,7 +485,7 @@ impl VhostUserBackendMut for NetBackend {
     }
 
     fn set_config(&mut self, offset: u32, buf: &[u8]) -> io::Result<()> {
-        if offset != WINDOW_OFFSET {
+        if offset != WINDOW_OFFSET || !self.extension() {
             return Err(io::Error::new(
                 io::ErrorKind::Unsupported,
                 "the configuration space is the frontend's",
@@ -527,7 +563,7 @@ pub fn serve(
     counters: Arc<BackendCounters>,
     stop: Arc<AtomicBool>,
 ) -> Result<(), BackendError> {
-    let mut listener = if opts.client {
+    let listener = if opts.client {
         None
     } else {
         Some(
@@ -544,10 +580,27 @@ pub fn serve(
         "vhost-user net backend ready"
     );
     while !stop.load(Ordering::SeqCst) {
+        let frontend = match &listener {
+            Some(l) => match l.accept() {
+                Ok(Some(s)) => s,
+                Ok(None) => continue,
+                Err(e) => {
+                    tracing::warn!("accepting a frontend failed: {e}");
+                    std::thread::sleep(Duration::from_millis(200));
+                    continue;
+                }
+            },
+            None => match connect_to_frontend(&opts.socket, &stop) {
+                Some(s) => s,
+                None => break,
+            },
+        };
+        let negotiated = Arc::new(Negotiated::default());
         let backend = Arc::new(RwLock::new(NetBackend::new(
             opts.tap.clone(),
             opts.default_interface,
             counters.clone(),
+            negotiated.clone(),
         )));
         let mut daemon = VhostUserDaemon::new(
             "gw-vu-backend".to_string(),
@@ -564,56 +617,77 @@ pub fn serve(
                 )
                 .map_err(BackendError::Register)?;
         }
-        let started = match &mut listener {
-            Some(l) => daemon.start(l),
-            None => {
-                if !connect_to_frontend(&mut daemon, &opts.socket, &stop) {
-                    break;
-                }
-                Ok(())
-            }
-        };
-        if let Err(e) = started {
-            tracing::warn!("accepting a frontend failed: {e}");
-            std::thread::sleep(Duration::from_millis(200));
-            continue;
-        }
+        let inner = attach(&mut daemon)?;
+        let relay = Relay::spawn(frontend, inner, negotiated).map_err(BackendError::Relay)?;
         counters.sessions.fetch_add(1, Ordering::Relaxed);
         tracing::info!("a frontend connected");
         match daemon.wait() {
-            Ok(()) => tracing::info!("the frontend disconnected; waiting for the next one"),
+            // The relay closes the handler's connection when the frontend
+            // goes: that is the ordinary end of a session.
+            Ok(())
+            | Err(vhost_user_backend::Error::HandleRequest(
+                vhost::vhost_user::Error::Disconnected | vhost::vhost_user::Error::PartialMessage,
+            )) => tracing::info!("the frontend disconnected; waiting for the next one"),
             Err(e) => tracing::warn!("the session ended: {e}; waiting for the next frontend"),
         }
+        relay.finish();
         drop(daemon);
     }
     Ok(())
 }
 
-/// Client mode: connects to the frontend listening on `socket`, retrying
-/// until it does; false when told to stop first.
-fn connect_to_frontend(
+/// Starts the crate's request handler on a connection of its own and
+/// returns the relay's end of it. The handler only takes connections from
+/// a listener, so it gets one bound in a directory only this user can
+/// enter, removed as soon as the relay's connection waits in its backlog.
+fn attach(
     daemon: &mut VhostUserDaemon<Arc<RwLock<NetBackend>>>,
-    socket: &Path,
-    stop: &AtomicBool,
-) -> bool {
-    let Some(path) = socket.to_str() else {
-        tracing::error!("the socket path {} is not UTF-8", socket.display());
-        return false;
+) -> Result<UnixStream, BackendError> {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "godwit-vu-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    ));
+    let path = dir.join("handler.sock");
+    let err = |source| BackendError::Inner {
+        path: path.display().to_string(),
+        source,
     };
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&dir)
+        .map_err(err)?;
+    let bound = UnixListener::bind(&path).and_then(|l| UnixStream::connect(&path).map(|s| (l, s)));
+    let _ = std::fs::remove_file(&path);
+    let _ = std::fs::remove_dir(&dir);
+    let (listener, ours) = bound.map_err(err)?;
+    daemon
+        .start(&mut Listener::from(listener))
+        .map_err(|e| BackendError::Daemon(e.to_string()))?;
+    Ok(ours)
+}
+
+/// Client mode: connects to the frontend listening on `socket`, retrying
+/// until it does; `None` when told to stop first.
+fn connect_to_frontend(socket: &Path, stop: &AtomicBool) -> Option<UnixStream> {
     let mut logged = false;
     while !stop.load(Ordering::SeqCst) {
-        match daemon.start_client(path) {
-            Ok(()) => return true,
+        match UnixStream::connect(socket) {
+            Ok(s) => return Some(s),
             Err(e) => {
                 if !logged {
                     logged = true;
-                    tracing::info!("waiting for a frontend to listen on {path}: {e}");
+                    tracing::info!(
+                        "waiting for a frontend to listen on {}: {e}",
+                        socket.display()
+                    );
                 }
                 std::thread::sleep(Duration::from_millis(100));
             }
         }
     }
-    false
+    None
 }
 
 /// The interface a backend presents by default: `name`, or the latest.

@@ -9,6 +9,7 @@ pub mod device;
 pub mod endpoint;
 pub mod interface;
 mod link;
+pub mod relay;
 pub mod session;
 
 pub use conn::{Connection, VhostUserError};

@@ -39,44 +39,88 @@ fn memfd(name: &std::ffi::CStr, size: u64) -> File {
     f
 }
 
+/// `serve` on a TAP in a namespace the test creates (host 10.<subnet>.0.1,
+/// guest 10.<subnet>.0.2), stopped on drop.
+struct TestBackend {
+    ns: NetNs,
+    socket: std::path::PathBuf,
+    dir: std::path::PathBuf,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<Result<(), super::backend::BackendError>>>,
+}
+
+impl TestBackend {
+    fn start(tag: &str, tap_name: &str, subnet: u8) -> TestBackend {
+        let ns = NetNs::new(tag).unwrap();
+        let tap = ns
+            .enter(|| Tap::open(tap_name, VnetHdr::On))
+            .unwrap()
+            .unwrap();
+        ns.sysctl(&format!("net.ipv6.conf.{tap_name}.disable_ipv6"), "1")
+            .unwrap();
+        ns.ip(&[
+            "addr",
+            "add",
+            &format!("10.{subnet}.0.1/24"),
+            "dev",
+            tap_name,
+        ])
+        .unwrap();
+        ns.ip(&["link", "set", tap_name, "up"]).unwrap();
+        ns.ip(&[
+            "neigh",
+            "replace",
+            &format!("10.{subnet}.0.2"),
+            "lladdr",
+            "52:54:00:12:34:56",
+            "dev",
+            tap_name,
+        ])
+        .unwrap();
+        let dir = std::env::temp_dir().join(format!("gw-vu-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let socket = dir.join("backend.sock");
+        let stop = Arc::new(AtomicBool::new(false));
+        let opts = BackendOptions {
+            socket: socket.clone(),
+            tap: Arc::new(tap),
+            default_interface: INTERFACES.last().unwrap(),
+            client: false,
+        };
+        let backend_stop = stop.clone();
+        let thread = std::thread::spawn(move || {
+            serve(&opts, Arc::new(BackendCounters::default()), backend_stop)
+        });
+        while !socket.exists() {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        TestBackend {
+            ns,
+            socket,
+            dir,
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for TestBackend {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        // The backend waits for its next frontend; connect once so it sees
+        // the flag.
+        let _ = std::os::unix::net::UnixStream::connect(&self.socket);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 #[test]
 fn backend_writes_are_logged_and_rings_stop_and_restart_where_they_were() {
-    let ns = NetNs::new("vu").unwrap();
-    let tap = ns
-        .enter(|| Tap::open("gwvu0", VnetHdr::On))
-        .unwrap()
-        .unwrap();
-    ns.sysctl("net.ipv6.conf.gwvu0.disable_ipv6", "1").unwrap();
-    ns.ip(&["addr", "add", "10.131.0.1/24", "dev", "gwvu0"])
-        .unwrap();
-    ns.ip(&["link", "set", "gwvu0", "up"]).unwrap();
-    ns.ip(&[
-        "neigh",
-        "replace",
-        "10.131.0.2",
-        "lladdr",
-        "52:54:00:12:34:56",
-        "dev",
-        "gwvu0",
-    ])
-    .unwrap();
-    let dir = std::env::temp_dir().join(format!("gw-vu-unit-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let socket = dir.join("backend.sock");
-    let stop = Arc::new(AtomicBool::new(false));
-    let opts = BackendOptions {
-        socket: socket.clone(),
-        tap: Arc::new(tap),
-        default_interface: INTERFACES.last().unwrap(),
-        client: false,
-    };
-    let backend_stop = stop.clone();
-    let backend = std::thread::spawn(move || {
-        serve(&opts, Arc::new(BackendCounters::default()), backend_stop)
-    });
-    while !socket.exists() {
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    let backend = TestBackend::start("vu", "gwvu0", 131);
+    let (ns, socket) = (&backend.ns, backend.socket.clone());
 
     let ram = memfd(c"gw-vu-ram", MEM as u64);
     let mem = GuestMemory::from_ranges_with_files([(
@@ -180,9 +224,58 @@ fn backend_writes_are_logged_and_rings_stop_and_restart_where_they_were() {
 
     drop(d);
     drop(device);
-    stop.store(true, Ordering::SeqCst);
-    // The backend waits for its next frontend; connect once so it sees the flag.
-    let _ = std::os::unix::net::UnixStream::connect(&socket);
-    let _ = backend.join();
-    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A standard frontend's conversation, in QEMU 7.2's order (its
+/// virtio-net enables the rings when the guest writes its features, before
+/// the SET_FEATURES of the device start), without godwit's extension: the
+/// session goes on, and the extension's window is not there for it.
+#[test]
+fn a_standard_frontend_enables_rings_before_set_features_and_never_sees_the_extension() {
+    use vhost::vhost_user::VhostUserProtocolFeatures as P;
+    let backend = TestBackend::start("vuq", "gwvuq0", 132);
+    let mut conn =
+        Connection::connect(backend.socket.to_str().unwrap(), Duration::from_secs(5)).unwrap();
+    let offered = conn.get_features().unwrap();
+    assert_ne!(offered & conn::F_PROTOCOL_FEATURES, 0);
+    let protocol = conn.get_protocol_features().unwrap();
+    // What QEMU 7.2 sets of that offer for virtio-net: its known bits, less
+    // CONFIG (it does not serve the configuration space from a backend).
+    let standard = P::MQ.bits() | P::LOG_SHMFD.bits() | P::REPLY_ACK.bits();
+    assert_eq!(protocol & standard, standard, "offered {protocol:#x}");
+    conn.set_protocol_features(standard).unwrap();
+    conn.set_reply_ack(true);
+    assert_eq!(conn.get_queue_num().unwrap(), 2);
+    conn.set_owner().unwrap();
+    // Acknowledged (REPLY_ACK status 0), not the end of the session.
+    conn.set_vring_enable(0, true).unwrap();
+    conn.set_vring_enable(1, true).unwrap();
+    conn.set_features(offered & (feature(VIRTIO_F_VERSION_1) | conn::F_PROTOCOL_FEATURES))
+        .unwrap();
+    conn.set_vring_enable(0, true).unwrap();
+    assert_eq!(conn.get_features().unwrap(), offered, "the session goes on");
+    drop(conn);
+
+    // CONFIG without bit 60: the window answers with the empty reply that
+    // means failure, and the session goes on.
+    let mut conn =
+        Connection::connect(backend.socket.to_str().unwrap(), Duration::from_secs(5)).unwrap();
+    let offered = conn.get_features().unwrap();
+    conn.get_protocol_features().unwrap();
+    conn.set_protocol_features(standard | P::CONFIG.bits())
+        .unwrap();
+    conn.set_reply_ack(true);
+    let err = conn
+        .get_config(interface::WINDOW_OFFSET, interface::WINDOW_SIZE)
+        .unwrap_err();
+    assert!(
+        matches!(err, VhostUserError::Refused { .. }),
+        "the window is not there without bit 60: {err}"
+    );
+    assert_eq!(conn.get_features().unwrap(), offered, "the session goes on");
+    // A pin is refused (which ends the session: the crate's request loop
+    // stops at a refused request).
+    assert!(conn
+        .set_config(interface::WINDOW_OFFSET, b"org.godwit.net.v1")
+        .is_err());
 }

@@ -10,7 +10,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use std::os::fd::{AsRawFd, IntoRawFd};
@@ -32,6 +32,16 @@ pub struct SnapshotSaveArgs {
     pub dir: PathBuf,
 }
 
+/// `cont` arguments.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ContArgs {
+    /// Resumes a VM in postmigrate: the operator's word that the
+    /// destination does not run the guest.
+    #[serde(default)]
+    pub force: bool,
+}
+
 /// `migrate` arguments.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -50,6 +60,37 @@ pub struct MigrateParametersArgs {
     pub max_bandwidth: Option<u64>,
     /// Pre-copy rounds before giving up on convergence (at least 1).
     pub max_rounds: Option<u32>,
+    /// TLS credentials directory for `tls:` URIs; "" clears it.
+    pub tls_creds: Option<String>,
+    /// Name the destination's certificate must carry; "" means the URI's host.
+    pub tls_hostname: Option<String>,
+    /// Auto-converge's first throttle, 1 to 99 percent.
+    pub cpu_throttle_initial: Option<u32>,
+    /// Auto-converge's step, 1 to 99 percent.
+    pub cpu_throttle_increment: Option<u32>,
+}
+
+/// A migration capability, as QEMU names it.
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum Capability {
+    /// Throttle the vCPUs while pre-copy does not converge.
+    AutoConverge,
+}
+
+/// One entry of `migrate-set-capabilities` / `query-migrate-capabilities`.
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CapabilityState {
+    pub capability: Capability,
+    pub state: bool,
+}
+
+/// `migrate-set-capabilities` arguments.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MigrateCapabilitiesArgs {
+    pub capabilities: Vec<CapabilityState>,
 }
 
 /// `query-host-caps` arguments.
@@ -84,7 +125,7 @@ qmp_commands! {
         "query-version" => QueryVersion,
         "query-status" => QueryStatus,
         "stop" => Stop,
-        "cont" => Cont,
+        "cont" => Cont(ContArgs),
         "quit" => Quit,
         "query-net" => QueryNet,
         "query-machines" => QueryMachines,
@@ -94,6 +135,8 @@ qmp_commands! {
         "migrate_cancel" => MigrateCancel,
         "migrate-set-parameters" => MigrateSetParameters(MigrateParametersArgs),
         "query-migrate-parameters" => QueryMigrateParameters,
+        "migrate-set-capabilities" => MigrateSetCapabilities(MigrateCapabilitiesArgs),
+        "query-migrate-capabilities" => QueryMigrateCapabilities,
         "query-host-caps" => QueryHostCaps(HostCapsArgs),
         "plan" => Plan(PlanArgs),
     }
@@ -102,9 +145,12 @@ qmp_commands! {
 /// Why a command failed. Converted to a QMP error only for the reply.
 #[derive(Debug, thiserror::Error)]
 pub enum CommandError {
-    /// `cont` after the VM shut down.
-    #[error("the VM has shut down and cannot be resumed")]
-    ShutDown,
+    /// `stop` while an operation holds the VM.
+    #[error(transparent)]
+    Busy(#[from] crate::machine::Busy),
+    /// `cont` refused.
+    #[error(transparent)]
+    Cont(#[from] crate::machine::ContError),
     /// `snapshot-save` failed.
     #[error(transparent)]
     Snapshot(#[from] crate::persist::snapshot::SnapshotError),
@@ -114,6 +160,12 @@ pub enum CommandError {
     /// `migrate-set-parameters` with `max-rounds` 0.
     #[error("Parameter 'max-rounds' must be at least 1")]
     ZeroRounds,
+    /// A throttle parameter outside 1..=99.
+    #[error("Parameter '{param}' expects a percentage from 1 to 99, not {value}")]
+    ThrottleRange { param: &'static str, value: u32 },
+    /// Capabilities change while a migration runs.
+    #[error("migration capabilities cannot change while a migration runs")]
+    CapabilitiesBusy,
     /// `plan` failed.
     #[error(transparent)]
     Plan(#[from] PlanError),
@@ -224,18 +276,22 @@ impl VmCommands {
                 json!({"running": state == RunState::Running, "status": state.as_str(), "singlestep": false})
             }
             Command::Stop => {
-                vm.pause();
+                vm.stop()?;
                 json!({})
             }
-            Command::Cont => {
-                if vm.run_state() == RunState::Shutdown {
-                    return Err(CommandError::ShutDown);
+            Command::Cont(args) => {
+                let postmigrate = vm.run_state() == RunState::PostMigrate;
+                vm.cont(args.force)?;
+                if postmigrate {
+                    json!({"warning": "resumed from postmigrate on the operator's word: the operator takes responsibility that the destination does not run this guest"})
+                } else {
+                    json!({})
                 }
-                vm.resume();
-                json!({})
             }
             Command::Quit => {
-                vm.request_quit();
+                // Waits for a snapshot being written, and for a cancelled
+                // migration to end, so that none is cut off half-way.
+                vm.quit();
                 json!({})
             }
             Command::QueryNet => Value::Array(vm.nets.iter().map(NetDevice::query).collect()),
@@ -262,6 +318,41 @@ impl VmCommands {
                 set_migration_parameters(vm, &args)?;
                 json!({})
             }
+            Command::MigrateSetCapabilities(args) => {
+                if vm
+                    .migration
+                    .running
+                    .load(std::sync::atomic::Ordering::SeqCst)
+                {
+                    return Err(CommandError::CapabilitiesBusy);
+                }
+                let mut params = vm
+                    .migration
+                    .params
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                for c in &args.capabilities {
+                    match c.capability {
+                        Capability::AutoConverge => params.auto_converge = c.state,
+                    }
+                }
+                json!({})
+            }
+            Command::QueryMigrateCapabilities => {
+                let auto_converge = vm
+                    .migration
+                    .params
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .auto_converge;
+                encode(
+                    name,
+                    [CapabilityState {
+                        capability: Capability::AutoConverge,
+                        state: auto_converge,
+                    }],
+                )?
+            }
             Command::QueryMigrateParameters => {
                 let params = vm
                     .migration
@@ -284,6 +375,14 @@ fn set_migration_parameters(
     if args.max_rounds == Some(0) {
         return Err(CommandError::ZeroRounds);
     }
+    for (param, value) in [
+        ("cpu-throttle-initial", args.cpu_throttle_initial),
+        ("cpu-throttle-increment", args.cpu_throttle_increment),
+    ] {
+        if let Some(value) = value.filter(|v| !(1..=99).contains(v)) {
+            return Err(CommandError::ThrottleRange { param, value });
+        }
+    }
     let mut params = vm
         .migration
         .params
@@ -297,6 +396,18 @@ fn set_migration_parameters(
     }
     if let Some(r) = args.max_rounds {
         params.max_rounds = r;
+    }
+    if let Some(dir) = &args.tls_creds {
+        params.tls_creds.clone_from(dir);
+    }
+    if let Some(name) = &args.tls_hostname {
+        params.tls_hostname.clone_from(name);
+    }
+    if let Some(p) = args.cpu_throttle_initial {
+        params.cpu_throttle_initial = p;
+    }
+    if let Some(p) = args.cpu_throttle_increment {
+        params.cpu_throttle_increment = p;
     }
     Ok(())
 }
@@ -482,6 +593,7 @@ mod tests {
                 "snapshot-save" => r#"{"dir": "/tmp/x"}"#,
                 "migrate" => r#"{"uri": "unix:/tmp/x"}"#,
                 "plan" => r#"{"hosts": []}"#,
+                "migrate-set-capabilities" => r#"{"capabilities": []}"#,
                 _ => "{}",
             };
             let command = Command::parse(name, args)
@@ -489,6 +601,24 @@ mod tests {
                 .unwrap_or_else(|| panic!("{name}: not found"));
             assert_eq!(command.name(), *name);
         }
+    }
+
+    #[test]
+    fn capabilities_are_qemus_names() {
+        let Some(Command::MigrateSetCapabilities(args)) = Command::parse(
+            "migrate-set-capabilities",
+            r#"{"capabilities": [{"capability": "auto-converge", "state": true}]}"#,
+        )
+        .unwrap() else {
+            panic!("not parsed");
+        };
+        assert_eq!(args.capabilities[0].capability, Capability::AutoConverge);
+        assert!(args.capabilities[0].state);
+        assert!(Command::parse(
+            "migrate-set-capabilities",
+            r#"{"capabilities": [{"capability": "x-frobnicate", "state": true}]}"#,
+        )
+        .is_err());
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! and the command line, and describe memory in the zero page. The bundled
 //! test guest goes through exactly this path, as an ELF kernel.
 
+pub mod acpi;
 pub mod mptable;
 pub mod regs;
 pub mod test_guest;
@@ -103,6 +104,8 @@ pub struct BootConfig<'a> {
     pub initrd: Option<&'a Path>,
     pub cmdline: &'a str,
     pub memory_size: u64,
+    /// Where the ACPI RSDP is, for the zero page (`acpi_rsdp_addr`, boot protocol 2.14).
+    pub acpi_rsdp: Option<u64>,
 }
 
 enum Format {
@@ -205,6 +208,9 @@ where
         }
     };
     params.hdr.type_of_loader = KERNEL_LOADER_OTHER;
+    if let Some(rsdp) = config.acpi_rsdp {
+        params.acpi_rsdp_addr = rsdp;
+    }
     params.hdr.loadflags |= LOADFLAG_CAN_USE_HEAP;
     params.hdr.heap_end_ptr = 0xfe00;
 
@@ -358,7 +364,8 @@ pub fn e820_map(memory_size: u64) -> Vec<boot_e820_entry> {
     let mut map = vec![
         entry(0, EBDA_START, E820_RAM),
         entry(EBDA_START, LOW_RAM_RESERVED_START, E820_RESERVED),
-        entry(MPTABLE_START, BIOS_AREA_END, E820_RESERVED),
+        // The ACPI tables, then the MP table, up to the end of the BIOS area.
+        entry(acpi::ACPI_START, BIOS_AREA_END, E820_RESERVED),
     ];
     for range in ram_ranges(memory_size) {
         let start = range.guest_addr.max(HIMEM_START);
@@ -418,6 +425,7 @@ mod tests {
                 initrd: None,
                 cmdline,
                 memory_size,
+                acpi_rsdp: None,
             },
         )?;
         Ok((ram, entry))
@@ -462,6 +470,7 @@ mod tests {
             initrd: None,
             cmdline: "",
             memory_size: 64 * MIB,
+            acpi_rsdp: None,
         };
         assert!(matches!(
             load(&ram.memory, &cfg),
@@ -473,6 +482,7 @@ mod tests {
             initrd: None,
             cmdline: "",
             memory_size: 64 * MIB,
+            acpi_rsdp: None,
         };
         assert!(matches!(
             load(&ram.memory, &cfg),

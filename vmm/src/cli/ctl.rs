@@ -19,6 +19,25 @@ pub struct CtlArgs {
     json_args: Option<String>,
 }
 
+/// The one line `godwit ctl migrate` ends with, from a completed
+/// query-migrate (or the info of the `completed` MIGRATION event).
+fn summary(info: &serde_json::Value) -> String {
+    if info.is_null() {
+        return "migration completed: the guest runs on the destination".into();
+    }
+    let bytes = info["transferred-bytes"].as_u64().unwrap_or(0);
+    let ms = info["total-time-ms"].as_f64().unwrap_or(0.0);
+    let downtime = info["downtime-ms"]
+        .as_f64()
+        .map_or("unknown".to_string(), |d| format!("{d:.1} ms"));
+    format!(
+        "migration completed: total time {ms:.0} ms, downtime {downtime}, {:.1} MiB sent in {} rounds, {:.0} Mbit/s",
+        bytes as f64 / f64::from(1 << 20),
+        info["rounds"].as_u64().unwrap_or(0),
+        bytes as f64 * 8.0 / 1e3 / ms.max(1e-3)
+    )
+}
+
 /// `godwit ctl migrate URI`: starts a migration and shows its progress
 /// until it ends; fails when the migration fails.
 fn ctl_migrate(socket: &Path, uri: &str) -> Result<String, ClientError> {
@@ -37,9 +56,12 @@ fn ctl_migrate(socket: &Path, uri: &str) -> Result<String, ClientError> {
                 }
                 let completed = events
                     .iter()
-                    .any(|ev| ev["event"] == "MIGRATION" && ev["data"]["status"] == "completed");
-                if completed || last["status"] == "completed" {
-                    return Ok("migration completed: the guest runs on the destination".into());
+                    .find(|ev| ev["event"] == "MIGRATION" && ev["data"]["status"] == "completed");
+                if let Some(ev) = completed {
+                    return Ok(summary(&ev["data"]["info"]));
+                }
+                if last["status"] == "completed" {
+                    return Ok(summary(&last));
                 }
                 return Err(e);
             }
@@ -55,14 +77,9 @@ fn ctl_migrate(socket: &Path, uri: &str) -> Result<String, ClientError> {
         );
         super::report(&line);
         match status.as_str() {
-            "completed" => {
-                return Ok(format!(
-                    "migration completed in {:.0} ms, downtime {:.1} ms",
-                    info["total-time-ms"].as_f64().unwrap_or(0.0),
-                    info["downtime-ms"].as_f64().unwrap_or(0.0)
-                ))
-            }
-            "failed" | "cancelled" => {
+            "completed" => return Ok(summary(&info)),
+            // postmigrate: the outcome is unknown; the error says what to do.
+            "failed" | "cancelled" | "postmigrate" => {
                 return Err(ClientError::Qmp {
                     class: "GenericError".into(),
                     desc: format!(
@@ -107,4 +124,21 @@ pub fn execute(args: &CtlArgs) -> Result<u8, super::Error> {
     let out = ctl(args)?;
     super::print_out(&format!("{out}\n"))?;
     Ok(super::EXIT_SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_summary_line_has_time_downtime_bytes_rounds_and_throughput() {
+        let info = serde_json::json!({
+            "status": "completed", "total-time-ms": 2000.0, "downtime-ms": 12.34,
+            "transferred-bytes": 250u64 << 20, "rounds": 4,
+        });
+        assert_eq!(
+            summary(&info),
+            "migration completed: total time 2000 ms, downtime 12.3 ms, 250.0 MiB sent in 4 rounds, 1049 Mbit/s"
+        );
+    }
 }

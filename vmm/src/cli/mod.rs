@@ -3,6 +3,7 @@
 //! [`Command::execute`] and turns the outcome into the exit status; the
 //! statuses are documented in the README.
 
+pub mod acpi_dump;
 pub mod ctl;
 pub mod host_caps;
 pub mod machines;
@@ -20,6 +21,11 @@ pub const EXIT_SUCCESS: u8 = 0;
 pub const EXIT_START_FAILED: u8 = 1;
 pub const EXIT_GUEST_FAILED: u8 = 3;
 pub const EXIT_STRICT_REFUSAL: u8 = 4;
+/// The guest kernel reported a panic through pvpanic. Even, so that no
+/// debug-exit status (always odd) can be taken for it.
+pub const EXIT_GUEST_PANICKED: u8 = 6;
+/// `--timeout` ran out; the number `timeout(1)` uses.
+pub const EXIT_TIMEOUT: u8 = 124;
 /// Standard output was closed before the output was written (`| head`):
 /// 128 + SIGPIPE, what a shell shows for a process the signal killed.
 pub const EXIT_OUTPUT_CLOSED: u8 = 141;
@@ -53,6 +59,9 @@ pub enum Command {
     HostCaps(host_caps::HostCapsArgs),
     /// From host-caps reports: how to start a VM so it can migrate between those hosts (or, with --vm, whether an existing VM can).
     Plan(plan::PlanArgs),
+    /// Write the ACPI tables a VM would get to a directory (for iasl).
+    #[command(hide = true)]
+    AcpiDump(acpi_dump::AcpiDumpArgs),
 }
 
 impl Command {
@@ -67,6 +76,7 @@ impl Command {
             Command::NetBackend(args) => net_backend::execute(args),
             Command::HostCaps(args) => host_caps::execute(&args),
             Command::Plan(args) => plan::execute(&args),
+            Command::AcpiDump(args) => acpi_dump::execute(&args),
         }
     }
 }
@@ -79,6 +89,10 @@ pub enum Error {
     Run(#[from] run::RunError),
     #[error("godwit: guest failed: {0}")]
     Guest(#[source] crate::vstate::events::VcpuExitError),
+    #[error("godwit: guest panicked: the guest kernel reported a panic through pvpanic (its console shows why)")]
+    GuestPanicked,
+    #[error("godwit: timeout: the VM ran for {} (--timeout) and was stopped", humanize(*.0))]
+    TimedOut(std::time::Duration),
     #[error("godwit: {0}")]
     Ctl(#[from] crate::api::ClientError),
     #[error("godwit: error: {0}")]
@@ -89,6 +103,8 @@ pub enum Error {
     HostCaps(#[from] host_caps::HostCapsError),
     #[error("godwit plan: error: {0}")]
     Plan(#[from] plan::PlanCliError),
+    #[error("godwit acpi-dump: error: {0}")]
+    AcpiDump(#[from] acpi_dump::AcpiDumpError),
     #[error("godwit: cannot write to standard output: {0}")]
     Output(#[source] std::io::Error),
 }
@@ -99,9 +115,21 @@ impl Error {
         match self {
             Error::Run(e) if e.is_strict_refusal() => EXIT_STRICT_REFUSAL,
             Error::Guest(_) => EXIT_GUEST_FAILED,
+            Error::GuestPanicked => EXIT_GUEST_PANICKED,
+            Error::TimedOut(_) => EXIT_TIMEOUT,
             Error::Output(e) if e.kind() == std::io::ErrorKind::BrokenPipe => EXIT_OUTPUT_CLOSED,
             _ => EXIT_START_FAILED,
         }
+    }
+}
+
+/// `30s`, `5m`, `250ms`, as `--timeout` takes them.
+fn humanize(d: std::time::Duration) -> String {
+    let ms = d.as_millis();
+    match ms {
+        _ if ms.is_multiple_of(60_000) => format!("{}m", ms / 60_000),
+        _ if ms.is_multiple_of(1000) => format!("{}s", ms / 1000),
+        _ => format!("{ms}ms"),
     }
 }
 

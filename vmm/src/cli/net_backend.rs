@@ -2,7 +2,10 @@
 //! (godwit_devices::vhost_user::backend): forwards a frontend's rings to a
 //! TAP, presents a named interface version, serves one frontend after the
 //! other. `--print-versions` prints the interface versions it supports, as
-//! management records them.
+//! management records them. Any vhost-user frontend can use it: godwit's,
+//! which may pin an interface version, or a standard one such as QEMU's
+//! `-netdev vhost-user` (docs/vhost-user-interface-versions.md, "Standard
+//! frontends").
 
 use std::io::Write;
 use std::path::PathBuf;

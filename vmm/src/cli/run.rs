@@ -9,7 +9,9 @@ use crate::abi::machine_types::{self, MachineTypeError};
 use crate::boot::test_guest::{TEST_GUEST_ELF, TEST_GUEST_NAME};
 use crate::boot::KernelImage;
 use crate::config::net_spec::NetSpec;
-use crate::config::{parse_size, RestoreMemory, SerialSpec, VmConfig, DEFAULT_CMDLINE};
+use crate::config::{
+    parse_duration, parse_size, RestoreMemory, SerialSpec, VmConfig, DEFAULT_CMDLINE,
+};
 use crate::machine::VmOutcome;
 use crate::run::{start, Start, StartError};
 use crate::seccomp::{self, SeccompError, SeccompMode, ThreadKind};
@@ -47,14 +49,27 @@ pub struct RunArgs {
     /// booting; --net gives this host's peers, one per saved device, in order.
     #[arg(long, value_name = "DIR", conflicts_with_all = ["kernel", "initrd", "cmdline", "memory", "vcpus", "machine"])]
     restore: Option<PathBuf>,
-    /// Wait for a live migration on tcp:ADDR:PORT or unix:PATH instead of
+    /// Wait for a live migration on tls:ADDR:PORT, tcp:ADDR:PORT or unix:PATH instead of
     /// booting; --net gives this host's peers, one per device, in order.
     #[arg(long, value_name = "URI", conflicts_with_all = ["kernel", "initrd", "cmdline", "memory", "vcpus", "machine", "restore"])]
     incoming: Option<String>,
+    /// TLS credentials for --incoming tls:ADDR:PORT, in QEMU's tls-creds-x509
+    /// layout (ca-cert.pem, server-cert.pem, server-key.pem; the source's
+    /// certificate must be signed by that CA).
+    #[arg(long, value_name = "DIR", requires = "incoming")]
+    tls_dir: Option<PathBuf>,
     /// With --restore: `map` the memory file privately (no copy; the
     /// default) or `copy` it into shared memory (needed by vhost-user peers).
     #[arg(long, value_name = "MODE", default_value = "map", requires = "restore")]
     restore_memory: RestoreMemory,
+    /// Add QEMU's isa-debug-exit device (port 0xf4): a guest write of v ends
+    /// godwit with status (v << 1) | 1.
+    #[arg(long)]
+    debug_exit: bool,
+    /// Stop the VM after it has run this long (e.g. 30s, 5m; a bare number
+    /// is seconds), with its own exit status.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    timeout: Option<std::time::Duration>,
     /// System-call filters on every thread: `on` (a forbidden call stops
     /// godwit, exit status 159), `off`, or `log` (allowed and logged by the
     /// kernel, audit type=1326, to find calls missing from the lists).
@@ -116,10 +131,15 @@ pub fn execute(args: RunArgs) -> Result<u8, super::Error> {
         vcpus: args.vcpus,
         serial: args.serial,
         api_socket: args.api_socket,
+        debug_exit: args.debug_exit,
+        timeout: args.timeout,
     };
     let from = match (&args.restore, &args.incoming) {
         (Some(dir), _) => Start::Restore(dir.clone()),
-        (None, Some(uri)) => Start::Incoming(uri.clone()),
+        (None, Some(uri)) => Start::Incoming {
+            uri: uri.clone(),
+            tls_dir: args.tls_dir.clone(),
+        },
         (None, None) => Start::Boot,
     };
     seccomp::init(args.seccomp).map_err(RunError::from)?;
@@ -130,6 +150,13 @@ pub fn execute(args: RunArgs) -> Result<u8, super::Error> {
     match machine.run() {
         VmOutcome::GuestPoweroff | VmOutcome::Quit | VmOutcome::Migrated => Ok(super::EXIT_SUCCESS),
         VmOutcome::GuestFailed(e) => Err(super::Error::Guest(e)),
+        VmOutcome::DebugExit(value) => {
+            let status = godwit_devices::debug_exit::exit_status(value);
+            tracing::info!(value, status, "the guest ended the VM through debug-exit");
+            Ok(status)
+        }
+        VmOutcome::GuestPanicked => Err(super::Error::GuestPanicked),
+        VmOutcome::TimedOut(limit) => Err(super::Error::TimedOut(limit)),
         VmOutcome::Signal(signal) => {
             crate::signals::remove_temp_paths();
             Ok(crate::signals::exit_status(signal))

@@ -5,13 +5,15 @@ pub mod net_spec;
 
 use std::path::PathBuf;
 use std::str::FromStr;
+use std::time::Duration;
 
 use crate::boot::KernelImage;
 
 /// Used when `--cmdline` is not given: a serial console, reset through the
-/// i8042 (the only way out without ACPI), the MP table instead of ACPI.
+/// i8042 (what the test guest and `panic=1` use to end the VM). Linux finds
+/// CPUs, APICs and devices in godwit's ACPI tables.
 pub const DEFAULT_CMDLINE: &str =
-    "console=ttyS0 reboot=k panic=1 pci=off acpi=off i8042.noaux i8042.nomux i8042.nopnp";
+    "console=ttyS0 reboot=k panic=1 pci=off i8042.noaux i8042.nomux i8042.nopnp";
 pub const DEFAULT_MEMORY: u64 = 128 << 20;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -20,6 +22,8 @@ pub enum ConfigError {
     Size(String),
     #[error("invalid serial '{0}': use stdio, null, or file:PATH[,max-size=SIZE]")]
     Serial(String),
+    #[error("invalid duration '{0}': use a number with an optional ms, s, m or h suffix (a bare number means seconds), e.g. 30s or 5m")]
+    Duration(String),
     #[error("--net {first} and --net {second} both hand over fd={fd}: each TAP descriptor belongs to one device; open one TAP per device")]
     FdTwice {
         fd: i32,
@@ -46,6 +50,28 @@ pub fn parse_size(text: &str) -> Result<u64, ConfigError> {
     value
         .checked_mul(1u64 << shift)
         .filter(|v| *v > 0)
+        .ok_or_else(err)
+}
+
+/// Parses `30s`, `5m`, `1h`, `500ms`; a bare number is seconds. Zero is
+/// refused (a VM that ends before it starts is a mistake).
+pub fn parse_duration(text: &str) -> Result<Duration, ConfigError> {
+    let err = || ConfigError::Duration(text.to_string());
+    let t = text.trim();
+    let digits_end = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (number, suffix) = t.split_at(digits_end);
+    let value: u64 = number.parse().map_err(|_| err())?;
+    let millis_per_unit: u64 = match suffix {
+        "ms" => 1,
+        "" | "s" => 1000,
+        "m" | "min" => 60_000,
+        "h" => 3_600_000,
+        _ => return Err(err()),
+    };
+    value
+        .checked_mul(millis_per_unit)
+        .filter(|ms| *ms > 0)
+        .map(Duration::from_millis)
         .ok_or_else(err)
 }
 
@@ -138,6 +164,10 @@ pub struct VmConfig {
     pub vcpus: u32,
     pub serial: SerialSpec,
     pub api_socket: Option<PathBuf>,
+    /// QEMU's isa-debug-exit device at port 0xf4.
+    pub debug_exit: bool,
+    /// The VM is stopped after running this long.
+    pub timeout: Option<Duration>,
 }
 
 impl VmConfig {
@@ -181,6 +211,8 @@ mod tests {
             vcpus: 1,
             serial: SerialSpec::Null,
             api_socket: None,
+            debug_exit: false,
+            timeout: None,
         };
         let err = config.check().unwrap_err().to_string();
         assert!(err.contains("both hand over fd=7"), "{err}");
@@ -207,6 +239,22 @@ mod tests {
             "1 G G",
         ] {
             assert_eq!(parse_size(bad), Err(ConfigError::Size(bad.into())), "{bad}");
+        }
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("30"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
+        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        for bad in ["", "s", "0s", "1.5s", "-1s", "3d", "99999999999999999999h"] {
+            assert_eq!(
+                parse_duration(bad),
+                Err(ConfigError::Duration(bad.into())),
+                "{bad}"
+            );
         }
     }
 

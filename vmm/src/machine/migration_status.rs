@@ -4,6 +4,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, PoisonError};
+use std::time::Instant;
 
 use serde::Serialize;
 
@@ -19,6 +20,23 @@ pub struct MigrationParams {
     /// Pre-copy rounds before giving up on convergence.
     #[serde(rename = "max-rounds")]
     pub max_rounds: u32,
+    /// Directory of TLS credentials (QEMU's tls-creds-x509 layout) for
+    /// `tls:` URIs; empty: none.
+    #[serde(rename = "tls-creds")]
+    pub tls_creds: String,
+    /// The name the destination's certificate must carry; empty: the URI's
+    /// host.
+    #[serde(rename = "tls-hostname")]
+    pub tls_hostname: String,
+    /// With auto-converge: the first throttle, in percent of vCPU time.
+    #[serde(rename = "cpu-throttle-initial")]
+    pub cpu_throttle_initial: u32,
+    /// With auto-converge: added each round that still does not converge.
+    #[serde(rename = "cpu-throttle-increment")]
+    pub cpu_throttle_increment: u32,
+    /// The `auto-converge` capability (migrate-set-capabilities).
+    #[serde(skip)]
+    pub auto_converge: bool,
 }
 
 impl Default for MigrationParams {
@@ -27,6 +45,11 @@ impl Default for MigrationParams {
             downtime_limit_ms: 300,
             max_bandwidth: 0,
             max_rounds: 30,
+            tls_creds: String::new(),
+            tls_hostname: String::new(),
+            cpu_throttle_initial: 20,
+            cpu_throttle_increment: 10,
+            auto_converge: false,
         }
     }
 }
@@ -54,6 +77,96 @@ pub struct MigrationInfo {
     pub total_time_ms: f64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// How much auto-converge throttles the vCPUs now, in percent.
+    #[serde(
+        rename = "cpu-throttle-percentage",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub cpu_throttle_percentage: Option<u32>,
+    /// Pages sent with their contents.
+    #[serde(skip)]
+    pub normal_pages: u64,
+    /// Pages found all zero and sent as such (QEMU's "duplicate").
+    #[serde(skip)]
+    pub duplicate_pages: u64,
+    /// When the migration started; `total-time` counts from it while it
+    /// runs.
+    #[serde(skip)]
+    pub started: Option<Instant>,
+    /// When the handshake ended and pre-copy began.
+    #[serde(skip)]
+    pub setup_ms: Option<f64>,
+    /// QEMU's fields, derived from godwit's by [`MigrationState::info`].
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    pub qemu: Option<QemuView>,
+}
+
+/// `query-migrate` as QEMU shapes it (times in ms).
+#[derive(Clone, Debug, Serialize)]
+pub struct QemuView {
+    #[serde(rename = "total-time")]
+    pub total_time: u64,
+    #[serde(rename = "setup-time")]
+    pub setup_time: u64,
+    #[serde(rename = "expected-downtime")]
+    pub expected_downtime: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub downtime: Option<u64>,
+    pub ram: RamView,
+}
+
+/// QEMU's `ram` block of `query-migrate`.
+#[derive(Clone, Debug, Serialize)]
+pub struct RamView {
+    pub transferred: u64,
+    pub remaining: u64,
+    pub total: u64,
+    pub duplicate: u64,
+    pub normal: u64,
+    #[serde(rename = "normal-bytes")]
+    pub normal_bytes: u64,
+    #[serde(rename = "dirty-pages-rate")]
+    pub dirty_pages_rate: u64,
+    pub mbps: f64,
+    #[serde(rename = "dirty-sync-count")]
+    pub dirty_sync_count: u32,
+    #[serde(rename = "page-size")]
+    pub page_size: u64,
+}
+
+const PAGE_SIZE: u64 = 4096;
+
+impl MigrationInfo {
+    fn qemu_view(&self) -> Option<QemuView> {
+        if self.status == "none" {
+            return None;
+        }
+        let running = matches!(self.status, "setup" | "active" | "device");
+        let total_ms = match (running, self.started) {
+            (true, Some(t)) => t.elapsed().as_secs_f64() * 1e3,
+            _ => self.total_time_ms,
+        };
+        Some(QemuView {
+            total_time: total_ms as u64,
+            setup_time: self
+                .setup_ms
+                .unwrap_or(if running { total_ms } else { 0.0 }) as u64,
+            expected_downtime: self.expected_downtime_ms,
+            downtime: self.downtime_ms.map(|d| d as u64),
+            ram: RamView {
+                transferred: self.transferred_bytes,
+                remaining: self.remaining_bytes,
+                total: self.total_bytes,
+                duplicate: self.duplicate_pages,
+                normal: self.normal_pages,
+                normal_bytes: self.normal_pages * PAGE_SIZE,
+                dirty_pages_rate: self.dirty_pages_rate,
+                mbps: self.throughput_mbps,
+                dirty_sync_count: self.rounds,
+                page_size: PAGE_SIZE,
+            },
+        })
+    }
 }
 
 /// The migration side of a VM.
@@ -82,11 +195,15 @@ impl Default for MigrationState {
 }
 
 impl MigrationState {
+    /// The status with QEMU's fields filled in.
     pub fn info(&self) -> MigrationInfo {
-        self.info
+        let mut info = self
+            .info
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .clone()
+            .clone();
+        info.qemu = info.qemu_view();
+        info
     }
 
     pub(crate) fn update(&self, f: impl FnOnce(&mut MigrationInfo)) {
@@ -114,5 +231,47 @@ impl MigrationState {
     /// What `cancel` calls to break off the transfer (None once it ended).
     pub(crate) fn set_breaker(&self, breaker: Option<Box<dyn Fn() + Send>>) {
         *self.breaker.lock().unwrap_or_else(PoisonError::into_inner) = breaker;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_migrate_carries_qemus_fields_next_to_godwits() {
+        let state = MigrationState::default();
+        let none = serde_json::to_value(state.info()).unwrap();
+        assert_eq!(none["status"], "none");
+        assert!(none.get("ram").is_none(), "{none}");
+        state.update(|i| {
+            *i = MigrationInfo {
+                status: "completed",
+                rounds: 3,
+                total_bytes: 1 << 30,
+                transferred_bytes: 5 << 20,
+                normal_pages: 1200,
+                duplicate_pages: 40,
+                throughput_mbps: 800.0,
+                downtime_ms: Some(12.6),
+                total_time_ms: 250.4,
+                setup_ms: Some(3.2),
+                ..Default::default()
+            }
+        });
+        let v = serde_json::to_value(state.info()).unwrap();
+        assert_eq!(v["total-time"], 250);
+        assert_eq!(v["downtime"], 12);
+        assert_eq!(v["setup-time"], 3);
+        assert_eq!(v["expected-downtime"], 0);
+        assert_eq!(v["ram"]["transferred"], 5 << 20);
+        assert_eq!(v["ram"]["total"], 1u64 << 30);
+        assert_eq!(v["ram"]["normal"], 1200);
+        assert_eq!(v["ram"]["duplicate"], 40);
+        assert_eq!(v["ram"]["mbps"], 800.0);
+        assert_eq!(v["ram"]["dirty-sync-count"], 3);
+        // godwit's own stay.
+        assert_eq!(v["rounds"], 3);
+        assert_eq!(v["total-time-ms"], 250.4);
     }
 }

@@ -8,7 +8,7 @@ use std::fs::OpenOptions;
 use std::io::Read;
 use std::path::PathBuf;
 use std::sync::mpsc::{self, Receiver, Sender};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
@@ -16,7 +16,9 @@ use vmm_sys_util::eventfd::EventFd;
 
 use godwit_devices::bus::BusError;
 use godwit_devices::console::{self, ConsoleHandle};
+use godwit_devices::debug_exit::{DebugExit, DEBUG_EXIT_BASE, DEBUG_EXIT_LEN};
 use godwit_devices::i8042::{I8042, I8042_BASE, I8042_LEN};
+use godwit_devices::pvpanic::{PvPanic, PVPANIC_LEN, PVPANIC_PORT};
 use godwit_devices::serial::{SerialDevice, SerialOutput, COM1_BASE, COM1_IRQ, COM1_LEN};
 
 /// How long godwit waits at exit for a slow console reader.
@@ -52,6 +54,8 @@ pub enum BuildError {
     Regs(#[from] boot::regs::RegsError),
     #[error(transparent)]
     MpTable(#[from] boot::mptable::MpTableError),
+    #[error(transparent)]
+    Acpi(#[from] boot::acpi::AcpiError),
     #[error("cannot open serial output file {}: {source}", path.display())]
     SerialFile {
         path: PathBuf,
@@ -91,6 +95,12 @@ pub enum VmOutcome {
     GuestFailed(VcpuExitError),
     /// The guest was migrated away and runs on the destination.
     Migrated,
+    /// The guest wrote this value to the debug-exit port.
+    DebugExit(u32),
+    /// The guest kernel panicked (pvpanic).
+    GuestPanicked,
+    /// `--timeout` ran out.
+    TimedOut(Duration),
     /// godwit received this termination signal (SIGTERM, SIGINT).
     Signal(i32),
 }
@@ -100,6 +110,10 @@ pub enum VmOutcome {
 pub enum RunState {
     Running,
     Paused,
+    /// Paused after a migration handed the guest over (or may have): the
+    /// destination runs it, or the outcome is unknown. Nothing resumes it
+    /// but an operator's `cont` with `force`.
+    PostMigrate,
     Shutdown,
 }
 
@@ -109,8 +123,95 @@ impl RunState {
         match self {
             RunState::Running => "running",
             RunState::Paused => "paused",
+            RunState::PostMigrate => "postmigrate",
             RunState::Shutdown => "shutdown",
         }
+    }
+}
+
+/// A whole-VM operation that holds the VM while it runs: the others are
+/// refused meanwhile, and `stop`/`cont` only run when it allows them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Operation {
+    /// `snapshot-save`: vCPUs are paused and memory is being written.
+    Snapshot,
+    /// A migration's pre-copy rounds: the guest may run or not, as the
+    /// operator says.
+    Migration,
+    /// A migration's stop-and-copy and handoff: the guest is paused and its
+    /// last state is on its way; only the migration decides where it runs.
+    StopAndCopy,
+    /// `quit`: the VM is ending.
+    Quit,
+}
+
+impl Operation {
+    fn doing(self) -> &'static str {
+        match self {
+            Operation::Snapshot => "a snapshot is being written",
+            Operation::Migration => "a migration is in progress (migrate_cancel stops it)",
+            Operation::StopAndCopy => {
+                "a migration is copying the paused VM's last state to the destination"
+            }
+            Operation::Quit => "the VM is quitting",
+        }
+    }
+
+    /// Whether `stop` and `cont` may run during it.
+    fn allows_run_state_changes(self) -> bool {
+        self == Operation::Migration
+    }
+}
+
+/// An operation was refused because another one holds the VM.
+#[derive(Debug, thiserror::Error)]
+#[error("busy: {}; try again when it has finished", .0.doing())]
+pub struct Busy(pub Operation);
+
+/// Why `cont` did not resume the VM.
+#[derive(Debug, thiserror::Error)]
+pub enum ContError {
+    #[error(transparent)]
+    Busy(#[from] Busy),
+    #[error("the VM has shut down and cannot be resumed")]
+    ShutDown,
+    #[error("the VM is in postmigrate: its last migration handed the guest over or may have (query-migrate says which), so the destination may be running it; resuming it here too would run two copies with one MAC address and diverging disks. Check on the destination host that the guest does not run there (kill that godwit if it does), then send cont with {{\"force\": true}} to take responsibility for resuming it here")]
+    PostMigrate,
+}
+
+/// The operation that holds the VM, if any (see [`Operation`]).
+#[derive(Default)]
+pub(crate) struct Operations {
+    current: Mutex<Option<Operation>>,
+    ended: Condvar,
+}
+
+impl Operations {
+    fn lock(&self) -> MutexGuard<'_, Option<Operation>> {
+        self.current.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// Holds the VM for one operation; the next may start once it is dropped.
+pub(crate) struct OperationGuard {
+    ops: Arc<Operations>,
+}
+
+impl OperationGuard {
+    /// Moves on to `next` (the migration's stop-and-copy): `stop`/`cont` in
+    /// flight finish first, none starts afterwards unless `next` allows it.
+    pub(crate) fn enter(&self, next: Operation) {
+        *self.ops.lock() = Some(next);
+    }
+}
+
+impl Drop for OperationGuard {
+    fn drop(&mut self) {
+        let mut current = self.ops.lock();
+        if *current != Some(Operation::Quit) {
+            *current = None;
+        }
+        self.ops.ended.notify_all();
     }
 }
 
@@ -129,8 +230,9 @@ pub struct VmHandle {
     pub(crate) api_events: Events,
     pub(crate) vm: Vm,
     pub(crate) ram: GuestRam,
-    /// Serializes whole-VM operations (snapshot, migration) with stop/cont.
-    pub(crate) operation: Mutex<()>,
+    /// Serializes whole-VM operations (snapshot, migration, quit) with each
+    /// other and with stop/cont.
+    pub(crate) operations: Arc<Operations>,
     pub(crate) migration: migration_status::MigrationState,
 }
 
@@ -186,6 +288,102 @@ impl VmHandle {
         self.vcpus.resume();
         self.api_events.emit("RESUME", json!({}));
         true
+    }
+
+    /// Takes the VM for `op`; refused while another operation holds it.
+    pub(crate) fn begin(&self, op: Operation) -> Result<OperationGuard, Busy> {
+        let mut current = self.operations.lock();
+        if let Some(held) = *current {
+            return Err(Busy(held));
+        }
+        *current = Some(op);
+        Ok(OperationGuard {
+            ops: Arc::clone(&self.operations),
+        })
+    }
+
+    /// `stop`: pauses the VM unless an operation that owns the run state
+    /// (a snapshot, a stop-and-copy, quit) holds it. Returns whether it was
+    /// running.
+    pub fn stop(&self) -> Result<bool, Busy> {
+        let current = self.operations.lock();
+        if let Some(held) = current.filter(|op| !op.allows_run_state_changes()) {
+            return Err(Busy(held));
+        }
+        // Paused under the lock: no operation starts half-way through.
+        Ok(self.pause())
+    }
+
+    /// `cont`: resumes a paused VM unless an operation holds it. A VM in
+    /// postmigrate resumes only with `force`: the operator's word that the
+    /// destination does not run the guest. Returns whether it resumed.
+    pub fn cont(&self, force: bool) -> Result<bool, ContError> {
+        let current = self.operations.lock();
+        if let Some(held) = current.filter(|op| !op.allows_run_state_changes()) {
+            return Err(Busy(held).into());
+        }
+        match self.run_state() {
+            RunState::Shutdown => Err(ContError::ShutDown),
+            RunState::PostMigrate if !force => Err(ContError::PostMigrate),
+            RunState::PostMigrate => {
+                tracing::warn!(
+                    "cont with force on a VM in postmigrate: the operator takes responsibility that the destination does not run this guest; resuming it here"
+                );
+                self.set_state(RunState::Paused);
+                Ok(self.resume())
+            }
+            _ => Ok(self.resume()),
+        }
+    }
+
+    /// Waits up to `timeout` for the operation under way (if any) to end;
+    /// says whether none runs now.
+    pub fn wait_idle(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut current = self.operations.lock();
+        while current.is_some() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            current = self
+                .operations
+                .ended
+                .wait_timeout(current, left)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+        true
+    }
+
+    /// `quit`: waits for a snapshot to be written, cancels a migration and
+    /// waits for it to end, then ends the VM; nothing starts afterwards.
+    pub fn quit(&self) {
+        let mut current = self.operations.lock();
+        let mut told = false;
+        loop {
+            match *current {
+                None => break,
+                Some(Operation::Quit) => return,
+                Some(Operation::Migration | Operation::StopAndCopy) => {
+                    self.migration.cancel();
+                }
+                Some(Operation::Snapshot) => {}
+            }
+            if let Some(op) = current.filter(|_| !told) {
+                tracing::info!("quit: waiting until it ends: {}", op.doing());
+                told = true;
+            }
+            current = self
+                .operations
+                .ended
+                .wait_timeout(current, Duration::from_millis(200))
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+        *current = Some(Operation::Quit);
+        drop(current);
+        self.request_quit();
     }
 
     /// Every reason the VM cannot be snapshotted or migrated now: those
@@ -291,6 +489,7 @@ pub struct Machine {
     vm_events: Receiver<VmEvent>,
     services: Vec<Box<dyn Service>>,
     on_running: Option<OnRunning>,
+    timeout: Option<Duration>,
 }
 
 /// Everything of a VM that exists before its vCPU threads start.
@@ -306,13 +505,26 @@ pub(crate) struct BuiltVm {
     pub event_rx: Receiver<VmEvent>,
 }
 
-/// COM1 and the i8042 reset line on the port bus. `state` restores the UART.
+/// A callback for a port device that ends the VM with `event`.
+fn send_event(event_tx: &Sender<VmEvent>, event: fn() -> VmEvent) -> Box<dyn Fn() + Send> {
+    let tx = Mutex::new(event_tx.clone());
+    Box::new(move || {
+        let _ = tx
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .send(event());
+    })
+}
+
+/// COM1, the i8042 reset line, pvpanic and (with `debug_exit`) QEMU's
+/// isa-debug-exit on the port bus. `state` restores the UART.
 pub(crate) fn platform_devices(
     vm: &Vm,
     buses: &mut IoBuses,
     serial_spec: &SerialSpec,
     state: Option<&godwit_devices::serial::SerialDeviceState>,
     event_tx: &Sender<VmEvent>,
+    debug_exit: bool,
 ) -> Result<Arc<Mutex<SerialDevice>>, BuildError> {
     let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| BuildError::Host {
         what: "the serial interrupt eventfd",
@@ -339,18 +551,32 @@ pub(crate) fn platform_devices(
     buses
         .pio
         .insert(u64::from(COM1_BASE), u64::from(COM1_LEN), serial.clone())?;
-    let reset_tx = Mutex::new(event_tx.clone());
-    let i8042 = I8042::new(Box::new(move || {
-        let _ = reset_tx
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .send(VmEvent::GuestReset);
-    }));
+    let i8042 = I8042::new(send_event(event_tx, || VmEvent::GuestReset));
     buses.pio.insert(
         u64::from(I8042_BASE),
         u64::from(I8042_LEN),
         Arc::new(Mutex::new(i8042)),
     )?;
+    let pvpanic = PvPanic::new(send_event(event_tx, || VmEvent::GuestPanicked));
+    buses.pio.insert(
+        u64::from(PVPANIC_PORT),
+        u64::from(PVPANIC_LEN),
+        Arc::new(Mutex::new(pvpanic)),
+    )?;
+    if debug_exit {
+        let tx = Mutex::new(event_tx.clone());
+        let device = DebugExit::new(Box::new(move |value| {
+            let _ = tx
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .send(VmEvent::DebugExit(value));
+        }));
+        buses.pio.insert(
+            u64::from(DEBUG_EXIT_BASE),
+            u64::from(DEBUG_EXIT_LEN),
+            Arc::new(Mutex::new(device)),
+        )?;
+    }
     Ok(serial)
 }
 
@@ -397,12 +623,28 @@ impl Machine {
                 initrd: config.initrd.as_deref(),
                 cmdline: &cmdline,
                 memory_size: config.memory,
+                acpi_rsdp: Some(boot::acpi::ACPI_START),
             },
         )?;
         boot::mptable::setup(&ram.memory, num_vcpus)?;
+        let virtio: Vec<boot::acpi::VirtioMmioDevice> = nets
+            .iter()
+            .map(|n| boot::acpi::VirtioMmioDevice {
+                base: n.mmio_base,
+                irq: n.irq,
+            })
+            .collect();
+        boot::acpi::setup(&ram.memory, num_vcpus, &virtio)?;
 
         let (event_tx, event_rx) = mpsc::channel();
-        let serial = platform_devices(&vm, &mut buses, &config.serial, None, &event_tx)?;
+        let serial = platform_devices(
+            &vm,
+            &mut buses,
+            &config.serial,
+            None,
+            &event_tx,
+            config.debug_exit,
+        )?;
 
         let mut vcpus = Vec::with_capacity(usize::from(num_vcpus));
         for id in 0..num_vcpus {
@@ -461,7 +703,7 @@ impl Machine {
             api_events,
             vm: built.vm,
             ram: built.ram,
-            operation: Mutex::new(()),
+            operations: Arc::default(),
             migration: migration_status::MigrationState::default(),
         });
         if matches!(config.serial, SerialSpec::Stdio) {
@@ -473,6 +715,7 @@ impl Machine {
             vm_events: built.event_rx,
             services: Vec::new(),
             on_running: None,
+            timeout: config.timeout,
         })
     }
 
@@ -497,14 +740,9 @@ impl Machine {
     /// [`OPERATION_END_AT_SIGNAL`].
     fn finish_operation(&self) {
         self.handle.migration.cancel();
-        let deadline = Instant::now() + OPERATION_END_AT_SIGNAL;
-        while Instant::now() < deadline {
-            if self.handle.operation.try_lock().is_ok() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(10));
+        if !self.handle.wait_idle(OPERATION_END_AT_SIGNAL) {
+            tracing::warn!("an operation still runs at exit; its files are removed under it");
         }
-        tracing::warn!("an operation still runs at exit; its files are removed under it");
     }
 
     /// Runs the guest until it powers off, fails, or is told to quit.
@@ -522,14 +760,24 @@ impl Machine {
             f(&self.handle);
         }
         crate::seccomp::install_or_exit(crate::seccomp::ThreadKind::MainLoop);
-        let outcome = match self.vm_events.recv() {
+        let event = match self.timeout {
+            None => self.vm_events.recv().map_err(|_| None),
+            Some(limit) => self.vm_events.recv_timeout(limit).map_err(|e| match e {
+                mpsc::RecvTimeoutError::Timeout => Some(limit),
+                mpsc::RecvTimeoutError::Disconnected => None,
+            }),
+        };
+        let outcome = match event {
             Ok(VmEvent::GuestReset) => VmOutcome::GuestPoweroff,
-            Ok(VmEvent::Quit) | Err(_) => match crate::signals::received() {
+            Ok(VmEvent::Quit) | Err(None) => match crate::signals::received() {
                 Some(signal) => VmOutcome::Signal(signal),
                 None => VmOutcome::Quit,
             },
             Ok(VmEvent::VcpuFailed(e)) => VmOutcome::GuestFailed(e),
             Ok(VmEvent::Migrated) => VmOutcome::Migrated,
+            Ok(VmEvent::DebugExit(value)) => VmOutcome::DebugExit(value),
+            Ok(VmEvent::GuestPanicked) => VmOutcome::GuestPanicked,
+            Err(Some(limit)) => VmOutcome::TimedOut(limit),
         };
         if matches!(outcome, VmOutcome::Signal(_)) {
             self.finish_operation();
@@ -546,8 +794,17 @@ impl Machine {
             VmOutcome::Quit => (false, "host-qmp-quit"),
             VmOutcome::GuestFailed(_) => (true, "guest-panic"),
             VmOutcome::Migrated => (false, "migrated"),
+            VmOutcome::DebugExit(_) => (true, "guest-shutdown"),
+            VmOutcome::GuestPanicked => (true, "guest-panic"),
+            VmOutcome::TimedOut(_) => (false, "host-timeout"),
             VmOutcome::Signal(_) => (false, "host-signal"),
         };
+        if matches!(outcome, VmOutcome::GuestPanicked) {
+            // QEMU's event for a pvpanic report; the VM is then shut down.
+            self.handle
+                .api_events
+                .emit("GUEST_PANICKED", json!({"action": "poweroff"}));
+        }
         self.handle
             .api_events
             .emit("SHUTDOWN", json!({"guest": guest, "reason": reason}));

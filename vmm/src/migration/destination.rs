@@ -12,6 +12,7 @@ use godwit_migration::protocol::{
 };
 
 use super::announce::announce;
+use super::status::IncomingTally;
 use super::transport::Conn;
 use super::{MigrateError, KVM_CAPS_CHECKED, PEER_TIMEOUT};
 use crate::abi::machine_types;
@@ -50,6 +51,8 @@ pub enum IncomingError {
         "incoming migration: cannot keep a handle on the stream to confirm to the source: {0}"
     )]
     ConfirmStream(#[source] std::io::Error),
+    #[error("incoming migration: the source did not tell this host to run the guest ({0}); the guest was not started here, the source keeps it (paused in postmigrate if it had committed: resume it there with cont and force)")]
+    NoGo(#[source] ProtocolError),
     #[error("incoming migration: {0}")]
     Restore(#[source] Box<RestoreError>),
     #[error("incoming migration: {0}")]
@@ -81,10 +84,17 @@ impl IncomingError {
 }
 
 /// `godwit run --incoming URI`: validates the source's VM against this
-/// host, receives it, and returns it ready to run; `Machine::run` then
-/// resumes it and confirms to the source.
-pub fn incoming(config: &VmConfig, uri: &str) -> Result<Machine, IncomingError> {
-    let mut conn = accept(uri)?;
+/// host, receives it, tells the source it holds it (`Ready`), and once the
+/// source commits (`Go`) returns it ready to run; `Machine::run` then
+/// resumes it and confirms (`Resumed`). With `tls_dir`, only a source whose
+/// certificate that directory's CA signed gets as far as sending a byte of
+/// the VM.
+pub fn incoming(
+    config: &VmConfig,
+    uri: &str,
+    tls_dir: Option<&std::path::Path>,
+) -> Result<Machine, IncomingError> {
+    let mut conn = accept(uri, tls_dir)?;
     conn.set_timeout(Some(PEER_TIMEOUT));
     match receive(config, &mut conn) {
         Ok(machine) => Ok(machine),
@@ -188,8 +198,10 @@ pub(super) fn receive(config: &VmConfig, conn: &mut Conn) -> Result<Machine, Inc
     let vm = Vm::new(kvm, &ram.memory)?;
     let started = Instant::now();
     let mut received = 0u64;
+    let mut tally = IncomingTally::new();
     let state_bytes = loop {
         let m = read_message(conn).map_err(proto)?;
+        tally.message(&m);
         match m.kind {
             Kind::Pages | Kind::ZeroPages => {
                 let with_data = m.kind == Kind::Pages;
@@ -215,10 +227,12 @@ pub(super) fn receive(config: &VmConfig, conn: &mut Conn) -> Result<Machine, Inc
                         write_zeros(&ram, run.gpa, len as u64)?;
                     }
                     received += len as u64;
+                    tally.pages(with_data, run.pages);
                 }
             }
             Kind::RoundEnd => {
                 let r: RoundEnd = m.json().map_err(proto)?;
+                tally.round();
                 tracing::info!(
                     "incoming migration: round {} done, {} MiB received",
                     r.round,
@@ -253,6 +267,8 @@ pub(super) fn receive(config: &VmConfig, conn: &mut Conn) -> Result<Machine, Inc
         return Err(IncomingError::StateMismatch);
     }
     let mut m = snapshot::machine_from_saved(config, &saved, vm, ram, peers)?;
+    let incoming_info = tally.completed(hello.memory_size);
+    m.handle().migration.update(|i| *i = incoming_info);
     let restore_ms = restore_started.elapsed().as_secs_f64() * 1e3;
     tracing::info!(
         "incoming migration: {} MiB received in {:.0} ms, state restored in {restore_ms:.1} ms",
@@ -260,6 +276,13 @@ pub(super) fn receive(config: &VmConfig, conn: &mut Conn) -> Result<Machine, Inc
         started.elapsed().as_secs_f64() * 1e3
     );
     let mut confirm = conn.try_clone().map_err(IncomingError::ConfirmStream)?;
+    // Everything is here and checked; the guest runs only once the source
+    // committed to stay paused (see `source` for why this leaves at most
+    // one copy running). Any error from here on makes `incoming` send
+    // `Abort`, the promise that the guest will not run here.
+    write_message(conn, Kind::Ready, &[]).map_err(IncomingError::NoGo)?;
+    expect(conn, Kind::Go, "Go").map_err(IncomingError::NoGo)?;
+    tracing::info!("incoming migration: the source committed; running the guest here");
     m.on_running(Box::new(move |handle: &VmHandle| {
         // The guest runs here now: tell the source, then the network.
         if let Err(e) = write_json(&mut confirm, Kind::Resumed, &Resumed { restore_ms }) {

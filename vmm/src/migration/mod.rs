@@ -11,20 +11,27 @@
 //! (KVM's dirty log and godwit's own writes to guest memory) until what
 //! remains fits the downtime limit. The source then pauses vCPUs and device
 //! datapaths, sends the last pages and the device and vCPU state (the
-//! snapshot container), and waits for the destination to say the guest runs
-//! there. Only then does the source end; any failure before that resumes the
-//! guest on the source with nothing lost.
+//! snapshot container), and hands the guest over with a commit handshake
+//! that leaves at most one running copy whatever message is lost (see
+//! `source`): any failure before the source commits resumes the guest on
+//! the source with nothing lost; after it, the source never resumes on its
+//! own unless the destination said it will not run the guest, and an
+//! unknown outcome leaves the source paused in `postmigrate`.
 
 mod announce;
 mod destination;
 mod dirty;
 mod handshake;
 mod source;
+mod status;
+mod throttle;
+mod tls;
 mod transport;
 
 pub use announce::announce;
 pub use destination::{incoming, IncomingError};
 pub use source::start;
+pub use tls::{Refusal, TlsError};
 pub use transport::Conn;
 
 use std::time::Duration;
@@ -36,8 +43,13 @@ use crate::vstate::state::KvmCap;
 /// Pages per `Pages` message (1 MiB of data).
 const BATCH_PAGES: usize = 256;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long either side waits for the other's next message.
+/// How long either side waits for the other's next message (the
+/// destination waits this long for `Go` before it gives up on running).
 const PEER_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a source that sent `Go` waits for `Resumed` (or the
+/// destination's refusal): longer than the destination waits for `Go`, so
+/// that a destination that gave up is heard before the source gives up.
+const HANDOFF_WAIT: Duration = Duration::from_secs(75);
 const KVM_CAPS_CHECKED: [KvmCap; 10] = [
     KvmCap::Irqchip,
     KvmCap::Pit2,
@@ -53,8 +65,18 @@ const KVM_CAPS_CHECKED: [KvmCap; 10] = [
 
 #[derive(Debug, thiserror::Error)]
 pub enum MigrateError {
-    #[error("invalid migration URI '{0}': use tcp:HOST:PORT or unix:PATH")]
+    #[error("invalid migration URI '{0}': use tls:HOST:PORT, tcp:HOST:PORT or unix:PATH")]
     Uri(String),
+    #[error("{0} needs TLS credentials: set them first with migrate-set-parameters {{\"tls-creds\": DIR}} (QEMU's tls-creds-x509 layout)")]
+    TlsCredsMissing(String),
+    #[error("--incoming {0} needs --tls-dir DIR (QEMU's tls-creds-x509 layout)")]
+    TlsDirMissing(String),
+    #[error("--tls-dir is only for --incoming tls:ADDR:PORT, not {0}")]
+    TlsDirUnused(String),
+    #[error("the source {0} speaks TLS but this destination listens on plaintext tcp:; start it with --incoming tls:ADDR:PORT --tls-dir DIR")]
+    TlsOnPlain(String),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
     #[error("cannot connect to {uri}: {source}; is `godwit run --incoming {uri}` running there?")]
     Connect { uri: String, source: std::io::Error },
     #[error("cannot listen on {uri}: {source}")]
@@ -69,8 +91,14 @@ pub enum MigrateError {
     DestinationLacks(Vec<String>),
     #[error("the VM cannot migrate: {}", .0.join("; "))]
     Blocked(Vec<String>),
-    #[error("a migration is already running")]
-    Busy,
+    #[error(transparent)]
+    Busy(#[from] crate::machine::Busy),
+    #[error("the VM is in postmigrate: its last migration may have left the guest running on the destination; check there, and resume it here first (cont with force) if it does not run there")]
+    PostMigrate,
+    #[error("the destination was told to run the guest but did not confirm ({0}): whether it runs the guest there is unknown, so it stays paused here in postmigrate. Check the destination host: if its godwit runs the guest, this one is done (quit it); if not (the process exited or never logged 'vCPUs released'), resume the guest here with cont and {{\"force\": true}}")]
+    OutcomeUnknown(#[source] ProtocolError),
+    #[error("the destination received the VM but will not run it ({0}); the guest resumes here")]
+    Declined(#[source] ProtocolError),
     #[error("the migration was cancelled")]
     Cancelled,
     #[error("the guest dirties memory faster than the link carries it: after {rounds} rounds {remaining_mib} MiB still remained ({dirty_mib_s:.1} MiB/s dirtied, {throughput_mib_s:.1} MiB/s sent), which would stop the guest for about {expected_ms} ms against a limit of {limit_ms} ms; raise downtime-limit or max-bandwidth with migrate-set-parameters, or lower the guest's load")]

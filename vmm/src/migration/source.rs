@@ -1,5 +1,41 @@
-//! The source side: pre-copy rounds, stop-and-copy, and the wait for the
-//! destination to run the guest.
+//! The source side: pre-copy rounds, stop-and-copy, and the handoff.
+//!
+//! # The handoff: at most one running copy
+//!
+//! Messages at the end, in order: `State` and `Complete` (source), `Ready`
+//! (destination: it holds the whole VM, built and checked, and will run it
+//! when told), `Go` (source: commit), `Resumed` (destination: it runs).
+//!
+//! Rules. The destination resumes the guest only after a whole, checked
+//! `Go`. The source decides to commit before it writes the first byte of
+//! `Go` and from then on never resumes on its own, unless the destination
+//! sends `Abort` (it gave up, or failed before running, and exits). Before
+//! that decision the source may always resume: without `Go` the destination
+//! never runs.
+//!
+//! Every message lost, cut or late:
+//! - `State`, `Complete` or `Ready` lost, cut, or later than the peer's
+//!   timeout: the source has not committed; it resumes and reports
+//!   `failed`. The destination never got `Go`: it exits without running.
+//! - `Go` lost or cut: the destination waits for it up to its timeout, then
+//!   sends `Abort` (if it still can) and exits without running. The source
+//!   committed: on that `Abort` it resumes (the destination said it will not
+//!   run); without it (the connection is gone) it stays paused in
+//!   `postmigrate`: nobody runs the guest until the operator checks the
+//!   destination and sends `cont` with `force`.
+//! - `Go` late but within the destination's wait: the destination runs and
+//!   confirms; the source waits for `Resumed` longer than the destination
+//!   waits for `Go` ([`super::HANDOFF_WAIT`]), so it hears either answer.
+//! - `Resumed` lost, cut or late: the destination runs; the source stays
+//!   paused in `postmigrate`, which is right (one copy runs); the operator
+//!   checks the destination and quits the source.
+//! - `migrate_cancel` or `quit` after the commit breaks the connection: the
+//!   same as a lost `Resumed`, never a resume.
+//!
+//! So at no point can both sides run: the source runs only if it never
+//! committed (then the destination never got `Go`) or if the destination
+//! said it will not run; the destination runs only after `Go`, when the
+//! source has committed to stay paused.
 
 use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc, PoisonError};
@@ -9,14 +45,14 @@ use serde_json::json;
 use vm_memory::{GuestAddress, GuestMemoryBackend};
 
 use godwit_migration::protocol::{
-    self, encode_runs, expect, write_json, write_message, HelloReply, Kind, PageRun, Resumed,
-    RoundEnd, PAGE_SIZE,
+    self, encode_runs, expect, write_json, write_message, HelloReply, Kind, PageRun, ProtocolError,
+    Resumed, RoundEnd, PAGE_SIZE,
 };
 
 use super::transport::Conn;
-use super::{MigrateError, BATCH_PAGES, PEER_TIMEOUT};
+use super::{MigrateError, BATCH_PAGES, HANDOFF_WAIT, PEER_TIMEOUT};
 use crate::machine::migration_status::{MigrationInfo, MigrationParams, MigrationState};
-use crate::machine::VmHandle;
+use crate::machine::{Operation, OperationGuard, RunState, VmHandle};
 use crate::persist::snapshot::{capture_state, Quiesced};
 use crate::vstate::events::VmEvent;
 
@@ -26,6 +62,7 @@ use crate::migration::dirty::take_dirty;
 use crate::migration::dirty::{start_device_logs, stop_device_logs};
 use crate::migration::handshake::check_destination;
 use crate::migration::handshake::hello_of;
+use crate::migration::throttle::{self, Throttle};
 use crate::migration::transport::connect;
 use crate::migration::transport::parse_uri;
 
@@ -84,6 +121,7 @@ impl Sender<'_> {
         let mut runs: Vec<PageRun> = Vec::new();
         let mut data: Vec<u8> = Vec::with_capacity(BATCH_PAGES * PAGE_SIZE as usize);
         let mut zero_runs: Vec<PageRun> = Vec::new();
+        let mut normal = 0u64;
         for &gpa in pages {
             let slice = handle
                 .ram
@@ -102,6 +140,7 @@ impl Sender<'_> {
                 _ => list.push(PageRun { gpa, pages: 1 }),
             }
             if !zero {
+                normal += 1;
                 let at = data.len();
                 data.resize(at + PAGE_SIZE as usize, 0);
                 slice.copy_to(&mut data[at..]);
@@ -118,15 +157,25 @@ impl Sender<'_> {
         for chunk in zero_runs.chunks(4096) {
             self.send(Kind::ZeroPages, &encode_runs(chunk, &[]))?;
         }
+        let zero: u64 = zero_runs.iter().map(|r| u64::from(r.pages)).sum();
+        self.state.update(|i| {
+            i.duplicate_pages += zero;
+            i.normal_pages += normal;
+        });
         Ok(())
     }
 }
 
 pub(super) fn emit_status(handle: &VmHandle, status: &'static str) {
     handle.migration.update(|i| i.status = status);
-    handle
-        .api_events
-        .emit("MIGRATION", json!({ "status": status }));
+    // The source ends right after completing: the event carries the final
+    // numbers for a client that cannot query them any more.
+    let data = if status == "completed" {
+        json!({ "status": status, "info": handle.migration.info() })
+    } else {
+        json!({ "status": status })
+    };
+    handle.api_events.emit("MIGRATION", data);
     tracing::info!("migration: {status}");
 }
 
@@ -141,14 +190,19 @@ pub fn start(
         return Err(MigrateError::Blocked(blockers));
     }
     parse_uri(uri)?;
-    if handle.migration.running.swap(true, Ordering::SeqCst) {
-        return Err(MigrateError::Busy);
+    if handle.run_state() == RunState::PostMigrate {
+        return Err(MigrateError::PostMigrate);
     }
+    // Taken here, so that a snapshot or quit in progress refuses the
+    // command itself; the migration thread holds it to the end.
+    let op = handle.begin(Operation::Migration)?;
+    handle.migration.running.store(true, Ordering::SeqCst);
     handle.migration.cancel.store(false, Ordering::SeqCst);
     handle.migration.update(|i| {
         *i = MigrationInfo {
             status: "setup",
             total_bytes: handle.ram.size,
+            started: Some(Instant::now()),
             ..Default::default()
         }
     });
@@ -159,7 +213,7 @@ pub fn start(
             crate::seccomp::install_or_exit(crate::seccomp::ThreadKind::MigrationSource);
             let started = Instant::now();
             emit_status(&h, "setup");
-            let result = run_source(&h, &uri, started);
+            let result = run_source(&h, &op, &uri, started);
             h.migration.set_breaker(None);
             h.migration
                 .update(|i| i.total_time_ms = started.elapsed().as_secs_f64() * 1e3);
@@ -167,6 +221,12 @@ pub fn start(
                 Ok(()) => {
                     emit_status(&h, "completed");
                     let _ = vm_events.send(VmEvent::Migrated);
+                }
+                Err(e @ MigrateError::OutcomeUnknown(_)) => {
+                    tracing::error!("migration to {uri}: {e}");
+                    let _ = set_dirty_logging(&h, false);
+                    h.migration.update(|i| i.error = Some(e.to_string()));
+                    emit_status(&h, "postmigrate");
                 }
                 Err(e) => {
                     let cancelled = matches!(e, MigrateError::Cancelled);
@@ -177,6 +237,7 @@ pub fn start(
                 }
             }
             h.migration.running.store(false, Ordering::SeqCst);
+            drop(op);
         });
     if let Err(e) = spawned {
         handle.migration.running.store(false, Ordering::SeqCst);
@@ -189,14 +250,17 @@ pub fn start(
 
 pub(super) fn run_source(
     handle: &VmHandle,
+    op: &OperationGuard,
     uri: &str,
     started: Instant,
 ) -> Result<(), MigrateError> {
-    let _op = handle
-        .operation
-        .try_lock()
-        .map_err(|_| MigrateError::Busy)?;
-    let mut conn = connect(uri)?;
+    let params = handle
+        .migration
+        .params
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .clone();
+    let mut conn = connect(uri, &params)?;
     conn.set_timeout(Some(PEER_TIMEOUT));
     let breaker = conn
         .try_clone()
@@ -215,22 +279,22 @@ pub(super) fn run_source(
         let _ = write_message(&mut conn, Kind::Abort, problems.join("; ").as_bytes());
         return Err(MigrateError::DestinationLacks(problems));
     }
-    emit_status(handle, "active");
-    let params = handle
+    handle
         .migration
-        .params
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .clone();
+        .update(|i| i.setup_ms = Some(started.elapsed().as_secs_f64() * 1e3));
+    emit_status(handle, "active");
     set_dirty_logging(handle, true)?;
     start_device_logs(handle)?;
-    let result = precopy(handle, &mut conn, &params, started);
+    let result = throttle::with_kicker(handle, &params, || {
+        precopy(handle, op, &mut conn, &params, started)
+    });
     stop_device_logs(handle);
     result
 }
 
 pub(super) fn precopy(
     handle: &VmHandle,
+    op: &OperationGuard,
     conn: &mut Conn,
     params: &MigrationParams,
     started: Instant,
@@ -248,6 +312,7 @@ pub(super) fn precopy(
     sender.send_pages(handle, &pages, true)?;
     let mut round = 0u32;
     let mut last_dirty_rate;
+    let mut throttle = Throttle::new(handle, params);
     loop {
         let elapsed = round_started.elapsed().as_secs_f64().max(1e-6);
         let dirty = take_dirty(handle)?;
@@ -282,7 +347,12 @@ pub(super) fn precopy(
         if expected_ms <= params.downtime_limit_ms {
             // Stop-and-copy: what is dirty now plus what the guest dirties
             // before it stops.
-            return finish(handle, &mut sender, dirty, started);
+            return finish(handle, op, &mut sender, dirty, started);
+        }
+        if let Some(t) = throttle.as_mut() {
+            if last_dirty_rate * PAGE_SIZE as f64 > throughput / 2.0 {
+                t.step_up();
+            }
         }
         round += 1;
         if round >= params.max_rounds {
@@ -301,10 +371,14 @@ pub(super) fn precopy(
 
 pub(super) fn finish(
     handle: &VmHandle,
+    op: &OperationGuard,
     sender: &mut Sender<'_>,
     mut dirty: Vec<u64>,
     started: Instant,
 ) -> Result<(), MigrateError> {
+    // From here only the migration decides whether the guest runs here.
+    op.enter(Operation::StopAndCopy);
+    let was_running = handle.run_state() == RunState::Running;
     let quiet = Quiesced::new(handle).map_err(|e| MigrateError::Local(e.to_string()))?;
     let downtime_start = Instant::now();
     // Pausing stopped the backends' rings (GET_VRING_BASE): their log is final.
@@ -315,7 +389,32 @@ pub(super) fn finish(
     let state = capture_state(handle).map_err(|e| MigrateError::Local(e.to_string()))?;
     sender.send(Kind::State, &state.to_bytes())?;
     sender.send(Kind::Complete, &[])?;
-    let resumed: Resumed = expect(sender.conn, Kind::Resumed, "Resumed")?.json()?;
+    // Until the commit below, any error drops `quiet` and resumes the guest
+    // here: the destination runs nothing without `Go`.
+    expect(sender.conn, Kind::Ready, "Ready")?;
+    sender.check_cancel()?;
+
+    // The commit: decided before the first byte of `Go` leaves.
+    handle.set_state(RunState::PostMigrate);
+    quiet.keep_paused();
+    tracing::info!("migration: the destination holds the whole VM; telling it to run the guest");
+    sender.conn.set_timeout(Some(HANDOFF_WAIT));
+    let answer = write_message(sender.conn, Kind::Go, &[])
+        .and_then(|()| expect(sender.conn, Kind::Resumed, "Resumed"))
+        .and_then(|m| m.json::<Resumed>());
+    let resumed = match answer {
+        Ok(r) => r,
+        Err(e @ ProtocolError::Aborted(_)) => {
+            // The destination said it will not run the guest: it is ours,
+            // as it was before the stop-and-copy.
+            handle.set_state(RunState::Paused);
+            if was_running {
+                handle.resume();
+            }
+            return Err(MigrateError::Declined(e));
+        }
+        Err(e) => return Err(MigrateError::OutcomeUnknown(e)),
+    };
     let downtime = downtime_start.elapsed().as_secs_f64() * 1e3;
     handle.migration.update(|i| {
         i.downtime_ms = Some(downtime);
@@ -328,6 +427,5 @@ pub(super) fn finish(
         resumed.restore_ms
     );
     // The guest now lives elsewhere: this side stays stopped until it exits.
-    quiet.keep_paused();
     Ok(())
 }

@@ -1,19 +1,31 @@
-//! The migration stream: `tcp:` and `unix:` URIs, connecting and accepting.
+//! The migration stream: `tcp:`, `tls:` and `unix:` URIs, connecting and
+//! accepting.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::unix::net::UnixStream;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use godwit_devices::socket_path;
+use godwit_migration::protocol::{write_message, Kind};
 
-use super::{MigrateError, CONNECT_TIMEOUT};
+use super::tls::{self, TlsStream};
+use super::{MigrateError, CONNECT_TIMEOUT, PEER_TIMEOUT};
+use crate::machine::migration_status::MigrationParams;
 
-/// A migration stream over TCP or a Unix socket.
+/// A migration stream over TCP, TLS or a Unix socket.
 pub enum Conn {
     Tcp(TcpStream),
     Unix(UnixStream),
+    /// A TLS session cannot be split, so its clones share it; `tcp` is the
+    /// socket under it, for shutting down and timeouts without the lock (a
+    /// blocked read holds it).
+    Tls {
+        stream: Arc<Mutex<TlsStream>>,
+        tcp: TcpStream,
+    },
 }
 
 impl Conn {
@@ -21,19 +33,31 @@ impl Conn {
         Ok(match self {
             Conn::Tcp(s) => Conn::Tcp(s.try_clone()?),
             Conn::Unix(s) => Conn::Unix(s.try_clone()?),
+            Conn::Tls { stream, tcp } => Conn::Tls {
+                stream: Arc::clone(stream),
+                tcp: tcp.try_clone()?,
+            },
         })
     }
     pub(super) fn shutdown(&self) {
         let _ = match self {
-            Conn::Tcp(s) => s.shutdown(std::net::Shutdown::Both),
+            Conn::Tcp(s) | Conn::Tls { tcp: s, .. } => s.shutdown(std::net::Shutdown::Both),
             Conn::Unix(s) => s.shutdown(std::net::Shutdown::Both),
         };
     }
     pub(super) fn set_timeout(&self, t: Option<Duration>) {
         let _ = match self {
-            Conn::Tcp(s) => s.set_read_timeout(t).and(s.set_write_timeout(t)),
+            Conn::Tcp(s) | Conn::Tls { tcp: s, .. } => {
+                s.set_read_timeout(t).and(s.set_write_timeout(t))
+            }
             Conn::Unix(s) => s.set_read_timeout(t).and(s.set_write_timeout(t)),
         };
+    }
+    fn tls(stream: TlsStream, tcp: TcpStream) -> Conn {
+        Conn::Tls {
+            stream: Arc::new(Mutex::new(stream)),
+            tcp,
+        }
     }
 }
 
@@ -42,6 +66,10 @@ impl Read for Conn {
         match self {
             Conn::Tcp(s) => s.read(buf),
             Conn::Unix(s) => s.read(buf),
+            Conn::Tls { stream, .. } => stream
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .read(buf),
         }
     }
 }
@@ -51,28 +79,43 @@ impl Write for Conn {
         match self {
             Conn::Tcp(s) => s.write(buf),
             Conn::Unix(s) => s.write(buf),
+            Conn::Tls { stream, .. } => stream
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .write(buf),
         }
     }
     fn flush(&mut self) -> std::io::Result<()> {
         match self {
             Conn::Tcp(s) => s.flush(),
             Conn::Unix(s) => s.flush(),
+            Conn::Tls { stream, .. } => stream
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .flush(),
         }
     }
 }
 
 pub(super) enum Uri {
     Tcp(String),
+    Tls(String),
     Unix(PathBuf),
+}
+
+fn is_host_port(addr: &str) -> bool {
+    addr.rsplit_once(':')
+        .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok())
 }
 
 pub(super) fn parse_uri(uri: &str) -> Result<Uri, MigrateError> {
     if let Some(addr) = uri.strip_prefix("tcp:") {
-        if addr
-            .rsplit_once(':')
-            .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok())
-        {
+        if is_host_port(addr) {
             return Ok(Uri::Tcp(addr.to_string()));
+        }
+    } else if let Some(addr) = uri.strip_prefix("tls:") {
+        if is_host_port(addr) {
+            return Ok(Uri::Tls(addr.to_string()));
         }
     } else if let Some(path) = uri.strip_prefix("unix:") {
         if !path.is_empty() {
@@ -82,40 +125,147 @@ pub(super) fn parse_uri(uri: &str) -> Result<Uri, MigrateError> {
     Err(MigrateError::Uri(uri.to_string()))
 }
 
-pub(super) fn connect(uri: &str) -> Result<Conn, MigrateError> {
+const PLAINTEXT_WARNING: &str =
+    "the migration stream is neither authenticated nor encrypted: anyone on the path can read the guest's memory, and anyone reaching the port can inject a VM; use tls: with --tls-dir and tls-creds";
+
+fn tcp_connect(addr: &str, uri: &str) -> Result<TcpStream, MigrateError> {
+    use std::net::ToSocketAddrs;
     let err = |source| MigrateError::Connect {
         uri: uri.to_string(),
         source,
     };
+    let sa = addr
+        .to_socket_addrs()
+        .map_err(err)?
+        .next()
+        .ok_or_else(|| err(std::io::Error::other("the address resolves to nothing")))?;
+    let s = TcpStream::connect_timeout(&sa, CONNECT_TIMEOUT).map_err(err)?;
+    let _ = s.set_nodelay(true);
+    Ok(s)
+}
+
+/// The host part of `HOST:PORT`, which a certificate must name when no
+/// tls-hostname is set (as QEMU does).
+fn host_of(addr: &str) -> &str {
+    let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
+    host.strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host)
+}
+
+pub(super) fn connect(uri: &str, params: &MigrationParams) -> Result<Conn, MigrateError> {
     match parse_uri(uri)? {
         Uri::Tcp(addr) => {
-            use std::net::ToSocketAddrs;
-            let sa = addr
-                .to_socket_addrs()
-                .map_err(err)?
-                .next()
-                .ok_or_else(|| err(std::io::Error::other("the address resolves to nothing")))?;
-            let s = TcpStream::connect_timeout(&sa, CONNECT_TIMEOUT).map_err(err)?;
-            let _ = s.set_nodelay(true);
-            Ok(Conn::Tcp(s))
+            tracing::warn!("migration to tcp:{addr}: {PLAINTEXT_WARNING}");
+            Ok(Conn::Tcp(tcp_connect(&addr, uri)?))
         }
-        Uri::Unix(path) => Ok(Conn::Unix(UnixStream::connect(path).map_err(err)?)),
+        Uri::Tls(addr) => {
+            if params.tls_creds.is_empty() {
+                return Err(MigrateError::TlsCredsMissing(uri.to_string()));
+            }
+            let config = tls::client_config(Path::new(&params.tls_creds))?;
+            let hostname = if params.tls_hostname.is_empty() {
+                host_of(&addr)
+            } else {
+                &params.tls_hostname
+            };
+            let tcp = tcp_connect(&addr, uri)?;
+            let under = tcp.try_clone().map_err(|source| MigrateError::Connect {
+                uri: uri.to_string(),
+                source,
+            })?;
+            under.set_read_timeout(Some(PEER_TIMEOUT)).ok();
+            under.set_write_timeout(Some(PEER_TIMEOUT)).ok();
+            let stream = tls::connect(config, hostname, tcp, &format!("the destination {addr}"))?;
+            tracing::info!("migration to {uri}: TLS 1.3, both certificates verified");
+            Ok(Conn::tls(stream, under))
+        }
+        Uri::Unix(path) => Ok(Conn::Unix(UnixStream::connect(path).map_err(|source| {
+            MigrateError::Connect {
+                uri: uri.to_string(),
+                source,
+            }
+        })?)),
     }
 }
 
-pub(super) fn accept(uri: &str) -> Result<Conn, MigrateError> {
+/// Waits for the first byte of a TCP peer, and answers one that speaks the
+/// other language (TLS or not) with a plaintext `Abort` it can show.
+fn first_byte_is_tls(s: &TcpStream) -> std::io::Result<Option<bool>> {
+    s.set_read_timeout(Some(PEER_TIMEOUT))?;
+    let mut first = [0u8; 1];
+    match s.peek(&mut first)? {
+        0 => Ok(None),
+        _ => Ok(Some(first[0] == tls::TLS_HANDSHAKE_RECORD)),
+    }
+}
+
+/// Tells a peer that speaks the other language why it is refused, in a
+/// plaintext `Abort`. What it sent is read and dropped until it closes (or
+/// a second passes): closing with unread input would reset the connection
+/// and lose the message.
+fn refuse(mut s: TcpStream, why: &str) {
+    let _ = write_message(&mut s, Kind::Abort, why.as_bytes());
+    let _ = s.shutdown(std::net::Shutdown::Write);
+    let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
+    let mut sink = [0u8; 4096];
+    while matches!(s.read(&mut sink), Ok(n) if n > 0) {}
+}
+
+pub(super) fn accept(uri: &str, tls_dir: Option<&Path>) -> Result<Conn, MigrateError> {
     let err = |source| MigrateError::Listen {
         uri: uri.to_string(),
         source,
     };
-    let conn = match parse_uri(uri)? {
-        Uri::Tcp(addr) => {
+    let parsed = parse_uri(uri)?;
+    let server_config = match (&parsed, tls_dir) {
+        (Uri::Tls(_), Some(dir)) => Some(tls::server_config(dir)?),
+        (Uri::Tls(_), None) => return Err(MigrateError::TlsDirMissing(uri.to_string())),
+        (_, Some(_)) => return Err(MigrateError::TlsDirUnused(uri.to_string())),
+        (_, None) => None,
+    };
+    let conn = match parsed {
+        Uri::Tcp(addr) | Uri::Tls(addr) => {
             let l = TcpListener::bind(&addr).map_err(err)?;
-            tracing::info!("waiting for an incoming migration on tcp:{addr}");
+            let scheme = if server_config.is_some() {
+                "tls"
+            } else {
+                tracing::warn!("incoming migration on tcp:{addr}: {PLAINTEXT_WARNING}");
+                "tcp"
+            };
+            tracing::info!("waiting for an incoming migration on {scheme}:{addr}");
             let (s, from) = l.accept().map_err(err)?;
             tracing::info!("incoming migration from {from}");
             let _ = s.set_nodelay(true);
-            Conn::Tcp(s)
+            let peer = format!("the source {from}");
+            let tls_peer = first_byte_is_tls(&s).map_err(err)?;
+            match (server_config, tls_peer) {
+                (Some(config), Some(true)) => {
+                    let under = s.try_clone().map_err(err)?;
+                    let stream = tls::accept(config, s, &peer)?;
+                    tracing::info!(
+                        "incoming migration from {from}: TLS 1.3, both certificates verified"
+                    );
+                    Conn::tls(stream, under)
+                }
+                (Some(_), _) => {
+                    refuse(
+                        s,
+                        "this destination accepts only TLS migrations: migrate to a tls: URI with tls-creds set",
+                    );
+                    return Err(
+                        tls::plaintext_peer(&peer, "the source sent no TLS ClientHello").into(),
+                    );
+                }
+                (None, Some(true)) => {
+                    refuse(
+                        s,
+                        "this destination listens on plaintext tcp:; start it with --incoming tls:ADDR:PORT --tls-dir DIR",
+                    );
+                    return Err(MigrateError::TlsOnPlain(from.to_string()));
+                }
+                (None, _) => Conn::Tcp(s),
+            }
         }
         Uri::Unix(path) => {
             let l = socket_path::bind_listener(&path).map_err(MigrateError::ListenPath)?;
@@ -137,15 +287,24 @@ mod tests {
     use super::*;
 
     #[test]
+    fn certificate_names_the_uri_host() {
+        assert_eq!(host_of("dst.example:4444"), "dst.example");
+        assert_eq!(host_of("10.0.0.2:4444"), "10.0.0.2");
+        assert_eq!(host_of("[::1]:4444"), "::1");
+    }
+
+    #[test]
     fn uris_are_checked() {
         assert!(matches!(parse_uri("tcp:10.0.0.1:4444"), Ok(Uri::Tcp(_))));
         assert!(matches!(parse_uri("tcp:[::1]:4444"), Ok(Uri::Tcp(_))));
         assert!(matches!(parse_uri("unix:/tmp/m.sock"), Ok(Uri::Unix(_))));
+        assert!(matches!(parse_uri("tls:10.0.0.1:4444"), Ok(Uri::Tls(_))));
         for bad in [
             "tcp:host",
             "tcp::4444",
             "tcp:host:99999",
             "unix:",
+            "tls:host",
             "exec:cat",
             "10.0.0.1:4444",
         ] {

@@ -112,8 +112,8 @@ pub enum SnapshotError {
     Memory(#[from] MemoryFileError),
     #[error("writing the state file: {0}")]
     Format(#[from] FormatError),
-    #[error("another snapshot or migration of this VM is in progress")]
-    Busy,
+    #[error(transparent)]
+    Busy(#[from] crate::machine::Busy),
 }
 
 /// What a save measured.
@@ -256,10 +256,7 @@ pub fn save(handle: &VmHandle, dir: &Path) -> Result<SnapshotStats, SnapshotErro
     if !blockers.is_empty() {
         return Err(SnapshotError::Blocked(blockers));
     }
-    let _op = handle
-        .operation
-        .try_lock()
-        .map_err(|_| SnapshotError::Busy)?;
+    let _op = handle.begin(crate::machine::Operation::Snapshot)?;
     let started = Instant::now();
     // Written aside and put in place whole once complete: an older snapshot
     // in `dir` stays restorable whatever fails.
@@ -626,6 +623,7 @@ pub(crate) fn machine_from_saved(
         &config.serial,
         Some(&saved.serial),
         &event_tx,
+        config.debug_exit,
     )?;
     let built = BuiltVm {
         machine: saved.machine,

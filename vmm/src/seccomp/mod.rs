@@ -288,11 +288,15 @@ impl Message {
 /// `info` points to the siginfo the kernel passed to the handler.
 unsafe fn sigsys_syscall(info: *const libc::siginfo_t) -> i32 {
     const UNION_OFFSET: usize = 16;
-    let union = info.cast::<u8>().add(UNION_OFFSET);
-    union
-        .add(std::mem::size_of::<*const libc::c_void>())
-        .cast::<i32>()
-        .read_unaligned()
+    // SAFETY: the caller passes the kernel's siginfo; `_sigsys` lies within
+    // it (si_syscall after the pointer-sized _call_addr), read unaligned.
+    unsafe {
+        let union = info.cast::<u8>().add(UNION_OFFSET);
+        union
+            .add(std::mem::size_of::<*const libc::c_void>())
+            .cast::<i32>()
+            .read_unaligned()
+    }
 }
 
 extern "C" fn sigsys_handler(

@@ -13,6 +13,10 @@ pub enum VmEvent {
     Quit,
     /// The guest now runs on a migration destination.
     Migrated,
+    /// The guest wrote this value to the debug-exit port.
+    DebugExit(u32),
+    /// The guest reported a panic through pvpanic.
+    GuestPanicked,
 }
 
 #[derive(Debug, thiserror::Error)]

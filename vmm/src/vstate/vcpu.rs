@@ -7,10 +7,11 @@
 //! makes KVM_RUN return at once.
 
 use std::cell::Cell;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use kvm_bindings::kvm_run;
 use kvm_ioctls::{VcpuExit, VcpuFd};
@@ -46,7 +47,15 @@ struct ControlState {
 pub struct RunControl {
     state: Mutex<ControlState>,
     changed: Condvar,
+    /// Percent of each [`THROTTLE_PERIOD`] of guest run time the vCPUs
+    /// spend stopped (auto-converge); 0: not throttled.
+    throttle: AtomicU32,
 }
+
+/// The run slice of a throttled vCPU, as QEMU's.
+pub const THROTTLE_PERIOD: Duration = Duration::from_millis(10);
+/// The most a vCPU is throttled.
+pub const THROTTLE_MAX: u32 = 99;
 
 enum Step {
     Run,
@@ -66,7 +75,31 @@ impl RunControl {
                 alive: 0,
             }),
             changed: Condvar::new(),
+            throttle: AtomicU32::new(0),
         }
+    }
+
+    /// After a throttled vCPU ran for a period: stops it for the throttled
+    /// share, or until it is asked to pause or exit.
+    fn throttle_wait(&self, ran_since: &mut Instant) {
+        let pct = self.throttle.load(Ordering::Relaxed).min(THROTTLE_MAX);
+        if pct == 0 || ran_since.elapsed() < THROTTLE_PERIOD {
+            return;
+        }
+        let stop = THROTTLE_PERIOD.mul_f64(f64::from(pct) / f64::from(100 - pct));
+        let deadline = Instant::now() + stop;
+        let mut s = self.lock();
+        while s.target == Target::Run {
+            let Some(left) = deadline.checked_duration_since(Instant::now()) else {
+                break;
+            };
+            s = self
+                .changed
+                .wait_timeout(s, left)
+                .map(|(g, _)| g)
+                .unwrap_or_else(|e| e.into_inner().0);
+        }
+        *ran_since = Instant::now();
     }
 
     fn lock(&self) -> MutexGuard<'_, ControlState> {
@@ -197,6 +230,8 @@ impl VcpuThreads {
             return;
         }
         s.target = Target::Pause;
+        // A vCPU in its throttle wait parks at once.
+        self.control.changed.notify_all();
         while s.parked < s.alive {
             drop(s);
             self.kick_all();
@@ -218,6 +253,29 @@ impl VcpuThreads {
         if s.target == Target::Pause {
             s.target = Target::Run;
             self.control.changed.notify_all();
+        }
+    }
+
+    /// Throttles every vCPU to run only `(100 - pct)`% of the time
+    /// (at most [`THROTTLE_MAX`]); 0 lifts it. Only a vCPU that leaves
+    /// KVM_RUN is stopped: [`VcpuThreads::kick_throttled`] makes them.
+    pub fn set_throttle(&self, pct: u32) {
+        self.control
+            .throttle
+            .store(pct.min(THROTTLE_MAX), Ordering::Relaxed);
+        self.control.changed.notify_all();
+    }
+
+    pub fn throttle(&self) -> u32 {
+        self.control.throttle.load(Ordering::Relaxed)
+    }
+
+    /// Makes running vCPUs leave KVM_RUN, so that a throttle takes effect
+    /// even for a guest that never exits by itself; call once per
+    /// [`THROTTLE_PERIOD`] while throttled.
+    pub fn kick_throttled(&self) {
+        if self.throttle() > 0 && self.control.lock().target == Target::Run {
+            self.kick_all();
         }
     }
 
@@ -366,7 +424,9 @@ fn run_vcpu(
 
 /// Runs until told to exit (None) or until the guest ends the VM.
 fn vcpu_loop(id: u8, fd: &Mutex<VcpuFd>, control: &RunControl, buses: &IoBuses) -> Option<VmEvent> {
+    let mut ran_since = Instant::now();
     loop {
+        control.throttle_wait(&mut ran_since);
         if let Step::Exit = control.next_step() {
             return None;
         }

@@ -220,6 +220,15 @@ fn timeless(s: &Saved) -> (VmState, Vec<VcpuState>) {
         c.count_load_time = 0;
     }
     vm.clock.0 = kvm_clock_data::default();
+    // The PIT keeps raising IRQ0 while the VM exists, so the PICs' request
+    // registers depend on when the state is read (seen under heavy load).
+    for pic in [&mut vm.pic_master.0, &mut vm.pic_slave.0] {
+        // SAFETY: chip_id 0 and 1 are the PICs, whose state is the `pic`
+        // member of the union; every bit pattern of it is a valid u8 set.
+        let state = unsafe { &mut pic.chip.pic };
+        state.irr = 0;
+        state.last_irr = 0;
+    }
     let vcpus = s
         .vcpus
         .iter()

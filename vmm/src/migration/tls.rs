@@ -1,0 +1,323 @@
+//! Mutual TLS 1.3 for the migration stream (`tls:HOST:PORT`).
+//!
+//! Credentials follow QEMU's `tls-creds-x509` directory layout. Both ends
+//! present a certificate signed by the directory's CA, and the destination
+//! confirms the source's certificate with one byte before either side reads
+//! anything else: a VM stream is only ever read from an authenticated peer,
+//! and the source learns of its refusal before it sends any guest memory.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{
+    AlertDescription, CertificateError, ClientConfig, ClientConnection, RootCertStore,
+    ServerConfig, ServerConnection, StreamOwned,
+};
+
+pub(super) const CA_CERT: &str = "ca-cert.pem";
+pub(super) const SERVER_CERT: &str = "server-cert.pem";
+pub(super) const SERVER_KEY: &str = "server-key.pem";
+pub(super) const CLIENT_CERT: &str = "client-cert.pem";
+pub(super) const CLIENT_KEY: &str = "client-key.pem";
+
+/// Sent by the destination once the source's certificate verified.
+const ACCEPTED: u8 = 0x01;
+
+/// First byte of a TLS handshake record (a ClientHello), as a plaintext
+/// destination sees it.
+pub(super) const TLS_HANDSHAKE_RECORD: u8 = 0x16;
+
+/// Why the TLS credentials could not be loaded or the peer was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("cannot read the TLS file {}: {source}; the directory needs QEMU's tls-creds-x509 layout ({CA_CERT}, {SERVER_CERT}, {SERVER_KEY}, {CLIENT_CERT}, {CLIENT_KEY})", path.display())]
+    Pem {
+        path: PathBuf,
+        #[source]
+        source: rustls::pki_types::pem::Error,
+    },
+    #[error("the TLS file {} holds no certificate", path.display())]
+    NoCertificate { path: PathBuf },
+    #[error("the CA certificate {} is unusable: {source}", path.display())]
+    Ca {
+        path: PathBuf,
+        #[source]
+        source: rustls::Error,
+    },
+    #[error("the client-certificate verifier cannot be built from {}: {source}", path.display())]
+    Verifier {
+        path: PathBuf,
+        #[source]
+        source: rustls::server::VerifierBuilderError,
+    },
+    #[error("the TLS credentials in {} are unusable (does the key match the certificate?): {source}", dir.display())]
+    Config {
+        dir: PathBuf,
+        #[source]
+        source: rustls::Error,
+    },
+    #[error("the tls-hostname '{0}' is not a valid DNS name or IP address")]
+    HostName(String),
+    #[error("TLS with {peer} failed: {refusal}")]
+    Handshake {
+        peer: String,
+        refusal: Refusal,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// What went wrong in a handshake, in the words the operator needs.
+#[derive(Debug)]
+pub enum Refusal {
+    /// The peer sent something that is not TLS.
+    Plaintext,
+    /// The peer's certificate is signed by a CA this side does not trust.
+    OtherCa,
+    /// The destination's certificate does not name the host asked for.
+    WrongHostName,
+    /// The peer's certificate is out of its validity period.
+    Expired,
+    /// The peer refused this side's certificate, with this alert.
+    PeerRefused(AlertDescription),
+    /// The peer closed the connection in the middle of the handshake.
+    Closed,
+    /// Anything else rustls or the socket reported.
+    Other,
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Refusal::Plaintext => f.write_str(
+                "the peer does not speak TLS (a plaintext tcp: migration?): use tls: URIs on both sides",
+            ),
+            Refusal::OtherCa => f.write_str(
+                "the peer's certificate is not signed by this side's CA (ca-cert.pem): give both hosts certificates from the same CA",
+            ),
+            Refusal::WrongHostName => f.write_str(
+                "the destination's certificate does not name the host the source asked for: set tls-hostname to a name in its certificate, or issue it one for this name",
+            ),
+            Refusal::Expired => f.write_str(
+                "the peer's certificate has expired (or is not valid yet): issue a new one",
+            ),
+            Refusal::PeerRefused(AlertDescription::UnknownCA) => f.write_str(
+                "the peer refused this side's certificate: it is not signed by the peer's CA",
+            ),
+            Refusal::PeerRefused(AlertDescription::CertificateExpired) => f.write_str(
+                "the peer refused this side's certificate: it has expired (or is not valid yet)",
+            ),
+            Refusal::PeerRefused(AlertDescription::BadCertificate) => f.write_str(
+                "the peer refused this side's certificate (bad_certificate: most often it does not name the host the source asked for, see tls-hostname)",
+            ),
+            Refusal::PeerRefused(alert) => {
+                write!(f, "the peer refused the handshake with alert {alert:?}")
+            }
+            Refusal::Closed => f.write_str(
+                "the peer closed the connection during the TLS handshake: it may listen without tls: or have refused this side's certificate; see its log",
+            ),
+            Refusal::Other => f.write_str("the TLS handshake failed"),
+        }
+    }
+}
+
+impl Refusal {
+    fn of(e: &std::io::Error) -> Refusal {
+        if e.kind() == std::io::ErrorKind::UnexpectedEof {
+            return Refusal::Closed;
+        }
+        let Some(tls) = e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) else {
+            return Refusal::Other;
+        };
+        match tls {
+            rustls::Error::InvalidMessage(_) => Refusal::Plaintext,
+            rustls::Error::InvalidCertificate(c) => match c {
+                CertificateError::UnknownIssuer => Refusal::OtherCa,
+                CertificateError::NotValidForName
+                | CertificateError::NotValidForNameContext { .. } => Refusal::WrongHostName,
+                CertificateError::Expired
+                | CertificateError::ExpiredContext { .. }
+                | CertificateError::NotValidYet
+                | CertificateError::NotValidYetContext { .. } => Refusal::Expired,
+                _ => Refusal::Other,
+            },
+            rustls::Error::AlertReceived(alert) => Refusal::PeerRefused(*alert),
+            _ => Refusal::Other,
+        }
+    }
+}
+
+/// An established, mutually authenticated TLS stream.
+pub enum TlsStream {
+    Client(StreamOwned<ClientConnection, TcpStream>),
+    Server(StreamOwned<ServerConnection, TcpStream>),
+}
+
+impl Read for TlsStream {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            TlsStream::Client(s) => s.read(buf),
+            TlsStream::Server(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for TlsStream {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            TlsStream::Client(s) => s.write(buf),
+            TlsStream::Server(s) => s.write(buf),
+        }
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            TlsStream::Client(s) => s.flush(),
+            TlsStream::Server(s) => s.flush(),
+        }
+    }
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn certs(path: PathBuf) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let pem = |source| TlsError::Pem {
+        path: path.clone(),
+        source,
+    };
+    let certs = CertificateDer::pem_file_iter(&path)
+        .map_err(pem)?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(pem)?;
+    if certs.is_empty() {
+        return Err(TlsError::NoCertificate { path });
+    }
+    Ok(certs)
+}
+
+fn key(path: PathBuf) -> Result<PrivateKeyDer<'static>, TlsError> {
+    PrivateKeyDer::from_pem_file(&path).map_err(|source| TlsError::Pem { path, source })
+}
+
+fn roots(dir: &Path) -> Result<RootCertStore, TlsError> {
+    let path = dir.join(CA_CERT);
+    let mut roots = RootCertStore::empty();
+    for cert in certs(path.clone())? {
+        roots.add(cert).map_err(|source| TlsError::Ca {
+            path: path.clone(),
+            source,
+        })?;
+    }
+    Ok(roots)
+}
+
+/// The destination's side: its certificate, and the CA that must have
+/// signed the source's.
+pub(super) fn server_config(dir: &Path) -> Result<Arc<ServerConfig>, TlsError> {
+    let provider = provider();
+    let verifier =
+        WebPkiClientVerifier::builder_with_provider(Arc::new(roots(dir)?), provider.clone())
+            .build()
+            .map_err(|source| TlsError::Verifier {
+                path: dir.join(CA_CERT),
+                source,
+            })?;
+    let config_err = |source| TlsError::Config {
+        dir: dir.to_path_buf(),
+        source,
+    };
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(config_err)?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(certs(dir.join(SERVER_CERT))?, key(dir.join(SERVER_KEY))?)
+        .map_err(config_err)?;
+    // One connection per migration: a ticket for resuming it is never used.
+    config.send_tls13_tickets = 0;
+    Ok(Arc::new(config))
+}
+
+/// The source's side: its certificate, and the CA that must have signed
+/// the destination's.
+pub(super) fn client_config(dir: &Path) -> Result<Arc<ClientConfig>, TlsError> {
+    let config_err = |source| TlsError::Config {
+        dir: dir.to_path_buf(),
+        source,
+    };
+    let config = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(config_err)?
+        .with_root_certificates(roots(dir)?)
+        .with_client_auth_cert(certs(dir.join(CLIENT_CERT))?, key(dir.join(CLIENT_KEY))?)
+        .map_err(config_err)?;
+    Ok(Arc::new(config))
+}
+
+/// Runs the handshake as the source, then waits for the destination to
+/// accept this side's certificate.
+pub(super) fn connect(
+    config: Arc<ClientConfig>,
+    hostname: &str,
+    tcp: TcpStream,
+    peer: &str,
+) -> Result<TlsStream, TlsError> {
+    let name = ServerName::try_from(hostname.to_string())
+        .map_err(|_| TlsError::HostName(hostname.to_string()))?;
+    let failed = |source: std::io::Error| TlsError::Handshake {
+        peer: peer.to_string(),
+        refusal: Refusal::of(&source),
+        source,
+    };
+    let conn = ClientConnection::new(config, name).map_err(|e| failed(std::io::Error::other(e)))?;
+    let mut stream = StreamOwned::new(conn, tcp);
+    while stream.conn.is_handshaking() {
+        stream.conn.complete_io(&mut stream.sock).map_err(failed)?;
+    }
+    // In TLS 1.3 the client's handshake ends before the server has checked
+    // the client's certificate; its verdict comes with the first byte.
+    let mut accepted = [0u8; 1];
+    stream.read_exact(&mut accepted).map_err(failed)?;
+    if accepted[0] != ACCEPTED {
+        return Err(failed(std::io::Error::other(
+            "the destination's first byte is not the TLS acceptance",
+        )));
+    }
+    Ok(TlsStream::Client(stream))
+}
+
+/// Runs the handshake as the destination; on success tells the source its
+/// certificate was accepted.
+pub(super) fn accept(
+    config: Arc<ServerConfig>,
+    tcp: TcpStream,
+    peer: &str,
+) -> Result<TlsStream, TlsError> {
+    let failed = |source: std::io::Error| TlsError::Handshake {
+        peer: peer.to_string(),
+        refusal: Refusal::of(&source),
+        source,
+    };
+    let conn = ServerConnection::new(config).map_err(|e| failed(std::io::Error::other(e)))?;
+    let mut stream = StreamOwned::new(conn, tcp);
+    while stream.conn.is_handshaking() {
+        stream.conn.complete_io(&mut stream.sock).map_err(failed)?;
+    }
+    stream.write_all(&[ACCEPTED]).map_err(failed)?;
+    stream.flush().map_err(failed)?;
+    Ok(TlsStream::Server(stream))
+}
+
+/// The plaintext-peer refusal, for a side that detected it itself.
+pub(super) fn plaintext_peer(peer: &str, what: &'static str) -> TlsError {
+    TlsError::Handshake {
+        peer: peer.to_string(),
+        refusal: Refusal::Plaintext,
+        source: std::io::Error::new(std::io::ErrorKind::InvalidData, what),
+    }
+}
