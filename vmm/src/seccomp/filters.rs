@@ -434,7 +434,8 @@ fn rules_of(kind: ThreadKind) -> Rules {
             .with(&descriptors())
             .with(&sockets())
             .with(&listening())
-            .with(&cleanup())
+            // Its socket and the private directory it is made in.
+            .with(&files())
             // The vhost-user daemon sets up its own signal handling.
             .allow(&[SYS_rt_sigaction])
             .ioctls(&[
