@@ -1,0 +1,260 @@
+//! Seed inputs for every target, made with godwit's own encoders (the
+//! migration framing and page runs, the container writer, the interface
+//! record, the mmio register layout). `fuzz/make-seeds.sh` writes them to
+//! `fuzz/corpus/`, next to the seeds it takes from a running godwit (a
+//! snapshot, a host-caps report).
+
+use godwit_devices::vhost_user::interface::{self, InterfaceRecord};
+use godwit_devices::virtio::mmio::reg;
+use godwit_devices::virtio::{feature, status, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX};
+use godwit_migration::cpu_compat::CpuidEntry;
+use godwit_migration::format::Container;
+use godwit_migration::protocol::{
+    encode_runs, write_json, write_message, DeviceOffer, DevicePeer, Hello, HelloReply, Kind,
+    PageRun, Resumed, RoundEnd, PAGE_SIZE,
+};
+use godwit_vmm::persist::snapshot::KNOWN_SECTIONS;
+
+/// One seed: the target it is for, a file name, its bytes.
+pub struct Seed {
+    pub target: &'static str,
+    pub name: String,
+    pub bytes: Vec<u8>,
+}
+
+fn seed(target: &'static str, name: &str, bytes: Vec<u8>) -> Seed {
+    Seed {
+        target,
+        name: name.to_string(),
+        bytes,
+    }
+}
+
+/// Every seed made here. `state` is a real `state.gws`, when there is one,
+/// from which the snapshot target's structured seed is derived.
+pub fn encoded(state: Option<&[u8]>) -> Vec<Seed> {
+    let mut out = Vec::new();
+    api(&mut out);
+    net_specs(&mut out);
+    migration(&mut out);
+    if let Some(state) = state {
+        if let Some(bytes) = structured_state(state) {
+            out.push(seed("snapshot_state", "structured-real", bytes));
+        }
+    }
+    record(&mut out);
+    mmio(&mut out);
+    out
+}
+
+fn api(out: &mut Vec<Seed>) {
+    let lines: &[(&str, &str)] = &[
+        ("negotiate", r#"{"execute": "qmp_capabilities"}"#),
+        (
+            "every-command",
+            concat!(
+                r#"{"execute":"qmp_capabilities","arguments":{"enable":[]}}"#,
+                "\n",
+                r#"{"execute":"query-commands","id":1}"#,
+                r#"{"execute":"query-status"} {"execute":"stop"}{"execute":"cont"}"#,
+                "\n",
+                r#"{"execute":"snapshot-save","arguments":{"dir":"/tmp/s"},"id":{"a":[1,2]}}"#,
+                "\n",
+                r#"{"execute":"migrate","arguments":{"uri":"unix:/run/m.sock"}}"#,
+                "\n",
+                r#"{"execute":"migrate-set-parameters","arguments":{"downtime-limit":300,"max-bandwidth":0,"max-rounds":5}}"#,
+                "\n",
+                r#"{"execute":"query-host-caps","arguments":{"net":["tap,ifname=tap0","tap,fd=net0","vhost-user,socket=/run/v.sock"],"name":"a"}}"#,
+                "\n",
+                r#"{"execute":"plan","arguments":{"hosts":[{"schema":"godwit-host-caps/1"}],"vm":true,"devices":["tap"]}}"#,
+                "\n",
+                r#"{"execute":"getfd","arguments":{"fdname":"net0"}}{"execute":"closefd","arguments":{"fdname":"net0"}}"#,
+                "\n",
+                r#"{"execute":"query-net"}{"execute":"query-machines"}{"execute":"query-migrate"}{"execute":"migrate_cancel"}{"execute":"query-migrate-parameters"}{"execute":"query-version"}{"execute":"quit"}"#,
+                "\n"
+            ),
+        ),
+        (
+            "errors",
+            "{\"execute\": 1}\n{\"a\" 1}\n[1,2]\n{\"execute\":\"stop\",\"arguments\":[]}\n\"x\" 12 true\n{\"execute\":\"snapshot-save\",\"arguments\":{\"dir\":1,\"x\":2}}\n",
+        ),
+    ];
+    for (name, text) in lines {
+        // Whole reads, already negotiated; and byte by byte from the start.
+        for control in [0xff_u8, 0x00] {
+            let mut bytes = vec![control];
+            bytes.extend_from_slice(text.as_bytes());
+            out.push(seed("api_line", &format!("{name}-{control:02x}"), bytes));
+        }
+    }
+}
+
+fn net_specs(out: &mut Vec<Seed>) {
+    let specs = [
+        "tap,ifname=tap0",
+        "tap,fd=3,vnet_hdr=on",
+        "tap,ifname=gw0,id=net0,mac=52:54:00:12:34:56,mtu=1500,strict=on,host_uso=off,csum=on",
+        "vhost-user,socket=/run/dpdk.sock,server=off,interface=godwit-net-1",
+        "vhost-net,ifname=tap1",
+    ];
+    for (i, spec) in specs.iter().enumerate() {
+        out.push(seed("net_spec", &format!("spec-{i}"), spec.as_bytes().to_vec()));
+    }
+}
+
+fn cpuid() -> Vec<CpuidEntry> {
+    vec![CpuidEntry {
+        function: 1,
+        index: 0,
+        flags: 0,
+        eax: 0x806f8,
+        ebx: 0x800,
+        ecx: 0xf6fa3203,
+        edx: 0x178bfbff,
+    }]
+}
+
+fn migration(out: &mut Vec<Seed>) {
+    let hello = Hello {
+        godwit_version: "0.1.0".into(),
+        format_version: 1,
+        machine_type: "godwit-1.1".into(),
+        memory_size: 16 << 20,
+        vcpus: 1,
+        memory_layout: vec![(0, 16 << 20)],
+        devices: vec![DeviceOffer {
+            id: "net0".into(),
+            kind: "virtio-net".into(),
+            peer_kind: "tap".into(),
+            offered: 0x1_0000_0020,
+            acked: 0x1_0000_0020,
+            queue_sizes: vec![256, 256],
+            interface: None,
+        }],
+        cpuid: cpuid(),
+        kvm_caps: vec!["KVM_CAP_ADJUST_CLOCK".into()],
+    };
+    let reply = HelloReply {
+        accept: true,
+        reasons: vec![],
+        godwit_version: "0.1.0".into(),
+        machine_types: vec!["godwit-1.0".into(), "godwit-1.1".into()],
+        devices: vec![DevicePeer {
+            id: "net0".into(),
+            peer_kind: "tap".into(),
+            peer: "tap0".into(),
+            supported: 0x1_0000_0020,
+        }],
+        host_cpuid: cpuid(),
+    };
+    let page = vec![0xa5u8; PAGE_SIZE as usize];
+    let mut stream = vec![0u8];
+    let _ = write_json(&mut stream, Kind::Hello, &hello);
+    let _ = write_json(&mut stream, Kind::HelloReply, &reply);
+    let runs = [PageRun { gpa: 0, pages: 1 }, PageRun { gpa: 0x10000, pages: 1 }];
+    let _ = write_message(&mut stream, Kind::Pages, &encode_runs(&runs, &[&page[..], &page[..]].concat()));
+    let zero = [PageRun { gpa: 0x2000, pages: 16 }];
+    let _ = write_message(&mut stream, Kind::ZeroPages, &encode_runs(&zero, &[]));
+    let _ = write_json(&mut stream, Kind::RoundEnd, &RoundEnd { round: 1, pages: 18 });
+    let _ = write_message(&mut stream, Kind::Complete, &[]);
+    let _ = write_json(&mut stream, Kind::Resumed, &Resumed { restore_ms: 1.5 });
+    let _ = write_message(&mut stream, Kind::Abort, b"stopped by the user");
+    out.push(seed("migration_stream", "session", stream));
+
+    // The structured form: kind index, length, payload.
+    let mut structured = vec![1u8];
+    let mut push = |index: u8, payload: &[u8]| {
+        structured.push(index);
+        structured.extend_from_slice(&(payload.len() as u16).to_le_bytes());
+        structured.extend_from_slice(payload);
+    };
+    push(0, &serde_json::to_vec(&hello).unwrap_or_default());
+    push(2, &encode_runs(&[PageRun { gpa: 0x3000, pages: 1 }], &page));
+    push(3, &encode_runs(&zero, &[]));
+    push(4, br#"{"round":2,"pages":7}"#);
+    push(9, b"unknown kind");
+    out.push(seed("migration_stream", "structured", structured));
+}
+
+/// The structured snapshot seed: the sections of a real state file, each
+/// as `kind index, instance, encoding, len u16, payload`.
+fn structured_state(state: &[u8]) -> Option<Vec<u8>> {
+    let container = Container::from_bytes(state.to_vec(), KNOWN_SECTIONS).ok()?;
+    let machine = container.header().machine_type.clone();
+    let mut out = vec![1u8, machine.len() as u8];
+    out.extend_from_slice(machine.as_bytes());
+    for (index, kind) in KNOWN_SECTIONS.iter().enumerate() {
+        for instance in container.instances(kind) {
+            let payload = container.raw_section(kind, instance).ok()?;
+            let json = container
+                .entry(kind, instance)
+                .map(|e| e.encoding == 1)
+                .unwrap_or(true);
+            out.push(index as u8);
+            out.push(instance as u8);
+            out.push(u8::from(!json));
+            out.extend_from_slice(&(payload.len() as u16).to_le_bytes());
+            out.extend_from_slice(payload);
+        }
+    }
+    Some(out)
+}
+
+fn record(out: &mut Vec<Seed>) {
+    let latest = interface::latest();
+    let record = InterfaceRecord {
+        active: latest.name.to_string(),
+        pinned: true,
+        latest: latest.name.to_string(),
+        supported: interface::names().iter().map(|n| n.to_string()).collect(),
+        truncated: false,
+        values: latest.values(),
+    };
+    out.push(seed("vhost_user_record", "latest", record.encode(256)));
+}
+
+/// A driver's initialisation of a device through the registers, queue 0
+/// and 1 set up inside the fuzz target's memory, then a notify, an
+/// interrupt acknowledgement, config reads and a reset.
+fn mmio(out: &mut Vec<Seed>) {
+    let mut ops = Vec::new();
+    let write = |ops: &mut Vec<u8>, reg: u64, value: u64| {
+        ops.push(0x10 | 1);
+        ops.push((reg / 4) as u8);
+        ops.extend_from_slice(&value.to_le_bytes());
+    };
+    let features = feature(VIRTIO_F_VERSION_1) | feature(VIRTIO_RING_F_EVENT_IDX);
+    write(&mut ops, reg::STATUS, u64::from(status::ACKNOWLEDGE));
+    write(&mut ops, reg::STATUS, u64::from(status::ACKNOWLEDGE | status::DRIVER));
+    write(&mut ops, reg::DRIVER_FEATURES_SEL, 0);
+    write(&mut ops, reg::DRIVER_FEATURES, features & 0xffff_ffff);
+    write(&mut ops, reg::DRIVER_FEATURES_SEL, 1);
+    write(&mut ops, reg::DRIVER_FEATURES, features >> 32);
+    let ok = status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK;
+    write(&mut ops, reg::STATUS, u64::from(ok));
+    for q in 0..2u64 {
+        let base = 0x1000 * (q + 1) * 4;
+        write(&mut ops, reg::QUEUE_SEL, q);
+        write(&mut ops, reg::QUEUE_NUM, 64);
+        write(&mut ops, reg::QUEUE_DESC_LOW, base);
+        write(&mut ops, reg::QUEUE_DESC_HIGH, 0);
+        write(&mut ops, reg::QUEUE_DRIVER_LOW, base + 0x1000);
+        write(&mut ops, reg::QUEUE_DRIVER_HIGH, 0);
+        write(&mut ops, reg::QUEUE_DEVICE_LOW, base + 0x2000);
+        write(&mut ops, reg::QUEUE_DEVICE_HIGH, 0);
+        write(&mut ops, reg::QUEUE_READY, 1);
+    }
+    write(&mut ops, reg::STATUS, u64::from(ok | status::DRIVER_OK));
+    write(&mut ops, reg::QUEUE_NOTIFY, 1);
+    write(&mut ops, reg::INTERRUPT_ACK, 1);
+    let read = |ops: &mut Vec<u8>, offset: u64, size_bits: u8| {
+        ops.push(size_bits << 1);
+        ops.extend_from_slice(&(offset as u16).to_le_bytes());
+    };
+    read(&mut ops, reg::INTERRUPT_STATUS, 0);
+    read(&mut ops, 0x100, 4); // 8 bytes of configuration space
+    read(&mut ops, 0x104, 2); // 1 byte
+    read(&mut ops, reg::CONFIG_GENERATION, 0);
+    write(&mut ops, reg::STATUS, 0);
+    out.push(seed("mmio_registers", "init-and-reset", ops));
+}
