@@ -13,11 +13,13 @@ pub mod seeds;
 mod state;
 mod text;
 mod vhost_user;
+mod virtio_net;
 
 pub use mmio::mmio_registers;
 pub use state::{memory_header, migration_stream, snapshot_state};
 pub use text::{api_line, host_caps, net_spec};
 pub use vhost_user::vhost_user_record;
+pub use virtio_net::virtio_net;
 
 /// A fuzz target: its name (the binary in `fuzz/fuzz_targets/` and the
 /// directory of its corpus) and its body.
@@ -59,5 +61,9 @@ pub const TARGETS: &[Target] = &[
     Target {
         name: "mmio_registers",
         body: mmio_registers,
+    },
+    Target {
+        name: "virtio_net",
+        body: virtio_net,
     },
 ];

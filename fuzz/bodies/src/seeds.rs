@@ -44,6 +44,7 @@ pub fn encoded(state: Option<&[u8]>) -> Vec<Seed> {
     }
     record(&mut out);
     mmio(&mut out);
+    virtio_net(&mut out);
     out
 }
 
@@ -257,4 +258,63 @@ fn mmio(out: &mut Vec<Seed>) {
     read(&mut ops, reg::CONFIG_GENERATION, 0);
     write(&mut ops, reg::STATUS, 0);
     out.push(seed("mmio_registers", "init-and-reset", ops));
+}
+
+/// A descriptor as the virtio_net target reads it.
+fn udp_frame() -> Vec<u8> {
+    use std::net::Ipv4Addr;
+    godwit_devices::virtio::testing::udp_frame(
+        [0x52, 0x54, 0, 0x12, 0x34, 0x56],
+        [0x02, 0, 0, 0, 0, 1],
+        Ipv4Addr::new(10, 0, 0, 2),
+        Ipv4Addr::new(10, 0, 0, 1),
+        4000,
+        7,
+        b"godwit fuzz seed",
+        godwit_devices::virtio::testing::UdpCsum::Full,
+    )
+}
+
+fn desc(out: &mut Vec<u8>, addr: u16, len: u16, flags: u8, next: u8) {
+    out.extend_from_slice(&addr.to_le_bytes());
+    out.extend_from_slice(&len.to_le_bytes());
+    out.push(flags);
+    out.push(next);
+}
+
+/// A transmitted frame, two receive buffers and a frame from the peer to
+/// fill them, and a control command (promiscuous mode on).
+fn virtio_net(out: &mut Vec<Seed>) {
+    const NEXT: u8 = 1;
+    const WRITE: u8 = 2;
+    let frame = udp_frame();
+    let mut b = vec![0xc3u8]; // MRG_RXBUF, CTRL_VQ, CTRL_RX, vnet header
+    // Receive queue: two writable buffers.
+    b.push(2);
+    desc(&mut b, 0x6000, 2048, WRITE, 0);
+    desc(&mut b, 0x7000, 2048, WRITE, 0);
+    b.extend_from_slice(&[2, 0, 1]);
+    // Transmit queue: header and frame in a chain.
+    b.push(2);
+    desc(&mut b, 0x4000, 12, NEXT, 1);
+    desc(&mut b, 0x4010, frame.len() as u16, 0, 0);
+    b.extend_from_slice(&[1, 0]);
+    // Control queue: class and command, value, writable ack.
+    b.push(3);
+    desc(&mut b, 0x5000, 2, NEXT, 1);
+    desc(&mut b, 0x5002, 1, NEXT, 2);
+    desc(&mut b, 0x5010, 1, WRITE, 0);
+    b.extend_from_slice(&[1, 0]);
+    // Buffer contents from 0x4000.
+    let mut data = vec![0u8; 0x1003];
+    data[0x10..0x10 + frame.len()].copy_from_slice(&frame);
+    data[0x1002] = 1; // VIRTIO_NET_CTRL_RX, VIRTIO_NET_CTRL_RX_PROMISC = 0, 0; value 1
+    b.extend_from_slice(&(data.len() as u16).to_le_bytes());
+    b.extend_from_slice(&data);
+    // A frame from the peer, behind its virtio-net header.
+    let mut rx = vec![0u8; 12];
+    rx.extend_from_slice(&frame);
+    b.extend_from_slice(&(rx.len() as u16).to_le_bytes());
+    b.extend_from_slice(&rx);
+    out.push(seed("virtio_net", "tx-rx-ctrl", b));
 }

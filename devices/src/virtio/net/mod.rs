@@ -21,6 +21,8 @@ pub use state::VirtioNetState;
 mod tap;
 pub use tap::{NetConfig, NetError, VirtioNet};
 mod worker;
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
 
 #[cfg(test)]
 mod tests;
