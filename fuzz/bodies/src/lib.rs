@@ -18,7 +18,7 @@ mod virtio_net;
 pub use mmio::mmio_registers;
 pub use state::{memory_header, migration_stream, snapshot_state};
 pub use text::{api_line, host_caps, net_spec};
-pub use vhost_user::vhost_user_record;
+pub use vhost_user::{vhost_user_record, vhost_user_replies};
 pub use virtio_net::virtio_net;
 
 /// A fuzz target: its name (the binary in `fuzz/fuzz_targets/` and the
@@ -57,6 +57,10 @@ pub const TARGETS: &[Target] = &[
     Target {
         name: "vhost_user_record",
         body: vhost_user_record,
+    },
+    Target {
+        name: "vhost_user_replies",
+        body: vhost_user_replies,
     },
     Target {
         name: "mmio_registers",

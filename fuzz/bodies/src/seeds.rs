@@ -4,7 +4,10 @@
 //! `fuzz/corpus/`, next to the seeds it takes from a running godwit (a
 //! snapshot, a host-caps report).
 
-use godwit_devices::vhost_user::interface::{self, InterfaceRecord};
+use godwit_devices::vhost_user::conn::F_PROTOCOL_FEATURES;
+use godwit_devices::vhost_user::interface::{self, InterfaceRecord, WINDOW_OFFSET, WINDOW_SIZE};
+use godwit_devices::vhost_user::session::WANTED_PROTOCOL;
+use vhost::vhost_user::message::FrontendReq;
 use godwit_devices::virtio::mmio::reg;
 use godwit_devices::virtio::{feature, status, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX};
 use godwit_migration::cpu_compat::CpuidEntry;
@@ -201,17 +204,59 @@ fn structured_state(state: &[u8]) -> Option<Vec<u8>> {
     Some(out)
 }
 
-fn record(out: &mut Vec<Seed>) {
+fn latest_record(pinned: bool) -> InterfaceRecord {
     let latest = interface::latest();
-    let record = InterfaceRecord {
+    InterfaceRecord {
         active: latest.name.to_string(),
-        pinned: true,
+        pinned,
         latest: latest.name.to_string(),
         supported: interface::names().iter().map(|n| n.to_string()).collect(),
         truncated: false,
         values: latest.values(),
-    };
-    out.push(seed("vhost_user_record", "latest", record.encode(256)));
+    }
+}
+
+fn record(out: &mut Vec<Seed>) {
+    out.push(seed(
+        "vhost_user_record",
+        "latest",
+        latest_record(true).encode(256),
+    ));
+    // A backend with godwit's extension, as the handshake reads it: without
+    // a pin, and pinning the latest interface.
+    for (control, pinned) in [(0u8, false), (1, true)] {
+        let mut b = vec![control];
+        let reply = |b: &mut Vec<u8>, request: FrontendReq, payload: &[u8]| {
+            b.extend_from_slice(&u32::from(request).to_le_bytes());
+            b.extend_from_slice(&0x5u32.to_le_bytes());
+            b.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+            b.extend_from_slice(payload);
+        };
+        let window = |record: &InterfaceRecord| {
+            let mut p = WINDOW_OFFSET.to_le_bytes().to_vec();
+            p.extend_from_slice(&WINDOW_SIZE.to_le_bytes());
+            p.extend_from_slice(&0u32.to_le_bytes());
+            p.extend_from_slice(&record.encode(WINDOW_SIZE as usize));
+            p
+        };
+        let values = interface::latest().values();
+        let features = values.features | F_PROTOCOL_FEATURES;
+        let protocol = WANTED_PROTOCOL;
+        let ack = 0u64.to_le_bytes();
+        reply(&mut b, FrontendReq::GET_FEATURES, &features.to_le_bytes());
+        reply(&mut b, FrontendReq::GET_PROTOCOL_FEATURES, &protocol.to_le_bytes());
+        reply(&mut b, FrontendReq::SET_PROTOCOL_FEATURES, &ack);
+        reply(&mut b, FrontendReq::GET_QUEUE_NUM, &2u64.to_le_bytes());
+        reply(&mut b, FrontendReq::GET_CONFIG, &window(&latest_record(false)));
+        if pinned {
+            reply(&mut b, FrontendReq::SET_CONFIG, &ack);
+            reply(&mut b, FrontendReq::GET_CONFIG, &window(&latest_record(true)));
+        }
+        reply(&mut b, FrontendReq::SET_OWNER, &ack);
+        reply(&mut b, FrontendReq::GET_FEATURES, &features.to_le_bytes());
+        let name = if pinned { "handshake-pinned" } else { "handshake" };
+        out.push(seed("vhost_user_replies", name, b));
+    }
 }
 
 /// A driver's initialisation of a device through the registers, queue 0
