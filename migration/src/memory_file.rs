@@ -421,7 +421,10 @@ impl MemoryFileInfo {
 /// `fuzz/`: `header` is what [`read_info`] reads from the file's start,
 /// `file_len` the file's length.
 #[cfg(feature = "fuzzing")]
-pub fn decode_header_bytes(header: &[u8], file_len: u64) -> Result<MemoryFileInfo, MemoryFileError> {
+pub fn decode_header_bytes(
+    header: &[u8],
+    file_len: u64,
+) -> Result<MemoryFileInfo, MemoryFileError> {
     MemoryFileInfo::decode_header(Path::new("<fuzz input>"), header, file_len)
 }
 

@@ -7,7 +7,6 @@
 use godwit_devices::vhost_user::conn::F_PROTOCOL_FEATURES;
 use godwit_devices::vhost_user::interface::{self, InterfaceRecord, WINDOW_OFFSET, WINDOW_SIZE};
 use godwit_devices::vhost_user::session::WANTED_PROTOCOL;
-use vhost::vhost_user::message::FrontendReq;
 use godwit_devices::virtio::mmio::reg;
 use godwit_devices::virtio::{feature, status, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX};
 use godwit_migration::cpu_compat::CpuidEntry;
@@ -17,6 +16,7 @@ use godwit_migration::protocol::{
     PageRun, Resumed, RoundEnd, PAGE_SIZE,
 };
 use godwit_vmm::persist::snapshot::KNOWN_SECTIONS;
+use vhost::vhost_user::message::FrontendReq;
 
 /// One seed: the target it is for, a file name, its bytes.
 pub struct Seed {
@@ -102,7 +102,11 @@ fn net_specs(out: &mut Vec<Seed>) {
         "vhost-net,ifname=tap1",
     ];
     for (i, spec) in specs.iter().enumerate() {
-        out.push(seed("net_spec", &format!("spec-{i}"), spec.as_bytes().to_vec()));
+        out.push(seed(
+            "net_spec",
+            &format!("spec-{i}"),
+            spec.as_bytes().to_vec(),
+        ));
     }
 }
 
@@ -155,11 +159,31 @@ fn migration(out: &mut Vec<Seed>) {
     let mut stream = vec![0u8];
     let _ = write_json(&mut stream, Kind::Hello, &hello);
     let _ = write_json(&mut stream, Kind::HelloReply, &reply);
-    let runs = [PageRun { gpa: 0, pages: 1 }, PageRun { gpa: 0x10000, pages: 1 }];
-    let _ = write_message(&mut stream, Kind::Pages, &encode_runs(&runs, &[&page[..], &page[..]].concat()));
-    let zero = [PageRun { gpa: 0x2000, pages: 16 }];
+    let runs = [
+        PageRun { gpa: 0, pages: 1 },
+        PageRun {
+            gpa: 0x10000,
+            pages: 1,
+        },
+    ];
+    let _ = write_message(
+        &mut stream,
+        Kind::Pages,
+        &encode_runs(&runs, &[&page[..], &page[..]].concat()),
+    );
+    let zero = [PageRun {
+        gpa: 0x2000,
+        pages: 16,
+    }];
     let _ = write_message(&mut stream, Kind::ZeroPages, &encode_runs(&zero, &[]));
-    let _ = write_json(&mut stream, Kind::RoundEnd, &RoundEnd { round: 1, pages: 18 });
+    let _ = write_json(
+        &mut stream,
+        Kind::RoundEnd,
+        &RoundEnd {
+            round: 1,
+            pages: 18,
+        },
+    );
     let _ = write_message(&mut stream, Kind::Complete, &[]);
     let _ = write_json(&mut stream, Kind::Resumed, &Resumed { restore_ms: 1.5 });
     let _ = write_message(&mut stream, Kind::Abort, b"stopped by the user");
@@ -173,7 +197,16 @@ fn migration(out: &mut Vec<Seed>) {
         structured.extend_from_slice(payload);
     };
     push(0, &serde_json::to_vec(&hello).unwrap_or_default());
-    push(2, &encode_runs(&[PageRun { gpa: 0x3000, pages: 1 }], &page));
+    push(
+        2,
+        &encode_runs(
+            &[PageRun {
+                gpa: 0x3000,
+                pages: 1,
+            }],
+            &page,
+        ),
+    );
     push(3, &encode_runs(&zero, &[]));
     push(4, br#"{"round":2,"pages":7}"#);
     push(9, b"unknown kind");
@@ -244,17 +277,33 @@ fn record(out: &mut Vec<Seed>) {
         let protocol = WANTED_PROTOCOL;
         let ack = 0u64.to_le_bytes();
         reply(&mut b, FrontendReq::GET_FEATURES, &features.to_le_bytes());
-        reply(&mut b, FrontendReq::GET_PROTOCOL_FEATURES, &protocol.to_le_bytes());
+        reply(
+            &mut b,
+            FrontendReq::GET_PROTOCOL_FEATURES,
+            &protocol.to_le_bytes(),
+        );
         reply(&mut b, FrontendReq::SET_PROTOCOL_FEATURES, &ack);
         reply(&mut b, FrontendReq::GET_QUEUE_NUM, &2u64.to_le_bytes());
-        reply(&mut b, FrontendReq::GET_CONFIG, &window(&latest_record(false)));
+        reply(
+            &mut b,
+            FrontendReq::GET_CONFIG,
+            &window(&latest_record(false)),
+        );
         if pinned {
             reply(&mut b, FrontendReq::SET_CONFIG, &ack);
-            reply(&mut b, FrontendReq::GET_CONFIG, &window(&latest_record(true)));
+            reply(
+                &mut b,
+                FrontendReq::GET_CONFIG,
+                &window(&latest_record(true)),
+            );
         }
         reply(&mut b, FrontendReq::SET_OWNER, &ack);
         reply(&mut b, FrontendReq::GET_FEATURES, &features.to_le_bytes());
-        let name = if pinned { "handshake-pinned" } else { "handshake" };
+        let name = if pinned {
+            "handshake-pinned"
+        } else {
+            "handshake"
+        };
         out.push(seed("vhost_user_replies", name, b));
     }
 }
@@ -271,7 +320,11 @@ fn mmio(out: &mut Vec<Seed>) {
     };
     let features = feature(VIRTIO_F_VERSION_1) | feature(VIRTIO_RING_F_EVENT_IDX);
     write(&mut ops, reg::STATUS, u64::from(status::ACKNOWLEDGE));
-    write(&mut ops, reg::STATUS, u64::from(status::ACKNOWLEDGE | status::DRIVER));
+    write(
+        &mut ops,
+        reg::STATUS,
+        u64::from(status::ACKNOWLEDGE | status::DRIVER),
+    );
     write(&mut ops, reg::DRIVER_FEATURES_SEL, 0);
     write(&mut ops, reg::DRIVER_FEATURES, features & 0xffff_ffff);
     write(&mut ops, reg::DRIVER_FEATURES_SEL, 1);
@@ -334,7 +387,7 @@ fn virtio_net(out: &mut Vec<Seed>) {
     const WRITE: u8 = 2;
     let frame = udp_frame();
     let mut b = vec![0xc3u8]; // MRG_RXBUF, CTRL_VQ, CTRL_RX, vnet header
-    // Receive queue: two writable buffers.
+                              // Receive queue: two writable buffers.
     b.push(2);
     desc(&mut b, 0x6000, 2048, WRITE, 0);
     desc(&mut b, 0x7000, 2048, WRITE, 0);

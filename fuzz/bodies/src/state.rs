@@ -90,7 +90,10 @@ fn receive(message: &Message) {
                 if with_data {
                     assert_eq!(total, Some(data.len() as u64), "runs match their data");
                 } else {
-                    assert!(total.is_some() && data.is_empty(), "zero runs carry no data");
+                    assert!(
+                        total.is_some() && data.is_empty(),
+                        "zero runs carry no data"
+                    );
                 }
             }
         }

@@ -20,9 +20,9 @@ mod state;
 pub use state::VirtioNetState;
 mod tap;
 pub use tap::{NetConfig, NetError, VirtioNet};
-mod worker;
 #[cfg(feature = "fuzzing")]
 pub mod fuzzing;
+mod worker;
 
 #[cfg(test)]
 mod tests;
