@@ -10,7 +10,7 @@ work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
 for t in api_line net_spec host_caps migration_stream snapshot_state memory_header \
-         vhost_user_record vhost_user_replies mmio_registers virtio_net; do
+         vhost_user_record vhost_user_replies vhost_user_backend mmio_registers virtio_net; do
     mkdir -p "$CORPUS/$t"
 done
 

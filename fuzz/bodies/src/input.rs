@@ -36,6 +36,13 @@ impl<'a> Input<'a> {
         u16::from_le_bytes(b)
     }
 
+    pub(crate) fn u32(&mut self) -> u32 {
+        let mut b = [0u8; 4];
+        let got = self.bytes(4);
+        b[..got.len()].copy_from_slice(got);
+        u32::from_le_bytes(b)
+    }
+
     pub(crate) fn u64(&mut self) -> u64 {
         let mut b = [0u8; 8];
         let got = self.bytes(8);

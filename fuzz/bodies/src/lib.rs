@@ -13,12 +13,14 @@ pub mod seeds;
 mod state;
 mod text;
 mod vhost_user;
+mod vhost_user_backend;
 mod virtio_net;
 
 pub use mmio::mmio_registers;
 pub use state::{memory_header, migration_stream, snapshot_state};
 pub use text::{api_line, host_caps, net_spec};
 pub use vhost_user::{vhost_user_record, vhost_user_replies};
+pub use vhost_user_backend::vhost_user_backend;
 pub use virtio_net::virtio_net;
 
 /// A fuzz target: its name (the binary in `fuzz/fuzz_targets/` and the
@@ -61,6 +63,10 @@ pub const TARGETS: &[Target] = &[
     Target {
         name: "vhost_user_replies",
         body: vhost_user_replies,
+    },
+    Target {
+        name: "vhost_user_backend",
+        body: vhost_user_backend,
     },
     Target {
         name: "mmio_registers",

@@ -48,6 +48,7 @@ pub fn encoded(state: Option<&[u8]>) -> Vec<Seed> {
     record(&mut out);
     mmio(&mut out);
     virtio_net(&mut out);
+    backend(&mut out);
     out
 }
 
@@ -415,4 +416,59 @@ fn virtio_net(out: &mut Vec<Seed>) {
     b.extend_from_slice(&(rx.len() as u16).to_le_bytes());
     b.extend_from_slice(&rx);
     out.push(seed("virtio_net", "tx-rx-ctrl", b));
+}
+
+/// A frontend's session with the backend: the interface pinned and read
+/// back, features acked, a memory table of 1 MiB at 0, both rings set up,
+/// a frame transmitted (TX kick) and one received (TAP readable).
+fn backend(out: &mut Vec<Seed>) {
+    let latest = interface::latest();
+    let frame = udp_frame();
+    let mut b = vec![1u8]; // the TAP has a vnet header
+    b.extend_from_slice(&[0, 0, latest.name.len() as u8]);
+    b.extend_from_slice(latest.name.as_bytes());
+    b.extend_from_slice(&[1, 0]);
+    b.extend_from_slice(&(WINDOW_SIZE as u16).to_le_bytes());
+    b.push(2);
+    b.extend_from_slice(&(latest.values().features | 1 << 29).to_le_bytes());
+    b.extend_from_slice(&[3, 0]);
+    b.extend_from_slice(&[4, 1, 0, 0, 255]);
+    let write = |b: &mut Vec<u8>, addr: u32, bytes: &[u8]| {
+        b.push(8);
+        b.extend_from_slice(&addr.to_le_bytes());
+        b.push(bytes.len() as u8);
+        b.extend_from_slice(bytes);
+    };
+    for (index, base) in [(0u8, 0x1000u32), (1, 0x2000)] {
+        b.push(5);
+        b.push(index);
+        b.extend_from_slice(&16u16.to_le_bytes());
+        for addr in [base, base + 0x400, base + 0x800] {
+            b.extend_from_slice(&addr.to_le_bytes());
+        }
+        b.push(6); // ready, enabled
+    }
+    let raw_desc = |addr: u64, len: u32, flags: u16, next: u16| {
+        let mut d = addr.to_le_bytes().to_vec();
+        d.extend_from_slice(&len.to_le_bytes());
+        d.extend_from_slice(&flags.to_le_bytes());
+        d.extend_from_slice(&next.to_le_bytes());
+        d
+    };
+    // RX: one writable buffer; TX: header and frame.
+    write(&mut b, 0x1000, &raw_desc(0x8000, 2048, 2, 0));
+    write(&mut b, 0x1400, &[0, 0, 1, 0, 0, 0]);
+    let mut tx = raw_desc(0x4000, 12, 1, 1);
+    tx.extend_from_slice(&raw_desc(0x4010, frame.len() as u32, 0, 0));
+    write(&mut b, 0x2000, &tx);
+    write(&mut b, 0x2400, &[0, 0, 1, 0, 0, 0]);
+    write(&mut b, 0x4010, &frame);
+    b.extend_from_slice(&[6, 1]);
+    let mut rx = vec![0u8; 12];
+    rx.extend_from_slice(&frame);
+    b.push(9);
+    b.extend_from_slice(&(rx.len() as u16).to_le_bytes());
+    b.extend_from_slice(&rx);
+    b.extend_from_slice(&[6, 4]);
+    out.push(seed("vhost_user_backend", "session", b));
 }
