@@ -48,7 +48,7 @@ fuzz:
 	for t in $(FUZZ_TARGETS); do \
 		mkdir -p fuzz/corpus-work/$$t; \
 		(cd fuzz && cargo +nightly fuzz run -O $$t corpus-work/$$t corpus/$$t -- \
-			-max_total_time=$(FUZZ_SECONDS) -workers=1 -jobs=1 \
+			-max_total_time=$(FUZZ_SECONDS) -workers=1 \
 			-rss_limit_mb=2048 -malloc_limit_mb=64 -timeout=10 -print_final_stats=1) || exit 1; \
 	done
 

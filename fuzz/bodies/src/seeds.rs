@@ -283,7 +283,7 @@ fn record(out: &mut Vec<Seed>) {
             FrontendReq::GET_PROTOCOL_FEATURES,
             &protocol.to_le_bytes(),
         );
-        reply(&mut b, FrontendReq::SET_PROTOCOL_FEATURES, &ack);
+        // SET_PROTOCOL_FEATURES goes unacknowledged: REPLY_ACK starts after it.
         reply(&mut b, FrontendReq::GET_QUEUE_NUM, &2u64.to_le_bytes());
         reply(
             &mut b,
