@@ -3,7 +3,7 @@ CARGO ?= cargo
 GODWIT := target/debug/godwit
 GODWIT_RELEASE := target/release/godwit
 
-.PHONY: all deps build release demo test lint bench clean
+.PHONY: all deps build release demo test lint bench fuzz clean
 
 all: build
 
@@ -35,6 +35,22 @@ lint:
 # Benchmarks; results go to BENCHMARKS.md by hand, with this command.
 bench: release
 	$(CARGO) run --release -p godwit-tests --bin godwit-bench -- all
+
+# Runs every fuzz target (fuzz/, cargo-fuzz on nightly) for FUZZ_SECONDS
+# each, one at a time, from its corpus in fuzz/corpus/<target>/. New inputs
+# go to fuzz/corpus-work/<target>/ (not in git; fold them in with
+# `cargo fuzz cmin`), crashes to fuzz/artifacts/. Results go to FUZZING.md
+# by hand. `make test` replays the corpora on stable.
+FUZZ_SECONDS ?= 60
+FUZZ_TARGETS = $(shell sed -n 's/^name = "\(.*\)"/\1/p' fuzz/Cargo.toml | grep -v '^godwit')
+fuzz:
+	cd fuzz && cargo +nightly fuzz build -O
+	for t in $(FUZZ_TARGETS); do \
+		mkdir -p fuzz/corpus-work/$$t; \
+		(cd fuzz && cargo +nightly fuzz run -O $$t corpus-work/$$t corpus/$$t -- \
+			-max_total_time=$(FUZZ_SECONDS) -workers=1 \
+			-rss_limit_mb=2048 -malloc_limit_mb=64 -timeout=10 -print_final_stats=1) || exit 1; \
+	done
 
 clean:
 	$(CARGO) clean

@@ -417,6 +417,17 @@ impl MemoryFileInfo {
     }
 }
 
+/// Decodes a memory-file header from its bytes, for the fuzz targets in
+/// `fuzz/`: `header` is what [`read_info`] reads from the file's start,
+/// `file_len` the file's length.
+#[cfg(feature = "fuzzing")]
+pub fn decode_header_bytes(
+    header: &[u8],
+    file_len: u64,
+) -> Result<MemoryFileInfo, MemoryFileError> {
+    MemoryFileInfo::decode_header(Path::new("<fuzz input>"), header, file_len)
+}
+
 /// Reads the header of a memory file and checks that the file is as long as
 /// its header says.
 pub fn read_info(path: &Path) -> Result<MemoryFileInfo, MemoryFileError> {

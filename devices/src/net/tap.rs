@@ -412,6 +412,20 @@ impl Tap {
         Ok(tap)
     }
 
+    /// Wraps any packet socket (one end of a socketpair) as a TAP without
+    /// any checks, for the fuzz targets, whose peer is the other end. The
+    /// TAP ioctls fail on it, as they would on a TAP without offloads.
+    #[cfg(feature = "fuzzing")]
+    pub fn from_socket_for_fuzzing(fd: OwnedFd, vnet_hdr: bool) -> io::Result<Tap> {
+        set_nonblocking(fd.as_raw_fd())?;
+        Ok(Tap {
+            file: File::from(fd),
+            name: "fuzz".to_string(),
+            vnet_hdr,
+            offload: AtomicU32::new(0),
+        })
+    }
+
     fn init_vnet_hdr(&self) -> Result<(), TapError> {
         if !self.vnet_hdr {
             return Ok(());

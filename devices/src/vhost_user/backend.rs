@@ -241,10 +241,13 @@ impl NetBackend {
             return Ok(());
         }
         let mut sent = 0;
+        let mut empty_rounds = 0;
+        let mut corrupt = false;
         loop {
             if self.event_idx {
                 vring.disable_notification().map_err(io::Error::other)?;
             }
+            let before = sent;
             loop {
                 let chain = vring
                     .get_mut()
@@ -268,12 +271,27 @@ impl NetBackend {
                 vring.add_used(head, 0).map_err(io::Error::other)?;
                 sent += 1;
             }
+            // A round without a chain after the ring reported more is the
+            // driver adding buffers meanwhile; a second one in a row is a
+            // ring that cannot be read (an available index running ahead of
+            // the ring, a head outside it), which would spin here forever.
+            empty_rounds = if sent == before { empty_rounds + 1 } else { 0 };
+            if empty_rounds > 1 {
+                corrupt = true;
+                break;
+            }
             if !self.event_idx || !vring.enable_notification().map_err(io::Error::other)? {
                 break;
             }
         }
         if sent > 0 {
             self.signal(vring)?;
+        }
+        if corrupt {
+            return Err(io::Error::other(
+                "the transmit ring reports buffers that cannot be read: its available index runs \
+                 ahead of the ring or names a descriptor outside it",
+            ));
         }
         Ok(())
     }
@@ -289,6 +307,7 @@ impl NetBackend {
             return Ok(());
         }
         let mut delivered = 0;
+        let mut short = 0;
         loop {
             if self.rx_pending == 0 {
                 match self.tap.read(&mut self.rx_buf) {
@@ -304,10 +323,18 @@ impl NetBackend {
             }
             if self.deliver(&mem, vring)? {
                 delivered += 1;
+                short = 0;
                 continue;
             }
-            // No room: wait for buffers (a kick), unless some arrived meanwhile.
-            if self.event_idx && vring.enable_notification().map_err(io::Error::other)? {
+            // No room: wait for buffers (a kick), unless some arrived
+            // meanwhile. Short twice in a row although the ring reports
+            // buffers: too few for the frame, or a ring that cannot be read;
+            // retrying would spin, and notifications are on for the kick.
+            short += 1;
+            if short < 2
+                && self.event_idx
+                && vring.enable_notification().map_err(io::Error::other)?
+            {
                 continue;
             }
             break;

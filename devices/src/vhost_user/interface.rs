@@ -240,19 +240,33 @@ impl InterfaceRecord {
                 value: value.to_string(),
             };
             let num = |v: &str| v.parse::<u16>().map_err(|_| bad());
+            // Names are compared and shown: a backend's record may only
+            // hold valid ones (a control character or a stray `\r` would
+            // not survive the record's own encoding).
             match key {
                 "active" => {
+                    if !valid_name(value) {
+                        return Err(bad());
+                    }
                     r.active = value.to_string();
                     active = true;
                 }
                 "pinned" => r.pinned = value == "1",
-                "latest" => r.latest = value.to_string(),
+                "latest" => {
+                    if !value.is_empty() && !valid_name(value) {
+                        return Err(bad());
+                    }
+                    r.latest = value.to_string()
+                }
                 "supported" => {
                     r.supported = value
                         .split(',')
                         .filter(|s| !s.is_empty())
                         .map(str::to_string)
-                        .collect()
+                        .collect();
+                    if !r.supported.iter().all(|s| valid_name(s)) {
+                        return Err(bad());
+                    }
                 }
                 "truncated" => r.truncated = value == "1",
                 "features" => {

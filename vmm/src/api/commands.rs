@@ -415,7 +415,7 @@ fn set_migration_parameters(
 /// A `query-host-caps` spec, refused when probing it would touch anything
 /// but the peer it names. `fd=NAME` takes the descriptor the client named
 /// with `getfd` out of `session`: the probe owns (and closes) it.
-fn host_caps_spec(
+pub(super) fn host_caps_spec(
     index: usize,
     text: &str,
     session: &mut Session,

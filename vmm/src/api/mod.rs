@@ -94,6 +94,8 @@ pub mod client;
 pub mod commands;
 mod error;
 mod framing;
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
 mod protocol;
 mod server;
 mod session;

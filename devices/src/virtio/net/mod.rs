@@ -20,6 +20,8 @@ mod state;
 pub use state::VirtioNetState;
 mod tap;
 pub use tap::{NetConfig, NetError, VirtioNet};
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
 mod worker;
 
 #[cfg(test)]

@@ -301,6 +301,18 @@ impl Worker {
         }
     }
 
+    /// Serves every queue once, as the loop does when all its events fire,
+    /// on the calling thread: the fuzz targets drive the datapath this way,
+    /// deterministically and without a thread.
+    #[cfg(feature = "fuzzing")]
+    pub(crate) fn serve_once(&mut self) -> Result<(), Fatal> {
+        self.process_tx()?;
+        self.rx_kick()?;
+        self.process_ctrl()?;
+        self.publish_positions();
+        Ok(())
+    }
+
     fn fail(&mut self, e: Fatal) {
         self.publish_positions();
         tracing::error!(

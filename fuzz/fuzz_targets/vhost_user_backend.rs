@@ -1,0 +1,3 @@
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| godwit_fuzz_bodies::vhost_user_backend(data));
