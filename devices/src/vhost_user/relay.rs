@@ -55,6 +55,14 @@ pub struct Negotiated {
 }
 
 impl Negotiated {
+    /// As if the frontend had set `protocol` already (for driving the
+    /// backend without a relay: tests, fuzzing).
+    pub fn with_protocol(protocol: u64) -> Self {
+        Negotiated {
+            protocol: AtomicU64::new(protocol),
+        }
+    }
+
     /// The protocol features of the frontend's SET_PROTOCOL_FEATURES (0
     /// before it).
     pub fn protocol(&self) -> u64 {

@@ -59,19 +59,7 @@ fn frame_message(stream: &mut Vec<u8>, kind: u16, payload: &[u8]) {
 }
 
 fn known_kind(kind: u16) -> Option<Kind> {
-    [
-        Kind::Hello,
-        Kind::HelloReply,
-        Kind::Pages,
-        Kind::ZeroPages,
-        Kind::RoundEnd,
-        Kind::State,
-        Kind::Complete,
-        Kind::Resumed,
-        Kind::Abort,
-    ]
-    .into_iter()
-    .find(|k| *k as u16 == kind)
+    Kind::from_u16(kind)
 }
 
 /// Decodes a message as the destination (or, for the replies, the source)
@@ -110,7 +98,7 @@ fn receive(message: &Message) {
             let _ = message.json::<Resumed>();
         }
         Kind::State => read_state(message.payload.clone()),
-        Kind::Complete | Kind::Abort => {}
+        Kind::Complete | Kind::Abort | Kind::Ready | Kind::Go => {}
     }
 }
 

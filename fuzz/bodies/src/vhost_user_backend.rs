@@ -9,7 +9,8 @@ use std::sync::Arc;
 
 use godwit_devices::net::Tap;
 use godwit_devices::vhost_user::backend::{BackendCounters, NetBackend};
-use godwit_devices::vhost_user::interface::{self, WINDOW_OFFSET};
+use godwit_devices::vhost_user::interface::{self, PROTOCOL_F_GODWIT_INTERFACE, WINDOW_OFFSET};
+use godwit_devices::vhost_user::relay::Negotiated;
 use vhost_user_backend::bitmap::BitmapMmapRegion;
 use vhost_user_backend::{VhostUserBackendMut, VringRwLock, VringT};
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
@@ -45,7 +46,15 @@ fn memory_table(input: &mut Input<'_>) -> Option<Mem> {
 /// a frame from the TAP.
 pub fn vhost_user_backend(data: &[u8]) {
     let mut input = Input::new(data);
-    let vnet_hdr = input.u8() & 1 == 1;
+    let first = input.u8();
+    let vnet_hdr = first & 1 == 1;
+    // Bit 1: a frontend that asked for godwit's extension, so that its
+    // window is served.
+    let protocol = if first & 2 != 0 {
+        PROTOCOL_F_GODWIT_INTERFACE
+    } else {
+        0
+    };
     let Ok((ours, peer)) = UnixDatagram::pair() else {
         return;
     };
@@ -57,6 +66,7 @@ pub fn vhost_user_backend(data: &[u8]) {
         Arc::new(tap),
         interface::latest(),
         Arc::new(BackendCounters::default()),
+        Arc::new(Negotiated::with_protocol(protocol)),
     );
     let mem = GuestMemoryAtomic::new(Mem::new());
     let max = u16::try_from(backend.max_queue_size()).unwrap_or(u16::MAX);

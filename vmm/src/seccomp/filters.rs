@@ -387,11 +387,14 @@ fn rules_of(kind: ThreadKind) -> Rules {
                 ThreadKind::NetCtrl,
                 ThreadKind::TapNamespace,
             ]),
+        // Under auto-converge it starts the kicker thread (which runs under
+        // this filter: tgkill and sleeps are in base()).
         ThreadKind::MigrationSource => base()
             .with(&poll())
             .with(&descriptors())
             .with(&sockets())
             .with(&files())
+            .with(&spawn())
             .allow(&[SYS_ioctl]),
         // Management commands reach everything a VM does at run time:
         // vCPU state, snapshots, host probes, migration.
