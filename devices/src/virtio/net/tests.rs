@@ -199,7 +199,7 @@ fn basic_traffic(vnet: VnetHdr, features: u64, tag: &str) {
     assert!(s.rx_packets >= 20);
     assert_eq!(s.tx_faults.total() + s.rx_faults.total(), 0, "{s:?}");
     // Positions are published for snapshots.
-    let pos = r.net.lock().unwrap().queue_positions().unwrap();
+    let pos = paused_positions(&r);
     assert_eq!(pos[TX_QUEUE].next_avail, 21);
     assert_eq!(pos[TX_QUEUE].next_used, 21);
 }
@@ -1343,8 +1343,18 @@ fn restored_transport_continues_on_a_new_tap() {
     r.host_sends(&sock, 6000, b"rx after restore");
     let frames = r.driver.recv_frames(1, TIMEOUT).unwrap();
     assert_eq!(udp_to(&frames, 6000)[0].1.payload, b"rx after restore");
-    let pos = r.net.lock().unwrap().queue_positions().unwrap();
+    let pos = paused_positions(&r);
     assert_eq!(pos[TX_QUEUE].next_avail, 8);
+}
+
+/// The queue positions a snapshot would save: read with the datapath
+/// paused, since the worker writes the used ring before it publishes them.
+fn paused_positions(r: &Rig) -> Vec<crate::virtio::QueuePosition> {
+    let net = r.net.lock().unwrap();
+    net.pause_datapath().unwrap();
+    let pos = net.queue_positions().unwrap();
+    net.resume_datapath();
+    pos
 }
 
 /// A device with no queues, to park a rig's transport slot.
