@@ -22,11 +22,22 @@ impl NetBackend {
     /// at info level, and waits until it is ready (and, unless `--client`,
     /// listening).
     pub fn start(host: &NetHost, socket: &Path, extra: &[&str]) -> NetBackend {
-        let socket_s = socket.to_str().unwrap();
-        let mut args = vec!["net-backend", "--socket", socket_s, "--tap", &host.tap];
+        Self::start_in(&host.ns, &host.tap, socket, extra)
+    }
+
+    /// Like [`NetBackend::start`], on TAP `tap` of namespace `ns` (a host
+    /// of [`crate::TwoHosts`]: `gwtap0`).
+    pub fn start_in(ns: &str, tap: &str, socket: &Path, extra: &[&str]) -> NetBackend {
+        let socket_s = socket.to_str().expect("socket path is UTF-8");
+        let mut args = vec!["net-backend", "--socket", socket_s, "--tap", tap];
         args.extend_from_slice(extra);
-        let mut child = godwit_command(Some(&host.ns), &args)
-            .env("GODWIT_LOG", "info")
+        let mut child = godwit_command(Some(ns), &args)
+            // GODWIT_BACKEND_LOG=debug shows the backend's requests when
+            // a test fails.
+            .env(
+                "GODWIT_LOG",
+                std::env::var("GODWIT_BACKEND_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -82,6 +93,15 @@ impl NetBackend {
                 ),
             }
         }
+    }
+
+    /// Every line printed so far (those not yet read included), for a
+    /// failure message.
+    pub fn output(&mut self) -> String {
+        while let Ok(line) = self.lines.try_recv() {
+            self.seen.push(line);
+        }
+        self.seen.join("\n")
     }
 
     pub fn kill9(&mut self) {

@@ -253,6 +253,7 @@ impl<K: VhostNet> Inner<K> {
         if let Some(r) = self.rings.as_mut() {
             r.running = true;
             r.stopped_at = None;
+            r.notify_after_start(DEVICE_NAME);
         }
         Ok(())
     }

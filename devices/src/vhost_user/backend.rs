@@ -564,6 +564,10 @@ impl VhostUserBackendMut for NetBackend {
                 if rx.get_ref().get_queue().ready() && rx.get_ref().is_enabled() {
                     self.process_rx(rx)
                 } else {
+                    tracing::debug!(
+                        device_event,
+                        "receive event while the ring is stopped: served after the next start"
+                    );
                     Ok(())
                 }
             }

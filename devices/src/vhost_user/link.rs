@@ -302,6 +302,7 @@ impl Inner {
         if let Some(r) = self.rings.as_mut() {
             r.running = true;
             r.stopped_at = None;
+            r.notify_after_start(&self.name);
         }
         tracing::info!(
             backend = %self.name,

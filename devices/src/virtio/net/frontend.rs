@@ -114,6 +114,32 @@ impl BackendRings {
     pub(crate) fn bases(&self) -> Vec<u16> {
         self.queues.iter().map(|q| q.next_avail()).collect()
     }
+
+    /// Notifies both sides once after the backend's rings were (re)started.
+    ///
+    /// Stopping a backend (GET_VRING_BASE, for a pause or a snapshot) can
+    /// swallow a notification in either direction. The backend may have
+    /// consumed a kick without serving the buffers it announced, and with
+    /// VIRTIO_F_EVENT_IDX the driver has no reason to kick again. Or the
+    /// backend may have published used buffers while its call fd was
+    /// withdrawn, and a driver out of receive buffers then waits for an
+    /// interrupt that never comes. So after every start each ring is kicked
+    /// and the driver interrupted once, as spurious notifications; the
+    /// virtio spec requires both sides to tolerate those, and a side with
+    /// nothing to do finds its rings as it left them.
+    pub(crate) fn notify_after_start(&self, backend: &str) {
+        for (i, kick) in self.kicks.iter().enumerate() {
+            if let Err(e) = kick.write(1) {
+                tracing::warn!(%backend, ring = i, "cannot notify the backend after starting its rings: {e}");
+            }
+        }
+        for i in 0..self.kicks.len() {
+            let queue = u16::try_from(i).unwrap_or(u16::MAX);
+            if let Err(e) = self.interrupt.trigger(InterruptKind::Queue(queue)) {
+                tracing::warn!(%backend, ring = i, "cannot interrupt the guest after starting the backend's rings: {e}");
+            }
+        }
+    }
 }
 
 /// The guest-visible side of a virtio-net device.
