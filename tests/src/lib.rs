@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 
 pub use godwit_vmm::api::QmpClient;
 
-pub mod backend;
 pub mod guest;
+pub mod host_support;
 pub mod linux_guest;
 pub mod migrate;
 pub mod net_backend;

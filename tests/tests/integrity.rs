@@ -9,8 +9,8 @@ use std::time::Duration;
 use serde_json::{json, Value};
 
 use godwit_migration::memory_file;
-use godwit_tests::backend::NetBackend;
 use godwit_tests::migrate::{assert_heartbeat_follows, last_complete_heartbeat};
+use godwit_tests::net_backend::NetBackend;
 use godwit_tests::verify::{full_round_without_mismatch, next_verdict};
 use godwit_tests::{qmp_connect, udp_echo, EchoClient, NetHost, RunningVm, TempDir, TwoHosts};
 
@@ -673,8 +673,8 @@ fn chain(vcpus: &str, hosts: Option<&TwoHosts>, vhost_user: bool) {
     let (sock_a, sock_b) = (dir.join("a.vu"), dir.join("b.vu"));
     let _backends = match (hosts, vhost_user) {
         (Some(h), true) => Some((
-            NetBackend::start(&h.ns_a(), &sock_a),
-            NetBackend::start(&h.ns_b(), &sock_b),
+            NetBackend::start_in(&h.ns_a(), "gwtap0", &sock_a, &[]),
+            NetBackend::start_in(&h.ns_b(), "gwtap0", &sock_b, &[]),
         )),
         _ => None,
     };

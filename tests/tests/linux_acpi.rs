@@ -23,17 +23,8 @@ const EMULATED_TIMEOUT: &str = "480s";
 const EMULATED_DEADLINE: Duration = Duration::from_secs(540);
 const HARDWARE_DEADLINE: Duration = Duration::from_secs(120);
 
+use godwit_tests::host_support::{hardware_virtualisation, not_run};
 use godwit_tests::linux_guest::kernel_dir;
-
-fn hardware_virtualisation() -> bool {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .map(|c| {
-            c.lines()
-                .filter(|l| l.starts_with("flags"))
-                .any(|l| l.split_whitespace().any(|f| f == "vmx" || f == "svm"))
-        })
-        .unwrap_or(false)
-}
 
 fn acpi_problems(console: &str) -> Vec<&str> {
     console
@@ -202,8 +193,9 @@ fn build_initramfs(dir: &Path, modules_dir: &Path) -> PathBuf {
 #[test]
 fn debian_cloud_kernel_boots_to_its_initramfs_and_finds_the_nic_with_hardware_kvm() {
     if !hardware_virtualisation() {
-        println!(
-            "not run: this CPU has no vmx/svm flag, so KVM emulates guest code and the kernel stops at its int3 self-test (the test above covers ACPI up to there)"
+        not_run(
+            "debian_cloud_kernel_boots_to_its_initramfs_and_finds_the_nic_with_hardware_kvm",
+            "this CPU has no vmx/svm flag, so KVM emulates guest code and the kernel stops at its int3 self-test (the test above covers ACPI up to there)",
         );
         return;
     }

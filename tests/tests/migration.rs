@@ -5,7 +5,6 @@
 
 use std::io::Write;
 use std::net::TcpListener;
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
@@ -13,6 +12,7 @@ use serde_json::{json, Value};
 use godwit_migration::protocol::{self, Kind};
 use godwit_tests::guest::spawn_serving;
 use godwit_tests::migrate::{assert_heartbeat_continues, wait_migration};
+use godwit_tests::net_backend::NetBackend;
 use godwit_tests::{
     heartbeat, qmp_connect, serve_cmdline, wait_listening, EchoClient, QmpClient, RunningVm,
     TempDir, TwoHosts, BOOT,
@@ -377,42 +377,6 @@ fn cancel_and_non_convergence_leave_the_source_running() {
     );
     let _ = dst.wait_exit(Duration::from_secs(20));
     src.qmp.execute("quit", Value::Null).unwrap();
-    let _ = Path::new("");
-}
-
-/// godwit's own vhost-user backend on each host, on that host's TAP.
-struct Backend(std::process::Child);
-
-impl Backend {
-    fn start(ns: &str, socket: &Path) -> Self {
-        let child = godwit_tests::godwit_command(
-            Some(ns),
-            &[
-                "net-backend",
-                "--socket",
-                socket.to_str().unwrap(),
-                "--tap",
-                "gwtap0",
-            ],
-        )
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("start godwit net-backend");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !socket.exists() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Backend(child)
-    }
-}
-
-impl Drop for Backend {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 #[test]
@@ -420,8 +384,8 @@ fn migrates_a_vhost_user_guest_with_the_backends_dirty_log() {
     let hosts = TwoHosts::new(122, true, true);
     let dir = TempDir::new("migvu");
     let (sock_a, sock_b) = (dir.join("a.vu"), dir.join("b.vu"));
-    let _backend_a = Backend::start(&hosts.ns_a(), &sock_a);
-    let _backend_b = Backend::start(&hosts.ns_b(), &sock_b);
+    let _backend_a = NetBackend::start_in(&hosts.ns_a(), "gwtap0", &sock_a, &[]);
+    let _backend_b = NetBackend::start_in(&hosts.ns_b(), "gwtap0", &sock_b, &[]);
     let api = dir.join("a.sock");
     let cmdline = serve_cmdline(
         200,
