@@ -30,7 +30,7 @@
 /// Declares a [`CommandSet`]: an enum with one variant per command, its
 /// wire names, and the parser that turns a request into a variant.
 ///
-/// ```ignore
+/// ```text
 /// qmp_commands! {
 ///     pub enum Command {
 ///         "stop" => Stop,

@@ -26,15 +26,13 @@ use crate::config::{RestoreMemory, VmConfig};
 use crate::devices::net::{self, NetDevice, NetSetupError};
 use crate::machine::{platform_devices, BuildError, BuiltVm, Machine, VmHandle};
 use crate::persist::staging::{Staging, StagingError};
+use crate::persist::{MEMORY_FILE, STATE_FILE};
 use crate::vstate::memory::{self, GuestRam};
 use crate::vstate::state::vcpu::{check_cpuid, host_cpuid, VCPU_SECTION};
 use crate::vstate::state::vm::{ClockRestore, VM_SECTION};
 use crate::vstate::state::{KvmCaps, StateError, VcpuState, VmState};
 use crate::vstate::vcpu::IoBuses;
 use crate::vstate::vm::{self, Vm};
-
-pub const STATE_FILE: &str = "state.gws";
-pub const MEMORY_FILE: &str = "memory.gwm";
 
 pub const MACHINE_SECTION: SectionKind = SectionKind {
     id: kind_ids::MACHINE_CONFIG,

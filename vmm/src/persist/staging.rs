@@ -23,7 +23,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use super::snapshot::{MEMORY_FILE, STATE_FILE};
+use super::{MEMORY_FILE, STATE_FILE};
 
 const TMP_MARK: &str = ".godwit-tmp-";
 

@@ -11,7 +11,8 @@ use serde_json::Value;
 use godwit_migration::format::{Container, FormatError};
 
 use super::existing_vm::{VmDevice, VmView};
-use crate::persist::snapshot::{read_saved, RestoreError, KNOWN_SECTIONS, STATE_FILE};
+use crate::persist::snapshot::{read_saved, RestoreError, KNOWN_SECTIONS};
+use crate::persist::STATE_FILE;
 use crate::planning::host_caps::encoding::{hex_bits, nullable};
 use crate::planning::host_caps::{decode, FieldError, PeerKind, UnknownPeerKind};
 
