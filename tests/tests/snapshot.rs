@@ -392,6 +392,29 @@ fn damaged_snapshots_are_refused_naming_section_and_reason() {
         None,
         "flux-capacitor".into(),
     ));
+    // Two vCPU sections that name one vCPU (CRCs made right again): each
+    // vCPU is created with the id its state names, so this would restore a
+    // different machine.
+    let mut p = parse(&state).0;
+    let second = p
+        .sections
+        .iter_mut()
+        .find(|s| s.5 == "vcpu 1")
+        .expect("the second vCPU's section");
+    assert_eq!(second.4, 1, "vCPU sections are JSON");
+    let text = String::from_utf8(second.6.clone()).unwrap();
+    assert!(
+        text.contains("\"id\":1"),
+        "{}",
+        &text[..text.len().min(200)]
+    );
+    second.6 = text.replacen("\"id\":1", "\"id\":0", 1).into_bytes();
+    cases.push((
+        "two sections for one vCPU".into(),
+        serialize(&p),
+        None,
+        "section instance 1 holds the state of vCPU 0".into(),
+    ));
     // Memory file missing or short.
     cases.push((
         "missing memory file".into(),

@@ -56,6 +56,8 @@ pub type KernelNet = Net<GuestMemoryAtomic<GuestMemory>>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum VhostNetError {
+    #[error("the kernel reported ring {ring} stopped at index {base}, which does not fit a split ring's 16 bits: the vhost-net device is in a state godwit cannot save; reset the guest's NIC (or restart the VM)")]
+    BadRingBase { ring: usize, base: u32 },
     #[error("{VHOST_NET_PATH} does not exist on this host (kernel without CONFIG_VHOST_NET, or the vhost_net module not loaded); use the userspace datapath instead: --net tap,ifname={tap}")]
     Missing { tap: String },
     #[error("cannot open {VHOST_NET_PATH}: {source}")]
@@ -279,7 +281,9 @@ impl<K: VhostNet> Inner<K> {
                 .net
                 .get_vring_base(i)
                 .map_err(ioctl("VHOST_GET_VRING_BASE"))?;
-            bases.push(b as u16);
+            bases.push(
+                u16::try_from(b).map_err(|_| VhostNetError::BadRingBase { ring: i, base: b })?,
+            );
         }
         if let Some(r) = self.rings.as_mut() {
             r.running = false;

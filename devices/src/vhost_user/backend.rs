@@ -383,7 +383,9 @@ impl NetBackend {
             }
             return Ok(true);
         }
-        let count = chains.len() as u16;
+        // A frame takes at most one chain per ring entry, and rings hold at
+        // most 32768: the counts below fit 16 bits.
+        let count = ring_count(chains.len())?;
         self.rx_buf[10..12].copy_from_slice(&count.to_le_bytes());
         let mut offset = 0;
         let mut used = Vec::with_capacity(chains.len());
@@ -399,7 +401,7 @@ impl NetBackend {
                 offset += n;
                 written += n;
             }
-            used.push((*head, written as u32));
+            used.push((*head, u32::try_from(written).unwrap_or(u32::MAX)));
         }
         // All entries of a frame are published with one used-index update:
         // a driver that sees the first buffer of a MRG_RXBUF frame must see
@@ -408,7 +410,7 @@ impl NetBackend {
         let base = q.next_used();
         let (last, rest) = used.split_last().unwrap_or((&(0, 0), &[]));
         for (i, (head, written)) in rest.iter().enumerate() {
-            let slot = base.wrapping_add(i as u16) % size;
+            let slot = base.wrapping_add(ring_count(i)?) % size;
             let addr = GuestAddress(q.used_ring())
                 .checked_add(4 + 8 * u64::from(slot))
                 .ok_or_else(|| io::Error::other("used ring address overflows"))?;
@@ -417,13 +419,19 @@ impl NetBackend {
             elem[4..].copy_from_slice(&written.to_le_bytes());
             mem.write_slice(&elem, addr).map_err(io::Error::other)?;
         }
-        q.set_next_used(base.wrapping_add(rest.len() as u16));
+        q.set_next_used(base.wrapping_add(ring_count(rest.len())?));
         q.add_used(&**mem, last.0, last.1)
             .map_err(io::Error::other)?;
         self.rx_pending = 0;
         self.counters.rx_frames.fetch_add(1, Ordering::Relaxed);
         Ok(true)
     }
+}
+
+/// A number of ring entries as a ring index delta.
+fn ring_count(n: usize) -> io::Result<u16> {
+    u16::try_from(n)
+        .map_err(|_| io::Error::other(format!("{n} buffers for one frame: more than a ring holds")))
 }
 
 /// Copies a transmit chain's readable buffers into `buf`; `None` when it is

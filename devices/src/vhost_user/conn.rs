@@ -241,7 +241,7 @@ impl Connection {
         buf.extend_from_slice(&u32::from(request).to_le_bytes());
         let flags = FLAG_VERSION | if need_reply { FLAG_NEED_REPLY } else { 0 };
         buf.extend_from_slice(&flags.to_le_bytes());
-        buf.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+        buf.extend_from_slice(&payload_len(payload.len()).to_le_bytes());
         buf.extend_from_slice(payload);
         let err = |source| VhostUserError::Send {
             peer: self.peer.clone(),
@@ -456,7 +456,7 @@ impl Connection {
             });
         }
         let mut p = Vec::with_capacity(8 + 32 * regions.len());
-        p.extend_from_slice(&(regions.len() as u32).to_le_bytes());
+        p.extend_from_slice(&payload_len(regions.len()).to_le_bytes());
         p.extend_from_slice(&0u32.to_le_bytes());
         for r in regions {
             p.extend_from_slice(&r.guest_phys_addr.to_le_bytes());
@@ -502,16 +502,16 @@ impl Connection {
         self.send(request, &vring_state(index, 0), &[], false)?;
         let reply = self.recv(request, &[8])?;
         let (got_index, num) = (le_u32(&reply, 0), le_u32(&reply, 4));
-        if got_index != index || num > u32::from(u16::MAX) {
-            return Err(VhostUserError::BadReply {
+        match u16::try_from(num) {
+            Ok(num) if got_index == index => Ok(num),
+            _ => Err(VhostUserError::BadReply {
                 peer: self.peer.clone(),
                 request,
                 detail: format!(
                     "asked for ring {index}, got ring {got_index} at index {num} (a split ring index is 16 bits)"
                 ),
-            });
+            }),
         }
-        Ok(num as u16)
     }
 
     pub fn set_vring_kick(&mut self, index: u32, fd: RawFd) -> Result<()> {
@@ -599,7 +599,7 @@ impl Connection {
     pub fn set_config(&mut self, offset: u32, data: &[u8]) -> Result<()> {
         let mut p = Vec::with_capacity(12 + data.len());
         p.extend_from_slice(&offset.to_le_bytes());
-        p.extend_from_slice(&(data.len() as u32).to_le_bytes());
+        p.extend_from_slice(&payload_len(data.len()).to_le_bytes());
         p.extend_from_slice(&0u32.to_le_bytes());
         p.extend_from_slice(data);
         self.request_ack(FrontendReq::SET_CONFIG, &p, &[])
@@ -628,6 +628,14 @@ impl Connection {
     pub fn shutdown(&self) {
         let _ = self.sock.shutdown(std::net::Shutdown::Both);
     }
+}
+
+/// A length or count in a message godwit builds. Messages are built from
+/// godwit's own small tables (a few memory regions, a config window of at
+/// most 256 bytes), far below 4 GiB; saturating keeps a broken caller from
+/// wrapping the field into a short, valid-looking length.
+pub(crate) fn payload_len(len: usize) -> u32 {
+    u32::try_from(len).unwrap_or(u32::MAX)
 }
 
 #[cfg(test)]

@@ -284,7 +284,7 @@ impl Inner {
                 c.set_log_base(size, 0, fd)?;
             }
             for i in 0..DATA_RINGS {
-                let index = i as u32;
+                let index = ring_index(i);
                 c.set_vring_num(index, sizes[i])?;
                 c.set_vring_base(index, bases[i])?;
                 c.set_vring_addr(index, &addrs[i])?;
@@ -293,7 +293,7 @@ impl Inner {
             }
             if enable {
                 for i in 0..DATA_RINGS {
-                    c.set_vring_enable(i as u32, true)?;
+                    c.set_vring_enable(ring_index(i), true)?;
                 }
             }
             Ok(())
@@ -325,7 +325,7 @@ impl Inner {
         };
         let mut bases = Vec::with_capacity(DATA_RINGS);
         for i in 0..DATA_RINGS {
-            bases.push(session.conn.get_vring_base(i as u32)?);
+            bases.push(session.conn.get_vring_base(ring_index(i))?);
         }
         if let Some(r) = self.rings.as_mut() {
             r.running = false;
@@ -448,7 +448,7 @@ impl Inner {
         if let Some(f) = features {
             s.conn.set_features(f)?;
             for (i, a) in addrs.iter().enumerate() {
-                s.conn.set_vring_addr(i as u32, a)?;
+                s.conn.set_vring_addr(ring_index(i), a)?;
             }
         }
         Ok(())
@@ -480,7 +480,7 @@ pub(crate) fn monitor(inner: Arc<Mutex<Inner>>, stop: EventFd) {
         let timeout = if watched.is_some() {
             -1
         } else {
-            MONITOR_PERIOD.as_millis() as i32
+            i32::try_from(MONITOR_PERIOD.as_millis()).unwrap_or(i32::MAX)
         };
         // SAFETY: poll on two pollfds owned by this frame (a negative fd is
         // ignored by poll).
@@ -506,4 +506,10 @@ pub(crate) fn monitor(inner: Arc<Mutex<Inner>>, stop: EventFd) {
             }
         }
     }
+}
+
+/// A data ring's index in a vhost-user message (rings are counted in the
+/// device's few queues).
+fn ring_index(i: usize) -> u32 {
+    u32::try_from(i).unwrap_or(u32::MAX)
 }

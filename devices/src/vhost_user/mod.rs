@@ -2,6 +2,10 @@
 //! receive and transmit rings a backend process serves), godwit's own
 //! backend (`godwit net-backend`), and backend interface versions with the
 //! protocol extension that pins one (docs/vhost-user-interface-versions.md).
+//!
+//! Everything here reads a peer's messages or a guest's rings: no cast may
+//! silently truncate a value from them.
+#![cfg_attr(not(test), deny(clippy::cast_possible_truncation))]
 
 pub mod backend;
 pub mod conn;

@@ -98,7 +98,7 @@ impl Message {
         let mut buf = Vec::with_capacity(HDR_LEN + self.payload.len());
         buf.extend_from_slice(&self.code.to_le_bytes());
         buf.extend_from_slice(&self.flags.to_le_bytes());
-        buf.extend_from_slice(&(self.payload.len() as u32).to_le_bytes());
+        buf.extend_from_slice(&super::conn::payload_len(self.payload.len()).to_le_bytes());
         buf.extend_from_slice(&self.payload);
         buf
     }

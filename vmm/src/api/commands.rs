@@ -493,7 +493,7 @@ fn vm_view(handle: &VmHandle) -> VmView {
             }
         })
         .collect();
-    let vcpus = handle.vcpus.count().clamp(1, 255) as u8;
+    let vcpus = u8::try_from(handle.vcpus.count().clamp(1, 255)).unwrap_or(u8::MAX);
     VmView {
         source: "this VM".into(),
         machine: handle.machine.name.to_string(),

@@ -26,6 +26,8 @@
 //! Responses and events are single-line JSON terminated by `\n`. Input
 //! objects may span lines or share one; after a JSON syntax error the input
 //! up to the next newline is discarded and the connection stays usable.
+// Requests come from management clients: no cast may silently truncate a value read from them.
+#![cfg_attr(not(test), deny(clippy::cast_possible_truncation))]
 
 /// Declares a [`CommandSet`]: an enum with one variant per command, its
 /// wire names, and the parser that turns a request into a variant.

@@ -959,7 +959,7 @@ fn check_peer(stream: &UnixStream) -> Result<(), PeerRefusal> {
         uid: 0,
         gid: 0,
     };
-    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    let mut len = libc::socklen_t::try_from(std::mem::size_of::<libc::ucred>()).unwrap_or(0);
     // SAFETY: `cred` and `len` are valid for writes and `len` holds the size
     // of `cred`, as SO_PEERCRED requires; the fd is a connected Unix socket
     // owned by `stream` for the duration of the call.

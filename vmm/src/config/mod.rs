@@ -1,5 +1,7 @@
 //! What a VM is made of, as the CLI (and later the API) gives it, with the
 //! parsers for its textual forms.
+// The command line is user input: no cast may silently truncate a value read from it.
+#![cfg_attr(not(test), deny(clippy::cast_possible_truncation))]
 
 pub mod net_spec;
 

@@ -1,4 +1,8 @@
 //! Saved VM state: snapshots written to and restored from a directory.
+//!
+//! A snapshot directory is input godwit did not write itself until it has
+//! checked it: no cast may silently truncate a value read from it.
+#![cfg_attr(not(test), deny(clippy::cast_possible_truncation))]
 
 pub mod snapshot;
 pub mod staging;

@@ -182,8 +182,9 @@ pub(crate) fn capture_state(handle: &VmHandle) -> Result<ContainerWriter, Snapsh
         KvmCaps::probe(&handle.vm.kvm, &handle.vm.fd).map_err(state_err("KVM capabilities"))?;
     let mut vcpu_states = Vec::with_capacity(fds.len());
     for (id, fd) in fds.iter().enumerate() {
-        vcpu_states
-            .push(VcpuState::save(fd, id as u32, &caps).map_err(state_err(&format!("vCPU {id}")))?);
+        vcpu_states.push(
+            VcpuState::save(fd, index_u32(id), &caps).map_err(state_err(&format!("vCPU {id}")))?,
+        );
     }
     let mut needed: Vec<_> = vcpu_states.iter().flat_map(|v| v.needed_caps()).collect();
     needed.sort_by_key(|c| c.name());
@@ -198,13 +199,14 @@ pub(crate) fn capture_state(handle: &VmHandle) -> Result<ContainerWriter, Snapsh
         &MachineSnapshot {
             machine_type: handle.machine.name.to_string(),
             memory_size: handle.ram.size,
-            vcpus: vcpu_states.len() as u8,
-            nets: handle.nets.len() as u32,
+            // A VM has at most 254 vCPUs (run's limit) and a few NICs.
+            vcpus: u8::try_from(vcpu_states.len()).unwrap_or(u8::MAX),
+            nets: index_u32(handle.nets.len()),
         },
     )?;
     w.add(&VM_SECTION, 0, &vm_state)?;
     for (id, v) in vcpu_states.iter().enumerate() {
-        w.add(&VCPU_SECTION, id as u32, v)?;
+        w.add(&VCPU_SECTION, index_u32(id), v)?;
     }
     let serial = handle
         .serial
@@ -213,7 +215,7 @@ pub(crate) fn capture_state(handle: &VmHandle) -> Result<ContainerWriter, Snapsh
         .save();
     w.add(&SERIAL_SECTION, 0, &serial)?;
     for (i, net) in handle.nets.iter().enumerate() {
-        w.add(&NET_SECTION, i as u32, &net_snapshot(net))?;
+        w.add(&NET_SECTION, index_u32(i), &net_snapshot(net))?;
     }
     Ok(w)
 }
@@ -426,11 +428,23 @@ pub fn read_saved(container: &Container, path: &Path) -> Result<SavedVm, Restore
     let vm_state: VmState = container.section(&VM_SECTION, 0).map_err(format)?;
     let mut vcpus = Vec::new();
     for id in 0..u32::from(config.vcpus) {
-        vcpus.push(
-            container
-                .section::<VcpuState>(&VCPU_SECTION, id)
-                .map_err(format)?,
-        );
+        let state = container
+            .section::<VcpuState>(&VCPU_SECTION, id)
+            .map_err(format)?;
+        // The restore creates each vCPU with the id its state names: two
+        // sections naming one vCPU, or one past the machine's count, would
+        // restore a different machine than was saved.
+        if state.id != id {
+            return Err(invalid(
+                path,
+                "vcpu",
+                format!(
+                    "section instance {id} holds the state of vCPU {}: the file was altered or damaged",
+                    state.id
+                ),
+            ));
+        }
+        vcpus.push(state);
     }
     if container.instances(&VCPU_SECTION).len() != usize::from(config.vcpus) {
         return Err(invalid(
@@ -586,7 +600,9 @@ pub(crate) fn restore_vm_state(
         .map_err(RestoreError::Host)?;
     let mut vcpus = Vec::new();
     for state in &saved.vcpus {
-        let vcpu = vm.create_vcpu(state.id as u8, saved.config.vcpus)?;
+        // read_saved checked that ids count up from 0 below the u8 count.
+        let id = u8::try_from(state.id).unwrap_or(u8::MAX);
+        let vcpu = vm.create_vcpu(id, saved.config.vcpus)?;
         state.restore(&vcpu.fd, &caps).map_err(RestoreError::Host)?;
         vcpus.push(vcpu);
     }
@@ -711,4 +727,9 @@ pub fn restore(config: &VmConfig, dir: &Path) -> Result<Machine, RestoreError> {
         started.elapsed().as_secs_f64() * 1e3
     );
     Ok(m)
+}
+/// A vCPU's or device's index as a section instance (a VM has a few
+/// hundred of each at most).
+fn index_u32(i: usize) -> u32 {
+    u32::try_from(i).unwrap_or(u32::MAX)
 }

@@ -27,6 +27,8 @@
 //! interrupts. For them InterruptStatus reads with the used-buffer bit set
 //! whenever the device is live (DRIVER_OK), plus any pending configuration
 //! bit: the driver's interrupt handler then always checks its rings.
+// The guest writes these registers: no cast may silently truncate them.
+#![cfg_attr(not(test), deny(clippy::cast_possible_truncation))]
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -315,8 +317,8 @@ impl MmioTransport {
             reg::DEVICE_ID => self.device_type,
             reg::VENDOR_ID => VENDOR_ID,
             reg::DEVICE_FEATURES => match self.device_features_sel {
-                0 => self.device_features as u32,
-                1 => (self.device_features >> 32) as u32,
+                0 => low_word(self.device_features),
+                1 => low_word(self.device_features >> 32),
                 _ => 0,
             },
             reg::QUEUE_NUM_MAX => q.map_or(0, |q| u32::from(q.max_size())),
@@ -703,6 +705,12 @@ impl BusDevice for MmioTransport {
 
 mod persist;
 pub use persist::{MmioRestoreError, MmioTransportState, QueueConfigState};
+
+/// The low 32 bits of a 64-bit feature word: the transport shows features
+/// 32 bits at a time (DeviceFeaturesSel).
+fn low_word(features: u64) -> u32 {
+    u32::try_from(features & u64::from(u32::MAX)).unwrap_or(0)
+}
 
 #[cfg(test)]
 mod tests;
