@@ -72,8 +72,23 @@ pub enum StateError {
     NoRealtime,
     #[error(transparent)]
     Cpuid(#[from] godwit_migration::cpu_compat::CpuCompatError),
-    #[error("invalid saved state: {0}")]
-    Invalid(String),
+    #[error("{what} failed: {source:?} (a KVM list godwit builds exceeded KVM's size limit)")]
+    KvmList {
+        what: &'static str,
+        source: vmm_sys_util::fam::Error,
+    },
+    #[error("the saved state of vCPU {vcpu} is invalid: its XSAVE area has {len} bytes, not a multiple of 4 of at least {min}; the file was altered or written by a broken godwit")]
+    XsaveLength { vcpu: u32, len: usize, min: usize },
+    #[error("the saved state of vCPU {vcpu} is invalid: it has {entries} CPUID entries, more than KVM's {max}")]
+    TooManyCpuidEntries {
+        vcpu: u32,
+        entries: usize,
+        max: usize,
+    },
+    #[error(
+        "the saved state of vCPU {vcpu} is invalid: it has neither an XSAVE area nor an FPU state"
+    )]
+    NoFpuState { vcpu: u32 },
 }
 
 fn khz(v: &Option<u32>) -> String {

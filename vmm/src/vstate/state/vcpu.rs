@@ -255,7 +255,7 @@ fn msr_entries(indices: &[u32]) -> Vec<kvm_msr_entry> {
 }
 
 fn fam_err(what: &'static str) -> impl FnOnce(vmm_sys_util::fam::Error) -> StateError {
-    move |e| StateError::Invalid(format!("{what}: {e:?}"))
+    move |source| StateError::KvmList { what, source }
 }
 
 /// Reads the MSRs of `indices` that KVM lets this vCPU read. KVM_GET_MSRS
@@ -341,10 +341,11 @@ fn read_xsave(fd: &VcpuFd, caps: &KvmCaps) -> Result<Vec<u8>, StateError> {
 
 fn write_xsave(fd: &VcpuFd, vcpu: u32, caps: &KvmCaps, bytes: &[u8]) -> Result<(), StateError> {
     if !bytes.len().is_multiple_of(4) || bytes.len() < XSAVE_LEN {
-        return Err(StateError::Invalid(format!(
-            "vCPU {vcpu}'s XSAVE area has {} bytes, not a multiple of 4 of at least {XSAVE_LEN}",
-            bytes.len()
-        )));
+        return Err(StateError::XsaveLength {
+            vcpu,
+            len: bytes.len(),
+            min: XSAVE_LEN,
+        });
     }
     let host = caps.xsave2_size.max(XSAVE_LEN);
     // Bytes past what this host's KVM takes must be unused (zero).
@@ -502,10 +503,11 @@ impl VcpuState {
         }
         let what = |w: &str| format!("restoring {w} of vCPU {id}");
         if self.cpuid.len() > KVM_MAX_CPUID_ENTRIES {
-            return Err(StateError::Invalid(format!(
-                "vCPU {id} has {} CPUID entries, more than KVM's {KVM_MAX_CPUID_ENTRIES}",
-                self.cpuid.len()
-            )));
+            return Err(StateError::TooManyCpuidEntries {
+                vcpu: id,
+                entries: self.cpuid.len(),
+                max: KVM_MAX_CPUID_ENTRIES,
+            });
         }
         let entries: Vec<_> = self.cpuid.iter().map(to_kvm_cpuid_entry).collect();
         let cpuid = CpuId::from_entries(&entries).map_err(fam_err("building the CPUID"))?;
@@ -522,11 +524,7 @@ impl VcpuState {
             (None, Some(fpu)) => fd
                 .set_fpu(&kvm_fpu::from(fpu))
                 .map_err(kvm_err(what("the FPU")))?,
-            (None, None) => {
-                return Err(StateError::Invalid(format!(
-                    "vCPU {id} has neither an XSAVE area nor an FPU state"
-                )))
-            }
+            (None, None) => return Err(StateError::NoFpuState { vcpu: id }),
         }
         if let Some(xcrs) = &self.xcrs {
             fd.set_xcrs(&xcrs.0).map_err(kvm_err(what("the XCRs")))?;
