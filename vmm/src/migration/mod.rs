@@ -22,6 +22,7 @@ mod announce;
 mod destination;
 mod dirty;
 mod handshake;
+mod multifd;
 mod source;
 mod status;
 mod throttle;
@@ -110,6 +111,16 @@ pub enum MigrateError {
         expected_ms: u64,
         limit_ms: u64,
     },
+    #[error("multifd needs a tcp: or tls: URI, not {0}: turn the multifd capability off for unix: migrations")]
+    MultifdUnix(String),
+    #[error("{source} (on multifd channel {channel})")]
+    Channel {
+        channel: u16,
+        #[source]
+        source: Box<MigrateError>,
+    },
+    #[error("a multifd channel did not finish its round within {waited_s} s: the destination or the link stalled")]
+    ChannelStalled { waited_s: u64 },
     #[error("{0}")]
     Local(String),
     #[error("{device}: {source}")]
