@@ -508,7 +508,9 @@ mod tests {
         bad[6] = 15;
         let err = read_message(&mut bad.as_slice()).unwrap_err();
         assert!(matches!(err, ProtocolError::UnknownKind(15)), "{err}");
-        assert!(err.to_string().contains("unknown migration message kind 15"));
+        assert!(err
+            .to_string()
+            .contains("unknown migration message kind 15"));
         let mut bad = buf.clone();
         bad[8..12].copy_from_slice(&u32::MAX.to_le_bytes());
         assert!(matches!(

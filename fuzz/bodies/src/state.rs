@@ -6,7 +6,8 @@ use std::io::Cursor;
 use godwit_migration::format::{Container, ContainerWriter, Encoding, SectionKind};
 use godwit_migration::memory_file::decode_header_bytes;
 use godwit_migration::protocol::{
-    decode_runs, read_message, ChannelHello, write_message, Hello, HelloReply, Kind, Message, Resumed, RoundEnd,
+    decode_runs, read_message, write_message, ChannelHello, Hello, HelloReply, Kind, Message,
+    Resumed, RoundEnd,
 };
 use godwit_vmm::persist::snapshot::{read_saved, KNOWN_SECTIONS};
 

@@ -186,7 +186,11 @@ impl<'scope> Channels<'scope> {
     }
 
     /// Hands `pages` out to the channels, in runs of [`JOB_PAGES`].
-    pub(super) fn send_pages(&mut self, pages: &[u64], skip_zero: bool) -> Result<(), MigrateError> {
+    pub(super) fn send_pages(
+        &mut self,
+        pages: &[u64],
+        skip_zero: bool,
+    ) -> Result<(), MigrateError> {
         for chunk in pages.chunks(JOB_PAGES) {
             let i = self.next % self.jobs.len();
             self.next += 1;
@@ -306,7 +310,10 @@ fn run_sender(
 // ----------------------------------------------------------- destination
 
 /// Why `Hello`'s multifd request cannot be served here, if it cannot.
-pub(super) fn refusal(multifd: &MultifdHello, listener: Option<&ChannelListener>) -> Option<String> {
+pub(super) fn refusal(
+    multifd: &MultifdHello,
+    listener: Option<&ChannelListener>,
+) -> Option<String> {
     if !(1..=MAX_CHANNELS).contains(&multifd.channels) {
         return Some(format!(
             "the source asks for {} multifd channels; this godwit takes 1 to {MAX_CHANNELS}: set multifd-channels within that range",

@@ -62,10 +62,10 @@ use crate::migration::dirty::take_dirty;
 use crate::migration::dirty::{start_device_logs, stop_device_logs};
 use crate::migration::handshake::check_destination;
 use crate::migration::handshake::hello_of;
+use crate::migration::multifd::{self, Channels};
 use crate::migration::throttle::{self, Throttle};
 use crate::migration::transport::connect;
 use crate::migration::transport::{parse_uri, Uri};
-use crate::migration::multifd::{self, Channels};
 
 /// What every stream of one migration has sent, for `query-migrate` and
 /// `max-bandwidth` (shared by the main stream and the multifd channels).
@@ -345,7 +345,10 @@ pub(super) fn run_source(
                 .try_clone()
                 .map_err(|e| MigrateError::Local(e.to_string()))?];
             for c in &conns {
-                breakers.push(c.try_clone().map_err(|e| MigrateError::Local(e.to_string()))?);
+                breakers.push(
+                    c.try_clone()
+                        .map_err(|e| MigrateError::Local(e.to_string()))?,
+                );
             }
             handle.migration.set_breaker(Some(Box::new(move || {
                 for b in &breakers {
@@ -354,10 +357,7 @@ pub(super) fn run_source(
             })));
             // The destination holds every channel (or says why not).
             expect(&mut conn, Kind::ChannelsReady, "ChannelsReady")?;
-            tracing::info!(
-                "migration: {} multifd channel(s) connected",
-                conns.len()
-            );
+            tracing::info!("migration: {} multifd channel(s) connected", conns.len());
             Some(conns)
         }
         None => None,
