@@ -65,8 +65,13 @@ pub struct Creds<'a> {
 /// Writes a tls-creds-x509 directory for both roles; the server
 /// certificate names `SERVER_NAME` and host B's address.
 pub fn write_creds(dir: &Path, hosts: &TwoHosts, creds: Creds<'_>) -> PathBuf {
+    write_creds_for(dir, &hosts.addr_b(), creds)
+}
+
+/// [`write_creds`] for a destination at `addr`.
+pub fn write_creds_for(dir: &Path, addr: &str, creds: Creds<'_>) -> PathBuf {
     std::fs::create_dir_all(dir).unwrap();
-    let server_names = vec![SERVER_NAME.to_string(), hosts.addr_b()];
+    let server_names = vec![SERVER_NAME.to_string(), addr.to_string()];
     let (server_cert, server_key) = creds.signer.issue(
         &server_names,
         ExtendedKeyUsagePurpose::ServerAuth,
@@ -91,10 +96,15 @@ pub fn write_creds(dir: &Path, hosts: &TwoHosts, creds: Creds<'_>) -> PathBuf {
 
 /// One good directory: a fresh CA that signs both roles and is trusted.
 pub fn good_creds(dir: &Path, hosts: &TwoHosts) -> PathBuf {
+    good_creds_for(dir, &hosts.addr_b())
+}
+
+/// [`good_creds`] for a destination at `addr`.
+pub fn good_creds_for(dir: &Path, addr: &str) -> PathBuf {
     let ca = Ca::new("godwit test CA");
-    write_creds(
+    write_creds_for(
         dir,
-        hosts,
+        addr,
         Creds {
             trust: &ca,
             signer: &ca,
