@@ -245,11 +245,11 @@ pub(super) struct ChannelListener {
 impl ChannelListener {
     /// The next connection, within `deadline`: TLS-authenticated like the
     /// main stream when the URI is `tls:`. `Ok(None)`: none came in time.
-    /// An error names a connection that came but was refused.
+    /// An error names a connection that came but was refused, and why.
     pub(super) fn accept(
         &self,
         deadline: Instant,
-    ) -> Result<Option<(Conn, SocketAddr)>, (SocketAddr, MigrateError)> {
+    ) -> Result<Option<(Conn, SocketAddr)>, (SocketAddr, String)> {
         let err = |source| MigrateError::Listen {
             uri: self.uri.clone(),
             source,
@@ -266,7 +266,7 @@ impl ChannelListener {
                     std::thread::sleep(Duration::from_millis(10));
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => return Err((unknown, err(e))),
+                Err(e) => return Err((unknown, err(e).to_string())),
             }
         };
         let _ = s.set_nonblocking(false);
@@ -280,7 +280,7 @@ impl ChannelListener {
         let _ = s.set_write_timeout(Some(left));
         establish(s, from, self.server_config.clone(), &self.uri, left)
             .map(|c| Some((c, from)))
-            .map_err(|e| (from, e))
+            .map_err(|e| (from, e.to_string()))
     }
 }
 
