@@ -315,15 +315,20 @@ fn receive_main(
             Kind::Pages | Kind::ZeroPages if channels.is_none() => write_pages(ram, &m, tally)?,
             Kind::RoundEnd => {
                 let r: RoundEnd = m.json().map_err(proto)?;
+                tally.round();
                 if let Some(view) = channels {
                     view.round_done(r.round)?;
+                    tracing::info!(
+                        "incoming migration: round {} done on every multifd channel",
+                        r.round
+                    );
+                } else {
+                    tracing::info!(
+                        "incoming migration: round {} done, {} MiB received",
+                        r.round,
+                        tally.received_bytes() >> 20
+                    );
                 }
-                tally.round();
-                tracing::info!(
-                    "incoming migration: round {} done, {} MiB received",
-                    r.round,
-                    tally.received_bytes() >> 20
-                );
             }
             Kind::State => return Ok(m.payload),
             other => {
