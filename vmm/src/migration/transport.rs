@@ -3,6 +3,7 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -260,10 +261,20 @@ impl ChannelListener {
             match self.listener.accept() {
                 Ok(pair) => break pair,
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    if Instant::now() >= deadline {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
                         return Ok(None);
                     }
-                    std::thread::sleep(Duration::from_millis(10));
+                    // Woken by the next connection, not by a timer.
+                    let mut pfd = libc::pollfd {
+                        fd: self.listener.as_raw_fd(),
+                        events: libc::POLLIN,
+                        revents: 0,
+                    };
+                    let ms = i32::try_from(left.as_millis().max(1)).unwrap_or(i32::MAX);
+                    // SAFETY: `pfd` is one valid pollfd naming the listening
+                    // socket, which `self` keeps open for the whole call.
+                    unsafe { libc::poll(&mut pfd, 1, ms) };
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(e) => return Err((unknown, err(e).to_string())),
