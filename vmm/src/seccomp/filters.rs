@@ -454,8 +454,9 @@ fn rules_of(kind: ThreadKind) -> Rules {
             .spawner(&[]),
         // An incoming migration runs here: with multifd its receiver
         // threads (one per channel) run under this filter too; accepting
-        // the channels needs accept4 (listening()) and a non-blocking
-        // listener (FIONBIO: ioctl), the receivers read their sockets and
+        // the channels needs accept4 (listening()), a non-blocking
+        // listener (FIONBIO: ioctl) and poll(2) to wait on it (poll()), the
+        // receivers read their sockets and
         // punch holes for zero runs (fallocate, files()).
         ThreadKind::Main => base()
             .with(&poll())
