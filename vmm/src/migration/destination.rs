@@ -67,8 +67,8 @@ pub enum IncomingError {
         #[source]
         source: Box<IncomingError>,
     },
-    #[error("incoming migration: the multifd channels did not all finish a round within {waited_s} s: the source or the link stalled; the guest stays on the source")]
-    ChannelsStalled { waited_s: u64 },
+    #[error("incoming migration: a multifd channel ended before round {round} was complete on it: the source does not follow the protocol; the guest stays on the source")]
+    ChannelEndedEarly { round: u32 },
     #[error("incoming migration: another multifd stream failed")]
     ChannelFailed,
     #[error("incoming migration: a multifd receiver thread panicked")]

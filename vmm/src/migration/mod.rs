@@ -119,8 +119,6 @@ pub enum MigrateError {
         #[source]
         source: Box<MigrateError>,
     },
-    #[error("a multifd channel did not finish its round within {waited_s} s: the destination or the link stalled")]
-    ChannelStalled { waited_s: u64 },
     #[error("{0}")]
     Local(String),
     #[error("{device}: {source}")]

@@ -165,10 +165,16 @@ impl<'scope> Channels<'scope> {
             std::thread::Builder::new()
                 .name(format!("migration-ch{index}"))
                 .spawn_scoped(scope, move || {
-                    let result = run_sender(conn, handle, meter, &rx, &ack, channel);
-                    if let Err(e) = result {
+                    // Whatever ends this thread, the source hears of it.
+                    let mut notice = ExitNotice {
+                        ack: &ack,
+                        channel,
+                        armed: true,
+                    };
+                    if let Err(e) = run_sender(conn, handle, meter, &rx, &ack, channel) {
                         let _ = ack.send((channel, Err(e)));
                     }
+                    notice.armed = false;
                 })
                 .map_err(|e| {
                     MigrateError::Local(format!("cannot start a multifd sender thread: {e}"))
@@ -224,14 +230,17 @@ impl<'scope> Channels<'scope> {
                 return Err(self.failure());
             }
         }
+        // No deadline of its own: a sender makes progress or fails within
+        // its socket's timeout (PEER_TIMEOUT), and a round may rightly take
+        // longer than that under max-bandwidth.
         for _ in 0..self.jobs.len() {
-            match self.acks.recv_timeout(PEER_TIMEOUT) {
+            match self.acks.recv() {
                 Ok((_, Ok(()))) => {}
                 Ok((channel, Err(e))) => return Err(channel_error(channel, e)),
                 Err(_) => {
-                    return Err(MigrateError::ChannelStalled {
-                        waited_s: PEER_TIMEOUT.as_secs(),
-                    })
+                    return Err(MigrateError::Local(
+                        "every multifd sender thread ended".into(),
+                    ))
                 }
             }
         }
@@ -255,6 +264,27 @@ impl Drop for Channels<'_> {
             for b in &self.breakers {
                 b.shutdown();
             }
+        }
+    }
+}
+
+/// Tells the source a sender thread ended without saying why (a panic).
+struct ExitNotice<'a> {
+    ack: &'a mpsc::Sender<Ack>,
+    channel: u16,
+    armed: bool,
+}
+
+impl Drop for ExitNotice<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            let _ = self.ack.send((
+                self.channel,
+                Err(MigrateError::Local(format!(
+                    "the sender thread of multifd channel {} stopped",
+                    self.channel
+                ))),
+            ));
         }
     }
 }
@@ -441,7 +471,14 @@ struct Rounds {
 enum Waited {
     /// Something failed; its own error says what.
     Failed,
-    TimedOut,
+    /// A channel ended (`ChannelEnd`) before this round.
+    EndedBefore(u32),
+}
+
+enum Progress {
+    Done,
+    Wait,
+    Never,
 }
 
 impl Rounds {
@@ -449,25 +486,25 @@ impl Rounds {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn wait_until(&self, pred: impl Fn(&RoundsState) -> bool) -> Result<(), Waited> {
-        let deadline = Instant::now() + PEER_TIMEOUT;
+    /// Waits without a deadline of its own: every channel still receiving
+    /// reads its socket under PEER_TIMEOUT, and a stalled one fails and
+    /// wakes everyone; a round may rightly take longer under max-bandwidth.
+    fn wait_until(
+        &self,
+        round: u32,
+        pred: impl Fn(&RoundsState) -> Progress,
+    ) -> Result<(), Waited> {
         let mut st = self.lock();
         loop {
             if st.failed.is_some() {
                 return Err(Waited::Failed);
             }
-            if pred(&st) {
-                return Ok(());
+            match pred(&st) {
+                Progress::Done => return Ok(()),
+                Progress::Never => return Err(Waited::EndedBefore(round)),
+                Progress::Wait => {}
             }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Err(Waited::TimedOut);
-            }
-            st = self
-                .cv
-                .wait_timeout(st, left)
-                .unwrap_or_else(PoisonError::into_inner)
-                .0;
+            st = self.cv.wait(st).unwrap_or_else(PoisonError::into_inner);
         }
     }
 
@@ -482,7 +519,21 @@ impl Rounds {
     }
 
     fn wait_round(&self, round: u32) -> Result<(), Waited> {
-        self.wait_until(|st| st.done.iter().all(|d| d.is_some_and(|d| d >= round)))
+        self.wait_until(round, |st| {
+            let reached = |d: &Option<u32>| d.is_some_and(|d| d >= round);
+            if st.done.iter().all(reached) {
+                Progress::Done
+            } else if st
+                .done
+                .iter()
+                .zip(&st.ended)
+                .any(|(d, e)| *e && !reached(d))
+            {
+                Progress::Never
+            } else {
+                Progress::Wait
+            }
+        })
     }
 
     fn end(&self, ch: usize) {
@@ -493,7 +544,13 @@ impl Rounds {
     }
 
     fn wait_ended(&self) -> Result<(), Waited> {
-        self.wait_until(|st| st.ended.iter().all(|e| *e))
+        self.wait_until(u32::MAX, |st| {
+            if st.ended.iter().all(|e| *e) {
+                Progress::Done
+            } else {
+                Progress::Wait
+            }
+        })
     }
 
     /// The first failure stops everything else.
@@ -522,9 +579,7 @@ impl Rounds {
 fn stalled(w: Waited) -> IncomingError {
     match w {
         Waited::Failed => IncomingError::ChannelFailed,
-        Waited::TimedOut => IncomingError::ChannelsStalled {
-            waited_s: PEER_TIMEOUT.as_secs(),
-        },
+        Waited::EndedBefore(round) => IncomingError::ChannelEndedEarly { round },
     }
 }
 
