@@ -235,6 +235,10 @@ fn refuse(mut s: TcpStream, why: &str) {
     while matches!(s.read(&mut sink), Ok(n) if n > 0) {}
 }
 
+/// The longest a multifd channel's connection may take to authenticate and
+/// greet (a real one takes milliseconds).
+const HANDSHAKE_WAIT: Duration = Duration::from_secs(3);
+
 /// What stays open of the destination's listening socket after the main
 /// stream was accepted: multifd channels connect to the same address.
 pub(super) struct ChannelListener {
@@ -282,11 +286,11 @@ impl ChannelListener {
         };
         let _ = s.set_nonblocking(false);
         let _ = s.set_nodelay(true);
-        // A connection that stalls its handshake holds the others up only
-        // until the deadline.
+        // Connections are set up one after the other: one that stalls its
+        // handshake holds the others up for at most HANDSHAKE_WAIT.
         let left = deadline
             .saturating_duration_since(Instant::now())
-            .max(Duration::from_millis(100));
+            .clamp(Duration::from_millis(100), HANDSHAKE_WAIT);
         let _ = s.set_read_timeout(Some(left));
         let _ = s.set_write_timeout(Some(left));
         establish(s, from, self.server_config.clone(), &self.uri, left)
