@@ -21,8 +21,14 @@ use godwit_tests::{
 };
 
 const PORT: u16 = 4444;
-/// The verifying guest's buffer: 4 MiB, rewritten at 256 pages/s.
-const VERIFY: &str = "godwit.verify=4M";
+/// The verifying guest's buffer: 4 MiB (1024 pages), rewritten at 2000
+/// pages/s: about half of what the capped link (16 MB/s) carries, so each
+/// pre-copy round sends again about half of the pages of the round before,
+/// and the same page travels in successive rounds on different channels.
+const VERIFY: &str = "godwit.verify=4M godwit.verify_rate=2000";
+/// The link cap and downtime limit of the successful hops.
+const LINK: u64 = 16_000_000;
+const DOWNTIME_MS: u64 = 10;
 /// The source test hook that opens no channel (vmm/src/migration/multifd.rs).
 const WITHHOLD: (&str, &str) = ("GODWIT_TEST_MULTIFD_WITHHOLD", "1");
 /// godwit's info log: each side says how many channels it used.
@@ -121,7 +127,7 @@ fn the_verifying_guest_moves_intact_over_1_2_and_4_tcp_channels_and_2_tls_channe
         // A small downtime limit and a capped link: several pre-copy
         // rounds, so pages the guest rewrites travel again, on whichever
         // channel their batch lands.
-        let mut params = json!({"downtime-limit": 5, "max-bandwidth": 16_000_000});
+        let mut params = json!({"downtime-limit": DOWNTIME_MS, "max-bandwidth": LINK});
         if tls.is_some() {
             params["tls-creds"] = json!(creds.display().to_string());
             params["tls-hostname"] = json!(SERVER_NAME);
@@ -150,6 +156,10 @@ fn the_verifying_guest_moves_intact_over_1_2_and_4_tcp_channels_and_2_tls_channe
         eprintln!(
             "{what}: {} rounds, {} bytes",
             incoming["rounds"], incoming["ram"]["transferred"]
+        );
+        assert!(
+            incoming["rounds"].as_u64().unwrap() >= 3,
+            "{what}: rewritten pages travelled in several rounds: {incoming}"
         );
         src = dst;
     }
