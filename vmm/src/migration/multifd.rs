@@ -58,6 +58,9 @@ const JOB_PAGES: usize = BATCH_PAGES * 4;
 const QUEUE: usize = 4;
 /// Refused connections named in the error (more are only counted).
 const STRAYS_NAMED: usize = 8;
+/// Connections being set up at once while the destination waits for its
+/// channels (more are refused).
+const MAX_IN_FLIGHT: usize = 32;
 /// Test hook: a source started with this variable set opens no channel, as
 /// if something between the hosts dropped them.
 const WITHHOLD_HOOK: &str = "GODWIT_TEST_MULTIFD_WITHHOLD";
@@ -106,22 +109,37 @@ pub(super) fn connect_channels(
         tracing::warn!("migration: test hook {WITHHOLD_HOOK}: opening no multifd channel");
         return Ok(Vec::new());
     }
-    (0..multifd.channels)
-        .map(|channel| {
-            let on = |e: MigrateError| MigrateError::Channel {
-                channel,
-                source: Box::new(e),
-            };
-            let mut conn = connect_channel(uri, params).map_err(on)?;
-            conn.set_timeout(Some(PEER_TIMEOUT));
-            let hello = ChannelHello {
-                channel,
-                token: multifd.token.clone(),
-            };
-            write_json(&mut conn, Kind::ChannelHello, &hello).map_err(|e| on(e.into()))?;
-            Ok(conn)
-        })
-        .collect()
+    // Side by side: each waits for its own handshake with the destination.
+    std::thread::scope(|s| {
+        let opening: Vec<_> = (0..multifd.channels)
+            .map(|channel| {
+                s.spawn(move || {
+                    let on = |e: MigrateError| MigrateError::Channel {
+                        channel,
+                        source: Box::new(e),
+                    };
+                    let mut conn = connect_channel(uri, params).map_err(on)?;
+                    conn.set_timeout(Some(PEER_TIMEOUT));
+                    let hello = ChannelHello {
+                        channel,
+                        token: multifd.token.clone(),
+                    };
+                    write_json(&mut conn, Kind::ChannelHello, &hello).map_err(|e| on(e.into()))?;
+                    Ok(conn)
+                })
+            })
+            .collect();
+        opening
+            .into_iter()
+            .map(|t| {
+                t.join().unwrap_or_else(|_| {
+                    Err(MigrateError::Local(
+                        "a thread opening a multifd channel panicked".into(),
+                    ))
+                })
+            })
+            .collect()
+    })
 }
 
 enum Job {
@@ -361,44 +379,109 @@ pub(super) fn refusal(
 /// Accepts the `multifd.channels` channels on the main stream's address
 /// within [`CHANNEL_WAIT`]: each authenticated like the main stream and
 /// bound by its `ChannelHello`; any other connection is refused (told why)
-/// and named in the error if channels are missing.
+/// and named in the error if channels are missing. Connections are set up
+/// side by side, a thread each (at most [`MAX_IN_FLIGHT`] at a time), so a
+/// slow or silent one holds up no other.
 pub(super) fn accept_channels(
     listener: &ChannelListener,
     multifd: &MultifdHello,
 ) -> Result<Vec<Conn>, IncomingError> {
     let n = usize::from(multifd.channels);
-    let mut slots: Vec<Option<Conn>> = (0..n).map(|_| None).collect();
-    let mut strays: Vec<String> = Vec::new();
-    let mut stray_count = 0usize;
+    let slots: Mutex<Vec<Option<Conn>>> = Mutex::new((0..n).map(|_| None).collect());
+    let strays: Mutex<(usize, Vec<String>)> = Mutex::new((0, Vec::new()));
+    let refuse = |refused: String| {
+        tracing::warn!("incoming migration: refused a connection that is not one of this migration's channels: {refused}");
+        let mut st = strays.lock().unwrap_or_else(PoisonError::into_inner);
+        st.0 += 1;
+        if st.1.len() < STRAYS_NAMED {
+            st.1.push(refused);
+        }
+    };
+    let full = || {
+        slots
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .all(Option::is_some)
+    };
     let deadline = Instant::now() + CHANNEL_WAIT;
     tracing::info!("incoming migration: waiting for {n} multifd channel(s)");
-    while slots.iter().any(Option::is_none) {
-        let refused = match listener.accept(deadline) {
-            Ok(None) => break,
-            Err((from, e)) => format!("{from}: {e}"),
-            Ok(Some((mut conn, from))) => match bind(&mut conn, multifd, &slots) {
-                Ok(i) => {
-                    conn.set_timeout(Some(PEER_TIMEOUT));
-                    tracing::info!("incoming migration: multifd channel {i} from {from}");
-                    slots[i] = Some(conn);
+    let (done_tx, done_rx) = mpsc::channel::<()>();
+    std::thread::scope(|s| {
+        let mut in_flight = 0usize;
+        loop {
+            while done_rx.try_recv().is_ok() {
+                in_flight -= 1;
+            }
+            if full() {
+                break;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            // While handshakes run, look at their outcome every millisecond.
+            let wait = if in_flight > 0 {
+                left.min(Duration::from_millis(1))
+            } else {
+                left
+            };
+            let (tcp, from) = match listener.accept_tcp(wait) {
+                Ok(Some(pair)) => pair,
+                Ok(None) => continue,
+                Err(e) => {
+                    refuse(e);
                     continue;
                 }
-                Err(why) => {
-                    let _ = write_message(
-                        &mut conn,
-                        Kind::Abort,
-                        format!("refused by the destination: {why}").as_bytes(),
-                    );
-                    format!("{from}: {why}")
-                }
-            },
-        };
-        tracing::warn!("incoming migration: refused a connection that is not one of this migration's channels: {refused}");
-        stray_count += 1;
-        if strays.len() < STRAYS_NAMED {
-            strays.push(refused);
+            };
+            if in_flight >= MAX_IN_FLIGHT {
+                refuse(format!(
+                    "{from}: {MAX_IN_FLIGHT} other connections were being set up"
+                ));
+                continue;
+            }
+            in_flight += 1;
+            let (slots, refuse, done) = (&slots, &refuse, done_tx.clone());
+            let spawned = std::thread::Builder::new()
+                .name("incoming-channel-setup".into())
+                .spawn_scoped(s, move || {
+                    let result = listener
+                        .establish(tcp, from, deadline)
+                        .and_then(|mut conn| {
+                            let claimed = read_greeting(&mut conn, multifd);
+                            let mut slots = slots.lock().unwrap_or_else(PoisonError::into_inner);
+                            match claimed.and_then(|i| free_slot(&slots, i)) {
+                                Ok(i) => {
+                                    conn.set_timeout(Some(PEER_TIMEOUT));
+                                    tracing::info!(
+                                        "incoming migration: multifd channel {i} from {from}"
+                                    );
+                                    slots[i] = Some(conn);
+                                    Ok(())
+                                }
+                                Err(why) => {
+                                    drop(slots);
+                                    let _ = write_message(
+                                        &mut conn,
+                                        Kind::Abort,
+                                        format!("refused by the destination: {why}").as_bytes(),
+                                    );
+                                    Err(why)
+                                }
+                            }
+                        });
+                    if let Err(why) = result {
+                        refuse(format!("{from}: {why}"));
+                    }
+                    let _ = done.send(());
+                });
+            if let Err(e) = spawned {
+                in_flight -= 1;
+                refuse(format!("{from}: cannot start a thread to set it up: {e}"));
+            }
         }
-    }
+    });
+    let slots = slots.into_inner().unwrap_or_else(PoisonError::into_inner);
     let missing: Vec<String> = slots
         .iter()
         .enumerate()
@@ -406,11 +489,12 @@ pub(super) fn accept_channels(
         .map(|(i, _)| i.to_string())
         .collect();
     if !missing.is_empty() {
+        let (count, named) = strays.into_inner().unwrap_or_else(PoisonError::into_inner);
         let mut refused = String::new();
-        if stray_count > 0 {
+        if count > 0 {
             refused = format!(
-                "; refused {stray_count} other connection(s): {}",
-                strays.join("; ")
+                "; refused {count} other connection(s): {}",
+                named.join("; ")
             );
         }
         return Err(IncomingError::ChannelsMissing {
@@ -423,9 +507,9 @@ pub(super) fn accept_channels(
     Ok(slots.into_iter().flatten().collect())
 }
 
-/// Reads a connection's `ChannelHello`: the slot it takes, or why it is
-/// not one of this migration's channels.
-fn bind(conn: &mut Conn, multifd: &MultifdHello, slots: &[Option<Conn>]) -> Result<usize, String> {
+/// Reads a connection's `ChannelHello`: the channel it claims, or why it
+/// is not one of this migration's channels.
+fn read_greeting(conn: &mut Conn, multifd: &MultifdHello) -> Result<usize, String> {
     let m = read_message_limited(conn, MAX_CHANNEL_HELLO)
         .map_err(|e| format!("no multifd channel greeting ({e})"))?;
     if m.kind != Kind::ChannelHello {
@@ -438,7 +522,11 @@ fn bind(conn: &mut Conn, multifd: &MultifdHello, slots: &[Option<Conn>]) -> Resu
     if !same_token(&hello.token, &multifd.token) {
         return Err("its token is not this migration's: it is no channel of this migration".into());
     }
-    let i = usize::from(hello.channel);
+    Ok(usize::from(hello.channel))
+}
+
+/// Channel `i` if it exists and is not taken yet.
+fn free_slot(slots: &[Option<Conn>], i: usize) -> Result<usize, String> {
     match slots.get(i) {
         None => Err(format!(
             "it claims channel {i}, but this migration has {} channel(s)",

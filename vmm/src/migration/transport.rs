@@ -248,22 +248,21 @@ pub(super) struct ChannelListener {
 }
 
 impl ChannelListener {
-    /// The next connection, within `deadline`: TLS-authenticated like the
-    /// main stream when the URI is `tls:`. `Ok(None)`: none came in time.
-    /// An error names a connection that came but was refused, and why.
-    pub(super) fn accept(
+    /// The next TCP connection, waiting at most `wait`. `Ok(None)`: none
+    /// came in time.
+    pub(super) fn accept_tcp(
         &self,
-        deadline: Instant,
-    ) -> Result<Option<(Conn, SocketAddr)>, (SocketAddr, String)> {
-        let err = |source| MigrateError::Listen {
-            uri: self.uri.clone(),
-            source,
-        };
-        let unknown = SocketAddr::from(([0, 0, 0, 0], 0));
+        wait: Duration,
+    ) -> Result<Option<(TcpStream, SocketAddr)>, String> {
         let _ = self.listener.set_nonblocking(true);
-        let (s, from) = loop {
+        let deadline = Instant::now() + wait;
+        loop {
             match self.listener.accept() {
-                Ok(pair) => break pair,
+                Ok((s, from)) => {
+                    let _ = s.set_nonblocking(false);
+                    let _ = s.set_nodelay(true);
+                    return Ok(Some((s, from)));
+                }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                     let left = deadline.saturating_duration_since(Instant::now());
                     if left.is_zero() {
@@ -281,21 +280,32 @@ impl ChannelListener {
                     unsafe { libc::poll(&mut pfd, 1, ms) };
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => return Err((unknown, err(e).to_string())),
+                Err(e) => {
+                    return Err(MigrateError::Listen {
+                        uri: self.uri.clone(),
+                        source: e,
+                    }
+                    .to_string())
+                }
             }
-        };
-        let _ = s.set_nonblocking(false);
-        let _ = s.set_nodelay(true);
-        // Connections are set up one after the other: one that stalls its
-        // handshake holds the others up for at most HANDSHAKE_WAIT.
+        }
+    }
+
+    /// Makes an accepted connection a stream like the main one
+    /// (TLS-authenticated when the URI is `tls:`), within HANDSHAKE_WAIT
+    /// and `deadline`.
+    pub(super) fn establish(
+        &self,
+        s: TcpStream,
+        from: SocketAddr,
+        deadline: Instant,
+    ) -> Result<Conn, String> {
         let left = deadline
             .saturating_duration_since(Instant::now())
             .clamp(Duration::from_millis(100), HANDSHAKE_WAIT);
         let _ = s.set_read_timeout(Some(left));
         let _ = s.set_write_timeout(Some(left));
-        establish(s, from, self.server_config.clone(), &self.uri, left)
-            .map(|c| Some((c, from)))
-            .map_err(|e| (from, e.to_string()))
+        establish(s, from, self.server_config.clone(), &self.uri, left).map_err(|e| e.to_string())
     }
 }
 
