@@ -20,6 +20,18 @@
 //! destination resume the guest, and it answers `Resumed`. `Abort` ends a
 //! session from either side with a reason; from the destination after
 //! `Ready` it means it will not run the guest.
+//!
+//! Multifd (version 3): when `Hello` carries [`MultifdHello`], pages travel
+//! only on `channels` extra streams to the same address, never on the main
+//! one. Each opens with `ChannelHello` (its index and the migration's random
+//! token from `Hello`), which binds it to this migration; once all are
+//! there the destination answers `ChannelsReady` on the main stream. Every
+//! channel closes each round with its own `RoundEnd`, and the destination
+//! lets no channel write a page of round k+1 before every channel's round k
+//! is written (the same page may travel in round k on one channel and in
+//! round k+1 on another). After the last round each channel sends
+//! `ChannelEnd`; `State`, `Complete` and the handoff stay on the main
+//! stream.
 
 use std::io::{Read, Write};
 
@@ -29,10 +41,17 @@ use crate::le::bounded_u32;
 
 pub const MAGIC: [u8; 4] = *b"GWMG";
 /// 2: the `Ready`/`Go` handoff before the destination resumes.
-pub const PROTOCOL_VERSION: u16 = 2;
+/// 3: multifd channels (`ChannelHello`, `ChannelsReady`, `ChannelEnd`).
+pub const PROTOCOL_VERSION: u16 = 3;
 pub const HEADER_LEN: usize = 16;
 /// Large enough for a 1 MiB page batch plus its table, and for the state.
 pub const MAX_PAYLOAD: u32 = 64 << 20;
+/// The most a `ChannelHello` may be: read from a connection not yet known
+/// to belong to the migration.
+pub const MAX_CHANNEL_HELLO: u32 = 4096;
+/// Most multifd channels a migration may use (QEMU allows 255; more than
+/// cores gains nothing).
+pub const MAX_CHANNELS: u16 = 16;
 pub const PAGE_SIZE: u64 = 4096;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -49,6 +68,12 @@ pub enum Kind {
     Abort = 9,
     Ready = 10,
     Go = 11,
+    /// First message of a multifd channel: [`ChannelHello`].
+    ChannelHello = 12,
+    /// The destination holds every multifd channel (main stream).
+    ChannelsReady = 13,
+    /// A multifd channel carries nothing more.
+    ChannelEnd = 14,
 }
 
 impl Kind {
@@ -66,6 +91,9 @@ impl Kind {
             9 => Kind::Abort,
             10 => Kind::Ready,
             11 => Kind::Go,
+            12 => Kind::ChannelHello,
+            13 => Kind::ChannelsReady,
+            14 => Kind::ChannelEnd,
             _ => return None,
         })
     }
@@ -87,7 +115,7 @@ pub enum ProtocolError {
         "unknown migration message kind {0}: the stream is corrupt or from an incompatible godwit"
     )]
     UnknownKind(u16),
-    #[error("a {kind:?} message of {len} bytes exceeds the {MAX_PAYLOAD}-byte limit: the stream is corrupt")]
+    #[error("a {kind:?} message of {len} bytes exceeds its size limit (at most {MAX_PAYLOAD} bytes): the stream is corrupt")]
     TooLong { kind: Kind, len: u32 },
     #[error("a {kind:?} message is corrupt: checksum {actual:#010x}, expected {expected:#010x}")]
     Checksum {
@@ -170,6 +198,13 @@ fn read_exact_or_closed<R: Read>(r: &mut R, buf: &mut [u8]) -> Result<(), Protoc
 
 /// Reads and checks one message; an `Abort` becomes an error.
 pub fn read_message<R: Read>(r: &mut R) -> Result<Message, ProtocolError> {
+    read_message_limited(r, MAX_PAYLOAD)
+}
+
+/// [`read_message`] refusing payloads over `max` bytes (at most
+/// [`MAX_PAYLOAD`]) before allocating anything for them.
+pub fn read_message_limited<R: Read>(r: &mut R, max: u32) -> Result<Message, ProtocolError> {
+    let max = max.min(MAX_PAYLOAD);
     let mut header = [0u8; HEADER_LEN];
     read_exact_or_closed(r, &mut header)?;
     let magic: [u8; 4] = header[0..4].try_into().unwrap_or_default();
@@ -186,7 +221,7 @@ pub fn read_message<R: Read>(r: &mut R) -> Result<Message, ProtocolError> {
     let raw_kind = u16::from_le_bytes([header[6], header[7]]);
     let kind = Kind::from_u16(raw_kind).ok_or(ProtocolError::UnknownKind(raw_kind))?;
     let len = u32::from_le_bytes(header[8..12].try_into().unwrap_or_default());
-    if len > MAX_PAYLOAD {
+    if len > max {
         return Err(ProtocolError::TooLong { kind, len });
     }
     let expected = u32::from_le_bytes(header[12..16].try_into().unwrap_or_default());
@@ -339,6 +374,30 @@ pub struct Hello {
     pub cpuid: Vec<crate::cpu_compat::CpuidEntry>,
     /// KVM capabilities restoring the vCPUs needs.
     pub kvm_caps: Vec<String>,
+    /// Pages travel on this many extra channels (multifd); None: on the
+    /// main stream.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub multifd: Option<MultifdHello>,
+}
+
+/// The multifd part of `Hello`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct MultifdHello {
+    /// Extra connections to expect, 1 to [`MAX_CHANNELS`].
+    pub channels: u16,
+    /// Random, per migration (hex): each channel's `ChannelHello` repeats
+    /// it, so a connection that does not know it is not part of this
+    /// migration.
+    pub token: String,
+}
+
+/// First message on a multifd channel.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ChannelHello {
+    /// 0-based, below `MultifdHello::channels`.
+    pub channel: u16,
+    pub token: String,
 }
 
 /// What the destination can carry for one device.
@@ -444,6 +503,14 @@ mod tests {
             read_message(&mut bad.as_slice()),
             Err(ProtocolError::UnknownKind(77))
         ));
+        // The first kind after this version's is unknown, clearly.
+        let mut bad = buf.clone();
+        bad[6] = 15;
+        let err = read_message(&mut bad.as_slice()).unwrap_err();
+        assert!(matches!(err, ProtocolError::UnknownKind(15)), "{err}");
+        assert!(err
+            .to_string()
+            .contains("unknown migration message kind 15"));
         let mut bad = buf.clone();
         bad[8..12].copy_from_slice(&u32::MAX.to_le_bytes());
         assert!(matches!(
@@ -507,5 +574,28 @@ mod tests {
         let mut huge = Vec::new();
         huge.extend_from_slice(&u32::MAX.to_le_bytes());
         assert!(decode_runs(Kind::Pages, &huge, true).is_err());
+    }
+
+    #[test]
+    fn a_channel_hello_is_small_and_bounded() {
+        let mut buf = Vec::new();
+        let hello = ChannelHello {
+            channel: 1,
+            token: "ab".repeat(32),
+        };
+        write_json(&mut buf, Kind::ChannelHello, &hello).unwrap();
+        let m = read_message_limited(&mut buf.as_slice(), MAX_CHANNEL_HELLO).unwrap();
+        assert_eq!(m.json::<ChannelHello>().unwrap(), hello);
+        // A header that claims more than a ChannelHello is refused before
+        // anything of its size is allocated.
+        let mut big = Vec::new();
+        write_message(&mut big, Kind::ChannelHello, &[b' '; 5000]).unwrap();
+        assert!(matches!(
+            read_message_limited(&mut big.as_slice(), MAX_CHANNEL_HELLO),
+            Err(ProtocolError::TooLong { len: 5000, .. })
+        ));
+        for kind in [Kind::ChannelHello, Kind::ChannelsReady, Kind::ChannelEnd] {
+            assert_eq!(Kind::from_u16(kind as u16), Some(kind));
+        }
     }
 }

@@ -25,6 +25,18 @@ pub fn spawn_serving(
     cmdline: &str,
     api: Option<&Path>,
 ) -> RunningVm {
+    spawn_serving_env(ns, args, net, cmdline, api, &[])
+}
+
+/// [`spawn_serving`] with `env` added to godwit's environment (test hooks).
+pub fn spawn_serving_env(
+    ns: Option<&str>,
+    args: &[&str],
+    net: &str,
+    cmdline: &str,
+    api: Option<&Path>,
+    env: &[(&str, &str)],
+) -> RunningVm {
     let mut argv = vec!["run"];
     argv.extend_from_slice(args);
     argv.extend(["--net", net, "--cmdline", cmdline]);
@@ -32,10 +44,7 @@ pub fn spawn_serving(
     if let Some(api) = api {
         argv.extend(["--api-socket", api]);
     }
-    let mut vm = match ns {
-        Some(ns) => RunningVm::spawn_in(ns, &argv),
-        None => RunningVm::spawn(&argv),
-    };
+    let mut vm = RunningVm::spawn_env(ns, &argv, env);
     vm.wait_line("serve: ready", BOOT);
     vm
 }

@@ -4,7 +4,7 @@
 //! one test needs: network namespaces and hosts ([`netns`]), the test
 //! guest's command lines and console lines ([`guest`]), UDP traffic
 //! ([`udp`]), live-migration waits ([`migrate`]), the guest's memory
-//! checker ([`verify`]) and helper processes such as DPDK testpmd
+//! checker ([`verify`]), TLS credentials ([`tls_creds`]) and helper processes such as DPDK testpmd
 //! ([`process`]).
 
 use std::io::{BufRead, BufReader, Read};
@@ -22,6 +22,7 @@ pub mod migrate;
 pub mod net_backend;
 pub mod netns;
 pub mod process;
+pub mod tls_creds;
 pub mod udp;
 pub mod verify;
 
@@ -176,6 +177,14 @@ impl RunningVm {
     /// Runs godwit inside network namespace `ns`.
     pub fn spawn_in(ns: &str, args: &[&str]) -> Self {
         Self::spawn_cmd(godwit_command(Some(ns), args))
+    }
+
+    /// [`RunningVm::spawn_in`] (or outside any namespace) with `env` added
+    /// to godwit's environment (test hooks).
+    pub fn spawn_env(ns: Option<&str>, args: &[&str], env: &[(&str, &str)]) -> Self {
+        let mut cmd = godwit_command(ns, args);
+        cmd.envs(env.iter().copied());
+        Self::spawn_cmd(cmd)
     }
 
     fn spawn_cmd(mut cmd: Command) -> Self {

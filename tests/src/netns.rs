@@ -216,6 +216,9 @@ impl TwoHosts {
     pub fn ns_c(&self) -> String {
         format!("{}-c", self.prefix)
     }
+    pub fn addr_a(&self) -> String {
+        format!("10.{}.0.11", self.subnet)
+    }
     pub fn addr_b(&self) -> String {
         format!("10.{}.0.12", self.subnet)
     }

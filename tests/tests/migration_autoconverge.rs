@@ -74,7 +74,10 @@ fn auto_converge_throttles_a_guest_that_dirties_twice_the_link_until_it_moves() 
     assert_eq!(
         qmp.execute("query-migrate-capabilities", Value::Null)
             .unwrap(),
-        json!([{"capability": "auto-converge", "state": true}])
+        json!([
+            {"capability": "auto-converge", "state": true},
+            {"capability": "multifd", "state": false}
+        ])
     );
     qmp.execute(
         "migrate-set-parameters",

@@ -36,6 +36,7 @@ fn acceptable_hello() -> Hello {
         devices: Vec::new(),
         cpuid: host_cpuid(&kvm, 1).expect("host CPUID"),
         kvm_caps: Vec::new(),
+        multifd: None,
     }
 }
 

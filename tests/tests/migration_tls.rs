@@ -7,14 +7,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use rcgen::{
-    BasicConstraints, Certificate, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa,
-    KeyPair, KeyUsagePurpose,
-};
 use serde_json::{json, Value};
 
 use godwit_tests::guest::spawn_serving;
 use godwit_tests::migrate::wait_migration;
+use godwit_tests::tls_creds::{write_creds, Ca, Creds, SERVER_NAME};
 use godwit_tests::{
     qmp_connect, run_godwit, serve_cmdline, wait_listening, QmpClient, RunningVm, TempDir,
     TwoHosts, BOOT,
@@ -23,82 +20,6 @@ use godwit_tests::{
 const PORT: u16 = 4444;
 /// The verifying guest's buffer: 4 MiB, rewritten at 256 pages/s.
 const VERIFY: &str = "godwit.verify=4M";
-const SERVER_NAME: &str = "dst.godwit.test";
-
-struct Ca {
-    cert: Certificate,
-    key: KeyPair,
-}
-
-impl Ca {
-    fn new(name: &str) -> Ca {
-        let key = KeyPair::generate().unwrap();
-        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
-        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        p.distinguished_name.push(DnType::CommonName, name);
-        p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-        let cert = p.self_signed(&key).unwrap();
-        Ca { cert, key }
-    }
-
-    /// A leaf certificate and its key, as PEM.
-    fn issue(
-        &self,
-        names: &[String],
-        purpose: ExtendedKeyUsagePurpose,
-        expired: bool,
-    ) -> (String, String) {
-        let key = KeyPair::generate().unwrap();
-        let mut p = CertificateParams::new(names.to_vec()).unwrap();
-        p.distinguished_name.push(
-            DnType::CommonName,
-            names.first().map_or("godwit source", |n| n.as_str()),
-        );
-        p.extended_key_usages = vec![purpose];
-        if expired {
-            p.not_before = rcgen::date_time_ymd(2020, 1, 1);
-            p.not_after = rcgen::date_time_ymd(2021, 1, 1);
-        }
-        let cert = p.signed_by(&key, &self.cert, &self.key).unwrap();
-        (cert.pem(), key.serialize_pem())
-    }
-}
-
-/// What goes into one credentials directory.
-struct Creds<'a> {
-    /// The CA this side trusts.
-    trust: &'a Ca,
-    /// The CA that signs this side's own certificates.
-    signer: &'a Ca,
-    expired: bool,
-}
-
-/// Writes a tls-creds-x509 directory for both roles; the server
-/// certificate names `SERVER_NAME` and host B's address.
-fn write_creds(dir: &Path, hosts: &TwoHosts, creds: Creds<'_>) -> PathBuf {
-    std::fs::create_dir_all(dir).unwrap();
-    let server_names = vec![SERVER_NAME.to_string(), hosts.addr_b()];
-    let (server_cert, server_key) = creds.signer.issue(
-        &server_names,
-        ExtendedKeyUsagePurpose::ServerAuth,
-        creds.expired,
-    );
-    let (client_cert, client_key) = creds.signer.issue(
-        &["src.godwit.test".to_string()],
-        ExtendedKeyUsagePurpose::ClientAuth,
-        creds.expired,
-    );
-    for (name, text) in [
-        ("ca-cert.pem", creds.trust.cert.pem()),
-        ("server-cert.pem", server_cert),
-        ("server-key.pem", server_key),
-        ("client-cert.pem", client_cert),
-        ("client-key.pem", client_key),
-    ] {
-        std::fs::write(dir.join(name), text).unwrap();
-    }
-    dir.to_path_buf()
-}
 
 struct Source {
     vm: RunningVm,

@@ -142,6 +142,7 @@ fn migration(out: &mut Vec<Seed>) {
         }],
         cpuid: cpuid(),
         kvm_caps: vec!["KVM_CAP_ADJUST_CLOCK".into()],
+        multifd: None,
     };
     let reply = HelloReply {
         accept: true,

@@ -6,7 +6,8 @@ use std::io::Cursor;
 use godwit_migration::format::{Container, ContainerWriter, Encoding, SectionKind};
 use godwit_migration::memory_file::decode_header_bytes;
 use godwit_migration::protocol::{
-    decode_runs, read_message, write_message, Hello, HelloReply, Kind, Message, Resumed, RoundEnd,
+    decode_runs, read_message, write_message, ChannelHello, Hello, HelloReply, Kind, Message,
+    Resumed, RoundEnd,
 };
 use godwit_vmm::persist::snapshot::{read_saved, KNOWN_SECTIONS};
 
@@ -97,8 +98,16 @@ fn receive(message: &Message) {
         Kind::Resumed => {
             let _ = message.json::<Resumed>();
         }
+        Kind::ChannelHello => {
+            let _ = message.json::<ChannelHello>();
+        }
         Kind::State => read_state(message.payload.clone()),
-        Kind::Complete | Kind::Abort | Kind::Ready | Kind::Go => {}
+        Kind::Complete
+        | Kind::Abort
+        | Kind::Ready
+        | Kind::Go
+        | Kind::ChannelsReady
+        | Kind::ChannelEnd => {}
     }
 }
 

@@ -68,6 +68,9 @@ pub struct MigrateParametersArgs {
     pub cpu_throttle_initial: Option<u32>,
     /// Auto-converge's step, 1 to 99 percent.
     pub cpu_throttle_increment: Option<u32>,
+    /// With the multifd capability: extra connections for the pages, 1 to
+    /// 16.
+    pub multifd_channels: Option<u16>,
 }
 
 /// A migration capability, as QEMU names it.
@@ -76,6 +79,8 @@ pub struct MigrateParametersArgs {
 pub enum Capability {
     /// Throttle the vCPUs while pre-copy does not converge.
     AutoConverge,
+    /// Send pages over `multifd-channels` extra connections.
+    Multifd,
 }
 
 /// One entry of `migrate-set-capabilities` / `query-migrate-capabilities`.
@@ -163,6 +168,9 @@ pub enum CommandError {
     /// A throttle parameter outside 1..=99.
     #[error("Parameter '{param}' expects a percentage from 1 to 99, not {value}")]
     ThrottleRange { param: &'static str, value: u32 },
+    /// `multifd-channels` outside 1..=MAX_CHANNELS.
+    #[error("Parameter 'multifd-channels' expects a value from 1 to {max}, not {value}")]
+    ChannelsRange { value: u16, max: u16 },
     /// Capabilities change while a migration runs.
     #[error("migration capabilities cannot change while a migration runs")]
     CapabilitiesBusy,
@@ -334,23 +342,32 @@ impl VmCommands {
                 for c in &args.capabilities {
                     match c.capability {
                         Capability::AutoConverge => params.auto_converge = c.state,
+                        Capability::Multifd => params.multifd = c.state,
                     }
                 }
                 json!({})
             }
             Command::QueryMigrateCapabilities => {
-                let auto_converge = vm
-                    .migration
-                    .params
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .auto_converge;
+                let (auto_converge, multifd) = {
+                    let p = vm
+                        .migration
+                        .params
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
+                    (p.auto_converge, p.multifd)
+                };
                 encode(
                     name,
-                    [CapabilityState {
-                        capability: Capability::AutoConverge,
-                        state: auto_converge,
-                    }],
+                    [
+                        CapabilityState {
+                            capability: Capability::AutoConverge,
+                            state: auto_converge,
+                        },
+                        CapabilityState {
+                            capability: Capability::Multifd,
+                            state: multifd,
+                        },
+                    ],
                 )?
             }
             Command::QueryMigrateParameters => {
@@ -383,11 +400,18 @@ fn set_migration_parameters(
             return Err(CommandError::ThrottleRange { param, value });
         }
     }
+    let max = godwit_migration::protocol::MAX_CHANNELS;
+    if let Some(value) = args.multifd_channels.filter(|v| !(1..=max).contains(v)) {
+        return Err(CommandError::ChannelsRange { value, max });
+    }
     let mut params = vm
         .migration
         .params
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some(n) = args.multifd_channels {
+        params.multifd_channels = n;
+    }
     if let Some(d) = args.downtime_limit {
         params.downtime_limit_ms = d;
     }
@@ -614,6 +638,20 @@ mod tests {
         };
         assert_eq!(args.capabilities[0].capability, Capability::AutoConverge);
         assert!(args.capabilities[0].state);
+        let Some(Command::MigrateSetCapabilities(args)) = Command::parse(
+            "migrate-set-capabilities",
+            r#"{"capabilities": [{"capability": "multifd", "state": true}]}"#,
+        )
+        .unwrap() else {
+            panic!("not parsed");
+        };
+        assert_eq!(args.capabilities[0].capability, Capability::Multifd);
+        let Some(Command::MigrateSetParameters(args)) =
+            Command::parse("migrate-set-parameters", r#"{"multifd-channels": 4}"#).unwrap()
+        else {
+            panic!("not parsed");
+        };
+        assert_eq!(args.multifd_channels, Some(4));
         assert!(Command::parse(
             "migrate-set-capabilities",
             r#"{"capabilities": [{"capability": "x-frobnicate", "state": true}]}"#,

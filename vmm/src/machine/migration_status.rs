@@ -34,9 +34,15 @@ pub struct MigrationParams {
     /// With auto-converge: added each round that still does not converge.
     #[serde(rename = "cpu-throttle-increment")]
     pub cpu_throttle_increment: u32,
+    /// With multifd: how many extra connections carry the pages.
+    #[serde(rename = "multifd-channels")]
+    pub multifd_channels: u16,
     /// The `auto-converge` capability (migrate-set-capabilities).
     #[serde(skip)]
     pub auto_converge: bool,
+    /// The `multifd` capability: pages on `multifd_channels` extra streams.
+    #[serde(skip)]
+    pub multifd: bool,
 }
 
 impl Default for MigrationParams {
@@ -49,7 +55,9 @@ impl Default for MigrationParams {
             tls_hostname: String::new(),
             cpu_throttle_initial: 20,
             cpu_throttle_increment: 10,
+            multifd_channels: 2,
             auto_converge: false,
+            multifd: false,
         }
     }
 }

@@ -8,7 +8,7 @@ use godwit_migration::cpu_compat::{check_cpuid as cpuid_incompatibilities, Cpuid
 use godwit_migration::format::{Container, FORMAT_VERSION};
 use godwit_migration::protocol::{
     decode_runs, expect, read_message, write_json, write_message, DevicePeer, Hello, HelloReply,
-    Kind, ProtocolError, Resumed, RoundEnd, PAGE_SIZE,
+    Kind, Message, ProtocolError, Resumed, RoundEnd, PAGE_SIZE,
 };
 
 use super::announce::announce;
@@ -26,7 +26,8 @@ use crate::vstate::memory::{self, ram_ranges, GuestRam};
 use crate::vstate::state::vcpu::host_cpuid;
 use crate::vstate::vm::{self, Vm};
 
-use crate::migration::transport::accept;
+use crate::migration::multifd::{self, MainView};
+use crate::migration::transport::{accept, ChannelListener};
 
 /// What a failed incoming migration reports.
 #[derive(Debug, thiserror::Error)]
@@ -53,6 +54,25 @@ pub enum IncomingError {
     ConfirmStream(#[source] std::io::Error),
     #[error("incoming migration: the source did not tell this host to run the guest ({0}); the guest was not started here, the source keeps it (paused in postmigrate if it had committed: resume it there with cont and force)")]
     NoGo(#[source] ProtocolError),
+    #[error("incoming migration: multifd channel(s) {missing} of {of} did not connect within {waited_s} s{refused}; the guest was not started here and stays on the source: check that nothing between the hosts drops or delays connections to this address, or migrate without the multifd capability")]
+    ChannelsMissing {
+        missing: String,
+        of: u16,
+        waited_s: u64,
+        refused: String,
+    },
+    #[error("{source} (on multifd channel {channel})")]
+    Channel {
+        channel: u16,
+        #[source]
+        source: Box<IncomingError>,
+    },
+    #[error("incoming migration: a multifd channel ended before round {round} was complete on it: the source does not follow the protocol; the guest stays on the source")]
+    ChannelEndedEarly { round: u32 },
+    #[error("incoming migration: another multifd stream failed")]
+    ChannelFailed,
+    #[error("incoming migration: a multifd receiver thread panicked")]
+    ReceiverPanicked,
     #[error("incoming migration: {0}")]
     Restore(#[source] Box<RestoreError>),
     #[error("incoming migration: {0}")]
@@ -94,9 +114,9 @@ pub fn incoming(
     uri: &str,
     tls_dir: Option<&std::path::Path>,
 ) -> Result<Machine, IncomingError> {
-    let mut conn = accept(uri, tls_dir)?;
+    let (mut conn, listener) = accept(uri, tls_dir)?;
     conn.set_timeout(Some(PEER_TIMEOUT));
-    match receive(config, &mut conn) {
+    match receive(config, &mut conn, listener.as_ref()) {
         Ok(machine) => Ok(machine),
         Err(e) => {
             let _ = write_message(&mut conn, Kind::Abort, e.to_string().as_bytes());
@@ -105,7 +125,11 @@ pub fn incoming(
     }
 }
 
-pub(super) fn receive(config: &VmConfig, conn: &mut Conn) -> Result<Machine, IncomingError> {
+pub(super) fn receive(
+    config: &VmConfig,
+    conn: &mut Conn,
+    listener: Option<&ChannelListener>,
+) -> Result<Machine, IncomingError> {
     let hello: Hello = expect(conn, Kind::Hello, "Hello")
         .and_then(|m| m.json())
         .map_err(|e| IncomingError::from(MigrateError::from(e)))?;
@@ -177,6 +201,13 @@ pub(super) fn receive(config: &VmConfig, conn: &mut Conn) -> Result<Machine, Inc
             }
         }
     }
+    if let Some(why) = hello
+        .multifd
+        .as_ref()
+        .and_then(|m| multifd::refusal(m, listener))
+    {
+        reasons.push(why);
+    }
     let reply = HelloReply {
         accept: reasons.is_empty(),
         reasons: reasons.clone(),
@@ -194,60 +225,32 @@ pub(super) fn receive(config: &VmConfig, conn: &mut Conn) -> Result<Machine, Inc
         return Err(IncomingError::Refused(reasons));
     };
 
+    let channels = match (&hello.multifd, listener) {
+        (Some(m), Some(l)) => {
+            let chans = multifd::accept_channels(l, m)?;
+            write_message(conn, Kind::ChannelsReady, &[]).map_err(proto)?;
+            Some(chans)
+        }
+        _ => None,
+    };
+
     let ram = GuestRam::new(hello.memory_size)?;
     let vm = Vm::new(kvm, &ram.memory)?;
     let started = Instant::now();
-    let mut received = 0u64;
     let mut tally = IncomingTally::new();
-    let state_bytes = loop {
-        let m = read_message(conn).map_err(proto)?;
-        tally.message(&m);
-        match m.kind {
-            Kind::Pages | Kind::ZeroPages => {
-                let with_data = m.kind == Kind::Pages;
-                let (runs, data) = decode_runs(m.kind, &m.payload, with_data).map_err(proto)?;
-                let mut offset = 0usize;
-                for run in runs {
-                    let len = run.pages as usize * PAGE_SIZE as usize;
-                    if !ram.memory.check_range(GuestAddress(run.gpa), len) {
-                        return Err(proto(ProtocolError::Malformed {
-                            kind: m.kind,
-                            detail: format!(
-                                "pages at {:#x}+{len:#x} lie outside guest memory",
-                                run.gpa
-                            ),
-                        }));
-                    }
-                    if with_data {
-                        ram.memory
-                            .write_slice(&data[offset..offset + len], GuestAddress(run.gpa))
-                            .map_err(IncomingError::GuestMemory)?;
-                        offset += len;
-                    } else {
-                        write_zeros(&ram, run.gpa, len as u64)?;
-                    }
-                    received += len as u64;
-                    tally.pages(with_data, run.pages);
-                }
-            }
-            Kind::RoundEnd => {
-                let r: RoundEnd = m.json().map_err(proto)?;
-                tally.round();
-                tracing::info!(
-                    "incoming migration: round {} done, {} MiB received",
-                    r.round,
-                    received >> 20
-                );
-            }
-            Kind::State => break m.payload,
-            other => {
-                return Err(proto(ProtocolError::Unexpected {
-                    expected: "Pages, ZeroPages, RoundEnd or State",
-                    got: other,
-                }))
-            }
+    let state_bytes = match channels {
+        None => receive_main(conn, &ram, &mut tally, None)?,
+        Some(chans) => {
+            let breaker = conn.try_clone().map_err(IncomingError::ConfirmStream)?;
+            let mut channel_tally = IncomingTally::new();
+            let state = multifd::receive(breaker, chans, &ram, &mut channel_tally, |view| {
+                receive_main(conn, &ram, &mut tally, Some(view))
+            })?;
+            tally.absorb(&channel_tally);
+            state
         }
     };
+    let received = tally.received_bytes();
     expect(conn, Kind::Complete, "Complete").map_err(proto)?;
     let restore_started = Instant::now();
     let container =
@@ -293,6 +296,85 @@ pub(super) fn receive(config: &VmConfig, conn: &mut Conn) -> Result<Machine, Inc
         }
     }));
     Ok(m)
+}
+
+/// The main stream until `State` (whose payload it returns): pages and
+/// round ends, or with multifd (`channels`) only round ends, each acted on
+/// once every channel finished that round.
+fn receive_main(
+    conn: &mut Conn,
+    ram: &GuestRam,
+    tally: &mut IncomingTally,
+    channels: Option<&MainView<'_>>,
+) -> Result<Vec<u8>, IncomingError> {
+    let proto = |e: ProtocolError| IncomingError::from(MigrateError::from(e));
+    loop {
+        let m = read_message(conn).map_err(proto)?;
+        tally.message(&m);
+        match m.kind {
+            Kind::Pages | Kind::ZeroPages if channels.is_none() => write_pages(ram, &m, tally)?,
+            Kind::RoundEnd => {
+                let r: RoundEnd = m.json().map_err(proto)?;
+                tally.round();
+                if let Some(view) = channels {
+                    view.round_done(r.round)?;
+                    tracing::info!(
+                        "incoming migration: round {} done on every multifd channel",
+                        r.round
+                    );
+                } else {
+                    tracing::info!(
+                        "incoming migration: round {} done, {} MiB received",
+                        r.round,
+                        tally.received_bytes() >> 20
+                    );
+                }
+            }
+            Kind::State => return Ok(m.payload),
+            other => {
+                return Err(proto(ProtocolError::Unexpected {
+                    expected: if channels.is_some() {
+                        "RoundEnd or State (pages travel on the multifd channels)"
+                    } else {
+                        "Pages, ZeroPages, RoundEnd or State"
+                    },
+                    got: other,
+                }))
+            }
+        }
+    }
+}
+
+/// Writes a `Pages` or `ZeroPages` message into guest RAM, every run
+/// checked to lie inside it.
+pub(super) fn write_pages(
+    ram: &GuestRam,
+    m: &Message,
+    tally: &mut IncomingTally,
+) -> Result<(), IncomingError> {
+    let proto = |e: ProtocolError| IncomingError::from(MigrateError::from(e));
+    let with_data = m.kind == Kind::Pages;
+    let (runs, data) = decode_runs(m.kind, &m.payload, with_data).map_err(proto)?;
+    let mut offset = 0usize;
+    for run in runs {
+        let len = run.pages as usize * PAGE_SIZE as usize;
+        if !ram.memory.check_range(GuestAddress(run.gpa), len) {
+            return Err(proto(ProtocolError::Malformed {
+                kind: m.kind,
+                detail: format!("pages at {:#x}+{len:#x} lie outside guest memory", run.gpa),
+            }));
+        }
+        if with_data {
+            ram.memory
+                .write_slice(&data[offset..offset + len], GuestAddress(run.gpa))
+                .map_err(IncomingError::GuestMemory)?;
+            offset += len;
+        } else {
+            write_zeros(ram, run.gpa, len as u64)?;
+        }
+        tally.pages(with_data, run.pages);
+    }
+    Ok(())
 }
 
 /// Zeroes `len` bytes of guest RAM at `gpa` by punching the range out of

@@ -52,6 +52,7 @@ pub(super) fn hello_of(handle: &VmHandle) -> Result<Hello, MigrateError> {
         devices: handle.nets.iter().map(device_offer).collect(),
         cpuid,
         kvm_caps: present_caps(&handle.vm),
+        multifd: None,
     })
 }
 

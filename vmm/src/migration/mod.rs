@@ -22,6 +22,7 @@ mod announce;
 mod destination;
 mod dirty;
 mod handshake;
+mod multifd;
 mod source;
 mod status;
 mod throttle;
@@ -109,6 +110,14 @@ pub enum MigrateError {
         throughput_mib_s: f64,
         expected_ms: u64,
         limit_ms: u64,
+    },
+    #[error("multifd needs a tcp: or tls: URI, not {0}: turn the multifd capability off for unix: migrations")]
+    MultifdUnix(String),
+    #[error("{source} (on multifd channel {channel})")]
+    Channel {
+        channel: u16,
+        #[source]
+        source: Box<MigrateError>,
     },
     #[error("{0}")]
     Local(String),

@@ -37,7 +37,7 @@
 //! said it will not run; the destination runs only after `Go`, when the
 //! source has committed to stay paused.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -62,19 +62,64 @@ use crate::migration::dirty::take_dirty;
 use crate::migration::dirty::{start_device_logs, stop_device_logs};
 use crate::migration::handshake::check_destination;
 use crate::migration::handshake::hello_of;
+use crate::migration::multifd::{self, Channels};
 use crate::migration::throttle::{self, Throttle};
 use crate::migration::transport::connect;
-use crate::migration::transport::parse_uri;
+use crate::migration::transport::{parse_uri, Uri};
 
-pub(super) struct Sender<'a> {
-    conn: &'a mut Conn,
-    state: &'a MigrationState,
-    bytes: u64,
+/// What every stream of one migration has sent, for `query-migrate` and
+/// `max-bandwidth` (shared by the main stream and the multifd channels).
+pub(super) struct Meter {
+    bytes: AtomicU64,
     started: Instant,
     max_bandwidth: u64,
 }
 
-impl Sender<'_> {
+impl Meter {
+    pub(super) fn new(max_bandwidth: u64) -> Meter {
+        Meter {
+            bytes: AtomicU64::new(0),
+            started: Instant::now(),
+            max_bandwidth,
+        }
+    }
+
+    /// Counts `n` more bytes; returns the total.
+    fn add(&self, n: u64) -> u64 {
+        self.bytes.fetch_add(n, Ordering::Relaxed) + n
+    }
+
+    pub(super) fn bytes(&self) -> u64 {
+        self.bytes.load(Ordering::Relaxed)
+    }
+
+    /// Bytes per second since the start.
+    fn rate(&self) -> f64 {
+        self.bytes() as f64 / self.started.elapsed().as_secs_f64().max(1e-6)
+    }
+}
+
+pub(super) struct Sender<'a> {
+    conn: &'a mut Conn,
+    state: &'a MigrationState,
+    meter: &'a Meter,
+}
+
+impl<'a> Sender<'a> {
+    pub(super) fn new(conn: &'a mut Conn, state: &'a MigrationState, meter: &'a Meter) -> Self {
+        Sender { conn, state, meter }
+    }
+
+    pub(super) fn send_json<T: serde::Serialize>(
+        &mut self,
+        kind: Kind,
+        value: &T,
+    ) -> Result<(), MigrateError> {
+        let bytes = serde_json::to_vec(value)
+            .map_err(|source| MigrateError::Protocol(ProtocolError::Encode { kind, source }))?;
+        self.send(kind, &bytes)
+    }
+
     fn check_cancel(&self) -> Result<(), MigrateError> {
         if self.state.cancel.load(Ordering::SeqCst) {
             return Err(MigrateError::Cancelled);
@@ -82,7 +127,7 @@ impl Sender<'_> {
         Ok(())
     }
 
-    fn send(&mut self, kind: Kind, payload: &[u8]) -> Result<(), MigrateError> {
+    pub(super) fn send(&mut self, kind: Kind, payload: &[u8]) -> Result<(), MigrateError> {
         self.check_cancel()?;
         write_message(self.conn, kind, payload).map_err(|e| {
             if self.state.cancel.load(Ordering::SeqCst) {
@@ -91,18 +136,17 @@ impl Sender<'_> {
                 e.into()
             }
         })?;
-        self.bytes += (payload.len() + protocol::HEADER_LEN) as u64;
-        let (bytes, rate) = (
-            self.bytes,
-            self.bytes as f64 / self.started.elapsed().as_secs_f64().max(1e-6),
-        );
+        let bytes = self
+            .meter
+            .add((payload.len() + protocol::HEADER_LEN) as u64);
+        let rate = self.meter.rate();
         self.state.update(|i| {
-            i.transferred_bytes = bytes;
+            i.transferred_bytes = i.transferred_bytes.max(bytes);
             i.throughput_mbps = rate * 8.0 / 1e6;
         });
-        if self.max_bandwidth > 0 {
-            let due = Duration::from_secs_f64(self.bytes as f64 / self.max_bandwidth as f64);
-            if let Some(wait) = due.checked_sub(self.started.elapsed()) {
+        if self.meter.max_bandwidth > 0 {
+            let due = Duration::from_secs_f64(bytes as f64 / self.meter.max_bandwidth as f64);
+            if let Some(wait) = due.checked_sub(self.meter.started.elapsed()) {
                 std::thread::sleep(wait);
             }
         }
@@ -112,7 +156,7 @@ impl Sender<'_> {
     /// Sends `pages` (guest addresses): non-zero pages with their data;
     /// zero pages as runs without data unless `skip_zero`. Pages are checked
     /// for zero in place and copied once, into the message.
-    fn send_pages(
+    pub(super) fn send_pages(
         &mut self,
         handle: &VmHandle,
         pages: &[u64],
@@ -189,7 +233,16 @@ pub fn start(
     if !blockers.is_empty() {
         return Err(MigrateError::Blocked(blockers));
     }
-    parse_uri(uri)?;
+    let parsed = parse_uri(uri)?;
+    let multifd = handle
+        .migration
+        .params
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .multifd;
+    if multifd && matches!(parsed, Uri::Unix(_)) {
+        return Err(MigrateError::MultifdUnix(uri.to_string()));
+    }
     if handle.run_state() == RunState::PostMigrate {
         return Err(MigrateError::PostMigrate);
     }
@@ -268,7 +321,13 @@ pub(super) fn run_source(
     handle
         .migration
         .set_breaker(Some(Box::new(move || breaker.shutdown())));
-    let hello = hello_of(handle)?;
+    let mut hello = hello_of(handle)?;
+    if params.multifd {
+        hello.multifd = Some(protocol::MultifdHello {
+            channels: params.multifd_channels,
+            token: multifd::new_token()?,
+        });
+    }
     write_json(&mut conn, Kind::Hello, &hello)?;
     let reply: HelloReply = expect(&mut conn, Kind::HelloReply, "HelloReply")?.json()?;
     if !reply.accept {
@@ -279,37 +338,91 @@ pub(super) fn run_source(
         let _ = write_message(&mut conn, Kind::Abort, problems.join("; ").as_bytes());
         return Err(MigrateError::DestinationLacks(problems));
     }
+    let channel_conns = match &hello.multifd {
+        Some(m) => {
+            let conns = multifd::connect_channels(uri, &params, m)?;
+            let mut breakers = vec![conn
+                .try_clone()
+                .map_err(|e| MigrateError::Local(e.to_string()))?];
+            for c in &conns {
+                breakers.push(
+                    c.try_clone()
+                        .map_err(|e| MigrateError::Local(e.to_string()))?,
+                );
+            }
+            handle.migration.set_breaker(Some(Box::new(move || {
+                for b in &breakers {
+                    b.shutdown();
+                }
+            })));
+            // The destination holds every channel (or says why not).
+            expect(&mut conn, Kind::ChannelsReady, "ChannelsReady")?;
+            tracing::info!("migration: {} multifd channel(s) connected", conns.len());
+            Some(conns)
+        }
+        None => None,
+    };
     handle
         .migration
         .update(|i| i.setup_ms = Some(started.elapsed().as_secs_f64() * 1e3));
     emit_status(handle, "active");
     set_dirty_logging(handle, true)?;
     start_device_logs(handle)?;
-    let result = throttle::with_kicker(handle, &params, || {
-        precopy(handle, op, &mut conn, &params, started)
+    let meter = Meter::new(params.max_bandwidth);
+    let result = std::thread::scope(|scope| {
+        let mut channels = channel_conns
+            .map(|conns| Channels::start(scope, handle, &meter, conns))
+            .transpose()?;
+        throttle::with_kicker(handle, &params, || {
+            precopy(
+                handle,
+                op,
+                &mut conn,
+                channels.as_mut(),
+                &meter,
+                &params,
+                started,
+            )
+        })
     });
     stop_device_logs(handle);
     result
+}
+
+/// Sends one round's pages: on the main stream, or striped over the
+/// multifd channels, each of which then closes the round; returns once
+/// every channel has written all of it.
+fn send_round(
+    handle: &VmHandle,
+    sender: &mut Sender<'_>,
+    channels: &mut Option<&mut Channels<'_>>,
+    pages: &[u64],
+    skip_zero: bool,
+    round: u32,
+) -> Result<(), MigrateError> {
+    match channels {
+        None => sender.send_pages(handle, pages, skip_zero),
+        Some(c) => {
+            c.send_pages(pages, skip_zero)?;
+            c.end_round(round)
+        }
+    }
 }
 
 pub(super) fn precopy(
     handle: &VmHandle,
     op: &OperationGuard,
     conn: &mut Conn,
+    mut channels: Option<&mut Channels<'_>>,
+    meter: &Meter,
     params: &MigrationParams,
     started: Instant,
 ) -> Result<(), MigrateError> {
-    let mut sender = Sender {
-        conn,
-        state: &handle.migration,
-        bytes: 0,
-        started: Instant::now(),
-        max_bandwidth: params.max_bandwidth,
-    };
+    let mut sender = Sender::new(conn, &handle.migration, meter);
     // Round 0: everything that is not zero (the destination starts zeroed).
     let mut round_started = Instant::now();
     let pages = pages_with_data(handle);
-    sender.send_pages(handle, &pages, true)?;
+    send_round(handle, &mut sender, &mut channels, &pages, true, 0)?;
     let mut round = 0u32;
     let mut last_dirty_rate;
     let mut throttle = Throttle::new(handle, params);
@@ -317,7 +430,7 @@ pub(super) fn precopy(
         let elapsed = round_started.elapsed().as_secs_f64().max(1e-6);
         let dirty = take_dirty(handle)?;
         round_started = Instant::now();
-        let throughput = sender.bytes as f64 / sender.started.elapsed().as_secs_f64().max(1e-6);
+        let throughput = meter.rate();
         let remaining = dirty.len() as u64 * PAGE_SIZE;
         let expected_ms = (remaining as f64 / throughput.max(1.0) * 1e3) as u64;
         last_dirty_rate = dirty.len() as f64 / elapsed;
@@ -331,7 +444,7 @@ pub(super) fn precopy(
         )?;
         handle.migration.update(|i| {
             i.rounds = round + 1;
-            i.transferred_bytes = sender.bytes;
+            i.transferred_bytes = meter.bytes();
             i.remaining_bytes = remaining;
             i.throughput_mbps = throughput * 8.0 / 1e6;
             i.dirty_pages_rate = last_dirty_rate as u64;
@@ -340,14 +453,14 @@ pub(super) fn precopy(
         });
         tracing::info!(
             "migration: round {round}: {} MiB sent, {} dirty pages remain, {:.0} Mbit/s, expected downtime {expected_ms} ms",
-            sender.bytes >> 20,
+            meter.bytes() >> 20,
             dirty.len(),
             throughput * 8.0 / 1e6
         );
         if expected_ms <= params.downtime_limit_ms {
             // Stop-and-copy: what is dirty now plus what the guest dirties
             // before it stops.
-            return finish(handle, op, &mut sender, dirty, started);
+            return finish(handle, op, &mut sender, channels, round + 1, dirty, started);
         }
         if let Some(t) = throttle.as_mut() {
             if last_dirty_rate * PAGE_SIZE as f64 > throughput / 2.0 {
@@ -365,7 +478,7 @@ pub(super) fn precopy(
                 limit_ms: params.downtime_limit_ms,
             });
         }
-        sender.send_pages(handle, &dirty, false)?;
+        send_round(handle, &mut sender, &mut channels, &dirty, false, round)?;
     }
 }
 
@@ -373,6 +486,8 @@ pub(super) fn finish(
     handle: &VmHandle,
     op: &OperationGuard,
     sender: &mut Sender<'_>,
+    mut channels: Option<&mut Channels<'_>>,
+    last_round: u32,
     mut dirty: Vec<u64>,
     started: Instant,
 ) -> Result<(), MigrateError> {
@@ -385,7 +500,11 @@ pub(super) fn finish(
     dirty.extend(take_dirty(handle)?);
     dirty.sort_unstable();
     dirty.dedup();
-    sender.send_pages(handle, &dirty, false)?;
+    send_round(handle, sender, &mut channels, &dirty, false, last_round)?;
+    if let Some(c) = channels {
+        // Every channel wrote all its pages: only then the state.
+        c.end()?;
+    }
     let state = capture_state(handle).map_err(|e| MigrateError::Local(e.to_string()))?;
     sender.send(Kind::State, &state.to_bytes())?;
     sender.send(Kind::Complete, &[])?;
@@ -418,7 +537,7 @@ pub(super) fn finish(
     let downtime = downtime_start.elapsed().as_secs_f64() * 1e3;
     handle.migration.update(|i| {
         i.downtime_ms = Some(downtime);
-        i.transferred_bytes = sender.bytes;
+        i.transferred_bytes = sender.meter.bytes();
         i.remaining_bytes = 0;
         i.total_time_ms = started.elapsed().as_secs_f64() * 1e3;
     });

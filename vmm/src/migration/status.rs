@@ -31,12 +31,24 @@ impl IncomingTally {
         self.wire_bytes += (m.payload.len() + HEADER_LEN) as u64;
     }
 
+    /// Bytes of guest pages received (data and zero runs).
+    pub(super) fn received_bytes(&self) -> u64 {
+        (self.normal + self.duplicate) * godwit_migration::protocol::PAGE_SIZE
+    }
+
     pub(super) fn pages(&mut self, with_data: bool, pages: u32) {
         if with_data {
             self.normal += u64::from(pages);
         } else {
             self.duplicate += u64::from(pages);
         }
+    }
+
+    /// Adds what a multifd channel counted.
+    pub(super) fn absorb(&mut self, other: &IncomingTally) {
+        self.wire_bytes += other.wire_bytes;
+        self.normal += other.normal;
+        self.duplicate += other.duplicate;
     }
 
     pub(super) fn round(&mut self) {

@@ -2,11 +2,12 @@
 //! accepting.
 
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use godwit_devices::socket_path;
 use godwit_migration::protocol::{write_message, Kind};
@@ -43,6 +44,14 @@ impl Conn {
         let _ = match self {
             Conn::Tcp(s) | Conn::Tls { tcp: s, .. } => s.shutdown(std::net::Shutdown::Both),
             Conn::Unix(s) => s.shutdown(std::net::Shutdown::Both),
+        };
+    }
+    /// Ends reading only: a read blocked on it returns, and what this side
+    /// still has to say (an `Abort`) can be written.
+    pub(super) fn shutdown_read(&self) {
+        let _ = match self {
+            Conn::Tcp(s) | Conn::Tls { tcp: s, .. } => s.shutdown(std::net::Shutdown::Read),
+            Conn::Unix(s) => s.shutdown(std::net::Shutdown::Read),
         };
     }
     pub(super) fn set_timeout(&self, t: Option<Duration>) {
@@ -154,9 +163,21 @@ fn host_of(addr: &str) -> &str {
 }
 
 pub(super) fn connect(uri: &str, params: &MigrationParams) -> Result<Conn, MigrateError> {
+    connect_as(uri, params, true)
+}
+
+/// [`connect`] for a multifd channel: the same checks, logged once (by the
+/// main stream).
+pub(super) fn connect_channel(uri: &str, params: &MigrationParams) -> Result<Conn, MigrateError> {
+    connect_as(uri, params, false)
+}
+
+fn connect_as(uri: &str, params: &MigrationParams, main: bool) -> Result<Conn, MigrateError> {
     match parse_uri(uri)? {
         Uri::Tcp(addr) => {
-            tracing::warn!("migration to tcp:{addr}: {PLAINTEXT_WARNING}");
+            if main {
+                tracing::warn!("migration to tcp:{addr}: {PLAINTEXT_WARNING}");
+            }
             Ok(Conn::Tcp(tcp_connect(&addr, uri)?))
         }
         Uri::Tls(addr) => {
@@ -177,7 +198,9 @@ pub(super) fn connect(uri: &str, params: &MigrationParams) -> Result<Conn, Migra
             under.set_read_timeout(Some(PEER_TIMEOUT)).ok();
             under.set_write_timeout(Some(PEER_TIMEOUT)).ok();
             let stream = tls::connect(config, hostname, tcp, &format!("the destination {addr}"))?;
-            tracing::info!("migration to {uri}: TLS 1.3, both certificates verified");
+            if main {
+                tracing::info!("migration to {uri}: TLS 1.3, both certificates verified");
+            }
             Ok(Conn::tls(stream, under))
         }
         Uri::Unix(path) => Ok(Conn::Unix(UnixStream::connect(path).map_err(|source| {
@@ -191,8 +214,8 @@ pub(super) fn connect(uri: &str, params: &MigrationParams) -> Result<Conn, Migra
 
 /// Waits for the first byte of a TCP peer, and answers one that speaks the
 /// other language (TLS or not) with a plaintext `Abort` it can show.
-fn first_byte_is_tls(s: &TcpStream) -> std::io::Result<Option<bool>> {
-    s.set_read_timeout(Some(PEER_TIMEOUT))?;
+fn first_byte_is_tls(s: &TcpStream, wait: Duration) -> std::io::Result<Option<bool>> {
+    s.set_read_timeout(Some(wait))?;
     let mut first = [0u8; 1];
     match s.peek(&mut first)? {
         0 => Ok(None),
@@ -212,7 +235,128 @@ fn refuse(mut s: TcpStream, why: &str) {
     while matches!(s.read(&mut sink), Ok(n) if n > 0) {}
 }
 
-pub(super) fn accept(uri: &str, tls_dir: Option<&Path>) -> Result<Conn, MigrateError> {
+/// The longest a multifd channel's connection may take to authenticate and
+/// greet (a real one takes milliseconds).
+const HANDSHAKE_WAIT: Duration = Duration::from_secs(3);
+
+/// What stays open of the destination's listening socket after the main
+/// stream was accepted: multifd channels connect to the same address.
+pub(super) struct ChannelListener {
+    listener: TcpListener,
+    server_config: Option<Arc<rustls::ServerConfig>>,
+    uri: String,
+}
+
+impl ChannelListener {
+    /// The next TCP connection, waiting at most `wait`. `Ok(None)`: none
+    /// came in time.
+    pub(super) fn accept_tcp(
+        &self,
+        wait: Duration,
+    ) -> Result<Option<(TcpStream, SocketAddr)>, String> {
+        let _ = self.listener.set_nonblocking(true);
+        let deadline = Instant::now() + wait;
+        loop {
+            match self.listener.accept() {
+                Ok((s, from)) => {
+                    let _ = s.set_nonblocking(false);
+                    let _ = s.set_nodelay(true);
+                    return Ok(Some((s, from)));
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return Ok(None);
+                    }
+                    // Woken by the next connection, not by a timer.
+                    let mut pfd = libc::pollfd {
+                        fd: self.listener.as_raw_fd(),
+                        events: libc::POLLIN,
+                        revents: 0,
+                    };
+                    let ms = i32::try_from(left.as_millis().max(1)).unwrap_or(i32::MAX);
+                    // SAFETY: `pfd` is one valid pollfd naming the listening
+                    // socket, which `self` keeps open for the whole call.
+                    unsafe { libc::poll(&mut pfd, 1, ms) };
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    return Err(MigrateError::Listen {
+                        uri: self.uri.clone(),
+                        source: e,
+                    }
+                    .to_string())
+                }
+            }
+        }
+    }
+
+    /// Makes an accepted connection a stream like the main one
+    /// (TLS-authenticated when the URI is `tls:`), within HANDSHAKE_WAIT
+    /// and `deadline`.
+    pub(super) fn establish(
+        &self,
+        s: TcpStream,
+        from: SocketAddr,
+        deadline: Instant,
+    ) -> Result<Conn, String> {
+        let left = deadline
+            .saturating_duration_since(Instant::now())
+            .clamp(Duration::from_millis(100), HANDSHAKE_WAIT);
+        let _ = s.set_read_timeout(Some(left));
+        let _ = s.set_write_timeout(Some(left));
+        establish(s, from, self.server_config.clone(), &self.uri, left).map_err(|e| e.to_string())
+    }
+}
+
+/// Makes an accepted TCP connection a migration stream: TLS with a
+/// verified client certificate when `server_config` is given, plaintext
+/// otherwise; a peer that speaks the other language is told why and
+/// refused.
+fn establish(
+    s: TcpStream,
+    from: SocketAddr,
+    server_config: Option<Arc<rustls::ServerConfig>>,
+    uri: &str,
+    wait: Duration,
+) -> Result<Conn, MigrateError> {
+    let err = |source| MigrateError::Listen {
+        uri: uri.to_string(),
+        source,
+    };
+    let peer = format!("the source {from}");
+    let tls_peer = first_byte_is_tls(&s, wait).map_err(err)?;
+    Ok(match (server_config, tls_peer) {
+        (Some(config), Some(true)) => {
+            let under = s.try_clone().map_err(err)?;
+            let stream = tls::accept(config, s, &peer)?;
+            tracing::info!("incoming migration from {from}: TLS 1.3, both certificates verified");
+            Conn::tls(stream, under)
+        }
+        (Some(_), _) => {
+            refuse(
+                s,
+                "this destination accepts only TLS migrations: migrate to a tls: URI with tls-creds set",
+            );
+            return Err(tls::plaintext_peer(&peer, "the source sent no TLS ClientHello").into());
+        }
+        (None, Some(true)) => {
+            refuse(
+                s,
+                "this destination listens on plaintext tcp:; start it with --incoming tls:ADDR:PORT --tls-dir DIR",
+            );
+            return Err(MigrateError::TlsOnPlain(from.to_string()));
+        }
+        (None, _) => Conn::Tcp(s),
+    })
+}
+
+/// Accepts the main stream on `uri`; for `tcp:` and `tls:` also returns
+/// the listener, for multifd channels.
+pub(super) fn accept(
+    uri: &str,
+    tls_dir: Option<&Path>,
+) -> Result<(Conn, Option<ChannelListener>), MigrateError> {
     let err = |source| MigrateError::Listen {
         uri: uri.to_string(),
         source,
@@ -224,7 +368,7 @@ pub(super) fn accept(uri: &str, tls_dir: Option<&Path>) -> Result<Conn, MigrateE
         (_, Some(_)) => return Err(MigrateError::TlsDirUnused(uri.to_string())),
         (_, None) => None,
     };
-    let conn = match parsed {
+    match parsed {
         Uri::Tcp(addr) | Uri::Tls(addr) => {
             let l = TcpListener::bind(&addr).map_err(err)?;
             let scheme = if server_config.is_some() {
@@ -237,35 +381,15 @@ pub(super) fn accept(uri: &str, tls_dir: Option<&Path>) -> Result<Conn, MigrateE
             let (s, from) = l.accept().map_err(err)?;
             tracing::info!("incoming migration from {from}");
             let _ = s.set_nodelay(true);
-            let peer = format!("the source {from}");
-            let tls_peer = first_byte_is_tls(&s).map_err(err)?;
-            match (server_config, tls_peer) {
-                (Some(config), Some(true)) => {
-                    let under = s.try_clone().map_err(err)?;
-                    let stream = tls::accept(config, s, &peer)?;
-                    tracing::info!(
-                        "incoming migration from {from}: TLS 1.3, both certificates verified"
-                    );
-                    Conn::tls(stream, under)
-                }
-                (Some(_), _) => {
-                    refuse(
-                        s,
-                        "this destination accepts only TLS migrations: migrate to a tls: URI with tls-creds set",
-                    );
-                    return Err(
-                        tls::plaintext_peer(&peer, "the source sent no TLS ClientHello").into(),
-                    );
-                }
-                (None, Some(true)) => {
-                    refuse(
-                        s,
-                        "this destination listens on plaintext tcp:; start it with --incoming tls:ADDR:PORT --tls-dir DIR",
-                    );
-                    return Err(MigrateError::TlsOnPlain(from.to_string()));
-                }
-                (None, _) => Conn::Tcp(s),
-            }
+            let conn = establish(s, from, server_config.clone(), uri, PEER_TIMEOUT)?;
+            Ok((
+                conn,
+                Some(ChannelListener {
+                    listener: l,
+                    server_config,
+                    uri: uri.to_string(),
+                }),
+            ))
         }
         Uri::Unix(path) => {
             let l = socket_path::bind_listener(&path).map_err(MigrateError::ListenPath)?;
@@ -276,10 +400,9 @@ pub(super) fn accept(uri: &str, tls_dir: Option<&Path>) -> Result<Conn, MigrateE
             );
             let (s, _) = l.accept().map_err(err)?;
             let _ = std::fs::remove_file(&path);
-            Conn::Unix(s)
+            Ok((Conn::Unix(s), None))
         }
-    };
-    Ok(conn)
+    }
 }
 
 #[cfg(test)]

@@ -388,7 +388,10 @@ fn rules_of(kind: ThreadKind) -> Rules {
                 ThreadKind::TapNamespace,
             ]),
         // Under auto-converge it starts the kicker thread (which runs under
-        // this filter: tgkill and sleeps are in base()).
+        // this filter: tgkill and sleeps are in base()). With multifd it
+        // starts one thread per channel to open it and one sender thread
+        // per channel, also under this filter: they connect (sockets), read guest memory and write their socket;
+        // the per-migration token comes from getrandom (base()).
         ThreadKind::MigrationSource => base()
             .with(&poll())
             .with(&descriptors())
@@ -449,6 +452,12 @@ fn rules_of(kind: ThreadKind) -> Rules {
                 FIONBIO,
             ])
             .spawner(&[]),
+        // An incoming migration runs here: with multifd its channel set-up
+        // and receiver threads (one per channel) run under this filter too; accepting
+        // the channels needs accept4 (listening()), a non-blocking
+        // listener (FIONBIO: ioctl) and poll(2) to wait on it (poll()), the
+        // receivers read their sockets and
+        // punch holes for zero runs (fallocate, files()).
         ThreadKind::Main => base()
             .with(&poll())
             .with(&descriptors())

@@ -146,6 +146,9 @@ fn main() {
     if all || which == "migration" {
         migration::bench_migration();
     }
+    if all || which == "migration-tls" {
+        migration::bench_migration_tls();
+    }
     if all || which == "planner" {
         planner::bench_planner();
     }
@@ -158,12 +161,13 @@ fn main() {
             "net",
             "snapshot",
             "migration",
+            "migration-tls",
             "planner",
             "vhost-user",
         ]
         .contains(&which.as_str())
     {
-        eprintln!("unknown benchmark '{which}': use boot, net, snapshot, migration, planner, vhost-user or all");
+        eprintln!("unknown benchmark '{which}': use boot, net, snapshot, migration, migration-tls, planner, vhost-user or all");
         std::process::exit(2);
     }
 }

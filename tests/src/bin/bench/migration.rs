@@ -233,19 +233,47 @@ fn last_heartbeat(p: &Proc) -> u64 {
         .unwrap_or(0)
 }
 
+/// How godwit's migration stream travels.
+#[derive(Clone)]
+struct Transport {
+    name: &'static str,
+    /// tls-creds-x509 directory: `tls:` on both sides.
+    tls: Option<PathBuf>,
+    /// The multifd capability with this many channels.
+    channels: Option<u16>,
+}
+
+impl Transport {
+    fn plain() -> Transport {
+        Transport {
+            name: "TCP",
+            tls: None,
+            channels: None,
+        }
+    }
+}
+
 fn godwit_migrate(
     link: &Link,
     dir: &Path,
     ram: u64,
     dirty: Option<(u64, u64)>,
     downtime_limit: u64,
+    transport: &Transport,
 ) -> Result<Mig, String> {
     let port = next_port();
-    let uri = format!("tcp:{ADDR_B}:{port}");
-    let mut dest = Proc::spawn(godwit_cmd(
-        Some(&link.b),
-        &["run", "--incoming", &uri, "--serial", "stdio"],
-    ));
+    let scheme = if transport.tls.is_some() {
+        "tls"
+    } else {
+        "tcp"
+    };
+    let uri = format!("{scheme}:{ADDR_B}:{port}");
+    let tls_dir = transport.tls.as_ref().map(|d| d.display().to_string());
+    let mut dest_args = vec!["run", "--incoming", &uri, "--serial", "stdio"];
+    if let Some(d) = &tls_dir {
+        dest_args.extend(["--tls-dir", d.as_str()]);
+    }
+    let mut dest = Proc::spawn(godwit_cmd(Some(&link.b), &dest_args));
     if dest
         .wait_for(Stream::Stderr, Duration::from_secs(30), |l| {
             l.contains("waiting for an incoming migration")
@@ -285,11 +313,20 @@ fn godwit_migrate(
         }
     }
     let mut qmp = qmp_connect(&api);
-    qmp.execute(
-        "migrate-set-parameters",
-        json!({"downtime-limit": downtime_limit, "max-bandwidth": 0}),
-    )
-    .map_err(|e| format!("migrate-set-parameters: {e}"))?;
+    let mut params = json!({"downtime-limit": downtime_limit, "max-bandwidth": 0});
+    if let Some(d) = &tls_dir {
+        params["tls-creds"] = json!(d);
+    }
+    if let Some(n) = transport.channels {
+        qmp.execute(
+            "migrate-set-capabilities",
+            json!({"capabilities": [{"capability": "multifd", "state": true}]}),
+        )
+        .map_err(|e| format!("migrate-set-capabilities: {e}"))?;
+        params["multifd-channels"] = json!(n);
+    }
+    qmp.execute("migrate-set-parameters", params)
+        .map_err(|e| format!("migrate-set-parameters: {e}"))?;
     let ram_before_kib = status_kib(src.pid(), "RssShmem:").unwrap_or(0);
     let sampler = Sampler::start(src.pid(), "RssShmem:");
     let t0 = Instant::now();
@@ -425,7 +462,14 @@ fn qemu_version(qemu: &Path) -> String {
         .unwrap_or_else(|| "?".into())
 }
 
-fn qemu_cmd(qemu: &Path, ns: &str, ram: u64, qmp: &Path, incoming: Option<&str>) -> Command {
+fn qemu_cmd(
+    qemu: &Path,
+    ns: &str,
+    ram: u64,
+    qmp: &Path,
+    incoming: Option<&str>,
+    tls: Option<&Path>,
+) -> Command {
     let mut c = Command::new("ip");
     c.args(["netns", "exec", ns]).arg(qemu).args([
         "-enable-kvm",
@@ -438,8 +482,23 @@ fn qemu_cmd(qemu: &Path, ns: &str, ram: u64, qmp: &Path, incoming: Option<&str>)
         "-qmp",
         &format!("unix:{},server=on,wait=off", qmp.display()),
     ]);
+    if let Some(dir) = tls {
+        let endpoint = if incoming.is_some() {
+            "server"
+        } else {
+            "client"
+        };
+        c.args([
+            "-object",
+            &format!(
+                "tls-creds-x509,id=tls0,dir={},endpoint={endpoint}",
+                dir.display()
+            ),
+        ]);
+    }
     if let Some(uri) = incoming {
-        c.args(["-incoming", uri]);
+        // With TLS the credentials are set before listening.
+        c.args(["-incoming", if tls.is_some() { "defer" } else { uri }]);
     }
     c
 }
@@ -455,16 +514,30 @@ fn qemu_qmp(p: &mut Proc, path: &Path) -> Result<QmpClient, String> {
     }
 }
 
-fn qemu_migrate(qemu: &Path, link: &Link, dir: &Path, ram: u64) -> Result<Mig, String> {
+fn qemu_migrate(
+    qemu: &Path,
+    link: &Link,
+    dir: &Path,
+    ram: u64,
+    tls: Option<&Path>,
+) -> Result<Mig, String> {
     let port = next_port();
     let uri = format!("tcp:{ADDR_B}:{port}");
     let (qa, qb) = (
         dir.join(format!("qemu-a-{port}.sock")),
         dir.join(format!("qemu-b-{port}.sock")),
     );
-    let mut dest = Proc::spawn(qemu_cmd(qemu, &link.b, ram, &qb, Some(&uri)));
+    let mut dest = Proc::spawn(qemu_cmd(qemu, &link.b, ram, &qb, Some(&uri), tls));
     let mut qmp_b = qemu_qmp(&mut dest, &qb)?;
-    let mut src = Proc::spawn(qemu_cmd(qemu, &link.a, ram, &qa, None));
+    if tls.is_some() {
+        qmp_b
+            .execute("migrate-set-parameters", json!({"tls-creds": "tls0"}))
+            .map_err(|e| format!("QEMU destination migrate-set-parameters: {e}"))?;
+        qmp_b
+            .execute("migrate-incoming", json!({ "uri": uri }))
+            .map_err(|e| format!("QEMU migrate-incoming: {e}"))?;
+    }
+    let mut src = Proc::spawn(qemu_cmd(qemu, &link.a, ram, &qa, None, tls));
     let mut qmp = qemu_qmp(&mut src, &qa)?;
     std::thread::sleep(QEMU_SETTLE);
     let status = qmp
@@ -473,11 +546,12 @@ fn qemu_migrate(qemu: &Path, link: &Link, dir: &Path, ram: u64) -> Result<Mig, S
     if status["status"] != "running" {
         return Err(format!("QEMU's source VM is {status}, not running"));
     }
-    qmp.execute(
-        "migrate-set-parameters",
-        json!({"downtime-limit": DOWNTIME_LIMIT_MS, "max-bandwidth": 100 * GIB}),
-    )
-    .map_err(|e| format!("migrate-set-parameters: {e}"))?;
+    let mut params = json!({"downtime-limit": DOWNTIME_LIMIT_MS, "max-bandwidth": 100 * GIB});
+    if tls.is_some() {
+        params["tls-creds"] = json!("tls0");
+    }
+    qmp.execute("migrate-set-parameters", params)
+        .map_err(|e| format!("migrate-set-parameters: {e}"))?;
     // QEMU's guest RAM is anonymous memory of the QEMU process.
     let ram_before_kib = status_kib(src.pid(), "RssAnon:").unwrap_or(0);
     let sampler = Sampler::start(src.pid(), "RssAnon:");
@@ -637,7 +711,14 @@ pub fn bench_migration() {
         }
         let name = format!("idle {}", size_name(ram));
         if let Some(m) = repeat(&format!("godwit {name}"), &link, ram, &mut raw, || {
-            godwit_migrate(&link, dir.path(), ram, None, DOWNTIME_LIMIT_MS)
+            godwit_migrate(
+                &link,
+                dir.path(),
+                ram,
+                None,
+                DOWNTIME_LIMIT_MS,
+                &Transport::plain(),
+            )
         }) {
             rows.push(Row {
                 scenario: name.clone(),
@@ -649,7 +730,7 @@ pub fn bench_migration() {
         }
         if let Ok(q) = &qemu {
             if let Some(m) = repeat(&format!("QEMU {name}"), &link, ram, &mut raw, || {
-                qemu_migrate(q, &link, dir.path(), ram)
+                qemu_migrate(q, &link, dir.path(), ram, None)
             }) {
                 rows.push(Row {
                     scenario: name,
@@ -677,6 +758,7 @@ pub fn bench_migration() {
                 DIRTY_RAM,
                 Some((DIRTY_BUFFER_MIB, DIRTY_RATE)),
                 DIRTY_DOWNTIME_LIMIT_MS,
+                &Transport::plain(),
             )
         },
     ) {
@@ -784,6 +866,142 @@ pub fn bench_migration() {
         println!("\nAgainst QEMU (target: faster):\n");
         for l in godwit_vs_qemu {
             println!("{l}");
+        }
+    }
+    println!();
+}
+
+/// `godwit-bench migration-tls`: the same namespaces, 1 GiB guests idle and
+/// dirtying, migrated over plain TCP, mutual TLS, and TLS with 2 multifd
+/// channels, beside QEMU over plain TCP and over TLS (`tls-creds-x509`).
+pub fn bench_migration_tls() {
+    println!("## migration-tls: live migration over TLS and multifd, beside plain TCP and QEMU\n");
+    let link = match Link::new() {
+        Ok(l) => l,
+        Err(e) => {
+            println!("skipped: cannot create the namespaces: {e}\n");
+            return;
+        }
+    };
+    let dir = TempDir::new("bench-migration-tls");
+    // One CA for both roles; the server certificate names B's address.
+    let creds = godwit_tests::tls_creds::good_creds_for(&dir.join("creds"), ADDR_B);
+    let qemu = ensure_qemu();
+    println!(
+        "Namespaces {} ({ADDR_A}) and {} ({ADDR_B}), one veth pair. Median of {RUNS} runs per row. godwit: downtime-limit {DOWNTIME_LIMIT_MS} ms idle, {DIRTY_DOWNTIME_LIMIT_MS} ms dirtying, max-bandwidth 0; TLS: `--incoming tls:` with `--tls-dir`, `tls-creds` on the source (TLS 1.3, rustls with ring, both certificates ECDSA P-256 from rcgen); multifd: capability on, `multifd-channels` 2. QEMU: {}, the same machine as the `migration` section; TLS: `-object tls-creds-x509,id=tls0,dir=DIR,endpoint=server|client` over the same directory, `-incoming defer` then `migrate-set-parameters {{\"tls-creds\": \"tls0\"}}` and `migrate-incoming` on B, `tls-creds` tls0 on A.\n",
+        link.a,
+        link.b,
+        match &qemu {
+            Ok(q) => qemu_version(q),
+            Err(_) => "not available".into(),
+        },
+    );
+    if let Err(e) = &qemu {
+        println!("QEMU cannot run here: {e}\n");
+    }
+    println!("Host load average at the start: {}.\n", loadavg());
+    let transports = [
+        Transport::plain(),
+        Transport {
+            name: "TLS",
+            tls: Some(creds.clone()),
+            channels: None,
+        },
+        Transport {
+            name: "TLS, multifd 2 channels",
+            tls: Some(creds.clone()),
+            channels: Some(2),
+        },
+    ];
+    let idle = format!("idle {}", size_name(GIB));
+    let dirtying = format!(
+        "{} dirtying {DIRTY_BUFFER_MIB} MiB at {DIRTY_RATE} pages/s",
+        size_name(DIRTY_RAM)
+    );
+    let mut raw = Vec::new();
+    // (scenario, VMM, transport, numbers)
+    let mut rows: Vec<(String, &'static str, &'static str, Mig)> = Vec::new();
+    for (scenario, dirty, limit) in [
+        (&idle, None, DOWNTIME_LIMIT_MS),
+        (
+            &dirtying,
+            Some((DIRTY_BUFFER_MIB, DIRTY_RATE)),
+            DIRTY_DOWNTIME_LIMIT_MS,
+        ),
+    ] {
+        for t in &transports {
+            let what = format!("godwit {scenario} over {}", t.name);
+            if let Some(m) = repeat(&what, &link, GIB, &mut raw, || {
+                godwit_migrate(&link, dir.path(), GIB, dirty, limit, t)
+            }) {
+                rows.push((scenario.clone(), "godwit", t.name, m));
+            }
+        }
+    }
+    if let Ok(q) = &qemu {
+        for (name, tls) in [("TCP", None), ("TLS", Some(creds.as_path()))] {
+            let what = format!("QEMU {idle} over {name}");
+            if let Some(m) = repeat(&what, &link, GIB, &mut raw, || {
+                qemu_migrate(q, &link, dir.path(), GIB, tls)
+            }) {
+                rows.push((idle.clone(), "QEMU", name, m));
+            }
+        }
+    }
+    let mut t: Vec<f64> = raw
+        .iter()
+        .map(|(_, ms)| *ms)
+        .filter(|ms| ms.is_finite())
+        .collect();
+    if !t.is_empty() {
+        let m = median(&mut t);
+        println!(
+            "Raw TCP, 1 GiB in 1 MiB writes, once before every run: median {m:.0} ms ({:.2} Gbit/s) over {} transfers.\n",
+            GIB as f64 * 8.0 / 1e9 / (m / 1e3),
+            t.len()
+        );
+    }
+    let plain = |scenario: &str, vmm: &str| {
+        rows.iter()
+            .find(|(s, v, t, _)| s == scenario && *v == vmm && *t == "TCP")
+            .map(|r| r.3.total_ms)
+    };
+    println!("| guest | VMM | stream | total time | / the same VMM over plain TCP | downtime | bytes on the wire | wire throughput | rounds (QEMU: dirty syncs) | check |");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
+    for (scenario, vmm, stream, m) in &rows {
+        let ratio = plain(scenario, vmm).map_or(f64::NAN, |p| m.total_ms / p);
+        println!(
+            "| {scenario} | {vmm} | {stream} | {:.0} ms | {ratio:.2}x | {:.1} ms | {} | {:.1} Mbit/s | {:.0} | {} |",
+            m.total_ms,
+            m.downtime_ms,
+            fmt_bytes(m.wire_bytes),
+            m.wire_mbps,
+            m.rounds,
+            m.note
+        );
+    }
+    println!("\nHost load average at the end: {}.\n", loadavg());
+    println!("Targets:\n");
+    for (scenario, vmm, stream, m) in &rows {
+        if *vmm != "godwit" || *stream == "TCP" {
+            continue;
+        }
+        if let Some(p) = plain(scenario, "godwit") {
+            let r = m.total_ms / p;
+            println!(
+                "- {scenario}, godwit over {stream} / over plain TCP: {r:.2}x (target <= 1.1x: {})",
+                if r <= 1.1 { "met" } else { "**missed**" }
+            );
+        }
+        if let Some(q) = rows
+            .iter()
+            .find(|(s, v, t, _)| s == scenario && *v == "QEMU" && *t == "TLS")
+        {
+            let r = m.total_ms / q.3.total_ms;
+            println!(
+                "- {scenario}, godwit over {stream} / QEMU over TLS: {r:.2}x (target: faster: {})",
+                if r < 1.0 { "met" } else { "**missed**" }
+            );
         }
     }
     println!();
