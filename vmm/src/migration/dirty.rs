@@ -27,7 +27,10 @@ pub(super) fn take_dirty(handle: &VmHandle) -> Result<Vec<u64>, MigrateError> {
             .vm
             .fd
             .get_dirty_log(slot as u32, region.len() as usize)
-            .map_err(|e| MigrateError::Local(format!("reading KVM's dirty log: {e}")))?;
+            .map_err(|source| MigrateError::KvmDirtyLog {
+                slot: slot as u32,
+                source,
+            })?;
         let own = std::ops::Deref::deref(region).bitmap().get_and_reset();
         let base = region.start_addr().0;
         for (word_index, word) in kvm.iter().enumerate() {
@@ -82,12 +85,7 @@ pub(super) fn set_dirty_logging(handle: &VmHandle, on: bool) -> Result<(), Migra
     handle
         .vm
         .map_memory(&handle.ram.memory, flags)
-        .map_err(|e| {
-            MigrateError::Local(format!(
-                "turning dirty logging {}: {e}",
-                if on { "on" } else { "off" }
-            ))
-        })?;
+        .map_err(|source| MigrateError::DirtyLogging { on, source })?;
     if on {
         for region in handle.ram.memory.iter() {
             std::ops::Deref::deref(region).bitmap().reset();

@@ -37,8 +37,7 @@ pub(super) fn device_offer(net: &NetDevice) -> DeviceOffer {
 
 pub(super) fn hello_of(handle: &VmHandle) -> Result<Hello, MigrateError> {
     let vcpus = handle.vcpus.count() as u8;
-    let cpuid =
-        host_cpuid(&handle.vm.kvm, vcpus).map_err(|e| MigrateError::Local(e.to_string()))?;
+    let cpuid = host_cpuid(&handle.vm.kvm, vcpus).map_err(MigrateError::HostCpuid)?;
     Ok(Hello {
         godwit_version: env!("CARGO_PKG_VERSION").to_string(),
         format_version: FORMAT_VERSION,

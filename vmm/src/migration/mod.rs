@@ -119,12 +119,48 @@ pub enum MigrateError {
         #[source]
         source: Box<MigrateError>,
     },
-    #[error("{0}")]
-    Local(String),
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0} ended unexpectedly (it panicked, or its channel closed)")]
+    ThreadEnded(String),
+    #[error("reading guest page {gpa:#x}: {source}")]
+    GuestPage {
+        gpa: u64,
+        #[source]
+        source: vm_memory::GuestMemoryError,
+    },
+    #[error("reading KVM's dirty log of memory slot {slot}: {source}")]
+    KvmDirtyLog {
+        slot: u32,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error("turning KVM's dirty logging {}: {source}", if *.on { "on" } else { "off" })]
+    DirtyLogging {
+        on: bool,
+        #[source]
+        source: crate::vstate::vm::VmError,
+    },
+    #[error("capturing the VM's state: {0}")]
+    Capture(#[source] crate::persist::snapshot::SnapshotError),
+    #[error("reading this host's CPUID for the handshake: {0}")]
+    HostCpuid(#[source] crate::vstate::state::StateError),
     #[error("{device}: {source}")]
     DeviceLog {
         device: String,
         #[source]
         source: godwit_devices::dirty_log::DirtyLogError,
     },
+}
+
+impl MigrateError {
+    /// An I/O error of godwit's own (not the peer's), with what it was doing.
+    pub(crate) fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> MigrateError {
+        let what = what.into();
+        move |source| MigrateError::Io { what, source }
+    }
 }

@@ -79,9 +79,10 @@ pub(super) fn new_token() -> Result<String, MigrateError> {
             if e.kind() == std::io::ErrorKind::Interrupted {
                 continue;
             }
-            return Err(MigrateError::Local(format!(
-                "cannot draw the multifd channels' token from the kernel: {e}"
-            )));
+            return Err(MigrateError::Io {
+                what: "cannot draw the multifd channels' token from the kernel".into(),
+                source: e,
+            });
         }
         filled += n as usize;
     }
@@ -133,8 +134,8 @@ pub(super) fn connect_channels(
             .into_iter()
             .map(|t| {
                 t.join().unwrap_or_else(|_| {
-                    Err(MigrateError::Local(
-                        "a thread opening a multifd channel panicked".into(),
+                    Err(MigrateError::ThreadEnded(
+                        "a thread opening a multifd channel".into(),
                     ))
                 })
             })
@@ -173,10 +174,9 @@ impl<'scope> Channels<'scope> {
         let mut jobs = Vec::new();
         let mut breakers = Vec::new();
         for (index, conn) in conns.into_iter().enumerate() {
-            breakers.push(
-                conn.try_clone()
-                    .map_err(|e| MigrateError::Local(e.to_string()))?,
-            );
+            breakers.push(conn.try_clone().map_err(MigrateError::io(
+                "cannot duplicate a multifd channel's connection",
+            ))?);
             let (tx, rx) = mpsc::sync_channel(QUEUE);
             let ack = ack_tx.clone();
             let channel = u16::try_from(index).unwrap_or(u16::MAX);
@@ -194,9 +194,7 @@ impl<'scope> Channels<'scope> {
                     }
                     notice.armed = false;
                 })
-                .map_err(|e| {
-                    MigrateError::Local(format!("cannot start a multifd sender thread: {e}"))
-                })?;
+                .map_err(MigrateError::io("cannot start a multifd sender thread"))?;
             jobs.push(tx);
         }
         Ok(Channels {
@@ -256,8 +254,8 @@ impl<'scope> Channels<'scope> {
                 Ok((_, Ok(()))) => {}
                 Ok((channel, Err(e))) => return Err(channel_error(channel, e)),
                 Err(_) => {
-                    return Err(MigrateError::Local(
-                        "every multifd sender thread ended".into(),
+                    return Err(MigrateError::ThreadEnded(
+                        "every multifd sender thread".into(),
                     ))
                 }
             }
@@ -269,7 +267,7 @@ impl<'scope> Channels<'scope> {
     fn failure(&self) -> MigrateError {
         match self.acks.recv_timeout(Duration::from_secs(5)) {
             Ok((channel, Err(e))) => channel_error(channel, e),
-            _ => MigrateError::Local("a multifd sender thread ended unexpectedly".into()),
+            _ => MigrateError::ThreadEnded("a multifd sender thread".into()),
         }
     }
 }
@@ -298,8 +296,8 @@ impl Drop for ExitNotice<'_> {
         if self.armed {
             let _ = self.ack.send((
                 self.channel,
-                Err(MigrateError::Local(format!(
-                    "the sender thread of multifd channel {} stopped",
+                Err(MigrateError::ThreadEnded(format!(
+                    "the sender thread of multifd channel {}",
                     self.channel
                 ))),
             ));
@@ -724,9 +722,10 @@ pub(super) fn receive<T>(
                 Ok(w) => workers.push(w),
                 Err(e) => {
                     rounds.fail(None);
-                    return Err(IncomingError::Migrate(MigrateError::Local(format!(
-                        "cannot start a multifd receiver thread: {e}"
-                    ))));
+                    return Err(IncomingError::Migrate(MigrateError::Io {
+                        what: "cannot start a multifd receiver thread".into(),
+                        source: e,
+                    }));
                 }
             }
         }

@@ -171,7 +171,7 @@ impl<'a> Sender<'a> {
                 .ram
                 .memory
                 .get_slice(GuestAddress(gpa), PAGE_SIZE as usize)
-                .map_err(|e| MigrateError::Local(format!("reading guest page {gpa:#x}: {e}")))?;
+                .map_err(|source| MigrateError::GuestPage { gpa, source })?;
             // Checked in place; the guest may write it meanwhile (it is
             // then dirty and sent again).
             let zero = godwit_migration::guest_ram::is_zero(&slice);
@@ -294,9 +294,10 @@ pub fn start(
         });
     if let Err(e) = spawned {
         handle.migration.running.store(false, Ordering::SeqCst);
-        return Err(MigrateError::Local(format!(
-            "cannot start the migration thread: {e}"
-        )));
+        return Err(MigrateError::Io {
+            what: "cannot start the migration thread".into(),
+            source: e,
+        });
     }
     Ok(())
 }
@@ -315,9 +316,9 @@ pub(super) fn run_source(
         .clone();
     let mut conn = connect(uri, &params)?;
     conn.set_timeout(Some(PEER_TIMEOUT));
-    let breaker = conn
-        .try_clone()
-        .map_err(|e| MigrateError::Local(e.to_string()))?;
+    let breaker = conn.try_clone().map_err(MigrateError::io(
+        "cannot duplicate the migration connection",
+    ))?;
     handle
         .migration
         .set_breaker(Some(Box::new(move || breaker.shutdown())));
@@ -341,14 +342,10 @@ pub(super) fn run_source(
     let channel_conns = match &hello.multifd {
         Some(m) => {
             let conns = multifd::connect_channels(uri, &params, m)?;
-            let mut breakers = vec![conn
-                .try_clone()
-                .map_err(|e| MigrateError::Local(e.to_string()))?];
+            let duplicate = "cannot duplicate a migration connection";
+            let mut breakers = vec![conn.try_clone().map_err(MigrateError::io(duplicate))?];
             for c in &conns {
-                breakers.push(
-                    c.try_clone()
-                        .map_err(|e| MigrateError::Local(e.to_string()))?,
-                );
+                breakers.push(c.try_clone().map_err(MigrateError::io(duplicate))?);
             }
             handle.migration.set_breaker(Some(Box::new(move || {
                 for b in &breakers {
@@ -494,7 +491,7 @@ pub(super) fn finish(
     // From here only the migration decides whether the guest runs here.
     op.enter(Operation::StopAndCopy);
     let was_running = handle.run_state() == RunState::Running;
-    let quiet = Quiesced::new(handle).map_err(|e| MigrateError::Local(e.to_string()))?;
+    let quiet = Quiesced::new(handle).map_err(MigrateError::Capture)?;
     let downtime_start = Instant::now();
     // Pausing stopped the backends' rings (GET_VRING_BASE): their log is final.
     dirty.extend(take_dirty(handle)?);
@@ -505,7 +502,7 @@ pub(super) fn finish(
         // Every channel wrote all its pages: only then the state.
         c.end()?;
     }
-    let state = capture_state(handle).map_err(|e| MigrateError::Local(e.to_string()))?;
+    let state = capture_state(handle).map_err(MigrateError::Capture)?;
     sender.send(Kind::State, &state.to_bytes())?;
     sender.send(Kind::Complete, &[])?;
     // Until the commit below, any error drops `quiet` and resumes the guest
