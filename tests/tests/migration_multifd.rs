@@ -157,8 +157,11 @@ fn the_verifying_guest_moves_intact_over_1_2_and_4_tcp_channels_and_2_tls_channe
             "{what}: {} rounds, {} bytes",
             incoming["rounds"], incoming["ram"]["transferred"]
         );
+        // At least one pre-copy round after the first: pages the guest
+        // rewrote travel again, maybe on another channel. (How many more
+        // depends on how fast the emulated guest runs on a loaded host.)
         assert!(
-            incoming["rounds"].as_u64().unwrap() >= 3,
+            incoming["rounds"].as_u64().unwrap() >= 2,
             "{what}: rewritten pages travelled in several rounds: {incoming}"
         );
         src = dst;
