@@ -18,13 +18,17 @@
 
 use std::fs::File;
 use std::io;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 
 use vm_memory::bitmap::{Bitmap, BitmapSlice};
 use vm_memory::{GuestMemoryRegion, GuestRegionMmap, VolatileSlice};
 
 use crate::le::usize_of;
-use crate::memory_file::{data_extents, PAGE_SIZE};
+
+/// The page size of guest RAM, of the memory file and of the migration
+/// stream.
+pub const PAGE_SIZE: u64 = 4096;
 
 /// How a guest RAM region is backed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -146,6 +150,38 @@ pub fn is_zero<B: BitmapSlice>(slice: &VolatileSlice<B>) -> bool {
     // SAFETY: as above, and `ptr` and `len` are 8-byte aligned, so every
     // u64 read is aligned and inside the slice.
     (0..len / 8).all(|i| unsafe { std::ptr::read_volatile(words.add(i)) } == 0)
+}
+
+/// The data extents of `file` in `[start, end)`, from SEEK_DATA/SEEK_HOLE.
+/// A filesystem without hole reporting yields the whole range.
+pub fn data_extents(file: &File, start: u64, end: u64) -> io::Result<Vec<(u64, u64)>> {
+    let fd = file.as_raw_fd();
+    let seek = |offset: u64, whence| {
+        // SAFETY: lseek only moves this descriptor's offset; the descriptor
+        // is owned by `file`, which outlives the call.
+        let r = unsafe { libc::lseek(fd, offset as libc::off_t, whence) };
+        if r < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(r as u64)
+        }
+    };
+    let mut extents = Vec::new();
+    let mut pos = start;
+    while pos < end {
+        let data = match seek(pos, libc::SEEK_DATA) {
+            Ok(d) => d,
+            Err(e) if e.raw_os_error() == Some(libc::ENXIO) => break,
+            Err(e) => return Err(e),
+        };
+        if data >= end {
+            break;
+        }
+        let hole = seek(data, libc::SEEK_HOLE)?.min(end);
+        extents.push((data, hole));
+        pos = hole;
+    }
+    Ok(extents)
 }
 
 #[cfg(test)]

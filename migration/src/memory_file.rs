@@ -43,7 +43,7 @@
 
 use std::fs::File;
 use std::io::{self, Seek, SeekFrom, Write};
-use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::fd::FromRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -66,7 +66,7 @@ pub const MAGIC: [u8; 8] = *b"GODWITMF";
 /// The layout this godwit writes and the newest it reads.
 pub const VERSION: u32 = 1;
 /// The granule of zero detection and of region sizes.
-pub const PAGE_SIZE: u64 = 4096;
+pub use crate::guest_ram::PAGE_SIZE;
 /// Where guest data starts in the file.
 pub const DATA_OFFSET: u64 = 2 << 20;
 
@@ -672,38 +672,6 @@ pub fn map_private<B: NewBitmap>(
     Ok(RestoredMemory { memory, file, info })
 }
 
-/// The data extents of `file` in `[start, end)`, from SEEK_DATA/SEEK_HOLE.
-/// A filesystem without hole reporting yields the whole range.
-pub fn data_extents(file: &File, start: u64, end: u64) -> io::Result<Vec<(u64, u64)>> {
-    let fd = file.as_raw_fd();
-    let seek = |offset: u64, whence| {
-        // SAFETY: lseek only moves this descriptor's offset; the descriptor
-        // is owned by `file`, which outlives the call.
-        let r = unsafe { libc::lseek(fd, offset as libc::off_t, whence) };
-        if r < 0 {
-            Err(io::Error::last_os_error())
-        } else {
-            Ok(r as u64)
-        }
-    };
-    let mut extents = Vec::new();
-    let mut pos = start;
-    while pos < end {
-        let data = match seek(pos, libc::SEEK_DATA) {
-            Ok(d) => d,
-            Err(e) if e.raw_os_error() == Some(libc::ENXIO) => break,
-            Err(e) => return Err(e),
-        };
-        if data >= end {
-            break;
-        }
-        let hole = seek(data, libc::SEEK_HOLE)?.min(end);
-        extents.push((data, hole));
-        pos = hole;
-    }
-    Ok(extents)
-}
-
 /// A memfd of `size` bytes, like the one that backs godwit's guest RAM.
 pub fn create_memfd(size: u64) -> io::Result<File> {
     // SAFETY: memfd_create takes a NUL-terminated name and flags; the result
@@ -753,7 +721,8 @@ pub fn restore_to_memfd<B: NewBitmap>(
     };
     // The source is the memory file, which save wrote with zero pages as
     // holes: its data extents are all there is to copy.
-    let extents = data_extents(&src, info.data_offset, info.file_len).map_err(read_err)?;
+    let extents =
+        guest_ram::data_extents(&src, info.data_offset, info.file_len).map_err(read_err)?;
     for (region, r) in memory.iter().zip(&info.regions) {
         let (lo, hi) = (
             info.data_offset + r.offset,
