@@ -192,6 +192,9 @@ fn main() {
     if all || which == "snapshot" {
         snapshot::bench_snapshot();
     }
+    if all || which == "restore" {
+        snapshot::bench_restore();
+    }
     if all || which == "migration" {
         migration::bench_migration();
     }
@@ -206,13 +209,14 @@ fn main() {
             "boot",
             "net",
             "snapshot",
+            "restore",
             "migration",
             "planner",
             "vhost-user",
         ]
         .contains(&which.as_str())
     {
-        eprintln!("unknown benchmark '{which}': use boot, net, snapshot, migration, planner, vhost-user or all");
+        eprintln!("unknown benchmark '{which}': use boot, net, snapshot, restore, migration, planner, vhost-user or all");
         std::process::exit(2);
     }
 }
