@@ -69,12 +69,15 @@ pub(crate) fn seg_total(segs: &[Seg]) -> usize {
 }
 
 /// Copies `data` into the buffers `segs`, starting `offset` bytes in.
-/// Returns how many bytes were written. Marks the pages dirty.
+/// Returns how many bytes were written. Marks the pages dirty when `track`
+/// (a migration is logging dirty pages: see [`super::Shared::tracking`]);
+/// otherwise the copy bypasses the bitmap, which nothing reads.
 pub(crate) fn write_to_segs(
     mem: &GuestMemory,
     segs: &[Seg],
     mut offset: usize,
     mut data: &[u8],
+    track: bool,
 ) -> usize {
     let mut written = 0;
     for s in segs {
@@ -92,10 +95,27 @@ pub(crate) fn write_to_segs(
         };
         // The range was checked when the chain was parsed; a failure here
         // means guest memory changed under us, which we report as short.
-        if mem.write_slice(&data[..n], addr).is_err() {
+        let mut done = 0;
+        for slice in GuestMemoryBackend::get_slices(mem, addr, n) {
+            let Ok(slice) = slice else { break };
+            let part = &data[done..done + slice.len()];
+            if track {
+                slice.copy_from(part);
+            } else {
+                let guard = slice.ptr_guard_mut();
+                // SAFETY: `guard` points at `slice.len()` bytes of mapped
+                // guest memory (a slice vm-memory resolved), alive while the
+                // guard is; a VolatileSlice without a bitmap writes there
+                // without marking pages dirty.
+                let raw = unsafe { vm_memory::VolatileSlice::new(guard.as_ptr(), slice.len()) };
+                raw.copy_from(part);
+            }
+            done += slice.len();
+        }
+        written += done;
+        if done < n {
             break;
         }
-        written += n;
         data = &data[n..];
         offset = 0;
     }

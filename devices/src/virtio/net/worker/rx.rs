@@ -202,8 +202,10 @@ impl Worker {
         };
         let segs = &self.segs[chain.segs.0..chain.segs.1];
         let written = n.min(chain.cap - skip);
-        mark_dirty(&self.mem, segs, skip, written);
         if n + skip > chain.cap || n + skip <= NET_HDR_LEN {
+            if self.shared.tracking() {
+                mark_dirty(&self.mem, segs, skip, written);
+            }
             // Truncated (the TAP reports the full length) or empty.
             self.rx_frame_lost(
                 Fault::Peer,
@@ -218,15 +220,19 @@ impl Worker {
         if self.vnet_hdr {
             // The TAP wrote the header and zeroed num_buffers.
             if !self.guest_csum {
-                write_to_segs(&self.mem, segs, 0, &[0]);
+                write_to_segs(&self.mem, segs, 0, &[0], false);
             }
-            write_to_segs(&self.mem, segs, 10, &1u16.to_le_bytes());
+            write_to_segs(&self.mem, segs, 10, &1u16.to_le_bytes(), false);
         } else {
             let mut hdr = [0u8; NET_HDR_LEN];
             hdr[10..12].copy_from_slice(&1u16.to_le_bytes());
-            write_to_segs(&self.mem, segs, 0, &hdr);
+            write_to_segs(&self.mem, segs, 0, &hdr, false);
         }
         let len = n + skip;
+        // Marked after the writes (see Shared::tracking), header included.
+        if self.shared.tracking() {
+            mark_dirty(&self.mem, segs, 0, len);
+        }
         self.shared.counters.rx(len - NET_HDR_LEN);
         self.add_used(RX_QUEUE, chain.head, len as u32)?;
         Ok(ReadStep::Delivered)
@@ -296,9 +302,15 @@ impl Worker {
         for c in &self.chains {
             let n = (len - offset).min(c.cap);
             let segs = &self.segs[c.segs.0..c.segs.1];
-            let w = write_to_segs(&self.mem, segs, 0, &self.bounce[offset..offset + n]);
+            let w = write_to_segs(&self.mem, segs, 0, &self.bounce[offset..offset + n], false);
             offset += n;
             batch.push((c.head, w as u32));
+        }
+        // Marked after the writes (see Shared::tracking).
+        if self.shared.tracking() {
+            for (c, &(_, w)) in self.chains.iter().zip(&batch) {
+                mark_dirty(&self.mem, &self.segs[c.segs.0..c.segs.1], 0, w as usize);
+            }
         }
         let res = self.add_used_rx_batch(&batch);
         self.batch = batch;
