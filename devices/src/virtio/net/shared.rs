@@ -86,7 +86,15 @@ impl Shared {
 
     /// Records where queue `index` stands (read by `queue_positions`).
     pub(crate) fn publish_position(&self, index: usize, q: &Queue) {
-        let pack = u32::from(q.next_avail()) | (u32::from(q.next_used()) << 16);
+        self.publish_position_holding(index, q, 0);
+    }
+
+    /// As [`Shared::publish_position`], for a queue whose last `held`
+    /// popped chains are held unused by the datapath: they are published as
+    /// still available, so that saved state gives them back to the device.
+    pub(crate) fn publish_position_holding(&self, index: usize, q: &Queue, held: u16) {
+        let avail = q.next_avail().wrapping_sub(held);
+        let pack = u32::from(avail) | (u32::from(q.next_used()) << 16);
         self.positions[index].store(pack, Ordering::SeqCst);
     }
 
