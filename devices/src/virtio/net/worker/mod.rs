@@ -90,9 +90,11 @@ struct RxChain {
 struct HeldChain {
     head: u16,
     cap: usize,
-    /// Its segments in `held_segs` and iovecs in `held_iov` (counts).
+    /// Its segments in `held_segs`, iovecs in `held_iov` and pointer
+    /// guards in `held_guards` (counts; most iovecs need no guard).
     segs: usize,
     iovs: usize,
+    guards: usize,
 }
 
 /// A popped receive chain: parsed, or rejected (head and why).

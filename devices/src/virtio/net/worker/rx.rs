@@ -164,6 +164,7 @@ impl Worker {
                         cap: c.cap,
                         segs: segs.len(),
                         iovs: self.iov.len(),
+                        guards: self.guards.len(),
                     });
                     self.held_segs.extend_from_slice(segs);
                     self.held_iov.append(&mut self.iov);
@@ -213,7 +214,7 @@ impl Worker {
         // The chains the frame filled, first to last.
         let mut batch = std::mem::take(&mut self.batch);
         batch.clear();
-        let (mut left, mut segs, mut iovs, mut cap) = (n, 0, 0, 0);
+        let (mut left, mut segs, mut iovs, mut guards, mut cap) = (n, 0, 0, 0, 0);
         for c in &self.held {
             if left == 0 {
                 break;
@@ -223,6 +224,7 @@ impl Worker {
             left -= w;
             segs += c.segs;
             iovs += c.iovs;
+            guards += c.guards;
             cap += c.cap;
         }
         let used = batch.len();
@@ -244,7 +246,7 @@ impl Worker {
         self.held.drain(..used);
         self.held_segs.drain(..segs);
         self.held_iov.drain(..iovs);
-        self.held_guards.drain(..iovs);
+        self.held_guards.drain(..guards);
         self.held_cap -= cap;
         self.shared.counters.rx(n - NET_HDR_LEN);
         Ok(Some(ReadStep::Delivered))
