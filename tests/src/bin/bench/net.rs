@@ -1045,9 +1045,8 @@ impl Run {
         let (dp, other) = self.cpu_busy?;
         // Wherever the harness and the sender run (the RX cases move the
         // harness), what the two CPUs did beyond the benchmark's threads.
-        let ours = self.busy(
-            self.cpu_ns + self.harness_ns.unwrap_or(0) + self.sender_ns.unwrap_or(0),
-        );
+        let ours =
+            self.busy(self.cpu_ns + self.harness_ns.unwrap_or(0) + self.sender_ns.unwrap_or(0));
         Some((dp + other - ours).max(0.0))
     }
 }

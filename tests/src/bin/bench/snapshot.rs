@@ -687,10 +687,7 @@ pub fn bench_restore() {
     for _ in 0..RESTORE_VS_BOOT_RUNS {
         warm(&snap.join("memory.gwm"));
         warm(&snap.join("state.gws"));
-        match timed_start(
-            &["run", "--restore", &snap_s, "--serial", "null"],
-            false,
-        ) {
+        match timed_start(&["run", "--restore", &snap_s, "--serial", "null"], false) {
             Ok(r) => {
                 restores.push(r.released_ms);
                 internal.push(r.internal_ms);
