@@ -28,7 +28,7 @@ use crate::machine::{platform_devices, BuildError, BuiltVm, Machine, VmHandle};
 use crate::persist::staging::{Staging, StagingError};
 use crate::persist::{MEMORY_FILE, STATE_FILE};
 use crate::vstate::memory::{self, GuestRam};
-use crate::vstate::state::vcpu::{check_cpuid, host_cpuid, VCPU_SECTION};
+use crate::vstate::state::vcpu::{check_cpuid, vcpu_cpuid, VCPU_SECTION};
 use crate::vstate::state::vm::{ClockRestore, VM_SECTION};
 use crate::vstate::state::{KvmCaps, StateError, VcpuState, VmState};
 use crate::vstate::vcpu::IoBuses;
@@ -298,6 +298,8 @@ pub fn save(handle: &VmHandle, dir: &Path) -> Result<SnapshotStats, SnapshotErro
 pub enum RestoreError {
     #[error("snapshot {}: {source}", path.display())]
     Format { path: PathBuf, source: FormatError },
+    #[error("cannot run the thread that creates the VM: {0}")]
+    VmThread(#[source] std::io::Error),
     #[error("snapshot {}: {source}", path.display())]
     Memory {
         path: PathBuf,
@@ -594,17 +596,27 @@ pub(crate) fn restore_vm_state(
         .vm_state
         .check_host(&vm.fd)
         .map_err(RestoreError::Host)?;
+    let mut vcpus = Vec::with_capacity(saved.vcpus.len());
+    for state in &saved.vcpus {
+        // read_saved checked that ids count up from 0 below the u8 count.
+        let id = u8::try_from(state.id).unwrap_or(u8::MAX);
+        vcpus.push(vm.create_vcpu(id, saved.config.vcpus)?);
+    }
+    // The CPUID check, on this VM's own first vCPU (it has the CPUID a new
+    // vCPU gets here until its saved state replaces it): every saved vCPU
+    // must fit before any state is put back, and long before one runs.
+    if let Some(first) = vcpus.first() {
+        let host = vcpu_cpuid(&first.fd).map_err(RestoreError::Host)?;
+        for state in &saved.vcpus {
+            check_cpuid(state, &host).map_err(RestoreError::Host)?;
+        }
+    }
     saved
         .vm_state
         .restore(&vm.fd, &caps, ClockRestore::Continue)
         .map_err(RestoreError::Host)?;
-    let mut vcpus = Vec::new();
-    for state in &saved.vcpus {
-        // read_saved checked that ids count up from 0 below the u8 count.
-        let id = u8::try_from(state.id).unwrap_or(u8::MAX);
-        let vcpu = vm.create_vcpu(id, saved.config.vcpus)?;
+    for (state, vcpu) in saved.vcpus.iter().zip(&vcpus) {
         state.restore(&vcpu.fd, &caps).map_err(RestoreError::Host)?;
-        vcpus.push(vcpu);
     }
     Ok(vcpus)
 }
@@ -657,13 +669,24 @@ pub(crate) fn machine_from_saved(
 pub fn restore(config: &VmConfig, dir: &Path) -> Result<Machine, RestoreError> {
     let state_path = dir.join(STATE_FILE);
     let started = Instant::now();
-    let container = Container::read_file(&state_path, KNOWN_SECTIONS).map_err(|source| {
-        RestoreError::Format {
+    // The VM is created (/dev/kvm, KVM_CREATE_VM) on a thread of its own
+    // while this one reads and parses the state file, as Firecracker does;
+    // nothing of the snapshot reaches it before every check below.
+    let creating = std::thread::Builder::new()
+        .name("vm-create".into())
+        .spawn(|| vm::open_kvm().and_then(Vm::create))
+        .map_err(RestoreError::VmThread)?;
+    let parsed = Container::read_file(&state_path, KNOWN_SECTIONS)
+        .map_err(|source| RestoreError::Format {
             path: state_path.clone(),
             source,
-        }
-    })?;
-    let saved = read_saved(&container, &state_path)?;
+        })
+        .and_then(|container| read_saved(&container, &state_path));
+    let created = creating
+        .join()
+        .map_err(|_| RestoreError::VmThread(std::io::Error::other("the thread panicked")))?;
+    let saved = parsed?;
+    let vm = created?;
     let mem_info = saved
         .memory
         .clone()
@@ -679,12 +702,10 @@ pub fn restore(config: &VmConfig, dir: &Path) -> Result<Machine, RestoreError> {
         ));
     }
     memory::check_size(saved.config.memory_size)?;
-    let kvm = vm::open_kvm()?;
-    vm::check_vcpus(&kvm, u32::from(saved.config.vcpus))?;
-    let host = host_cpuid(&kvm, saved.config.vcpus).map_err(RestoreError::Host)?;
-    for v in &saved.vcpus {
-        check_cpuid(v, &host).map_err(RestoreError::Host)?;
-    }
+    vm::check_vcpus(&vm.kvm, u32::from(saved.config.vcpus))?;
+    // CPUID is checked on the VM's own vCPUs (restore_vm_state), before any
+    // saved state is put back: a scratch VM just for the check cost an SRCU
+    // wait at its teardown.
     // Mapped privately unless asked otherwise: no copy, pages fault in as
     // the guest touches them. A peer that maps guest memory itself
     // (vhost-user) needs it copied into a shared memfd.
@@ -719,7 +740,7 @@ pub fn restore(config: &VmConfig, dir: &Path) -> Result<Machine, RestoreError> {
         file: restored.file,
         size: saved.config.memory_size,
     };
-    let vm = Vm::new(kvm, &ram.memory).map_err(RestoreError::from)?;
+    vm.finish(&ram.memory).map_err(RestoreError::from)?;
     let m = machine_from_saved(config, &saved, vm, ram, peers)?;
     tracing::info!(
         "restored {} in {:.1} ms",

@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 
 use virtio_bindings::virtio_ring::VRING_AVAIL_F_NO_INTERRUPT;
 use virtio_queue::{DescriptorChain, Queue, QueueT};
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use super::Fault;
 use crate::GuestMemory;
@@ -46,7 +46,9 @@ pub(crate) fn parse_chain(
         if d.len() == 0 {
             continue;
         }
-        if !GuestMemoryBackend::check_range(mem, d.addr(), d.len() as usize) {
+        if host_range(mem, d.addr(), d.len() as usize).is_none()
+            && !GuestMemoryBackend::check_range(mem, d.addr(), d.len() as usize)
+        {
             return Err(Fault::OutOfBounds);
         }
         if segs.len() - start >= MAX_SEGS {
@@ -69,12 +71,15 @@ pub(crate) fn seg_total(segs: &[Seg]) -> usize {
 }
 
 /// Copies `data` into the buffers `segs`, starting `offset` bytes in.
-/// Returns how many bytes were written. Marks the pages dirty.
+/// Returns how many bytes were written. Marks the pages dirty when `track`
+/// (a migration is logging dirty pages: see [`super::Shared::tracking`]);
+/// otherwise the copy bypasses the bitmap, which nothing reads.
 pub(crate) fn write_to_segs(
     mem: &GuestMemory,
     segs: &[Seg],
     mut offset: usize,
     mut data: &[u8],
+    track: bool,
 ) -> usize {
     let mut written = 0;
     for s in segs {
@@ -92,10 +97,27 @@ pub(crate) fn write_to_segs(
         };
         // The range was checked when the chain was parsed; a failure here
         // means guest memory changed under us, which we report as short.
-        if mem.write_slice(&data[..n], addr).is_err() {
+        let mut done = 0;
+        for slice in GuestMemoryBackend::get_slices(mem, addr, n) {
+            let Ok(slice) = slice else { break };
+            let part = &data[done..done + slice.len()];
+            if track {
+                slice.copy_from(part);
+            } else {
+                let guard = slice.ptr_guard_mut();
+                // SAFETY: `guard` points at `slice.len()` bytes of mapped
+                // guest memory (a slice vm-memory resolved), alive while the
+                // guard is; a VolatileSlice without a bitmap writes there
+                // without marking pages dirty.
+                let raw = unsafe { vm_memory::VolatileSlice::new(guard.as_ptr(), slice.len()) };
+                raw.copy_from(part);
+            }
+            done += slice.len();
+        }
+        written += done;
+        if done < n {
             break;
         }
-        written += n;
         data = &data[n..];
         offset = 0;
     }
@@ -142,6 +164,23 @@ pub(crate) fn mark_dirty(mem: &GuestMemory, segs: &[Seg], mut skip: usize, mut l
     }
 }
 
+/// The host address of `len` bytes of guest memory at `addr` when they lie
+/// in one region: one region lookup, no slice iterator, no bitmap (the
+/// datapath marks dirty pages itself, and only while a migration logs them).
+/// None when the range is outside guest memory or crosses regions (callers
+/// fall back to vm-memory's slices).
+pub(crate) fn host_range(mem: &GuestMemory, addr: GuestAddress, len: usize) -> Option<*mut u8> {
+    let region = mem.find_region(addr)?;
+    let offset = addr.checked_offset_from(region.start_addr())?;
+    let end = offset.checked_add(len as u64)?;
+    if end > region.len() {
+        return None;
+    }
+    region
+        .get_host_address(vm_memory::MemoryRegionAddress(offset))
+        .ok()
+}
+
 /// Builds iovecs over `segs` (skipping the first `skip` bytes) into `iov`,
 /// keeping the pointer guards alive in `guards`. False if a buffer is no
 /// longer in guest memory or there are too many pieces.
@@ -163,6 +202,17 @@ pub(crate) fn build_iovecs(
         let Some(addr) = s.addr.checked_add(skip as u64) else {
             return false;
         };
+        if let Some(ptr) = host_range(mem, addr, len - skip) {
+            if iov.len() >= MAX_SEGS {
+                return false;
+            }
+            iov.push(libc::iovec {
+                iov_base: ptr.cast(),
+                iov_len: len - skip,
+            });
+            skip = 0;
+            continue;
+        }
         for slice in GuestMemoryBackend::get_slices(mem, addr, len - skip) {
             let Ok(slice) = slice else { return false };
             if iov.len() >= MAX_SEGS {

@@ -90,7 +90,7 @@ pub(crate) fn serve_ctrl_queue(
                 if ack != VIRTIO_NET_OK as u8 {
                     shared.counters.ctrl_error();
                 }
-                write_to_segs(mem, &segs[split..], 0, &[ack]) as u32
+                write_to_segs(mem, &segs[split..], 0, &[ack], true) as u32
             }
         };
         q.add_used(mem, head, len)

@@ -3,7 +3,7 @@
 //! vhost-user device's monitor): what the driver changed (MAC, receive
 //! filter, guest offloads), the status bits, counters and ring positions.
 
-use std::sync::atomic::{AtomicU16, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{fence, AtomicBool, AtomicU16, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
 
 use virtio_bindings::virtio_net::VIRTIO_NET_S_LINK_UP;
@@ -23,6 +23,10 @@ pub(crate) struct Shared {
     pub(crate) positions: [AtomicU32; 3],
     /// Guest offload bits currently applied to the peer.
     pub(crate) guest_offloads: AtomicU64,
+    /// A migration logs dirty pages (between `start_dirty_log` and
+    /// `stop_dirty_log`): only then does the datapath mark the pages it
+    /// writes in guest memory's bitmap.
+    pub(crate) dirty_log: AtomicBool,
 }
 
 impl Shared {
@@ -34,7 +38,22 @@ impl Shared {
             counters: Counters::default(),
             positions: Default::default(),
             guest_offloads: AtomicU64::new(0),
+            dirty_log: AtomicBool::new(false),
         }
+    }
+
+    /// Whether the datapath must mark the guest pages it writes, asked after
+    /// the writes: with the fences on both sides, either this sees the log
+    /// on, or the migration's later read of the page sees the data.
+    pub(crate) fn tracking(&self) -> bool {
+        fence(Ordering::SeqCst);
+        self.dirty_log.load(Ordering::SeqCst)
+    }
+
+    /// Turns dirty marking on or off (see [`Shared::tracking`]).
+    pub(crate) fn set_dirty_log(&self, on: bool) {
+        self.dirty_log.store(on, Ordering::SeqCst);
+        fence(Ordering::SeqCst);
     }
 
     pub(crate) fn mac(&self) -> [u8; 6] {
@@ -67,7 +86,15 @@ impl Shared {
 
     /// Records where queue `index` stands (read by `queue_positions`).
     pub(crate) fn publish_position(&self, index: usize, q: &Queue) {
-        let pack = u32::from(q.next_avail()) | (u32::from(q.next_used()) << 16);
+        self.publish_position_holding(index, q, 0);
+    }
+
+    /// As [`Shared::publish_position`], for a queue whose last `held`
+    /// popped chains are held unused by the datapath: they are published as
+    /// still available, so that saved state gives them back to the device.
+    pub(crate) fn publish_position_holding(&self, index: usize, q: &Queue, held: u16) {
+        let avail = q.next_avail().wrapping_sub(held);
+        let pack = u32::from(avail) | (u32::from(q.next_used()) << 16);
         self.positions[index].store(pack, Ordering::SeqCst);
     }
 

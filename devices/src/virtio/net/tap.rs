@@ -286,15 +286,21 @@ impl NetModel for VirtioNet {
 
 /// godwit's datapath writes guest memory through [`crate::GuestMemory`],
 /// whose bitmap the migration reads for all of memory: the device has no
-/// log of its own, so there is nothing to start, report or stop.
+/// log of its own, so there is nothing to report; starting and stopping the
+/// log turns the datapath's marking on and off.
 impl DirtyTracking for VirtioNet {
+    /// Only while the log is on does the datapath mark the pages it writes
+    /// (marking every write cost 5% of a 64-byte transmit and 17% of a
+    /// 64 KiB receive when nothing read the bitmap).
     fn start_dirty_log(&self, _memory_end: u64) -> Result<(), DirtyLogError> {
+        self.front.shared().set_dirty_log(true);
         Ok(())
     }
 
     fn dirty_log(&self, _pages: &mut Vec<u64>) {}
 
     fn stop_dirty_log(&self) -> Result<(), DirtyLogError> {
+        self.front.shared().set_dirty_log(false);
         Ok(())
     }
 }

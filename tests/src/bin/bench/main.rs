@@ -106,13 +106,62 @@ fn spawn_baseline_ms() -> f64 {
     start.elapsed().as_secs_f64() * 1e3
 }
 
+/// `godwit-kvm-floor`, next to this benchmark's own binary (`cargo build
+/// --release`, as `make bench` does, builds it).
+fn floor_bin() -> std::path::PathBuf {
+    let bin = godwit_bin().with_file_name("godwit-kvm-floor");
+    assert!(
+        bin.exists(),
+        "{} does not exist: build the workspace first (`cargo build --release`)",
+        bin.display()
+    );
+    bin
+}
+
+/// Process spawn to the floor program's `vCPUs released` line (right
+/// before its first KVM_RUN), read from its stderr as godwit's is.
+fn floor_once(memory: &str) -> f64 {
+    let start = Instant::now();
+    let mut child = Command::new(floor_bin())
+        .args(["--memory", memory])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn godwit-kvm-floor");
+    let stderr = child.stderr.take().expect("stderr");
+    let mut at = None;
+    for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+        if at.is_none() && line.contains("vCPUs released") {
+            at = Some(start.elapsed());
+        }
+    }
+    let status = child.wait().expect("wait");
+    assert!(status.success(), "godwit-kvm-floor failed: {status}");
+    at.expect("the floor program's 'vCPUs released' line")
+        .as_secs_f64()
+        * 1e3
+}
+
 fn bench_boot() {
     const RUNS: usize = 20;
     println!("## boot: built-in test guest, 128 MiB, median of {RUNS} runs\n");
-    println!("| vCPUs | process start -> vCPUs released | -> first serial byte | -> poweroff (exit) | VMM RSS (anon+file) | guest RAM touched | spawn of `true` |");
-    println!("|---|---|---|---|---|---|---|");
-    for vcpus in [1u32, 2] {
-        let samples: Vec<BootSample> = (0..RUNS).map(|_| boot_once(vcpus)).collect();
+    println!("Floor: `godwit-kvm-floor --memory 128M` (tests/src/bin/kvm_floor.rs): opens /dev/kvm, creates a VM, 128 MiB memfd mapped shared as one memory slot, an in-kernel irqchip, one vCPU, logs `vCPUs released` and enters KVM_RUN. godwit (1 and 2 vCPUs), the floor and `true` run round-robin, one of each in turn.\n");
+    println!("| vCPUs | process start -> vCPUs released | / floor (target <= 1.5x) | -> first serial byte | -> poweroff (exit) | VMM RSS (anon+file) | guest RAM touched | floor -> vCPUs released | spawn of `true` |");
+    println!("|---|---|---|---|---|---|---|---|---|");
+    let mut samples: [Vec<BootSample>; 2] = [Vec::new(), Vec::new()];
+    let mut floors = Vec::new();
+    let mut spawns = Vec::new();
+    for _ in 0..RUNS {
+        for (i, vcpus) in [1u32, 2].into_iter().enumerate() {
+            samples[i].push(boot_once(vcpus));
+        }
+        floors.push(floor_once("128M"));
+        spawns.push(spawn_baseline_ms());
+    }
+    let floor = median(&mut floors);
+    let base = median(&mut spawns);
+    for (vcpus, samples) in [1u32, 2].into_iter().zip(&samples) {
         let col =
             |f: &dyn Fn(&BootSample) -> f64| median(&mut samples.iter().map(f).collect::<Vec<_>>());
         let released = col(&|s| s.released_ms);
@@ -120,11 +169,11 @@ fn bench_boot() {
         let off = col(&|s| s.poweroff_ms);
         let vmm = col(&|s| s.vmm_rss_kib as f64) / 1024.0;
         let guest = col(&|s| s.guest_rss_kib as f64) / 1024.0;
-        let mut base: Vec<f64> = (0..RUNS).map(|_| spawn_baseline_ms()).collect();
-        let base = median(&mut base);
+        let ratio = released / floor;
         println!(
-            "| {vcpus} | {released:.2} ms ({:.2}x the 10 ms target) | {first:.2} ms | {off:.2} ms | {vmm:.2} MiB ({:.2}x the 10 MiB target) | {guest:.2} MiB | {base:.2} ms |",
+            "| {vcpus} | {released:.2} ms ({:.2}x the 10 ms target) | {ratio:.2}x ({}) | {first:.2} ms | {off:.2} ms | {vmm:.2} MiB ({:.2}x the 10 MiB target) | {guest:.2} MiB | {floor:.2} ms | {base:.2} ms |",
             released / 10.0,
+            if ratio <= 1.5 { "met" } else { "**missed**" },
             vmm / 10.0
         );
     }
@@ -143,6 +192,9 @@ fn main() {
     if all || which == "snapshot" {
         snapshot::bench_snapshot();
     }
+    if all || which == "restore" {
+        snapshot::bench_restore();
+    }
     if all || which == "migration" {
         migration::bench_migration();
     }
@@ -160,6 +212,7 @@ fn main() {
             "boot",
             "net",
             "snapshot",
+            "restore",
             "migration",
             "migration-tls",
             "planner",
@@ -167,7 +220,7 @@ fn main() {
         ]
         .contains(&which.as_str())
     {
-        eprintln!("unknown benchmark '{which}': use boot, net, snapshot, migration, migration-tls, planner, vhost-user or all");
+        eprintln!("unknown benchmark '{which}': use boot, net, snapshot, restore, migration, migration-tls, planner, vhost-user or all");
         std::process::exit(2);
     }
 }

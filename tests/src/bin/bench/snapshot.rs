@@ -343,11 +343,12 @@ struct SnapResult {
     disk_ms: f64,
 }
 
-/// Boots a guest of `ram` bytes that fills most of its RAM, saves it to
-/// `snap`; an error saying why when it could not.
-fn take_snapshot(dir: &TempDir, ram: u64, snap: &Path) -> Result<SnapResult, String> {
+/// Boots a guest of `ram` bytes that writes a buffer of `fill` bytes (the
+/// guest caps it to its free RAM), saves it to `snap`; an error saying why
+/// when it could not.
+fn take_snapshot(dir: &TempDir, ram: u64, fill: u64, snap: &Path) -> Result<SnapResult, String> {
     let api = dir.join("api.sock");
-    let mib = ram / MIB;
+    let mib = fill / MIB;
     let cmdline = format!(
         "console=ttyS0 reboot=k godwit.mode=serve godwit.heartbeat_ms={HEARTBEAT_MS} godwit.dirty={mib}M:{DIRTY_RATE}"
     );
@@ -565,7 +566,7 @@ pub fn bench_snapshot() {
             continue;
         }
         let snap = dir.join(&format!("snap-{}", ram / MIB));
-        match take_snapshot(&dir, ram, &snap) {
+        match take_snapshot(&dir, ram, ram, &snap) {
             Ok(s) => {
                 match restore_rows(&snap, ram) {
                     Ok((rows, boot)) => restores.push((ram, rows, boot)),
@@ -658,4 +659,66 @@ pub fn bench_snapshot() {
         }
     }
     println!("\nFirecracker's published restore figure (not measured here): under 8 ms.\n");
+}
+
+/// Runs of each side of the restore-vs-boot comparison.
+const RESTORE_VS_BOOT_RUNS: usize = 21;
+
+/// `godwit-bench restore`: issue 17's restore target. A 1 GiB guest with
+/// 512 MiB of its RAM written is snapshotted; then `godwit run --restore`
+/// (`map`, memory file in the page cache) and a fresh boot of a 1 GiB VM run
+/// round-robin, each timed from spawn to `vCPUs released`.
+pub fn bench_restore() {
+    let dir = TempDir::new("bench-restore");
+    let (ram, fill) = (GIB, 512 * MIB);
+    println!("## restore: `godwit run --restore` of a 1 GiB snapshot (512 MiB written) against a fresh boot of a 1 GiB VM\n");
+    println!("Host load average at the start: {}.", loadavg());
+    let snap = dir.join("snap");
+    let s = match take_snapshot(&dir, ram, fill, &snap) {
+        Ok(s) => s,
+        Err(e) => {
+            println!("- snapshot failed: {e}");
+            return;
+        }
+    };
+    let snap_s = snap.display().to_string();
+    let mem = format!("{}M", ram / MIB);
+    let (mut restores, mut internal, mut boots) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..RESTORE_VS_BOOT_RUNS {
+        warm(&snap.join("memory.gwm"));
+        warm(&snap.join("state.gws"));
+        match timed_start(&["run", "--restore", &snap_s, "--serial", "null"], false) {
+            Ok(r) => {
+                restores.push(r.released_ms);
+                internal.push(r.internal_ms);
+            }
+            Err(e) => {
+                println!("- restore failed: {e}");
+                return;
+            }
+        }
+        match timed_start(&["run", "--memory", &mem, "--serial", "null"], false) {
+            Ok(b) => boots.push(b.released_ms),
+            Err(e) => {
+                println!("- fresh boot failed: {e}");
+                return;
+            }
+        }
+    }
+    println!("Host load average at the end: {}.\n", loadavg());
+    let (r, i, b) = (
+        median(&mut restores),
+        median(&mut internal),
+        median(&mut boots),
+    );
+    let ratio = r / b;
+    println!("| snapshot data written | restore -> vCPUs released | godwit's own restore time | fresh boot 1 GiB -> vCPUs released | restore / fresh boot (target <= 1.0x) |");
+    println!("|---|---|---|---|---|");
+    println!(
+        "| {} | {r:.2} ms | {i:.2} ms | {b:.2} ms | {ratio:.2}x ({}) |",
+        fmt_bytes(s.data_bytes),
+        if ratio <= 1.0 { "met" } else { "**missed**" }
+    );
+    println!("\nMedians of {RESTORE_VS_BOOT_RUNS} runs each, round-robin (one restore, one boot, in turn); memory file in the page cache, `--restore-memory map` (the default).\n");
+    let _ = std::fs::remove_dir_all(&snap);
 }

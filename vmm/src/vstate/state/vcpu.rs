@@ -589,9 +589,18 @@ pub fn host_cpuid(kvm: &Kvm, num_vcpus: u8) -> Result<Vec<CpuidEntry>, StateErro
         .map_err(kvm_err("creating a scratch vCPU to read the CPUID it gets"))?;
     vcpu.set_cpuid2(&cpuid)
         .map_err(kvm_err("setting CPUID on a scratch vCPU"))?;
+    vcpu_cpuid(&vcpu)
+}
+
+/// The CPUID a vCPU has, as KVM reports it back: on a vCPU just created by
+/// [`crate::vstate::vm::Vm::create_vcpu`] (godwit's filtered supported
+/// CPUID, set and not yet replaced by saved state), the same table as
+/// [`host_cpuid`] gives, without the scratch VM (whose teardown waits for
+/// an SRCU grace period).
+pub fn vcpu_cpuid(vcpu: &VcpuFd) -> Result<Vec<CpuidEntry>, StateError> {
     let effective = vcpu
         .get_cpuid2(KVM_MAX_CPUID_ENTRIES)
-        .map_err(kvm_err("reading CPUID back from a scratch vCPU"))?;
+        .map_err(kvm_err("reading CPUID back from a vCPU"))?;
     Ok(effective.as_slice().iter().map(to_cpuid_entry).collect())
 }
 

@@ -36,6 +36,7 @@ mod tx;
 
 use super::chain::{
     build_iovecs, mark_dirty, parse_chain, seg_total, wants_interrupt, write_to_segs, Fatal, Seg,
+    MAX_SEGS,
 };
 use super::ctrl::epoll_on;
 use super::features::tun_offloads_for_guest;
@@ -80,6 +81,20 @@ struct RxChain {
     head: u16,
     segs: (usize, usize),
     cap: usize,
+}
+
+/// A receive chain popped ahead and held for the next frames (MRG_RXBUF,
+/// virtio-net header from the TAP): its iovecs are built once, and the TAP
+/// is read straight into the held chains.
+#[derive(Clone, Copy, Debug)]
+struct HeldChain {
+    head: u16,
+    cap: usize,
+    /// Its segments in `held_segs`, iovecs in `held_iov` and pointer
+    /// guards in `held_guards` (counts; most iovecs need no guard).
+    segs: usize,
+    iovs: usize,
+    guards: usize,
 }
 
 /// A popped receive chain: parsed, or rejected (head and why).
@@ -156,6 +171,13 @@ pub(crate) struct Worker {
     bad: Vec<(u16, Fault)>,
     iov: Vec<libc::iovec>,
     guards: Vec<vm_memory::volatile_memory::PtrGuardMut>,
+    /// Receive chains popped and not yet used, in available-ring order
+    /// ending at the queue's next_avail (see `rx::read_held`).
+    held: Vec<HeldChain>,
+    held_segs: Vec<Seg>,
+    held_iov: Vec<libc::iovec>,
+    held_guards: Vec<vm_memory::volatile_memory::PtrGuardMut>,
+    held_cap: usize,
     log: LogLimiter<LOG_SLOTS>,
 }
 
@@ -229,6 +251,11 @@ impl Worker {
             bad: Vec::new(),
             iov: Vec::with_capacity(64),
             guards: Vec::with_capacity(64),
+            held: Vec::with_capacity(64),
+            held_segs: Vec::with_capacity(64),
+            held_iov: Vec::with_capacity(64),
+            held_guards: Vec::with_capacity(64),
+            held_cap: 0,
             log: LogLimiter::default(),
         };
         w.publish_positions();
@@ -265,6 +292,7 @@ impl Worker {
             for ev in &events[..n] {
                 let res = match ev.data() {
                     TOKEN_STOP => {
+                        self.release_held();
                         self.publish_positions();
                         tracing::debug!(tap = self.tap.name(), "virtio-net datapath stopped");
                         return;
@@ -286,6 +314,7 @@ impl Worker {
                     TOKEN_TAP => self.tap_event(ev.event_set()),
                     TOKEN_PAUSE => {
                         // Rings and positions are consistent between events.
+                        self.release_held();
                         self.publish_positions();
                         self.gate.park();
                         Ok(())
@@ -314,6 +343,7 @@ impl Worker {
     }
 
     fn fail(&mut self, e: Fatal) {
+        self.release_held();
         self.publish_positions();
         tracing::error!(
             tap = self.tap.name(),
@@ -325,7 +355,9 @@ impl Worker {
     }
 
     fn publish_positions(&self) {
-        self.shared.publish_position(RX_QUEUE, &self.rx);
+        let held = u16::try_from(self.held.len()).unwrap_or(u16::MAX);
+        self.shared
+            .publish_position_holding(RX_QUEUE, &self.rx, held);
         self.shared.publish_position(TX_QUEUE, &self.tx);
         if let Some((q, _)) = &self.ctrl {
             self.shared.publish_position(CTRL_QUEUE, q);

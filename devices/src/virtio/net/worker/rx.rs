@@ -116,9 +116,151 @@ impl Worker {
         self.add_used(RX_QUEUE, head, 0)
     }
 
-    /// Reads the next frame from the TAP: straight into the first chain when
-    /// it can hold any frame, else into the bounce buffer.
+    /// Gives the held chains back to the available ring (they are the last
+    /// ones popped, so moving next_avail back returns them in order).
+    pub(super) fn release_held(&mut self) {
+        if self.held.is_empty() {
+            return;
+        }
+        let n = u16::try_from(self.held.len()).unwrap_or(u16::MAX);
+        self.rx.set_next_avail(self.rx.next_avail().wrapping_sub(n));
+        self.held.clear();
+        self.held_segs.clear();
+        self.held_iov.clear();
+        self.held_guards.clear();
+        self.held_cap = 0;
+    }
+
+    /// Pops chains until the held ones can take any frame the TAP can
+    /// deliver. False when they cannot (too few buffers, or a bad chain
+    /// right after held ones): then nothing is held any more.
+    fn fill_held(&mut self) -> Result<bool, Fatal> {
+        while self.held_cap < RX_BUF_LEN {
+            self.segs.clear();
+            match self.pop_rx_chain()? {
+                None => break,
+                Some(Err((head, f))) => {
+                    if self.held.is_empty() {
+                        self.return_bad_rx(head, f)?;
+                        continue;
+                    }
+                    // Held chains must stay consecutive in the ring: leave
+                    // this one for the bounce path, which returns it.
+                    self.rx.go_to_previous_position();
+                    break;
+                }
+                Some(Ok(c)) => {
+                    let segs = &self.segs[c.segs.0..c.segs.1];
+                    if !build_iovecs(&self.mem, segs, 0, &mut self.iov, &mut self.guards)
+                        || self.held_iov.len() + self.iov.len() > MAX_SEGS
+                    {
+                        self.iov.clear();
+                        self.guards.clear();
+                        self.rx.go_to_previous_position();
+                        break;
+                    }
+                    self.held.push(HeldChain {
+                        head: c.head,
+                        cap: c.cap,
+                        segs: segs.len(),
+                        iovs: self.iov.len(),
+                        guards: self.guards.len(),
+                    });
+                    self.held_segs.extend_from_slice(segs);
+                    self.held_iov.append(&mut self.iov);
+                    self.held_guards.append(&mut self.guards);
+                    self.held_cap += c.cap;
+                }
+            }
+        }
+        self.segs.clear();
+        if self.held_cap < RX_BUF_LEN {
+            self.release_held();
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
+    /// MRG_RXBUF with the TAP's own virtio-net header: reads the next frame
+    /// with one `readv` straight into the held chains (no bounce copy) and
+    /// uses as many of them as it filled. None: not enough buffers held;
+    /// the bounce path takes over.
+    fn read_held(&mut self) -> Result<Option<ReadStep>, Fatal> {
+        if !self.fill_held()? {
+            return Ok(None);
+        }
+        // SAFETY: the iovecs point into guest memory mapped by `self.mem`
+        // (ranges checked by parse_chain, resolved by get_slices; guest RAM
+        // stays mapped while the device runs); the chains are
+        // device-writable and popped by this device, so the guest expects
+        // the device to write there.
+        let res = unsafe { self.tap.readv(&self.held_iov) };
+        let n = match res {
+            Ok(n) => n,
+            Err(e) => return self.tap_read_error(e).map(Some),
+        };
+        if n > self.held_cap || n <= NET_HDR_LEN {
+            // Truncated (the TAP reports the full length) or empty; the held
+            // chains stay held for the next frame.
+            let held_cap = self.held_cap;
+            self.rx_frame_lost(
+                Fault::Peer,
+                format_args!(
+                    "the TAP delivered a frame of {n} bytes that does not fit {held_cap} bytes of receive buffers"
+                ),
+            );
+            return Ok(Some(ReadStep::Delivered));
+        }
+        // The chains the frame filled, first to last.
+        let mut batch = std::mem::take(&mut self.batch);
+        batch.clear();
+        let (mut left, mut segs, mut iovs, mut guards, mut cap) = (n, 0, 0, 0, 0);
+        for c in &self.held {
+            if left == 0 {
+                break;
+            }
+            let w = left.min(c.cap);
+            batch.push((c.head, w as u32));
+            left -= w;
+            segs += c.segs;
+            iovs += c.iovs;
+            guards += c.guards;
+            cap += c.cap;
+        }
+        let used = batch.len();
+        let first_segs = self.held.first().map_or(0, |c| c.segs);
+        let first = &self.held_segs[..first_segs];
+        // The TAP wrote the header with num_buffers 0.
+        if !self.guest_csum {
+            write_to_segs(&self.mem, first, 0, &[0], false);
+        }
+        let count = u16::try_from(used).unwrap_or(u16::MAX);
+        write_to_segs(&self.mem, first, 10, &count.to_le_bytes(), false);
+        // Marked after the writes (see Shared::tracking).
+        if self.shared.tracking() {
+            mark_dirty(&self.mem, &self.held_segs[..segs], 0, n);
+        }
+        let res = self.add_used_rx_batch(&batch);
+        self.batch = batch;
+        res?;
+        self.held.drain(..used);
+        self.held_segs.drain(..segs);
+        self.held_iov.drain(..iovs);
+        self.held_guards.drain(..guards);
+        self.held_cap -= cap;
+        self.shared.counters.rx(n - NET_HDR_LEN);
+        Ok(Some(ReadStep::Delivered))
+    }
+
+    /// Reads the next frame from the TAP: into held chains (MRG_RXBUF with
+    /// the TAP's header), straight into the first chain when it can hold any
+    /// frame, else into the bounce buffer.
     fn read_frame(&mut self) -> Result<ReadStep, Fatal> {
+        if self.mrg_rxbuf && self.vnet_hdr {
+            if let Some(step) = self.read_held()? {
+                return Ok(step);
+            }
+        }
         self.segs.clear();
         let first = loop {
             match self.pop_rx_chain()? {
@@ -202,8 +344,10 @@ impl Worker {
         };
         let segs = &self.segs[chain.segs.0..chain.segs.1];
         let written = n.min(chain.cap - skip);
-        mark_dirty(&self.mem, segs, skip, written);
         if n + skip > chain.cap || n + skip <= NET_HDR_LEN {
+            if self.shared.tracking() {
+                mark_dirty(&self.mem, segs, skip, written);
+            }
             // Truncated (the TAP reports the full length) or empty.
             self.rx_frame_lost(
                 Fault::Peer,
@@ -218,15 +362,19 @@ impl Worker {
         if self.vnet_hdr {
             // The TAP wrote the header and zeroed num_buffers.
             if !self.guest_csum {
-                write_to_segs(&self.mem, segs, 0, &[0]);
+                write_to_segs(&self.mem, segs, 0, &[0], false);
             }
-            write_to_segs(&self.mem, segs, 10, &1u16.to_le_bytes());
+            write_to_segs(&self.mem, segs, 10, &1u16.to_le_bytes(), false);
         } else {
             let mut hdr = [0u8; NET_HDR_LEN];
             hdr[10..12].copy_from_slice(&1u16.to_le_bytes());
-            write_to_segs(&self.mem, segs, 0, &hdr);
+            write_to_segs(&self.mem, segs, 0, &hdr, false);
         }
         let len = n + skip;
+        // Marked after the writes (see Shared::tracking), header included.
+        if self.shared.tracking() {
+            mark_dirty(&self.mem, segs, 0, len);
+        }
         self.shared.counters.rx(len - NET_HDR_LEN);
         self.add_used(RX_QUEUE, chain.head, len as u32)?;
         Ok(ReadStep::Delivered)
@@ -296,9 +444,15 @@ impl Worker {
         for c in &self.chains {
             let n = (len - offset).min(c.cap);
             let segs = &self.segs[c.segs.0..c.segs.1];
-            let w = write_to_segs(&self.mem, segs, 0, &self.bounce[offset..offset + n]);
+            let w = write_to_segs(&self.mem, segs, 0, &self.bounce[offset..offset + n], false);
             offset += n;
             batch.push((c.head, w as u32));
+        }
+        // Marked after the writes (see Shared::tracking).
+        if self.shared.tracking() {
+            for (c, &(_, w)) in self.chains.iter().zip(&batch) {
+                mark_dirty(&self.mem, &self.segs[c.segs.0..c.segs.1], 0, w as usize);
+            }
         }
         let res = self.add_used_rx_batch(&batch);
         self.batch = batch;
