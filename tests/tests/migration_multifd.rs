@@ -41,8 +41,18 @@ struct Host {
 }
 
 fn start_source(hosts: &TwoHosts, dir: &TempDir, env: &[(&str, &str)]) -> Host {
+    start_source_verifying(hosts, dir, env, VERIFY)
+}
+
+/// Like [`start_source`], with the guest's own `godwit.verify...` words.
+fn start_source_verifying(
+    hosts: &TwoHosts,
+    dir: &TempDir,
+    env: &[(&str, &str)],
+    verify: &str,
+) -> Host {
     let api = dir.join("a0.sock");
-    let cmdline = serve_cmdline(200, &format!("{} {VERIFY}", hosts.guest_ip_param()));
+    let cmdline = serve_cmdline(200, &format!("{} {verify}", hosts.guest_ip_param()));
     let mut vm = spawn_serving_env(
         Some(&hosts.ns_a()),
         &[],
@@ -57,6 +67,18 @@ fn start_source(hosts: &TwoHosts, dir: &TempDir, env: &[(&str, &str)]) -> Host {
 
 /// `godwit run --incoming SCHEME:ADDR:PORT` in `ns`, with an API socket.
 fn start_destination(ns: &str, addr: &str, scheme: &str, tls: Option<&Path>, api: PathBuf) -> Host {
+    start_destination_env(ns, addr, scheme, tls, api, &[INFO])
+}
+
+/// Like [`start_destination`], with the environment `env`.
+fn start_destination_env(
+    ns: &str,
+    addr: &str,
+    scheme: &str,
+    tls: Option<&Path>,
+    api: PathBuf,
+    env: &[(&str, &str)],
+) -> Host {
     let uri = format!("{scheme}:{addr}:{PORT}");
     let api_s = api.display().to_string();
     let mut args = vec![
@@ -72,7 +94,7 @@ fn start_destination(ns: &str, addr: &str, scheme: &str, tls: Option<&Path>, api
     if let Some(d) = &tls_s {
         args.extend(["--tls-dir", d.as_str()]);
     }
-    let vm = RunningVm::spawn_env(Some(ns), &args, &[INFO]);
+    let vm = RunningVm::spawn_env(Some(ns), &args, env);
     wait_listening(ns, PORT);
     Host { vm, api }
 }
@@ -278,4 +300,50 @@ fn missing_channels_and_a_stray_connection_fail_the_migration_and_the_source_run
             "token is not this migration's",
         ],
     );
+}
+
+/// With multifd the main stream carries one `RoundEnd` a round, so it may
+/// stay silent for as long as a round takes; a round longer than the main
+/// stream's read timeout (shortened here by a test hook to 1.5 s, 60 s in
+/// use) must not fail the migration. Round 0 here carries the guest's
+/// ~100-150 written pages (400-600 KB) over a 150 kB/s link: about 3 s.
+#[test]
+fn a_round_longer_than_the_main_streams_timeout_completes() {
+    let hosts = TwoHosts::new(137, true, true);
+    let dir = TempDir::new("migmultifdslow");
+    let mut src = start_source_verifying(
+        &hosts,
+        &dir,
+        &[INFO],
+        "godwit.verify=4M godwit.verify_rate=10",
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    let mut dst = start_destination_env(
+        &hosts.ns_b(),
+        &hosts.addr_b(),
+        "tcp",
+        None,
+        dir.join("b.sock"),
+        &[INFO, ("GODWIT_TEST_MAIN_STREAM_TIMEOUT_MS", "1500")],
+    );
+    let mut qmp = qmp_connect(&src.api);
+    set_multifd(
+        &mut qmp,
+        2,
+        json!({"downtime-limit": 200, "max-bandwidth": 150_000}),
+    );
+    let uri = format!("tcp:{}:{PORT}", hosts.addr_b());
+    let started = std::time::Instant::now();
+    qmp.execute("migrate", json!({ "uri": uri })).unwrap();
+    let info = wait_migration(&mut qmp, Duration::from_secs(120));
+    assert_eq!(info["status"], "completed", "{info}");
+    assert!(
+        started.elapsed() > Duration::from_millis(2000),
+        "the migration should outlast the main stream's timeout: {:?}, {info}",
+        started.elapsed()
+    );
+    let (status, stderr) = src.vm.wait_exit(Duration::from_secs(30));
+    assert_eq!(status.code(), Some(0), "source: {stderr}");
+    assert_heartbeat_continues(&src.vm, &mut dst.vm);
+    full_round_without_mismatch(&mut dst.vm, "after a slow multifd round");
 }

@@ -1,6 +1,6 @@
 //! The destination side: `godwit run --incoming`.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
@@ -103,6 +103,19 @@ impl IncomingError {
     }
 }
 
+/// Test hook: the main stream's read timeout in milliseconds, so that a
+/// test can make a pre-copy round outlast it without waiting a minute.
+const MAIN_TIMEOUT_HOOK: &str = "GODWIT_TEST_MAIN_STREAM_TIMEOUT_MS";
+
+/// How long the destination waits for the next message on the main stream
+/// (PEER_TIMEOUT, unless the test hook says otherwise).
+pub(super) fn main_stream_timeout() -> Duration {
+    std::env::var(MAIN_TIMEOUT_HOOK)
+        .ok()
+        .and_then(|ms| ms.parse().ok())
+        .map_or(PEER_TIMEOUT, Duration::from_millis)
+}
+
 /// `godwit run --incoming URI`: validates the source's VM against this
 /// host, receives it, tells the source it holds it (`Ready`), and once the
 /// source commits (`Go`) returns it ready to run; `Machine::run` then
@@ -115,7 +128,7 @@ pub fn incoming(
     tls_dir: Option<&std::path::Path>,
 ) -> Result<Machine, IncomingError> {
     let (mut conn, listener) = accept(uri, tls_dir)?;
-    conn.set_timeout(Some(PEER_TIMEOUT));
+    conn.set_timeout(Some(main_stream_timeout()));
     match receive(config, &mut conn, listener.as_ref()) {
         Ok(machine) => Ok(machine),
         Err(e) => {

@@ -40,7 +40,7 @@ use godwit_migration::protocol::{
     MultifdHello, ProtocolError, RoundEnd, MAX_CHANNELS, MAX_CHANNEL_HELLO,
 };
 
-use super::destination::{write_pages, IncomingError};
+use super::destination::{main_stream_timeout, write_pages, IncomingError};
 use super::source::{Meter, Sender};
 use super::status::IncomingTally;
 use super::transport::{connect_channel, ChannelListener, Conn};
@@ -189,10 +189,21 @@ impl<'scope> Channels<'scope> {
                         channel,
                         armed: true,
                     };
-                    if let Err(e) = run_sender(conn, handle, meter, &rx, &ack, channel) {
-                        let _ = ack.send((channel, Err(e)));
+                    // A panic ends this thread only: re-raised by the scope,
+                    // it would skip the migration thread's clean-up (dirty
+                    // logging, status), so it becomes this channel's error.
+                    let sent = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        run_sender(conn, handle, meter, &rx, &ack, channel)
+                    }));
+                    match sent {
+                        Ok(Ok(())) => notice.armed = false,
+                        Ok(Err(e)) => {
+                            let _ = ack.send((channel, Err(e)));
+                            notice.armed = false;
+                        }
+                        // The notice, still armed, reports it.
+                        Err(_) => {}
                     }
-                    notice.armed = false;
                 })
                 .map_err(MigrateError::io("cannot start a multifd sender thread"))?;
             jobs.push(tx);
@@ -539,6 +550,11 @@ struct RoundsState {
     /// The last round each channel has written all of.
     done: Vec<Option<u32>>,
     ended: Vec<bool>,
+    /// When the last channel ended: from then on the main stream must bring
+    /// the device state within PEER_TIMEOUT.
+    all_ended_at: Option<Instant>,
+    /// The main stream's loop returned.
+    main_done: bool,
     /// Set on the first failure: who failed (None: the main stream).
     failed: Option<Option<u16>>,
 }
@@ -623,10 +639,57 @@ impl Rounds {
     }
 
     fn end(&self, ch: usize) {
-        if let Some(e) = self.lock().ended.get_mut(ch) {
-            *e = true;
+        {
+            let mut st = self.lock();
+            if let Some(e) = st.ended.get_mut(ch) {
+                *e = true;
+            }
+            if st.ended.iter().all(|e| *e) && st.all_ended_at.is_none() {
+                st.all_ended_at = Some(Instant::now());
+            }
         }
         self.cv.notify_all();
+    }
+
+    /// The main stream's loop returned: the watchdog can stop.
+    fn main_done(&self) {
+        self.lock().main_done = true;
+        self.cv.notify_all();
+    }
+
+    /// The main stream carries one `RoundEnd` a round while the pages go on
+    /// the channels, so it is read without a timeout of its own (a round may
+    /// take minutes under max-bandwidth). A silent source is still noticed:
+    /// during the rounds by the channels' own read timeouts (a failure
+    /// breaks off the main read), and once every channel ended, here: the
+    /// device state must then come within PEER_TIMEOUT.
+    fn watch_main(&self) {
+        let mut st = self.lock();
+        loop {
+            if st.failed.is_some() || st.main_done {
+                return;
+            }
+            let wait = match st.all_ended_at {
+                Some(at) => match main_stream_timeout().checked_sub(at.elapsed()) {
+                    Some(left) if !left.is_zero() => left,
+                    _ => {
+                        drop(st);
+                        tracing::warn!(
+                            "incoming migration: every multifd channel ended but the source sent no device state within {:?}",
+                            main_stream_timeout()
+                        );
+                        self.main.shutdown_read();
+                        return;
+                    }
+                },
+                None => PEER_TIMEOUT,
+            };
+            st = self
+                .cv
+                .wait_timeout(st, wait)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
     }
 
     fn wait_ended(&self) -> Result<(), Waited> {
@@ -698,6 +761,8 @@ pub(super) fn receive<T>(
         state: Mutex::new(RoundsState {
             done: vec![None; channels.len()],
             ended: vec![false; channels.len()],
+            all_ended_at: None,
+            main_done: false,
             failed: None,
         }),
         cv: Condvar::new(),
@@ -729,11 +794,24 @@ pub(super) fn receive<T>(
                 }
             }
         }
+        rounds.main.set_timeout(None);
+        let watchdog = std::thread::Builder::new()
+            .name("incoming-main-watch".into())
+            .spawn_scoped(s, || rounds.watch_main());
+        if let Err(e) = watchdog {
+            rounds.fail(None);
+            return Err(IncomingError::Migrate(MigrateError::Io {
+                what: "cannot start the main stream's watchdog thread".into(),
+                source: e,
+            }));
+        }
         let view = MainView { rounds: &rounds };
         let result = main(&view).and_then(|v| {
             rounds.wait_ended().map_err(stalled)?;
             Ok(v)
         });
+        rounds.main_done();
+        rounds.main.set_timeout(Some(main_stream_timeout()));
         if result.is_err() {
             rounds.fail(None);
         }
