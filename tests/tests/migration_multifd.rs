@@ -5,6 +5,7 @@
 //! gets a connection that is not one of them, fails the migration with a
 //! message saying so while the guest runs on at the source.
 
+use std::io::Write;
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -300,6 +301,49 @@ fn missing_channels_and_a_stray_connection_fail_the_migration_and_the_source_run
             "token is not this migration's",
         ],
     );
+
+    // A connection that trickles its greeting, a byte a second (each read
+    // well within the per-read timeout), is cut when the wait for channels
+    // ends: the destination gives up after its 10 s, not after the peer.
+    let dst = start_destination(
+        &hosts.ns_b(),
+        &hosts.addr_b(),
+        "tcp",
+        None,
+        dir.join("b3.sock"),
+    );
+    qmp.execute("migrate", json!({ "uri": uri })).unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let started = std::time::Instant::now();
+    let addr = format!("{}:{PORT}", hosts.addr_b());
+    let trickler = TwoHosts::run_in(&hosts.ns_a(), move || {
+        let mut greeting = Vec::new();
+        let hello = ChannelHello {
+            channel: 0,
+            token: "00".repeat(32),
+        };
+        write_json(&mut greeting, Kind::ChannelHello, &hello).expect("encode ChannelHello");
+        let mut s = TcpStream::connect(&addr).expect("connect the trickler");
+        let until = std::time::Instant::now() + Duration::from_secs(60);
+        for byte in greeting.iter().cycle() {
+            if std::time::Instant::now() > until || s.write_all(&[*byte]).is_err() {
+                break;
+            }
+            std::thread::sleep(Duration::from_secs(1));
+        }
+    });
+    assert_failed_here(
+        &mut src,
+        &mut qmp,
+        dst,
+        &["multifd channel(s) 0, 1 of 2 did not connect within 10 s"],
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(25),
+        "the destination gave up in time: {:?}",
+        started.elapsed()
+    );
+    trickler.join().unwrap();
 }
 
 /// With multifd the main stream carries one `RoundEnd` a round, so it may
@@ -309,7 +353,7 @@ fn missing_channels_and_a_stray_connection_fail_the_migration_and_the_source_run
 /// ~100-150 written pages (400-600 KB) over a 150 kB/s link: about 3 s.
 #[test]
 fn a_round_longer_than_the_main_streams_timeout_completes() {
-    let hosts = TwoHosts::new(137, true, true);
+    let hosts = TwoHosts::new(138, true, true);
     let dir = TempDir::new("migmultifdslow");
     let mut src = start_source_verifying(
         &hosts,

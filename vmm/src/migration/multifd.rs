@@ -416,6 +416,10 @@ pub(super) fn accept_channels(
     let deadline = Instant::now() + CHANNEL_WAIT;
     tracing::info!("incoming migration: waiting for {n} multifd channel(s)");
     let (done_tx, done_rx) = mpsc::channel::<()>();
+    // Connections still being set up, by number: shut when the wait ends,
+    // so that a peer trickling its handshake cannot hold the scope open.
+    let in_setup: Mutex<Vec<(u64, std::net::TcpStream)>> = Mutex::new(Vec::new());
+    let mut next_id = 0u64;
     std::thread::scope(|s| {
         let mut in_flight = 0usize;
         loop {
@@ -450,7 +454,15 @@ pub(super) fn accept_channels(
                 continue;
             }
             in_flight += 1;
-            let (slots, refuse, done) = (&slots, &refuse, done_tx.clone());
+            let id = next_id;
+            next_id += 1;
+            if let Ok(clone) = tcp.try_clone() {
+                in_setup
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .push((id, clone));
+            }
+            let (slots, refuse, done, in_setup) = (&slots, &refuse, done_tx.clone(), &in_setup);
             let spawned = std::thread::Builder::new()
                 .name("incoming-channel-setup".into())
                 .spawn_scoped(s, move || {
@@ -459,6 +471,12 @@ pub(super) fn accept_channels(
                         .and_then(|mut conn| {
                             let claimed = read_greeting(&mut conn, multifd);
                             let mut slots = slots.lock().unwrap_or_else(PoisonError::into_inner);
+                            // Under the slots' lock: a connection that takes a
+                            // slot is never shut as one still in set-up.
+                            in_setup
+                                .lock()
+                                .unwrap_or_else(PoisonError::into_inner)
+                                .retain(|(i, _)| *i != id);
                             match claimed.and_then(|i| free_slot(&slots, i)) {
                                 Ok(i) => {
                                     conn.set_timeout(Some(PEER_TIMEOUT));
@@ -488,6 +506,13 @@ pub(super) fn accept_channels(
                 in_flight -= 1;
                 refuse(format!("{from}: cannot start a thread to set it up: {e}"));
             }
+        }
+        for (_, unfinished) in in_setup
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .drain(..)
+        {
+            let _ = unfinished.shutdown(std::net::Shutdown::Both);
         }
     });
     let slots = slots.into_inner().unwrap_or_else(PoisonError::into_inner);

@@ -230,9 +230,19 @@ fn first_byte_is_tls(s: &TcpStream, wait: Duration) -> std::io::Result<Option<bo
 fn refuse(mut s: TcpStream, why: &str) {
     let _ = write_message(&mut s, Kind::Abort, why.as_bytes());
     let _ = s.shutdown(std::net::Shutdown::Write);
-    let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
+    // Drained briefly so the peer reads the reason before a reset; a peer
+    // that keeps sending gets no longer than this.
+    let until = Instant::now() + Duration::from_secs(2);
     let mut sink = [0u8; 4096];
-    while matches!(s.read(&mut sink), Ok(n) if n > 0) {}
+    loop {
+        let left = until.saturating_duration_since(Instant::now());
+        if left.is_zero() || s.set_read_timeout(Some(left)).is_err() {
+            break;
+        }
+        if !matches!(s.read(&mut sink), Ok(n) if n > 0) {
+            break;
+        }
+    }
 }
 
 /// The longest a multifd channel's connection may take to authenticate and
