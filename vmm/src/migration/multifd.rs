@@ -43,7 +43,7 @@ use godwit_migration::protocol::{
 use super::destination::{main_stream_timeout, write_pages, IncomingError};
 use super::source::{Meter, Sender};
 use super::status::IncomingTally;
-use super::transport::{connect_channel, ChannelListener, Conn};
+use super::transport::{connect_channel, ChannelListener, Conn, Opening};
 use super::{MigrateError, BATCH_PAGES, PEER_TIMEOUT};
 use crate::machine::migration_status::MigrationParams;
 use crate::machine::VmHandle;
@@ -105,6 +105,7 @@ pub(super) fn connect_channels(
     uri: &str,
     params: &MigrationParams,
     multifd: &MultifdHello,
+    opening: &Opening,
 ) -> Result<Vec<Conn>, MigrateError> {
     if std::env::var_os(WITHHOLD_HOOK).is_some() {
         tracing::warn!("migration: test hook {WITHHOLD_HOOK}: opening no multifd channel");
@@ -119,7 +120,7 @@ pub(super) fn connect_channels(
                         channel,
                         source: Box::new(e),
                     };
-                    let mut conn = connect_channel(uri, params).map_err(on)?;
+                    let mut conn = connect_channel(uri, params, opening).map_err(on)?;
                     conn.set_timeout(Some(PEER_TIMEOUT));
                     let hello = ChannelHello {
                         channel,

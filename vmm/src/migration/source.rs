@@ -49,7 +49,7 @@ use godwit_migration::protocol::{
     Resumed, RoundEnd, PAGE_SIZE,
 };
 
-use super::transport::Conn;
+use super::transport::{break_opening, Conn, Opening};
 use super::{MigrateError, BATCH_PAGES, HANDOFF_WAIT, PEER_TIMEOUT};
 use crate::machine::migration_status::{MigrationInfo, MigrationParams, MigrationState};
 use crate::machine::{Operation, OperationGuard, RunState, VmHandle};
@@ -341,7 +341,23 @@ pub(super) fn run_source(
     }
     let channel_conns = match &hello.multifd {
         Some(m) => {
-            let conns = multifd::connect_channels(uri, &params, m)?;
+            // migrate_cancel breaks off channels still being opened too.
+            let opening = Opening::default();
+            let (main, opened) = (
+                conn.try_clone().map_err(MigrateError::io(
+                    "cannot duplicate the migration connection",
+                ))?,
+                Arc::clone(&opening),
+            );
+            handle.migration.set_breaker(Some(Box::new(move || {
+                main.shutdown();
+                break_opening(&opened);
+            })));
+            let conns = multifd::connect_channels(uri, &params, m, &opening);
+            if handle.migration.cancel.load(Ordering::SeqCst) {
+                return Err(MigrateError::Cancelled);
+            }
+            let conns = conns?;
             let duplicate = "cannot duplicate a migration connection";
             let mut breakers = vec![conn.try_clone().map_err(MigrateError::io(duplicate))?];
             for c in &conns {

@@ -163,22 +163,56 @@ fn host_of(addr: &str) -> &str {
 }
 
 pub(super) fn connect(uri: &str, params: &MigrationParams) -> Result<Conn, MigrateError> {
-    connect_as(uri, params, true)
+    connect_as(uri, params, None)
 }
+
+/// The TCP sockets of connections being opened, so that `migrate_cancel`
+/// can break off a connection still in its TLS handshake.
+pub(super) type Opening = Arc<Mutex<Vec<TcpStream>>>;
 
 /// [`connect`] for a multifd channel: the same checks, logged once (by the
-/// main stream).
-pub(super) fn connect_channel(uri: &str, params: &MigrationParams) -> Result<Conn, MigrateError> {
-    connect_as(uri, params, false)
+/// main stream); its socket joins `opening` as soon as it is connected.
+pub(super) fn connect_channel(
+    uri: &str,
+    params: &MigrationParams,
+    opening: &Opening,
+) -> Result<Conn, MigrateError> {
+    connect_as(uri, params, Some(opening))
 }
 
-fn connect_as(uri: &str, params: &MigrationParams, main: bool) -> Result<Conn, MigrateError> {
+/// Shuts every socket in `opening`.
+pub(super) fn break_opening(opening: &Opening) {
+    for s in opening
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .iter()
+    {
+        let _ = s.shutdown(std::net::Shutdown::Both);
+    }
+}
+
+fn connect_as(
+    uri: &str,
+    params: &MigrationParams,
+    channel: Option<&Opening>,
+) -> Result<Conn, MigrateError> {
+    let main = channel.is_none();
+    let register = |tcp: &TcpStream| {
+        if let (Some(opening), Ok(clone)) = (channel, tcp.try_clone()) {
+            opening
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .push(clone);
+        }
+    };
     match parse_uri(uri)? {
         Uri::Tcp(addr) => {
             if main {
                 tracing::warn!("migration to tcp:{addr}: {PLAINTEXT_WARNING}");
             }
-            Ok(Conn::Tcp(tcp_connect(&addr, uri)?))
+            let tcp = tcp_connect(&addr, uri)?;
+            register(&tcp);
+            Ok(Conn::Tcp(tcp))
         }
         Uri::Tls(addr) => {
             if params.tls_creds.is_empty() {
@@ -191,6 +225,7 @@ fn connect_as(uri: &str, params: &MigrationParams, main: bool) -> Result<Conn, M
                 &params.tls_hostname
             };
             let tcp = tcp_connect(&addr, uri)?;
+            register(&tcp);
             let under = tcp.try_clone().map_err(|source| MigrateError::Connect {
                 uri: uri.to_string(),
                 source,
