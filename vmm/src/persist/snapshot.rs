@@ -655,12 +655,17 @@ pub(crate) fn machine_from_saved(
 pub fn restore(config: &VmConfig, dir: &Path) -> Result<Machine, RestoreError> {
     let state_path = dir.join(STATE_FILE);
     let started = Instant::now();
-    // The VM is created (/dev/kvm, KVM_CREATE_VM) on a thread of its own
-    // while this one reads and parses the state file, as Firecracker does;
+    // The VM is created (/dev/kvm, KVM_CREATE_VM, the supported CPUID) on a
+    // thread of its own while this one reads and parses the state file, as
+    // Firecracker does;
     // nothing of the snapshot reaches it before every check below.
     let creating = std::thread::Builder::new()
         .name("vm-create".into())
-        .spawn(|| vm::open_kvm().and_then(Vm::create))
+        .spawn(|| {
+            let vm = vm::open_kvm().and_then(Vm::create)?;
+            vm.supported_cpuid()?;
+            Ok::<Vm, vm::VmError>(vm)
+        })
         .map_err(RestoreError::VmThread)?;
     let parsed = Container::read_file(&state_path, KNOWN_SECTIONS)
         .map_err(|source| RestoreError::Format {
