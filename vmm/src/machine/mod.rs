@@ -595,62 +595,83 @@ impl Machine {
                 .map_err(|e| NetSetupError::from(crate::abi::strict::NetAbiError::from(e)))?;
         }
         let ram = GuestRam::new(config.memory)?;
-        let vm = Vm::new(kvm, &ram.memory)?;
+        let vm = Vm::create(kvm)?;
+        // KVM's supported CPUID is asked on a thread meanwhile (see
+        // Vm::supported_cpuid), joined before the first vCPU is created.
+        let (buses, nets, blockers, serial, vcpus, event_tx, event_rx) =
+            std::thread::scope(|scope| {
+                let vm = &vm;
+                let cpuid = std::thread::Builder::new()
+                    .name("cpuid".into())
+                    .spawn_scoped(scope, move || vm.supported_cpuid().map(|_| ()));
+                vm.finish(&ram.memory)?;
 
-        let mut buses = IoBuses::default();
-        // Every peer is probed and checked before the guest exists.
-        let nets = crate::devices::net::build_all(
-            &config.nets,
-            machine,
-            &ram.memory,
-            &vm.fd,
-            &mut buses.mmio,
-        )?;
-        let mut cmdline = config.cmdline.clone();
-        for net in &nets {
-            cmdline.push(' ');
-            cmdline.push_str(&net.cmdline_fragment());
-        }
-        let blockers: Vec<String> = nets
-            .iter()
-            .filter_map(|n| n.decision.blocker.clone())
-            .collect();
+                let mut buses = IoBuses::default();
+                // Every peer is probed and checked before the guest exists.
+                let nets = crate::devices::net::build_all(
+                    &config.nets,
+                    machine,
+                    &ram.memory,
+                    &vm.fd,
+                    &mut buses.mmio,
+                )?;
+                let mut cmdline = config.cmdline.clone();
+                for net in &nets {
+                    cmdline.push(' ');
+                    cmdline.push_str(&net.cmdline_fragment());
+                }
+                let blockers: Vec<String> = nets
+                    .iter()
+                    .filter_map(|n| n.decision.blocker.clone())
+                    .collect();
 
-        let boot_entry = boot::load(
-            &ram.memory,
-            &BootConfig {
-                kernel: &config.kernel,
-                initrd: config.initrd.as_deref(),
-                cmdline: &cmdline,
-                memory_size: config.memory,
-                acpi_rsdp: Some(boot::acpi::ACPI_START),
-            },
-        )?;
-        boot::mptable::setup(&ram.memory, num_vcpus)?;
-        let virtio: Vec<boot::acpi::VirtioMmioDevice> = nets
-            .iter()
-            .map(|n| boot::acpi::VirtioMmioDevice {
-                base: n.mmio_base,
-                irq: n.irq,
-            })
-            .collect();
-        boot::acpi::setup(&ram.memory, num_vcpus, &virtio)?;
+                let boot_entry = boot::load(
+                    &ram.memory,
+                    &BootConfig {
+                        kernel: &config.kernel,
+                        initrd: config.initrd.as_deref(),
+                        cmdline: &cmdline,
+                        memory_size: config.memory,
+                        acpi_rsdp: Some(boot::acpi::ACPI_START),
+                    },
+                )?;
+                boot::mptable::setup(&ram.memory, num_vcpus)?;
+                let virtio: Vec<boot::acpi::VirtioMmioDevice> = nets
+                    .iter()
+                    .map(|n| boot::acpi::VirtioMmioDevice {
+                        base: n.mmio_base,
+                        irq: n.irq,
+                    })
+                    .collect();
+                boot::acpi::setup(&ram.memory, num_vcpus, &virtio)?;
 
-        let (event_tx, event_rx) = mpsc::channel();
-        let serial = platform_devices(
-            &vm,
-            &mut buses,
-            &config.serial,
-            None,
-            &event_tx,
-            config.debug_exit,
-        )?;
+                let (event_tx, event_rx) = mpsc::channel();
+                let serial = platform_devices(
+                    vm,
+                    &mut buses,
+                    &config.serial,
+                    None,
+                    &event_tx,
+                    config.debug_exit,
+                )?;
 
-        let mut vcpus = Vec::with_capacity(usize::from(num_vcpus));
-        for id in 0..num_vcpus {
-            vcpus.push(vm.create_vcpu(id, num_vcpus)?);
-        }
-        boot::regs::setup_boot_cpu(&vcpus[0].fd, &ram.memory, &boot_entry)?;
+                match cpuid {
+                    Ok(handle) => handle.join().map_err(|_| BuildError::Host {
+                        what: "the thread that reads KVM's supported CPUID",
+                        source: std::io::Error::other("it panicked"),
+                    })??,
+                    // No thread: ask here.
+                    Err(_) => {
+                        vm.supported_cpuid()?;
+                    }
+                }
+                let mut vcpus = Vec::with_capacity(usize::from(num_vcpus));
+                for id in 0..num_vcpus {
+                    vcpus.push(vm.create_vcpu(id, num_vcpus)?);
+                }
+                boot::regs::setup_boot_cpu(&vcpus[0].fd, &ram.memory, &boot_entry)?;
+                Ok::<_, BuildError>((buses, nets, blockers, serial, vcpus, event_tx, event_rx))
+            })?;
         let built = BuiltVm {
             machine,
             vm,

@@ -670,7 +670,8 @@ pub fn restore(config: &VmConfig, dir: &Path) -> Result<Machine, RestoreError> {
     let state_path = dir.join(STATE_FILE);
     let started = Instant::now();
     // The VM is created (/dev/kvm, KVM_CREATE_VM) on a thread of its own
-    // while this one reads and parses the state file, as Firecracker does;
+    // while this one reads and parses the state file, as Firecracker does
+    // (the supported CPUID is asked on another while memory is set up);
     // nothing of the snapshot reaches it before every check below.
     let creating = std::thread::Builder::new()
         .name("vm-create".into())
@@ -710,10 +711,6 @@ pub fn restore(config: &VmConfig, dir: &Path) -> Result<Machine, RestoreError> {
     // the guest touches them. A peer that maps guest memory itself
     // (vhost-user) needs it copied into a shared memfd.
     let mem_path = dir.join(MEMORY_FILE);
-    let mem_err = |source| RestoreError::Memory {
-        path: mem_path.clone(),
-        source,
-    };
     let needs_shared = saved.nets.iter().any(|n| n.peer_kind == "vhost-user");
     let mode = if needs_shared {
         RestoreMemory::Copy
@@ -723,10 +720,52 @@ pub fn restore(config: &VmConfig, dir: &Path) -> Result<Machine, RestoreError> {
     if needs_shared && config.restore_memory == RestoreMemory::Map {
         tracing::info!("restore: a vhost-user backend maps guest memory, so it is copied into a shared memfd instead of mapped from the file");
     }
+    std::thread::scope(|scope| {
+        let vm = &vm;
+        let cpuid = std::thread::Builder::new()
+            .name("cpuid".into())
+            .spawn_scoped(scope, move || vm.supported_cpuid().map(|_| ()));
+        let res = restore_memory_and_peers(config, &saved, &mem_info, &mem_path, mode, vm);
+        match cpuid {
+            Ok(handle) => handle.join().map_err(|_| {
+                RestoreError::VmThread(std::io::Error::other("the CPUID thread panicked"))
+            })??,
+            Err(_) => {
+                vm.supported_cpuid()?;
+            }
+        }
+        res
+    })
+    .and_then(|(ram, peers)| {
+        let m = machine_from_saved(config, &saved, vm, ram, peers)?;
+        tracing::info!(
+            "restored {} in {:.1} ms",
+            dir.display(),
+            started.elapsed().as_secs_f64() * 1e3
+        );
+        Ok(m)
+    })
+}
+
+/// Guest memory from the memory file (mapped or copied), registered with
+/// the VM with its irqchip and PIT, and this host's peers opened and
+/// checked.
+fn restore_memory_and_peers(
+    config: &VmConfig,
+    saved: &SavedVm,
+    mem_info: &MemoryFileInfo,
+    mem_path: &Path,
+    mode: RestoreMemory,
+    vm: &Vm,
+) -> Result<(GuestRam, Vec<(net::OpenedPeer, PeerSupport)>), RestoreError> {
+    let mem_err = |source| RestoreError::Memory {
+        path: mem_path.to_path_buf(),
+        source,
+    };
     let restored = match mode {
-        RestoreMemory::Map => memory_file::map_private(&mem_path, &mem_info).map_err(mem_err)?,
+        RestoreMemory::Map => memory_file::map_private(mem_path, mem_info).map_err(mem_err)?,
         RestoreMemory::Copy => {
-            memory_file::restore_to_memfd(&mem_path, &mem_info).map_err(mem_err)?
+            memory_file::restore_to_memfd(mem_path, mem_info).map_err(mem_err)?
         }
     };
     tracing::info!(
@@ -741,13 +780,7 @@ pub fn restore(config: &VmConfig, dir: &Path) -> Result<Machine, RestoreError> {
         size: saved.config.memory_size,
     };
     vm.finish(&ram.memory).map_err(RestoreError::from)?;
-    let m = machine_from_saved(config, &saved, vm, ram, peers)?;
-    tracing::info!(
-        "restored {} in {:.1} ms",
-        dir.display(),
-        started.elapsed().as_secs_f64() * 1e3
-    );
-    Ok(m)
+    Ok((ram, peers))
 }
 /// A vCPU's or device's index as a section instance (a VM has a few
 /// hundred of each at most).
