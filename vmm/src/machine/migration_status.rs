@@ -79,8 +79,14 @@ pub struct MigrationInfo {
     pub throughput_mbps: f64,
     #[serde(rename = "expected-downtime-ms")]
     pub expected_downtime_ms: u64,
+    /// The downtime as the guest sees it: from the source's vCPUs stopping
+    /// to the destination's confirmation that its vCPUs run (an upper
+    /// bound: it includes that confirmation's trip back).
     #[serde(rename = "downtime-ms", skip_serializing_if = "Option::is_none")]
     pub downtime_ms: Option<f64>,
+    /// Where the downtime went, phase by phase.
+    #[serde(rename = "downtime-detail", skip_serializing_if = "Option::is_none")]
+    pub downtime_detail: Option<DowntimeDetail>,
     #[serde(rename = "total-time-ms")]
     pub total_time_ms: f64,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -107,6 +113,39 @@ pub struct MigrationInfo {
     /// QEMU's fields, derived from godwit's by [`MigrationState::info`].
     #[serde(flatten, skip_serializing_if = "Option::is_none")]
     pub qemu: Option<QemuView>,
+}
+
+/// The stop-and-copy's phases on the source, in milliseconds, in order.
+/// `source_ms` is the downtime as QEMU defines it (from the vCPUs stopping
+/// until the source has sent the last of the state); the destination's
+/// restore and the handoff come after it.
+#[derive(Clone, Debug, Default, Serialize, PartialEq)]
+pub struct DowntimeDetail {
+    /// Stopping the vCPUs and the device datapaths.
+    #[serde(rename = "stop-ms")]
+    pub stop_ms: f64,
+    /// The last dirty-log sync (KVM and the backends' logs).
+    #[serde(rename = "dirty-sync-ms")]
+    pub dirty_sync_ms: f64,
+    /// Sending the pages dirtied since the last round.
+    #[serde(rename = "last-pages-ms")]
+    pub last_pages_ms: f64,
+    /// Capturing vCPU, VM and device state.
+    #[serde(rename = "state-capture-ms")]
+    pub state_capture_ms: f64,
+    /// Sending the state and `Complete`.
+    #[serde(rename = "state-send-ms")]
+    pub state_send_ms: f64,
+    /// The downtime as QEMU reports it: the sum of the phases above.
+    #[serde(rename = "source-ms")]
+    pub source_ms: f64,
+    /// The destination's restore from the state (its own measure).
+    #[serde(rename = "destination-restore-ms")]
+    pub destination_restore_ms: f64,
+    /// From the state sent to the confirmation that the destination runs,
+    /// the destination's restore included.
+    #[serde(rename = "handoff-ms")]
+    pub handoff_ms: f64,
 }
 
 /// `query-migrate` as QEMU shapes it (times in ms).
@@ -160,7 +199,14 @@ impl MigrationInfo {
                 .setup_ms
                 .unwrap_or(if running { total_ms } else { 0.0 }) as u64,
             expected_downtime: self.expected_downtime_ms,
-            downtime: self.downtime_ms.map(|d| d as u64),
+            // QEMU's downtime ends when its source has sent the last of
+            // the state: report godwit's the same way when it is known.
+            downtime: self
+                .downtime_detail
+                .as_ref()
+                .map(|d| d.source_ms)
+                .or(self.downtime_ms)
+                .map(|d| d as u64),
             ram: RamView {
                 transferred: self.transferred_bytes,
                 remaining: self.remaining_bytes,
@@ -271,6 +317,18 @@ mod tests {
         assert_eq!(v["total-time"], 250);
         assert_eq!(v["downtime"], 12);
         assert_eq!(v["setup-time"], 3);
+        // With the phases known, QEMU's field takes QEMU's definition (until
+        // the source sent the state) and godwit's keeps the guest's view.
+        state.update(|i| {
+            i.downtime_detail = Some(DowntimeDetail {
+                source_ms: 2.4,
+                ..Default::default()
+            })
+        });
+        let v = serde_json::to_value(state.info()).unwrap();
+        assert_eq!(v["downtime"], 2);
+        assert_eq!(v["downtime-ms"], 12.6);
+        assert_eq!(v["downtime-detail"]["source-ms"], 2.4);
         assert_eq!(v["expected-downtime"], 0);
         assert_eq!(v["ram"]["transferred"], 5 << 20);
         assert_eq!(v["ram"]["total"], 1u64 << 30);

@@ -51,7 +51,9 @@ use godwit_migration::protocol::{
 
 use super::transport::{break_opening, Conn, Opening};
 use super::{MigrateError, BATCH_PAGES, HANDOFF_WAIT, PEER_TIMEOUT};
-use crate::machine::migration_status::{MigrationInfo, MigrationParams, MigrationState};
+use crate::machine::migration_status::{
+    DowntimeDetail, MigrationInfo, MigrationParams, MigrationState,
+};
 use crate::machine::{Operation, OperationGuard, RunState, VmHandle};
 use crate::persist::snapshot::{capture_state, Quiesced};
 use crate::vstate::events::VmEvent;
@@ -66,6 +68,34 @@ use crate::migration::multifd::{self, Channels};
 use crate::migration::throttle::{self, Throttle};
 use crate::migration::transport::connect;
 use crate::migration::transport::{parse_uri, Uri};
+
+/// Milliseconds between successive points of the stop-and-copy.
+struct PhaseClock {
+    started: Instant,
+    last: Instant,
+}
+
+impl PhaseClock {
+    fn start() -> PhaseClock {
+        let now = Instant::now();
+        PhaseClock {
+            started: now,
+            last: now,
+        }
+    }
+
+    /// Milliseconds since the previous lap (or the start).
+    fn lap(&mut self) -> f64 {
+        let now = Instant::now();
+        let ms = (now - self.last).as_secs_f64() * 1e3;
+        self.last = now;
+        ms
+    }
+
+    fn total(&self) -> f64 {
+        self.started.elapsed().as_secs_f64() * 1e3
+    }
+}
 
 /// What every stream of one migration has sent, for `query-migrate` and
 /// `max-bandwidth` (shared by the main stream and the multifd channels).
@@ -507,20 +537,25 @@ pub(super) fn finish(
     // From here only the migration decides whether the guest runs here.
     op.enter(Operation::StopAndCopy);
     let was_running = handle.run_state() == RunState::Running;
+    let mut phases = PhaseClock::start();
     let quiet = Quiesced::new(handle).map_err(MigrateError::Capture)?;
-    let downtime_start = Instant::now();
+    let stop_ms = phases.lap();
     // Pausing stopped the backends' rings (GET_VRING_BASE): their log is final.
     dirty.extend(take_dirty(handle)?);
     dirty.sort_unstable();
     dirty.dedup();
+    let dirty_sync_ms = phases.lap();
     send_round(handle, sender, &mut channels, &dirty, false, last_round)?;
     if let Some(c) = channels {
         // Every channel wrote all its pages: only then the state.
         c.end()?;
     }
+    let last_pages_ms = phases.lap();
     let state = capture_state(handle).map_err(MigrateError::Capture)?;
+    let state_capture_ms = phases.lap();
     sender.send(Kind::State, &state.to_bytes())?;
     sender.send(Kind::Complete, &[])?;
+    let state_send_ms = phases.lap();
     // Until the commit below, any error drops `quiet` and resumes the guest
     // here: the destination runs nothing without `Go`.
     expect(sender.conn, Kind::Ready, "Ready")?;
@@ -547,15 +582,29 @@ pub(super) fn finish(
         }
         Err(e) => return Err(MigrateError::OutcomeUnknown(e)),
     };
-    let downtime = downtime_start.elapsed().as_secs_f64() * 1e3;
+    let handoff_ms = phases.lap();
+    let downtime = phases.total();
+    let detail = DowntimeDetail {
+        stop_ms,
+        dirty_sync_ms,
+        last_pages_ms,
+        state_capture_ms,
+        state_send_ms,
+        source_ms: stop_ms + dirty_sync_ms + last_pages_ms + state_capture_ms + state_send_ms,
+        destination_restore_ms: resumed.restore_ms,
+        handoff_ms,
+    };
+    tracing::debug!("migration: downtime phases {detail:?}");
     handle.migration.update(|i| {
         i.downtime_ms = Some(downtime);
+        i.downtime_detail = Some(detail);
         i.transferred_bytes = sender.meter.bytes();
         i.remaining_bytes = 0;
         i.total_time_ms = started.elapsed().as_secs_f64() * 1e3;
     });
     tracing::info!(
-        "migration: the guest runs on the destination (downtime {downtime:.1} ms, of which destination restore {:.1} ms)",
+        "migration: the guest runs on the destination (downtime {downtime:.1} ms: {:.1} ms until the state was sent, destination restore {:.1} ms)",
+        stop_ms + dirty_sync_ms + last_pages_ms + state_capture_ms + state_send_ms,
         resumed.restore_ms
     );
     // The guest now lives elsewhere: this side stays stopped until it exits.
