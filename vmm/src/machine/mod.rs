@@ -665,10 +665,7 @@ impl Machine {
                         vm.supported_cpuid()?;
                     }
                 }
-                let mut vcpus = Vec::with_capacity(usize::from(num_vcpus));
-                for id in 0..num_vcpus {
-                    vcpus.push(vm.create_vcpu(id, num_vcpus)?);
-                }
+                let vcpus = vm.create_vcpus(num_vcpus)?;
                 boot::regs::setup_boot_cpu(&vcpus[0].fd, &ram.memory, &boot_entry)?;
                 Ok::<_, BuildError>((buses, nets, blockers, serial, vcpus, event_tx, event_rx))
             })?;

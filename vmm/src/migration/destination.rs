@@ -249,6 +249,9 @@ pub(super) fn receive(
 
     let ram = GuestRam::new(hello.memory_size)?;
     let vm = Vm::new(kvm, &ram.memory)?;
+    // Before the pages arrive, not in the downtime: about half a
+    // millisecond per vCPU. The state's vCPU count is checked against it.
+    let vcpus = vm.create_vcpus(hello.vcpus)?;
     let started = Instant::now();
     let mut tally = IncomingTally::new();
     let state_bytes = match channels {
@@ -282,7 +285,7 @@ pub(super) fn receive(
     {
         return Err(IncomingError::StateMismatch);
     }
-    let mut m = snapshot::machine_from_saved(config, &saved, vm, ram, peers)?;
+    let mut m = snapshot::machine_from_saved(config, &saved, vm, vcpus, ram, peers)?;
     let incoming_info = tally.completed(hello.memory_size);
     m.handle().migration.update(|i| *i = incoming_info);
     let restore_ms = restore_started.elapsed().as_secs_f64() * 1e3;

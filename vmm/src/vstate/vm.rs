@@ -199,4 +199,11 @@ impl Vm {
         crate::vstate::cpu_reset::setup_cpu_common(&fd)?;
         Ok(Vcpu { id, fd })
     }
+
+    /// Every vCPU of a VM of `num_vcpus`, ids counting up from 0.
+    pub fn create_vcpus(&self, num_vcpus: u8) -> Result<Vec<Vcpu>, VmError> {
+        (0..num_vcpus)
+            .map(|id| self.create_vcpu(id, num_vcpus))
+            .collect()
+    }
 }

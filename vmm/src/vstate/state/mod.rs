@@ -37,6 +37,7 @@ use std::fmt;
 use kvm_ioctls::{Cap, Kvm, VmFd};
 use serde::de::{DeserializeOwned, Error as _};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use zerocopy::{Immutable, IntoBytes};
 
 pub use vcpu::VcpuState;
 pub use vm::VmState;
@@ -260,21 +261,36 @@ impl KvmCaps {
     }
 }
 
+const HEX_DIGITS: &[u8; 16] = b"0123456789abcdef";
+
+// The state of every vCPU is written during a migration's downtime: one
+// table lookup per digit, no formatting machinery.
 fn hex(bytes: &[u8]) -> String {
     let mut s = String::with_capacity(bytes.len() * 2);
     for b in bytes {
-        s.push_str(&format!("{b:02x}"));
+        s.push(char::from(HEX_DIGITS[usize::from(b >> 4)]));
+        s.push(char::from(HEX_DIGITS[usize::from(b & 0xf)]));
     }
     s
 }
 
+fn hex_digit(c: u8) -> Option<u8> {
+    match c {
+        b'0'..=b'9' => Some(c - b'0'),
+        b'a'..=b'f' => Some(c - b'a' + 10),
+        b'A'..=b'F' => Some(c - b'A' + 10),
+        _ => None,
+    }
+}
+
 fn unhex(s: &str) -> Option<Vec<u8>> {
-    if !s.len().is_multiple_of(2) {
+    let digits = s.as_bytes();
+    if !digits.len().is_multiple_of(2) {
         return None;
     }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+    digits
+        .chunks_exact(2)
+        .map(|pair| Some(hex_digit(pair[0])? << 4 | hex_digit(pair[1])?))
         .collect()
 }
 
@@ -309,48 +325,33 @@ impl<'de> Deserialize<'de> for HexBytes {
 #[derive(Clone, Copy)]
 pub struct Blob<T>(pub T);
 
-impl<T: Serialize> Blob<T> {
-    /// The structure's bytes, through kvm-bindings' byte serialization.
-    pub fn bytes(&self) -> Vec<u8> {
-        match serde_json::to_value(&self.0) {
-            Ok(serde_json::Value::Array(values)) => values
-                .iter()
-                .map(|v| v.as_u64().and_then(|n| u8::try_from(n).ok()).unwrap_or(0))
-                .collect(),
-            _ => Vec::new(),
-        }
+impl<T: IntoBytes + Immutable> Blob<T> {
+    /// The structure's bytes, as kvm-bindings' serialization gives them.
+    pub fn bytes(&self) -> &[u8] {
+        self.0.as_bytes()
     }
 }
 
-impl<T: Serialize> PartialEq for Blob<T> {
+impl<T: IntoBytes + Immutable> PartialEq for Blob<T> {
     fn eq(&self, other: &Self) -> bool {
         self.bytes() == other.bytes()
     }
 }
 
-impl<T: Serialize> fmt::Debug for Blob<T> {
+impl<T: IntoBytes + Immutable> fmt::Debug for Blob<T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
             "Blob<{}>({})",
             std::any::type_name::<T>().rsplit("::").next().unwrap_or(""),
-            hex(&self.bytes())
+            hex(self.bytes())
         )
     }
 }
 
-impl<T: Serialize> Serialize for Blob<T> {
+impl<T: IntoBytes + Immutable> Serialize for Blob<T> {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let bytes = self.bytes();
-        if bytes.len() != std::mem::size_of::<T>() {
-            return Err(serde::ser::Error::custom(format!(
-                "{} serialized to {} bytes, not {}",
-                std::any::type_name::<T>(),
-                bytes.len(),
-                std::mem::size_of::<T>()
-            )));
-        }
-        s.serialize_str(&hex(&bytes))
+        s.serialize_str(&hex(self.bytes()))
     }
 }
 

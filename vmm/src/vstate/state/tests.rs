@@ -530,3 +530,34 @@ fn a_snapshot_in_two_files_restores_memory_and_state() {
     };
     assert_eq!(without_xsave(&saved), without_xsave(&again));
 }
+
+/// A blob's text is the hex of kvm-bindings' own byte serialization, so
+/// state written before blobs took their bytes straight from the structure
+/// reads the same, and the text reads back to the same structure.
+#[test]
+fn blob_text_is_kvm_bindings_bytes_in_hex() {
+    let mut regs = kvm_bindings::kvm_regs {
+        rax: 0x0123_4567_89ab_cdef,
+        rip: 0xfff0,
+        rflags: 2,
+        ..Default::default()
+    };
+    regs.r15 = u64::MAX;
+    let through_serde: Vec<u8> = serde_json::from_value::<Vec<u8>>(
+        serde_json::to_value(regs).expect("kvm-bindings serializes kvm_regs"),
+    )
+    .expect("as a byte sequence");
+    let text = serde_json::to_value(Blob(regs)).expect("a blob serializes");
+    let digits = text.as_str().expect("as a string");
+    assert_eq!(
+        digits.len(),
+        2 * std::mem::size_of::<kvm_bindings::kvm_regs>()
+    );
+    assert_eq!(unhex(digits), Some(through_serde));
+    assert!(digits.starts_with("efcdab8967452301"), "{digits}");
+    let back: Blob<kvm_bindings::kvm_regs> = serde_json::from_value(text).expect("reads back");
+    assert_eq!(back, Blob(regs));
+    assert_eq!(unhex("0aFf"), Some(vec![0x0a, 0xff]));
+    assert_eq!(unhex("0g"), None);
+    assert_eq!(unhex("abc"), None);
+}
