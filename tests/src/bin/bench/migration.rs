@@ -199,7 +199,12 @@ impl Sampler {
 #[derive(Clone, Default)]
 struct Mig {
     total_ms: f64,
+    /// As the guest sees it (godwit: vCPUs stopped on A to running on B
+    /// confirmed); QEMU reports only its own definition, below.
     downtime_ms: f64,
+    /// As QEMU defines it: vCPUs stopped until the source sent the last of
+    /// the state (godwit's `downtime-detail` `source-ms`).
+    source_downtime_ms: f64,
     wire_bytes: u64,
     wire_mbps: f64,
     rounds: f64,
@@ -388,7 +393,12 @@ fn godwit_migrate(
         .as_f64()
         .or_else(|| float_between(&log_line, "(downtime ", " ms"))
         .unwrap_or(f64::NAN);
+    let source_downtime_ms = last["downtime-detail"]["source-ms"]
+        .as_f64()
+        .or_else(|| float_between(&log_line, "ms: ", " ms until the state was sent"))
+        .unwrap_or(f64::NAN);
     Ok(Mig {
+        source_downtime_ms,
         total_ms: if completed {
             last["total-time-ms"].as_f64().unwrap_or(bench_ms)
         } else {
@@ -597,7 +607,10 @@ fn qemu_migrate(
     dest.kill();
     Ok(Mig {
         total_ms: info["total-time"].as_f64().unwrap_or(f64::NAN),
-        downtime_ms: info["downtime"].as_f64().unwrap_or(f64::NAN),
+        // QEMU's downtime ends when its source sent the last of the state;
+        // it has no guest-side figure.
+        downtime_ms: f64::NAN,
+        source_downtime_ms: info["downtime"].as_f64().unwrap_or(f64::NAN),
         wire_bytes: r["transferred"].as_u64().unwrap_or(0),
         wire_mbps: r["mbps"].as_f64().unwrap_or(f64::NAN),
         rounds: r["dirty-sync-count"].as_f64().unwrap_or(f64::NAN),
@@ -615,6 +628,7 @@ fn median_mig(runs: &[Mig]) -> Mig {
     Mig {
         total_ms: col(&|m| m.total_ms),
         downtime_ms: col(&|m| m.downtime_ms),
+        source_downtime_ms: col(&|m| m.source_downtime_ms),
         wire_bytes: col(&|m| m.wire_bytes as f64) as u64,
         wire_mbps: col(&|m| m.wire_mbps),
         rounds: col(&|m| m.rounds),
@@ -801,24 +815,18 @@ pub fn bench_migration() {
     }
 
     println!("\n### Migration\n");
-    println!("Target total time: 1.25 x (RAM size / raw TCP throughput) = 1.25 x the raw TCP time for the RAM size, taken run by run against the transfer just before (median of the per-run ratios). Target downtime for an idle guest: 10 ms.\n");
-    println!("| guest | VMM | total time | / raw TCP time of the RAM size (target <= 1.25x) | downtime | bytes on the wire | wire throughput | RAM size / total time | rounds (QEMU: dirty syncs) | source guest RAM resident: before -> peak | dest. restore (godwit) / setup (QEMU) | check |");
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("Target total time: 1.25 x (RAM size / raw TCP throughput) = 1.25 x the raw TCP time for the RAM size, taken run by run against the transfer just before (median of the per-run ratios). Target downtime for an idle guest: at most QEMU's in the same run (aim: 2 ms). Downtime is given two ways: as QEMU defines it (vCPUs stopped until the source sent the last of the state; QEMU reports whole milliseconds) and, for godwit, as the guest sees it (vCPUs stopped on A until B confirmed that its vCPUs run, B's restore and the handoff's round trip included).\n");
+    println!("| guest | VMM | total time | / raw TCP time of the RAM size (target <= 1.25x) | downtime as QEMU defines it | downtime as the guest sees it | bytes on the wire | wire throughput | RAM size / total time | rounds (QEMU: dirty syncs) | source guest RAM resident: before -> peak | dest. restore (godwit) / setup (QEMU) | check |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for r in &rows {
         let m = &r.mig;
         let ratio = m.ratio;
         let total_verdict = if ratio <= 1.25 { "met" } else { "**missed**" };
-        let down = if r.idle {
-            format!(
-                "{:.1} ms ({:.2}x the 10 ms target, {})",
-                m.downtime_ms,
-                m.downtime_ms / 10.0,
-                if m.downtime_ms <= 10.0 {
-                    "met"
-                } else {
-                    "**missed**"
-                }
-            )
+        let source_down = format!("{:.1} ms", m.source_downtime_ms);
+        let down = if m.downtime_ms.is_nan() {
+            "not reported".to_string()
+        } else if r.idle {
+            format!("{:.1} ms", m.downtime_ms)
         } else {
             format!(
                 "{:.1} ms (limit {DIRTY_DOWNTIME_LIMIT_MS} ms)",
@@ -826,7 +834,7 @@ pub fn bench_migration() {
             )
         };
         println!(
-            "| {} | {} | {:.0} ms | {:.2}x ({total_verdict}) | {down} | {} | {:.1} Mbit/s | {:.2} Gbit/s | {:.0} | {} -> {} | {:.1} ms | {} |",
+            "| {} | {} | {:.0} ms | {:.2}x ({total_verdict}) | {source_down} | {down} | {} | {:.1} Mbit/s | {:.2} Gbit/s | {:.0} | {} -> {} | {:.1} ms | {} |",
             r.scenario,
             r.vmm,
             m.total_ms,
@@ -848,8 +856,10 @@ pub fn bench_migration() {
             let q = rows
                 .iter()
                 .find(|q| q.vmm == "QEMU" && q.scenario == g.scenario)?;
+            let as_qemu = g.mig.source_downtime_ms / q.mig.source_downtime_ms;
+            let as_guest = g.mig.downtime_ms / q.mig.source_downtime_ms;
             Some(format!(
-                "- {}: godwit / QEMU total time {:.2}x ({}), downtime {:.2}x",
+                "- {}: godwit / QEMU total time {:.2}x ({}); downtime as QEMU defines it {:.2}x ({}); godwit's downtime as the guest sees it / QEMU's {:.2}x ({})",
                 g.scenario,
                 g.mig.total_ms / q.mig.total_ms,
                 if g.mig.total_ms < q.mig.total_ms {
@@ -857,13 +867,16 @@ pub fn bench_migration() {
                 } else {
                     "slower: **missed**"
                 },
-                g.mig.downtime_ms / q.mig.downtime_ms
+                as_qemu,
+                if as_qemu <= 1.0 { "met" } else { "**missed**" },
+                as_guest,
+                if as_guest <= 1.0 { "met" } else { "**missed**" },
             ))
         })
         .collect();
     println!("\nHost load average at the end: {}.", loadavg());
     if !godwit_vs_qemu.is_empty() {
-        println!("\nAgainst QEMU (target: faster):\n");
+        println!("\nAgainst QEMU (targets: total time faster, downtime at most QEMU's):\n");
         for l in godwit_vs_qemu {
             println!("{l}");
         }
@@ -966,14 +979,14 @@ pub fn bench_migration_tls() {
             .find(|(s, v, t, _)| s == scenario && *v == vmm && *t == "TCP")
             .map(|r| r.3.total_ms)
     };
-    println!("| guest | VMM | stream | total time | / the same VMM over plain TCP | downtime | bytes on the wire | wire throughput | rounds (QEMU: dirty syncs) | check |");
+    println!("| guest | VMM | stream | total time | / the same VMM over plain TCP | downtime (as QEMU defines it) | bytes on the wire | wire throughput | rounds (QEMU: dirty syncs) | check |");
     println!("|---|---|---|---|---|---|---|---|---|---|");
     for (scenario, vmm, stream, m) in &rows {
         let ratio = plain(scenario, vmm).map_or(f64::NAN, |p| m.total_ms / p);
         println!(
             "| {scenario} | {vmm} | {stream} | {:.0} ms | {ratio:.2}x | {:.1} ms | {} | {:.1} Mbit/s | {:.0} | {} |",
             m.total_ms,
-            m.downtime_ms,
+            m.source_downtime_ms,
             fmt_bytes(m.wire_bytes),
             m.wire_mbps,
             m.rounds,
