@@ -11,6 +11,11 @@
 //!   benchmark creates: TX frames are UDP datagrams to the TAP's address
 //!   (a socket is bound there and not read: the kernel runs IP/UDP input and
 //!   drops them); RX frames come from a UDP sender thread in the namespace.
+//! * DPDK testpmd doing the same job: its vhost-user port and a `net_tap`
+//!   port in a namespace forwarded to each other (`--forward-mode=io`), with
+//!   the same harness, frames and kind of TAP (no virtio-net header, as
+//!   net_tap makes it); godwit's backend runs on such a TAP too. The anchor
+//!   for godwit's backend: at least its packets/s with less CPU per packet.
 //! * DPDK testpmd with one vhost-user port in `io` forwarding: every frame
 //!   the driver transmits comes back on its receive ring (a loop), so
 //!   TX and RX run at the same time through the same process.
@@ -331,8 +336,8 @@ fn start_backend(host: &NetHost, socket: &Path) -> Res<Proc> {
     Ok(Proc(child, libc::SIGKILL))
 }
 
-fn start_testpmd(socket: &Path) -> Res<Proc> {
-    let child = testpmd_command(None, socket, false)
+fn start_testpmd_in(ns: Option<&str>, socket: &Path) -> Res<Proc> {
+    let child = testpmd_command(ns, socket, false)
         .spawn()
         .map_err(|e| format!("dpdk-testpmd ({e}): apt-get install -y dpdk-dev"))?;
     let p = Proc(child, libc::SIGINT);
@@ -360,8 +365,8 @@ fn guest_frame(size: usize, dst_mac: [u8; 6], dst: Ipv4Addr, src: Ipv4Addr) -> V
     )
 }
 
-fn tap_mac(host: &NetHost) -> Res<[u8; 6]> {
-    let out = host.exec(&["cat", &format!("/sys/class/net/{}/address", host.tap)]);
+fn tap_mac(host: &NetHost, tap: &str) -> Res<[u8; 6]> {
+    let out = host.exec(&["cat", &format!("/sys/class/net/{tap}/address")]);
     let s = String::from_utf8_lossy(&out.stdout);
     let mut mac = [0u8; 6];
     for (m, p) in mac.iter_mut().zip(s.trim().split(':')) {
@@ -407,72 +412,153 @@ struct Row {
     gbit: String,
     godwit: String,
     backend: String,
+    /// Packets per second and the backend's CPU ns per packet, for ratios.
+    sample: Option<(f64, f64)>,
 }
 
-fn godwit_backend_rows(rows: &mut Vec<Row>) -> Res<()> {
-    let host = NetHost::new(true, 120);
-    let dir = TempDir::new("bench-vu");
-    let socket = dir.join("backend.sock");
-    let backend = start_backend(&host, &socket)?;
-    let bpid = backend.0.id();
+/// Where a backend under test forwards: a TAP in `host`'s namespace.
+struct TapSide<'a> {
+    host: &'a NetHost,
+    /// The TAP the backend drives (`host.tap`, or testpmd's `dtap0`).
+    tap: &'a str,
+}
+
+/// TX and RX at 64 and 1514 bytes through a backend that forwards between
+/// the harness's vhost-user rings (on `socket`) and a TAP: TX frames are UDP
+/// datagrams to the namespace's address (bound and not read: the kernel
+/// runs IP/UDP input and drops them), RX frames come from a UDP sender in
+/// the namespace. The same harness and frames for every backend.
+fn tap_forwarding_rows(
+    rows: &mut Vec<Row>,
+    path: &'static str,
+    side: &TapSide<'_>,
+    socket: &Path,
+    backend_pid: u32,
+) -> Res<()> {
+    let host = side.host;
     let guest_ip = host.guest_ip();
-    // The guest's address, resolved statically, and a socket that receives
-    // (and does not read) the transmitted datagrams.
+    // The guest's address, resolved statically.
     let mac = GUEST_MAC
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect::<Vec<_>>()
         .join(":");
     host.exec(&[
-        "ip", "neigh", "replace", &guest_ip, "lladdr", &mac, "dev", &host.tap,
+        "ip", "neigh", "replace", &guest_ip, "lladdr", &mac, "dev", side.tap,
     ]);
     let host_ip: Ipv4Addr = host.host_ip.parse()?;
     let bound = {
         let ip = host.host_ip.clone();
         host.run(move || UdpSocket::bind(format!("{ip}:9000")))?
     };
-    let mut h = Harness::new(&socket)?;
-    let tmac = tap_mac(&host)?;
+    let mut h = Harness::new(socket)?;
+    let tmac = tap_mac(host, side.tap)?;
     for size in [64usize, 1514] {
         h.set_frame(&guest_frame(size, tmac, host_ip, guest_ip.parse()?))?;
-        let s = measure(&mut h, true, bpid)?;
+        let s = measure(&mut h, true, backend_pid)?;
         let (pps, gbit) = rate(s.counts.tx, size, s.secs);
         rows.push(Row {
-            path: "godwit net-backend -> TAP",
+            path,
             case: format!("TX {size} B"),
             pps,
             gbit,
             godwit: per_packet(s.godwit_ns, s.counts.tx),
             backend: per_packet(s.backend_ns, s.counts.tx),
+            sample: Some((
+                s.counts.tx as f64 / s.secs,
+                s.backend_ns as f64 / s.counts.tx.max(1) as f64,
+            )),
         });
         // Let the transmit ring drain.
         drive(&mut h, false, Duration::from_millis(200)).ok();
         let stop = Arc::new(AtomicBool::new(false));
-        let tx = sender(&host, &format!("{guest_ip}:9"), size, stop.clone());
-        let s = measure(&mut h, false, bpid);
+        let tx = sender(host, &format!("{guest_ip}:9"), size, stop.clone());
+        let s = measure(&mut h, false, backend_pid);
         stop.store(true, Ordering::Relaxed);
         let _ = tx.join();
         let s = s?;
         let (pps, gbit) = rate(s.counts.rx, size, s.secs);
         rows.push(Row {
-            path: "godwit net-backend -> TAP",
+            path,
             case: format!("RX {size} B"),
             pps,
             gbit,
             godwit: per_packet(s.godwit_ns, s.counts.rx),
             backend: per_packet(s.backend_ns, s.counts.rx),
+            sample: Some((
+                s.counts.rx as f64 / s.secs,
+                s.backend_ns as f64 / s.counts.rx.max(1) as f64,
+            )),
         });
     }
     drop(bound);
-    drop(h);
+    Ok(())
+}
+
+const GODWIT_TO_TAP: &str = "godwit net-backend <-> TAP";
+const DPDK_TO_TAP: &str = "DPDK testpmd io, vhost-user <-> net_tap";
+
+/// godwit's backend on a TAP without a virtio-net header, as DPDK's
+/// net_tap makes its own.
+fn godwit_backend_rows(rows: &mut Vec<Row>) -> Res<()> {
+    let host = NetHost::new(false, 120);
+    let dir = TempDir::new("bench-vu");
+    let socket = dir.join("backend.sock");
+    let backend = start_backend(&host, &socket)?;
+    let side = TapSide {
+        host: &host,
+        tap: &host.tap,
+    };
+    tap_forwarding_rows(rows, GODWIT_TO_TAP, &side, &socket, backend.0.id())?;
     drop(backend);
+    Ok(())
+}
+
+/// DPDK testpmd doing the same job: its vhost-user port and a net_tap port
+/// (`dtap0`, in the namespace, given the namespace's address in place of
+/// the TAP netns.sh made) forwarded `io` to each other.
+fn testpmd_tap_rows(rows: &mut Vec<Row>) -> Res<()> {
+    let host = NetHost::new(false, 125);
+    let dir = TempDir::new("bench-vu-dpdk-tap");
+    let socket = dir.join("dpdk.sock");
+    let tp = start_testpmd_in(Some(&host.ns), &socket)?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !host.exec(&["ip", "link", "show", "dtap0"]).status.success() {
+        if Instant::now() > deadline {
+            return Err("testpmd made no dtap0".into());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let cidr = format!("{}/24", host.host_ip);
+    for args in [
+        &["ip", "addr", "flush", "dev", &host.tap][..],
+        &["ip", "link", "set", &host.tap, "down"],
+        &["ip", "addr", "add", &cidr, "dev", "dtap0"],
+        &["ip", "link", "set", "dtap0", "up"],
+    ] {
+        let out = host.exec(args);
+        if !out.status.success() {
+            return Err(format!(
+                "{}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr)
+            )
+            .into());
+        }
+    }
+    let side = TapSide {
+        host: &host,
+        tap: "dtap0",
+    };
+    tap_forwarding_rows(rows, DPDK_TO_TAP, &side, &socket, tp.0.id())?;
+    drop(tp);
     Ok(())
 }
 
 fn testpmd_rows(rows: &mut Vec<Row>) -> Res<()> {
     let dir = TempDir::new("bench-vu-dpdk");
     let socket = dir.join("dpdk.sock");
-    let tp = start_testpmd(&socket)?;
+    let tp = start_testpmd_in(None, &socket)?;
     let pid = tp.0.id();
     let mut h = Harness::new(&socket)?;
     for size in [64usize, 1514] {
@@ -496,12 +582,43 @@ fn testpmd_rows(rows: &mut Vec<Row>) -> Res<()> {
                 "{} (busy-polls a core)",
                 per_packet(s.backend_ns, s.counts.rx)
             ),
+            sample: None,
         });
         drive(&mut h, false, Duration::from_millis(200)).ok();
     }
     drop(h);
     drop(tp);
     Ok(())
+}
+
+/// godwit's backend against DPDK doing the same job, case by case: target
+/// at least 1.0x DPDK's packets/s with less CPU per packet.
+fn print_against_dpdk(rows: &[Row]) {
+    let lines: Vec<String> = rows
+        .iter()
+        .filter(|g| g.path == GODWIT_TO_TAP)
+        .filter_map(|g| {
+            let d = rows
+                .iter()
+                .find(|d| d.path == DPDK_TO_TAP && d.case == g.case)?;
+            let ((gp, gc), (dp, dc)) = (g.sample?, d.sample?);
+            let (pps, cpu) = (gp / dp, gc / dc);
+            Some(format!(
+                "- {}: packets/s {pps:.2}x DPDK's ({}), backend CPU per packet {cpu:.2}x DPDK's ({})",
+                g.case,
+                if pps >= 1.0 { "met" } else { "**missed**" },
+                if cpu < 1.0 { "less: met" } else { "**more: missed**" },
+            ))
+        })
+        .collect();
+    if lines.is_empty() {
+        return;
+    }
+    println!("godwit's backend against DPDK testpmd forwarding between the same kind of vhost-user port and TAP (target: at least 1.0x the packets/s, less CPU per packet):\n");
+    for l in lines {
+        println!("{l}");
+    }
+    println!();
 }
 
 /// A real VM echoing UDP: godwit's CPU outside the vCPU threads per frame.
@@ -566,6 +683,9 @@ pub fn bench_vhost_user() {
     if let Err(e) = godwit_backend_rows(&mut rows) {
         println!("godwit backend cases failed: {e}\n");
     }
+    if let Err(e) = testpmd_tap_rows(&mut rows) {
+        println!("testpmd vhost-user <-> TAP cases failed: {e}\n");
+    }
     if let Err(e) = testpmd_rows(&mut rows) {
         println!("testpmd cases failed: {e}\n");
     }
@@ -582,6 +702,7 @@ pub fn bench_vhost_user() {
         );
     }
     println!();
+    print_against_dpdk(&rows);
     println!(
         "### godwit's CPU per frame in a real VM (test guest echoing UDP from the namespace)\n"
     );
