@@ -223,7 +223,7 @@ fn fake_destination(ns: &str, addr: String, phase: &'static str) -> std::thread:
                     id: d.id.clone(),
                     peer_kind: d.peer_kind.clone(),
                     peer: "fake".into(),
-                    supported: u64::MAX,
+                    supported: u128::MAX,
                 })
                 .collect(),
             host_cpuid: hello.cpuid.clone(),

@@ -37,7 +37,9 @@ use crate::virtio::net::frontend::{
 use crate::virtio::net::model::virtio_frontend_methods;
 use crate::virtio::net::{NetModel, PeerStatus, PeerTap};
 use crate::virtio::pause::PauseError;
-use crate::virtio::{feature, ActivateError, ActivateParams, QueuePosition, VirtioDevice};
+use crate::virtio::{
+    feature, low64, ActivateError, ActivateParams, Features, QueuePosition, VirtioDevice,
+};
 use crate::GuestMemory;
 
 #[cfg(test)]
@@ -46,7 +48,7 @@ mod tests;
 /// Where the kernel's vhost-net device lives.
 pub const VHOST_NET_PATH: &str = "/dev/vhost-net";
 /// VHOST_F_LOG_ALL.
-const F_LOG_ALL: u64 = 1 << 26;
+const F_LOG_ALL: Features = 1 << 26;
 /// VHOST_VRING_F_LOG.
 const VRING_F_LOG: u32 = 1;
 const DEVICE_NAME: &str = "virtio-net (vhost-net)";
@@ -92,7 +94,7 @@ fn ioctl(what: &'static str) -> impl Fn(vhost::Error) -> VhostNetError {
 }
 
 /// Bits `/dev/vhost-net` itself must offer (the table's ring features).
-pub fn ring_bits() -> u64 {
+pub fn ring_bits() -> Features {
     FEATURES
         .iter()
         .filter(|f| f.vhost == VhostNeed::Ring)
@@ -101,17 +103,19 @@ pub fn ring_bits() -> u64 {
 
 /// VHOST_GET_FEATURES of this host's `/dev/vhost-net`, without a VM (host
 /// capability reports).
-pub fn probe_features() -> Result<u64, VhostNetError> {
+pub fn probe_features() -> Result<Features, VhostNetError> {
     let net = KernelNet::new(GuestMemoryAtomic::new(GuestMemory::default()))
         .map_err(|source| VhostNetError::Open { source })?;
-    net.get_features().map_err(ioctl("VHOST_GET_FEATURES"))
+    net.get_features()
+        .map(Features::from)
+        .map_err(ioctl("VHOST_GET_FEATURES"))
 }
 
 /// An opened `/dev/vhost-net` with its TAP, before it becomes a device.
 pub struct VhostNetPeer<K = KernelNet> {
     net: K,
     tap: Arc<Tap>,
-    features: u64,
+    features: Features,
 }
 
 impl VhostNetPeer {
@@ -130,7 +134,10 @@ impl VhostNetPeer {
         let net = KernelNet::new(GuestMemoryAtomic::new(mem.clone()))
             .map_err(|source| VhostNetError::Open { source })?;
         net.set_owner().map_err(ioctl("VHOST_SET_OWNER"))?;
-        let features = net.get_features().map_err(ioctl("VHOST_GET_FEATURES"))?;
+        let features = net
+            .get_features()
+            .map(Features::from)
+            .map_err(ioctl("VHOST_GET_FEATURES"))?;
         Ok(VhostNetPeer {
             net,
             tap: Arc::new(tap),
@@ -141,7 +148,7 @@ impl VhostNetPeer {
 
 impl<K: VhostNet> VhostNetPeer<K> {
     /// VHOST_GET_FEATURES.
-    pub fn features(&self) -> u64 {
+    pub fn features(&self) -> Features {
         self.features
     }
 
@@ -203,7 +210,7 @@ struct Inner<K> {
 }
 
 impl<K: VhostNet> Inner<K> {
-    fn backend_features(&self, acked: u64) -> u64 {
+    fn backend_features(&self, acked: Features) -> Features {
         let mut f = acked & ring_bits() & self.peer.features;
         if self.log.is_some() {
             f |= F_LOG_ALL;
@@ -223,12 +230,12 @@ impl<K: VhostNet> Inner<K> {
         }
     }
 
-    fn start(&mut self, acked: u64, bases: &[u16]) -> Result<(), VhostNetError> {
+    fn start(&mut self, acked: Features, bases: &[u16]) -> Result<(), VhostNetError> {
         let Some(r) = self.rings.as_ref() else {
             return Ok(());
         };
         let net = &self.peer.net;
-        net.set_features(self.backend_features(acked))
+        net.set_features(low64(self.backend_features(acked)))
             .map_err(ioctl("VHOST_SET_FEATURES"))?;
         net.set_mem_table(&memory_regions(&r.mem)?)
             .map_err(ioctl("VHOST_SET_MEM_TABLE"))?;
@@ -294,13 +301,13 @@ impl<K: VhostNet> Inner<K> {
 
     /// Applies the current dirty-log setting to running rings: LOG_ALL in
     /// the features, VHOST_VRING_F_LOG on each ring.
-    fn apply_log(&mut self, acked: u64) -> Result<(), VhostNetError> {
+    fn apply_log(&mut self, acked: Features) -> Result<(), VhostNetError> {
         let Some(r) = self.rings.as_ref().filter(|r| r.running) else {
             return Ok(());
         };
         self.peer
             .net
-            .set_features(self.backend_features(acked))
+            .set_features(low64(self.backend_features(acked)))
             .map_err(ioctl("VHOST_SET_FEATURES"))?;
         for (i, q) in r.queues.iter().enumerate() {
             self.peer

@@ -125,7 +125,7 @@ struct Rig {
 
 /// A device on TAP `gwvn0` in a fresh namespace and a fake kernel that
 /// offers `kernel_features`.
-fn rig(tag: &str, mac: [u8; 6], kernel_features: u64) -> Result<Rig, VhostNetError> {
+fn rig(tag: &str, mac: [u8; 6], kernel_features: Features) -> Result<Rig, VhostNetError> {
     let ns = NetNs::new(tag).expect("create namespace");
     let tap = ns
         .enter(|| Tap::open("gwvn0", VnetHdr::On))
@@ -237,14 +237,22 @@ fn the_kernel_logs_its_writes_while_migrating() {
     {
         let c = r.kernel.calls();
         assert_eq!(c.log_base.len(), 1, "VHOST_SET_LOG_BASE");
-        assert_ne!(c.features.last().unwrap() & F_LOG_ALL, 0, "LOG_ALL on");
+        assert_ne!(
+            Features::from(*c.features.last().unwrap()) & F_LOG_ALL,
+            0,
+            "LOG_ALL on"
+        );
         assert!(c
             .vring_flags
             .ends_with(&[(0, VRING_F_LOG), (1, VRING_F_LOG)]));
     }
     r.dev.stop_dirty_log().unwrap();
     let c = r.kernel.calls();
-    assert_eq!(c.features.last().unwrap() & F_LOG_ALL, 0, "LOG_ALL off");
+    assert_eq!(
+        Features::from(*c.features.last().unwrap()) & F_LOG_ALL,
+        0,
+        "LOG_ALL off"
+    );
     assert!(c.vring_flags.ends_with(&[(0, 0), (1, 0)]));
 }
 

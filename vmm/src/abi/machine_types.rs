@@ -9,7 +9,7 @@
 
 use serde::Serialize;
 
-use godwit_devices::virtio::net::features::{self, by_name};
+use godwit_devices::virtio::net::features::{self, by_name, Features};
 
 /// The alias users may give instead of a versioned name.
 pub const ALIAS: &str = "godwit";
@@ -102,16 +102,13 @@ pub fn resolve(name: &str) -> Result<&'static MachineType, MachineTypeError> {
 }
 
 /// The feature bits of a list of property names.
-pub fn bits_of(names: &[&str]) -> u64 {
-    names
-        .iter()
-        .filter_map(|n| by_name(n))
-        .fold(0, |acc, f| acc | (1u64 << f.bit))
+pub fn bits_of(names: &[&str]) -> Features {
+    features::bits_of_groups(&[names])
 }
 
 impl MachineType {
     /// Features this type offers to the guest by default.
-    pub fn net_features(&self) -> u64 {
+    pub fn net_features(&self) -> Features {
         features::always_offered() | features::bits_of_groups(self.net.features)
     }
 
@@ -133,7 +130,7 @@ impl MachineType {
                     .split(',')
                     .map(str::to_string)
                     .collect(),
-                features_hex: format!("{bits:#018x}"),
+                features_hex: features::hex(bits),
                 queue_pairs: self.net.queue_pairs,
                 queue_size: self.net.queue_size,
                 mtu: self.net.mtu,

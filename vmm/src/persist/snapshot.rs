@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use godwit_devices::serial::SerialDeviceState;
 use godwit_devices::virtio::mmio::{MmioTransport, MmioTransportState};
-use godwit_devices::virtio::net::features;
+use godwit_devices::virtio::net::features::{self, Features};
 use godwit_devices::virtio::net::VirtioNetState;
 use godwit_migration::format::{kind_ids, Container, ContainerWriter, FormatError, SectionKind};
 use godwit_migration::memory_file::{self, MemoryFileError, MemoryFileInfo, MEMORY_SECTION};
@@ -86,9 +86,9 @@ pub struct NetSnapshot {
     /// The `--net` text it was started with (for messages).
     pub spec_text: String,
     pub strict: bool,
-    pub required: u64,
+    pub required: Features,
     /// What the guest was offered: every peer it runs on must carry all of it.
-    pub offered: u64,
+    pub offered: Features,
     pub interface: Option<String>,
     pub mmio_base: u64,
     pub irq: u32,
@@ -370,7 +370,7 @@ fn invalid(path: &Path, section: &str, detail: impl Into<String>) -> RestoreErro
 /// offer was made ("when the snapshot was taken", "on the source").
 pub fn check_peer(
     device: &str,
-    offered: u64,
+    offered: Features,
     peer: &PeerSupport,
     when: &str,
 ) -> Result<(), RestoreError> {
@@ -380,7 +380,7 @@ pub fn check_peer(
     }
     // One line per reason: a TAP without vnet header explains a dozen bits.
     let mut by_reason: Vec<(String, Vec<String>)> = Vec::new();
-    for b in (0..64).filter(|b| missing & (1u64 << b) != 0) {
+    for b in features::bits(missing) {
         let why = peer
             .why_not
             .get(&b)

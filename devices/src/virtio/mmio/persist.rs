@@ -27,11 +27,11 @@ pub struct QueueConfigState {
 pub struct MmioTransportState {
     pub device_type: u32,
     /// What the device offered (the restoring device must offer these too).
-    pub device_features: u64,
+    pub device_features: Features,
     pub device_features_sel: u32,
     pub driver_features_sel: u32,
     /// What the driver wrote to DriverFeatures (acked once FEATURES_OK).
-    pub driver_features: u64,
+    pub driver_features: Features,
     pub device_status: u32,
     pub queue_sel: u32,
     pub shm_sel: u32,
@@ -73,7 +73,7 @@ pub enum MmioRestoreError {
         "the guest uses features {missing:#x} that the device on this host does not offer: \
          start the destination with the same device features (and a peer that supports them)"
     )]
-    FeaturesNotOffered { missing: u64 },
+    FeaturesNotOffered { missing: Features },
     #[error("cannot set up the transport: {0}")]
     Transport(#[from] MmioError),
     #[error("cannot restart the restored device: {0}")]

@@ -28,7 +28,7 @@ const TIMEOUT: Duration = Duration::from_secs(3);
 const MEM_SIZE: usize = 64 << 20;
 const TAP: &str = "gwtap0";
 
-fn f(bit: u32) -> u64 {
+fn f(bit: u32) -> Features {
     feature(bit)
 }
 
@@ -43,7 +43,7 @@ struct Rig {
 /// A namespace with TAP `gwtap0` (10.0.0.1/24, up, static neighbour entry
 /// for the guest), a virtio-net device on it offering `features`, an mmio
 /// transport and a driver (not yet initialised).
-fn rig(tag: &str, vnet: VnetHdr, features: u64) -> Rig {
+fn rig(tag: &str, vnet: VnetHdr, features: Features) -> Rig {
     let ns = NetNs::new(tag).expect("create namespace");
     // No IPv6 chatter (router solicitations, MLD) on the TAP.
     ns.sysctl("net.ipv6.conf.all.disable_ipv6", "1").unwrap();
@@ -138,7 +138,7 @@ fn udp_to(frames: &[RxFrame], dport: u16) -> Vec<(RxFrame, UdpView)> {
         .collect()
 }
 
-fn basic_traffic(vnet: VnetHdr, features: u64, tag: &str) {
+fn basic_traffic(vnet: VnetHdr, features: Features, tag: &str) {
     let mut r = rig(tag, vnet, features);
     let acked = r.driver.init(features, 256).unwrap();
     assert_eq!(r.net.lock().unwrap().acked_features(), acked);
@@ -785,12 +785,12 @@ fn guest_offloads_can_be_switched_through_the_control_queue() {
     r.driver.init(want, 64).unwrap();
     let tap = r.net.lock().unwrap().tap().clone();
     assert_eq!(tap.offload(), TUN_F_CSUM | TUN_F_TSO4);
-    let send = |r: &mut Rig, v: u64| -> u8 {
+    let send = |r: &mut Rig, v: Features| -> u8 {
         let mut bytes = vec![
             VIRTIO_NET_CTRL_GUEST_OFFLOADS as u8,
             VIRTIO_NET_CTRL_GUEST_OFFLOADS_SET as u8,
         ];
-        bytes.extend_from_slice(&v.to_le_bytes());
+        bytes.extend_from_slice(&crate::virtio::low64(v).to_le_bytes());
         let out = r.driver.alloc(10, 8).unwrap();
         r.driver.write_mem(out, &bytes).unwrap();
         let ack = r.driver.alloc(1, 1).unwrap();
@@ -1370,10 +1370,10 @@ impl VirtioDevice for NullDevice {
     fn queue_max_sizes(&self) -> &[u16] {
         &[]
     }
-    fn device_features(&self) -> u64 {
+    fn device_features(&self) -> crate::virtio::Features {
         0
     }
-    fn ack_features(&mut self, _: u64) {}
+    fn ack_features(&mut self, _: crate::virtio::Features) {}
     fn read_config(&self, _: u64, data: &mut [u8]) {
         data.fill(0);
     }

@@ -7,6 +7,7 @@ use std::path::Path;
 
 use godwit_devices::net::tap::{Tap, TapOffloads, VnetHdr};
 use godwit_devices::vhost_user::interface::InterfaceRecord;
+use godwit_devices::virtio::{feature, Features};
 use godwit_migration::cpu_compat::{self, CpuidEntry, Register};
 
 use super::encoding::hex64;
@@ -183,7 +184,7 @@ enum VhostNetProbeError {
 
 /// Opens /dev/vhost-net and reads its features: `Ok(None)` when the device
 /// does not exist.
-fn vhost_net_features() -> Result<Option<u64>, VhostNetProbeError> {
+fn vhost_net_features() -> Result<Option<Features>, VhostNetProbeError> {
     use vhost::VhostBackend;
     if !Path::new(VHOST_NET_DEVICE).exists() {
         return Ok(None);
@@ -193,7 +194,7 @@ fn vhost_net_features() -> Result<Option<u64>, VhostNetProbeError> {
     let mem = godwit_devices::GuestMemory::new();
     let net = vhost::vhost_kern::net::Net::new(&mem).map_err(VhostNetProbeError::Open)?;
     net.get_features()
-        .map(Some)
+        .map(|f| Some(Features::from(f)))
         .map_err(VhostNetProbeError::GetFeatures)
 }
 
@@ -335,7 +336,7 @@ fn probe_vhost_net(
         .unwrap_or_else(|| "(temporary)".into());
     let mut support = crate::devices::net::vhost_net_support(&tap_name, &offloads, features);
     support.name = name.clone();
-    let blocker = (features & (1u64 << VHOST_F_LOG_ALL) == 0).then(|| {
+    let blocker = (features & feature(VHOST_F_LOG_ALL) == 0).then(|| {
         "this kernel's vhost-net lacks LOG_ALL (bit 26): it cannot log its writes, so a VM on it cannot migrate".to_string()
     });
     PeerEntry::from_support(
@@ -346,7 +347,7 @@ fn probe_vhost_net(
         Probe::VhostNet(VhostNetProbe {
             device: VHOST_NET_DEVICE.into(),
             present: true,
-            features: Some(hex64(features)),
+            features: Some(godwit_devices::virtio::net::features::hex(features)),
             tap: tap_probe,
         }),
     )

@@ -25,6 +25,8 @@ fn full_tap() -> TapOffloads {
         tso_ecn: true,
         ufo: true,
         uso: true,
+        udp_tunnel: true,
+        udp_tunnel_csum: true,
     }
 }
 
@@ -124,7 +126,7 @@ fn vhost_net_takes_ring_bits_from_the_kernel_and_packets_from_the_tap() {
     // Linux's VHOST_NET_FEATURES: NOTIFY_ON_EMPTY, LOG_ALL, ANY_LAYOUT
     // (= VHOST_NET_F_VIRTIO_NET_HDR), INDIRECT_DESC, EVENT_IDX,
     // MRG_RXBUF, VERSION_1, ACCESS_PLATFORM, RING_RESET.
-    let kernel: u64 = [15u32, 24, 26, 27, 28, 29, 32, 33, 40]
+    let kernel: godwit_devices::virtio::Features = [15u32, 24, 26, 27, 28, 29, 32, 33, 40]
         .iter()
         .fold(0, |a, b| a | (1 << b));
     let no_uso = TapOffloads {

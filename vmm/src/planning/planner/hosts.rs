@@ -7,13 +7,11 @@ use serde::Serialize;
 use serde_json::Value;
 
 use godwit_devices::vhost_user::interface::INTERFACES;
-use godwit_devices::virtio::net::features::{NetFeature, TapNeed, VhostNeed};
+use godwit_devices::virtio::net::features::{self, NetFeature, TapNeed, VhostNeed};
 
 use super::{bit, PlanError};
 use crate::abi::strict::PeerSupport;
-use crate::planning::host_caps::{
-    self, parse_hex, HostReport, PeerEntry, PeerKind, PeerStatus, Probe,
-};
+use crate::planning::host_caps::{self, HostReport, PeerEntry, PeerKind, PeerStatus, Probe};
 
 /// One host report and where it came from.
 #[derive(Clone, Debug)]
@@ -142,7 +140,8 @@ pub(super) fn would_change(f: &NetFeature, peer: &PeerEntry, hosts: &[HostInput]
                             h.report.peers.iter().find_map(|p| match &p.probe {
                                 Probe::VhostUser(u) => {
                                     let i = u.interface.as_ref()?;
-                                    let feats = i.features.as_deref().and_then(parse_hex)?;
+                                    let feats =
+                                        i.features.as_deref().and_then(features::parse_hex)?;
                                     (feats & bit(f.bit) != 0)
                                         .then(|| format!("{} (as on host {})", i.active, h.label()))
                                 }
