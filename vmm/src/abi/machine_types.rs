@@ -38,7 +38,9 @@ pub struct MachineType {
     pub net: NetAbi,
 }
 
-use godwit_devices::virtio::net::features::groups::{BASE as BASE_FEATURES, USO as USO_FEATURES};
+use godwit_devices::virtio::net::features::groups::{
+    BASE as BASE_FEATURES, UDP_TUNNEL as UDP_TUNNEL_FEATURES, USO as USO_FEATURES,
+};
 
 const CONFIG_FIELDS: &[&str] = &["mac", "status", "max_virtqueue_pairs", "mtu"];
 
@@ -61,6 +63,18 @@ pub static MACHINE_TYPES: &[MachineType] = &[
         adds: "UDP segmentation offload: guest_uso4, guest_uso6, host_uso (TAP peers need Linux >= 6.2)",
         net: NetAbi {
             features: &[BASE_FEATURES, USO_FEATURES],
+            queue_pairs: 1,
+            queue_size: 256,
+            mtu: 1500,
+            config_fields: CONFIG_FIELDS,
+            strict: true,
+        },
+    },
+    MachineType {
+        name: "godwit-1.2",
+        adds: "UDP tunnel GSO (feature bits 65-68): guest_tunnel, guest_tunnel_csum, host_tunnel, host_tunnel_csum (TAP peers need Linux >= 6.17; vhost-user cannot carry bits above 63)",
+        net: NetAbi {
+            features: &[BASE_FEATURES, USO_FEATURES, UDP_TUNNEL_FEATURES],
             queue_pairs: 1,
             queue_size: 256,
             mtu: 1500,
