@@ -344,7 +344,7 @@ fn malformed_and_future_reports_name_the_file_and_the_field() {
     assert_eq!(out.code(), Some(1));
     assert!(
         out.stderr.contains(&format!(
-            "{bad}: field `peers[0].supported.hex`: 'all of them' is not a 64-bit hex number"
+            "{bad}: field `peers[0].supported.hex`: 'all of them' is not a hex number of up to 32 digits"
         )),
         "{}",
         out.stderr

@@ -396,6 +396,60 @@ mod tests {
         assert!(decide("net0", "tap,ifname=t0", m10, &no_overrides(), true, &p).is_ok());
     }
 
+    /// A TAP on a kernel older than 6.17 (probed: TUNSETOFFLOAD refuses
+    /// TUN_F_UDP_TUNNEL_GSO, everything else accepted): godwit-1.2 is
+    /// refused naming the four tunnel bits, with remedies that work; strict
+    /// off drops them and blocks migration.
+    #[test]
+    fn a_tap_whose_kernel_lacks_tunnel_gso_refuses_godwit_1_2_with_remedies() {
+        let caps = godwit_devices::net::TapOffloads {
+            vnet_hdr: true,
+            csum: true,
+            tso4: true,
+            tso6: true,
+            tso_ecn: true,
+            ufo: true,
+            uso: true,
+            udp_tunnel: false,
+            udp_tunnel_csum: false,
+        };
+        let p = crate::devices::net::tap_support("t0", &caps);
+        let m12 = resolve("godwit-1.2").unwrap();
+        let err =
+            refusal(decide("net0", "tap,ifname=t0", m12, &no_overrides(), true, &p).unwrap_err());
+        let text = err.to_string();
+        for (name, bit) in [
+            ("guest_tunnel", 65),
+            ("guest_tunnel_csum", 66),
+            ("host_tunnel", 67),
+            ("host_tunnel_csum", 68),
+        ] {
+            assert!(text.contains(&format!("{name} (bit {bit})")), "{text}");
+        }
+        assert!(text.contains("TUN_F_UDP_TUNNEL_GSO"), "{text}");
+        assert_eq!(
+            err.override_spec,
+            "tap,ifname=t0,guest_tunnel=off,guest_tunnel_csum=off,host_tunnel=off,host_tunnel_csum=off"
+        );
+        assert_eq!(err.machine_remedy, Some("godwit-1.1"));
+        let spec: crate::config::net_spec::NetSpec = err.override_spec.parse().unwrap();
+        assert!(decide("net0", &err.override_spec, m12, &spec.features, true, &p).is_ok());
+        let m11 = resolve("godwit-1.1").unwrap();
+        assert!(decide("net0", "tap,ifname=t0", m11, &no_overrides(), true, &p).is_ok());
+        let off = decide("net0", "tap,ifname=t0", m12, &no_overrides(), false, &p).unwrap();
+        assert_eq!(off.offered, m11.net_features());
+        assert!(off.blocker.is_some());
+        // The kernel of this machine (6.18) takes them: nothing refused.
+        let new = godwit_devices::net::TapOffloads {
+            udp_tunnel: true,
+            udp_tunnel_csum: true,
+            ..caps
+        };
+        let p = crate::devices::net::tap_support("t0", &new);
+        let d = decide("net0", "tap,ifname=t0", m12, &no_overrides(), true, &p).unwrap();
+        assert_eq!(d.offered, m12.net_features());
+    }
+
     #[test]
     fn dependents_are_dropped_with_what_they_need() {
         let m = resolve("godwit-1.1").unwrap();

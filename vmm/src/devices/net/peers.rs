@@ -37,6 +37,8 @@ pub fn tap_support(tap_name: &str, caps: &TapOffloads) -> PeerSupport {
             format!("TAP {tap_name} carries no virtio-net header (vnet_hdr=off, or its fd was opened without IFF_VNET_HDR), so no offload can pass")
         } else if f.name.contains("uso") {
             "this kernel's TAP does not accept USO offloads (TUN_F_USO4|TUN_F_USO6 need Linux >= 6.2)".to_string()
+        } else if f.name.contains("tunnel") {
+            "this kernel's TAP does not accept UDP tunnel GSO (TUN_F_UDP_TUNNEL_GSO|TUN_F_UDP_TUNNEL_GSO_CSUM need Linux >= 6.17)".to_string()
         } else {
             format!(
                 "this kernel's TAP does not accept the offload {} needs",

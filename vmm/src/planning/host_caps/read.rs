@@ -90,7 +90,7 @@ pub enum FieldProblem {
     OkWithoutSupported,
     #[error("missing: a peer with status \"{0}\" must say why")]
     NoReason(PeerStatus),
-    #[error("bit {0} is not a feature bit (0 to 63)")]
+    #[error("bit {0} is not a feature bit (0 to 127)")]
     NotAFeatureBit(u32),
 }
 
@@ -261,7 +261,12 @@ impl Doc<'_> {
         if p.status != PeerStatus::Ok && p.error.is_none() {
             return Err(self.err(format!("{at}.error"), FieldProblem::NoReason(p.status)));
         }
-        if let Some((j, l)) = p.lacks.iter().enumerate().find(|(_, l)| l.bit >= 64) {
+        if let Some((j, l)) = p
+            .lacks
+            .iter()
+            .enumerate()
+            .find(|(_, l)| l.bit >= godwit_devices::virtio::FEATURE_BITS)
+        {
             return Err(self.err(
                 format!("{at}.lacks[{j}].bit"),
                 FieldProblem::NotAFeatureBit(l.bit),

@@ -184,7 +184,7 @@ fn malformed_reports_name_file_and_field() {
         (
             "peers[1].supported.hex",
             Box::new(|v| v["peers"][1]["supported"]["hex"] = Value::from("12")),
-            "not a 64-bit hex number",
+            "not a hex number of up to 32 digits",
         ),
         (
             "peers[0].supported.names",
@@ -246,9 +246,9 @@ fn malformed_reports_name_file_and_field() {
         (
             "peers[0].lacks[0].bit",
             Box::new(|v| {
-                v["peers"][0]["lacks"] = serde_json::json!([{"name": "x", "bit": 64, "why": "y"}])
+                v["peers"][0]["lacks"] = serde_json::json!([{"name": "x", "bit": 128, "why": "y"}])
             }),
-            "bit 64 is not a feature bit",
+            "bit 128 is not a feature bit",
         ),
         (
             "peers[0].error",

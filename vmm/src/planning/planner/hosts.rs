@@ -90,8 +90,13 @@ pub struct Blocker {
 }
 
 fn tun_hint(flags: u32) -> String {
-    use godwit_devices::net::tap::{TUN_F_USO4, TUN_F_USO6};
-    if flags & (TUN_F_USO4 | TUN_F_USO6) != 0 {
+    use godwit_devices::net::tap::{
+        TUN_F_UDP_TUNNEL_GSO, TUN_F_UDP_TUNNEL_GSO_CSUM, TUN_F_USO4, TUN_F_USO6,
+    };
+    if flags & (TUN_F_UDP_TUNNEL_GSO | TUN_F_UDP_TUNNEL_GSO_CSUM) != 0 {
+        "a kernel whose TAP accepts UDP tunnel GSO (TUN_F_UDP_TUNNEL_GSO[_CSUM], Linux >= 6.17)"
+            .to_string()
+    } else if flags & (TUN_F_USO4 | TUN_F_USO6) != 0 {
         "a kernel whose TAP accepts USO (TUN_F_USO4|TUN_F_USO6, Linux >= 6.2)".to_string()
     } else {
         format!("a kernel whose TAP accepts the offload flags {flags:#x}")
