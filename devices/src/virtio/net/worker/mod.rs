@@ -35,6 +35,9 @@ use vmm_sys_util::eventfd::EventFd;
 mod rx;
 mod tx;
 
+#[cfg(test)]
+pub(crate) use tx::check_tunnel_header;
+
 use super::chain::{
     build_iovecs, mark_dirty, parse_chain, read_from_segs, seg_total, wants_interrupt,
     write_to_segs, Fatal, Seg, MAX_SEGS,
