@@ -175,27 +175,17 @@ fn tun_features() -> Option<u32> {
 /// Why /dev/vhost-net could not be asked for its features (the report
 /// records the message as the peer's `error`).
 #[derive(Debug, thiserror::Error)]
-enum VhostNetProbeError {
-    #[error("cannot open {VHOST_NET_DEVICE}: {0}")]
-    Open(#[source] vhost::Error),
-    #[error("VHOST_GET_FEATURES on {VHOST_NET_DEVICE} failed: {0}")]
-    GetFeatures(#[source] vhost::Error),
-}
+#[error(transparent)]
+struct VhostNetProbeError(#[from] godwit_devices::vhost_net::VhostNetError);
 
-/// Opens /dev/vhost-net and reads its features: `Ok(None)` when the device
-/// does not exist.
+/// Opens /dev/vhost-net and reads its features (VHOST_GET_FEATURES, and
+/// VHOST_GET_FEATURES_ARRAY for bits above 63 where the kernel has it):
+/// `Ok(None)` when the device does not exist.
 fn vhost_net_features() -> Result<Option<Features>, VhostNetProbeError> {
-    use vhost::VhostBackend;
     if !Path::new(VHOST_NET_DEVICE).exists() {
         return Ok(None);
     }
-    // GET_FEATURES needs neither an owner nor guest memory: an empty
-    // memory map stands in for the VM there is none of.
-    let mem = godwit_devices::GuestMemory::new();
-    let net = vhost::vhost_kern::net::Net::new(&mem).map_err(VhostNetProbeError::Open)?;
-    net.get_features()
-        .map(|f| Some(Features::from(f)))
-        .map_err(VhostNetProbeError::GetFeatures)
+    Ok(Some(godwit_devices::vhost_net::probe_features()?))
 }
 
 /// Probes a TAP: the one a spec names, or (`spec` None) a temporary one
