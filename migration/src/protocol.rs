@@ -353,8 +353,11 @@ pub struct DeviceOffer {
     pub id: String,
     pub kind: String,
     pub peer_kind: String,
-    pub offered: u64,
-    pub acked: u64,
+    /// Feature bits 0-127 (JSON numbers: a source that knew only 64 bits
+    /// sent numbers that read the same; a value above 2^64 is refused by a
+    /// destination that knows only 64 bits, in the first message).
+    pub offered: u128,
+    pub acked: u128,
     pub queue_sizes: Vec<u16>,
     pub interface: Option<String>,
 }
@@ -406,7 +409,8 @@ pub struct DevicePeer {
     pub id: String,
     pub peer_kind: String,
     pub peer: String,
-    pub supported: u64,
+    /// Feature bits 0-127, as in [`DeviceOffer`].
+    pub supported: u128,
 }
 
 /// The destination's answer to `Hello`.

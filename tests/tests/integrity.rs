@@ -556,10 +556,19 @@ impl Place<'_> {
     fn boot(&self, api: &Path, vcpus: &str) -> RunningVm {
         let ip = self.hosts.map(|h| h.guest_ip_param()).unwrap_or_default();
         let cmdline = cmdline("8M", &ip);
+        // vhost-user carries no feature bit above 63: the newest machine
+        // type it can run is godwit-1.1 (godwit-1.2 adds UDP tunnel GSO).
+        let machine = if self.vhost_user.is_some() {
+            "godwit-1.1"
+        } else {
+            "godwit"
+        };
         let mut vm = self.spawn(
             true,
             &[
                 "run",
+                "--machine",
+                machine,
                 "--vcpus",
                 vcpus,
                 "--api-socket",

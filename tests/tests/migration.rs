@@ -223,7 +223,7 @@ fn fake_destination(ns: &str, addr: String, phase: &'static str) -> std::thread:
                     id: d.id.clone(),
                     peer_kind: d.peer_kind.clone(),
                     peer: "fake".into(),
-                    supported: u64::MAX,
+                    supported: u128::MAX,
                 })
                 .collect(),
             host_cpuid: hello.cpuid.clone(),
@@ -392,7 +392,14 @@ fn migrates_a_vhost_user_guest_with_the_backends_dirty_log() {
         &format!("{} godwit.dirty=4M:1000", hosts.guest_ip_param()),
     );
     let net_a = format!("vhost-user,socket={}", sock_a.display());
-    let mut src = spawn_serving(Some(&hosts.ns_a()), &[], &net_a, &cmdline, Some(&api));
+    // vhost-user carries no feature bit above 63: godwit-1.1, not 1.2.
+    let mut src = spawn_serving(
+        Some(&hosts.ns_a()),
+        &["--machine", "godwit-1.1"],
+        &net_a,
+        &cmdline,
+        Some(&api),
+    );
     src.wait_prefix("heartbeat ", BOOT);
     let mut qmp = qmp_connect(&api);
     let net0 = &qmp.execute("query-net", Value::Null).unwrap()[0];

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use godwit_devices::net::tap::TapOffloads;
+use godwit_devices::virtio::net::features;
 use godwit_tests::migrate::wait_migration;
 use godwit_tests::{
     godwit_command, heartbeat, qmp_connect, run_godwit, run_godwit_in, wait_listening, Finished,
@@ -99,7 +100,7 @@ fn fixtures_parse_and_agree_with_the_feature_model() {
                     .supported
                 }
                 Probe::VhostNet(v) => {
-                    let f = u64::from_str_radix(&v.features.as_ref().unwrap()[2..], 16).unwrap();
+                    let f = features::parse_hex(v.features.as_ref().unwrap()).unwrap();
                     let tap = v.tap.as_ref().unwrap().offloads.unwrap();
                     godwit_vmm::devices::net::vhost_net_support("t", &tap, f).supported
                 }
@@ -343,7 +344,7 @@ fn malformed_and_future_reports_name_the_file_and_the_field() {
     assert_eq!(out.code(), Some(1));
     assert!(
         out.stderr.contains(&format!(
-            "{bad}: field `peers[0].supported.hex`: 'all of them' is not a 64-bit hex number"
+            "{bad}: field `peers[0].supported.hex`: 'all of them' is not a hex number of up to 32 digits"
         )),
         "{}",
         out.stderr
@@ -440,7 +441,8 @@ fn live_report_of_this_machine() {
         panic!("{tap:?}")
     };
     assert!(t.temporary);
-    // This kernel (6.18) accepts every offload, USO included.
+    // This kernel (6.18) accepts every offload, USO and UDP tunnel GSO
+    // included.
     assert_eq!(
         t.offloads,
         Some(TapOffloads {
@@ -450,7 +452,9 @@ fn live_report_of_this_machine() {
             tso6: true,
             tso_ecn: true,
             ufo: true,
-            uso: true
+            uso: true,
+            udp_tunnel: true,
+            udp_tunnel_csum: true,
         })
     );
     let newest = resolve("godwit").unwrap().net_features();
@@ -563,11 +567,7 @@ fn the_planned_line_starts_strictly_on_each_hosts_peer() {
     );
     let (code, v) = plan_json(&[ra.to_str().unwrap(), rb.to_str().unwrap()]);
     assert_eq!(code, Some(0), "{v:#}");
-    let offered = u64::from_str_radix(
-        &v["devices"][0]["offered"]["hex"].as_str().unwrap()[2..],
-        16,
-    )
-    .unwrap();
+    let offered = features::parse_hex(v["devices"][0]["offered"]["hex"].as_str().unwrap()).unwrap();
     assert_eq!(
         offered & bits_of(&["csum", "guest_csum", "host_tso4", "guest_uso4"]),
         0

@@ -12,7 +12,10 @@
 //! features must be offered by `/dev/vhost-net` (VHOST_GET_FEATURES); packet
 //! features (checksum, segmentation offloads) travel in the virtio-net
 //! header the TAP carries, so the TAP's probed offloads decide them, as for
-//! a plain TAP peer.
+//! a plain TAP peer. Bits 64 and up (UDP tunnel GSO) reach the kernel only
+//! through VHOST_GET/SET_FEATURES_ARRAY (Linux >= 6.17), which also sizes
+//! the header it moves: the kernel must offer them there too, and the TAP
+//! gets the 24-byte tunnel header.
 //!
 //! Migration: with LOG_ALL the kernel marks the pages it writes in a log
 //! godwit maps (VHOST_SET_LOG_BASE, [`DirtyTracking`]); without it the
@@ -37,7 +40,9 @@ use crate::virtio::net::frontend::{
 use crate::virtio::net::model::virtio_frontend_methods;
 use crate::virtio::net::{NetModel, PeerStatus, PeerTap};
 use crate::virtio::pause::PauseError;
-use crate::virtio::{feature, ActivateError, ActivateParams, QueuePosition, VirtioDevice};
+use crate::virtio::{
+    feature, low64, ActivateError, ActivateParams, Features, QueuePosition, VirtioDevice,
+};
 use crate::GuestMemory;
 
 #[cfg(test)]
@@ -46,13 +51,83 @@ mod tests;
 /// Where the kernel's vhost-net device lives.
 pub const VHOST_NET_PATH: &str = "/dev/vhost-net";
 /// VHOST_F_LOG_ALL.
-const F_LOG_ALL: u64 = 1 << 26;
+const F_LOG_ALL: Features = 1 << 26;
 /// VHOST_VRING_F_LOG.
 const VRING_F_LOG: u32 = 1;
 const DEVICE_NAME: &str = "virtio-net (vhost-net)";
 
 /// The kernel's vhost-net handle as godwit opens it.
 pub type KernelNet = Net<GuestMemoryAtomic<GuestMemory>>;
+
+/// `VHOST_GET_FEATURES_ARRAY`: `_IOR(VHOST_VIRTIO, 0x83, __u64)` (Linux
+/// include/uapi/linux/vhost.h, 6.17), on a `struct vhost_features_array {
+/// __u64 count; __u64 features[]; }`.
+const VHOST_GET_FEATURES_ARRAY: libc::c_ulong = 0x8008_af83;
+/// `VHOST_SET_FEATURES_ARRAY`: `_IOW(VHOST_VIRTIO, 0x83, __u64)`.
+const VHOST_SET_FEATURES_ARRAY: libc::c_ulong = 0x4008_af83;
+
+/// Feature words past bit 63 on a vhost-net handle.
+pub trait FeatureArray: VhostNet {
+    /// VHOST_GET_FEATURES_ARRAY (two 64-bit words). `Ok(None)`: the kernel
+    /// has no such ioctl (ENOTTY), so it offers nothing above bit 63.
+    fn get_features_array(&self) -> std::io::Result<Option<Features>>;
+    /// VHOST_SET_FEATURES_ARRAY (two 64-bit words).
+    fn set_features_array(&self, features: Features) -> std::io::Result<()>;
+}
+
+impl FeatureArray for KernelNet {
+    fn get_features_array(&self) -> std::io::Result<Option<Features>> {
+        let mut arg = [2u64, 0, 0];
+        // SAFETY: the kernel reads `count` (2) from the first word and writes
+        // at most `count` words after it, all inside `arg`, which lives for
+        // the call.
+        let rc =
+            unsafe { libc::ioctl(self.as_raw_fd(), VHOST_GET_FEATURES_ARRAY, arg.as_mut_ptr()) };
+        if rc < 0 {
+            let e = std::io::Error::last_os_error();
+            return match e.raw_os_error() {
+                Some(libc::ENOTTY) => Ok(None),
+                _ => Err(e),
+            };
+        }
+        Ok(Some(
+            Features::from(arg[1]) | (Features::from(arg[2]) << 64),
+        ))
+    }
+
+    fn set_features_array(&self, features: Features) -> std::io::Result<()> {
+        let arg = [2u64, low64(features), crate::virtio::high64(features)];
+        // SAFETY: the kernel reads `count` (2) and then two words, all inside
+        // `arg`, which lives for the call; it writes nothing.
+        let rc = unsafe { libc::ioctl(self.as_raw_fd(), VHOST_SET_FEATURES_ARRAY, arg.as_ptr()) };
+        if rc < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+}
+
+/// Every feature `/dev/vhost-net` offers: VHOST_GET_FEATURES, and the words
+/// above bit 63 from VHOST_GET_FEATURES_ARRAY where the kernel has it.
+pub fn kernel_features<K: FeatureArray>(net: &K) -> Result<Features, VhostNetError> {
+    let low = net.get_features().map_err(ioctl("VHOST_GET_FEATURES"))?;
+    let array = net
+        .get_features_array()
+        .map_err(|source| VhostNetError::FeaturesArray { source })?;
+    Ok(Features::from(low) | array.map_or(0, |a| a & !Features::from(u64::MAX)))
+}
+
+/// Sets the features: VHOST_SET_FEATURES, or VHOST_SET_FEATURES_ARRAY when
+/// there are bits above 63 (offered only by kernels that have it).
+fn set_kernel_features<K: FeatureArray>(net: &K, features: Features) -> Result<(), VhostNetError> {
+    if crate::virtio::high64(features) == 0 {
+        net.set_features(low64(features))
+            .map_err(ioctl("VHOST_SET_FEATURES"))
+    } else {
+        net.set_features_array(features)
+            .map_err(|source| VhostNetError::FeaturesArray { source })
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum VhostNetError {
@@ -79,6 +154,18 @@ pub enum VhostNetError {
     },
     #[error("the transport has no irqfd to give vhost-net as its call fd")]
     NoIrqfd,
+    #[error(
+        "{VHOST_NET_PATH}: VHOST_GET/SET_FEATURES_ARRAY (feature bits above 63) failed: {source}"
+    )]
+    FeaturesArray {
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot size the TAP's virtio-net header for the acked features: {source}")]
+    TapHeader {
+        #[source]
+        source: crate::net::TapError,
+    },
     #[error("guest memory region at {addr:#x} has no host mapping: {source}")]
     Memory {
         addr: u64,
@@ -92,7 +179,7 @@ fn ioctl(what: &'static str) -> impl Fn(vhost::Error) -> VhostNetError {
 }
 
 /// Bits `/dev/vhost-net` itself must offer (the table's ring features).
-pub fn ring_bits() -> u64 {
+pub fn ring_bits() -> Features {
     FEATURES
         .iter()
         .filter(|f| f.vhost == VhostNeed::Ring)
@@ -101,17 +188,17 @@ pub fn ring_bits() -> u64 {
 
 /// VHOST_GET_FEATURES of this host's `/dev/vhost-net`, without a VM (host
 /// capability reports).
-pub fn probe_features() -> Result<u64, VhostNetError> {
+pub fn probe_features() -> Result<Features, VhostNetError> {
     let net = KernelNet::new(GuestMemoryAtomic::new(GuestMemory::default()))
         .map_err(|source| VhostNetError::Open { source })?;
-    net.get_features().map_err(ioctl("VHOST_GET_FEATURES"))
+    kernel_features(&net)
 }
 
 /// An opened `/dev/vhost-net` with its TAP, before it becomes a device.
 pub struct VhostNetPeer<K = KernelNet> {
     net: K,
     tap: Arc<Tap>,
-    features: u64,
+    features: Features,
 }
 
 impl VhostNetPeer {
@@ -130,7 +217,7 @@ impl VhostNetPeer {
         let net = KernelNet::new(GuestMemoryAtomic::new(mem.clone()))
             .map_err(|source| VhostNetError::Open { source })?;
         net.set_owner().map_err(ioctl("VHOST_SET_OWNER"))?;
-        let features = net.get_features().map_err(ioctl("VHOST_GET_FEATURES"))?;
+        let features = kernel_features(&net)?;
         Ok(VhostNetPeer {
             net,
             tap: Arc::new(tap),
@@ -139,9 +226,9 @@ impl VhostNetPeer {
     }
 }
 
-impl<K: VhostNet> VhostNetPeer<K> {
+impl<K: FeatureArray> VhostNetPeer<K> {
     /// VHOST_GET_FEATURES.
-    pub fn features(&self) -> u64 {
+    pub fn features(&self) -> Features {
         self.features
     }
 
@@ -202,9 +289,11 @@ struct Inner<K> {
     log: Option<SharedDirtyLog>,
 }
 
-impl<K: VhostNet> Inner<K> {
-    fn backend_features(&self, acked: u64) -> u64 {
-        let mut f = acked & ring_bits() & self.peer.features;
+impl<K: FeatureArray> Inner<K> {
+    fn backend_features(&self, acked: Features) -> Features {
+        // Ring features, and the bits above 63 the kernel offered: they
+        // size the header it moves (the tunnel header).
+        let mut f = acked & (ring_bits() | !Features::from(u64::MAX)) & self.peer.features;
         if self.log.is_some() {
             f |= F_LOG_ALL;
         }
@@ -223,13 +312,18 @@ impl<K: VhostNet> Inner<K> {
         }
     }
 
-    fn start(&mut self, acked: u64, bases: &[u16]) -> Result<(), VhostNetError> {
+    fn start(&mut self, acked: Features, bases: &[u16]) -> Result<(), VhostNetError> {
         let Some(r) = self.rings.as_ref() else {
             return Ok(());
         };
         let net = &self.peer.net;
-        net.set_features(self.backend_features(acked))
-            .map_err(ioctl("VHOST_SET_FEATURES"))?;
+        set_kernel_features(net, self.backend_features(acked))?;
+        // The TAP carries the header the kernel moves: the tunnel header
+        // with a tunnel feature acked.
+        self.peer
+            .tap
+            .set_vnet_hdr_len(features::hdr::len_for(acked))
+            .map_err(|source| VhostNetError::TapHeader { source })?;
         net.set_mem_table(&memory_regions(&r.mem)?)
             .map_err(ioctl("VHOST_SET_MEM_TABLE"))?;
         if let Some(log) = &self.log {
@@ -294,14 +388,11 @@ impl<K: VhostNet> Inner<K> {
 
     /// Applies the current dirty-log setting to running rings: LOG_ALL in
     /// the features, VHOST_VRING_F_LOG on each ring.
-    fn apply_log(&mut self, acked: u64) -> Result<(), VhostNetError> {
+    fn apply_log(&mut self, acked: Features) -> Result<(), VhostNetError> {
         let Some(r) = self.rings.as_ref().filter(|r| r.running) else {
             return Ok(());
         };
-        self.peer
-            .net
-            .set_features(self.backend_features(acked))
-            .map_err(ioctl("VHOST_SET_FEATURES"))?;
+        set_kernel_features(&self.peer.net, self.backend_features(acked))?;
         for (i, q) in r.queues.iter().enumerate() {
             self.peer
                 .net
@@ -313,13 +404,13 @@ impl<K: VhostNet> Inner<K> {
 }
 
 /// A virtio-net device on kernel vhost-net.
-pub struct VhostKernelNet<K: VhostNet + Send = KernelNet> {
+pub struct VhostKernelNet<K: FeatureArray + Send = KernelNet> {
     front: NetFrontend,
     inner: Mutex<Inner<K>>,
     tap: Arc<Tap>,
 }
 
-impl<K: VhostNet + Send> VhostKernelNet<K> {
+impl<K: FeatureArray + Send> VhostKernelNet<K> {
     pub fn new(peer: VhostNetPeer<K>, config: VhostNetConfig) -> Result<Self, VhostNetError> {
         let front = NetFrontend::new(peer.tap.name().to_string(), DEVICE_NAME, &config)?;
         Ok(VhostKernelNet {
@@ -355,7 +446,7 @@ impl<K: VhostNet + Send> VhostKernelNet<K> {
     }
 }
 
-impl<K: VhostNet + Send> VirtioDevice for VhostKernelNet<K> {
+impl<K: FeatureArray + Send> VirtioDevice for VhostKernelNet<K> {
     virtio_frontend_methods!(front);
 
     fn activate(&mut self, params: ActivateParams) -> Result<(), ActivateError> {
@@ -434,7 +525,7 @@ impl<K: VhostNet + Send> VirtioDevice for VhostKernelNet<K> {
     }
 }
 
-impl<K: VhostNet + Send> NetModel for VhostKernelNet<K> {
+impl<K: FeatureArray + Send> NetModel for VhostKernelNet<K> {
     fn frontend(&self) -> &NetFrontend {
         &self.front
     }
@@ -492,7 +583,7 @@ impl<K: VhostNet + Send> NetModel for VhostKernelNet<K> {
 /// The kernel marks the pages it writes in a log godwit maps: LOG_ALL in
 /// the features, VHOST_SET_LOG_BASE with the mapping, VHOST_VRING_F_LOG
 /// (used-ring writes) on each ring.
-impl<K: VhostNet + Send> DirtyTracking for VhostKernelNet<K> {
+impl<K: FeatureArray + Send> DirtyTracking for VhostKernelNet<K> {
     fn start_dirty_log(&self, memory_end: u64) -> Result<(), DirtyLogError> {
         let mut i = self.inner();
         i.peer
@@ -528,7 +619,7 @@ impl<K: VhostNet + Send> DirtyTracking for VhostKernelNet<K> {
     }
 }
 
-impl<K: VhostNet + Send> Drop for VhostKernelNet<K> {
+impl<K: FeatureArray + Send> Drop for VhostKernelNet<K> {
     fn drop(&mut self) {
         self.front.stop_ctrl();
         let _ = self.inner().stop();

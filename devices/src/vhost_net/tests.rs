@@ -10,8 +10,8 @@ use std::sync::{Arc, Mutex};
 
 use vhost::{VhostUserDirtyLogRegion, VhostUserMemoryRegionBase};
 use virtio_bindings::virtio_net::{
-    VIRTIO_NET_F_CSUM, VIRTIO_NET_F_CTRL_VQ, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_MAC,
-    VIRTIO_NET_F_STATUS,
+    VIRTIO_NET_F_CSUM, VIRTIO_NET_F_CTRL_VQ, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_TSO4,
+    VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_MAC, VIRTIO_NET_F_STATUS,
 };
 use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -28,6 +28,8 @@ const MAC: [u8; 6] = [0x52, 0x54, 0, 0x12, 0x34, 0x56];
 #[derive(Default)]
 struct Calls {
     features: Vec<u64>,
+    /// VHOST_SET_FEATURES_ARRAY.
+    features_array: Vec<Features>,
     log_base: Vec<u64>,
     vring_flags: Vec<(usize, u32)>,
     bases_set: Vec<(usize, u16)>,
@@ -39,6 +41,10 @@ struct Calls {
 struct FakeKernel {
     calls: Arc<Mutex<Calls>>,
     stopped_at: u32,
+    /// VHOST_GET_FEATURES (bits below 64).
+    low: u64,
+    /// What VHOST_GET_FEATURES_ARRAY answers; None: a kernel without it.
+    array: Option<Features>,
 }
 
 impl FakeKernel {
@@ -49,7 +55,7 @@ impl FakeKernel {
 
 impl VhostBackend for FakeKernel {
     fn get_features(&self) -> vhost::Result<u64> {
-        Ok(0)
+        Ok(self.low)
     }
     fn set_features(&self, features: u64) -> vhost::Result<()> {
         self.calls().features.push(features);
@@ -105,6 +111,16 @@ impl VhostNet for FakeKernel {
     }
 }
 
+impl FeatureArray for FakeKernel {
+    fn get_features_array(&self) -> std::io::Result<Option<Features>> {
+        Ok(self.array)
+    }
+    fn set_features_array(&self, features: Features) -> std::io::Result<()> {
+        self.calls().features_array.push(features);
+        Ok(())
+    }
+}
+
 struct Irq(EventFd);
 
 impl VirtioInterrupt for Irq {
@@ -125,7 +141,7 @@ struct Rig {
 
 /// A device on TAP `gwvn0` in a fresh namespace and a fake kernel that
 /// offers `kernel_features`.
-fn rig(tag: &str, mac: [u8; 6], kernel_features: u64) -> Result<Rig, VhostNetError> {
+fn rig(tag: &str, mac: [u8; 6], kernel_features: Features) -> Result<Rig, VhostNetError> {
     let ns = NetNs::new(tag).expect("create namespace");
     let tap = ns
         .enter(|| Tap::open("gwvn0", VnetHdr::On))
@@ -237,14 +253,22 @@ fn the_kernel_logs_its_writes_while_migrating() {
     {
         let c = r.kernel.calls();
         assert_eq!(c.log_base.len(), 1, "VHOST_SET_LOG_BASE");
-        assert_ne!(c.features.last().unwrap() & F_LOG_ALL, 0, "LOG_ALL on");
+        assert_ne!(
+            Features::from(*c.features.last().unwrap()) & F_LOG_ALL,
+            0,
+            "LOG_ALL on"
+        );
         assert!(c
             .vring_flags
             .ends_with(&[(0, VRING_F_LOG), (1, VRING_F_LOG)]));
     }
     r.dev.stop_dirty_log().unwrap();
     let c = r.kernel.calls();
-    assert_eq!(c.features.last().unwrap() & F_LOG_ALL, 0, "LOG_ALL off");
+    assert_eq!(
+        Features::from(*c.features.last().unwrap()) & F_LOG_ALL,
+        0,
+        "LOG_ALL off"
+    );
     assert!(c.vring_flags.ends_with(&[(0, 0), (1, 0)]));
 }
 
@@ -264,5 +288,75 @@ fn a_kernel_without_log_all_blocks_migration_naming_the_device() {
     assert!(
         blockers[0].starts_with("vhost-net on TAP gwvn0: "),
         "{blockers:?}"
+    );
+}
+
+/// Bits above 63 come from VHOST_GET_FEATURES_ARRAY where the kernel has it
+/// (else the kernel offers none), and go back with VHOST_SET_FEATURES_ARRAY
+/// when a tunnel feature is acked: the kernel then moves the 24-byte tunnel
+/// header, and the TAP is sized for it.
+#[test]
+fn bits_above_63_travel_through_the_features_array() {
+    use crate::virtio::net::features::{
+        VIRTIO_NET_F_GUEST_UDP_TUNNEL_GSO, VIRTIO_NET_F_HOST_UDP_TUNNEL_GSO,
+    };
+    let tunnel =
+        feature(VIRTIO_NET_F_GUEST_UDP_TUNNEL_GSO) | feature(VIRTIO_NET_F_HOST_UDP_TUNNEL_GSO);
+    let old = FakeKernel {
+        low: 1 << 32,
+        ..FakeKernel::default()
+    };
+    assert_eq!(kernel_features(&old).unwrap(), 1 << 32);
+    let new = FakeKernel {
+        low: 1 << 32,
+        array: Some((1 << 32) | tunnel),
+        ..FakeKernel::default()
+    };
+    assert_eq!(kernel_features(&new).unwrap(), (1 << 32) | tunnel);
+
+    let ns = NetNs::new("vn-arr").expect("create namespace");
+    let tap = ns
+        .enter(|| Tap::open("gwvn0", VnetHdr::On))
+        .unwrap()
+        .expect("open TAP");
+    let kernel = FakeKernel {
+        stopped_at: 7,
+        ..new
+    };
+    let peer = VhostNetPeer {
+        net: kernel.clone(),
+        tap: Arc::new(tap),
+        features: kernel_features(&kernel).unwrap() | F_LOG_ALL,
+    };
+    let features = feature(VIRTIO_F_VERSION_1)
+        | feature(VIRTIO_NET_F_CSUM)
+        | feature(VIRTIO_NET_F_GUEST_CSUM)
+        | feature(VIRTIO_NET_F_HOST_TSO4)
+        | feature(VIRTIO_NET_F_GUEST_TSO4)
+        | feature(VIRTIO_NET_F_MAC)
+        | feature(VIRTIO_NET_F_STATUS)
+        | feature(VIRTIO_NET_F_CTRL_VQ)
+        | tunnel;
+    let config = VhostNetConfig {
+        mac: MAC,
+        features,
+        mtu: 1500,
+        queue_size: 256,
+    };
+    let mut dev = VhostKernelNet::new(peer, config).unwrap();
+    activate(&mut dev);
+    let c = kernel.calls();
+    let set = *c.features_array.last().expect("VHOST_SET_FEATURES_ARRAY");
+    assert_eq!(set & tunnel, tunnel, "{set:#x}");
+    assert_ne!(set & feature(VIRTIO_F_VERSION_1), 0, "{set:#x}");
+    assert!(
+        c.features.is_empty(),
+        "not VHOST_SET_FEATURES: {:?}",
+        c.features
+    );
+    drop(c);
+    assert_eq!(
+        dev.tap.offload() & crate::net::tap::TUN_F_UDP_TUNNEL_GSO,
+        crate::net::tap::TUN_F_UDP_TUNNEL_GSO
     );
 }

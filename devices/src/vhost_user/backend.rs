@@ -62,8 +62,8 @@ use super::interface::{
 use super::relay::{Negotiated, Relay};
 use crate::net::tap::VNET_HDR_LEN;
 use crate::net::Tap;
-use crate::virtio::feature;
 use crate::virtio::net::features;
+use crate::virtio::{feature, Features};
 
 type Mem = GuestMemoryMmap<BitmapMmapRegion>;
 type AtomicMem = GuestMemoryAtomic<Mem>;
@@ -197,11 +197,11 @@ impl NetBackend {
     }
 
     fn guest_csum(&self) -> bool {
-        self.acked & feature(VIRTIO_NET_F_GUEST_CSUM) != 0
+        Features::from(self.acked) & feature(VIRTIO_NET_F_GUEST_CSUM) != 0
     }
 
     fn mergeable(&self) -> bool {
-        self.acked & feature(VIRTIO_NET_F_MRG_RXBUF) != 0
+        Features::from(self.acked) & feature(VIRTIO_NET_F_MRG_RXBUF) != 0
     }
 
     /// Rings larger than the interface allows are not served.
@@ -472,7 +472,7 @@ impl VhostUserBackendMut for NetBackend {
     }
 
     fn features(&self) -> u64 {
-        self.interface().feature_bits() | F_PROTOCOL_FEATURES | F_LOG_ALL
+        crate::virtio::low64(self.interface().feature_bits()) | F_PROTOCOL_FEATURES | F_LOG_ALL
     }
 
     fn acked_features(&mut self, features: u64) {
@@ -483,7 +483,7 @@ impl VhostUserBackendMut for NetBackend {
         );
         self.acked = features;
         self.features_set = true;
-        let flags = features::tun_offloads_for_guest(features);
+        let flags = features::tun_offloads_for_guest(Features::from(features));
         if let Err(e) = self.tap.set_offload(flags) {
             tracing::error!(
                 tap = self.tap.name(),

@@ -87,8 +87,9 @@ pub fn names() -> Vec<&'static str> {
 }
 
 impl InterfaceVersion {
-    /// The feature bits of [`Self::features`].
-    pub fn feature_bits(&self) -> u64 {
+    /// The feature bits of [`Self::features`]: all below 64 (vhost-user's
+    /// GET_FEATURES is a 64-bit word; a test keeps it so).
+    pub fn feature_bits(&self) -> crate::virtio::Features {
         features::bits_of_groups(self.features)
     }
 
@@ -103,7 +104,7 @@ impl InterfaceVersion {
                 .filter(|s| !s.is_empty())
                 .map(str::to_string)
                 .collect(),
-            features_hex: format!("{bits:#018x}"),
+            features_hex: features::hex(bits),
             max_ring_size: self.max_ring_size,
             mtu: self.mtu,
             queue_pairs: self.queue_pairs,
@@ -113,7 +114,7 @@ impl InterfaceVersion {
     /// The values of this version, as a backend would report them.
     pub fn values(&self) -> InterfaceValues {
         InterfaceValues {
-            features: self.feature_bits(),
+            features: crate::virtio::low64(self.feature_bits()),
             max_ring_size: self.max_ring_size,
             mtu: self.mtu,
             queue_pairs: self.queue_pairs,

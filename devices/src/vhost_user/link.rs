@@ -12,7 +12,7 @@
 //! reset (DEVICE_NEEDS_RESET) so that it negotiates again.
 
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -32,13 +32,14 @@ use crate::virtio::net::features::{self, FEATURES};
 use crate::virtio::net::frontend::{BackendRings, DATA_RINGS};
 use crate::virtio::net::Shared;
 use crate::virtio::{feature, InterruptKind};
+use crate::virtio::{low64, AtomicFeatures, Features};
 use crate::GuestMemory;
 
 /// How often the monitor retries a lost backend.
 const MONITOR_PERIOD: Duration = Duration::from_millis(100);
 
 /// Bits a vhost-user backend must offer for the device to offer them.
-pub fn backend_bits() -> u64 {
+pub fn backend_bits() -> Features {
     FEATURES
         .iter()
         .filter(|f| f.vhost.vhost_user_backend_must_offer())
@@ -56,12 +57,12 @@ pub enum Recheck {
     Refuse(String),
     /// strict=off: the device offers `offered` from now on (the driver is
     /// asked to reset and negotiate again) and the VM gets `blocker`.
-    Degrade { offered: u64, blocker: String },
+    Degrade { offered: Features, blocker: String },
 }
 
 /// Checks a returning backend: given what it offers and what the device
 /// offers now.
-pub type Rechecker = Box<dyn FnMut(&BackendOffer, u64) -> Recheck + Send>;
+pub type Rechecker = Box<dyn FnMut(&BackendOffer, Features) -> Recheck + Send>;
 
 /// Why the backend's rings could not be started.
 #[derive(Debug, thiserror::Error)]
@@ -98,7 +99,7 @@ pub(crate) struct Inner {
     pub(crate) interface: Option<InterfaceInUse>,
     pub(crate) reconnects: u64,
     pub(crate) last_error: Option<String>,
-    pub(crate) offered: Arc<AtomicU64>,
+    pub(crate) offered: Arc<AtomicFeatures>,
     pub(crate) shared: Arc<Shared>,
     pub(crate) mtu: u16,
     /// Management's link setting (the guest sees up only with a backend).
@@ -217,8 +218,10 @@ impl Inner {
     }
 
     /// The features set with SET_FEATURES for the driver's `acked`.
-    fn backend_features(&self, offer: &BackendOffer, acked: u64) -> u64 {
-        let mut f = acked & offer.features;
+    fn backend_features(&self, offer: &BackendOffer, acked: Features) -> u64 {
+        // SET_FEATURES is 64 bits wide; a backend never offers more, so
+        // `lacks` in start_rings already refused acked bits above 63.
+        let mut f = low64(acked) & offer.features;
         if offer.features & F_PROTOCOL_FEATURES != 0 {
             f |= F_PROTOCOL_FEATURES;
         }
@@ -251,7 +254,7 @@ impl Inner {
         let (Some(session), Some(rings)) = (self.session.as_ref(), self.rings.as_ref()) else {
             return Ok(());
         };
-        let lacks = rings.acked & backend_bits() & !session.offer.features;
+        let lacks = rings.acked & backend_bits() & !Features::from(session.offer.features);
         if lacks != 0 {
             return Err(RingsError::Lacks(features::names(lacks)));
         }
@@ -306,7 +309,7 @@ impl Inner {
         }
         tracing::info!(
             backend = %self.name,
-            features = %features::names(features & !(F_PROTOCOL_FEATURES | F_LOG_ALL)),
+            features = %features::names((features & !(F_PROTOCOL_FEATURES | F_LOG_ALL)).into()),
             ?bases,
             "vhost-user rings started"
         );
@@ -357,7 +360,7 @@ impl Inner {
                 return;
             }
         };
-        let offered = self.offered.load(Ordering::SeqCst);
+        let offered = self.offered.load();
         match (self.recheck)(&session.offer, offered) {
             Recheck::Accept => {}
             Recheck::Refuse(why) => {
@@ -367,7 +370,7 @@ impl Inner {
             }
             Recheck::Degrade { offered, blocker } => {
                 tracing::warn!(backend = %self.name, "{blocker}");
-                self.offered.store(offered, Ordering::SeqCst);
+                self.offered.store(offered);
                 if !self.blockers.contains(&blocker) {
                     self.blockers.push(blocker);
                 }

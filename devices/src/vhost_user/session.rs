@@ -100,7 +100,7 @@ impl BackendOffer {
         format!(
             "GET_FEATURES = {:#x} ({}), protocol features {:#x} ({}), negotiated {}",
             self.features,
-            features::names(self.features & !TRANSPORT_BITS),
+            features::names((self.features & !TRANSPORT_BITS).into()),
             self.protocol,
             protocol_names(self.protocol),
             protocol_names(self.acked_protocol)
@@ -232,7 +232,7 @@ pub fn handshake(mut conn: Connection, pin: Option<&str>) -> Result<Session, Vho
                 format!(
                     "it presents interface {} ({want:#x}) but GET_FEATURES offers {features:#x}, with features outside what was asked: {}; a backend with the extension must mask everything newer",
                     record.active,
-                    features::names(extra)
+                    features::names(extra.into())
                 ),
             ));
         }
@@ -243,7 +243,7 @@ pub fn handshake(mut conn: Connection, pin: Option<&str>) -> Result<Session, Vho
                 format!(
                     "it presents interface {} ({want:#x}) but GET_FEATURES ({features:#x}) lacks {}",
                     record.active,
-                    features::names(missing)
+                    features::names(missing.into())
                 ),
             ));
         }

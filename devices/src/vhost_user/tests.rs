@@ -22,7 +22,7 @@ use crate::net::{Tap, VnetHdr};
 use crate::virtio::mmio::MmioTransport;
 use crate::virtio::net::{FrontendConfig, NetModel, RX_QUEUE};
 use crate::virtio::testing::{GuestDriver, NetNs};
-use crate::virtio::{feature, VirtioDevice, VIRTIO_F_VERSION_1};
+use crate::virtio::{feature, low64, VirtioDevice, VIRTIO_F_VERSION_1};
 use crate::GuestMemory;
 
 const MEM: usize = 16 << 20;
@@ -134,7 +134,7 @@ fn backend_writes_are_logged_and_rings_stop_and_restart_where_they_were() {
     let v1 = by_interface_name("org.godwit.net.v1").unwrap();
     assert_eq!(
         session.offer.features,
-        v1.feature_bits() | (1 << 30) | (1 << 26),
+        low64(v1.feature_bits()) | (1 << 30) | (1 << 26),
         "the pinned backend presents exactly v1"
     );
     assert!(session.offer.logging().is_ok());
@@ -250,7 +250,7 @@ fn a_standard_frontend_enables_rings_before_set_features_and_never_sees_the_exte
     // Acknowledged (REPLY_ACK status 0), not the end of the session.
     conn.set_vring_enable(0, true).unwrap();
     conn.set_vring_enable(1, true).unwrap();
-    conn.set_features(offered & (feature(VIRTIO_F_VERSION_1) | conn::F_PROTOCOL_FEATURES))
+    conn.set_features(offered & (low64(feature(VIRTIO_F_VERSION_1)) | conn::F_PROTOCOL_FEATURES))
         .unwrap();
     conn.set_vring_enable(0, true).unwrap();
     assert_eq!(conn.get_features().unwrap(), offered, "the session goes on");

@@ -40,9 +40,63 @@ pub mod status {
     pub const FAILED: u32 = 0x80;
 }
 
-/// `1 << bit` for a feature bit number.
-pub const fn feature(bit: u32) -> u64 {
-    1u64 << bit
+/// A set of virtio feature bits, 0 to 127: the transport shows them 32 at a
+/// time (DeviceFeaturesSel / DriverFeaturesSel words 0 to 3). virtio-net's
+/// UDP tunnel GSO bits (65-68) live above bit 63.
+pub type Features = u128;
+
+/// How many feature bits a [`Features`] word holds.
+pub const FEATURE_BITS: u32 = Features::BITS;
+
+/// `1 << bit` for a feature bit number (below [`FEATURE_BITS`]).
+pub const fn feature(bit: u32) -> Features {
+    1 << bit
+}
+
+/// The 32-bit word `sel` (0 to 3) of a feature set, as the transport's
+/// DeviceFeatures register shows it; 0 beyond bit 127.
+pub fn feature_word(features: Features, sel: u32) -> u32 {
+    features
+        .checked_shr(sel.saturating_mul(32))
+        .map_or(0, |w| (w & Features::from(u32::MAX)) as u32)
+}
+
+/// The bits of `features` below 64: what interfaces limited to 64-bit feature
+/// words (vhost-user GET/SET_FEATURES, the kernel's VHOST_GET/SET_FEATURES)
+/// carry. The caller decides what the bits above mean for it.
+pub fn low64(features: Features) -> u64 {
+    (features & Features::from(u64::MAX)) as u64
+}
+
+/// The bits of `features` from 64 up, shifted down (the second 64-bit word).
+pub fn high64(features: Features) -> u64 {
+    (features >> 64) as u64
+}
+
+/// A feature set shared between threads (there is no stable 128-bit
+/// atomic): a device's offered set that a vhost-user monitor lowers, the
+/// guest offloads the control queue switches.
+#[derive(Debug, Default)]
+pub struct AtomicFeatures(std::sync::Mutex<Features>);
+
+impl AtomicFeatures {
+    pub fn new(features: Features) -> Self {
+        AtomicFeatures(std::sync::Mutex::new(features))
+    }
+
+    pub fn load(&self) -> Features {
+        *self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    pub fn store(&self, features: Features) {
+        *self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = features;
+    }
 }
 
 /// Which interrupt a device raises.
@@ -146,11 +200,11 @@ pub trait VirtioDevice: Send {
     fn queue_max_sizes(&self) -> &[u16];
 
     /// The features the device offers, VIRTIO_F_VERSION_1 included.
-    fn device_features(&self) -> u64;
+    fn device_features(&self) -> Features;
 
     /// The features the driver accepted, when it sets FEATURES_OK. The
     /// transport has checked that they are a subset of [`Self::device_features`].
-    fn ack_features(&mut self, features: u64);
+    fn ack_features(&mut self, features: Features);
 
     /// Reads from the device configuration space. Bytes beyond its end read 0.
     fn read_config(&self, offset: u64, data: &mut [u8]);

@@ -33,13 +33,13 @@ impl VirtioDevice for Recorder {
     fn queue_max_sizes(&self) -> &[u16] {
         &[256, 256, 64]
     }
-    fn device_features(&self) -> u64 {
+    fn device_features(&self) -> godwit_devices::virtio::Features {
         feature(VIRTIO_F_VERSION_1)
             | feature(VIRTIO_RING_F_EVENT_IDX)
             | feature(VIRTIO_RING_F_INDIRECT_DESC)
             | 0b1010_0001
     }
-    fn ack_features(&mut self, _features: u64) {}
+    fn ack_features(&mut self, _features: godwit_devices::virtio::Features) {}
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         for (i, b) in data.iter_mut().enumerate() {
             let at = usize::try_from(offset).ok().and_then(|o| o.checked_add(i));

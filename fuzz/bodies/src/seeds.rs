@@ -8,7 +8,9 @@ use godwit_devices::vhost_user::conn::F_PROTOCOL_FEATURES;
 use godwit_devices::vhost_user::interface::{self, InterfaceRecord, WINDOW_OFFSET, WINDOW_SIZE};
 use godwit_devices::vhost_user::session::WANTED_PROTOCOL;
 use godwit_devices::virtio::mmio::reg;
-use godwit_devices::virtio::{feature, status, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX};
+use godwit_devices::virtio::{
+    feature, feature_word, status, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
+};
 use godwit_migration::cpu_compat::CpuidEntry;
 use godwit_migration::format::Container;
 use godwit_migration::protocol::{
@@ -328,9 +330,9 @@ fn mmio(out: &mut Vec<Seed>) {
         u64::from(status::ACKNOWLEDGE | status::DRIVER),
     );
     write(&mut ops, reg::DRIVER_FEATURES_SEL, 0);
-    write(&mut ops, reg::DRIVER_FEATURES, features & 0xffff_ffff);
+    write(&mut ops, reg::DRIVER_FEATURES, u64::from(feature_word(features, 0)));
     write(&mut ops, reg::DRIVER_FEATURES_SEL, 1);
-    write(&mut ops, reg::DRIVER_FEATURES, features >> 32);
+    write(&mut ops, reg::DRIVER_FEATURES, u64::from(feature_word(features, 1)));
     let ok = status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK;
     write(&mut ops, reg::STATUS, u64::from(ok));
     for q in 0..2u64 {

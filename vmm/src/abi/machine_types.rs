@@ -9,7 +9,7 @@
 
 use serde::Serialize;
 
-use godwit_devices::virtio::net::features::{self, by_name};
+use godwit_devices::virtio::net::features::{self, by_name, Features};
 
 /// The alias users may give instead of a versioned name.
 pub const ALIAS: &str = "godwit";
@@ -38,7 +38,9 @@ pub struct MachineType {
     pub net: NetAbi,
 }
 
-use godwit_devices::virtio::net::features::groups::{BASE as BASE_FEATURES, USO as USO_FEATURES};
+use godwit_devices::virtio::net::features::groups::{
+    BASE as BASE_FEATURES, UDP_TUNNEL as UDP_TUNNEL_FEATURES, USO as USO_FEATURES,
+};
 
 const CONFIG_FIELDS: &[&str] = &["mac", "status", "max_virtqueue_pairs", "mtu"];
 
@@ -61,6 +63,18 @@ pub static MACHINE_TYPES: &[MachineType] = &[
         adds: "UDP segmentation offload: guest_uso4, guest_uso6, host_uso (TAP peers need Linux >= 6.2)",
         net: NetAbi {
             features: &[BASE_FEATURES, USO_FEATURES],
+            queue_pairs: 1,
+            queue_size: 256,
+            mtu: 1500,
+            config_fields: CONFIG_FIELDS,
+            strict: true,
+        },
+    },
+    MachineType {
+        name: "godwit-1.2",
+        adds: "UDP tunnel GSO (feature bits 65-68): guest_tunnel, guest_tunnel_csum, host_tunnel, host_tunnel_csum (TAP peers need Linux >= 6.17; vhost-user cannot carry bits above 63)",
+        net: NetAbi {
+            features: &[BASE_FEATURES, USO_FEATURES, UDP_TUNNEL_FEATURES],
             queue_pairs: 1,
             queue_size: 256,
             mtu: 1500,
@@ -102,16 +116,13 @@ pub fn resolve(name: &str) -> Result<&'static MachineType, MachineTypeError> {
 }
 
 /// The feature bits of a list of property names.
-pub fn bits_of(names: &[&str]) -> u64 {
-    names
-        .iter()
-        .filter_map(|n| by_name(n))
-        .fold(0, |acc, f| acc | (1u64 << f.bit))
+pub fn bits_of(names: &[&str]) -> Features {
+    features::bits_of_groups(&[names])
 }
 
 impl MachineType {
     /// Features this type offers to the guest by default.
-    pub fn net_features(&self) -> u64 {
+    pub fn net_features(&self) -> Features {
         features::always_offered() | features::bits_of_groups(self.net.features)
     }
 
@@ -133,7 +144,7 @@ impl MachineType {
                     .split(',')
                     .map(str::to_string)
                     .collect(),
-                features_hex: format!("{bits:#018x}"),
+                features_hex: features::hex(bits),
                 queue_pairs: self.net.queue_pairs,
                 queue_size: self.net.queue_size,
                 mtu: self.net.mtu,

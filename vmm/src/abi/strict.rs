@@ -7,17 +7,12 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
-use godwit_devices::virtio::net::features::{self, by_name, check_dependencies, FEATURES};
+use godwit_devices::virtio::feature as bit;
+use godwit_devices::virtio::net::features::{
+    self, bits, by_name, check_dependencies, Features, FEATURES,
+};
 
 use crate::abi::machine_types::{MachineType, MACHINE_TYPES};
-
-fn bit(b: u32) -> u64 {
-    1u64 << b
-}
-
-fn bits(set: u64) -> impl Iterator<Item = u32> {
-    (0..64).filter(move |b| set & bit(*b) != 0)
-}
 
 /// What a network peer can carry, and why not where it cannot.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -27,7 +22,7 @@ pub struct PeerSupport {
     /// Human description, e.g. `TAP gwt0`.
     pub name: String,
     /// Feature bits the peer carries (those needing nothing from a peer included).
-    pub supported: u64,
+    pub supported: Features,
     /// For unsupported bits that matter: why the peer lacks them.
     pub why_not: BTreeMap<u32, String>,
 }
@@ -62,7 +57,7 @@ pub fn required_features(
     device: &str,
     machine: &MachineType,
     overrides: &BTreeMap<String, bool>,
-) -> Result<u64, NetConfigError> {
+) -> Result<Features, NetConfigError> {
     let mut set = machine.net_features();
     for (name, on) in overrides {
         let Some(f) = by_name(name) else {
@@ -96,7 +91,7 @@ pub fn required_features(
 /// Spec dependency rules, reported with both property names.
 fn check_conflicts(
     device: &str,
-    set: u64,
+    set: Features,
     overrides: &BTreeMap<String, bool>,
 ) -> Result<(), NetConfigError> {
     for f in FEATURES.iter().filter(|f| set & bit(f.bit) != 0) {
@@ -144,7 +139,7 @@ fn check_conflicts(
 }
 
 /// `missing` and every feature in `set` that depends on one of them.
-pub fn with_dependents(set: u64, missing: u64) -> u64 {
+pub fn with_dependents(set: Features, missing: Features) -> Features {
     let mut drop = missing;
     loop {
         let remaining = set & !drop;
@@ -164,7 +159,7 @@ pub fn with_dependents(set: u64, missing: u64) -> u64 {
     }
 }
 
-fn describe(set: u64) -> String {
+fn describe(set: Features) -> String {
     bits(set)
         .map(|b| format!("{} (bit {b})", features::name_of(b)))
         .collect::<Vec<_>>()
@@ -232,11 +227,11 @@ impl std::error::Error for StrictRefusal {}
 /// The ABI a device ends up with.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NetAbiDecision {
-    pub required: u64,
-    pub offered: u64,
+    pub required: Features,
+    pub offered: Features,
     pub strict: bool,
     /// Required features dropped because strict was off.
-    pub dropped: u64,
+    pub dropped: Features,
     /// Set when strict is off: why the VM cannot migrate.
     pub blocker: Option<String>,
 }
@@ -344,7 +339,7 @@ mod tests {
         peer_of(crate::abi::machine_types::bits_of(supported_names))
     }
 
-    fn peer_of(bits: u64) -> PeerSupport {
+    fn peer_of(bits: Features) -> PeerSupport {
         let supported = bits | features::always_offered();
         PeerSupport {
             kind: "tap",
@@ -399,6 +394,60 @@ mod tests {
         assert!(decide("net0", &err.override_spec, m11, &spec.features, true, &p).is_ok());
         // Remedy 2 pasted.
         assert!(decide("net0", "tap,ifname=t0", m10, &no_overrides(), true, &p).is_ok());
+    }
+
+    /// A TAP on a kernel older than 6.17 (probed: TUNSETOFFLOAD refuses
+    /// TUN_F_UDP_TUNNEL_GSO, everything else accepted): godwit-1.2 is
+    /// refused naming the four tunnel bits, with remedies that work; strict
+    /// off drops them and blocks migration.
+    #[test]
+    fn a_tap_whose_kernel_lacks_tunnel_gso_refuses_godwit_1_2_with_remedies() {
+        let caps = godwit_devices::net::TapOffloads {
+            vnet_hdr: true,
+            csum: true,
+            tso4: true,
+            tso6: true,
+            tso_ecn: true,
+            ufo: true,
+            uso: true,
+            udp_tunnel: false,
+            udp_tunnel_csum: false,
+        };
+        let p = crate::devices::net::tap_support("t0", &caps);
+        let m12 = resolve("godwit-1.2").unwrap();
+        let err =
+            refusal(decide("net0", "tap,ifname=t0", m12, &no_overrides(), true, &p).unwrap_err());
+        let text = err.to_string();
+        for (name, bit) in [
+            ("guest_tunnel", 65),
+            ("guest_tunnel_csum", 66),
+            ("host_tunnel", 67),
+            ("host_tunnel_csum", 68),
+        ] {
+            assert!(text.contains(&format!("{name} (bit {bit})")), "{text}");
+        }
+        assert!(text.contains("TUN_F_UDP_TUNNEL_GSO"), "{text}");
+        assert_eq!(
+            err.override_spec,
+            "tap,ifname=t0,guest_tunnel=off,guest_tunnel_csum=off,host_tunnel=off,host_tunnel_csum=off"
+        );
+        assert_eq!(err.machine_remedy, Some("godwit-1.1"));
+        let spec: crate::config::net_spec::NetSpec = err.override_spec.parse().unwrap();
+        assert!(decide("net0", &err.override_spec, m12, &spec.features, true, &p).is_ok());
+        let m11 = resolve("godwit-1.1").unwrap();
+        assert!(decide("net0", "tap,ifname=t0", m11, &no_overrides(), true, &p).is_ok());
+        let off = decide("net0", "tap,ifname=t0", m12, &no_overrides(), false, &p).unwrap();
+        assert_eq!(off.offered, m11.net_features());
+        assert!(off.blocker.is_some());
+        // The kernel of this machine (6.18) takes them: nothing refused.
+        let new = godwit_devices::net::TapOffloads {
+            udp_tunnel: true,
+            udp_tunnel_csum: true,
+            ..caps
+        };
+        let p = crate::devices::net::tap_support("t0", &new);
+        let d = decide("net0", "tap,ifname=t0", m12, &no_overrides(), true, &p).unwrap();
+        assert_eq!(d.offered, m12.net_features());
     }
 
     #[test]

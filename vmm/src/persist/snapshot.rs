@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use godwit_devices::serial::SerialDeviceState;
 use godwit_devices::virtio::mmio::{MmioTransport, MmioTransportState};
-use godwit_devices::virtio::net::features;
+use godwit_devices::virtio::net::features::{self, Features};
 use godwit_devices::virtio::net::VirtioNetState;
 use godwit_migration::format::{kind_ids, Container, ContainerWriter, FormatError, SectionKind};
 use godwit_migration::memory_file::{self, MemoryFileError, MemoryFileInfo, MEMORY_SECTION};
@@ -50,14 +50,45 @@ pub const SERIAL_SECTION: SectionKind = SectionKind {
     required: true,
     instanced: false,
 };
+/// Version 2: feature words (required, offered, the device's and the
+/// transport's) are 128 bits wide. A device whose features all lie below
+/// bit 64 is written as version 1 (the same JSON), so godwits that read
+/// only 64-bit words still restore it; one with bits 64 and up is version
+/// 2, which such a godwit refuses by its header ("too new: upgrade godwit")
+/// instead of failing to decode it.
 pub const NET_SECTION: SectionKind = SectionKind {
     id: kind_ids::FIRST_DEVICE + 1,
     name: "net",
-    version: 1,
+    version: 2,
     min_version: 1,
     required: true,
     instanced: true,
 };
+
+/// The section version a device's state is written with (see
+/// [`NET_SECTION`]).
+pub fn net_section_for(net: &NetSnapshot) -> SectionKind {
+    let words = [
+        net.required,
+        net.offered,
+        net.device.offered,
+        net.device.acked,
+        net.device.guest_offloads,
+        net.transport.device_features,
+        net.transport.driver_features,
+    ];
+    if words
+        .iter()
+        .all(|w| godwit_devices::virtio::high64(*w) == 0)
+    {
+        SectionKind {
+            version: 1,
+            ..NET_SECTION
+        }
+    } else {
+        NET_SECTION
+    }
+}
 
 /// Every section kind this godwit reads.
 pub const KNOWN_SECTIONS: &[SectionKind] = &[
@@ -86,9 +117,9 @@ pub struct NetSnapshot {
     /// The `--net` text it was started with (for messages).
     pub spec_text: String,
     pub strict: bool,
-    pub required: u64,
+    pub required: Features,
     /// What the guest was offered: every peer it runs on must carry all of it.
-    pub offered: u64,
+    pub offered: Features,
     pub interface: Option<String>,
     pub mmio_base: u64,
     pub irq: u32,
@@ -215,7 +246,8 @@ pub(crate) fn capture_state(handle: &VmHandle) -> Result<ContainerWriter, Snapsh
         .save();
     w.add(&SERIAL_SECTION, 0, &serial)?;
     for (i, net) in handle.nets.iter().enumerate() {
-        w.add(&NET_SECTION, index_u32(i), &net_snapshot(net))?;
+        let snap = net_snapshot(net);
+        w.add(&net_section_for(&snap), index_u32(i), &snap)?;
     }
     Ok(w)
 }
@@ -372,7 +404,7 @@ fn invalid(path: &Path, section: &str, detail: impl Into<String>) -> RestoreErro
 /// offer was made ("when the snapshot was taken", "on the source").
 pub fn check_peer(
     device: &str,
-    offered: u64,
+    offered: Features,
     peer: &PeerSupport,
     when: &str,
 ) -> Result<(), RestoreError> {
@@ -382,7 +414,7 @@ pub fn check_peer(
     }
     // One line per reason: a TAP without vnet header explains a dozen bits.
     let mut by_reason: Vec<(String, Vec<String>)> = Vec::new();
-    for b in (0..64).filter(|b| missing & (1u64 << b) != 0) {
+    for b in features::bits(missing) {
         let why = peer
             .why_not
             .get(&b)
@@ -796,4 +828,94 @@ fn restore_memory_and_peers(
 /// hundred of each at most).
 fn index_u32(i: usize) -> u32 {
     u32::try_from(i).unwrap_or(u32::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use godwit_devices::virtio::net::RxFilter;
+
+    use super::*;
+    use crate::abi::machine_types::resolve;
+
+    fn snap(machine: &str) -> NetSnapshot {
+        let features = resolve(machine).unwrap().net_features();
+        NetSnapshot {
+            id: "net0".into(),
+            peer_kind: "tap".into(),
+            spec_text: "tap,ifname=t0".into(),
+            strict: true,
+            required: features,
+            offered: features,
+            interface: None,
+            mmio_base: 0xd000_0000,
+            irq: 5,
+            device: VirtioNetState {
+                mac: [0x52, 0x54, 0, 0, 0, 1],
+                status: 1,
+                mtu: 1500,
+                offered: features,
+                acked: features,
+                rx_filter: RxFilter::default(),
+                guest_offloads: features & features::GUEST_OFFLOADS,
+            },
+            transport: MmioTransportState {
+                device_features: features,
+                driver_features: features,
+                ..MmioTransportState::default()
+            },
+        }
+    }
+
+    fn round_trip(s: &NetSnapshot) -> (u32, NetSnapshot) {
+        let mut w = ContainerWriter::new("m").unwrap();
+        w.add(&net_section_for(s), 0, s).unwrap();
+        let c = Container::from_bytes(w.to_bytes(), KNOWN_SECTIONS).unwrap();
+        let version = c.header().sections[0].version;
+        (version, c.section(&NET_SECTION, 0).unwrap())
+    }
+
+    /// Bits 64 and up survive a snapshot (section version 2); a device
+    /// whose features fit 64 bits is still written as version 1, which
+    /// godwits reading only 64-bit words restore.
+    #[test]
+    fn net_sections_keep_bits_above_63_and_stay_version_1_without_them() {
+        let (v, back) = round_trip(&snap("godwit-1.2"));
+        assert_eq!(v, 2);
+        let tunnel = crate::abi::machine_types::bits_of(features::groups::UDP_TUNNEL);
+        for w in [
+            back.required,
+            back.offered,
+            back.device.offered,
+            back.device.acked,
+            back.transport.device_features,
+            back.transport.driver_features,
+        ] {
+            assert_eq!(w & tunnel, tunnel);
+        }
+        assert_ne!(back.device.guest_offloads & tunnel, 0);
+        let (v, back) = round_trip(&snap("godwit-1.1"));
+        assert_eq!(v, 1);
+        assert_eq!(back.offered, resolve("godwit-1.1").unwrap().net_features());
+    }
+
+    /// A version-1 section as an older godwit wrote it (64-bit numbers)
+    /// still loads.
+    #[test]
+    fn a_version_1_net_section_of_64_bit_numbers_loads() {
+        let old = snap("godwit-1.1");
+        let mut json = serde_json::to_value(&old).unwrap();
+        let n = u64::try_from(old.offered).unwrap();
+        json["offered"] = serde_json::json!(n);
+        json["transport"]["driver_features"] = serde_json::json!(n);
+        let v1 = SectionKind {
+            version: 1,
+            ..NET_SECTION
+        };
+        let mut w = ContainerWriter::new("godwit-1.1").unwrap();
+        w.add(&v1, 0, &json).unwrap();
+        let c = Container::from_bytes(w.to_bytes(), KNOWN_SECTIONS).unwrap();
+        let back: NetSnapshot = c.section(&NET_SECTION, 0).unwrap();
+        assert_eq!(back.offered, old.offered);
+        assert_eq!(back.transport.driver_features, old.offered);
+    }
 }

@@ -39,8 +39,9 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::bus::BusDevice;
 use crate::virtio::{
-    feature, status, ActivateError, ActivateParams, InterruptKind, QueuePosition, VirtioDevice,
-    VirtioInterrupt, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
+    feature, feature_word, status, ActivateError, ActivateParams, Features, InterruptKind,
+    QueuePosition, VirtioDevice, VirtioInterrupt, FEATURE_BITS, VIRTIO_F_VERSION_1,
+    VIRTIO_RING_F_EVENT_IDX,
 };
 use crate::GuestMemory;
 
@@ -177,7 +178,7 @@ pub struct MmioTransport {
     mem: GuestMemory,
     device: Arc<Mutex<dyn VirtioDevice>>,
     device_type: u32,
-    device_features: u64,
+    device_features: Features,
     /// The device's used-buffer interrupts bypass the transport (vhost).
     interrupt_bypass: bool,
     queues: Vec<Queue>,
@@ -185,7 +186,7 @@ pub struct MmioTransport {
     interrupt: Arc<MmioInterrupt>,
     device_features_sel: u32,
     driver_features_sel: u32,
-    driver_features: u64,
+    driver_features: Features,
     queue_sel: u32,
     shm_sel: u32,
     complained: u32,
@@ -280,7 +281,7 @@ impl MmioTransport {
     }
 
     /// The features the driver acked (valid from FEATURES_OK).
-    pub fn acked_features(&self) -> u64 {
+    pub fn acked_features(&self) -> Features {
         self.driver_features
     }
 
@@ -316,11 +317,7 @@ impl MmioTransport {
             reg::VERSION => MMIO_VERSION,
             reg::DEVICE_ID => self.device_type,
             reg::VENDOR_ID => VENDOR_ID,
-            reg::DEVICE_FEATURES => match self.device_features_sel {
-                0 => low_word(self.device_features),
-                1 => low_word(self.device_features >> 32),
-                _ => 0,
-            },
+            reg::DEVICE_FEATURES => feature_word(self.device_features, self.device_features_sel),
             reg::QUEUE_NUM_MAX => q.map_or(0, |q| u32::from(q.max_size())),
             reg::QUEUE_READY => q.map_or(0, |q| u32::from(q.ready())),
             reg::INTERRUPT_STATUS => {
@@ -377,15 +374,19 @@ impl MmioTransport {
             );
             return;
         }
-        match self.driver_features_sel {
-            0 => self.driver_features = (self.driver_features & !0xffff_ffff) | u64::from(v),
-            1 => self.driver_features = (self.driver_features & 0xffff_ffff) | (u64::from(v) << 32),
-            sel => {
+        let sel = self.driver_features_sel;
+        match sel.checked_mul(32).filter(|shift| *shift < FEATURE_BITS) {
+            Some(shift) => {
+                let word = Features::from(u32::MAX) << shift;
+                self.driver_features =
+                    (self.driver_features & !word) | (Features::from(v) << shift);
+            }
+            None => {
                 if v != 0 {
                     self.complain(
                         Complaint::FeaturesRejected,
                         format_args!(
-                            "features {v:#x} in word {sel}, beyond the 64 bits godwit offers"
+                            "features {v:#x} in word {sel}, beyond the {FEATURE_BITS} feature bits of virtio"
                         ),
                     );
                 }
@@ -705,12 +706,6 @@ impl BusDevice for MmioTransport {
 
 mod persist;
 pub use persist::{MmioRestoreError, MmioTransportState, QueueConfigState};
-
-/// The low 32 bits of a 64-bit feature word: the transport shows features
-/// 32 bits at a time (DeviceFeaturesSel).
-fn low_word(features: u64) -> u32 {
-    u32::try_from(features & u64::from(u32::MAX)).unwrap_or(0)
-}
 
 #[cfg(test)]
 mod tests;

@@ -27,11 +27,11 @@ pub struct QueueConfigState {
 pub struct MmioTransportState {
     pub device_type: u32,
     /// What the device offered (the restoring device must offer these too).
-    pub device_features: u64,
+    pub device_features: Features,
     pub device_features_sel: u32,
     pub driver_features_sel: u32,
     /// What the driver wrote to DriverFeatures (acked once FEATURES_OK).
-    pub driver_features: u64,
+    pub driver_features: Features,
     pub device_status: u32,
     pub queue_sel: u32,
     pub shm_sel: u32,
@@ -70,10 +70,12 @@ pub enum MmioRestoreError {
     #[error("saved queue {index} is invalid (its rings are not inside guest memory): the state is corrupt")]
     RingsOutside { index: usize },
     #[error(
-        "the guest uses features {missing:#x} that the device on this host does not offer: \
+        "the guest uses features {missing} that the device on this host does not offer: \
          start the destination with the same device features (and a peer that supports them)"
     )]
-    FeaturesNotOffered { missing: u64 },
+    /// `missing` in hex (a string: a 128-bit word would make every error
+    /// that carries this one twice as large).
+    FeaturesNotOffered { missing: String },
     #[error("cannot set up the transport: {0}")]
     Transport(#[from] MmioError),
     #[error("cannot restart the restored device: {0}")]
@@ -151,7 +153,9 @@ impl Persist for MmioTransport {
         if state.device_status & fo != 0 {
             let missing = state.driver_features & !t.device_features;
             if missing != 0 {
-                return Err(MmioRestoreError::FeaturesNotOffered { missing });
+                return Err(MmioRestoreError::FeaturesNotOffered {
+                    missing: format!("{missing:#x}"),
+                });
             }
         }
         for (index, (q, s)) in t.queues.iter_mut().zip(&state.queues).enumerate() {

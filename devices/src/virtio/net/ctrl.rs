@@ -28,6 +28,7 @@ use super::features::GUEST_OFFLOADS;
 use super::{Fault, Shared, CTRL_QUEUE};
 use crate::virtio::pause::PauseGate;
 use crate::virtio::ratelimit::LogLimiter;
+use crate::virtio::Features;
 use crate::virtio::{feature, InterruptKind, VirtioInterrupt};
 use crate::GuestMemory;
 
@@ -46,9 +47,9 @@ pub(crate) fn serve_ctrl_queue(
     q: &mut Queue,
     mem: &GuestMemory,
     shared: &Shared,
-    acked: u64,
+    acked: Features,
     segs: &mut Vec<Seg>,
-    set_guest_offloads: &mut dyn FnMut(u64) -> bool,
+    set_guest_offloads: &mut dyn FnMut(Features) -> bool,
     log: &mut dyn FnMut(std::fmt::Arguments<'_>),
 ) -> Result<usize, Fatal> {
     let mut added = 0;
@@ -104,8 +105,8 @@ pub(crate) fn serve_ctrl_queue(
 fn handle_ctrl(
     cmd: &[u8],
     shared: &Shared,
-    acked: u64,
-    set_guest_offloads: &mut dyn FnMut(u64) -> bool,
+    acked: Features,
+    set_guest_offloads: &mut dyn FnMut(Features) -> bool,
     log: &mut dyn FnMut(std::fmt::Arguments<'_>),
 ) -> u8 {
     let (ok, err) = (VIRTIO_NET_OK as u8, VIRTIO_NET_ERR as u8);
@@ -168,12 +169,16 @@ fn handle_ctrl(
         (VIRTIO_NET_CTRL_GUEST_OFFLOADS, VIRTIO_NET_CTRL_GUEST_OFFLOADS_SET)
             if has(VIRTIO_NET_F_CTRL_GUEST_OFFLOADS) =>
         {
-            match <[u8; 8]>::try_from(data).map(u64::from_le_bytes) {
+            // The tunnel bits (65, 66) travel at their _MAPPED places.
+            match <[u8; 8]>::try_from(data)
+                .map(u64::from_le_bytes)
+                .map(super::features::ctrl_offloads_to_features)
+            {
                 Ok(offloads)
                     if offloads & !(acked & GUEST_OFFLOADS) == 0
                         && set_guest_offloads(offloads) =>
                 {
-                    shared.guest_offloads.store(offloads, Ordering::SeqCst);
+                    shared.guest_offloads.store(offloads);
                     true
                 }
                 _ => false,
@@ -247,11 +252,11 @@ pub(crate) struct CtrlJob {
     pub(crate) queue: Queue,
     pub(crate) evt: EventFd,
     pub(crate) shared: Arc<Shared>,
-    pub(crate) acked: u64,
+    pub(crate) acked: Features,
     pub(crate) interrupt: Arc<dyn VirtioInterrupt>,
     pub(crate) gate: Arc<PauseGate>,
     /// Applies VIRTIO_NET_CTRL_GUEST_OFFLOADS_SET (vhost-net: the TAP).
-    pub(crate) set_guest_offloads: Box<dyn FnMut(u64) -> bool + Send>,
+    pub(crate) set_guest_offloads: Box<dyn FnMut(Features) -> bool + Send>,
 }
 
 impl CtrlThread {

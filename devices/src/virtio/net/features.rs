@@ -10,8 +10,9 @@
 //!
 //! Sources: virtio 1.2 section 5.1.3.1, QEMU hw/net/virtio-net.c, Linux
 //! drivers/net/tun.c, and shared/reference/virtio-net-features.md.
-//! Bits 64 and up (UDP tunnel GSO) do not fit godwit's 64-bit feature words
-//! and are never offered.
+//! Feature words are 128 bits wide ([`Features`]): the UDP tunnel GSO bits
+//! (65-68) live above bit 63, and the transport shows them in its feature
+//! select words 2 and 3.
 
 use virtio_bindings::virtio_config::{
     VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_ANY_LAYOUT, VIRTIO_F_IN_ORDER, VIRTIO_F_NOTIFICATION_DATA,
@@ -20,12 +21,76 @@ use virtio_bindings::virtio_config::{
 use virtio_bindings::virtio_net::*;
 
 use crate::net::tap::{
-    TapOffloads, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN, TUN_F_UFO, TUN_F_USO4,
-    TUN_F_USO6,
+    TapOffloads, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN, TUN_F_UDP_TUNNEL_GSO,
+    TUN_F_UDP_TUNNEL_GSO_CSUM, TUN_F_UFO, TUN_F_USO4, TUN_F_USO6,
 };
+pub use crate::virtio::Features;
 use crate::virtio::{
-    feature, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
+    feature, FEATURE_BITS, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 };
+
+/// VIRTIO_NET_F_GUEST_UDP_TUNNEL_GSO: the driver takes TSO/USO super-frames
+/// inside a UDP tunnel (Linux include/uapi/linux/virtio_net.h; virtio 1.4).
+pub const VIRTIO_NET_F_GUEST_UDP_TUNNEL_GSO: u32 = 65;
+/// VIRTIO_NET_F_GUEST_UDP_TUNNEL_GSO_CSUM: ... with a partial checksum in the
+/// outer UDP header.
+pub const VIRTIO_NET_F_GUEST_UDP_TUNNEL_GSO_CSUM: u32 = 66;
+/// VIRTIO_NET_F_HOST_UDP_TUNNEL_GSO: the device takes tunnel super-frames.
+pub const VIRTIO_NET_F_HOST_UDP_TUNNEL_GSO: u32 = 67;
+/// VIRTIO_NET_F_HOST_UDP_TUNNEL_GSO_CSUM.
+pub const VIRTIO_NET_F_HOST_UDP_TUNNEL_GSO_CSUM: u32 = 68;
+/// Where VIRTIO_NET_CTRL_GUEST_OFFLOADS_SET's 64-bit offload word carries
+/// GUEST_UDP_TUNNEL_GSO (`VIRTIO_NET_F_GUEST_UDP_TUNNEL_GSO_MAPPED`).
+pub const GUEST_UDP_TUNNEL_GSO_MAPPED: u32 = 46;
+/// Where it carries GUEST_UDP_TUNNEL_GSO_CSUM.
+pub const GUEST_UDP_TUNNEL_GSO_CSUM_MAPPED: u32 = 47;
+
+/// The virtio-net header as godwit's datapath and its TAPs use it.
+pub mod hdr {
+    use super::*;
+
+    /// `virtio_net_hdr_v1`: flags, gso_type, hdr_len, gso_size, csum_start,
+    /// csum_offset, num_buffers.
+    pub const V1_LEN: usize = 12;
+    /// `virtio_net_hdr_v1_hash_tunnel`: the v1 header, the hash fields
+    /// (hash_value, hash_report, padding: unused without HASH_REPORT, but
+    /// present) and outer_th_offset, inner_nh_offset (both little-endian
+    /// u16, offsets from the frame's start). Used when either UDP tunnel
+    /// GSO bit is negotiated.
+    pub const TUNNEL_LEN: usize = 24;
+    /// Byte offset of `outer_th_offset`.
+    pub const OUTER_TH_OFFSET: usize = 20;
+    /// Byte offset of `inner_nh_offset`.
+    pub const INNER_NH_OFFSET: usize = 22;
+    /// `VIRTIO_NET_HDR_F_UDP_TUNNEL_CSUM`: the outer UDP checksum is partial.
+    pub const F_UDP_TUNNEL_CSUM: u8 = 8;
+    /// `VIRTIO_NET_HDR_GSO_UDP_TUNNEL_IPV4`: a UDP tunnel over IPv4 (ORed
+    /// into gso_type with the inner TCPV4/TCPV6/UDP_L4).
+    pub const GSO_UDP_TUNNEL_IPV4: u8 = 0x20;
+    /// `VIRTIO_NET_HDR_GSO_UDP_TUNNEL_IPV6`.
+    pub const GSO_UDP_TUNNEL_IPV6: u8 = 0x40;
+    /// Both tunnel gso_type bits.
+    pub const GSO_UDP_TUNNEL: u8 = GSO_UDP_TUNNEL_IPV4 | GSO_UDP_TUNNEL_IPV6;
+
+    /// Whether the negotiated features use the tunnel header.
+    pub fn uses_tunnel(acked: Features) -> bool {
+        acked
+            & (feature(VIRTIO_NET_F_GUEST_UDP_TUNNEL_GSO)
+                | feature(VIRTIO_NET_F_HOST_UDP_TUNNEL_GSO))
+            != 0
+    }
+
+    /// The size of the header in front of every frame, guest side and TAP
+    /// side alike, for these negotiated features (VERSION_1 devices:
+    /// num_buffers is always there).
+    pub fn len_for(acked: Features) -> usize {
+        if uses_tunnel(acked) {
+            TUNNEL_LEN
+        } else {
+            V1_LEN
+        }
+    }
+}
 
 /// What a feature needs from a TAP peer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -574,6 +639,61 @@ pub static FEATURES: &[NetFeature] = &[
         &[],
         false,
     ),
+    // UDP tunnel GSO (Linux 6.17 TAPs; QEMU 10.2 properties). The kernel
+    // takes TUN_F_UDP_TUNNEL_GSO only beside TSO or USO, and parses a
+    // guest's tunnel header only with the 24-byte vnet header, both from
+    // 6.17 on: the probed flag stands for both directions. vhost-user
+    // cannot carry them (GET_FEATURES/SET_FEATURES are 64-bit); kernel
+    // vhost-net needs VHOST_GET_FEATURES_ARRAY and the TAP's flags.
+    f(
+        VIRTIO_NET_F_GUEST_UDP_TUNNEL_GSO,
+        "guest_tunnel",
+        "VIRTIO_NET_F_GUEST_UDP_TUNNEL_GSO",
+        Offload(TUN_F_CSUM | TUN_F_UDP_TUNNEL_GSO),
+        Packet,
+        &[],
+        &[
+            VIRTIO_NET_F_GUEST_TSO4,
+            VIRTIO_NET_F_GUEST_TSO6,
+            VIRTIO_NET_F_GUEST_USO4,
+            VIRTIO_NET_F_GUEST_USO6,
+        ],
+        true,
+    ),
+    f(
+        VIRTIO_NET_F_GUEST_UDP_TUNNEL_GSO_CSUM,
+        "guest_tunnel_csum",
+        "VIRTIO_NET_F_GUEST_UDP_TUNNEL_GSO_CSUM",
+        Offload(TUN_F_CSUM | TUN_F_UDP_TUNNEL_GSO | TUN_F_UDP_TUNNEL_GSO_CSUM),
+        Packet,
+        &[VIRTIO_NET_F_GUEST_UDP_TUNNEL_GSO],
+        &[],
+        true,
+    ),
+    f(
+        VIRTIO_NET_F_HOST_UDP_TUNNEL_GSO,
+        "host_tunnel",
+        "VIRTIO_NET_F_HOST_UDP_TUNNEL_GSO",
+        Offload(TUN_F_CSUM | TUN_F_UDP_TUNNEL_GSO),
+        Packet,
+        &[],
+        &[
+            VIRTIO_NET_F_HOST_TSO4,
+            VIRTIO_NET_F_HOST_TSO6,
+            VIRTIO_NET_F_HOST_USO,
+        ],
+        true,
+    ),
+    f(
+        VIRTIO_NET_F_HOST_UDP_TUNNEL_GSO_CSUM,
+        "host_tunnel_csum",
+        "VIRTIO_NET_F_HOST_UDP_TUNNEL_GSO_CSUM",
+        Offload(TUN_F_CSUM | TUN_F_UDP_TUNNEL_GSO | TUN_F_UDP_TUNNEL_GSO_CSUM),
+        Packet,
+        &[VIRTIO_NET_F_HOST_UDP_TUNNEL_GSO],
+        &[],
+        true,
+    ),
 ];
 
 /// Named feature groups that versioned ABIs (machine types, backend
@@ -605,10 +725,17 @@ pub mod groups {
     ];
     /// UDP segmentation offload.
     pub const USO: &[&str] = &["guest_uso4", "guest_uso6", "host_uso"];
+    /// TSO/USO inside UDP tunnels (VXLAN, GENEVE), bits 65-68.
+    pub const UDP_TUNNEL: &[&str] = &[
+        "guest_tunnel",
+        "guest_tunnel_csum",
+        "host_tunnel",
+        "host_tunnel_csum",
+    ];
 }
 
 /// The bits of feature groups given by canonical names.
-pub fn bits_of_groups(groups: &[&[&str]]) -> u64 {
+pub fn bits_of_groups(groups: &[&[&str]]) -> Features {
     groups
         .iter()
         .flat_map(|g| g.iter())
@@ -632,16 +759,38 @@ pub fn name_of(bit: u32) -> String {
 }
 
 /// Comma-separated names of the bits set in `features`.
-pub fn names(features: u64) -> String {
+pub fn names(features: Features) -> String {
     bits(features).map(name_of).collect::<Vec<_>>().join(",")
 }
 
-fn bits(features: u64) -> impl Iterator<Item = u32> {
-    (0..64).filter(move |b| features & feature(*b) != 0)
+/// The numbers of the bits set in `features`, lowest first.
+pub fn bits(features: Features) -> impl Iterator<Item = u32> {
+    (0..FEATURE_BITS).filter(move |b| features & feature(*b) != 0)
+}
+
+/// How feature sets are written in reports, golden files and messages: `0x`
+/// and 16 hex digits while every bit is below 64 (exactly as before feature
+/// words grew), 32 digits otherwise.
+pub fn hex(features: Features) -> String {
+    if features >> 64 == 0 {
+        format!("{features:#018x}")
+    } else {
+        format!("{features:#034x}")
+    }
+}
+
+/// Reads `0x` followed by 1 to 32 hex digits (what [`hex`] writes, and the
+/// 16-digit form of older reports).
+pub fn parse_hex(s: &str) -> Option<Features> {
+    let digits = s.strip_prefix("0x").or_else(|| s.strip_prefix("0X"))?;
+    if digits.is_empty() || digits.len() > 32 {
+        return None;
+    }
+    Features::from_str_radix(digits, 16).ok()
 }
 
 /// Bits godwit always offers.
-pub fn always_offered() -> u64 {
+pub fn always_offered() -> Features {
     FEATURES
         .iter()
         .filter(|f| f.always)
@@ -649,7 +798,7 @@ pub fn always_offered() -> u64 {
 }
 
 /// Bits godwit's device model implements.
-pub fn supported() -> u64 {
+pub fn supported() -> Features {
     FEATURES
         .iter()
         .filter(|f| f.supported)
@@ -681,7 +830,7 @@ pub enum FeatureProblem {
 
 /// Checks the spec's dependency rules: every bit's `requires_all` present,
 /// and one of its `requires_any` if that is not empty.
-pub fn check_dependencies(features: u64) -> Vec<FeatureProblem> {
+pub fn check_dependencies(features: Features) -> Vec<FeatureProblem> {
     let mut problems = Vec::new();
     for bit in bits(features) {
         let Some(f) = lookup(bit) else { continue };
@@ -720,7 +869,7 @@ pub fn check_dependencies(features: u64) -> Vec<FeatureProblem> {
 /// Checks that godwit can offer `features` over a TAP with capabilities
 /// `tap` (named `tap_name` in messages): every bit known and implemented,
 /// every TAP need met, every dependency present. Empty when fine.
-pub fn validate(features: u64, tap: &TapOffloads, tap_name: &str) -> Vec<FeatureProblem> {
+pub fn validate(features: Features, tap: &TapOffloads, tap_name: &str) -> Vec<FeatureProblem> {
     let mut problems = Vec::new();
     for bit in bits(features) {
         let Some(f) = lookup(bit) else {
@@ -764,7 +913,7 @@ pub struct Dropped {
 /// bits whose spec dependencies were dropped, until the set is consistent.
 /// Bits godwit does not implement are dropped too. Returns the remaining set
 /// and every dropped bit with its reason, for the caller to report.
-pub fn mask_for_peer(requested: u64, tap: &TapOffloads) -> (u64, Vec<Dropped>) {
+pub fn mask_for_peer(requested: Features, tap: &TapOffloads) -> (Features, Vec<Dropped>) {
     let mut set = requested;
     let mut dropped = Vec::new();
     for bit in bits(requested) {
@@ -811,8 +960,10 @@ pub fn mask_for_peer(requested: u64, tap: &TapOffloads) -> (u64, Vec<Dropped>) {
 /// following this kernel's rules: nothing without GUEST_CSUM (every flag
 /// needs `TUN_F_CSUM`), ECN only with TSO4 or TSO6, USO only when the guest
 /// takes both USO4 and USO6 (the kernel accepts them only together, and a
-/// guest must not get UDP segments of a family it did not ack).
-pub fn tun_offloads_for_guest(acked: u64) -> u32 {
+/// guest must not get UDP segments of a family it did not ack), the UDP
+/// tunnel flags only beside TSO or USO (the kernel's rule) and the tunnel
+/// checksum flag only with the tunnel flag.
+pub fn tun_offloads_for_guest(acked: Features) -> u32 {
     let has = |bit: u32| acked & feature(bit) != 0;
     if !has(GUEST_CSUM) {
         return 0;
@@ -833,18 +984,48 @@ pub fn tun_offloads_for_guest(acked: u64) -> u32 {
     if has(VIRTIO_NET_F_GUEST_USO4) && has(VIRTIO_NET_F_GUEST_USO6) {
         flags |= TUN_F_USO4 | TUN_F_USO6;
     }
+    if has(VIRTIO_NET_F_GUEST_UDP_TUNNEL_GSO) && flags & (TUN_F_TSO4 | TUN_F_TSO6 | TUN_F_USO4) != 0
+    {
+        flags |= TUN_F_UDP_TUNNEL_GSO;
+        if has(VIRTIO_NET_F_GUEST_UDP_TUNNEL_GSO_CSUM) {
+            flags |= TUN_F_UDP_TUNNEL_GSO_CSUM;
+        }
+    }
     flags
 }
 
 /// Guest-receive offload bits, the ones VIRTIO_NET_CTRL_GUEST_OFFLOADS_SET may
 /// switch.
-pub const GUEST_OFFLOADS: u64 = feature(VIRTIO_NET_F_GUEST_CSUM)
+pub const GUEST_OFFLOADS: Features = feature(VIRTIO_NET_F_GUEST_CSUM)
     | feature(VIRTIO_NET_F_GUEST_TSO4)
     | feature(VIRTIO_NET_F_GUEST_TSO6)
     | feature(VIRTIO_NET_F_GUEST_ECN)
     | feature(VIRTIO_NET_F_GUEST_UFO)
     | feature(VIRTIO_NET_F_GUEST_USO4)
-    | feature(VIRTIO_NET_F_GUEST_USO6);
+    | feature(VIRTIO_NET_F_GUEST_USO6)
+    | feature(VIRTIO_NET_F_GUEST_UDP_TUNNEL_GSO)
+    | feature(VIRTIO_NET_F_GUEST_UDP_TUNNEL_GSO_CSUM);
+
+/// The guest offloads in VIRTIO_NET_CTRL_GUEST_OFFLOADS_SET's 64-bit word:
+/// bits below 64 as themselves, the tunnel bits at their `_MAPPED` places.
+pub fn ctrl_offloads_to_features(word: u64) -> Features {
+    let mut f = Features::from(word);
+    for (mapped, bit) in [
+        (
+            GUEST_UDP_TUNNEL_GSO_MAPPED,
+            VIRTIO_NET_F_GUEST_UDP_TUNNEL_GSO,
+        ),
+        (
+            GUEST_UDP_TUNNEL_GSO_CSUM_MAPPED,
+            VIRTIO_NET_F_GUEST_UDP_TUNNEL_GSO_CSUM,
+        ),
+    ] {
+        if f & feature(mapped) != 0 {
+            f = (f & !feature(mapped)) | feature(bit);
+        }
+    }
+    f
+}
 
 /// Offloads the TAP would deliver frames with that are larger than an MTU.
 pub fn tun_flags_need_big_buffers(flags: u32) -> bool {
@@ -860,6 +1041,8 @@ fn tun_flag_names(flags: u32) -> String {
         (TUN_F_UFO, "TUN_F_UFO"),
         (TUN_F_USO4, "TUN_F_USO4"),
         (TUN_F_USO6, "TUN_F_USO6"),
+        (TUN_F_UDP_TUNNEL_GSO, "TUN_F_UDP_TUNNEL_GSO"),
+        (TUN_F_UDP_TUNNEL_GSO_CSUM, "TUN_F_UDP_TUNNEL_GSO_CSUM"),
     ]
     .iter()
     .filter(|(b, _)| flags & b != 0)
@@ -881,6 +1064,8 @@ mod tests {
             tso_ecn: true,
             ufo: true,
             uso: true,
+            udp_tunnel: true,
+            udp_tunnel_csum: true,
         }
     }
 

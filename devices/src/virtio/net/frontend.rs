@@ -5,7 +5,7 @@
 //! state, the link status and announce. Each model is a [`NetFrontend`] plus
 //! its datapath, so these rules exist once and cannot drift apart.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use virtio_bindings::virtio_net::{
@@ -25,6 +25,7 @@ use crate::virtio::pause::PauseGate;
 use crate::virtio::{
     feature, ActivateError, ActivateParams, InterruptKind, QueuePosition, VirtioInterrupt,
 };
+use crate::virtio::{AtomicFeatures, Features};
 use crate::GuestMemory;
 
 /// The virtio device ID of a network device.
@@ -41,7 +42,7 @@ pub struct FrontendConfig {
     pub mac: [u8; 6],
     /// Features to offer; VIRTIO_F_VERSION_1 (and what godwit always
     /// offers) is added.
-    pub features: u64,
+    pub features: Features,
     pub mtu: u16,
     /// Maximum size of the receive and transmit rings (a power of two).
     pub queue_size: u16,
@@ -101,7 +102,7 @@ pub(crate) struct BackendRings {
     pub(crate) kicks: Vec<EventFd>,
     pub(crate) interrupt: Arc<dyn VirtioInterrupt>,
     /// The features the driver acked.
-    pub(crate) acked: u64,
+    pub(crate) acked: Features,
     /// The backend is processing them.
     pub(crate) running: bool,
     /// Where the backend stopped (GET_VRING_BASE), for the next start.
@@ -150,8 +151,8 @@ pub struct NetFrontend {
     kind: &'static str,
     /// The monitor of a vhost-user device lowers it when a backend comes
     /// back with less (strict=off).
-    offered: Arc<AtomicU64>,
-    acked: u64,
+    offered: Arc<AtomicFeatures>,
+    acked: Features,
     default_mac: [u8; 6],
     mtu: u16,
     queue_sizes: Vec<u16>,
@@ -188,7 +189,7 @@ impl NetFrontend {
         Ok(NetFrontend {
             name,
             kind,
-            offered: Arc::new(AtomicU64::new(offered)),
+            offered: Arc::new(AtomicFeatures::new(offered)),
             acked: 0,
             default_mac: config.mac,
             mtu: config.mtu,
@@ -214,15 +215,15 @@ impl NetFrontend {
         &self.gate
     }
 
-    pub(crate) fn offered_cell(&self) -> Arc<AtomicU64> {
+    pub(crate) fn offered_cell(&self) -> Arc<AtomicFeatures> {
         self.offered.clone()
     }
 
-    pub(crate) fn offered(&self) -> u64 {
-        self.offered.load(Ordering::SeqCst)
+    pub(crate) fn offered(&self) -> Features {
+        self.offered.load()
     }
 
-    pub(crate) fn acked(&self) -> u64 {
+    pub(crate) fn acked(&self) -> Features {
         self.acked
     }
 
@@ -242,7 +243,7 @@ impl NetFrontend {
         &self.queue_sizes
     }
 
-    pub(crate) fn ack_features(&mut self, features: u64) {
+    pub(crate) fn ack_features(&mut self, features: Features) {
         self.acked = features & self.offered();
     }
 
@@ -321,7 +322,7 @@ impl NetFrontend {
     pub(crate) fn activate_backend(
         &mut self,
         params: ActivateParams,
-        set_guest_offloads: Box<dyn FnMut(u64) -> bool + Send>,
+        set_guest_offloads: Box<dyn FnMut(Features) -> bool + Send>,
     ) -> Result<BackendRings, ActivateError> {
         let (mem, interrupt) = (params.mem, params.interrupt);
         let mut queues = params.queues.into_iter();
@@ -368,7 +369,7 @@ impl NetFrontend {
     pub(crate) fn record_acked_offloads(&self) {
         self.shared
             .guest_offloads
-            .store(self.acked & features::GUEST_OFFLOADS, Ordering::SeqCst);
+            .store(self.acked & features::GUEST_OFFLOADS);
     }
 
     /// The datapath runs: record it, with the interrupt for configuration
@@ -397,7 +398,7 @@ impl NetFrontend {
             .status
             .fetch_and(!(VIRTIO_NET_S_ANNOUNCE as u16), Ordering::SeqCst);
         self.shared.with_filter(|f| *f = RxFilter::default());
-        self.shared.guest_offloads.store(0, Ordering::SeqCst);
+        self.shared.guest_offloads.store(0);
         for p in &self.shared.positions {
             p.store(0, Ordering::SeqCst);
         }
@@ -463,7 +464,7 @@ impl NetFrontend {
             offered: self.offered(),
             acked: self.acked,
             rx_filter: self.shared.with_filter(|f| f.clone()),
-            guest_offloads: self.shared.guest_offloads.load(Ordering::SeqCst),
+            guest_offloads: self.shared.guest_offloads.load(),
         }
     }
 
@@ -474,9 +475,7 @@ impl NetFrontend {
         self.shared.set_mac(state.mac);
         self.shared.status.store(state.status, Ordering::SeqCst);
         self.shared.with_filter(|f| *f = state.rx_filter.clone());
-        self.shared
-            .guest_offloads
-            .store(state.guest_offloads, Ordering::SeqCst);
+        self.shared.guest_offloads.store(state.guest_offloads);
     }
 
     /// Everything a `query-net` shows, with the peer's part from the model.
@@ -550,14 +549,14 @@ mod tests {
     #[test]
     fn reset_returns_everything_the_driver_changed() {
         let mut f = NetFrontend::new("t".into(), "test", &config(MAC, 256)).unwrap();
-        f.ack_features(u64::MAX);
+        f.ack_features(Features::MAX);
         let shared = f.shared().clone();
         shared.set_mac([2, 0, 0, 0, 0, 1]);
         shared
             .status
             .fetch_or(VIRTIO_NET_S_ANNOUNCE as u16, Ordering::SeqCst);
         shared.with_filter(|r| r.promiscuous = false);
-        shared.guest_offloads.store(0x3, Ordering::SeqCst);
+        shared.guest_offloads.store(0x3);
         shared.positions[0].store(9 | (9 << 16), Ordering::SeqCst);
         f.set_link(false);
         f.reset();
@@ -569,7 +568,7 @@ mod tests {
             "announce cleared, link kept down"
         );
         assert_eq!(shared.with_filter(|r| r.clone()), RxFilter::default());
-        assert_eq!(shared.guest_offloads.load(Ordering::SeqCst), 0);
+        assert_eq!(shared.guest_offloads.load(), 0);
         assert!(shared
             .positions
             .iter()

@@ -21,7 +21,12 @@ pub struct Datapath {
 impl Datapath {
     /// What activation with `params` and the driver's `acked` features
     /// would start, with the device's MAC `mac`.
-    pub fn new(params: ActivateParams, tap: Tap, acked: u64, mac: [u8; 6]) -> io::Result<Self> {
+    pub fn new(
+        params: ActivateParams,
+        tap: Tap,
+        acked: crate::virtio::Features,
+        mac: [u8; 6],
+    ) -> io::Result<Self> {
         let worker = Worker::new(
             params,
             Arc::new(tap),

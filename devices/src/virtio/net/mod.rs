@@ -32,6 +32,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use serde::Serialize;
 
 use crate::net::TapOffloads;
+use crate::virtio::Features;
 
 /// Index of the receive queue.
 pub const RX_QUEUE: usize = 0;
@@ -77,10 +78,14 @@ pub enum Fault {
     TooLarge = 4,
     /// The TAP refused the frame (tx) or failed to deliver one (rx).
     Peer = 5,
+    /// The virtio-net header describes something the frame cannot be: a
+    /// UDP tunnel segment without the tunnel features negotiated, or tunnel
+    /// offsets beyond the frame or out of order.
+    BadHeader = 6,
 }
 
 impl Fault {
-    pub const COUNT: usize = 6;
+    pub const COUNT: usize = 7;
     pub const ALL: [Fault; Fault::COUNT] = [
         Fault::BrokenChain,
         Fault::OutOfBounds,
@@ -88,6 +93,7 @@ impl Fault {
         Fault::WrongDirection,
         Fault::TooLarge,
         Fault::Peer,
+        Fault::BadHeader,
     ];
 
     pub fn name(self) -> &'static str {
@@ -98,6 +104,7 @@ impl Fault {
             Fault::WrongDirection => "wrong_direction",
             Fault::TooLarge => "too_large",
             Fault::Peer => "peer",
+            Fault::BadHeader => "bad_header",
         }
     }
 }
@@ -147,6 +154,7 @@ pub struct FaultCounts {
     pub wrong_direction: u64,
     pub too_large: u64,
     pub peer: u64,
+    pub bad_header: u64,
 }
 
 impl FaultCounts {
@@ -159,6 +167,7 @@ impl FaultCounts {
             wrong_direction: g(Fault::WrongDirection),
             too_large: g(Fault::TooLarge),
             peer: g(Fault::Peer),
+            bad_header: g(Fault::BadHeader),
         }
     }
 
@@ -171,6 +180,7 @@ impl FaultCounts {
             Fault::WrongDirection => self.wrong_direction,
             Fault::TooLarge => self.too_large,
             Fault::Peer => self.peer,
+            Fault::BadHeader => self.bad_header,
         }
     }
 
@@ -230,8 +240,8 @@ pub struct NetInfo {
     pub mac: String,
     pub link_up: bool,
     pub active: bool,
-    pub offered_features: u64,
-    pub acked_features: u64,
+    pub offered_features: Features,
+    pub acked_features: Features,
     /// Names of the acked features (canonical names from the feature table).
     pub acked_feature_names: String,
     /// `TUNSETOFFLOAD` flags currently set on the TAP.

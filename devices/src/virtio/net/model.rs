@@ -13,6 +13,7 @@ use crate::dirty_log::DirtyTracking;
 use crate::net::{Tap, TapOffloads};
 use crate::vhost_user::session::{BackendStatus, InterfaceInUse};
 use crate::virtio::pause::PauseError;
+use crate::virtio::Features;
 use crate::virtio::VirtioDevice;
 
 /// The TAP a device's frames leave through when godwit holds it (TAP and
@@ -58,7 +59,7 @@ pub enum PeerStatus {
         tap: String,
         vnet_hdr: bool,
         /// VHOST_GET_FEATURES.
-        kernel_features: u64,
+        kernel_features: Features,
         /// Whether the kernel can log the pages it writes, else why not.
         dirty_log: Result<(), String>,
     },
@@ -92,12 +93,12 @@ pub trait NetModel: VirtioDevice + DirtyTracking + Send {
     fn peer_status(&self) -> PeerStatus;
 
     /// The features offered to the driver.
-    fn offered_features(&self) -> u64 {
+    fn offered_features(&self) -> Features {
         self.frontend().offered()
     }
 
     /// The features the driver acked (0 before FEATURES_OK / after reset).
-    fn acked_features(&self) -> u64 {
+    fn acked_features(&self) -> Features {
         self.frontend().acked()
     }
 
@@ -164,11 +165,11 @@ macro_rules! virtio_frontend_methods {
             self.$front.queue_max_sizes()
         }
 
-        fn device_features(&self) -> u64 {
+        fn device_features(&self) -> $crate::virtio::Features {
             self.$front.offered()
         }
 
-        fn ack_features(&mut self, features: u64) {
+        fn ack_features(&mut self, features: $crate::virtio::Features) {
             self.$front.ack_features(features)
         }
 

@@ -3,13 +3,14 @@
 //! vhost-user device's monitor): what the driver changed (MAC, receive
 //! filter, guest offloads), the status bits, counters and ring positions.
 
-use std::sync::atomic::{fence, AtomicBool, AtomicU16, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{fence, AtomicBool, AtomicU16, AtomicU32, Ordering};
 use std::sync::{Mutex, PoisonError};
 
 use virtio_bindings::virtio_net::VIRTIO_NET_S_LINK_UP;
 use virtio_queue::{Queue, QueueT};
 
 use super::{Counters, FaultCounts, NetStats, RxFilter};
+use crate::virtio::AtomicFeatures;
 use crate::virtio::QueuePosition;
 
 /// State shared between the device and the threads serving its queues.
@@ -22,7 +23,7 @@ pub(crate) struct Shared {
     /// Per queue: next_avail | next_used << 16, published after each batch.
     pub(crate) positions: [AtomicU32; 3],
     /// Guest offload bits currently applied to the peer.
-    pub(crate) guest_offloads: AtomicU64,
+    pub(crate) guest_offloads: AtomicFeatures,
     /// A migration logs dirty pages (between `start_dirty_log` and
     /// `stop_dirty_log`): only then does the datapath mark the pages it
     /// writes in guest memory's bitmap.
@@ -37,7 +38,7 @@ impl Shared {
             rx_filter: Mutex::new(RxFilter::default()),
             counters: Counters::default(),
             positions: Default::default(),
-            guest_offloads: AtomicU64::new(0),
+            guest_offloads: AtomicFeatures::new(0),
             dirty_log: AtomicBool::new(false),
         }
     }

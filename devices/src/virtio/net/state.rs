@@ -5,6 +5,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::RxFilter;
+use crate::virtio::Features;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VirtioNetState {
@@ -13,9 +14,9 @@ pub struct VirtioNetState {
     /// Config `status`: link up, announce pending.
     pub status: u16,
     pub mtu: u16,
-    pub offered: u64,
-    pub acked: u64,
+    pub offered: Features,
+    pub acked: Features,
     pub rx_filter: RxFilter,
     /// Offloads the driver selected through CTRL_GUEST_OFFLOADS.
-    pub guest_offloads: u64,
+    pub guest_offloads: Features,
 }

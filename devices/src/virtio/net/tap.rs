@@ -29,7 +29,9 @@ use super::{format_mac, worker, NetStats, DEFAULT_QUEUE_SIZE, RX_QUEUE, TX_QUEUE
 use crate::dirty_log::{DirtyLogError, DirtyTracking};
 use crate::net::{Tap, TapOffloads};
 use crate::virtio::pause::PauseError;
-use crate::virtio::{feature, ActivateError, ActivateParams, QueuePosition, VirtioDevice};
+use crate::virtio::{
+    feature, ActivateError, ActivateParams, Features, QueuePosition, VirtioDevice,
+};
 
 const DEVICE_NAME: &str = "virtio-net";
 
@@ -41,7 +43,7 @@ pub struct NetConfig {
     /// The feature bits to offer (VIRTIO_F_VERSION_1 is always added). Every
     /// bit must be implemented by godwit and supported by the TAP: see
     /// [`features::validate`] and [`features::mask_for_peer`].
-    pub features: u64,
+    pub features: Features,
     /// The MTU advertised to the guest; required when the MTU feature is on.
     pub mtu: Option<u16>,
     /// Maximum size of the rx and tx queues (a power of two).
@@ -50,7 +52,7 @@ pub struct NetConfig {
 
 impl NetConfig {
     /// A configuration with the given MAC and features, default queue size, no MTU.
-    pub fn new(mac: [u8; 6], features: u64) -> Self {
+    pub fn new(mac: [u8; 6], features: Features) -> Self {
         NetConfig {
             mac,
             features,
@@ -220,12 +222,15 @@ impl VirtioDevice for VirtioNet {
         self.front.check_activate(&params)?;
         let acked = self.front.acked();
         let flags = features::tun_offloads_for_guest(acked);
+        let backend = |e: crate::net::TapError| ActivateError::Backend {
+            device: DEVICE_NAME,
+            source: Box::new(e),
+        };
+        // The header size first: the tunnel flags need the tunnel header.
         self.tap
-            .set_offload(flags)
-            .map_err(|e| ActivateError::Backend {
-                device: DEVICE_NAME,
-                source: Box::new(e),
-            })?;
+            .set_vnet_hdr_len(features::hdr::len_for(acked))
+            .map_err(backend)?;
+        self.tap.set_offload(flags).map_err(backend)?;
         self.front.record_acked_offloads();
         let interrupt = params.interrupt.clone();
         self.start_worker(params)?;
@@ -242,6 +247,11 @@ impl VirtioDevice for VirtioNet {
     fn reset(&mut self) {
         self.stop_worker();
         self.front.reset();
+        // Back to the 12-byte header a driver that negotiates no tunnel
+        // feature expects (the next activation sets it again anyway).
+        if let Err(e) = self.tap.set_vnet_hdr_len(features::hdr::V1_LEN) {
+            tracing::warn!(tap = self.tap.name(), "{e}");
+        }
     }
 
     fn queue_positions(&self) -> Option<Vec<QueuePosition>> {

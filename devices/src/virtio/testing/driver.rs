@@ -14,8 +14,11 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::bus::BusDevice;
 use crate::virtio::mmio::{reg, MmioTransport};
+use crate::virtio::net::features::hdr;
 use crate::virtio::net::{NET_HDR_LEN, RX_QUEUE, TX_QUEUE};
-use crate::virtio::{feature, status, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX};
+use crate::virtio::{
+    feature, feature_word, status, Features, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
+};
 use crate::GuestMemory;
 
 #[derive(Debug, thiserror::Error)]
@@ -29,7 +32,7 @@ pub enum DriverError {
     #[error("the test driver ran out of guest memory ({need} more bytes needed)")]
     OutOfMemory { need: u64 },
     #[error("the device did not accept FEATURES_OK for features {0:#x}")]
-    FeaturesRejected(u64),
+    FeaturesRejected(Features),
     #[error("after DRIVER_OK the device status is {0:#x} (DEVICE_NEEDS_RESET or not live)")]
     NotLive(u32),
     #[error("queue {0} does not exist or is not set up")]
@@ -122,6 +125,9 @@ pub struct DriverQueue {
 pub struct RxFrame {
     /// The 12-byte virtio-net header.
     pub hdr: [u8; NET_HDR_LEN],
+    /// With UDP tunnel GSO negotiated, the rest of the 24-byte header
+    /// (hash fields, outer_th_offset, inner_nh_offset); empty otherwise.
+    pub tunnel_hdr: Vec<u8>,
     /// The Ethernet frame.
     pub frame: Vec<u8>,
     /// How many buffers the frame used (num_buffers).
@@ -150,6 +156,35 @@ impl RxFrame {
     pub fn num_buffers(&self) -> u16 {
         u16::from_le_bytes([self.hdr[10], self.hdr[11]])
     }
+    /// `outer_th_offset` of the tunnel header (0 without one).
+    pub fn outer_th_offset(&self) -> u16 {
+        self.tunnel_u16(hdr::OUTER_TH_OFFSET)
+    }
+    /// `inner_nh_offset` of the tunnel header (0 without one).
+    pub fn inner_nh_offset(&self) -> u16 {
+        self.tunnel_u16(hdr::INNER_NH_OFFSET)
+    }
+    fn tunnel_u16(&self, at: usize) -> u16 {
+        let i = at - NET_HDR_LEN;
+        match self.tunnel_hdr.get(i..i + 2) {
+            Some(b) => u16::from_le_bytes([b[0], b[1]]),
+            None => 0,
+        }
+    }
+}
+
+/// A 24-byte tunnel virtio-net header: `net_hdr`'s fields, no hash, and the
+/// outer transport and inner network header offsets.
+pub fn tunnel_net_hdr(
+    base: [u8; NET_HDR_LEN],
+    outer_th: u16,
+    inner_nh: u16,
+) -> [u8; hdr::TUNNEL_LEN] {
+    let mut h = [0u8; hdr::TUNNEL_LEN];
+    h[..NET_HDR_LEN].copy_from_slice(&base);
+    h[hdr::OUTER_TH_OFFSET..hdr::OUTER_TH_OFFSET + 2].copy_from_slice(&outer_th.to_le_bytes());
+    h[hdr::INNER_NH_OFFSET..hdr::INNER_NH_OFFSET + 2].copy_from_slice(&inner_nh.to_le_bytes());
+    h
 }
 
 /// A 12-byte virtio-net header.
@@ -204,7 +239,7 @@ pub struct GuestDriver {
     queues: Vec<DriverQueue>,
     next: u64,
     end: u64,
-    features: u64,
+    features: Features,
     /// Receive buffers the device returned with length 0 (bad chains).
     pub rx_rejected: usize,
 }
@@ -261,7 +296,7 @@ impl GuestDriver {
     }
 
     /// The negotiated features.
-    pub fn features(&self) -> u64 {
+    pub fn features(&self) -> Features {
         self.features
     }
 
@@ -299,12 +334,17 @@ impl GuestDriver {
         self.reg_read(reg::STATUS)
     }
 
-    pub fn device_features(&self) -> u64 {
-        self.reg_write(reg::DEVICE_FEATURES_SEL, 0);
-        let lo = u64::from(self.reg_read(reg::DEVICE_FEATURES));
-        self.reg_write(reg::DEVICE_FEATURES_SEL, 1);
-        let hi = u64::from(self.reg_read(reg::DEVICE_FEATURES));
-        lo | (hi << 32)
+    /// The offered features, read through DeviceFeaturesSel words 0 to 3.
+    pub fn device_features(&self) -> Features {
+        (0..4u32).fold(0, |acc, sel| {
+            self.reg_write(reg::DEVICE_FEATURES_SEL, sel);
+            acc | (Features::from(self.reg_read(reg::DEVICE_FEATURES)) << (32 * sel))
+        })
+    }
+
+    /// The virtio-net header size the negotiated features give.
+    pub fn net_hdr_len(&self) -> usize {
+        hdr::len_for(self.features)
     }
 
     /// Resets the device (status 0) and forgets the queues.
@@ -318,15 +358,15 @@ impl GuestDriver {
     /// DRIVER, features (`wanted` ∩ offered, plus VERSION_1), FEATURES_OK,
     /// every queue at up to `queue_size` entries, DRIVER_OK. Returns the
     /// negotiated features.
-    pub fn init(&mut self, wanted: u64, queue_size: u16) -> Result<u64, DriverError> {
+    pub fn init(&mut self, wanted: Features, queue_size: u16) -> Result<Features, DriverError> {
         self.reset();
         self.reg_write(reg::STATUS, status::ACKNOWLEDGE);
         self.reg_write(reg::STATUS, status::ACKNOWLEDGE | status::DRIVER);
         let features = (self.device_features() & wanted) | feature(VIRTIO_F_VERSION_1);
-        self.reg_write(reg::DRIVER_FEATURES_SEL, 0);
-        self.reg_write(reg::DRIVER_FEATURES, features as u32);
-        self.reg_write(reg::DRIVER_FEATURES_SEL, 1);
-        self.reg_write(reg::DRIVER_FEATURES, (features >> 32) as u32);
+        for sel in 0..4u32 {
+            self.reg_write(reg::DRIVER_FEATURES_SEL, sel);
+            self.reg_write(reg::DRIVER_FEATURES, feature_word(features, sel));
+        }
         let s = status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK;
         self.reg_write(reg::STATUS, s);
         if self.status() & status::FEATURES_OK == 0 {
@@ -695,20 +735,16 @@ impl GuestDriver {
 
     /// Transmits `hdr` + `frame` as one chain (header and frame in separate
     /// descriptors when `split`) and kicks. Returns the head.
-    pub fn send(
-        &mut self,
-        hdr: &[u8; NET_HDR_LEN],
-        frame: &[u8],
-        split: bool,
-    ) -> Result<u16, DriverError> {
-        let total = (NET_HDR_LEN + frame.len()) as u64;
+    /// `hdr` is as long as the negotiated header (12 or 24 bytes).
+    pub fn send(&mut self, hdr: &[u8], frame: &[u8], split: bool) -> Result<u16, DriverError> {
+        let total = (hdr.len() + frame.len()) as u64;
         let buf = self.alloc(total, 8)?;
         self.write_mem(buf, hdr)?;
-        let data = GuestAddress(buf.0 + NET_HDR_LEN as u64);
+        let data = GuestAddress(buf.0 + hdr.len() as u64);
         self.write_mem(data, frame)?;
         let bufs = if split {
             vec![
-                Buf::read(buf, NET_HDR_LEN as u32),
+                Buf::read(buf, hdr.len() as u32),
                 Buf::read(data, frame.len() as u32),
             ]
         } else {
@@ -745,6 +781,7 @@ impl GuestDriver {
         let deadline = Instant::now() + timeout;
         let mut frames = Vec::new();
         let mut queue: std::collections::VecDeque<Used> = Default::default();
+        let hdr_len = self.net_hdr_len();
         loop {
             while let Some(first) = queue.front() {
                 if first.len == 0 {
@@ -753,7 +790,7 @@ impl GuestDriver {
                     continue;
                 }
                 let bytes = self.used_bytes(first)?;
-                if bytes.len() < NET_HDR_LEN {
+                if bytes.len() < hdr_len {
                     queue.pop_front();
                     continue;
                 }
@@ -769,7 +806,8 @@ impl GuestDriver {
                 hdr.copy_from_slice(&data[..NET_HDR_LEN]);
                 frames.push(RxFrame {
                     hdr,
-                    frame: data[NET_HDR_LEN..].to_vec(),
+                    tunnel_hdr: data[NET_HDR_LEN..hdr_len].to_vec(),
+                    frame: data[hdr_len..].to_vec(),
                     buffers: nb as u16,
                 });
             }

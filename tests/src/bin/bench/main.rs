@@ -14,6 +14,7 @@ mod migration;
 mod net;
 mod planner;
 mod snapshot;
+mod tunnel;
 mod vhost_user;
 
 fn median(v: &mut [f64]) -> f64 {
@@ -207,6 +208,9 @@ fn main() {
     if all || which == "vhost-user" {
         vhost_user::bench_vhost_user();
     }
+    if all || which == "tunnel" {
+        tunnel::bench_tunnel();
+    }
     if !all
         && ![
             "boot",
@@ -217,10 +221,11 @@ fn main() {
             "migration-tls",
             "planner",
             "vhost-user",
+            "tunnel",
         ]
         .contains(&which.as_str())
     {
-        eprintln!("unknown benchmark '{which}': use boot, net, snapshot, restore, migration, migration-tls, planner, vhost-user or all");
+        eprintln!("unknown benchmark '{which}': use boot, net, snapshot, restore, migration, migration-tls, planner, vhost-user, tunnel or all");
         std::process::exit(2);
     }
 }

@@ -224,7 +224,7 @@ impl Case {
     }
 }
 
-fn wanted_features() -> u64 {
+fn wanted_features() -> godwit_devices::virtio::Features {
     [
         VIRTIO_NET_F_MAC,
         VIRTIO_NET_F_CSUM,

@@ -29,7 +29,7 @@ pub struct DeviceConfig {
     pub machine: &'static MachineType,
     pub mac: [u8; 6],
     /// The features offered to the guest.
-    pub features: u64,
+    pub features: godwit_devices::virtio::Features,
     pub mtu: u16,
     /// Maximum size of the receive and transmit rings.
     pub queue_size: u16,

@@ -16,7 +16,8 @@ use godwit_devices::vhost_user::interface::{
 use godwit_devices::vhost_user::{
     backend_bits, handshake, BackendOffer, Endpoint, Recheck, Rechecker, Session,
 };
-use godwit_devices::virtio::net::features::{self, NetFeature, VhostNeed, FEATURES};
+use godwit_devices::virtio::feature;
+use godwit_devices::virtio::net::features::{self, Features, NetFeature, VhostNeed, FEATURES};
 
 use super::NetSetupError;
 use crate::abi::machine_types::MachineType;
@@ -25,17 +26,19 @@ use crate::config::net_spec::{NetSpec, PeerSpec};
 
 /// Why a TAP lacks the features it lacks.
 pub fn tap_support(tap_name: &str, caps: &TapOffloads) -> PeerSupport {
-    let mut supported = 0u64;
+    let mut supported: Features = 0;
     let mut why_not = BTreeMap::new();
     for f in FEATURES.iter().filter(|f| f.supported) {
         if f.tap.satisfied_by(caps) {
-            supported |= 1 << f.bit;
+            supported |= feature(f.bit);
             continue;
         }
         let why = if !caps.vnet_hdr {
             format!("TAP {tap_name} carries no virtio-net header (vnet_hdr=off, or its fd was opened without IFF_VNET_HDR), so no offload can pass")
         } else if f.name.contains("uso") {
             "this kernel's TAP does not accept USO offloads (TUN_F_USO4|TUN_F_USO6 need Linux >= 6.2)".to_string()
+        } else if f.name.contains("tunnel") {
+            "this kernel's TAP does not accept UDP tunnel GSO (TUN_F_UDP_TUNNEL_GSO|TUN_F_UDP_TUNNEL_GSO_CSUM need Linux >= 6.17)".to_string()
         } else {
             format!(
                 "this kernel's TAP does not accept the offload {} needs",
@@ -129,7 +132,13 @@ pub fn vhost_user_support(socket: &str, offer: &BackendOffer) -> PeerSupport {
             VhostNeed::QueuePairs => (queues < 2).then(|| {
                 format!("vhost-user backend {socket} has {queues} queue(s) (GET_QUEUE_NUM); a queue pair needs 2")
             }),
-            VhostNeed::Ring | VhostNeed::Packet => (offer.features & (1 << f.bit) == 0).then(|| {
+            // GET_FEATURES is one 64-bit word: vhost-user has no standard
+            // message for bits 64 and up, so no backend carries them.
+            VhostNeed::Ring | VhostNeed::Packet if f.bit >= 64 => Some(format!(
+                "vhost-user backend {socket} cannot carry {} (bit {}): vhost-user's GET_FEATURES/SET_FEATURES carry bits 0-63 only",
+                f.name, f.bit
+            )),
+            VhostNeed::Ring | VhostNeed::Packet => (Features::from(offer.features) & feature(f.bit) == 0).then(|| {
                 match &offer.record {
                     Some(r) => format!(
                         "vhost-user backend {socket} presents interface {}, which does not include {} (its GET_FEATURES = {:#x})",
@@ -148,11 +157,21 @@ pub fn vhost_user_support(socket: &str, offer: &BackendOffer) -> PeerSupport {
 
 /// Why kernel vhost-net on a TAP lacks the features it lacks: ring features
 /// come from `/dev/vhost-net`, packet features from the TAP's offloads.
-pub fn vhost_net_support(tap_name: &str, caps: &TapOffloads, kernel: u64) -> PeerSupport {
+pub fn vhost_net_support(tap_name: &str, caps: &TapOffloads, kernel: Features) -> PeerSupport {
     let tap = tap_support(tap_name, caps);
-    let lacks = |f: &NetFeature| match f.vhost {
+    let lacks = |f: &NetFeature| {
+        match f.vhost {
         VhostNeed::Frontend | VhostNeed::QueuePairs => None,
-        VhostNeed::Ring => (kernel & (1 << f.bit) == 0).then(|| {
+        // Bits 64 and up reach the kernel only through
+        // VHOST_GET/SET_FEATURES_ARRAY: the kernel must offer them there
+        // (and the TAP carry them).
+        VhostNeed::Packet if f.bit >= 64 && kernel & feature(f.bit) == 0 => Some(format!(
+            "{} does not offer {} (bit {}; VHOST_GET_FEATURES_ARRAY = {kernel:#x}: a kernel without the features array, or older than Linux 6.17)",
+            godwit_devices::vhost_net::VHOST_NET_PATH,
+            f.name,
+            f.bit
+        )),
+        VhostNeed::Ring => (kernel & feature(f.bit) == 0).then(|| {
             format!(
                 "{} does not offer {} (VHOST_GET_FEATURES = {kernel:#x})",
                 godwit_devices::vhost_net::VHOST_NET_PATH,
@@ -160,6 +179,7 @@ pub fn vhost_net_support(tap_name: &str, caps: &TapOffloads, kernel: u64) -> Pee
             )
         }),
         VhostNeed::Packet => tap.why_not.get(&f.bit).cloned(),
+    }
     };
     support_by("vhost-net", format!("vhost-net on TAP {tap_name}"), lacks)
 }
@@ -171,11 +191,11 @@ fn support_by(
     name: String,
     lacks: impl Fn(&NetFeature) -> Option<String>,
 ) -> PeerSupport {
-    let mut supported = 0u64;
+    let mut supported: Features = 0;
     let mut why_not = BTreeMap::new();
     for f in FEATURES.iter().filter(|f| f.supported) {
         match lacks(f) {
-            None => supported |= 1 << f.bit,
+            None => supported |= feature(f.bit),
             Some(why) => {
                 why_not.insert(f.bit, why);
             }
@@ -222,8 +242,8 @@ pub(super) fn interface_gaps(
         });
     };
     let mut gaps = Vec::new();
-    let need = values.features & backend_bits();
-    let missing = need & !offer.features;
+    let need = Features::from(values.features) & backend_bits();
+    let missing = need & !Features::from(offer.features);
     if missing != 0 {
         gaps.push(format!(
             "its GET_FEATURES ({:#x}) lacks {} of interface {name}",
@@ -287,8 +307,8 @@ pub fn open_vhost_user(
     })
 }
 
-fn bits_of_set(set: u64) -> impl Iterator<Item = u32> {
-    (0..64).filter(move |b| set & (1u64 << b) != 0)
+fn bits_of_set(set: Features) -> impl Iterator<Item = u32> {
+    features::bits(set)
 }
 
 /// Decides what a returning backend may do (see [`Recheck`]).
@@ -299,7 +319,7 @@ pub fn rechecker(
     pin: Option<String>,
     strict: bool,
 ) -> Rechecker {
-    Box::new(move |offer: &BackendOffer, offered: u64| {
+    Box::new(move |offer: &BackendOffer, offered: Features| {
         let peer = vhost_user_support(&socket, offer);
         let missing = offered & !peer.supported;
         let mut lines: Vec<String> = bits_of_set(missing)
@@ -444,7 +464,7 @@ mod tests {
             "mtu",
         ]);
         let mut without = dpdk_offer();
-        without.features &= !frontend;
+        without.features &= !godwit_devices::virtio::low64(frontend);
         assert_eq!(
             vhost_user_support("/s", &without).supported & frontend,
             frontend
@@ -477,16 +497,59 @@ mod tests {
             tso_ecn: true,
             ufo: true,
             uso: false,
+            udp_tunnel: true,
+            udp_tunnel_csum: true,
         };
         let kernel = bits_of(&["mrg_rxbuf", "version_1", "event_idx"]) | (1 << 26);
         let p = vhost_net_support("t0", &caps, kernel);
-        let has = |n: &str| p.supported & (1 << features::by_name(n).unwrap().bit) != 0;
+        let has = |n: &str| p.supported & feature(features::by_name(n).unwrap().bit) != 0;
         assert!(has("mrg_rxbuf") && has("event_idx") && has("csum") && has("host_tso4"));
         assert!(has("ctrl_vq") && has("mac"));
         assert!(!has("indirect_desc"), "the kernel did not offer it");
         assert!(!has("host_uso"), "the TAP lacks USO");
         let bit = features::by_name("indirect_desc").unwrap().bit;
         assert!(p.why_not[&bit].contains("/dev/vhost-net does not offer indirect_desc"));
+        // The TAP takes tunnel offloads, but a kernel whose vhost-net offers
+        // nothing above bit 63 (no VHOST_GET_FEATURES_ARRAY) cannot carry
+        // them; one that offers them there can.
+        assert!(!has("guest_tunnel") && !has("host_tunnel_csum"));
+        let bit = features::by_name("host_tunnel").unwrap().bit;
+        assert!(
+            p.why_not[&bit].contains("VHOST_GET_FEATURES_ARRAY"),
+            "{}",
+            p.why_not[&bit]
+        );
+        let tunnel = bits_of(&[
+            "guest_tunnel",
+            "guest_tunnel_csum",
+            "host_tunnel",
+            "host_tunnel_csum",
+        ]);
+        let p = vhost_net_support("t0", &caps, kernel | tunnel);
+        assert_eq!(p.supported & tunnel, tunnel);
+    }
+
+    /// vhost-user's GET_FEATURES is 64 bits wide: no backend carries the
+    /// tunnel bits, whatever it says.
+    #[test]
+    fn vhost_user_backends_lack_every_bit_above_63() {
+        let mut offer = dpdk_offer();
+        offer.features = u64::MAX;
+        let p = vhost_user_support("/s", &offer);
+        for name in [
+            "guest_tunnel",
+            "guest_tunnel_csum",
+            "host_tunnel",
+            "host_tunnel_csum",
+        ] {
+            let f = features::by_name(name).unwrap();
+            assert_eq!(p.supported & feature(f.bit), 0, "{name}");
+            assert!(
+                p.why_not[&f.bit].contains("bits 0-63 only"),
+                "{}",
+                p.why_not[&f.bit]
+            );
+        }
     }
 
     #[test]
@@ -500,7 +563,7 @@ mod tests {
             .to_string();
         assert!(err.contains("not one godwit knows") && err.contains("org.godwit.net.v2"));
         let mut few = dpdk_offer();
-        few.features |= bits_of(&["host_tso4", "host_tso6"]);
+        few.features |= godwit_devices::virtio::low64(bits_of(&["host_tso4", "host_tso6"]));
         few.queue_num = Some(1);
         let gaps = interface_gaps("org.godwit.net.v1", &few, "/s").unwrap();
         assert!(gaps[0].contains("GET_QUEUE_NUM"), "{gaps:?}");
@@ -510,14 +573,19 @@ mod tests {
     fn a_returning_backend_is_judged_by_strict() {
         let m = resolve("godwit-1.1").unwrap();
         let full = BackendOffer {
-            features: m.net_features() | (1 << 30) | (1 << 26),
+            features: godwit_devices::virtio::low64(m.net_features()) | (1 << 30) | (1 << 26),
             ..dpdk_offer()
         };
         let offered = m.net_features();
         let mut strict = rechecker("net0".into(), m, "/s".into(), None, true);
         assert_eq!(strict(&full, offered), Recheck::Accept);
         let older = BackendOffer {
-            features: full.features & !bits_of(&["guest_uso4", "guest_uso6", "host_uso"]),
+            features: full.features
+                & !godwit_devices::virtio::low64(bits_of(&[
+                    "guest_uso4",
+                    "guest_uso6",
+                    "host_uso",
+                ])),
             ..dpdk_offer()
         };
         match strict(&older, offered) {

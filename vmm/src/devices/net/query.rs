@@ -5,7 +5,7 @@ use serde_json::{json, Map, Value};
 use godwit_devices::vhost_user::conn::protocol_names;
 use godwit_devices::vhost_user::interface::by_interface_name;
 use godwit_devices::vhost_user::session::TRANSPORT_BITS;
-use godwit_devices::virtio::net::features;
+use godwit_devices::virtio::net::features::{self, Features};
 use godwit_devices::virtio::net::PeerStatus;
 
 use super::peers::{open_tap, open_vhost_user, tap_support, vhost_user_support};
@@ -18,7 +18,7 @@ impl NetDevice {
         let blockers = self.blockers();
         let dev = self.model();
         let info = dev.info();
-        let set = |bits: u64| json!({"hex": format!("{bits:#018x}"), "names": name_list(bits)});
+        let set = |bits: Features| json!({"hex": features::hex(bits), "names": name_list(bits)});
         let mut peer = json!({
             "kind": self.peer.kind,
             "name": self.peer.name,
@@ -61,7 +61,7 @@ impl NetDevice {
     }
 }
 
-pub(super) fn name_list(bits: u64) -> Vec<String> {
+pub(super) fn name_list(bits: Features) -> Vec<String> {
     if bits == 0 {
         return Vec::new();
     }
@@ -98,7 +98,7 @@ fn peer_fields(o: &mut Map<String, Value>, status: &PeerStatus) {
             if let Some(offer) = &status.offer {
                 o.insert(
                     "backend_features".into(),
-                    json!({"hex": format!("{:#018x}", offer.features), "names": name_list(offer.features & !TRANSPORT_BITS)}),
+                    json!({"hex": format!("{:#018x}", offer.features), "names": name_list((offer.features & !TRANSPORT_BITS).into())}),
                 );
                 o.insert(
                     "protocol_features".into(),
@@ -133,7 +133,7 @@ fn peer_fields(o: &mut Map<String, Value>, status: &PeerStatus) {
 }
 
 /// Which machine types a peer that supports `supported` carries fully.
-fn machine_support(device: &str, spec: &NetSpec, supported: u64) -> Vec<Value> {
+fn machine_support(device: &str, spec: &NetSpec, supported: Features) -> Vec<Value> {
     crate::abi::machine_types::MACHINE_TYPES
         .iter()
         .rev()
@@ -190,7 +190,7 @@ fn probe_vhost_user(
     let report = json!({
         "kind": peer.kind,
         "name": peer.name,
-        "backend_features": {"hex": format!("{:#018x}", offer.features), "names": name_list(offer.features & !TRANSPORT_BITS)},
+        "backend_features": {"hex": format!("{:#018x}", offer.features), "names": name_list((offer.features & !TRANSPORT_BITS).into())},
         "protocol_features": format!("{:#x}", offer.protocol),
         "negotiated_protocol": protocol_names(offer.acked_protocol),
         "queue_num": offer.queue_num,

@@ -5,7 +5,7 @@
 
 use serde::{Deserialize, Deserializer};
 
-use godwit_devices::virtio::net::features;
+use godwit_devices::virtio::net::features::{self, Features};
 use godwit_migration::cpu_compat::CpuidEntry;
 
 /// `0x` and 16 hex digits: how a report writes a 64-bit feature set.
@@ -23,11 +23,8 @@ pub fn parse_hex(s: &str) -> Option<u64> {
 }
 
 /// Canonical names of the bits in `bits` (`bitN` for bits the table lacks).
-pub fn name_list(bits: u64) -> Vec<String> {
-    (0..64)
-        .filter(|b| bits & (1u64 << b) != 0)
-        .map(features::name_of)
-        .collect()
+pub fn name_list(bits: Features) -> Vec<String> {
+    features::bits(bits).map(features::name_of).collect()
 }
 
 /// A CPUID entry as a report writes it: `function:index:flags:eax:ebx:ecx:edx`,
@@ -82,21 +79,21 @@ where
 
 fn not_hex<E: serde::de::Error>(s: &str) -> E {
     E::custom(format!(
-        "'{s}' is not a 64-bit hex number such as \"0x0000000000000001\""
+        "'{s}' is not a hex number of up to 32 digits such as \"0x0000000000000001\""
     ))
 }
 
 fn check_hex<E: serde::de::Error>(s: String) -> Result<String, E> {
-    match parse_hex(&s) {
+    match features::parse_hex(&s) {
         Some(_) => Ok(s),
         None => Err(not_hex(&s)),
     }
 }
 
-/// A hex number, as its value.
-pub(crate) fn hex_bits<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+/// A feature set in hex (16 digits, or 32 with bits above 63), as its value.
+pub(crate) fn hex_bits<'de, D: Deserializer<'de>>(d: D) -> Result<Features, D::Error> {
     let s = String::deserialize(d)?;
-    parse_hex(&s).ok_or_else(|| not_hex(&s))
+    features::parse_hex(&s).ok_or_else(|| not_hex(&s))
 }
 
 /// A hex number, kept as written.

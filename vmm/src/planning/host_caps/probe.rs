@@ -7,6 +7,7 @@ use std::path::Path;
 
 use godwit_devices::net::tap::{Tap, TapOffloads, VnetHdr};
 use godwit_devices::vhost_user::interface::InterfaceRecord;
+use godwit_devices::virtio::{feature, Features};
 use godwit_migration::cpu_compat::{self, CpuidEntry, Register};
 
 use super::encoding::hex64;
@@ -174,27 +175,17 @@ fn tun_features() -> Option<u32> {
 /// Why /dev/vhost-net could not be asked for its features (the report
 /// records the message as the peer's `error`).
 #[derive(Debug, thiserror::Error)]
-enum VhostNetProbeError {
-    #[error("cannot open {VHOST_NET_DEVICE}: {0}")]
-    Open(#[source] vhost::Error),
-    #[error("VHOST_GET_FEATURES on {VHOST_NET_DEVICE} failed: {0}")]
-    GetFeatures(#[source] vhost::Error),
-}
+#[error(transparent)]
+struct VhostNetProbeError(#[from] godwit_devices::vhost_net::VhostNetError);
 
-/// Opens /dev/vhost-net and reads its features: `Ok(None)` when the device
-/// does not exist.
-fn vhost_net_features() -> Result<Option<u64>, VhostNetProbeError> {
-    use vhost::VhostBackend;
+/// Opens /dev/vhost-net and reads its features (VHOST_GET_FEATURES, and
+/// VHOST_GET_FEATURES_ARRAY for bits above 63 where the kernel has it):
+/// `Ok(None)` when the device does not exist.
+fn vhost_net_features() -> Result<Option<Features>, VhostNetProbeError> {
     if !Path::new(VHOST_NET_DEVICE).exists() {
         return Ok(None);
     }
-    // GET_FEATURES needs neither an owner nor guest memory: an empty
-    // memory map stands in for the VM there is none of.
-    let mem = godwit_devices::GuestMemory::new();
-    let net = vhost::vhost_kern::net::Net::new(&mem).map_err(VhostNetProbeError::Open)?;
-    net.get_features()
-        .map(Some)
-        .map_err(VhostNetProbeError::GetFeatures)
+    Ok(Some(godwit_devices::vhost_net::probe_features()?))
 }
 
 /// Probes a TAP: the one a spec names, or (`spec` None) a temporary one
@@ -335,7 +326,7 @@ fn probe_vhost_net(
         .unwrap_or_else(|| "(temporary)".into());
     let mut support = crate::devices::net::vhost_net_support(&tap_name, &offloads, features);
     support.name = name.clone();
-    let blocker = (features & (1u64 << VHOST_F_LOG_ALL) == 0).then(|| {
+    let blocker = (features & feature(VHOST_F_LOG_ALL) == 0).then(|| {
         "this kernel's vhost-net lacks LOG_ALL (bit 26): it cannot log its writes, so a VM on it cannot migrate".to_string()
     });
     PeerEntry::from_support(
@@ -346,7 +337,7 @@ fn probe_vhost_net(
         Probe::VhostNet(VhostNetProbe {
             device: VHOST_NET_DEVICE.into(),
             present: true,
-            features: Some(hex64(features)),
+            features: Some(godwit_devices::virtio::net::features::hex(features)),
             tap: tap_probe,
         }),
     )

@@ -10,7 +10,6 @@ use serde_json::Value;
 
 use godwit_devices::virtio::net::features;
 
-use super::encoding::{hex64, parse_hex};
 use super::types::{
     schema_id, FeatureSet, HostReport, PeerEntry, PeerKind, PeerStatus, Probe, SCHEMA_NAME,
     SCHEMA_VERSION,
@@ -91,7 +90,7 @@ pub enum FieldProblem {
     OkWithoutSupported,
     #[error("missing: a peer with status \"{0}\" must say why")]
     NoReason(PeerStatus),
-    #[error("bit {0} is not a feature bit (0 to 63)")]
+    #[error("bit {0} is not a feature bit (0 to 127)")]
     NotAFeatureBit(u32),
 }
 
@@ -201,22 +200,22 @@ impl Doc<'_> {
     /// Names are for people, `hex` is authoritative: they must agree on
     /// every bit this godwit knows (a newer godwit may know more).
     fn feature_set(&self, at: &str, set: &FeatureSet) -> Result<FeatureSet, ReportError> {
-        let bits = parse_hex(&set.hex).unwrap_or(0);
+        let bits = features::parse_hex(&set.hex).unwrap_or(0);
         for (i, n) in set.names.iter().enumerate() {
             if let Some(f) = features::by_name(n) {
-                if bits & (1u64 << f.bit) == 0 {
+                if bits & godwit_devices::virtio::feature(f.bit) == 0 {
                     return Err(self.err(
                         format!("{at}.names[{i}]"),
                         FieldProblem::NameWithoutBit {
                             name: n.clone(),
                             bit: f.bit,
-                            hex: hex64(bits),
+                            hex: features::hex(bits),
                         },
                     ));
                 }
             }
         }
-        for b in (0..64).filter(|b| bits & (1u64 << b) != 0) {
+        for b in features::bits(bits) {
             if let Some(f) = features::lookup(b) {
                 if !set.names.iter().any(|n| n == f.name) {
                     return Err(self.err(
@@ -230,7 +229,7 @@ impl Doc<'_> {
             }
         }
         Ok(FeatureSet {
-            hex: hex64(bits),
+            hex: features::hex(bits),
             names: set.names.clone(),
         })
     }
@@ -262,7 +261,12 @@ impl Doc<'_> {
         if p.status != PeerStatus::Ok && p.error.is_none() {
             return Err(self.err(format!("{at}.error"), FieldProblem::NoReason(p.status)));
         }
-        if let Some((j, l)) = p.lacks.iter().enumerate().find(|(_, l)| l.bit >= 64) {
+        if let Some((j, l)) = p
+            .lacks
+            .iter()
+            .enumerate()
+            .find(|(_, l)| l.bit >= godwit_devices::virtio::FEATURE_BITS)
+        {
             return Err(self.err(
                 format!("{at}.lacks[{j}].bit"),
                 FieldProblem::NotAFeatureBit(l.bit),

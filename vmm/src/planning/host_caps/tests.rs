@@ -25,6 +25,8 @@ fn full_tap() -> TapOffloads {
         tso_ecn: true,
         ufo: true,
         uso: true,
+        udp_tunnel: true,
+        udp_tunnel_csum: true,
     }
 }
 
@@ -124,7 +126,7 @@ fn vhost_net_takes_ring_bits_from_the_kernel_and_packets_from_the_tap() {
     // Linux's VHOST_NET_FEATURES: NOTIFY_ON_EMPTY, LOG_ALL, ANY_LAYOUT
     // (= VHOST_NET_F_VIRTIO_NET_HDR), INDIRECT_DESC, EVENT_IDX,
     // MRG_RXBUF, VERSION_1, ACCESS_PLATFORM, RING_RESET.
-    let kernel: u64 = [15u32, 24, 26, 27, 28, 29, 32, 33, 40]
+    let kernel: godwit_devices::virtio::Features = [15u32, 24, 26, 27, 28, 29, 32, 33, 40]
         .iter()
         .fold(0, |a, b| a | (1 << b));
     let no_uso = TapOffloads {
@@ -182,7 +184,7 @@ fn malformed_reports_name_file_and_field() {
         (
             "peers[1].supported.hex",
             Box::new(|v| v["peers"][1]["supported"]["hex"] = Value::from("12")),
-            "not a 64-bit hex number",
+            "not a hex number of up to 32 digits",
         ),
         (
             "peers[0].supported.names",
@@ -244,9 +246,9 @@ fn malformed_reports_name_file_and_field() {
         (
             "peers[0].lacks[0].bit",
             Box::new(|v| {
-                v["peers"][0]["lacks"] = serde_json::json!([{"name": "x", "bit": 64, "why": "y"}])
+                v["peers"][0]["lacks"] = serde_json::json!([{"name": "x", "bit": 128, "why": "y"}])
             }),
-            "bit 64 is not a feature bit",
+            "bit 128 is not a feature bit",
         ),
         (
             "peers[0].error",

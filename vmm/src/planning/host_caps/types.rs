@@ -21,10 +21,10 @@ use godwit_devices::net::tap::TapOffloads;
 use godwit_devices::vhost_net::VHOST_NET_PATH;
 use godwit_devices::vhost_user::session::WANTED_PROTOCOL;
 use godwit_devices::vhost_user::BackendOffer;
-use godwit_devices::virtio::net::features;
+use godwit_devices::virtio::net::features::{self, Features};
 use godwit_migration::cpu_compat::CpuidEntry;
 
-use super::encoding::{self, hex64, name_list, nullable, parse_hex};
+use super::encoding::{self, name_list, nullable};
 use crate::abi::machine_types::MACHINE_TYPES;
 use crate::abi::strict::PeerSupport;
 
@@ -104,16 +104,16 @@ pub struct FeatureSet {
 }
 
 impl FeatureSet {
-    pub fn of(bits: u64) -> Self {
+    pub fn of(bits: Features) -> Self {
         FeatureSet {
-            hex: hex64(bits),
+            hex: features::hex(bits),
             names: name_list(bits),
         }
     }
 
     /// The bits (`hex` is authoritative).
-    pub fn bits(&self) -> u64 {
-        parse_hex(&self.hex).unwrap_or(0)
+    pub fn bits(&self) -> Features {
+        features::parse_hex(&self.hex).unwrap_or(0)
     }
 }
 
@@ -420,7 +420,7 @@ impl PeerEntry {
     }
 }
 
-fn machine_fits(supported: u64) -> Vec<MachineFit> {
+fn machine_fits(supported: Features) -> Vec<MachineFit> {
     MACHINE_TYPES
         .iter()
         .rev()

@@ -19,8 +19,8 @@ use crate::planning::host_caps::{FeatureSet, PeerKind, Probe};
 pub struct VmDevice {
     pub id: String,
     pub kind: PeerKind,
-    pub offered: u64,
-    pub acked: u64,
+    pub offered: godwit_devices::virtio::Features,
+    pub acked: godwit_devices::virtio::Features,
     /// vhost-user: the interface version it was started with.
     pub interface: Option<String>,
 }

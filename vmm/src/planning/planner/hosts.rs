@@ -7,13 +7,11 @@ use serde::Serialize;
 use serde_json::Value;
 
 use godwit_devices::vhost_user::interface::INTERFACES;
-use godwit_devices::virtio::net::features::{NetFeature, TapNeed, VhostNeed};
+use godwit_devices::virtio::net::features::{self, NetFeature, TapNeed, VhostNeed};
 
 use super::{bit, PlanError};
 use crate::abi::strict::PeerSupport;
-use crate::planning::host_caps::{
-    self, parse_hex, HostReport, PeerEntry, PeerKind, PeerStatus, Probe,
-};
+use crate::planning::host_caps::{self, HostReport, PeerEntry, PeerKind, PeerStatus, Probe};
 
 /// One host report and where it came from.
 #[derive(Clone, Debug)]
@@ -92,8 +90,13 @@ pub struct Blocker {
 }
 
 fn tun_hint(flags: u32) -> String {
-    use godwit_devices::net::tap::{TUN_F_USO4, TUN_F_USO6};
-    if flags & (TUN_F_USO4 | TUN_F_USO6) != 0 {
+    use godwit_devices::net::tap::{
+        TUN_F_UDP_TUNNEL_GSO, TUN_F_UDP_TUNNEL_GSO_CSUM, TUN_F_USO4, TUN_F_USO6,
+    };
+    if flags & (TUN_F_UDP_TUNNEL_GSO | TUN_F_UDP_TUNNEL_GSO_CSUM) != 0 {
+        "a kernel whose TAP accepts UDP tunnel GSO (TUN_F_UDP_TUNNEL_GSO[_CSUM], Linux >= 6.17)"
+            .to_string()
+    } else if flags & (TUN_F_USO4 | TUN_F_USO6) != 0 {
         "a kernel whose TAP accepts USO (TUN_F_USO4|TUN_F_USO6, Linux >= 6.2)".to_string()
     } else {
         format!("a kernel whose TAP accepts the offload flags {flags:#x}")
@@ -142,7 +145,8 @@ pub(super) fn would_change(f: &NetFeature, peer: &PeerEntry, hosts: &[HostInput]
                             h.report.peers.iter().find_map(|p| match &p.probe {
                                 Probe::VhostUser(u) => {
                                     let i = u.interface.as_ref()?;
-                                    let feats = i.features.as_deref().and_then(parse_hex)?;
+                                    let feats =
+                                        i.features.as_deref().and_then(features::parse_hex)?;
                                     (feats & bit(f.bit) != 0)
                                         .then(|| format!("{} (as on host {})", i.active, h.label()))
                                 }

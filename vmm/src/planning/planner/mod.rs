@@ -51,13 +51,8 @@ pub const PLAN_SCHEMA: &str = "godwit-plan/1";
 /// migrate to some host).
 pub const EXIT_NO_COMMON_ABI: u8 = 5;
 
-fn bit(b: u32) -> u64 {
-    1u64 << b
-}
-
-fn bits(set: u64) -> impl Iterator<Item = u32> {
-    (0..64).filter(move |b| set & bit(*b) != 0)
-}
+use godwit_devices::virtio::feature as bit;
+use godwit_devices::virtio::net::features::bits;
 
 /// Why a plan could not be made at all (bad input; exit status 1).
 #[derive(Debug, thiserror::Error)]

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 
 use godwit_devices::vhost_user::interface::{by_interface_name, INTERFACES};
-use godwit_devices::virtio::net::features::{self, NetFeature, FEATURES};
+use godwit_devices::virtio::net::features::{self, Features, NetFeature, FEATURES};
 use godwit_migration::cpu_compat::{self, CpuidEntry};
 
 use super::command_line::{command_lines, HostLine};
@@ -16,7 +16,7 @@ use super::{bit, bits, PlanError, EXIT_NO_COMMON_ABI, PLAN_SCHEMA};
 use crate::abi::machine_types::{MachineType, MACHINE_TYPES};
 use crate::abi::strict::{self, PeerSupport};
 use crate::planning::host_caps::{
-    backend_offer, parse_hex, FeatureSet, PeerEntry, PeerKind, PeerStatus, Probe,
+    backend_offer, FeatureSet, PeerEntry, PeerKind, PeerStatus, Probe,
 };
 
 /// A host that lacks a feature.
@@ -114,7 +114,7 @@ impl Plan {
 
 /// The smallest override set: every required feature not in `common`, and
 /// every required feature that depends on one of those.
-pub fn minimal_overrides(required: u64, common: u64) -> u64 {
+pub fn minimal_overrides(required: Features, common: Features) -> Features {
     strict::with_dependents(required, required & !common)
 }
 
@@ -171,7 +171,7 @@ enum NoPin {
 
 /// The interface version every vhost-user backend lists (the newest such),
 /// and its feature bits; or why none is pinned.
-fn pick_interface(peers: &[(&HostInput, &PeerEntry)]) -> Result<(String, u64), NoPin> {
+fn pick_interface(peers: &[(&HostInput, &PeerEntry)]) -> Result<(String, Features), NoPin> {
     let mut lists = Vec::new();
     for (h, p) in peers {
         let Probe::VhostUser(u) = &p.probe else {
@@ -204,7 +204,7 @@ fn pick_interface(peers: &[(&HostInput, &PeerEntry)]) -> Result<(String, u64), N
         .or_else(|| {
             lists.iter().find_map(|(_, i)| {
                 (i.active == name)
-                    .then(|| i.features.as_deref().and_then(parse_hex))
+                    .then(|| i.features.as_deref().and_then(features::parse_hex))
                     .flatten()
             })
         })
@@ -253,7 +253,7 @@ fn plan_device(
         return d;
     }
     // vhost-user: pin the newest interface version every backend lists.
-    let mut pin_removed: Vec<u64> = vec![0; found.len()];
+    let mut pin_removed: Vec<Features> = vec![0; found.len()];
     if kind == PeerKind::VhostUser {
         let pairs: Vec<(&HostInput, &PeerEntry)> = found.iter().map(|(h, p, _)| (*h, *p)).collect();
         match pick_interface(&pairs) {
@@ -264,7 +264,7 @@ fn plan_device(
                     };
                     let pinned = crate::devices::net::vhost_user_support(
                         &u.socket,
-                        &backend_offer(feats, 0, u.queue_num),
+                        &backend_offer(godwit_devices::virtio::low64(feats), 0, u.queue_num),
                     );
                     // Pinned, a backend with the extension presents exactly
                     // that version's features, whatever its default is.
@@ -286,7 +286,7 @@ fn plan_device(
     }
     let common = found
         .iter()
-        .fold(u64::MAX, |acc, (_, _, s)| acc & s.supported);
+        .fold(Features::MAX, |acc, (_, _, s)| acc & s.supported);
     d.common = Some(FeatureSet::of(common));
     d.no_override_machine = machines
         .iter()

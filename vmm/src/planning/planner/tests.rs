@@ -1,7 +1,7 @@
 use serde_json::json;
 
 use godwit_devices::net::tap::TapOffloads;
-use godwit_devices::virtio::net::features;
+use godwit_devices::virtio::net::features::{self, Features};
 
 use super::new_vm::minimal_overrides;
 use super::*;
@@ -19,6 +19,10 @@ fn tap_offloads(vnet_hdr: bool, uso: bool) -> TapOffloads {
         tso_ecn: vnet_hdr,
         ufo: vnet_hdr,
         uso: vnet_hdr && uso,
+        // Kernels with USO in these tests are new enough for tunnel GSO
+        // too; `older_kernel` below lacks it.
+        udp_tunnel: vnet_hdr && uso,
+        udp_tunnel_csum: vnet_hdr && uso,
     }
 }
 
@@ -91,6 +95,82 @@ fn full_and_no_uso_hosts_plan_the_newest_type_without_uso() {
     );
 }
 
+/// A host whose kernel predates UDP tunnel GSO (Linux < 6.17: its TAP
+/// refuses TUN_F_UDP_TUNNEL_GSO, USO works) beside a current one: godwit-1.2
+/// is planned with the four tunnel features left out, each naming the old
+/// host and what would give it them.
+#[test]
+fn an_older_kernel_without_tunnel_gso_leaves_the_tunnel_features_out() {
+    let older_kernel = TapOffloads {
+        udp_tunnel: false,
+        udp_tunnel_csum: false,
+        ..tap_offloads(true, true)
+    };
+    let all = &["godwit-1.0", "godwit-1.1", "godwit-1.2"];
+    let hosts = [
+        host(
+            "new",
+            all,
+            vec![tap_peer("tap,ifname=gwtap0", tap_offloads(true, true))],
+        ),
+        host(
+            "old",
+            all,
+            vec![tap_peer("tap,ifname=gwtap0", older_kernel)],
+        ),
+    ];
+    let p = plan(&hosts, &[]).unwrap();
+    assert!(p.ok, "{p:?}");
+    assert_eq!(p.machine.as_deref(), Some("godwit-1.2"));
+    let d = &p.devices[0];
+    assert_eq!(
+        d.overrides,
+        [
+            "guest_tunnel",
+            "guest_tunnel_csum",
+            "host_tunnel",
+            "host_tunnel_csum"
+        ]
+    );
+    assert_eq!(
+        p.command_line.as_deref(),
+        Some("--machine godwit-1.2 --net tap,ifname=gwtap0,strict=on,guest_tunnel=off,guest_tunnel_csum=off,host_tunnel=off,host_tunnel_csum=off")
+    );
+    assert_eq!(d.no_override_machine.as_deref(), Some("godwit-1.1"));
+    assert_eq!(d.left_out.len(), 4, "{:?}", d.left_out);
+    for l in &d.left_out {
+        assert_eq!(l.lacking_on.len(), 1, "{l:?}");
+        assert_eq!(l.lacking_on[0].host, "old (old.json)");
+        assert!(
+            l.lacking_on[0].would_change.contains("Linux >= 6.17"),
+            "{l:?}"
+        );
+    }
+    assert_eq!(
+        d.offered.as_ref().unwrap().bits(),
+        resolve("godwit-1.1").unwrap().net_features()
+    );
+    // Both hosts current: godwit-1.2 as it is.
+    let hosts = [
+        host(
+            "new",
+            all,
+            vec![tap_peer("tap,ifname=gwtap0", tap_offloads(true, true))],
+        ),
+        host(
+            "new2",
+            all,
+            vec![tap_peer("tap,ifname=gwtap0", tap_offloads(true, true))],
+        ),
+    ];
+    let p = plan(&hosts, &[]).unwrap();
+    assert!(p.ok && p.devices[0].overrides.is_empty(), "{p:?}");
+    assert_eq!(
+        p.devices[0].offered.as_ref().unwrap().bits(),
+        resolve("godwit-1.2").unwrap().net_features()
+    );
+}
+
 #[test]
 fn plain_tap_host_gives_an_offload_free_plan_with_its_own_line() {
     let hosts = [
@@ -156,8 +236,13 @@ fn missing_peers_and_old_godwits_block_with_remedies() {
     assert!(!p.ok);
     assert_eq!(p.exit_code(), EXIT_NO_COMMON_ABI);
     assert_eq!(p.machine.as_deref(), Some("godwit-1.0"));
-    assert!(p.machine_notes[0]
-        .contains("godwit-1.1 is not used: unknown to the godwit of old (old.json)"));
+    assert!(
+        p.machine_notes
+            .iter()
+            .any(|n| n.contains("godwit-1.1 is not used: unknown to the godwit of old (old.json)")),
+        "{:?}",
+        p.machine_notes
+    );
     let b = &p.devices[0].blockers[0];
     assert_eq!(b.host.as_deref(), Some("old (old.json)"));
     assert!(
@@ -184,7 +269,8 @@ fn dpdk() -> PeerEntry {
     )
 }
 
-fn godwit_backend(active: &str, feats: u64, supported: &[&str]) -> PeerEntry {
+fn godwit_backend(active: &str, feats: Features, supported: &[&str]) -> PeerEntry {
+    let feats = godwit_devices::virtio::low64(feats);
     host_caps::vhost_user_entry(
         Some("vhost-user,socket=/run/vu.sock".into()),
         "/run/vu.sock",
@@ -358,10 +444,10 @@ fn override_set_is_minimal_by_brute_force() {
             .iter()
             .enumerate()
             .filter(|(i, _)| mask & (1 << i) != 0)
-            .fold(0u64, |a, (_, b)| a | bit(*b))
+            .fold(0, |a: Features, (_, b)| a | bit(*b))
     };
     let n = ubits.len() as u32;
-    let requireds: Vec<u64> = (0..1u32 << n)
+    let requireds: Vec<Features> = (0..1u32 << n)
         .map(subset)
         .filter(|r| features::check_dependencies(*r).is_empty())
         .step_by(7)
@@ -515,7 +601,9 @@ fn query_net_answers_become_a_vm_view() {
         .unwrap_err()
         .to_string();
     assert!(
-        e.contains("field `query-net[0].offered.hex`: 'lots' is not a 64-bit hex number"),
+        e.contains(
+            "field `query-net[0].offered.hex`: 'lots' is not a hex number of up to 32 digits"
+        ),
         "{e}"
     );
 }

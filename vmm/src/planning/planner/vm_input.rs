@@ -109,7 +109,7 @@ struct PeerAnswer {
 #[derive(Deserialize)]
 struct SetAnswer {
     #[serde(deserialize_with = "hex_bits")]
-    hex: u64,
+    hex: godwit_devices::virtio::Features,
 }
 
 /// `interface` is `{"name": ..}` (or a plain name).

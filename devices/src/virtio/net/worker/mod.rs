@@ -25,6 +25,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use crate::virtio::pause::PauseGate;
+use crate::virtio::Features;
 use virtio_bindings::virtio_net::*;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress};
@@ -34,13 +35,19 @@ use vmm_sys_util::eventfd::EventFd;
 mod rx;
 mod tx;
 
+#[cfg(test)]
+pub(crate) use tx::check_tunnel_header;
+
 use super::chain::{
-    build_iovecs, mark_dirty, parse_chain, seg_total, wants_interrupt, write_to_segs, Fatal, Seg,
-    MAX_SEGS,
+    build_iovecs, mark_dirty, parse_chain, read_from_segs, seg_total, wants_interrupt,
+    write_to_segs, Fatal, Seg, MAX_SEGS,
 };
 use super::ctrl::epoll_on;
-use super::features::tun_offloads_for_guest;
-use super::{Fault, Shared, CTRL_QUEUE, NET_HDR_LEN, RX_QUEUE, TX_QUEUE};
+use super::features::{
+    hdr, tun_offloads_for_guest, VIRTIO_NET_F_HOST_UDP_TUNNEL_GSO,
+    VIRTIO_NET_F_HOST_UDP_TUNNEL_GSO_CSUM,
+};
+use super::{Fault, Shared, CTRL_QUEUE, RX_QUEUE, TX_QUEUE};
 use crate::net::Tap;
 use crate::virtio::ratelimit::LogLimiter;
 use crate::virtio::{feature, ActivateParams, InterruptKind, VirtioInterrupt};
@@ -142,7 +149,14 @@ pub(crate) struct Worker {
     /// be 0, but the TAP sets DATA_VALID whenever the host verified a
     /// checksum.
     guest_csum: bool,
-    acked: u64,
+    acked: Features,
+    /// The virtio-net header in front of every frame, guest side and TAP
+    /// side: 12 bytes, or 24 with UDP tunnel GSO negotiated.
+    hdr_len: usize,
+    /// HOST_UDP_TUNNEL_GSO(_CSUM) negotiated: the guest may send tunnel
+    /// super-frames, whose headers are checked before the TAP sees them.
+    host_tunnel: bool,
+    host_tunnel_csum: bool,
     rx: Queue,
     rx_evt: EventFd,
     tx: Queue,
@@ -190,7 +204,7 @@ impl Worker {
     pub(crate) fn new(
         params: ActivateParams,
         tap: Arc<Tap>,
-        acked: u64,
+        acked: Features,
         shared: Arc<Shared>,
         stop: EventFd,
         gate: Arc<PauseGate>,
@@ -224,6 +238,9 @@ impl Worker {
             vnet_hdr: tap.has_vnet_hdr(),
             mrg_rxbuf: acked & feature(VIRTIO_NET_F_MRG_RXBUF) != 0,
             guest_csum: acked & feature(VIRTIO_NET_F_GUEST_CSUM) != 0,
+            hdr_len: hdr::len_for(acked),
+            host_tunnel: acked & feature(VIRTIO_NET_F_HOST_UDP_TUNNEL_GSO) != 0,
+            host_tunnel_csum: acked & feature(VIRTIO_NET_F_HOST_UDP_TUNNEL_GSO_CSUM) != 0,
             mem,
             tap,
             acked,
@@ -514,7 +531,7 @@ impl Worker {
         let limiter = &mut self.log;
         let mut applied = None;
         let mut set_offloads =
-            |offloads: u64| match tap.set_offload(tun_offloads_for_guest(offloads)) {
+            |offloads: Features| match tap.set_offload(tun_offloads_for_guest(offloads)) {
                 Ok(()) => {
                     applied = Some(offloads);
                     true

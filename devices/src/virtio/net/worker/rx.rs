@@ -85,7 +85,7 @@ impl Worker {
             let segs = &self.segs[start..];
             if segs.iter().any(|s| !s.write) {
                 Err(Fault::WrongDirection)
-            } else if seg_total(segs) < NET_HDR_LEN {
+            } else if seg_total(segs) < self.hdr_len {
                 Err(Fault::TooShort)
             } else {
                 Ok(())
@@ -199,7 +199,7 @@ impl Worker {
             Ok(n) => n,
             Err(e) => return self.tap_read_error(e).map(Some),
         };
-        if n > self.held_cap || n <= NET_HDR_LEN {
+        if n > self.held_cap || n <= self.hdr_len {
             // Truncated (the TAP reports the full length) or empty; the held
             // chains stay held for the next frame.
             let held_cap = self.held_cap;
@@ -248,7 +248,7 @@ impl Worker {
         self.held_iov.drain(..iovs);
         self.held_guards.drain(..guards);
         self.held_cap -= cap;
-        self.shared.counters.rx(n - NET_HDR_LEN);
+        self.shared.counters.rx(n - self.hdr_len);
         Ok(Some(ReadStep::Delivered))
     }
 
@@ -269,7 +269,7 @@ impl Worker {
                 Some(Ok(c)) => break c,
             }
         };
-        let skip = if self.vnet_hdr { 0 } else { NET_HDR_LEN };
+        let skip = if self.vnet_hdr { 0 } else { self.hdr_len };
         if first.cap >= RX_BUF_LEN {
             return self.read_direct(first, skip);
         }
@@ -278,15 +278,16 @@ impl Worker {
         let res = if self.vnet_hdr {
             self.tap.read(&mut self.bounce)
         } else {
-            self.bounce[..NET_HDR_LEN].fill(0);
-            self.tap.read(&mut self.bounce[NET_HDR_LEN..])
+            let hdr_len = self.hdr_len;
+            self.bounce[..hdr_len].fill(0);
+            self.tap.read(&mut self.bounce[hdr_len..])
         };
         match res {
             Ok(n) if n + skip > self.bounce.len() => {
                 self.rx_frame_lost(Fault::Peer, format_args!("the TAP delivered a frame of {n} bytes, larger than godwit's {RX_BUF_LEN}-byte buffer; it was truncated and dropped"));
                 Ok(ReadStep::Delivered)
             }
-            Ok(n) if n + skip <= NET_HDR_LEN => {
+            Ok(n) if n + skip <= self.hdr_len => {
                 self.rx_frame_lost(
                     Fault::Peer,
                     format_args!("the TAP delivered an empty frame"),
@@ -344,7 +345,7 @@ impl Worker {
         };
         let segs = &self.segs[chain.segs.0..chain.segs.1];
         let written = n.min(chain.cap - skip);
-        if n + skip > chain.cap || n + skip <= NET_HDR_LEN {
+        if n + skip > chain.cap || n + skip <= self.hdr_len {
             if self.shared.tracking() {
                 mark_dirty(&self.mem, segs, skip, written);
             }
@@ -366,16 +367,16 @@ impl Worker {
             }
             write_to_segs(&self.mem, segs, 10, &1u16.to_le_bytes(), false);
         } else {
-            let mut hdr = [0u8; NET_HDR_LEN];
+            let mut hdr = [0u8; hdr::TUNNEL_LEN];
             hdr[10..12].copy_from_slice(&1u16.to_le_bytes());
-            write_to_segs(&self.mem, segs, 0, &hdr, false);
+            write_to_segs(&self.mem, segs, 0, &hdr[..self.hdr_len], false);
         }
         let len = n + skip;
         // Marked after the writes (see Shared::tracking), header included.
         if self.shared.tracking() {
             mark_dirty(&self.mem, segs, 0, len);
         }
-        self.shared.counters.rx(len - NET_HDR_LEN);
+        self.shared.counters.rx(len - self.hdr_len);
         self.add_used(RX_QUEUE, chain.head, len as u32)?;
         Ok(ReadStep::Delivered)
     }
@@ -424,7 +425,7 @@ impl Worker {
                 format_args!(
                     "dropping a received frame of {} bytes: the guest's receive buffer holds {cap} \
                      (MTU or offload mismatch?)",
-                    len - NET_HDR_LEN
+                    len - self.hdr_len
                 ),
             );
             self.add_used(RX_QUEUE, small.head, 0)?;
@@ -461,7 +462,7 @@ impl Worker {
             self.return_bad_rx(head, f)?;
         }
         self.pending = 0;
-        self.shared.counters.rx(len - NET_HDR_LEN);
+        self.shared.counters.rx(len - self.hdr_len);
         Ok(Delivery::Done)
     }
 
@@ -472,7 +473,7 @@ impl Worker {
         self.bad.clear();
         self.rx.set_next_avail(rewind_to);
         if examined >= self.rx.size() {
-            let len = self.pending - NET_HDR_LEN;
+            let len = self.pending - self.hdr_len;
             self.pending = 0;
             self.rx_frame_lost(Fault::TooLarge, format_args!("dropping a received frame of {len} bytes: it does not fit even the whole receive ring"));
             return Ok(Delivery::Dropped);

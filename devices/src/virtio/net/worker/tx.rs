@@ -61,10 +61,12 @@ impl Worker {
         if fault.is_none() {
             fault = if self.segs.iter().any(|s| s.write) {
                 Some(Fault::WrongDirection)
-            } else if total < NET_HDR_LEN {
+            } else if total < self.hdr_len {
                 Some(Fault::TooShort)
             } else if total > TX_MAX_LEN {
                 Some(Fault::TooLarge)
+            } else if self.hdr_len == hdr::TUNNEL_LEN && !self.tunnel_header_ok(total) {
+                Some(Fault::BadHeader)
             } else {
                 None
             };
@@ -77,7 +79,7 @@ impl Worker {
             )?;
             return Ok(true);
         }
-        let skip = if self.vnet_hdr { 0 } else { NET_HDR_LEN };
+        let skip = if self.vnet_hdr { 0 } else { self.hdr_len };
         if !build_iovecs(&self.mem, &self.segs, skip, &mut self.iov, &mut self.guards) {
             self.tx_drop(
                 head,
@@ -94,7 +96,7 @@ impl Worker {
         self.guards.clear();
         match res {
             Ok(_) => {
-                self.shared.counters.tx(total - NET_HDR_LEN);
+                self.shared.counters.tx(total - self.hdr_len);
                 self.add_used(TX_QUEUE, head, 0)?;
                 Ok(true)
             }
@@ -110,12 +112,32 @@ impl Worker {
                     Fault::Peer,
                     format_args!(
                         "the TAP refused a frame of {} bytes: {e}",
-                        total - NET_HDR_LEN
+                        total - self.hdr_len
                     ),
                 )?;
                 Ok(true)
             }
         }
+    }
+
+    /// With the tunnel header negotiated, checks what the guest's header
+    /// says about a UDP tunnel against what was negotiated and against the
+    /// frame (`total` bytes, header included) before the kernel sees it: a
+    /// tunnel gso_type only with HOST_UDP_TUNNEL_GSO, one outer family, an
+    /// inner TCP or UDP segmentation, the outer transport header and the
+    /// inner network header inside the frame and in that order, the outer
+    /// checksum flag only with HOST_UDP_TUNNEL_GSO_CSUM.
+    fn tunnel_header_ok(&self, total: usize) -> bool {
+        let mut h = [0u8; hdr::TUNNEL_LEN];
+        if read_from_segs(&self.mem, &self.segs, &mut h) < hdr::TUNNEL_LEN {
+            return false;
+        }
+        check_tunnel_header(
+            &h,
+            total - hdr::TUNNEL_LEN,
+            self.host_tunnel,
+            self.host_tunnel_csum,
+        )
     }
 
     fn tx_drop(&mut self, head: u16, f: Fault, msg: std::fmt::Arguments<'_>) -> Result<(), Fatal> {
@@ -124,3 +146,42 @@ impl Worker {
         self.add_used(TX_QUEUE, head, 0)
     }
 }
+
+/// [`Worker::tunnel_header_ok`] on a header `h` in front of a frame of
+/// `frame` bytes (header excluded).
+pub(crate) fn check_tunnel_header(
+    h: &[u8; hdr::TUNNEL_LEN],
+    frame: usize,
+    host_tunnel: bool,
+    host_tunnel_csum: bool,
+) -> bool {
+    let (flags, gso_type) = (h[0], h[1]);
+    let tunnel = gso_type & hdr::GSO_UDP_TUNNEL;
+    if tunnel == 0 {
+        // No tunnel: the outer checksum flag means nothing and is refused.
+        return flags & hdr::F_UDP_TUNNEL_CSUM == 0;
+    }
+    if !host_tunnel || tunnel == hdr::GSO_UDP_TUNNEL {
+        return false;
+    }
+    if flags & hdr::F_UDP_TUNNEL_CSUM != 0 && !host_tunnel_csum {
+        return false;
+    }
+    let inner = u32::from(gso_type & !(hdr::GSO_UDP_TUNNEL | VIRTIO_NET_HDR_GSO_ECN as u8));
+    if !matches!(
+        inner,
+        VIRTIO_NET_HDR_GSO_TCPV4 | VIRTIO_NET_HDR_GSO_TCPV6 | VIRTIO_NET_HDR_GSO_UDP_L4
+    ) {
+        return false;
+    }
+    let at = |o: usize| usize::from(u16::from_le_bytes([h[o], h[o + 1]]));
+    let (outer_th, inner_nh) = (at(hdr::OUTER_TH_OFFSET), at(hdr::INNER_NH_OFFSET));
+    // An outer UDP header (8 bytes) at outer_th, the inner network header
+    // after it, and inner headers inside the frame.
+    const UDP_HDR: usize = 8;
+    outer_th >= ETH_AND_MIN_IP && outer_th + UDP_HDR <= inner_nh && inner_nh < frame
+}
+
+/// An Ethernet header and the smallest IPv4 header: no outer transport
+/// header starts before.
+const ETH_AND_MIN_IP: usize = 14 + 20;
