@@ -9,7 +9,7 @@ use godwit_tests::udp::sizes_up_to_mtu;
 use godwit_tests::{hex_field, serve_cmdline, sh, udp_echo, NetHost, RunningVm, BOOT};
 
 /// Features a TAP without vnet header cannot carry (the strict remedy).
-const NO_OFFLOADS: &str = "csum=off,guest_csum=off,guest_tso4=off,guest_tso6=off,guest_ecn=off,guest_ufo=off,host_tso4=off,host_tso6=off,host_ecn=off,host_ufo=off,guest_uso4=off,guest_uso6=off,host_uso=off";
+const NO_OFFLOADS: &str = "csum=off,guest_csum=off,guest_tso4=off,guest_tso6=off,guest_ecn=off,guest_ufo=off,host_tso4=off,host_tso6=off,host_ecn=off,host_ufo=off,guest_uso4=off,guest_uso6=off,host_uso=off,guest_tunnel=off,guest_tunnel_csum=off,host_tunnel=off,host_tunnel_csum=off";
 
 fn serve(host: &NetHost, net: &str, extra_cmdline: &str) -> RunningVm {
     let cmdline = serve_cmdline(1000, &format!("{} {extra_cmdline}", host.guest_ip_param()));

@@ -133,7 +133,7 @@ fn strict_off_registers_a_blocker_and_query_net_matches_the_guest() {
     let nets = qmp.execute("query-net", Value::Null).unwrap();
     let net0 = &nets[0];
     assert_eq!(net0["id"], "net0");
-    assert_eq!(net0["machine"], "godwit-1.1");
+    assert_eq!(net0["machine"], "godwit-1.2");
     assert_eq!(net0["strict"], false);
     assert_eq!(net0["peer"]["kind"], "tap");
     assert_eq!(net0["peer"]["vnet_hdr"], false);
@@ -206,7 +206,7 @@ fn machine_listing_and_help() {
         let out = run_godwit(args, BOOT);
         assert_eq!(out.code(), Some(0), "{out:?}");
         assert!(
-            out.stdout.contains("godwit-1.1 (alias 'godwit', default)"),
+            out.stdout.contains("godwit-1.2 (alias 'godwit', default)"),
             "{out:?}"
         );
         assert!(
@@ -277,8 +277,9 @@ fn bad_machine_and_property_input_lists_the_valid_choices() {
     let out = run_godwit(&["run", "--machine", "pc-q35-8.1"], BOOT);
     assert_eq!(out.code(), Some(1), "{out:?}");
     assert!(
-        out.stderr
-            .contains("unknown machine type 'pc-q35-8.1'; valid: godwit, godwit-1.1, godwit-1.0"),
+        out.stderr.contains(
+            "unknown machine type 'pc-q35-8.1'; valid: godwit, godwit-1.2, godwit-1.1, godwit-1.0"
+        ),
         "{out:?}"
     );
     let out = run_godwit(&["run", "--net", "tap,ifname=x0,frobnicate=on"], BOOT);
