@@ -17,7 +17,7 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
 pub use libc::{
     TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN, TUN_F_UFO, TUN_F_USO4, TUN_F_USO6,
@@ -124,6 +124,17 @@ pub enum TapError {
         #[source]
         source: io::Error,
     },
+    #[error(
+        "TAP {name} is a single-queue TAP (created without multi_queue), so it cannot carry \
+         {wanted} queue pairs (one queue each); give it queues=1, or recreate it as a \
+         multi-queue TAP (ip tuntap add {name} mode tap multi_queue vnet_hdr)"
+    )]
+    SingleQueue { name: String, wanted: u16 },
+    #[error(
+        "the TAP descriptors given are not queues of one multi-queue TAP: {detail}; pass one \
+         descriptor per queue pair, each opened with IFF_MULTI_QUEUE on the same interface"
+    )]
+    NotOneMultiQueueTap { detail: String },
     #[error("cannot {op} of TAP {name}: {source}")]
     Ioctl {
         name: String,
@@ -203,6 +214,10 @@ pub struct Tap {
     /// The last `TUNSETOFFLOAD` value set through this handle. The kernel has
     /// no getter; a freshly opened TAP starts at 0.
     offload: AtomicU32,
+    /// One queue of a multi-queue TAP (`IFF_MULTI_QUEUE`).
+    multi_queue: bool,
+    /// Whether this queue is attached (`TUNSETQUEUE`); a fresh queue is.
+    attached: AtomicBool,
 }
 
 fn ifreq_with_name(name: &str) -> libc::ifreq {
@@ -244,6 +259,16 @@ fn check_name(name: &str) -> Result<(), TapError> {
             reason,
         }),
         None => Ok(()),
+    }
+}
+
+/// Whether `name`, which refused a multi-queue attach, is a TAP of this
+/// namespace created without `IFF_MULTI_QUEUE`: a single-queue attach then
+/// succeeds, or fails only because another process holds its one queue.
+fn is_single_queue_tap(name: &str) -> bool {
+    match Tap::open_queue(name, VnetHdr::Auto, false) {
+        Ok(_) | Err(TapError::Busy { .. }) => true,
+        Err(_) => false,
     }
 }
 
@@ -294,6 +319,38 @@ impl Tap {
     /// thread's network namespace. An empty name lets the kernel pick one
     /// (`tap%d`). The fd is non-blocking.
     pub fn open(name: &str, vnet_hdr: VnetHdr) -> Result<Tap, TapError> {
+        Self::open_queue(name, vnet_hdr, false)
+    }
+
+    /// Opens `queues` queues of the TAP `name` (created if it does not
+    /// exist): one plain single-queue open for 1, else `IFF_MULTI_QUEUE`
+    /// queues of one multi-queue TAP. An existing single-queue TAP cannot
+    /// take more queues: [`TapError::SingleQueue`].
+    pub fn open_queues(name: &str, vnet_hdr: VnetHdr, queues: u16) -> Result<Vec<Tap>, TapError> {
+        if queues <= 1 {
+            return Ok(vec![Self::open(name, vnet_hdr)?]);
+        }
+        let first = Self::open_queue(name, vnet_hdr, true).map_err(|e| match e {
+            TapError::NameTaken { name } if is_single_queue_tap(&name) => TapError::SingleQueue {
+                name,
+                wanted: queues,
+            },
+            e => e,
+        })?;
+        let vnet = if first.vnet_hdr {
+            VnetHdr::On
+        } else {
+            VnetHdr::Off
+        };
+        let name = first.name.clone();
+        let mut taps = vec![first];
+        for _ in 1..queues {
+            taps.push(Self::open_queue(&name, vnet, true)?);
+        }
+        Ok(taps)
+    }
+
+    fn open_queue(name: &str, vnet_hdr: VnetHdr, multi_queue: bool) -> Result<Tap, TapError> {
         if !name.is_empty() {
             check_name(name)?;
         }
@@ -321,6 +378,9 @@ impl Tap {
         if want_vnet {
             flags |= libc::IFF_VNET_HDR;
         }
+        if multi_queue {
+            flags |= libc::IFF_MULTI_QUEUE;
+        }
         ifr.ifr_ifru.ifru_flags = flags as libc::c_short;
         // SAFETY: TUNSETIFF reads and writes one ifreq, which points to a live local.
         let res = unsafe {
@@ -344,9 +404,11 @@ impl Tap {
             file,
             vnet_hdr: want_vnet,
             offload: AtomicU32::new(0),
+            multi_queue,
+            attached: AtomicBool::new(true),
         };
         tap.init_vnet_hdr()?;
-        tracing::debug!(tap = %tap.name, vnet_hdr = want_vnet, "opened TAP");
+        tracing::debug!(tap = %tap.name, vnet_hdr = want_vnet, multi_queue, "opened TAP");
         Ok(tap)
     }
 
@@ -406,6 +468,8 @@ impl Tap {
             name,
             vnet_hdr: has_vnet,
             offload: AtomicU32::new(0),
+            multi_queue: flags & libc::IFF_MULTI_QUEUE != 0,
+            attached: AtomicBool::new(true),
         };
         tap.init_vnet_hdr()?;
         tracing::debug!(tap = %tap.name, fd = raw, vnet_hdr = has_vnet, "adopted TAP fd");
@@ -423,6 +487,8 @@ impl Tap {
             name: "fuzz".to_string(),
             vnet_hdr,
             offload: AtomicU32::new(0),
+            multi_queue: false,
+            attached: AtomicBool::new(true),
         })
     }
 
@@ -444,6 +510,86 @@ impl Tap {
             source,
         })?;
         Ok(())
+    }
+
+    /// Adopts descriptors handed in for the queues of one TAP (`fds=`):
+    /// one descriptor is any TAP fd ([`Tap::from_fd`]); several must be
+    /// queues of the same multi-queue TAP, with the same vnet header.
+    pub fn from_fds(fds: Vec<OwnedFd>, vnet_hdr: VnetHdr) -> Result<Vec<Tap>, TapError> {
+        let many = fds.len() > 1;
+        let mut taps: Vec<Tap> = Vec::with_capacity(fds.len());
+        for fd in fds {
+            let tap = Self::from_fd(fd, vnet_hdr)?;
+            if many && !tap.multi_queue {
+                return Err(TapError::NotOneMultiQueueTap {
+                    detail: format!("fd {} is a single-queue TAP ({})", tap.raw_fd(), tap.name),
+                });
+            }
+            if let Some(first) = taps.first() {
+                if first.name != tap.name || first.vnet_hdr != tap.vnet_hdr {
+                    return Err(TapError::NotOneMultiQueueTap {
+                        detail: format!(
+                            "fd {} is TAP {} (vnet_hdr {}), fd {} is TAP {} (vnet_hdr {})",
+                            first.raw_fd(),
+                            first.name,
+                            first.vnet_hdr,
+                            tap.raw_fd(),
+                            tap.name,
+                            tap.vnet_hdr
+                        ),
+                    });
+                }
+            }
+            taps.push(tap);
+        }
+        Ok(taps)
+    }
+
+    /// Whether this is one queue of a multi-queue TAP.
+    pub fn is_multi_queue(&self) -> bool {
+        self.multi_queue
+    }
+
+    /// Attaches or detaches this queue of a multi-queue TAP (`TUNSETQUEUE`):
+    /// the kernel steers no frame to a detached queue. A single-queue TAP
+    /// has nothing to switch; a queue already in that state is left alone.
+    pub fn set_queue_enabled(&self, on: bool) -> Result<(), TapError> {
+        if !self.multi_queue || self.attached.load(Ordering::SeqCst) == on {
+            return Ok(());
+        }
+        let mut ifr = ifreq_with_name("");
+        let flags = if on {
+            libc::IFF_ATTACH_QUEUE
+        } else {
+            libc::IFF_DETACH_QUEUE
+        };
+        ifr.ifr_ifru.ifru_flags = flags as libc::c_short;
+        // SAFETY: TUNSETQUEUE reads one ifreq (its flags) from the pointer,
+        // a live local.
+        unsafe {
+            ioctl_raw(
+                self.raw_fd(),
+                libc::TUNSETQUEUE,
+                &mut ifr as *mut libc::ifreq as libc::c_ulong,
+            )
+        }
+        .map_err(|source| {
+            self.ioctl_err(
+                if on {
+                    "attach a queue (TUNSETQUEUE)"
+                } else {
+                    "detach a queue (TUNSETQUEUE)"
+                },
+                source,
+            )
+        })?;
+        self.attached.store(on, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Whether this queue is attached (see [`Tap::set_queue_enabled`]).
+    pub fn queue_enabled(&self) -> bool {
+        self.attached.load(Ordering::SeqCst)
     }
 
     /// The interface name.

@@ -151,6 +151,7 @@ fn rig(tag: &str, mac: [u8; 6], kernel_features: u64) -> Result<Rig, VhostNetErr
         features,
         mtu: 1500,
         queue_size: 256,
+        queue_pairs: 1,
     };
     let dev = VhostKernelNet::new(peer, config)?;
     Ok(Rig {

@@ -152,6 +152,7 @@ impl Harness {
                     features,
                     mtu: 1500,
                     queue_size: QUEUE_SIZE,
+                    queue_pairs: 1,
                 },
                 pin: None,
                 timeout: Duration::from_secs(5),

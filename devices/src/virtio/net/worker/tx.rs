@@ -94,7 +94,7 @@ impl Worker {
         self.guards.clear();
         match res {
             Ok(_) => {
-                self.shared.counters.tx(total - NET_HDR_LEN);
+                self.count_tx(total - NET_HDR_LEN);
                 self.add_used(TX_QUEUE, head, 0)?;
                 Ok(true)
             }
