@@ -224,6 +224,7 @@ fn fake_destination(ns: &str, addr: String, phase: &'static str) -> std::thread:
                     peer_kind: d.peer_kind.clone(),
                     peer: "fake".into(),
                     supported: u64::MAX,
+                    max_queue_pairs: d.queue_pairs,
                 })
                 .collect(),
             host_cpuid: hello.cpuid.clone(),

@@ -38,7 +38,9 @@ pub struct MachineType {
     pub net: NetAbi,
 }
 
-use godwit_devices::virtio::net::features::groups::{BASE as BASE_FEATURES, USO as USO_FEATURES};
+use godwit_devices::virtio::net::features::groups::{
+    BASE as BASE_FEATURES, MQ as MQ_FEATURES, USO as USO_FEATURES,
+};
 
 const CONFIG_FIELDS: &[&str] = &["mac", "status", "max_virtqueue_pairs", "mtu"];
 
@@ -62,6 +64,23 @@ pub static MACHINE_TYPES: &[MachineType] = &[
         net: NetAbi {
             features: &[BASE_FEATURES, USO_FEATURES],
             queue_pairs: 1,
+            queue_size: 256,
+            mtu: 1500,
+            config_fields: CONFIG_FIELDS,
+            strict: true,
+        },
+    },
+    // Two pairs: enough to spread a 2-vCPU guest's traffic over two
+    // datapath threads; every Linux TAP can carry them (IFF_MULTI_QUEUE
+    // since 3.8); few enough to keep host threads and memory modest. A
+    // single-queue peer (a TAP created without multi_queue, DPDK's default
+    // queues=1) is refused by strict with remedies (queues=1, godwit-1.1).
+    MachineType {
+        name: "godwit-1.2",
+        adds: "multi-queue: mq with 2 queue pairs (TAP peers must be multi-queue TAPs; vhost-user backends need 4 queues)",
+        net: NetAbi {
+            features: &[BASE_FEATURES, USO_FEATURES, MQ_FEATURES],
+            queue_pairs: 2,
             queue_size: 256,
             mtu: 1500,
             config_fields: CONFIG_FIELDS,
@@ -250,6 +269,10 @@ mod tests {
             resolve("godwit-1.1").unwrap().previous().unwrap().name,
             "godwit-1.0"
         );
+        for pair in MACHINE_TYPES.windows(2) {
+            assert!(pair[1].net.queue_pairs >= pair[0].net.queue_pairs);
+        }
+        assert_eq!(resolve("godwit-1.2").unwrap().net.queue_pairs, 2);
     }
 
     /// Each released type's ABI is frozen in tests/golden/machine-types/.

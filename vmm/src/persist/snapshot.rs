@@ -50,10 +50,12 @@ pub const SERIAL_SECTION: SectionKind = SectionKind {
     required: true,
     instanced: false,
 };
+/// Version 2 adds the queue pairs (`queue_pairs` here, the pairs in use in
+/// the device state); version 1 sections are devices of one pair.
 pub const NET_SECTION: SectionKind = SectionKind {
     id: kind_ids::FIRST_DEVICE + 1,
     name: "net",
-    version: 1,
+    version: 2,
     min_version: 1,
     required: true,
     instanced: true,
@@ -89,11 +91,19 @@ pub struct NetSnapshot {
     pub required: u64,
     /// What the guest was offered: every peer it runs on must carry all of it.
     pub offered: u64,
+    /// Queue pairs offered (`max_virtqueue_pairs`): every peer it runs on
+    /// must carry as many. Absent (section version 1): 1.
+    #[serde(default = "one_queue_pair")]
+    pub queue_pairs: u16,
     pub interface: Option<String>,
     pub mmio_base: u64,
     pub irq: u32,
     pub device: VirtioNetState,
     pub transport: MmioTransportState,
+}
+
+fn one_queue_pair() -> u16 {
+    1
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -238,6 +248,7 @@ pub(crate) fn net_snapshot(net: &NetDevice) -> NetSnapshot {
         strict: net.decision.strict,
         required: net.decision.required,
         offered: device.offered,
+        queue_pairs: net.decision.queue_pairs,
         interface: net
             .device
             .lock()
@@ -330,7 +341,7 @@ pub enum RestoreError {
         saved: String,
         given: String,
     },
-    #[error("{device}: this host's peer ({peer}) lacks features the guest was offered {when}, so the VM is refused before it runs here (the guest may use them at any moment, and renegotiates them after a reboot):\n{}\n  Remedies (any one): give this VM a peer that carries them (for a TAP: vnet_hdr=on, on a kernel with the listed offloads; check with godwit probe --net SPEC), or run it on a host whose peer does", missing.join("\n"))]
+    #[error("{device}: this host's peer ({peer}) lacks features or queue pairs the guest was offered {when}, so the VM is refused before it runs here (the guest may use them at any moment, and renegotiates them after a reboot):\n{}\n  Remedies (any one): give this VM a peer that carries them (for a TAP: vnet_hdr=on, on a kernel with the listed offloads, a multi-queue TAP for several queue pairs; check with godwit probe --net SPEC), or run it on a host whose peer does", missing.join("\n"))]
     PeerLacks {
         device: String,
         peer: String,
@@ -366,16 +377,19 @@ fn invalid(path: &Path, section: &str, detail: impl Into<String>) -> RestoreErro
     }
 }
 
-/// Checks a peer against what the guest was offered; `when` says where the
-/// offer was made ("when the snapshot was taken", "on the source").
+/// Checks a peer against what the guest was offered (features and
+/// `queue_pairs`); `when` says where the offer was made ("when the snapshot
+/// was taken", "on the source").
 pub fn check_peer(
     device: &str,
     offered: u64,
+    queue_pairs: u16,
     peer: &PeerSupport,
     when: &str,
 ) -> Result<(), RestoreError> {
     let missing = offered & !peer.supported;
-    if missing == 0 {
+    let pairs_lack = queue_pairs > peer.max_queue_pairs;
+    if missing == 0 && !pairs_lack {
         return Ok(());
     }
     // One line per reason: a TAP without vnet header explains a dozen bits.
@@ -392,14 +406,25 @@ pub fn check_peer(
             None => by_reason.push((why, vec![item])),
         }
     }
+    let mut lines: Vec<String> = by_reason
+        .into_iter()
+        .map(|(why, items)| format!("    {}: {why}", items.join(", ")))
+        .collect();
+    if pairs_lack {
+        lines.push(format!(
+            "    {queue_pairs} queue pairs, the peer carries {}{}",
+            peer.max_queue_pairs,
+            peer.queue_why
+                .as_deref()
+                .map(|w| format!(": {w}"))
+                .unwrap_or_default()
+        ));
+    }
     Err(RestoreError::PeerLacks {
         device: device.to_string(),
         peer: peer.name.clone(),
         when: when.to_string(),
-        missing: by_reason
-            .into_iter()
-            .map(|(why, items)| format!("    {}: {why}", items.join(", ")))
-            .collect(),
+        missing: lines,
     })
 }
 
@@ -470,6 +495,19 @@ pub fn read_saved(container: &Container, path: &Path) -> Result<SavedVm, Restore
                 format!("unknown peer kind '{}'", net.peer_kind),
             ));
         }
+        let max = godwit_devices::virtio::net::MAX_QUEUE_PAIRS;
+        if !(1..=max).contains(&net.queue_pairs)
+            || !(1..=net.queue_pairs).contains(&net.device.queue_pairs)
+        {
+            return Err(invalid(
+                path,
+                &NET_SECTION.section_name(i),
+                format!(
+                    "{} queue pairs, {} in use: a device has 1 to {max}, and uses 1 to all of them",
+                    net.queue_pairs, net.device.queue_pairs
+                ),
+            ));
+        }
         nets.push(net);
     }
     let memory = container
@@ -510,8 +548,15 @@ pub fn open_peers(
                 given: spec.peer.kind().to_string(),
             });
         }
-        let (opened, peer) = net::open_peer(&net.id, spec, net.interface.as_deref())?;
-        check_peer(&net.id, net.offered, &peer, "when the snapshot was taken")?;
+        let (opened, peer) =
+            net::open_peer(&net.id, spec, net.interface.as_deref(), net.queue_pairs)?;
+        check_peer(
+            &net.id,
+            net.offered,
+            net.queue_pairs,
+            &peer,
+            "when the snapshot was taken",
+        )?;
         peers.push((opened, peer));
     }
     Ok(peers)
@@ -542,6 +587,7 @@ pub(crate) fn rebuild_nets(
             features: net.offered,
             mtu: net.device.mtu,
             queue_size,
+            queue_pairs: net.queue_pairs,
             pin: net.interface.clone(),
             strict: net.strict,
         };
@@ -572,6 +618,9 @@ pub(crate) fn rebuild_nets(
             decision: NetAbiDecision {
                 required: net.required,
                 offered: net.offered,
+                // A VM that lacked pairs had a blocker: no snapshot.
+                required_queue_pairs: net.queue_pairs,
+                queue_pairs: net.queue_pairs,
                 strict: net.strict,
                 dropped: 0,
                 blocker: None,

@@ -370,7 +370,7 @@ pub static FEATURES: &[NetFeature] = &[
         &[],
         true,
     ),
-    // godwit has one queue pair: MQ only advertises max_virtqueue_pairs = 1.
+    // max_virtqueue_pairs is the device's queue pair count (queues=).
     f(
         VIRTIO_NET_F_MQ,
         "mq",
@@ -605,6 +605,10 @@ pub mod groups {
     ];
     /// UDP segmentation offload.
     pub const USO: &[&str] = &["guest_uso4", "guest_uso6", "host_uso"];
+    /// Multi-queue: several receive/transmit queue pairs, chosen by the
+    /// driver with VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET (the count is the ABI's
+    /// `queue_pairs`).
+    pub const MQ: &[&str] = &["mq"];
 }
 
 /// The bits of feature groups given by canonical names.
