@@ -71,10 +71,7 @@ pub enum TapError {
          reader); stop that process or choose another TAP"
     )]
     Busy { name: String },
-    #[error(
-        "an interface named {name:?} already exists and is not a TAP (or is a multi-queue \
-         TAP); choose another name"
-    )]
+    #[error("an interface named {name:?} already exists and is not a TAP; choose another name")]
     NameTaken { name: String },
     #[error("cannot create or attach TAP {name:?}: {source}")]
     Attach {
@@ -262,16 +259,6 @@ fn check_name(name: &str) -> Result<(), TapError> {
     }
 }
 
-/// Whether `name`, which refused a multi-queue attach, is a TAP of this
-/// namespace created without `IFF_MULTI_QUEUE`: a single-queue attach then
-/// succeeds, or fails only because another process holds its one queue.
-fn is_single_queue_tap(name: &str) -> bool {
-    match Tap::open_queue(name, VnetHdr::Auto, false) {
-        Ok(_) | Err(TapError::Busy { .. }) => true,
-        Err(_) => false,
-    }
-}
-
 /// Runs `ioctl(fd, req, arg)` and maps -1 to the errno.
 ///
 /// # Safety
@@ -318,25 +305,35 @@ impl Tap {
     /// Creates the TAP `name` (or attaches to it if it exists) in the calling
     /// thread's network namespace. An empty name lets the kernel pick one
     /// (`tap%d`). The fd is non-blocking.
+    /// One queue of an existing multi-queue TAP is opened as such.
     pub fn open(name: &str, vnet_hdr: VnetHdr) -> Result<Tap, TapError> {
-        Self::open_queue(name, vnet_hdr, false)
+        let mut queues = Self::open_queues(name, vnet_hdr, 1)?;
+        queues.pop().ok_or_else(|| TapError::NameTaken {
+            name: name.to_string(),
+        })
     }
 
     /// Opens `queues` queues of the TAP `name` (created if it does not
-    /// exist): one plain single-queue open for 1, else `IFF_MULTI_QUEUE`
-    /// queues of one multi-queue TAP. An existing single-queue TAP cannot
-    /// take more queues: [`TapError::SingleQueue`].
+    /// exist; several make it a multi-queue TAP, `IFF_MULTI_QUEUE`). One
+    /// queue of an existing multi-queue TAP is opened as such. An existing
+    /// single-queue TAP cannot take more queues: [`TapError::SingleQueue`].
     pub fn open_queues(name: &str, vnet_hdr: VnetHdr, queues: u16) -> Result<Vec<Tap>, TapError> {
-        if queues <= 1 {
-            return Ok(vec![Self::open(name, vnet_hdr)?]);
-        }
-        let first = Self::open_queue(name, vnet_hdr, true).map_err(|e| match e {
-            TapError::NameTaken { name } if is_single_queue_tap(&name) => TapError::SingleQueue {
-                name,
-                wanted: queues,
+        let multi = queues > 1;
+        let first = match Self::open_queue(name, vnet_hdr, multi) {
+            // The kernel refuses a queue mode other than the TAP's own:
+            // find out which the TAP has.
+            Err(TapError::NameTaken { name }) => match Self::open_queue(&name, vnet_hdr, !multi) {
+                Ok(_) | Err(TapError::Busy { .. }) if multi => {
+                    return Err(TapError::SingleQueue {
+                        name,
+                        wanted: queues,
+                    })
+                }
+                Ok(tap) => tap,
+                Err(_) => return Err(TapError::NameTaken { name }),
             },
-            e => e,
-        })?;
+            other => other?,
+        };
         let vnet = if first.vnet_hdr {
             VnetHdr::On
         } else {

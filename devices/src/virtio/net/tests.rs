@@ -1089,6 +1089,70 @@ fn adopting_fds() {
     assert!(e.to_string().contains("another process"), "{e}");
 }
 
+/// Queues of one TAP: several make a multi-queue TAP, one queue of it
+/// opens as such, a single-queue TAP refuses more with the remedy, and
+/// descriptors handed in must be queues of one multi-queue TAP.
+#[test]
+fn multi_queue_taps_by_name_and_by_descriptors() {
+    let ns = NetNs::new("mqtap").unwrap();
+    let queues = ns
+        .enter(|| Tap::open_queues("gwm0", VnetHdr::On, 3))
+        .unwrap()
+        .unwrap();
+    assert_eq!(queues.len(), 3);
+    assert!(queues
+        .iter()
+        .all(|q| q.is_multi_queue() && q.name() == "gwm0"));
+    // Detach and attach again; a queue already in that state is left alone.
+    queues[2].set_queue_enabled(false).unwrap();
+    queues[2].set_queue_enabled(false).unwrap();
+    assert!(!queues[2].queue_enabled());
+    queues[2].set_queue_enabled(true).unwrap();
+    let one = ns
+        .enter(|| Tap::open("gwm0", VnetHdr::On))
+        .unwrap()
+        .unwrap();
+    assert!(one.is_multi_queue());
+    // Descriptors: the queues of one multi-queue TAP, or any one TAP.
+    let fds = queues.iter().map(|q| dup(q.as_raw_fd())).collect();
+    let adopted = Tap::from_fds(fds, VnetHdr::On).unwrap();
+    assert_eq!(adopted.len(), 3);
+    let single = ns
+        .enter(|| Tap::open("gws0", VnetHdr::On))
+        .unwrap()
+        .unwrap();
+    assert!(!single.is_multi_queue());
+    let e = Tap::from_fds(
+        vec![dup(queues[0].as_raw_fd()), dup(single.as_raw_fd())],
+        VnetHdr::Auto,
+    )
+    .unwrap_err();
+    assert!(matches!(e, TapError::NotOneMultiQueueTap { .. }), "{e}");
+    drop(single);
+    let e = ns
+        .enter(|| Tap::open_queues("gws0", VnetHdr::On, 2))
+        .unwrap();
+    // gws0 was not persistent: closing its only queue deleted it, so this
+    // created a new multi-queue TAP.
+    assert_eq!(e.unwrap().len(), 2);
+    ns.ip(&["tuntap", "add", "dev", "gwp0", "mode", "tap", "vnet_hdr"])
+        .unwrap();
+    let e = ns
+        .enter(|| Tap::open_queues("gwp0", VnetHdr::On, 2))
+        .unwrap()
+        .unwrap_err();
+    assert!(matches!(e, TapError::SingleQueue { wanted: 2, .. }), "{e}");
+    let msg = e.to_string();
+    assert!(
+        msg.contains("single-queue TAP") && msg.contains("queues=1") && msg.contains("multi_queue"),
+        "{msg}"
+    );
+    // One queue of it still opens.
+    ns.enter(|| Tap::open_queues("gwp0", VnetHdr::On, 1))
+        .unwrap()
+        .unwrap();
+}
+
 #[test]
 fn transport_state_round_trips_with_a_live_net_device() {
     let want = f(VIRTIO_NET_F_MAC) | f(VIRTIO_RING_F_EVENT_IDX);
