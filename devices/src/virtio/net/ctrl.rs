@@ -190,7 +190,7 @@ fn handle_ctrl(
         }
         (VIRTIO_NET_CTRL_MQ, VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET) if has(VIRTIO_NET_F_MQ) => {
             match <[u8; 2]>::try_from(data).map(u16::from_le_bytes) {
-                Ok(pairs) if (1..=shared.max_pairs).contains(&pairs) => {
+                Ok(pairs) if (1..=shared.ready_pairs()).contains(&pairs) => {
                     let done = peer.set_queue_pairs(pairs);
                     if done {
                         shared.active_pairs.store(pairs, Ordering::SeqCst);
@@ -199,8 +199,9 @@ fn handle_ctrl(
                 }
                 Ok(pairs) => {
                     log(format_args!(
-                        "the driver asked for {pairs} queue pairs (VQ_PAIRS_SET); the device has 1 to {}",
-                        shared.max_pairs
+                        "the driver asked for {pairs} queue pairs (VQ_PAIRS_SET); the device has {}, of which the driver made {} ready",
+                        shared.max_pairs,
+                        shared.ready_pairs()
                     ));
                     false
                 }

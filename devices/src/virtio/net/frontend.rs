@@ -320,8 +320,10 @@ impl NetFrontend {
 
     /// The checks every model makes when the driver sets DRIVER_OK: not
     /// active yet, one queue per queue size, every needed queue enabled:
-    /// the rings of every pair with MQ acked (else of the first), the
-    /// control queue when CTRL_VQ was acked.
+    /// the rings of the first pair, the control queue when CTRL_VQ was
+    /// acked. With MQ the driver may leave later pairs unconfigured (it
+    /// must configure a pair before VQ_PAIRS_SET turns it on): the pairs
+    /// ready, without a gap from the first, are recorded.
     pub(crate) fn check_activate(&self, params: &ActivateParams) -> Result<(), ActivateError> {
         if self.active {
             return Err(ActivateError::AlreadyActive { device: self.kind });
@@ -336,7 +338,7 @@ impl NetFrontend {
         let ctrl = self.acked_has(VIRTIO_NET_F_CTRL_VQ);
         let ctrl_index = self.ctrl_index();
         for (index, (q, _)) in params.queues.iter().enumerate() {
-            let needed = index < ctrl_index || (index == ctrl_index && ctrl);
+            let needed = index < DATA_RINGS || (index == ctrl_index && ctrl);
             if needed && !q.ready() {
                 return Err(ActivateError::QueueNotReady {
                     device: self.kind,
@@ -345,6 +347,14 @@ impl NetFrontend {
                 });
             }
         }
+        let ready = params.queues[..ctrl_index.min(params.queues.len())]
+            .chunks(DATA_RINGS)
+            .take_while(|pair| pair.iter().all(|(q, _)| q.ready()))
+            .count();
+        self.shared.ready_pairs.store(
+            u16::try_from(ready).unwrap_or(u16::MAX).max(1),
+            Ordering::SeqCst,
+        );
         Ok(())
     }
 
@@ -436,6 +446,7 @@ impl NetFrontend {
         self.shared.with_filter(|f| *f = RxFilter::default());
         self.shared.guest_offloads.store(0, Ordering::SeqCst);
         self.shared.active_pairs.store(1, Ordering::SeqCst);
+        self.shared.ready_pairs.store(1, Ordering::SeqCst);
         for p in &self.shared.positions {
             p.store(0, Ordering::SeqCst);
         }

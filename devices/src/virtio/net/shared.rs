@@ -27,6 +27,9 @@ pub(crate) struct Shared {
     /// Queue pairs in use: 1 after a reset, then what the driver set with
     /// VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET.
     pub(crate) active_pairs: AtomicU16,
+    /// Queue pairs whose rings the driver made ready before DRIVER_OK
+    /// (the first ones, without a gap): VQ_PAIRS_SET may ask for no more.
+    pub(crate) ready_pairs: AtomicU16,
     /// Frames received and sent per queue pair.
     pub(crate) pair_counters: Vec<PairCounters>,
     /// Guest offload bits currently applied to the peer.
@@ -58,6 +61,7 @@ impl Shared {
             positions: (0..queues).map(|_| AtomicU32::new(0)).collect(),
             max_pairs,
             active_pairs: AtomicU16::new(1),
+            ready_pairs: AtomicU16::new(1),
             pair_counters: (0..max_pairs).map(|_| PairCounters::default()).collect(),
             guest_offloads: AtomicU64::new(0),
             dirty_log: AtomicBool::new(false),
@@ -141,6 +145,11 @@ impl Shared {
     /// Queue pairs in use now.
     pub(crate) fn active_pairs(&self) -> u16 {
         self.active_pairs.load(Ordering::SeqCst)
+    }
+
+    /// Queue pairs the driver made ready (see `ready_pairs`).
+    pub(crate) fn ready_pairs(&self) -> u16 {
+        self.ready_pairs.load(Ordering::SeqCst)
     }
 
     /// Frames per queue pair, for `query-net`.

@@ -227,7 +227,9 @@ impl VirtioNet {
             device: DEVICE_NAME,
             source,
         };
-        let pairs = self.front.pairs_in_use().min(self.taps.len());
+        let pairs = usize::from(self.front.shared().ready_pairs())
+            .min(self.front.pairs_in_use())
+            .min(self.taps.len());
         let ctrl_index = self.front.ctrl_index();
         let ctrl_acked = self.front.acked() & feature(VIRTIO_NET_F_CTRL_VQ) != 0;
         let ActivateParams {
