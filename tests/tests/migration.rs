@@ -392,7 +392,7 @@ fn migrates_a_vhost_user_guest_with_the_backends_dirty_log() {
         200,
         &format!("{} godwit.dirty=4M:1000", hosts.guest_ip_param()),
     );
-    let net_a = format!("vhost-user,socket={}", sock_a.display());
+    let net_a = format!("vhost-user,socket={},queues=1", sock_a.display());
     let mut src = spawn_serving(Some(&hosts.ns_a()), &[], &net_a, &cmdline, Some(&api));
     src.wait_prefix("heartbeat ", BOOT);
     let mut qmp = qmp_connect(&api);
@@ -403,7 +403,10 @@ fn migrates_a_vhost_user_guest_with_the_backends_dirty_log() {
         json!([]),
         "godwit's backend logs dirty pages"
     );
-    let mut dst = start_destination(&hosts, &format!("vhost-user,socket={}", sock_b.display()));
+    let mut dst = start_destination(
+        &hosts,
+        &format!("vhost-user,socket={},queues=1", sock_b.display()),
+    );
     let client = EchoClient::start(&hosts.ns_c(), hosts.guest_echo(), Duration::from_millis(20));
     std::thread::sleep(Duration::from_millis(500));
     qmp.execute(

@@ -206,7 +206,7 @@ fn every_thread_of_a_net_backend_and_its_vm_is_filtered() {
     let backend = KillOnDrop(backend);
     // The socket is made after the filter is installed.
     godwit_tests::netns::wait_for_path(&socket, BOOT, "godwit net-backend");
-    let net = format!("vhost-user,socket={socket_s}");
+    let net = format!("vhost-user,socket={socket_s},queues=1");
     let cmdline = serve_cmdline(100, &host.guest_ip_param());
     let vm = spawn_serving(None, &[], &net, &cmdline, None);
     host.assert_ping(&host.guest_ip(), 1, "the guest answers through the backend");

@@ -108,7 +108,10 @@ fn guest_traffic_through_dpdk_testpmd_and_back() {
         ns = host.ns
     ));
     let api = dir.join("api.sock");
-    let net = format!("vhost-user,socket={},{DPDK_OVERRIDES}", socket.display());
+    let net = format!(
+        "vhost-user,socket={},queues=1,{DPDK_OVERRIDES}",
+        socket.display()
+    );
     let cmdline = serve_cmdline(1000, "ip=10.92.0.2::10.92.0.1:255.255.255.0");
     let mut vm = spawn_serving(
         None,
@@ -160,7 +163,7 @@ fn strict_against_dpdk_refuses_with_remedies_that_start_the_vm() {
     let dir = TempDir::new("vu-strict");
     let socket = dir.join("dpdk.sock");
     let _tp = Testpmd::start(&socket, None);
-    let net = format!("vhost-user,socket={}", socket.display());
+    let net = format!("vhost-user,socket={},queues=1", socket.display());
     let out = run_godwit(&["run", "--machine", "godwit-1.1", "--net", &net], BOOT);
     assert_eq!(out.code(), Some(4), "strict refusal: {out:?}");
     let err = &out.stderr;
@@ -252,7 +255,10 @@ fn strict_against_dpdk_refuses_with_remedies_that_start_the_vm() {
     assert!(status.success());
 
     // An interface version pinned on DPDK (no extension): checked.
-    let pinned = format!("vhost-user,socket={},interface={V1}", socket.display());
+    let pinned = format!(
+        "vhost-user,socket={},queues=1,interface={V1}",
+        socket.display()
+    );
     let out = run_godwit(
         &[
             "run",
@@ -271,7 +277,7 @@ fn strict_against_dpdk_refuses_with_remedies_that_start_the_vm() {
         "{out:?}"
     );
     let unknown = format!(
-        "vhost-user,socket={},interface=org.example.v7",
+        "vhost-user,socket={},queues=1,interface=org.example.v7",
         socket.display()
     );
     let out = run_godwit(&["run", "--net", &unknown], BOOT);
@@ -295,7 +301,7 @@ fn ping_and_udp_echo_through_godwits_backend() {
     let socket = dir.join("backend.sock");
     let _backend = Backend::start(&host, &socket, &[]);
     let api = dir.join("api.sock");
-    let net = format!("vhost-user,socket={}", socket.display());
+    let net = format!("vhost-user,socket={},queues=1", socket.display());
     let cmdline = serve_cmdline(1000, &host.guest_ip_param());
     let _vm = spawn_serving(None, &[], &net, &cmdline, Some(&api));
     host.assert_ping(&host.guest_ip(), 3, "ping through godwit's backend");
@@ -334,7 +340,10 @@ fn interface_pinning_gives_the_old_abi_and_refuses_unknown_versions() {
     assert_eq!(v, json!({"latest": V2, "supported": [V1, V2]}));
 
     let api = dir.join("api.sock");
-    let net = format!("vhost-user,socket={},interface={V1}", socket.display());
+    let net = format!(
+        "vhost-user,socket={},queues=1,interface={V1}",
+        socket.display()
+    );
     let mut vm = spawn_serving(
         None,
         &["--machine", "godwit-1.0"],
@@ -375,7 +384,7 @@ fn interface_pinning_gives_the_old_abi_and_refuses_unknown_versions() {
 
     // A version the backend does not have.
     let bad = format!(
-        "vhost-user,socket={},interface=org.godwit.net.v9",
+        "vhost-user,socket={},queues=1,interface=org.godwit.net.v9",
         socket.display()
     );
     let out = run_godwit(&["run", "--net", &bad], BOOT);
@@ -398,7 +407,7 @@ fn backend_killed_during_traffic_link_goes_down_and_traffic_resumes() {
     let socket = dir.join("backend.sock");
     let mut backend = Backend::start(&host, &socket, &[]);
     let api = dir.join("api.sock");
-    let net = format!("vhost-user,socket={}", socket.display());
+    let net = format!("vhost-user,socket={},queues=1", socket.display());
     let cmdline = serve_cmdline(500, &host.guest_ip_param());
     let mut vm = spawn_serving(None, &[], &net, &cmdline, Some(&api));
     // Traffic in flight while the backend dies.
@@ -440,7 +449,7 @@ fn backend_returning_with_fewer_features_follows_strict() {
         let mut backend = Backend::start(&host, &socket, &["--interface", V2]);
         let api = dir.join("api.sock");
         let net = format!(
-            "vhost-user,socket={},strict={}",
+            "vhost-user,socket={},queues=1,strict={}",
             socket.display(),
             if strict { "on" } else { "off" }
         );
@@ -551,7 +560,7 @@ fn fake_backend(
 }
 
 fn expect_clear_error(socket: &Path, needles: &[&str]) {
-    let net = format!("vhost-user,socket={}", socket.display());
+    let net = format!("vhost-user,socket={},queues=1", socket.display());
     let started = Instant::now();
     let out = run_godwit(&["run", "--net", &net], Duration::from_secs(30));
     assert_eq!(
@@ -675,7 +684,7 @@ fn bad_replies_from_a_backend_are_clear_errors_without_hangs() {
             }
         }
     });
-    let net = format!("vhost-user,socket={},interface={V1}", s.display());
+    let net = format!("vhost-user,socket={},queues=1,interface={V1}", s.display());
     let out = run_godwit(&["run", "--net", &net], Duration::from_secs(30));
     assert_eq!(out.code(), Some(1), "{out:?}");
     assert!(
@@ -705,7 +714,10 @@ fn bad_replies_from_a_backend_are_clear_errors_without_hangs() {
         &[
             "run",
             "--net",
-            &format!("vhost-user,socket={}", dir.join("none.sock").display()),
+            &format!(
+                "vhost-user,socket={},queues=1",
+                dir.join("none.sock").display()
+            ),
         ],
         Duration::from_secs(60),
     );
@@ -726,7 +738,7 @@ fn server_mode_lets_the_backend_connect() {
     let host = NetHost::new(true, 98);
     let dir = TempDir::new("vu-server");
     let socket = dir.join("godwit.sock");
-    let net = format!("vhost-user,socket={},server=on", socket.display());
+    let net = format!("vhost-user,socket={},queues=1,server=on", socket.display());
     let cmdline = serve_cmdline(1000, &host.guest_ip_param());
     let mut vm = RunningVm::spawn(&["run", "--net", &net, "--cmdline", &cmdline]);
     wait_for_path(&socket, Duration::from_secs(20), "godwit does not listen");
@@ -742,7 +754,7 @@ fn dpdk_connects_to_godwit_in_server_mode() {
     let dir = TempDir::new("vu-dpdk-server");
     let socket = dir.join("godwit.sock");
     let net = format!(
-        "vhost-user,socket={},server=on,{DPDK_OVERRIDES}",
+        "vhost-user,socket={},queues=1,server=on,{DPDK_OVERRIDES}",
         socket.display()
     );
     let mut vm = RunningVm::spawn(&[
@@ -781,7 +793,7 @@ fn many_pauses_of_an_idle_guest_keep_the_datapath_flowing() {
     let socket = dir.join("backend.sock");
     let mut backend = Backend::start(&host, &socket, &[]);
     let api = dir.join("api.sock");
-    let net = format!("vhost-user,socket={}", socket.display());
+    let net = format!("vhost-user,socket={},queues=1", socket.display());
     let cmdline = serve_cmdline(200, &format!("{} godwit.verify=1M", host.guest_ip_param()));
     let mut vm = spawn_serving(
         Some(&host.ns),

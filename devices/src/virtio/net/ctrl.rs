@@ -78,6 +78,31 @@ pub(crate) fn serve_ctrl_queue(
     log: &mut dyn FnMut(std::fmt::Arguments<'_>),
 ) -> Result<usize, Fatal> {
     let mut added = 0;
+    loop {
+        added += serve_available(q, mem, shared, acked, segs, peer, log)?;
+        // Ask for the next kick (with EVENT_IDX: avail_event at the next
+        // entry; a driver that honours it kicks only then), and serve what
+        // was posted meanwhile.
+        let more = q
+            .enable_notification(mem)
+            .map_err(|e| Fatal(format!("control queue: enabling notifications: {e}")))?;
+        if !more {
+            return Ok(added);
+        }
+    }
+}
+
+/// Serves the control commands available now; returns how many.
+fn serve_available(
+    q: &mut Queue,
+    mem: &GuestMemory,
+    shared: &Shared,
+    acked: u64,
+    segs: &mut Vec<Seg>,
+    peer: &mut dyn CtrlPeer,
+    log: &mut dyn FnMut(std::fmt::Arguments<'_>),
+) -> Result<usize, Fatal> {
+    let mut added = 0;
     while let Some(chain) = q
         .iter(mem)
         .map_err(|e| Fatal(format!("control queue: reading the available ring: {e}")))?

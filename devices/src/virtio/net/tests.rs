@@ -740,6 +740,35 @@ fn two_queue_pairs_carry_traffic_after_vq_pairs_set() {
     assert_eq!(r.net.lock().unwrap().info().active_queue_pairs, 1);
 }
 
+/// With EVENT_IDX the control queue asks for the next kick (avail_event)
+/// once it has served what was posted: a driver that honours avail_event
+/// (Linux, the test guest) kicks only then, so a device that left it where
+/// it was never heard of the second command (after a VQ_PAIRS_SET, an
+/// announce ack went unanswered and the guest never announced again).
+#[test]
+fn control_queue_asks_for_each_next_kick_with_event_idx() {
+    let want = f(VIRTIO_NET_F_MAC)
+        | f(VIRTIO_NET_F_CTRL_VQ)
+        | f(VIRTIO_NET_F_MQ)
+        | f(VIRTIO_RING_F_EVENT_IDX);
+    let mut r = rig_queues("ctrlev", VnetHdr::On, want, 2);
+    r.driver.init(want, 64).unwrap();
+    let ctrl = ctrl_queue_index(2, true);
+    let q = r.driver.queue(ctrl).unwrap();
+    let avail_event = GuestAddress(q.used.0 + 4 + 8 * u64::from(q.size));
+    let (mq, set) = (VIRTIO_NET_CTRL_MQ, VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET);
+    for (i, pairs) in [2u16, 1, 2].into_iter().enumerate() {
+        let ok = ctrl_cmd(&mut r, ctrl, mq, set, &pairs.to_le_bytes());
+        assert_eq!(ok, VIRTIO_NET_OK as u8);
+        let event = r.driver.read_mem(avail_event, 2).unwrap();
+        assert_eq!(
+            u16::from_le_bytes([event[0], event[1]]),
+            i as u16 + 1,
+            "after command {i} the device waits for a kick at the next entry"
+        );
+    }
+}
+
 /// A driver that does not ack MQ on a device of two pairs: one pair, the
 /// control queue is queue 2, VQ_PAIRS_SET is not there.
 #[test]

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use godwit_tests::godwit_bin;
 
 mod migration;
+mod mq;
 mod net;
 mod planner;
 mod snapshot;
@@ -207,6 +208,9 @@ fn main() {
     if all || which == "vhost-user" {
         vhost_user::bench_vhost_user();
     }
+    if all || which == "mq" {
+        mq::bench_mq();
+    }
     if !all
         && ![
             "boot",
@@ -217,10 +221,11 @@ fn main() {
             "migration-tls",
             "planner",
             "vhost-user",
+            "mq",
         ]
         .contains(&which.as_str())
     {
-        eprintln!("unknown benchmark '{which}': use boot, net, snapshot, restore, migration, migration-tls, planner, vhost-user or all");
+        eprintln!("unknown benchmark '{which}': use boot, net, snapshot, restore, migration, migration-tls, planner, vhost-user, mq or all");
         std::process::exit(2);
     }
 }

@@ -516,7 +516,7 @@ fn vm_cpu_row(vhost: bool) -> Res<(String, u64, f64, f64)> {
         None
     };
     let net = if vhost {
-        format!("vhost-user,socket={}", socket.display())
+        format!("vhost-user,socket={},queues=1", socket.display())
     } else {
         format!("tap,ifname={}", host.tap)
     };
