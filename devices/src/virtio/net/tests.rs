@@ -697,7 +697,7 @@ fn two_queue_pairs_carry_traffic_after_vq_pairs_set() {
     let senders: Vec<UdpSocket> = (0..32).map(|i| r.udp_socket(7000 + i)).collect();
     let deadline = Instant::now() + TIMEOUT * 3;
     let mut per_ring = [0usize; 2];
-    while per_ring.iter().any(|n| *n == 0) && Instant::now() < deadline {
+    while per_ring.contains(&0) && Instant::now() < deadline {
         for s in &senders {
             r.host_sends(s, 6000, b"to the guest");
         }
