@@ -341,10 +341,12 @@ pub enum RestoreError {
         saved: String,
         given: String,
     },
-    #[error("{device}: this host's peer ({peer}) lacks features or queue pairs the guest was offered {when}, so the VM is refused before it runs here (the guest may use them at any moment, and renegotiates them after a reboot):\n{}\n  Remedies (any one): give this VM a peer that carries them (for a TAP: vnet_hdr=on, on a kernel with the listed offloads, a multi-queue TAP for several queue pairs; check with godwit probe --net SPEC), or run it on a host whose peer does", missing.join("\n"))]
+    #[error("{device}: this host's peer ({peer}) lacks {what} the guest was offered {when}, so the VM is refused before it runs here (the guest may use them at any moment, and renegotiates them after a reboot):\n{}\n  Remedies (any one): give this VM a peer that carries them (for a TAP: vnet_hdr=on, on a kernel with the listed offloads, a multi-queue TAP for several queue pairs; check with godwit probe --net SPEC), or run it on a host whose peer does", missing.join("\n"))]
     PeerLacks {
         device: String,
         peer: String,
+        /// "features", "queue pairs" or both.
+        what: &'static str,
         when: String,
         missing: Vec<String>,
     },
@@ -420,9 +422,15 @@ pub fn check_peer(
                 .unwrap_or_default()
         ));
     }
+    let what = match (missing != 0, pairs_lack) {
+        (true, true) => "features and queue pairs",
+        (false, true) => "queue pairs",
+        _ => "features",
+    };
     Err(RestoreError::PeerLacks {
         device: device.to_string(),
         peer: peer.name.clone(),
+        what,
         when: when.to_string(),
         missing: lines,
     })
@@ -495,18 +503,8 @@ pub fn read_saved(container: &Container, path: &Path) -> Result<SavedVm, Restore
                 format!("unknown peer kind '{}'", net.peer_kind),
             ));
         }
-        let max = godwit_devices::virtio::net::MAX_QUEUE_PAIRS;
-        if !(1..=max).contains(&net.queue_pairs)
-            || !(1..=net.queue_pairs).contains(&net.device.queue_pairs)
-        {
-            return Err(invalid(
-                path,
-                &NET_SECTION.section_name(i),
-                format!(
-                    "{} queue pairs, {} in use: a device has 1 to {max}, and uses 1 to all of them",
-                    net.queue_pairs, net.device.queue_pairs
-                ),
-            ));
+        if let Some(why) = queue_pairs_problem(&net) {
+            return Err(invalid(path, &NET_SECTION.section_name(i), why));
         }
         nets.push(net);
     }
@@ -521,6 +519,19 @@ pub fn read_saved(container: &Container, path: &Path) -> Result<SavedVm, Restore
         serial,
         nets,
         memory,
+    })
+}
+
+/// Why a saved device's queue pair counts are impossible, if they are.
+fn queue_pairs_problem(net: &NetSnapshot) -> Option<String> {
+    let max = godwit_devices::virtio::net::MAX_QUEUE_PAIRS;
+    let fine = (1..=max).contains(&net.queue_pairs)
+        && (1..=net.queue_pairs).contains(&net.device.queue_pairs);
+    (!fine).then(|| {
+        format!(
+            "{} queue pairs, {} in use: a device has 1 to {max}, and uses 1 to all of them",
+            net.queue_pairs, net.device.queue_pairs
+        )
     })
 }
 
@@ -835,4 +846,61 @@ fn restore_memory_and_peers(
 /// hundred of each at most).
 fn index_u32(i: usize) -> u32 {
     u32::try_from(i).unwrap_or(u32::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn net(queue_pairs: u16, in_use: u16) -> NetSnapshot {
+        NetSnapshot {
+            id: "net0".into(),
+            peer_kind: "tap".into(),
+            spec_text: "tap,ifname=t0".into(),
+            strict: true,
+            required: 1,
+            offered: 1,
+            queue_pairs,
+            interface: None,
+            mmio_base: 0xd000_0000,
+            irq: 5,
+            device: VirtioNetState {
+                mac: [0x52, 0x54, 0, 0x12, 0x34, 0x56],
+                status: 1,
+                mtu: 1500,
+                offered: 1,
+                acked: 1,
+                rx_filter: Default::default(),
+                guest_offloads: 0,
+                queue_pairs: in_use,
+            },
+            transport: MmioTransportState::default(),
+        }
+    }
+
+    /// A net section of version 1 (before multi-queue) has no queue pairs:
+    /// it reads as one pair, one in use; version 2 keeps both counts.
+    #[test]
+    fn net_sections_before_multi_queue_read_as_one_pair() {
+        let mut v = serde_json::to_value(net(2, 2)).unwrap();
+        let back: NetSnapshot = serde_json::from_value(v.clone()).unwrap();
+        assert_eq!((back.queue_pairs, back.device.queue_pairs), (2, 2));
+        v.as_object_mut().unwrap().remove("queue_pairs");
+        v["device"].as_object_mut().unwrap().remove("queue_pairs");
+        let old: NetSnapshot = serde_json::from_value(v).unwrap();
+        assert_eq!((old.queue_pairs, old.device.queue_pairs), (1, 1));
+        assert!(NET_SECTION.min_version == 1 && NET_SECTION.version == 2);
+    }
+
+    /// Counts no device can have are refused, saying why.
+    #[test]
+    fn impossible_queue_pair_counts_are_refused() {
+        for (pairs, in_use) in [(0, 1), (2, 3), (65, 1), (2, 0)] {
+            let why = queue_pairs_problem(&net(pairs, in_use)).unwrap();
+            assert!(why.contains("queue pairs"), "{pairs}/{in_use}: {why}");
+        }
+        for (pairs, in_use) in [(1, 1), (2, 1), (2, 2), (64, 64)] {
+            assert_eq!(queue_pairs_problem(&net(pairs, in_use)), None);
+        }
+    }
 }
