@@ -786,10 +786,14 @@ fn plan_vm_judges_a_running_vm_and_its_snapshot() {
         "console=ttyS0 reboot=k godwit.mode=serve godwit.heartbeat_ms=200 {}",
         host.guest_ip_param()
     );
+    // The machine type whose USO this test is about (the no-USO report's
+    // godwit runs only 1.0 and 1.1).
     let mut vm = RunningVm::spawn_in(
         &host.ns,
         &[
             "run",
+            "--machine",
+            "godwit-1.1",
             "--net",
             &format!("tap,ifname={}", host.tap),
             "--api-socket",
@@ -872,7 +876,7 @@ fn plan_vm_judges_a_running_vm_and_its_snapshot() {
     let (code, v) = plan_json(&["--vm", snap.to_str().unwrap(), &live_s, &nouso, &older_cpu]);
     assert_eq!(code, Some(5), "{v:#}");
     assert_eq!(v["vm"]["cpuid_checked"], true);
-    assert_eq!(v["vm"]["machine"], resolve("godwit").unwrap().name);
+    assert_eq!(v["vm"]["machine"], "godwit-1.1");
     assert_eq!(v["hosts"][0]["can_migrate"], true, "{v:#}");
     assert_eq!(v["hosts"][1]["reasons"][0]["feature"], "guest_uso4");
     let cpu = &v["hosts"][2];
