@@ -8,7 +8,8 @@
 #   twohosts.sh up P S [vnet_hdr|plain] [vnet_hdr|plain]   (TAP modes of A and B)
 #   twohosts.sh down P
 #
-# The guest takes 10.<S>.0.2 on either host. The migration stream runs
+# The TAPs are multi-queue TAPs (a VM of the default machine type has 2
+# queue pairs). The guest takes 10.<S>.0.2 on either host. The migration stream runs
 # from A to B over TCP across the veths. `down` removes everything.
 set -euo pipefail
 
@@ -22,9 +23,9 @@ host_up() {
     ip netns add "$ns"
     ip -n "$ns" link set lo up
     if [ "$mode" = vnet_hdr ]; then
-        ip -n "$ns" tuntap add dev gwtap0 mode tap vnet_hdr
+        ip -n "$ns" tuntap add dev gwtap0 mode tap vnet_hdr multi_queue
     else
-        ip -n "$ns" tuntap add dev gwtap0 mode tap
+        ip -n "$ns" tuntap add dev gwtap0 mode tap multi_queue
     fi
     ip -n "$ns" link add br0 type bridge
     ip -n "$ns" link add eth0 type veth peer name "$port" netns "$client"

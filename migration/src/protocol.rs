@@ -359,6 +359,10 @@ pub struct DeviceOffer {
     pub offered: u128,
     pub acked: u128,
     pub queue_sizes: Vec<u16>,
+    /// Queue pairs offered (`max_virtqueue_pairs`); a godwit before
+    /// multi-queue sends none: 1.
+    #[serde(default = "one_queue_pair")]
+    pub queue_pairs: u16,
     pub interface: Option<String>,
 }
 
@@ -411,6 +415,14 @@ pub struct DevicePeer {
     pub peer: String,
     /// Feature bits 0-127, as in [`DeviceOffer`].
     pub supported: u128,
+    /// The most queue pairs the destination's peer carries (a godwit
+    /// before multi-queue sends none: 1).
+    #[serde(default = "one_queue_pair")]
+    pub max_queue_pairs: u16,
+}
+
+fn one_queue_pair() -> u16 {
+    1
 }
 
 /// The destination's answer to `Hello`.

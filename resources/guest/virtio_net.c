@@ -136,18 +136,54 @@ static bool fail(struct vnet *v, const char *why)
 	return false;
 }
 
+/* The pairs to use: with MQ, those the device has (max_virtqueue_pairs,
+ * 1 to 0x8000), up to VNET_MAX_PAIRS; the control queue follows all of the
+ * device's pairs. Without MQ one pair, control queue 2. */
 static bool setup_queues(struct vnet *v)
 {
 	bool ev = (v->acked & VIRTIO_F_EVENT_IDX) != 0;
+	u16 ctrl_index = 2;
 
-	if (!vmmio_queue_setup(&v->mmio, &v->rxq, VNET_RXQ, RX_RING, ev) ||
-	    !vmmio_queue_setup(&v->mmio, &v->txq, VNET_TXQ, TX_RING, ev))
-		return false;
+	v->max_pairs = 1;
+	if (v->acked & VIRTIO_NET_F_MQ) {
+		vmmio_config_read(&v->mmio, VNET_CFG_MAX_PAIRS, &v->max_pairs, 2);
+		if (v->max_pairs < 1 || v->max_pairs > 0x8000)
+			return false;
+		ctrl_index = (u16)(2 * v->max_pairs);
+	}
+	v->npairs = v->max_pairs < VNET_MAX_PAIRS ? v->max_pairs : VNET_MAX_PAIRS;
+	v->cur = 0;
+	for (u16 k = 0; k < v->npairs; k++) {
+		struct vnet_pair *p = &v->pairs[k];
+		if (!vmmio_queue_setup(&v->mmio, &p->rxq, VNET_RXQ(k), RX_RING, ev) ||
+		    !vmmio_queue_setup(&v->mmio, &p->txq, VNET_TXQ(k), TX_RING, ev))
+			return false;
+	}
 	v->ctrlq.size = 0;
 	if ((v->acked & VIRTIO_NET_F_CTRL_VQ) &&
-	    !vmmio_queue_setup(&v->mmio, &v->ctrlq, VNET_CTRLQ, CTRL_RING, ev))
+	    !vmmio_queue_setup(&v->mmio, &v->ctrlq, ctrl_index, CTRL_RING, ev))
 		return false;
 	return true;
+}
+
+static bool setup_buffers(struct vnet *v)
+{
+	for (u16 k = 0; k < v->npairs; k++)
+		if (!vnet_rx_setup(v, &v->pairs[k]) || !vnet_tx_setup(v, &v->pairs[k]))
+			return false;
+	return vnet_ctrl_setup(v);
+}
+
+static void print_pairs(const struct vnet *v)
+{
+	print_lock();
+	vnet_print_prefix(v);
+	put_str("queue pairs=");
+	put_dec(v->npairs);
+	put_str(" of ");
+	put_dec(v->max_pairs);
+	put_char('\n');
+	print_unlock();
 }
 
 /* The whole driver initialisation (virtio 1.x 3.1.1); also after a reset. */
@@ -173,16 +209,25 @@ static bool vnet_start(struct vnet *v)
 	read_config(v);
 	if (!setup_queues(v))
 		return fail(v, "virtqueue set-up failed, device not used");
-	if (!vnet_rx_setup(v) || !vnet_tx_setup(v) || !vnet_ctrl_setup(v))
+	if (!setup_buffers(v))
 		return fail(v, "out of memory for buffers, device not used");
 	if (!route_irq(v))
 		return fail(v, "no interrupt, device not used");
-	vnet_rx_fill(v);
+	for (u16 k = 0; k < v->npairs; k++)
+		vnet_rx_fill(&v->pairs[k]);
 	v->isr_pending = 0;
 	vmmio_add_status(d, VIRTIO_STATUS_DRIVER_OK);
 	v->live = true;
-	vq_kick(&v->rxq);
+	for (u16 k = 0; k < v->npairs; k++)
+		vq_kick(&v->pairs[k].rxq);
 	print_link(v);
+	if (v->acked & VIRTIO_NET_F_MQ) {
+		/* virtio 1.x 5.1.6.5.5: one pair until the driver asks for more. */
+		u16 n = v->npairs;
+		print_pairs(v);
+		if (n > 1)
+			vnet_ctrl_send(v, VIRTIO_NET_CTRL_MQ, VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET, &n, 2);
+	}
 	return true;
 }
 
@@ -281,8 +326,10 @@ void virtio_net_poll_all(void)
 			}
 			config_changed(v);
 		}
-		vnet_rx_poll(v);
-		vnet_tx_reclaim(v);
+		for (u16 k = 0; k < v->npairs; k++) {
+			vnet_rx_poll(v, k);
+			vnet_tx_reclaim(&v->pairs[k]);
+		}
 		vnet_ctrl_poll(v);
 		v->nif.ops->tx_flush(&v->nif);
 	}
@@ -315,4 +362,22 @@ void virtio_net_report(void)
 	put_dec(tx);
 	put_char('\n');
 	print_unlock();
+	/* Frames per queue pair, for devices with several. */
+	for (u32 i = 0; i < ndevs; i++) {
+		const struct vnet *v = &devs[i];
+		if (!v->live || v->npairs < 2)
+			continue;
+		print_lock();
+		vnet_print_prefix(v);
+		for (u16 k = 0; k < v->npairs; k++) {
+			put_str(k ? " pair" : "pair");
+			put_dec(k);
+			put_str(" rx=");
+			put_dec(v->pairs[k].rx_frames);
+			put_str(" tx=");
+			put_dec(v->pairs[k].tx_frames);
+		}
+		put_char('\n');
+		print_unlock();
+	}
 }

@@ -12,7 +12,7 @@ u64 virtio_net_negotiate(u64 offered, u64 allowed)
 	if (!(f & (VIRTIO_NET_F_GUEST_TSO4 | VIRTIO_NET_F_GUEST_TSO6)))
 		f &= ~VIRTIO_NET_F_GUEST_ECN;
 	if (!(f & VIRTIO_NET_F_CTRL_VQ))
-		f &= ~(VIRTIO_NET_F_CTRL_RX | VIRTIO_NET_F_GUEST_ANNOUNCE);
+		f &= ~(VIRTIO_NET_F_CTRL_RX | VIRTIO_NET_F_GUEST_ANNOUNCE | VIRTIO_NET_F_MQ);
 	return f;
 }
 

@@ -17,6 +17,7 @@
 #define VIRTIO_NET_F_CTRL_VQ        (1ULL << 17)
 #define VIRTIO_NET_F_CTRL_RX        (1ULL << 18)
 #define VIRTIO_NET_F_GUEST_ANNOUNCE (1ULL << 21)
+#define VIRTIO_NET_F_MQ             (1ULL << 22)
 #define VIRTIO_F_INDIRECT_DESC      (1ULL << 28)
 #define VIRTIO_F_EVENT_IDX          (1ULL << 29)
 #define VIRTIO_F_VERSION_1          (1ULL << 32)
@@ -34,12 +35,12 @@
 	 VIRTIO_NET_F_CSUM | VIRTIO_NET_F_GUEST_CSUM | VIRTIO_NET_F_MRG_RXBUF |             \
 	 VIRTIO_F_EVENT_IDX | VIRTIO_F_INDIRECT_DESC | VIRTIO_NET_F_CTRL_VQ |               \
 	 VIRTIO_NET_F_CTRL_RX | VIRTIO_NET_F_GUEST_ANNOUNCE | VIRTIO_NET_F_GUEST_ECN |      \
-	 VIRTIO_NET_GUEST_GSO)
+	 VIRTIO_NET_F_MQ | VIRTIO_NET_GUEST_GSO)
 
 /* What to acknowledge: offered & VIRTIO_NET_DRIVER_FEATURES & allowed, then
  * minus what lacks its prerequisite (virtio 1.x 5.1.3.1): GUEST_TSO4/TSO6/
  * UFO/USO4/USO6 need GUEST_CSUM, GUEST_ECN needs GUEST_TSO4 or GUEST_TSO6,
- * CTRL_RX and GUEST_ANNOUNCE need CTRL_VQ. */
+ * CTRL_RX, GUEST_ANNOUNCE and MQ need CTRL_VQ. */
 u64 virtio_net_negotiate(u64 offered, u64 allowed);
 
 /* godwit.net_accept=<hex mask> (default: everything). */

@@ -100,8 +100,19 @@ pub struct NetHost {
 
 impl NetHost {
     /// `vnet_hdr`: whether the TAP is created with IFF_VNET_HDR. The subnet
-    /// is 10.<subnet>.0.0/24 with the host at .1.
+    /// is 10.<subnet>.0.0/24 with the host at .1. The TAP is a multi-queue
+    /// TAP (the default machine type has 2 queue pairs).
     pub fn new(vnet_hdr: bool, subnet: u8) -> Self {
+        Self::with_tap(vnet_hdr, subnet, true)
+    }
+
+    /// As [`NetHost::new`] with a single-queue TAP (created without
+    /// multi_queue): a peer of one queue pair.
+    pub fn single_queue(vnet_hdr: bool, subnet: u8) -> Self {
+        Self::with_tap(vnet_hdr, subnet, false)
+    }
+
+    fn with_tap(vnet_hdr: bool, subnet: u8, multi_queue: bool) -> Self {
         let ns = format!("gwt{}", unique_suffix());
         let tap = "gwtap0".to_string();
         let host_ip = format!("10.{subnet}.0.1");
@@ -112,6 +123,7 @@ impl NetHost {
                 &tap,
                 &format!("{host_ip}/24"),
                 tap_mode(vnet_hdr),
+                if multi_queue { "multi" } else { "single" },
             ])
             .status()
             .expect("run resources/netns.sh");

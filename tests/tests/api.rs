@@ -499,7 +499,7 @@ fn host_caps_over_the_api_touches_nothing_of_godwit() {
             "{err}"
         );
     }
-    let spec = format!("vhost-user,socket={},server=on", backend.display());
+    let spec = format!("vhost-user,socket={},queues=1,server=on", backend.display());
     let err = qmp
         .execute("query-host-caps", json!({"net": [spec]}))
         .unwrap_err()

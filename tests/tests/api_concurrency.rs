@@ -247,7 +247,7 @@ fn four_clients_at_random_on_a_vhost_user_guest() {
     let dir = TempDir::new("apistormvu");
     let socket = dir.join("backend.sock");
     let _backend = NetBackend::start(&host, &socket, &[]);
-    let net = format!("vhost-user,socket={}", socket.display());
+    let net = format!("vhost-user,socket={},queues=1", socket.display());
     // This storm found notifications lost across the backend's ring
     // restarts (tests/vhost_user.rs, many_pauses_of_an_idle_guest_...).
     storm_and_restore(&|| net.clone(), &host);

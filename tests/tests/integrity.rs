@@ -540,7 +540,10 @@ impl Place<'_> {
     fn spawn(&self, on_a: bool, args: &[&str]) -> RunningVm {
         let ns = self.hosts.map(|h| if on_a { h.ns_a() } else { h.ns_b() });
         let net = match &self.vhost_user {
-            Some((a, b)) => format!("vhost-user,socket={}", (if on_a { a } else { b }).display()),
+            Some((a, b)) => format!(
+                "vhost-user,socket={},queues=1",
+                (if on_a { a } else { b }).display()
+            ),
             None => TAP.to_string(),
         };
         let mut args: Vec<&str> = args.to_vec();

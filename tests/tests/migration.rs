@@ -125,6 +125,52 @@ fn migrates_a_guest_that_dirties_memory() {
     migrate_and_check(1, 103, "godwit.dirty=8M:2000");
 }
 
+/// The guest was offered 2 queue pairs (godwit-1.2): a destination whose
+/// TAP is a single-queue TAP refuses before any page, naming the count.
+#[test]
+fn destination_peer_with_fewer_queue_pairs_is_rejected_before_any_page() {
+    let hosts = TwoHosts::new(105, true, true);
+    let dir = TempDir::new("migrejq");
+    let out = std::process::Command::new("ip")
+        .args([
+            "-n",
+            &hosts.ns_b(),
+            "tuntap",
+            "add",
+            "dev",
+            "gwsq0",
+            "mode",
+            "tap",
+            "vnet_hdr",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let mut src = start_source(&hosts, &dir, 1, "", "");
+    let mut dst = start_destination(&hosts, "tap,ifname=gwsq0");
+    let uri = format!("tcp:{}:{PORT}", hosts.addr_b());
+    src.qmp.execute("migrate", json!({ "uri": uri })).unwrap();
+    let info = wait_migration(&mut src.qmp, Duration::from_secs(30));
+    assert_eq!(info["status"], "failed", "{info}");
+    assert_eq!(
+        info["transferred-bytes"], 0,
+        "not a single page was sent: {info}"
+    );
+    let (status, stderr) = dst.wait_exit(Duration::from_secs(10));
+    assert_eq!(status.code(), Some(4), "{stderr}");
+    assert!(
+        stderr.contains("lacks queue pairs the guest was offered")
+            && stderr.contains("2 queue pairs, the peer carries 1")
+            && stderr.contains("single-queue TAP"),
+        "{stderr}"
+    );
+    assert_eq!(
+        src.qmp.execute("query-status", Value::Null).unwrap()["status"],
+        "running"
+    );
+    src.qmp.execute("quit", Value::Null).unwrap();
+}
+
 #[test]
 fn destination_peer_without_vnet_hdr_is_rejected_before_any_page() {
     let hosts = TwoHosts::new(104, true, true);
@@ -224,6 +270,7 @@ fn fake_destination(ns: &str, addr: String, phase: &'static str) -> std::thread:
                     peer_kind: d.peer_kind.clone(),
                     peer: "fake".into(),
                     supported: u128::MAX,
+                    max_queue_pairs: d.queue_pairs,
                 })
                 .collect(),
             host_cpuid: hello.cpuid.clone(),
@@ -409,7 +456,10 @@ fn migrates_a_vhost_user_guest_with_the_backends_dirty_log() {
         json!([]),
         "godwit's backend logs dirty pages"
     );
-    let mut dst = start_destination(&hosts, &format!("vhost-user,socket={}", sock_b.display()));
+    let mut dst = start_destination(
+        &hosts,
+        &format!("vhost-user,socket={},queues=1", sock_b.display()),
+    );
     let client = EchoClient::start(&hosts.ns_c(), hosts.guest_echo(), Duration::from_millis(20));
     std::thread::sleep(Duration::from_millis(500));
     qmp.execute(

@@ -310,3 +310,80 @@ fn bad_machine_and_property_input_lists_the_valid_choices() {
     assert_eq!(out.code(), Some(1), "{out:?}");
     assert!(out.stderr.contains("valid: godwit"), "{out:?}");
 }
+
+/// godwit-1.2 (the default) has 2 queue pairs: a single-queue TAP is
+/// refused, naming the queue count, and each remedy, pasted, starts the VM
+/// (strict=off with a migration blocker).
+#[test]
+fn single_queue_tap_is_refused_naming_the_queue_count_and_each_remedy_works() {
+    let host = NetHost::single_queue(true, 77);
+    let net = host.tap_net("");
+    let out = run_godwit_in(Some(&host.ns), &["run", "--net", &net], BOOT);
+    assert_eq!(out.code(), Some(4), "strict refusal: {out:?}");
+    let err = &out.stderr;
+    assert!(
+        err.contains("lacks queue pairs that machine type godwit-1.2 requires, and strict=on")
+            && err.contains("2 queue pairs required, the peer carries 1")
+            && err.contains("single-queue TAP"),
+        "{err}"
+    );
+    assert!(
+        !out.stdout.contains("godwit-test-guest"),
+        "no vCPU ran: {out:?}"
+    );
+
+    let remedy = remedy_line(err, 1).expect("remedy 1");
+    let spec = remedy.strip_prefix("--net ").expect("a --net line");
+    assert_eq!(spec, format!("{net},queues=1"));
+    let out = run_report(&host, "godwit", spec);
+    assert_eq!(out.code(), Some(0), "remedy 1: {spec}: {out:?}");
+
+    let remedy = remedy_line(err, 2).expect("remedy 2");
+    assert_eq!(remedy, "--machine godwit-1.1");
+    let out = run_report(&host, "godwit-1.1", &net);
+    assert_eq!(out.code(), Some(0), "remedy 2: {out:?}");
+
+    let remedy = remedy_line(err, 3).expect("remedy 3");
+    let spec = remedy.strip_prefix("--net ").expect("a --net line");
+    assert!(spec.ends_with("strict=off"), "{spec}");
+    let dir = TempDir::new("mqoff");
+    let socket = dir.join("api.sock");
+    let cmdline = serve_cmdline(1000, &host.guest_ip_param());
+    let mut vm = spawn_serving(Some(&host.ns), &[], spec, &cmdline, Some(&socket));
+    vm.wait_line("serve: ready", BOOT);
+    let mut qmp = qmp_connect(&socket);
+    let migrate = qmp.execute("query-migrate", Value::Null).unwrap();
+    let reason = migrate["blocked-reasons"][0].as_str().unwrap().to_string();
+    assert!(
+        reason.contains("strict=off") && reason.contains("1 of the 2 queue pairs"),
+        "{migrate}"
+    );
+    let net0 = &qmp.execute("query-net", Value::Null).unwrap()[0];
+    assert_eq!(net0["queue_pairs"]["required"], 2, "{net0}");
+    assert_eq!(net0["queue_pairs"]["offered"], 1, "{net0}");
+    assert_eq!(net0["peer"]["max_queue_pairs"], 1, "{net0}");
+    host.assert_ping(&host.guest_ip(), 1, "the guest answers on its one pair");
+    qmp.execute("quit", Value::Null).unwrap();
+    assert_eq!(vm.wait_exit(Duration::from_secs(10)).0.code(), Some(0));
+
+    // probe says which machine types the TAP carries, and why not.
+    let out = run_godwit_in(Some(&host.ns), &["probe", "--net", &net], BOOT);
+    let v: Value = serde_json::from_str(&out.stdout).unwrap();
+    assert_eq!(
+        (v["multi_queue"].as_bool(), v["max_queue_pairs"].as_u64()),
+        (Some(false), Some(1))
+    );
+    let fits: Vec<(String, bool)> = v["machine_types"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            (
+                m["name"].as_str().unwrap().to_string(),
+                m["supported"] == true,
+            )
+        })
+        .collect();
+    assert_eq!(fits[0], ("godwit-1.2".to_string(), false), "{v}");
+    assert_eq!(fits[1], ("godwit-1.1".to_string(), true), "{v}");
+}

@@ -112,7 +112,10 @@ fn guest_traffic_through_dpdk_testpmd_and_back() {
         ns = host.ns
     ));
     let api = dir.join("api.sock");
-    let net = format!("vhost-user,socket={},{DPDK_OVERRIDES}", socket.display());
+    let net = format!(
+        "vhost-user,socket={},queues=1,{DPDK_OVERRIDES}",
+        socket.display()
+    );
     let cmdline = serve_cmdline(1000, "ip=10.92.0.2::10.92.0.1:255.255.255.0");
     let mut vm = spawn_serving(
         None,
@@ -225,7 +228,7 @@ fn strict_against_dpdk_refuses_with_remedies_that_start_the_vm() {
     let dir = TempDir::new("vu-strict");
     let socket = dir.join("dpdk.sock");
     let _tp = Testpmd::start(&socket, None);
-    let net = format!("vhost-user,socket={}", socket.display());
+    let net = format!("vhost-user,socket={},queues=1", socket.display());
     let out = run_godwit(&["run", "--machine", "godwit-1.1", "--net", &net], BOOT);
     assert_eq!(out.code(), Some(4), "strict refusal: {out:?}");
     let err = &out.stderr;
@@ -317,7 +320,10 @@ fn strict_against_dpdk_refuses_with_remedies_that_start_the_vm() {
     assert!(status.success());
 
     // An interface version pinned on DPDK (no extension): checked.
-    let pinned = format!("vhost-user,socket={},interface={V1}", socket.display());
+    let pinned = format!(
+        "vhost-user,socket={},queues=1,interface={V1}",
+        socket.display()
+    );
     let out = run_godwit(
         &[
             "run",
@@ -336,7 +342,7 @@ fn strict_against_dpdk_refuses_with_remedies_that_start_the_vm() {
         "{out:?}"
     );
     let unknown = format!(
-        "vhost-user,socket={},interface=org.example.v7",
+        "vhost-user,socket={},queues=1,interface=org.example.v7",
         socket.display()
     );
     let out = run_godwit(&["run", "--machine", M11, "--net", &unknown], BOOT);
@@ -360,7 +366,7 @@ fn ping_and_udp_echo_through_godwits_backend() {
     let socket = dir.join("backend.sock");
     let _backend = Backend::start(&host, &socket, &[]);
     let api = dir.join("api.sock");
-    let net = format!("vhost-user,socket={}", socket.display());
+    let net = format!("vhost-user,socket={},queues=1", socket.display());
     let cmdline = serve_cmdline(1000, &host.guest_ip_param());
     let _vm = spawn_serving(None, &["--machine", M11], &net, &cmdline, Some(&api));
     host.assert_ping(&host.guest_ip(), 3, "ping through godwit's backend");
@@ -399,7 +405,10 @@ fn interface_pinning_gives_the_old_abi_and_refuses_unknown_versions() {
     assert_eq!(v, json!({"latest": V2, "supported": [V1, V2]}));
 
     let api = dir.join("api.sock");
-    let net = format!("vhost-user,socket={},interface={V1}", socket.display());
+    let net = format!(
+        "vhost-user,socket={},queues=1,interface={V1}",
+        socket.display()
+    );
     let mut vm = spawn_serving(
         None,
         &["--machine", "godwit-1.0"],
@@ -440,7 +449,7 @@ fn interface_pinning_gives_the_old_abi_and_refuses_unknown_versions() {
 
     // A version the backend does not have.
     let bad = format!(
-        "vhost-user,socket={},interface=org.godwit.net.v9",
+        "vhost-user,socket={},queues=1,interface=org.godwit.net.v9",
         socket.display()
     );
     let out = run_godwit(&["run", "--machine", M11, "--net", &bad], BOOT);
@@ -463,7 +472,7 @@ fn backend_killed_during_traffic_link_goes_down_and_traffic_resumes() {
     let socket = dir.join("backend.sock");
     let mut backend = Backend::start(&host, &socket, &[]);
     let api = dir.join("api.sock");
-    let net = format!("vhost-user,socket={}", socket.display());
+    let net = format!("vhost-user,socket={},queues=1", socket.display());
     let cmdline = serve_cmdline(500, &host.guest_ip_param());
     let mut vm = spawn_serving(None, &["--machine", M11], &net, &cmdline, Some(&api));
     // Traffic in flight while the backend dies.
@@ -505,7 +514,7 @@ fn backend_returning_with_fewer_features_follows_strict() {
         let mut backend = Backend::start(&host, &socket, &["--interface", V2]);
         let api = dir.join("api.sock");
         let net = format!(
-            "vhost-user,socket={},strict={}",
+            "vhost-user,socket={},queues=1,strict={}",
             socket.display(),
             if strict { "on" } else { "off" }
         );
@@ -616,7 +625,7 @@ fn fake_backend(
 }
 
 fn expect_clear_error(socket: &Path, needles: &[&str]) {
-    let net = format!("vhost-user,socket={}", socket.display());
+    let net = format!("vhost-user,socket={},queues=1", socket.display());
     let started = Instant::now();
     let out = run_godwit(
         &["run", "--machine", M11, "--net", &net],
@@ -778,7 +787,10 @@ fn bad_replies_from_a_backend_are_clear_errors_without_hangs() {
             "--machine",
             M11,
             "--net",
-            &format!("vhost-user,socket={}", dir.join("none.sock").display()),
+            &format!(
+                "vhost-user,socket={},queues=1",
+                dir.join("none.sock").display()
+            ),
         ],
         Duration::from_secs(60),
     );
@@ -799,7 +811,7 @@ fn server_mode_lets_the_backend_connect() {
     let host = NetHost::new(true, 98);
     let dir = TempDir::new("vu-server");
     let socket = dir.join("godwit.sock");
-    let net = format!("vhost-user,socket={},server=on", socket.display());
+    let net = format!("vhost-user,socket={},queues=1,server=on", socket.display());
     let cmdline = serve_cmdline(1000, &host.guest_ip_param());
     let mut vm = RunningVm::spawn(&[
         "run",
@@ -823,7 +835,7 @@ fn dpdk_connects_to_godwit_in_server_mode() {
     let dir = TempDir::new("vu-dpdk-server");
     let socket = dir.join("godwit.sock");
     let net = format!(
-        "vhost-user,socket={},server=on,{DPDK_OVERRIDES}",
+        "vhost-user,socket={},queues=1,server=on,{DPDK_OVERRIDES}",
         socket.display()
     );
     let mut vm = RunningVm::spawn(&[
@@ -862,7 +874,7 @@ fn many_pauses_of_an_idle_guest_keep_the_datapath_flowing() {
     let socket = dir.join("backend.sock");
     let mut backend = Backend::start(&host, &socket, &[]);
     let api = dir.join("api.sock");
-    let net = format!("vhost-user,socket={}", socket.display());
+    let net = format!("vhost-user,socket={},queues=1", socket.display());
     let cmdline = serve_cmdline(200, &format!("{} godwit.verify=1M", host.guest_ip_param()));
     let mut vm = spawn_serving(
         Some(&host.ns),

@@ -17,7 +17,7 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
 pub use libc::{
     TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN, TUN_F_UFO, TUN_F_USO4, TUN_F_USO6,
@@ -88,10 +88,7 @@ pub enum TapError {
          reader); stop that process or choose another TAP"
     )]
     Busy { name: String },
-    #[error(
-        "an interface named {name:?} already exists and is not a TAP (or is a multi-queue \
-         TAP); choose another name"
-    )]
+    #[error("an interface named {name:?} already exists and is not a TAP; choose another name")]
     NameTaken { name: String },
     #[error("cannot create or attach TAP {name:?}: {source}")]
     Attach {
@@ -143,6 +140,17 @@ pub enum TapError {
         #[source]
         source: io::Error,
     },
+    #[error(
+        "TAP {name} is a single-queue TAP (created without multi_queue), so it cannot carry \
+         {wanted} queue pairs (one queue each); give it queues=1, or recreate it as a \
+         multi-queue TAP (ip tuntap add {name} mode tap multi_queue vnet_hdr)"
+    )]
+    SingleQueue { name: String, wanted: u16 },
+    #[error(
+        "the TAP descriptors given are not queues of one multi-queue TAP: {detail}; pass one \
+         descriptor per queue pair, each opened with IFF_MULTI_QUEUE on the same interface"
+    )]
+    NotOneMultiQueueTap { detail: String },
     #[error("cannot {op} of TAP {name}: {source}")]
     Ioctl {
         name: String,
@@ -240,6 +248,10 @@ pub struct Tap {
     /// The last `TUNSETOFFLOAD` value set through this handle. The kernel has
     /// no getter; a freshly opened TAP starts at 0.
     offload: AtomicU32,
+    /// One queue of a multi-queue TAP (`IFF_MULTI_QUEUE`).
+    multi_queue: bool,
+    /// Whether this queue is attached (`TUNSETQUEUE`); a fresh queue is.
+    attached: AtomicBool,
 }
 
 fn ifreq_with_name(name: &str) -> libc::ifreq {
@@ -330,7 +342,49 @@ impl Tap {
     /// Creates the TAP `name` (or attaches to it if it exists) in the calling
     /// thread's network namespace. An empty name lets the kernel pick one
     /// (`tap%d`). The fd is non-blocking.
+    /// One queue of an existing multi-queue TAP is opened as such.
     pub fn open(name: &str, vnet_hdr: VnetHdr) -> Result<Tap, TapError> {
+        let mut queues = Self::open_queues(name, vnet_hdr, 1)?;
+        queues.pop().ok_or_else(|| TapError::NameTaken {
+            name: name.to_string(),
+        })
+    }
+
+    /// Opens `queues` queues of the TAP `name` (created if it does not
+    /// exist; several make it a multi-queue TAP, `IFF_MULTI_QUEUE`). One
+    /// queue of an existing multi-queue TAP is opened as such. An existing
+    /// single-queue TAP cannot take more queues: [`TapError::SingleQueue`].
+    pub fn open_queues(name: &str, vnet_hdr: VnetHdr, queues: u16) -> Result<Vec<Tap>, TapError> {
+        let multi = queues > 1;
+        let first = match Self::open_queue(name, vnet_hdr, multi) {
+            // The kernel refuses a queue mode other than the TAP's own:
+            // find out which the TAP has.
+            Err(TapError::NameTaken { name }) => match Self::open_queue(&name, vnet_hdr, !multi) {
+                Ok(_) | Err(TapError::Busy { .. }) if multi => {
+                    return Err(TapError::SingleQueue {
+                        name,
+                        wanted: queues,
+                    })
+                }
+                Ok(tap) => tap,
+                Err(_) => return Err(TapError::NameTaken { name }),
+            },
+            other => other?,
+        };
+        let vnet = if first.vnet_hdr {
+            VnetHdr::On
+        } else {
+            VnetHdr::Off
+        };
+        let name = first.name.clone();
+        let mut taps = vec![first];
+        for _ in 1..queues {
+            taps.push(Self::open_queue(&name, vnet, true)?);
+        }
+        Ok(taps)
+    }
+
+    fn open_queue(name: &str, vnet_hdr: VnetHdr, multi_queue: bool) -> Result<Tap, TapError> {
         if !name.is_empty() {
             check_name(name)?;
         }
@@ -358,6 +412,9 @@ impl Tap {
         if want_vnet {
             flags |= libc::IFF_VNET_HDR;
         }
+        if multi_queue {
+            flags |= libc::IFF_MULTI_QUEUE;
+        }
         ifr.ifr_ifru.ifru_flags = flags as libc::c_short;
         // SAFETY: TUNSETIFF reads and writes one ifreq, which points to a live local.
         let res = unsafe {
@@ -381,9 +438,11 @@ impl Tap {
             file,
             vnet_hdr: want_vnet,
             offload: AtomicU32::new(0),
+            multi_queue,
+            attached: AtomicBool::new(true),
         };
         tap.init_vnet_hdr()?;
-        tracing::debug!(tap = %tap.name, vnet_hdr = want_vnet, "opened TAP");
+        tracing::debug!(tap = %tap.name, vnet_hdr = want_vnet, multi_queue, "opened TAP");
         Ok(tap)
     }
 
@@ -443,6 +502,8 @@ impl Tap {
             name,
             vnet_hdr: has_vnet,
             offload: AtomicU32::new(0),
+            multi_queue: flags & libc::IFF_MULTI_QUEUE != 0,
+            attached: AtomicBool::new(true),
         };
         tap.init_vnet_hdr()?;
         tracing::debug!(tap = %tap.name, fd = raw, vnet_hdr = has_vnet, "adopted TAP fd");
@@ -460,6 +521,8 @@ impl Tap {
             name: "fuzz".to_string(),
             vnet_hdr,
             offload: AtomicU32::new(0),
+            multi_queue: false,
+            attached: AtomicBool::new(true),
         })
     }
 
@@ -489,6 +552,86 @@ impl Tap {
             source,
         })?;
         Ok(())
+    }
+
+    /// Adopts descriptors handed in for the queues of one TAP (`fds=`):
+    /// one descriptor is any TAP fd ([`Tap::from_fd`]); several must be
+    /// queues of the same multi-queue TAP, with the same vnet header.
+    pub fn from_fds(fds: Vec<OwnedFd>, vnet_hdr: VnetHdr) -> Result<Vec<Tap>, TapError> {
+        let many = fds.len() > 1;
+        let mut taps: Vec<Tap> = Vec::with_capacity(fds.len());
+        for fd in fds {
+            let tap = Self::from_fd(fd, vnet_hdr)?;
+            if many && !tap.multi_queue {
+                return Err(TapError::NotOneMultiQueueTap {
+                    detail: format!("fd {} is a single-queue TAP ({})", tap.raw_fd(), tap.name),
+                });
+            }
+            if let Some(first) = taps.first() {
+                if first.name != tap.name || first.vnet_hdr != tap.vnet_hdr {
+                    return Err(TapError::NotOneMultiQueueTap {
+                        detail: format!(
+                            "fd {} is TAP {} (vnet_hdr {}), fd {} is TAP {} (vnet_hdr {})",
+                            first.raw_fd(),
+                            first.name,
+                            first.vnet_hdr,
+                            tap.raw_fd(),
+                            tap.name,
+                            tap.vnet_hdr
+                        ),
+                    });
+                }
+            }
+            taps.push(tap);
+        }
+        Ok(taps)
+    }
+
+    /// Whether this is one queue of a multi-queue TAP.
+    pub fn is_multi_queue(&self) -> bool {
+        self.multi_queue
+    }
+
+    /// Attaches or detaches this queue of a multi-queue TAP (`TUNSETQUEUE`):
+    /// the kernel steers no frame to a detached queue. A single-queue TAP
+    /// has nothing to switch; a queue already in that state is left alone.
+    pub fn set_queue_enabled(&self, on: bool) -> Result<(), TapError> {
+        if !self.multi_queue || self.attached.load(Ordering::SeqCst) == on {
+            return Ok(());
+        }
+        let mut ifr = ifreq_with_name("");
+        let flags = if on {
+            libc::IFF_ATTACH_QUEUE
+        } else {
+            libc::IFF_DETACH_QUEUE
+        };
+        ifr.ifr_ifru.ifru_flags = flags as libc::c_short;
+        // SAFETY: TUNSETQUEUE reads one ifreq (its flags) from the pointer,
+        // a live local.
+        unsafe {
+            ioctl_raw(
+                self.raw_fd(),
+                libc::TUNSETQUEUE,
+                &mut ifr as *mut libc::ifreq as libc::c_ulong,
+            )
+        }
+        .map_err(|source| {
+            self.ioctl_err(
+                if on {
+                    "attach a queue (TUNSETQUEUE)"
+                } else {
+                    "detach a queue (TUNSETQUEUE)"
+                },
+                source,
+            )
+        })?;
+        self.attached.store(on, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Whether this queue is attached (see [`Tap::set_queue_enabled`]).
+    pub fn queue_enabled(&self) -> bool {
+        self.attached.load(Ordering::SeqCst)
     }
 
     /// The interface name.

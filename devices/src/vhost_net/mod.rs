@@ -468,6 +468,8 @@ impl<K: FeatureArray + Send> VirtioDevice for VhostKernelNet<K> {
                 tap.set_offload(features::tun_offloads_for_guest(offloads))
                     .is_ok()
             }),
+            // One queue pair: VQ_PAIRS_SET only ever asks for 1.
+            Box::new(|pairs| pairs == 1),
         )?;
         let interrupt = rings.interrupt.clone();
         let bases = rings.bases();

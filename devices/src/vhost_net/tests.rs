@@ -167,6 +167,7 @@ fn rig(tag: &str, mac: [u8; 6], kernel_features: Features) -> Result<Rig, VhostN
         features,
         mtu: 1500,
         queue_size: 256,
+        queue_pairs: 1,
     };
     let dev = VhostKernelNet::new(peer, config)?;
     Ok(Rig {
@@ -342,6 +343,7 @@ fn bits_above_63_travel_through_the_features_array() {
         features,
         mtu: 1500,
         queue_size: 256,
+        queue_pairs: 1,
     };
     let mut dev = VhostKernelNet::new(peer, config).unwrap();
     activate(&mut dev);

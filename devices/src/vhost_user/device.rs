@@ -218,7 +218,12 @@ impl VirtioDevice for VhostUserNet {
         }
         self.front.record_acked_offloads();
         // No vhost-user message carries a guest offload change.
-        let rings = self.front.activate_backend(params, Box::new(|_| false))?;
+        let rings = self.front.activate_backend(
+            params,
+            Box::new(|_| false),
+            // One queue pair: VQ_PAIRS_SET only ever asks for 1.
+            Box::new(|pairs| pairs == 1),
+        )?;
         let interrupt = rings.interrupt.clone();
         let bases = rings.bases();
         let mut i = self.inner();

@@ -150,6 +150,7 @@ fn backend_writes_are_logged_and_rings_stop_and_restart_where_they_were() {
                 features,
                 mtu: 1500,
                 queue_size: 256,
+                queue_pairs: 1,
             },
             pin: Some("org.godwit.net.v1".into()),
             timeout: Duration::from_secs(5),

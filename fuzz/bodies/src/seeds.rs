@@ -140,6 +140,7 @@ fn migration(out: &mut Vec<Seed>) {
             offered: 0x1_0000_0020,
             acked: 0x1_0000_0020,
             queue_sizes: vec![256, 256],
+            queue_pairs: 1,
             interface: None,
         }],
         cpuid: cpuid(),
@@ -156,6 +157,7 @@ fn migration(out: &mut Vec<Seed>) {
             peer_kind: "tap".into(),
             peer: "tap0".into(),
             supported: 0x1_0000_0020,
+            max_queue_pairs: 1,
         }],
         host_cpuid: cpuid(),
     };

@@ -18,6 +18,7 @@ void fd_setup(u32 n, u64 features, const u8 mac[6], u16 mtu, u16 status)
 		d->cfg[5] = (u8)(d->cfg[5] + i);
 		d->cfg[6] = (u8)status;
 		d->cfg[7] = (u8)(status >> 8);
+		d->cfg[8] = 1; /* max_virtqueue_pairs (read when MQ is offered) */
 		d->cfg[10] = (u8)mtu;
 		d->cfg[11] = (u8)(mtu >> 8);
 		for (int q = 0; q < 3; q++)

@@ -39,7 +39,8 @@ pub struct MachineType {
 }
 
 use godwit_devices::virtio::net::features::groups::{
-    BASE as BASE_FEATURES, UDP_TUNNEL as UDP_TUNNEL_FEATURES, USO as USO_FEATURES,
+    BASE as BASE_FEATURES, MQ as MQ_FEATURES, UDP_TUNNEL as UDP_TUNNEL_FEATURES,
+    USO as USO_FEATURES,
 };
 
 const CONFIG_FIELDS: &[&str] = &["mac", "status", "max_virtqueue_pairs", "mtu"];
@@ -70,12 +71,17 @@ pub static MACHINE_TYPES: &[MachineType] = &[
             strict: true,
         },
     },
+    // Two pairs: enough to spread a 2-vCPU guest's traffic over two
+    // datapath threads; every Linux TAP can carry them (IFF_MULTI_QUEUE
+    // since 3.8); few enough to keep host threads and memory modest. A
+    // single-queue peer (a TAP created without multi_queue, DPDK's default
+    // queues=1) is refused by strict with remedies (queues=1, godwit-1.1).
     MachineType {
         name: "godwit-1.2",
-        adds: "UDP tunnel GSO (feature bits 65-68): guest_tunnel, guest_tunnel_csum, host_tunnel, host_tunnel_csum (TAP peers need Linux >= 6.17; vhost-user cannot carry bits above 63)",
+        adds: "multi-queue: mq with 2 queue pairs (TAP peers must be multi-queue TAPs); UDP tunnel GSO (feature bits 65-68): guest_tunnel, guest_tunnel_csum, host_tunnel, host_tunnel_csum (TAP peers need Linux >= 6.17); vhost-user peers carry neither (one queue pair, no bits above 63): use godwit-1.1 or the pasted remedies",
         net: NetAbi {
-            features: &[BASE_FEATURES, USO_FEATURES, UDP_TUNNEL_FEATURES],
-            queue_pairs: 1,
+            features: &[BASE_FEATURES, USO_FEATURES, MQ_FEATURES, UDP_TUNNEL_FEATURES],
+            queue_pairs: 2,
             queue_size: 256,
             mtu: 1500,
             config_fields: CONFIG_FIELDS,
@@ -261,6 +267,10 @@ mod tests {
             resolve("godwit-1.1").unwrap().previous().unwrap().name,
             "godwit-1.0"
         );
+        for pair in MACHINE_TYPES.windows(2) {
+            assert!(pair[1].net.queue_pairs >= pair[0].net.queue_pairs);
+        }
+        assert_eq!(resolve("godwit-1.2").unwrap().net.queue_pairs, 2);
     }
 
     /// Each released type's ABI is frozen in tests/golden/machine-types/.

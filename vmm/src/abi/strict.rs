@@ -25,6 +25,37 @@ pub struct PeerSupport {
     pub supported: Features,
     /// For unsupported bits that matter: why the peer lacks them.
     pub why_not: BTreeMap<u32, String>,
+    /// The most queue pairs the peer carries (a TAP queue, or two
+    /// vhost-user rings, each).
+    pub max_queue_pairs: u16,
+    /// Why it carries no more, when that limits it (a single-queue TAP).
+    pub queue_why: Option<String>,
+}
+
+impl PeerSupport {
+    /// A peer that carries `supported` and `max_queue_pairs` pairs.
+    pub fn new(
+        kind: &'static str,
+        name: String,
+        supported: Features,
+        why_not: BTreeMap<u32, String>,
+    ) -> Self {
+        PeerSupport {
+            kind,
+            name,
+            supported,
+            why_not,
+            max_queue_pairs: godwit_devices::virtio::net::MAX_QUEUE_PAIRS,
+            queue_why: None,
+        }
+    }
+
+    /// The same peer, carrying at most `pairs` queue pairs, because `why`.
+    pub fn with_queue_limit(mut self, pairs: u16, why: impl Into<String>) -> Self {
+        self.max_queue_pairs = pairs;
+        self.queue_why = Some(why.into());
+        self
+    }
 }
 
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
@@ -42,6 +73,12 @@ pub enum NetConfigError {
     /// Two properties break a spec dependency; `detail` names both.
     #[error("{device}: {detail}")]
     Conflict { device: String, detail: String },
+    #[error("{device}: queues={queues} needs multi-queue, which is off (machine type {machine} without mq, or mq=off): add mq=on, or use a machine type with mq (godwit-1.2 or newer)")]
+    QueuesWithoutMq {
+        device: String,
+        queues: u16,
+        machine: &'static str,
+    },
 }
 
 pub fn valid_feature_names() -> Vec<&'static str> {
@@ -138,6 +175,26 @@ fn check_conflicts(
     Ok(())
 }
 
+/// The queue pairs a device of `required` features asks for: without MQ
+/// one; with MQ `queues=` or the machine type's count.
+pub fn required_queue_pairs(
+    device: &str,
+    machine: &MachineType,
+    required: Features,
+    queues: Option<u16>,
+) -> Result<u16, NetConfigError> {
+    let mq = features::by_name("mq").is_some_and(|f| required & bit(f.bit) != 0);
+    match (mq, queues) {
+        (true, q) => Ok(q.unwrap_or(machine.net.queue_pairs).max(1)),
+        (false, Some(q)) if q > 1 => Err(NetConfigError::QueuesWithoutMq {
+            device: device.into(),
+            queues: q,
+            machine: machine.name,
+        }),
+        (false, _) => Ok(1),
+    }
+}
+
 /// `missing` and every feature in `set` that depends on one of them.
 pub fn with_dependents(set: Features, missing: Features) -> Features {
     let mut drop = missing;
@@ -166,13 +223,23 @@ fn describe(set: Features) -> String {
         .join(", ")
 }
 
-/// Start-up refused: the peer lacks features the VM requires, strict is on.
+/// The peer carries fewer queue pairs than the device requires.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueGap {
+    pub required: u16,
+    pub carried: u16,
+    pub why: Option<String>,
+}
+
+/// Start-up refused: the peer lacks features (or queue pairs) the VM
+/// requires, strict is on.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StrictRefusal {
     pub device: String,
     pub peer: String,
     pub machine: &'static str,
     pub missing: Vec<(u32, String, Option<String>)>,
+    pub queues: Option<QueueGap>,
     /// Remedy 1: the `--net` text with overrides that make this peer work.
     pub override_spec: String,
     pub override_features: Vec<String>,
@@ -184,11 +251,27 @@ pub struct StrictRefusal {
 
 impl fmt::Display for StrictRefusal {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let what = match (self.missing.is_empty(), &self.queues) {
+            (true, Some(_)) => "queue pairs",
+            (false, Some(_)) => "features and queue pairs",
+            _ => "features",
+        };
         writeln!(
             f,
-            "{}: the network peer ({}) lacks features that machine type {} requires, and strict=on:",
+            "{}: the network peer ({}) lacks {what} that machine type {} requires, and strict=on:",
             self.device, self.peer, self.machine
         )?;
+        if let Some(q) = &self.queues {
+            write!(
+                f,
+                "  - {} queue pairs required, the peer carries {}",
+                q.required, q.carried
+            )?;
+            match &q.why {
+                Some(why) => writeln!(f, ": {why}")?,
+                None => writeln!(f)?,
+            }
+        }
         // One line per reason: a TAP without vnet header explains a dozen bits at once.
         let mut by_reason: Vec<(Option<&String>, Vec<String>)> = Vec::new();
         for (b, name, why) in &self.missing {
@@ -205,7 +288,11 @@ impl fmt::Display for StrictRefusal {
             }
         }
         writeln!(f, "Remedies (any one):")?;
-        writeln!(f, "  1. turn the missing features off explicitly (the guest will not see {}; start this VM with the same overrides on every host it may migrate to):", self.override_features.join(", "))?;
+        let mut lacking = self.override_features.clone();
+        if let Some(q) = &self.queues {
+            lacking.push(format!("queue pairs beyond {}", q.carried));
+        }
+        writeln!(f, "  1. ask for what this peer carries explicitly (the guest will not see {}; start this VM with the same properties on every host it may migrate to):", lacking.join(", "))?;
         writeln!(f, "       --net {}", self.override_spec)?;
         match self.machine_remedy {
             Some(m) => writeln!(
@@ -229,6 +316,9 @@ impl std::error::Error for StrictRefusal {}
 pub struct NetAbiDecision {
     pub required: Features,
     pub offered: Features,
+    /// Queue pairs required, and offered (`max_virtqueue_pairs`).
+    pub required_queue_pairs: u16,
+    pub queue_pairs: u16,
     pub strict: bool,
     /// Required features dropped because strict was off.
     pub dropped: Features,
@@ -256,21 +346,31 @@ pub enum NetAbiError {
     Strict(#[from] Box<StrictRefusal>),
 }
 
-/// Decides the offered features, or refuses with remedies.
+/// Decides the offered features and queue pairs (`queues=` given in
+/// `queues`), or refuses with remedies.
 pub fn decide(
     device: &str,
     spec_text: &str,
     machine: &'static MachineType,
     overrides: &BTreeMap<String, bool>,
+    queues: Option<u16>,
     strict: bool,
     peer: &PeerSupport,
 ) -> Result<NetAbiDecision, NetAbiError> {
     let required = required_features(device, machine, overrides)?;
+    let required_pairs = required_queue_pairs(device, machine, required, queues)?;
     let missing = required & !peer.supported;
-    if missing == 0 {
+    let queue_gap = (required_pairs > peer.max_queue_pairs).then(|| QueueGap {
+        required: required_pairs,
+        carried: peer.max_queue_pairs,
+        why: peer.queue_why.clone(),
+    });
+    if missing == 0 && queue_gap.is_none() {
         return Ok(NetAbiDecision {
             required,
             offered: required,
+            required_queue_pairs: required_pairs,
+            queue_pairs: required_pairs,
             strict,
             dropped: 0,
             blocker: (!strict).then(|| {
@@ -281,7 +381,23 @@ pub fn decide(
         });
     }
     let dropped = with_dependents(required, missing);
+    let queue_text = queue_gap.as_ref().map(|q| {
+        format!(
+            "{} of the {} queue pairs",
+            q.required - q.carried,
+            q.required
+        )
+    });
     if !strict {
+        if let Some(q) = &queue_gap {
+            tracing::warn!(
+                "{device}: offering {} queue pair(s) instead of the {} machine type {} requires: the peer carries no more{}",
+                q.carried,
+                q.required,
+                machine.name,
+                q.why.as_deref().map(|w| format!(" ({w})")).unwrap_or_default()
+            );
+        }
         for b in bits(dropped) {
             let why = peer
                 .why_not
@@ -294,27 +410,39 @@ pub fn decide(
                 machine.name
             );
         }
+        let lacks = describe(dropped)
+            .split(", ")
+            .filter(|s| !s.is_empty())
+            .map(str::to_string)
+            .chain(queue_text)
+            .collect::<Vec<_>>()
+            .join(", ");
         return Ok(NetAbiDecision {
             required,
             offered: required & !dropped,
+            required_queue_pairs: required_pairs,
+            queue_pairs: required_pairs.min(peer.max_queue_pairs),
             strict,
             dropped,
             blocker: Some(format!(
-                "{device}: strict=off and the peer ({}) lacks {}: the guest does not see the ABI of machine type {}",
+                "{device}: strict=off and the peer ({}) lacks {lacks}: the guest does not see the ABI of machine type {}",
                 peer.name,
-                describe(dropped),
                 machine.name
             )),
         });
     }
     let override_features: Vec<String> = bits(dropped).map(features::name_of).collect();
-    let override_props: Vec<String> = override_features
+    let mut override_props: Vec<String> = override_features
         .iter()
         .map(|n| format!("{n}=off"))
         .collect();
+    if let Some(q) = &queue_gap {
+        override_props.push(format!("queues={}", q.carried));
+    }
     let machine_remedy = MACHINE_TYPES.iter().rev().find_map(|m| {
         let req = required_features(device, m, overrides).ok()?;
-        (req & !peer.supported == 0).then_some(m.name)
+        let pairs = required_queue_pairs(device, m, req, queues).ok()?;
+        (req & !peer.supported == 0 && pairs <= peer.max_queue_pairs).then_some(m.name)
     });
     Err(NetAbiError::Strict(Box::new(StrictRefusal {
         device: device.into(),
@@ -323,6 +451,7 @@ pub fn decide(
         missing: bits(missing)
             .map(|b| (b, features::name_of(b), peer.why_not.get(&b).cloned()))
             .collect(),
+        queues: queue_gap,
         override_spec: spec_with(spec_text, &override_props),
         override_features,
         machine_remedy,
@@ -341,12 +470,7 @@ mod tests {
 
     fn peer_of(bits: Features) -> PeerSupport {
         let supported = bits | features::always_offered();
-        PeerSupport {
-            kind: "tap",
-            name: "TAP t0".into(),
-            supported,
-            why_not: BTreeMap::new(),
-        }
+        PeerSupport::new("tap", "TAP t0".into(), supported, BTreeMap::new())
     }
 
     fn no_overrides() -> BTreeMap<String, bool> {
@@ -364,7 +488,7 @@ mod tests {
     fn full_peer_gets_the_machine_abi() {
         let m = resolve("godwit-1.1").unwrap();
         let p = peer_of(m.net_features());
-        let d = decide("net0", "tap,ifname=t0", m, &no_overrides(), true, &p).unwrap();
+        let d = decide("net0", "tap,ifname=t0", m, &no_overrides(), None, true, &p).unwrap();
         assert_eq!(d.offered, m.net_features());
         assert_eq!(d.blocker, None);
     }
@@ -375,8 +499,18 @@ mod tests {
         let m10 = resolve("godwit-1.0").unwrap();
         let mut p = peer_of(m10.net_features()); // a kernel without USO
         p.why_not.insert(54, "kernel lacks USO".into());
-        let err =
-            refusal(decide("net0", "tap,ifname=t0", m11, &no_overrides(), true, &p).unwrap_err());
+        let err = refusal(
+            decide(
+                "net0",
+                "tap,ifname=t0",
+                m11,
+                &no_overrides(),
+                None,
+                true,
+                &p,
+            )
+            .unwrap_err(),
+        );
         let text = err.to_string();
         assert!(
             text.contains("guest_uso4 (bit 54): kernel lacks USO"),
@@ -391,9 +525,27 @@ mod tests {
         assert_eq!(err.strict_off_spec, "tap,ifname=t0,strict=off");
         // Remedy 1 pasted: the overrides make it start.
         let spec: crate::config::net_spec::NetSpec = err.override_spec.parse().unwrap();
-        assert!(decide("net0", &err.override_spec, m11, &spec.features, true, &p).is_ok());
+        assert!(decide(
+            "net0",
+            &err.override_spec,
+            m11,
+            &spec.features,
+            spec.queues,
+            true,
+            &p
+        )
+        .is_ok());
         // Remedy 2 pasted.
-        assert!(decide("net0", "tap,ifname=t0", m10, &no_overrides(), true, &p).is_ok());
+        assert!(decide(
+            "net0",
+            "tap,ifname=t0",
+            m10,
+            &no_overrides(),
+            None,
+            true,
+            &p
+        )
+        .is_ok());
     }
 
     /// A TAP on a kernel older than 6.17 (probed: TUNSETOFFLOAD refuses
@@ -415,8 +567,18 @@ mod tests {
         };
         let p = crate::devices::net::tap_support("t0", &caps);
         let m12 = resolve("godwit-1.2").unwrap();
-        let err =
-            refusal(decide("net0", "tap,ifname=t0", m12, &no_overrides(), true, &p).unwrap_err());
+        let err = refusal(
+            decide(
+                "net0",
+                "tap,ifname=t0",
+                m12,
+                &no_overrides(),
+                None,
+                true,
+                &p,
+            )
+            .unwrap_err(),
+        );
         let text = err.to_string();
         for (name, bit) in [
             ("guest_tunnel", 65),
@@ -433,11 +595,41 @@ mod tests {
         );
         assert_eq!(err.machine_remedy, Some("godwit-1.1"));
         let spec: crate::config::net_spec::NetSpec = err.override_spec.parse().unwrap();
-        assert!(decide("net0", &err.override_spec, m12, &spec.features, true, &p).is_ok());
+        assert!(decide(
+            "net0",
+            &err.override_spec,
+            m12,
+            &spec.features,
+            None,
+            true,
+            &p
+        )
+        .is_ok());
         let m11 = resolve("godwit-1.1").unwrap();
-        assert!(decide("net0", "tap,ifname=t0", m11, &no_overrides(), true, &p).is_ok());
-        let off = decide("net0", "tap,ifname=t0", m12, &no_overrides(), false, &p).unwrap();
-        assert_eq!(off.offered, m11.net_features());
+        assert!(decide(
+            "net0",
+            "tap,ifname=t0",
+            m11,
+            &no_overrides(),
+            None,
+            true,
+            &p
+        )
+        .is_ok());
+        let off = decide(
+            "net0",
+            "tap,ifname=t0",
+            m12,
+            &no_overrides(),
+            None,
+            false,
+            &p,
+        )
+        .unwrap();
+        assert_eq!(
+            off.offered,
+            m12.net_features() & !crate::abi::machine_types::bits_of(features::groups::UDP_TUNNEL)
+        );
         assert!(off.blocker.is_some());
         // The kernel of this machine (6.18) takes them: nothing refused.
         let new = godwit_devices::net::TapOffloads {
@@ -446,7 +638,16 @@ mod tests {
             ..caps
         };
         let p = crate::devices::net::tap_support("t0", &new);
-        let d = decide("net0", "tap,ifname=t0", m12, &no_overrides(), true, &p).unwrap();
+        let d = decide(
+            "net0",
+            "tap,ifname=t0",
+            m12,
+            &no_overrides(),
+            None,
+            true,
+            &p,
+        )
+        .unwrap();
         assert_eq!(d.offered, m12.net_features());
     }
 
@@ -465,8 +666,9 @@ mod tests {
             "indirect_desc",
             "event_idx",
         ]);
-        let err =
-            refusal(decide("net0", "tap,ifname=t0", m, &no_overrides(), true, &p).unwrap_err());
+        let err = refusal(
+            decide("net0", "tap,ifname=t0", m, &no_overrides(), None, true, &p).unwrap_err(),
+        );
         for name in [
             "csum",
             "guest_csum",
@@ -483,7 +685,16 @@ mod tests {
         }
         assert_eq!(err.machine_remedy, None);
         let spec: crate::config::net_spec::NetSpec = err.override_spec.parse().unwrap();
-        let d = decide("net0", &err.override_spec, m, &spec.features, true, &p).unwrap();
+        let d = decide(
+            "net0",
+            &err.override_spec,
+            m,
+            &spec.features,
+            spec.queues,
+            true,
+            &p,
+        )
+        .unwrap();
         assert_eq!(d.offered & !p.supported, 0);
     }
 
@@ -491,7 +702,7 @@ mod tests {
     fn strict_off_drops_warns_and_blocks() {
         let m = resolve("godwit-1.1").unwrap();
         let p = peer_of(resolve("godwit-1.0").unwrap().net_features());
-        let d = decide("net0", "tap,ifname=t0", m, &no_overrides(), false, &p).unwrap();
+        let d = decide("net0", "tap,ifname=t0", m, &no_overrides(), None, false, &p).unwrap();
         assert_eq!(
             d.dropped,
             crate::abi::machine_types::bits_of(&["guest_uso4", "guest_uso6", "host_uso"])
@@ -503,11 +714,120 @@ mod tests {
         );
         // strict=off always blocks, even with nothing to drop.
         let full = peer_of(m.net_features());
+        assert!(decide(
+            "net0",
+            "tap,ifname=t0",
+            m,
+            &no_overrides(),
+            None,
+            false,
+            &full
+        )
+        .unwrap()
+        .blocker
+        .is_some());
+    }
+
+    /// godwit-1.2 requires 2 queue pairs: a single-queue peer is refused
+    /// naming the count, with remedies that work when pasted.
+    #[test]
+    fn single_queue_peer_is_refused_naming_the_queue_count() {
+        let m12 = resolve("godwit-1.2").unwrap();
+        let p = peer_of(m12.net_features()).with_queue_limit(
+            1,
+            "TAP t0 is a single-queue TAP (created without multi_queue)",
+        );
+        let err = refusal(
+            decide(
+                "net0",
+                "tap,ifname=t0",
+                m12,
+                &no_overrides(),
+                None,
+                true,
+                &p,
+            )
+            .unwrap_err(),
+        );
+        let text = err.to_string();
         assert!(
-            decide("net0", "tap,ifname=t0", m, &no_overrides(), false, &full)
-                .unwrap()
-                .blocker
-                .is_some()
+            text.contains("lacks queue pairs that machine type godwit-1.2 requires")
+                && text.contains(
+                    "2 queue pairs required, the peer carries 1: TAP t0 is a single-queue TAP"
+                ),
+            "{text}"
+        );
+        assert_eq!(err.override_spec, "tap,ifname=t0,queues=1");
+        assert_eq!(err.machine_remedy, Some("godwit-1.1"));
+        assert!(text.contains("--net tap,ifname=t0,queues=1"), "{text}");
+        assert!(text.contains("--machine godwit-1.1"), "{text}");
+        assert!(text.contains("--net tap,ifname=t0,strict=off"), "{text}");
+        // Each remedy pasted works.
+        let spec: crate::config::net_spec::NetSpec = err.override_spec.parse().unwrap();
+        let d = decide(
+            "net0",
+            &err.override_spec,
+            m12,
+            &spec.features,
+            spec.queues,
+            true,
+            &p,
+        )
+        .unwrap();
+        assert_eq!((d.queue_pairs, d.offered), (1, m12.net_features()));
+        let m11 = resolve("godwit-1.1").unwrap();
+        let d = decide(
+            "net0",
+            "tap,ifname=t0",
+            m11,
+            &no_overrides(),
+            None,
+            true,
+            &p,
+        )
+        .unwrap();
+        assert_eq!(d.queue_pairs, 1);
+        let d = decide(
+            "net0",
+            "tap,ifname=t0",
+            m12,
+            &no_overrides(),
+            None,
+            false,
+            &p,
+        )
+        .unwrap();
+        assert_eq!((d.required_queue_pairs, d.queue_pairs), (2, 1));
+        let blocker = d.blocker.unwrap();
+        assert!(blocker.contains("1 of the 2 queue pairs"), "{blocker}");
+        // A multi-queue peer gets the type's two, or what queues= asks.
+        let full = peer_of(m12.net_features());
+        let d = decide(
+            "net0",
+            "tap,ifname=t0",
+            m12,
+            &no_overrides(),
+            None,
+            true,
+            &full,
+        )
+        .unwrap();
+        assert_eq!((d.queue_pairs, d.blocker), (2, None));
+        let d = decide("net0", "t", m12, &no_overrides(), Some(4), true, &full).unwrap();
+        assert_eq!(d.queue_pairs, 4);
+        // queues= beyond one needs mq.
+        let e = decide("net0", "t", m11, &no_overrides(), Some(2), true, &full).unwrap_err();
+        assert!(e.to_string().contains("queues=2 needs multi-queue"), "{e}");
+        let mut mq = BTreeMap::new();
+        mq.insert("mq".to_string(), true);
+        let d = decide("net0", "t", m11, &mq, Some(2), true, &full).unwrap();
+        assert_eq!(d.queue_pairs, 2);
+        let mut off = BTreeMap::new();
+        off.insert("mq".to_string(), false);
+        let d = decide("net0", "t", m12, &off, None, true, &p).unwrap();
+        assert_eq!(
+            d.queue_pairs, 1,
+            "mq=off is one pair, whatever the type says"
         );
     }
 

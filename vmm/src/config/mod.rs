@@ -178,15 +178,17 @@ impl VmConfig {
     pub fn check(&self) -> Result<(), ConfigError> {
         let mut seen: Vec<(i32, &str)> = Vec::new();
         for spec in &self.nets {
-            if let net_spec::PeerSpec::Tap { fd: Some(fd), .. } = &spec.peer {
-                if let Some((_, first)) = seen.iter().find(|(f, _)| f == fd) {
-                    return Err(ConfigError::FdTwice {
-                        fd: *fd,
-                        first: first.to_string(),
-                        second: spec.text.clone(),
-                    });
+            if let net_spec::PeerSpec::Tap { fds, .. } = &spec.peer {
+                for fd in fds {
+                    if let Some((_, first)) = seen.iter().find(|(f, _)| f == fd) {
+                        return Err(ConfigError::FdTwice {
+                            fd: *fd,
+                            first: first.to_string(),
+                            second: spec.text.clone(),
+                        });
+                    }
+                    seen.push((*fd, &spec.text));
                 }
-                seen.push((*fd, &spec.text));
             }
         }
         Ok(())

@@ -28,10 +28,11 @@ pub enum NetSpecError {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum PeerSpec {
-    /// A TAP device opened (or created) by name, or an inherited fd.
+    /// A TAP device opened (or created) by name, or inherited fds: `fd=N`
+    /// or `fds=N:M:...` (one per queue pair of a multi-queue TAP).
     Tap {
         ifname: Option<String>,
-        fd: Option<i32>,
+        fds: Vec<i32>,
         vnet_hdr: Option<bool>,
     },
     /// A vhost-user backend on a Unix socket.
@@ -63,6 +64,9 @@ pub struct NetSpec {
     pub mac: Option<[u8; 6]>,
     pub mtu: Option<u16>,
     pub strict: Option<bool>,
+    /// Queue pairs (`queues=`, QEMU's netdev property); the machine type's
+    /// count when not given (or the number of `fds=`).
+    pub queues: Option<u16>,
     /// Feature properties by name, in the order given.
     pub features: BTreeMap<String, bool>,
 }
@@ -98,7 +102,7 @@ pub fn format_mac(mac: &[u8; 6]) -> String {
 }
 
 /// Keys every peer kind accepts besides feature properties.
-const COMMON_KEYS: &[&str] = &["id", "mac", "mtu", "strict"];
+const COMMON_KEYS: &[&str] = &["id", "mac", "mtu", "strict", "queues"];
 
 impl std::str::FromStr for NetSpec {
     type Err = NetSpecError;
@@ -139,21 +143,34 @@ impl std::str::FromStr for NetSpec {
         let peer = match kind {
             "tap" => {
                 let ifname = take("ifname");
-                let fd = match take("fd") {
-                    Some(v) => Some(
-                        v.parse::<i32>()
-                            .ok()
-                            .filter(|fd| *fd > 2)
-                            .ok_or_else(|| {
-                                bad(
-                                    "fd",
-                                    &v,
-                                    "use the number of an open TAP descriptor above 2 (0, 1 and 2 are godwit's standard input, output and error)",
-                                )
-                            })?,
-                    ),
-                    None => None,
+                let parse_fd = |key: &str, whole: &str, v: &str| {
+                    v.parse::<i32>().ok().filter(|fd| *fd > 2).ok_or_else(|| {
+                        bad(
+                            key,
+                            whole,
+                            "use the number of an open TAP descriptor above 2 (0, 1 and 2 are godwit's standard input, output and error)",
+                        )
+                    })
                 };
+                let mut fds = Vec::new();
+                if let Some(v) = take("fd") {
+                    fds.push(parse_fd("fd", &v, &v)?);
+                }
+                if let Some(v) = take("fds") {
+                    if !fds.is_empty() {
+                        return Err(NetSpecError::Invalid {
+                            spec,
+                            what: "give either fd= or fds=, not both".into(),
+                        });
+                    }
+                    for one in v.split(':') {
+                        let fd = parse_fd("fds", &v, one)?;
+                        if fds.contains(&fd) {
+                            return Err(bad("fds", &v, "each descriptor once"));
+                        }
+                        fds.push(fd);
+                    }
+                }
                 let vnet_hdr = match take("vnet_hdr") {
                     Some(v) => Some(on_off("vnet_hdr", &v)?),
                     None => None,
@@ -171,24 +188,24 @@ impl std::str::FromStr for NetSpec {
                         ));
                     }
                 }
-                match (&ifname, fd) {
-                    (Some(_), Some(_)) => {
+                match (&ifname, fds.is_empty()) {
+                    (Some(_), false) => {
                         return Err(NetSpecError::Invalid {
                             spec,
-                            what: "give either ifname= or fd=, not both".into(),
+                            what: "give either ifname= or fd=/fds=, not both".into(),
                         })
                     }
-                    (None, None) => return Err(NetSpecError::Invalid {
+                    (None, true) => return Err(NetSpecError::Invalid {
                         spec,
                         what:
-                            "a TAP peer needs ifname=NAME (opened or created) or fd=N (an open TAP)"
+                            "a TAP peer needs ifname=NAME (opened or created) or fd=N (an open TAP; fds=N:M:... for the queues of a multi-queue TAP)"
                                 .into(),
                     }),
                     _ => {}
                 }
                 PeerSpec::Tap {
                     ifname,
-                    fd,
+                    fds,
                     vnet_hdr,
                 }
             }
@@ -242,6 +259,27 @@ impl std::str::FromStr for NetSpec {
             Some(v) => Some(on_off("strict", &v)?),
             None => None,
         };
+        let max = godwit_devices::virtio::net::MAX_QUEUE_PAIRS;
+        let queues = match take("queues") {
+            Some(v) => Some(
+                v.parse::<u16>()
+                    .ok()
+                    .filter(|q| (1..=max).contains(q))
+                    .ok_or_else(|| bad("queues", &v, &format!("use 1 to {max} queue pairs")))?,
+            ),
+            None => None,
+        };
+        if let (Some(q), PeerSpec::Tap { fds, .. }) = (queues, &peer) {
+            if !fds.is_empty() && usize::from(q) != fds.len() {
+                return Err(NetSpecError::Invalid {
+                    spec,
+                    what: format!(
+                        "queues={q} but {} descriptor(s) in fd=/fds=: give one descriptor per queue pair",
+                        fds.len()
+                    ),
+                });
+            }
+        }
         let mut features = BTreeMap::new();
         for (key, value) in pairs {
             let on = on_off(&key, &value)?;
@@ -255,8 +293,21 @@ impl std::str::FromStr for NetSpec {
             mac,
             mtu,
             strict,
+            queues,
             features,
         })
+    }
+}
+
+impl NetSpec {
+    /// The queue pairs this spec asks for: `queues=`, else one per
+    /// descriptor of `fds=`, else none (the machine type's count).
+    pub fn queue_pairs(&self) -> Option<u16> {
+        match (&self.peer, self.queues) {
+            (_, Some(q)) => Some(q),
+            (PeerSpec::Tap { fds, .. }, None) if !fds.is_empty() => u16::try_from(fds.len()).ok(),
+            _ => None,
+        }
     }
 }
 
@@ -271,7 +322,7 @@ mod tests {
             s.peer,
             PeerSpec::Tap {
                 ifname: Some("t0".into()),
-                fd: None,
+                fds: Vec::new(),
                 vnet_hdr: Some(false)
             }
         );
@@ -281,7 +332,16 @@ mod tests {
         assert_eq!(s.id.as_deref(), Some("net0"));
         assert_eq!(s.features.get("host_uso"), Some(&false));
         let s: NetSpec = "tap,fd=7".parse().unwrap();
-        assert!(matches!(s.peer, PeerSpec::Tap { fd: Some(7), .. }));
+        assert!(matches!(&s.peer, PeerSpec::Tap { fds, .. } if fds == &[7]));
+        assert_eq!(s.queue_pairs(), Some(1));
+        let s: NetSpec = "tap,fds=7:8,vnet_hdr=on".parse().unwrap();
+        assert!(matches!(&s.peer, PeerSpec::Tap { fds, .. } if fds == &[7, 8]));
+        assert_eq!(s.queue_pairs(), Some(2));
+        let s: NetSpec = "tap,ifname=t0,queues=4".parse().unwrap();
+        assert_eq!((s.queues, s.queue_pairs()), (Some(4), Some(4)));
+        assert!(s.features.is_empty());
+        let s: NetSpec = "tap,ifname=t0".parse().unwrap();
+        assert_eq!(s.queue_pairs(), None);
     }
 
     #[test]
@@ -323,6 +383,14 @@ mod tests {
             ("tap,ifname=t0,mtu=20", "mtu=20"),
             ("tap,ifname=t0,csum=sometimes", "csum=sometimes"),
             ("vhost-user,server=on", "needs socket=PATH"),
+            ("tap,ifname=t0,queues=0", "use 1 to 64 queue pairs"),
+            ("tap,ifname=t0,queues=65", "use 1 to 64 queue pairs"),
+            ("tap,ifname=t0,queues=two", "queues=two"),
+            ("tap,fds=7:8,queues=3", "one descriptor per queue pair"),
+            ("tap,fd=7,fds=8:9", "fd= or fds="),
+            ("tap,fds=7:7", "each descriptor once"),
+            ("tap,fds=7:x", "fds=7:x"),
+            ("tap,ifname=t0,fds=7:8", "not both"),
             ("vhost-net", "needs ifname=NAME"),
         ] {
             let err = text.parse::<NetSpec>().unwrap_err().to_string();

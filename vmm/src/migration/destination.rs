@@ -195,10 +195,11 @@ pub(super) fn receive(
                 ));
                 continue;
             }
-            match crate::devices::net::open_peer(&dev.id, spec, dev.interface.as_deref()) {
+            let pairs = dev.queue_pairs;
+            match crate::devices::net::open_peer(&dev.id, spec, dev.interface.as_deref(), pairs) {
                 Ok((opened, support)) => {
                     if let Err(e) =
-                        snapshot::check_peer(&dev.id, dev.offered, &support, "on the source")
+                        snapshot::check_peer(&dev.id, dev.offered, pairs, &support, "on the source")
                     {
                         reasons.push(e.to_string());
                     }
@@ -207,6 +208,7 @@ pub(super) fn receive(
                         peer_kind: support.kind.to_string(),
                         peer: support.name.clone(),
                         supported: support.supported,
+                        max_queue_pairs: support.max_queue_pairs,
                     });
                     peers.push((opened, support));
                 }

@@ -31,6 +31,7 @@ pub(super) fn device_offer(net: &NetDevice) -> DeviceOffer {
         offered: dev.offered_features(),
         acked: dev.acked_features(),
         queue_sizes: godwit_devices::virtio::VirtioDevice::queue_max_sizes(&*dev).to_vec(),
+        queue_pairs: net.decision.queue_pairs,
         interface: dev.interface(),
     }
 }
@@ -77,6 +78,12 @@ pub(super) fn check_destination(hello: &Hello, reply: &HelloReply) -> Vec<String
                         dev.id,
                         peer.peer,
                         godwit_devices::virtio::net::features::names(missing)
+                    ));
+                }
+                if dev.queue_pairs > peer.max_queue_pairs {
+                    problems.push(format!(
+                        "{}: the guest was offered {} queue pairs but the destination's peer ({}) carries {}",
+                        dev.id, dev.queue_pairs, peer.peer, peer.max_queue_pairs
                     ));
                 }
             }

@@ -51,11 +51,13 @@ pub const SERIAL_SECTION: SectionKind = SectionKind {
     instanced: false,
 };
 /// Version 2: feature words (required, offered, the device's and the
-/// transport's) are 128 bits wide. A device whose features all lie below
-/// bit 64 is written as version 1 (the same JSON), so godwits that read
-/// only 64-bit words still restore it; one with bits 64 and up is version
-/// 2, which such a godwit refuses by its header ("too new: upgrade godwit")
-/// instead of failing to decode it.
+/// transport's) are 128 bits wide, and the queue pairs are kept
+/// (`queue_pairs` here, the pairs in use in the device state). A device of
+/// one queue pair whose features all lie below bit 64 is written as
+/// version 1 (the same JSON), so godwits that read only 64-bit words and
+/// one pair still restore it; any other is version 2, which such a godwit
+/// refuses by its header ("too new: upgrade godwit") instead of restoring
+/// it wrong. Version 1 sections read as one pair.
 pub const NET_SECTION: SectionKind = SectionKind {
     id: kind_ids::FIRST_DEVICE + 1,
     name: "net",
@@ -77,9 +79,11 @@ pub fn net_section_for(net: &NetSnapshot) -> SectionKind {
         net.transport.device_features,
         net.transport.driver_features,
     ];
-    if words
-        .iter()
-        .all(|w| godwit_devices::virtio::high64(*w) == 0)
+    let one_pair = net.queue_pairs == 1 && net.device.queue_pairs == 1;
+    if one_pair
+        && words
+            .iter()
+            .all(|w| godwit_devices::virtio::high64(*w) == 0)
     {
         SectionKind {
             version: 1,
@@ -120,11 +124,19 @@ pub struct NetSnapshot {
     pub required: Features,
     /// What the guest was offered: every peer it runs on must carry all of it.
     pub offered: Features,
+    /// Queue pairs offered (`max_virtqueue_pairs`): every peer it runs on
+    /// must carry as many. Absent (section version 1): 1.
+    #[serde(default = "one_queue_pair")]
+    pub queue_pairs: u16,
     pub interface: Option<String>,
     pub mmio_base: u64,
     pub irq: u32,
     pub device: VirtioNetState,
     pub transport: MmioTransportState,
+}
+
+fn one_queue_pair() -> u16 {
+    1
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -270,6 +282,7 @@ pub(crate) fn net_snapshot(net: &NetDevice) -> NetSnapshot {
         strict: net.decision.strict,
         required: net.decision.required,
         offered: device.offered,
+        queue_pairs: net.decision.queue_pairs,
         interface: net
             .device
             .lock()
@@ -362,10 +375,12 @@ pub enum RestoreError {
         saved: String,
         given: String,
     },
-    #[error("{device}: this host's peer ({peer}) lacks features the guest was offered {when}, so the VM is refused before it runs here (the guest may use them at any moment, and renegotiates them after a reboot):\n{}\n  Remedies (any one): give this VM a peer that carries them (for a TAP: vnet_hdr=on, on a kernel with the listed offloads; check with godwit probe --net SPEC), or run it on a host whose peer does", missing.join("\n"))]
+    #[error("{device}: this host's peer ({peer}) lacks {what} the guest was offered {when}, so the VM is refused before it runs here (the guest may use them at any moment, and renegotiates them after a reboot):\n{}\n  Remedies (any one): give this VM a peer that carries them (for a TAP: vnet_hdr=on, on a kernel with the listed offloads, a multi-queue TAP for several queue pairs; check with godwit probe --net SPEC), or run it on a host whose peer does", missing.join("\n"))]
     PeerLacks {
         device: String,
         peer: String,
+        /// "features", "queue pairs" or both.
+        what: &'static str,
         when: String,
         missing: Vec<String>,
     },
@@ -400,16 +415,19 @@ fn invalid(path: &Path, section: &str, detail: impl Into<String>) -> RestoreErro
     }
 }
 
-/// Checks a peer against what the guest was offered; `when` says where the
-/// offer was made ("when the snapshot was taken", "on the source").
+/// Checks a peer against what the guest was offered (features and
+/// `queue_pairs`); `when` says where the offer was made ("when the snapshot
+/// was taken", "on the source").
 pub fn check_peer(
     device: &str,
     offered: Features,
+    queue_pairs: u16,
     peer: &PeerSupport,
     when: &str,
 ) -> Result<(), RestoreError> {
     let missing = offered & !peer.supported;
-    if missing == 0 {
+    let pairs_lack = queue_pairs > peer.max_queue_pairs;
+    if missing == 0 && !pairs_lack {
         return Ok(());
     }
     // One line per reason: a TAP without vnet header explains a dozen bits.
@@ -426,14 +444,31 @@ pub fn check_peer(
             None => by_reason.push((why, vec![item])),
         }
     }
+    let mut lines: Vec<String> = by_reason
+        .into_iter()
+        .map(|(why, items)| format!("    {}: {why}", items.join(", ")))
+        .collect();
+    if pairs_lack {
+        lines.push(format!(
+            "    {queue_pairs} queue pairs, the peer carries {}{}",
+            peer.max_queue_pairs,
+            peer.queue_why
+                .as_deref()
+                .map(|w| format!(": {w}"))
+                .unwrap_or_default()
+        ));
+    }
+    let what = match (missing != 0, pairs_lack) {
+        (true, true) => "features and queue pairs",
+        (false, true) => "queue pairs",
+        _ => "features",
+    };
     Err(RestoreError::PeerLacks {
         device: device.to_string(),
         peer: peer.name.clone(),
+        what,
         when: when.to_string(),
-        missing: by_reason
-            .into_iter()
-            .map(|(why, items)| format!("    {}: {why}", items.join(", ")))
-            .collect(),
+        missing: lines,
     })
 }
 
@@ -504,6 +539,9 @@ pub fn read_saved(container: &Container, path: &Path) -> Result<SavedVm, Restore
                 format!("unknown peer kind '{}'", net.peer_kind),
             ));
         }
+        if let Some(why) = queue_pairs_problem(&net) {
+            return Err(invalid(path, &NET_SECTION.section_name(i), why));
+        }
         nets.push(net);
     }
     let memory = container
@@ -517,6 +555,19 @@ pub fn read_saved(container: &Container, path: &Path) -> Result<SavedVm, Restore
         serial,
         nets,
         memory,
+    })
+}
+
+/// Why a saved device's queue pair counts are impossible, if they are.
+fn queue_pairs_problem(net: &NetSnapshot) -> Option<String> {
+    let max = godwit_devices::virtio::net::MAX_QUEUE_PAIRS;
+    let fine = (1..=max).contains(&net.queue_pairs)
+        && (1..=net.queue_pairs).contains(&net.device.queue_pairs);
+    (!fine).then(|| {
+        format!(
+            "{} queue pairs, {} in use: a device has 1 to {max}, and uses 1 to all of them",
+            net.queue_pairs, net.device.queue_pairs
+        )
     })
 }
 
@@ -544,8 +595,15 @@ pub fn open_peers(
                 given: spec.peer.kind().to_string(),
             });
         }
-        let (opened, peer) = net::open_peer(&net.id, spec, net.interface.as_deref())?;
-        check_peer(&net.id, net.offered, &peer, "when the snapshot was taken")?;
+        let (opened, peer) =
+            net::open_peer(&net.id, spec, net.interface.as_deref(), net.queue_pairs)?;
+        check_peer(
+            &net.id,
+            net.offered,
+            net.queue_pairs,
+            &peer,
+            "when the snapshot was taken",
+        )?;
         peers.push((opened, peer));
     }
     Ok(peers)
@@ -576,6 +634,7 @@ pub(crate) fn rebuild_nets(
             features: net.offered,
             mtu: net.device.mtu,
             queue_size,
+            queue_pairs: net.queue_pairs,
             pin: net.interface.clone(),
             strict: net.strict,
         };
@@ -606,6 +665,9 @@ pub(crate) fn rebuild_nets(
             decision: NetAbiDecision {
                 required: net.required,
                 offered: net.offered,
+                // A VM that lacked pairs had a blocker: no snapshot.
+                required_queue_pairs: net.queue_pairs,
+                queue_pairs: net.queue_pairs,
                 strict: net.strict,
                 dropped: 0,
                 blocker: None,
@@ -837,8 +899,10 @@ mod tests {
     use super::*;
     use crate::abi::machine_types::resolve;
 
+    /// A device as `machine` offers it, every pair in use.
     fn snap(machine: &str) -> NetSnapshot {
         let features = resolve(machine).unwrap().net_features();
+        let pairs = resolve(machine).unwrap().net.queue_pairs;
         NetSnapshot {
             id: "net0".into(),
             peer_kind: "tap".into(),
@@ -846,6 +910,7 @@ mod tests {
             strict: true,
             required: features,
             offered: features,
+            queue_pairs: pairs,
             interface: None,
             mmio_base: 0xd000_0000,
             irq: 5,
@@ -857,12 +922,65 @@ mod tests {
                 acked: features,
                 rx_filter: RxFilter::default(),
                 guest_offloads: features & features::GUEST_OFFLOADS,
+                queue_pairs: pairs,
             },
             transport: MmioTransportState {
                 device_features: features,
                 driver_features: features,
                 ..MmioTransportState::default()
             },
+        }
+    }
+
+    fn net(queue_pairs: u16, in_use: u16) -> NetSnapshot {
+        NetSnapshot {
+            id: "net0".into(),
+            peer_kind: "tap".into(),
+            spec_text: "tap,ifname=t0".into(),
+            strict: true,
+            required: 1,
+            offered: 1,
+            queue_pairs,
+            interface: None,
+            mmio_base: 0xd000_0000,
+            irq: 5,
+            device: VirtioNetState {
+                mac: [0x52, 0x54, 0, 0x12, 0x34, 0x56],
+                status: 1,
+                mtu: 1500,
+                offered: 1,
+                acked: 1,
+                rx_filter: RxFilter::default(),
+                guest_offloads: 0,
+                queue_pairs: in_use,
+            },
+            transport: MmioTransportState::default(),
+        }
+    }
+
+    /// A net section of version 1 (before multi-queue) has no queue pairs:
+    /// it reads as one pair, one in use; version 2 keeps both counts.
+    #[test]
+    fn net_sections_before_multi_queue_read_as_one_pair() {
+        let mut v = serde_json::to_value(net(2, 2)).unwrap();
+        let back: NetSnapshot = serde_json::from_value(v.clone()).unwrap();
+        assert_eq!((back.queue_pairs, back.device.queue_pairs), (2, 2));
+        v.as_object_mut().unwrap().remove("queue_pairs");
+        v["device"].as_object_mut().unwrap().remove("queue_pairs");
+        let old: NetSnapshot = serde_json::from_value(v).unwrap();
+        assert_eq!((old.queue_pairs, old.device.queue_pairs), (1, 1));
+        const { assert!(NET_SECTION.min_version == 1 && NET_SECTION.version == 2) };
+    }
+
+    /// Counts no device can have are refused, saying why.
+    #[test]
+    fn impossible_queue_pair_counts_are_refused() {
+        for (pairs, in_use) in [(0, 1), (2, 3), (65, 1), (2, 0)] {
+            let why = queue_pairs_problem(&net(pairs, in_use)).unwrap();
+            assert!(why.contains("queue pairs"), "{pairs}/{in_use}: {why}");
+        }
+        for (pairs, in_use) in [(1, 1), (2, 1), (2, 2), (64, 64)] {
+            assert_eq!(queue_pairs_problem(&net(pairs, in_use)), None);
         }
     }
 
@@ -896,6 +1014,12 @@ mod tests {
         let (v, back) = round_trip(&snap("godwit-1.1"));
         assert_eq!(v, 1);
         assert_eq!(back.offered, resolve("godwit-1.1").unwrap().net_features());
+        // Two queue pairs are version 2 even without bits above 63: a
+        // godwit that reads only version 1 would restore one pair.
+        let mut two = snap("godwit-1.1");
+        two.queue_pairs = 2;
+        let (v, back) = round_trip(&two);
+        assert_eq!((v, back.queue_pairs), (2, 2));
     }
 
     /// A version-1 section as an older godwit wrote it (64-bit numbers)

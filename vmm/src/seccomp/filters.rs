@@ -138,6 +138,8 @@ const TUNSETOFFLOAD: u64 = ioc(W, b'T' as u64, 208, 4);
 const TUNSETVNETHDRSZ: u64 = ioc(W, b'T' as u64, 216, 4);
 const TUNGETVNETHDRSZ: u64 = ioc(R, b'T' as u64, 215, 4);
 const TUNSETVNETLE: u64 = ioc(W, b'T' as u64, 220, 4);
+/// Attaches or detaches a queue of a multi-queue TAP (VQ_PAIRS_SET).
+const TUNSETQUEUE: u64 = ioc(W, b'T' as u64, 217, 4);
 
 // vhost (linux/vhost.h), for vhost-net devices that the guest drives.
 const VHOST: u64 = 0xAF;
@@ -182,6 +184,7 @@ const VCPU_IOCTLS: &[u64] = &[
     TUNSETVNETHDRSZ,
     TUNGETVNETHDRSZ,
     TUNSETVNETLE,
+    TUNSETQUEUE,
     VHOST_GET_FEATURES,
     VHOST_SET_FEATURES,
     VHOST_SET_OWNER,
@@ -362,7 +365,7 @@ fn rules_of(kind: ThreadKind) -> Rules {
                 SYS_recvfrom,
                 SYS_sendto,
             ])
-            .ioctls(&[TUNSETOFFLOAD]),
+            .ioctls(&[TUNSETOFFLOAD, TUNSETQUEUE]),
         // Control queue: receive filters and offloads reach the TAP.
         ThreadKind::NetCtrl => base()
             .with(&poll())

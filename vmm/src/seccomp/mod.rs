@@ -193,6 +193,7 @@ pub fn init(mode: SeccompMode) -> Result<(), SeccompError> {
         _ => SeccompAction::Trap,
     };
     install_sigsys_handler()?;
+    prime_allocator();
     let selftest = std::env::var(SELFTEST_ENV).ok();
     let _ = FILTERS.set(Filters {
         mismatch,
@@ -201,6 +202,28 @@ pub fn init(mode: SeccompMode) -> Result<(), SeccompError> {
     });
     thread_hook::set_hook(device_thread_started);
     Ok(())
+}
+
+/// Has glibc's allocator read `/proc/sys/vm/overcommit_memory` now, while
+/// no filter is installed. It reads it once, the first time a thread's
+/// arena gives memory back (`shrink_heap`), which may happen on any thread
+/// that frees much: a datapath thread ending after a reset or at quit frees
+/// its buffers. A short thread fills its own arena with blocks below the
+/// mmap threshold and frees them, so that the top of its heap crosses the
+/// trim threshold and the file is read (and the answer kept) here.
+fn prime_allocator() {
+    let primed = std::thread::Builder::new()
+        .name("alloc-prime".into())
+        .spawn(|| {
+            let blocks: Vec<Vec<u8>> = (0..64).map(|i| vec![i as u8; 8 << 10]).collect();
+            drop(std::hint::black_box(blocks));
+        })
+        .map(|t| t.join());
+    if !matches!(primed, Ok(Ok(()))) {
+        tracing::warn!(
+            "could not prime the allocator before the system-call filters; a thread that frees much may be stopped by its filter"
+        );
+    }
 }
 
 /// Installs the filter of `kind` on the calling thread (nothing when the

@@ -6,7 +6,8 @@
 //!
 //! Commands: rx mode (promiscuous, all-multicast) and MAC tables (recorded
 //! for introspection: godwit does not filter), MAC address, announce ack,
-//! queue pairs (1), guest offloads (applied by the peer through a callback).
+//! queue pairs in use (1 to `max_virtqueue_pairs`, applied by the peer), guest
+//! offloads (applied by the peer).
 //! A malformed chain is returned unanswered (length 0) and counted; an
 //! unknown or malformed command is answered VIRTIO_NET_ERR.
 
@@ -25,7 +26,7 @@ use super::chain::{
     parse_chain, read_from_segs, seg_total, wants_interrupt, write_to_segs, Fatal, Seg,
 };
 use super::features::GUEST_OFFLOADS;
-use super::{Fault, Shared, CTRL_QUEUE};
+use super::{Fault, Shared};
 use crate::virtio::pause::PauseGate;
 use crate::virtio::ratelimit::LogLimiter;
 use crate::virtio::Features;
@@ -38,18 +39,68 @@ const CTRL_MAX_LEN: usize = 64 * 1024;
 /// Unicast and multicast MAC tables of VIRTIO_NET_CTRL_MAC_TABLE_SET.
 type MacTables = (Vec<[u8; 6]>, Vec<[u8; 6]>);
 
+/// What the control queue changes on the device's peer.
+pub(crate) trait CtrlPeer {
+    /// Applies VIRTIO_NET_CTRL_GUEST_OFFLOADS_SET (only acked guest offload
+    /// bits); false answers VIRTIO_NET_ERR.
+    fn set_guest_offloads(&mut self, offloads: Features) -> bool;
+    /// Applies VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET with a count already checked
+    /// to be from 1 to `max_virtqueue_pairs`; false answers VIRTIO_NET_ERR.
+    fn set_queue_pairs(&mut self, pairs: u16) -> bool;
+}
+
+/// A [`CtrlPeer`] made of two callbacks (the vhost models').
+pub(crate) struct CallbackPeer<'a> {
+    pub(crate) offloads: &'a mut (dyn FnMut(Features) -> bool + Send),
+    pub(crate) pairs: &'a mut (dyn FnMut(u16) -> bool + Send),
+}
+
+impl CtrlPeer for CallbackPeer<'_> {
+    fn set_guest_offloads(&mut self, offloads: Features) -> bool {
+        (self.offloads)(offloads)
+    }
+    fn set_queue_pairs(&mut self, pairs: u16) -> bool {
+        (self.pairs)(pairs)
+    }
+}
+
 /// Serves every available control command of `q`; returns how many used
 /// entries were added (the caller decides on the interrupt, see
-/// [`wants_interrupt`]). `set_guest_offloads` applies a
-/// VIRTIO_NET_CTRL_GUEST_OFFLOADS_SET (false answers VIRTIO_NET_ERR); `log`
-/// receives complaints about the guest's commands (the caller rate-limits).
+/// [`wants_interrupt`]). `peer` applies offload and queue-pair changes;
+/// `log` receives complaints about the guest's commands (the caller
+/// rate-limits).
 pub(crate) fn serve_ctrl_queue(
     q: &mut Queue,
     mem: &GuestMemory,
     shared: &Shared,
     acked: Features,
     segs: &mut Vec<Seg>,
-    set_guest_offloads: &mut dyn FnMut(Features) -> bool,
+    peer: &mut dyn CtrlPeer,
+    log: &mut dyn FnMut(std::fmt::Arguments<'_>),
+) -> Result<usize, Fatal> {
+    let mut added = 0;
+    loop {
+        added += serve_available(q, mem, shared, acked, segs, peer, log)?;
+        // Ask for the next kick (with EVENT_IDX: avail_event at the next
+        // entry; a driver that honours it kicks only then), and serve what
+        // was posted meanwhile.
+        let more = q
+            .enable_notification(mem)
+            .map_err(|e| Fatal(format!("control queue: enabling notifications: {e}")))?;
+        if !more {
+            return Ok(added);
+        }
+    }
+}
+
+/// Serves the control commands available now; returns how many.
+fn serve_available(
+    q: &mut Queue,
+    mem: &GuestMemory,
+    shared: &Shared,
+    acked: Features,
+    segs: &mut Vec<Seg>,
+    peer: &mut dyn CtrlPeer,
     log: &mut dyn FnMut(std::fmt::Arguments<'_>),
 ) -> Result<usize, Fatal> {
     let mut added = 0;
@@ -87,7 +138,7 @@ pub(crate) fn serve_ctrl_queue(
                 let mut cmd = vec![0u8; seg_total(&segs[..split])];
                 let got = read_from_segs(mem, &segs[..split], &mut cmd);
                 cmd.truncate(got);
-                let ack = handle_ctrl(&cmd, shared, acked, set_guest_offloads, log);
+                let ack = handle_ctrl(&cmd, shared, acked, peer, log);
                 if ack != VIRTIO_NET_OK as u8 {
                     shared.counters.ctrl_error();
                 }
@@ -106,7 +157,7 @@ fn handle_ctrl(
     cmd: &[u8],
     shared: &Shared,
     acked: Features,
-    set_guest_offloads: &mut dyn FnMut(Features) -> bool,
+    peer: &mut dyn CtrlPeer,
     log: &mut dyn FnMut(std::fmt::Arguments<'_>),
 ) -> u8 {
     let (ok, err) = (VIRTIO_NET_OK as u8, VIRTIO_NET_ERR as u8);
@@ -164,7 +215,24 @@ fn handle_ctrl(
             true
         }
         (VIRTIO_NET_CTRL_MQ, VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET) if has(VIRTIO_NET_F_MQ) => {
-            data == 1u16.to_le_bytes()
+            match <[u8; 2]>::try_from(data).map(u16::from_le_bytes) {
+                Ok(pairs) if (1..=shared.ready_pairs()).contains(&pairs) => {
+                    let done = peer.set_queue_pairs(pairs);
+                    if done {
+                        shared.active_pairs.store(pairs, Ordering::SeqCst);
+                    }
+                    done
+                }
+                Ok(pairs) => {
+                    log(format_args!(
+                        "the driver asked for {pairs} queue pairs (VQ_PAIRS_SET); the device has {}, of which the driver made {} ready",
+                        shared.max_pairs,
+                        shared.ready_pairs()
+                    ));
+                    false
+                }
+                Err(_) => false,
+            }
         }
         (VIRTIO_NET_CTRL_GUEST_OFFLOADS, VIRTIO_NET_CTRL_GUEST_OFFLOADS_SET)
             if has(VIRTIO_NET_F_CTRL_GUEST_OFFLOADS) =>
@@ -176,7 +244,7 @@ fn handle_ctrl(
             {
                 Ok(offloads)
                     if offloads & !(acked & GUEST_OFFLOADS) == 0
-                        && set_guest_offloads(offloads) =>
+                        && peer.set_guest_offloads(offloads) =>
                 {
                     shared.guest_offloads.store(offloads);
                     true
@@ -250,6 +318,8 @@ pub(crate) struct CtrlJob {
     pub(crate) name: String,
     pub(crate) mem: GuestMemory,
     pub(crate) queue: Queue,
+    /// The control queue's index (interrupts, positions).
+    pub(crate) index: usize,
     pub(crate) evt: EventFd,
     pub(crate) shared: Arc<Shared>,
     pub(crate) acked: Features,
@@ -257,6 +327,8 @@ pub(crate) struct CtrlJob {
     pub(crate) gate: Arc<PauseGate>,
     /// Applies VIRTIO_NET_CTRL_GUEST_OFFLOADS_SET (vhost-net: the TAP).
     pub(crate) set_guest_offloads: Box<dyn FnMut(Features) -> bool + Send>,
+    /// Applies VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET (vhost-user: SET_VRING_ENABLE).
+    pub(crate) set_queue_pairs: Box<dyn FnMut(u16) -> bool + Send>,
 }
 
 impl CtrlThread {
@@ -334,21 +406,23 @@ fn run_ctrl(mut job: CtrlJob, epoll: Epoll, _stop: EventFd) -> Queue {
                 );
             }
         };
+        let mut peer = CallbackPeer {
+            offloads: &mut *job.set_guest_offloads,
+            pairs: &mut *job.set_queue_pairs,
+        };
         let added = serve_ctrl_queue(
             &mut job.queue,
             &job.mem,
             &job.shared,
             job.acked,
             &mut segs,
-            &mut *job.set_guest_offloads,
+            &mut peer,
             &mut log,
         )?;
-        job.shared.publish_position(CTRL_QUEUE, &job.queue);
+        job.shared.publish_position(job.index, &job.queue);
+        let index = u16::try_from(job.index).unwrap_or(u16::MAX);
         if added > 0 && wants_interrupt(&mut job.queue, &job.mem, "control")? {
-            if let Err(e) = job
-                .interrupt
-                .trigger(InterruptKind::Queue(CTRL_QUEUE as u16))
-            {
+            if let Err(e) = job.interrupt.trigger(InterruptKind::Queue(index)) {
                 tracing::warn!(device = %job.name, "cannot interrupt the guest: {e}");
             }
         }

@@ -435,7 +435,7 @@ pub static FEATURES: &[NetFeature] = &[
         &[],
         true,
     ),
-    // godwit has one queue pair: MQ only advertises max_virtqueue_pairs = 1.
+    // max_virtqueue_pairs is the device's queue pair count (queues=).
     f(
         VIRTIO_NET_F_MQ,
         "mq",
@@ -732,6 +732,10 @@ pub mod groups {
         "host_tunnel",
         "host_tunnel_csum",
     ];
+    /// Multi-queue: several receive/transmit queue pairs, chosen by the
+    /// driver with VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET (the count is the ABI's
+    /// `queue_pairs`).
+    pub const MQ: &[&str] = &["mq"];
 }
 
 /// The bits of feature groups given by canonical names.

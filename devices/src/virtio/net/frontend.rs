@@ -9,7 +9,8 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use virtio_bindings::virtio_net::{
-    VIRTIO_NET_F_CTRL_VQ, VIRTIO_NET_F_GUEST_ANNOUNCE, VIRTIO_NET_F_STATUS, VIRTIO_NET_S_ANNOUNCE,
+    VIRTIO_NET_F_CTRL_VQ, VIRTIO_NET_F_GUEST_ANNOUNCE, VIRTIO_NET_F_MQ, VIRTIO_NET_F_STATUS,
+    VIRTIO_NET_S_ANNOUNCE,
 };
 use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::eventfd::EventFd;
@@ -17,8 +18,8 @@ use vmm_sys_util::eventfd::EventFd;
 use super::ctrl::{CtrlJob, CtrlThread};
 use super::shared::Shared;
 use super::{
-    features, format_mac, NetInfo, RxFilter, VirtioNetState, CONFIG_LEN, CTRL_QUEUE,
-    CTRL_QUEUE_SIZE,
+    ctrl_queue_index, features, format_mac, NetInfo, RxFilter, VirtioNetState, CONFIG_LEN,
+    CTRL_QUEUE_SIZE, MAX_QUEUE_PAIRS,
 };
 use crate::net::{Tap, TapOffloads};
 use crate::virtio::pause::PauseGate;
@@ -32,9 +33,8 @@ use crate::GuestMemory;
 pub const VIRTIO_ID_NET: u32 = virtio_bindings::virtio_ids::VIRTIO_ID_NET;
 /// The virtio spec's (and virtio-queue's) largest queue.
 const MAX_QUEUE_SIZE: u16 = 32768;
-/// Receive ring 0 and transmit ring 1: the rings a datapath serves.
+/// Receive ring 0 and transmit ring 1: the rings of one queue pair.
 pub(crate) const DATA_RINGS: usize = 2;
-const QUEUE_NAMES: [&str; 3] = ["receiveq", "transmitq", "controlq"];
 
 /// How the VMM configures the guest-visible side of a virtio-net device.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -46,12 +46,16 @@ pub struct FrontendConfig {
     pub mtu: u16,
     /// Maximum size of the receive and transmit rings (a power of two).
     pub queue_size: u16,
+    /// Queue pairs (`max_virtqueue_pairs`), 1 to [`MAX_QUEUE_PAIRS`].
+    pub queue_pairs: u16,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum FrontendError {
     #[error("virtio-net queue size {0} is invalid: use a power of two from 2 to 32768")]
     QueueSize(u16),
+    #[error("virtio-net queue pair count {0} is invalid: use queues= from 1 to {MAX_QUEUE_PAIRS}")]
+    QueuePairs(u16),
     #[error("MAC address {} is a multicast address: a NIC needs a unicast MAC (first byte even)", format_mac(.0))]
     MulticastMac([u8; 6]),
     #[error("cannot create the pause eventfd of the {kind} device: {source}")]
@@ -180,8 +184,12 @@ impl NetFrontend {
         if config.mac[0] & 1 != 0 {
             return Err(FrontendError::MulticastMac(config.mac));
         }
+        let pairs = config.queue_pairs;
+        if pairs == 0 || pairs > MAX_QUEUE_PAIRS {
+            return Err(FrontendError::QueuePairs(pairs));
+        }
         let offered = config.features | features::always_offered();
-        let mut queue_sizes = vec![qs, qs];
+        let mut queue_sizes = vec![qs; 2 * usize::from(pairs)];
         if offered & feature(VIRTIO_NET_F_CTRL_VQ) != 0 {
             queue_sizes.push(CTRL_QUEUE_SIZE);
         }
@@ -194,7 +202,7 @@ impl NetFrontend {
             default_mac: config.mac,
             mtu: config.mtu,
             queue_sizes,
-            shared: Arc::new(Shared::new(config.mac)),
+            shared: Arc::new(Shared::new(config.mac, pairs)),
             gate: Arc::new(gate),
             interrupt: None,
             ctrl: None,
@@ -243,6 +251,30 @@ impl NetFrontend {
         &self.queue_sizes
     }
 
+    /// Queue pairs of the device (`max_virtqueue_pairs`).
+    pub(crate) fn max_pairs(&self) -> u16 {
+        self.shared.max_pairs
+    }
+
+    /// The control queue's index for the features acked: after the rings
+    /// of every pair with MQ, else queue 2.
+    pub(crate) fn ctrl_index(&self) -> usize {
+        ctrl_queue_index(self.max_pairs(), self.acked_has(VIRTIO_NET_F_MQ))
+    }
+
+    /// Queue pairs the driver set up rings for: all with MQ acked, else 1.
+    pub(crate) fn pairs_in_use(&self) -> usize {
+        self.ctrl_index() / DATA_RINGS
+    }
+
+    fn queue_name(&self, index: usize) -> &'static str {
+        match index {
+            i if i == self.ctrl_index() => "controlq",
+            i if i % 2 == 0 => "receiveq",
+            _ => "transmitq",
+        }
+    }
+
     pub(crate) fn ack_features(&mut self, features: Features) {
         self.acked = features & self.offered();
     }
@@ -255,8 +287,7 @@ impl NetFrontend {
         let mut c = [0u8; CONFIG_LEN];
         c[..6].copy_from_slice(&self.mac());
         c[6..8].copy_from_slice(&self.shared.status.load(Ordering::SeqCst).to_le_bytes());
-        // max_virtqueue_pairs: godwit serves one pair.
-        c[8..10].copy_from_slice(&1u16.to_le_bytes());
+        c[8..10].copy_from_slice(&self.max_pairs().to_le_bytes());
         c[10..12].copy_from_slice(&self.mtu.to_le_bytes());
         c
     }
@@ -289,8 +320,11 @@ impl NetFrontend {
     }
 
     /// The checks every model makes when the driver sets DRIVER_OK: not
-    /// active yet, one queue per queue size, every needed queue enabled
-    /// (the control queue only when CTRL_VQ was acked).
+    /// active yet, one queue per queue size, every needed queue enabled:
+    /// the rings of the first pair, the control queue when CTRL_VQ was
+    /// acked. With MQ the driver may leave later pairs unconfigured (it
+    /// must configure a pair before VQ_PAIRS_SET turns it on): the pairs
+    /// ready, without a gap from the first, are recorded.
     pub(crate) fn check_activate(&self, params: &ActivateParams) -> Result<(), ActivateError> {
         if self.active {
             return Err(ActivateError::AlreadyActive { device: self.kind });
@@ -303,15 +337,25 @@ impl NetFrontend {
             });
         }
         let ctrl = self.acked_has(VIRTIO_NET_F_CTRL_VQ);
+        let ctrl_index = self.ctrl_index();
         for (index, (q, _)) in params.queues.iter().enumerate() {
-            if (index != CTRL_QUEUE || ctrl) && !q.ready() {
+            let needed = index < DATA_RINGS || (index == ctrl_index && ctrl);
+            if needed && !q.ready() {
                 return Err(ActivateError::QueueNotReady {
                     device: self.kind,
                     index,
-                    name: QUEUE_NAMES[index.min(2)],
+                    name: self.queue_name(index),
                 });
             }
         }
+        let ready = params.queues[..ctrl_index.min(params.queues.len())]
+            .chunks(DATA_RINGS)
+            .take_while(|pair| pair.iter().all(|(q, _)| q.ready()))
+            .count();
+        self.shared.ready_pairs.store(
+            u16::try_from(ready).unwrap_or(u16::MAX).max(1),
+            Ordering::SeqCst,
+        );
         Ok(())
     }
 
@@ -323,11 +367,12 @@ impl NetFrontend {
         &mut self,
         params: ActivateParams,
         set_guest_offloads: Box<dyn FnMut(Features) -> bool + Send>,
+        set_queue_pairs: Box<dyn FnMut(u16) -> bool + Send>,
     ) -> Result<BackendRings, ActivateError> {
         let (mem, interrupt) = (params.mem, params.interrupt);
         let mut queues = params.queues.into_iter();
         let (mut data, mut kicks) = (Vec::new(), Vec::new());
-        for (q, kick) in queues.by_ref().take(DATA_RINGS) {
+        for (q, kick) in queues.by_ref().take(self.ctrl_index()) {
             data.push(q);
             kicks.push(kick);
         }
@@ -339,12 +384,14 @@ impl NetFrontend {
                 name: self.name.rsplit('/').next().unwrap_or("vhost").to_string(),
                 mem: mem.clone(),
                 queue,
+                index: self.ctrl_index(),
                 evt,
                 shared: self.shared.clone(),
                 acked: self.acked,
                 interrupt: interrupt.clone(),
                 gate: self.gate.clone(),
                 set_guest_offloads,
+                set_queue_pairs,
             };
             let thread = CtrlThread::start(job).map_err(|source| ActivateError::Thread {
                 device: self.kind,
@@ -399,6 +446,8 @@ impl NetFrontend {
             .fetch_and(!(VIRTIO_NET_S_ANNOUNCE as u16), Ordering::SeqCst);
         self.shared.with_filter(|f| *f = RxFilter::default());
         self.shared.guest_offloads.store(0);
+        self.shared.active_pairs.store(1, Ordering::SeqCst);
+        self.shared.ready_pairs.store(1, Ordering::SeqCst);
         for p in &self.shared.positions {
             p.store(0, Ordering::SeqCst);
         }
@@ -415,8 +464,16 @@ impl NetFrontend {
             return None;
         }
         let mut out = data()?;
-        if self.queue_sizes.len() > DATA_RINGS {
-            out.push(self.shared.position(CTRL_QUEUE));
+        let ctrl = self.ctrl_index();
+        // Rings of pairs the driver does not use (MQ not acked) stay at 0.
+        while out.len() < self.queue_sizes.len().min(ctrl) {
+            out.push(self.shared.position(out.len()));
+        }
+        if self.queue_sizes.len() > ctrl {
+            out.push(self.shared.position(ctrl));
+        }
+        while out.len() < self.queue_sizes.len() {
+            out.push(self.shared.position(usize::MAX));
         }
         Some(out)
     }
@@ -465,6 +522,7 @@ impl NetFrontend {
             acked: self.acked,
             rx_filter: self.shared.with_filter(|f| f.clone()),
             guest_offloads: self.shared.guest_offloads.load(),
+            queue_pairs: self.shared.active_pairs(),
         }
     }
 
@@ -476,6 +534,10 @@ impl NetFrontend {
         self.shared.status.store(state.status, Ordering::SeqCst);
         self.shared.with_filter(|f| *f = state.rx_filter.clone());
         self.shared.guest_offloads.store(state.guest_offloads);
+        self.shared.active_pairs.store(
+            state.queue_pairs.clamp(1, self.max_pairs()),
+            Ordering::SeqCst,
+        );
     }
 
     /// Everything a `query-net` shows, with the peer's part from the model.
@@ -493,6 +555,9 @@ impl NetFrontend {
             tap_capabilities: peer.tap_capabilities,
             rx_filter: self.shared.with_filter(|f| f.clone()),
             stats: self.shared.stats(),
+            queue_pairs: self.max_pairs(),
+            active_queue_pairs: self.shared.active_pairs(),
+            pair_stats: self.shared.pair_stats(),
         }
     }
 }
@@ -509,6 +574,7 @@ mod tests {
             features: feature(VIRTIO_NET_F_CTRL_VQ) | feature(VIRTIO_NET_F_STATUS),
             mtu: 9000,
             queue_size,
+            queue_pairs: 1,
         }
     }
 

@@ -31,7 +31,7 @@ impl Datapath {
             params,
             Arc::new(tap),
             acked,
-            Arc::new(Shared::new(mac)),
+            Arc::new(Shared::new(mac, 1)),
             EventFd::new(EFD_NONBLOCK)?,
             Arc::new(PauseGate::new()?),
         )?;

@@ -3,9 +3,12 @@
 //! ([`VirtioNet`], whose datapath is `worker.rs`). The vhost models live in
 //! [`crate::vhost_user`] and [`crate::vhost_net`].
 //!
-//! Queues: 0 = receive, 1 = transmit, 2 = control (only when CTRL_VQ is
-//! offered). One queue pair; with MQ the configuration space says
-//! `max_virtqueue_pairs = 1`.
+//! Queues: receive and transmit ring of each queue pair (2k, 2k + 1), then
+//! the control queue (only when CTRL_VQ is offered). A device has
+//! `max_virtqueue_pairs` pairs (configuration space); a driver that does not
+//! ack MQ uses one pair, and its control queue is queue 2 (virtio 1.2
+//! 5.1.2). With MQ the driver turns pairs on with
+//! VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET; one is in use after a reset.
 
 mod chain;
 pub(crate) mod ctrl;
@@ -38,8 +41,23 @@ use crate::virtio::Features;
 pub const RX_QUEUE: usize = 0;
 /// Index of the transmit queue.
 pub const TX_QUEUE: usize = 1;
-/// Index of the control queue (present when CTRL_VQ is offered).
+/// Index of the control queue when one queue pair is in use (MQ not acked,
+/// or a device of one pair); see [`ctrl_queue_index`].
 pub const CTRL_QUEUE: usize = 2;
+/// The most queue pairs a device may have (`queues=`): a datapath thread
+/// and a TAP queue each.
+pub const MAX_QUEUE_PAIRS: u16 = 64;
+
+/// The control queue's index for a device of `max_pairs` queue pairs whose
+/// driver acked MQ (`mq_acked`) or not: after every ring of the pairs the
+/// driver knows of.
+pub fn ctrl_queue_index(max_pairs: u16, mq_acked: bool) -> usize {
+    if mq_acked {
+        2 * usize::from(max_pairs.max(1))
+    } else {
+        CTRL_QUEUE
+    }
+}
 /// Default maximum size of the rx and tx queues.
 pub const DEFAULT_QUEUE_SIZE: u16 = 256;
 /// Size of the control queue.
@@ -232,6 +250,13 @@ impl Default for RxFilter {
     }
 }
 
+/// Frames carried by one queue pair (since the device was created).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct PairStats {
+    pub rx_packets: u64,
+    pub tx_packets: u64,
+}
+
 /// What a later `query-net` shows about a device.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct NetInfo {
@@ -249,4 +274,10 @@ pub struct NetInfo {
     pub tap_capabilities: TapOffloads,
     pub rx_filter: RxFilter,
     pub stats: NetStats,
+    /// Queue pairs of the device (`max_virtqueue_pairs`).
+    pub queue_pairs: u16,
+    /// Queue pairs in use (VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET).
+    pub active_queue_pairs: u16,
+    /// Frames per queue pair.
+    pub pair_stats: Vec<PairStats>,
 }

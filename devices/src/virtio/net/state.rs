@@ -19,4 +19,12 @@ pub struct VirtioNetState {
     pub rx_filter: RxFilter,
     /// Offloads the driver selected through CTRL_GUEST_OFFLOADS.
     pub guest_offloads: Features,
+    /// Queue pairs in use (VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET); state saved
+    /// before multi-queue has none and means 1.
+    #[serde(default = "one_pair")]
+    pub queue_pairs: u16,
+}
+
+fn one_pair() -> u16 {
+    1
 }

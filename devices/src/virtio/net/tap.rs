@@ -12,23 +12,28 @@
 //! (use [`features::mask_for_peer`] first to get QEMU's lenient behaviour,
 //! with the list of what was dropped).
 //!
-//! When the driver sets DRIVER_OK the device sets the TAP's offloads from the
-//! acked guest features (`TUNSETOFFLOAD`) and starts one datapath thread;
-//! `reset` stops it and keeps the TAP for the next activation.
+//! A device of N queue pairs ([`VirtioNet::with_queues`]) has one TAP queue
+//! per pair (a multi-queue TAP, `IFF_MULTI_QUEUE`). When the driver sets
+//! DRIVER_OK the device sets the TAP's offloads from the acked guest
+//! features (`TUNSETOFFLOAD`), attaches the TAP queues of the pairs in use
+//! (one after a reset, until VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET) and starts one
+//! datapath thread per pair the driver set up; `reset` stops them and keeps
+//! the TAP for the next activation.
 
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use virtio_bindings::virtio_net::VIRTIO_NET_F_MTU;
+use virtio_bindings::virtio_net::{VIRTIO_NET_F_CTRL_VQ, VIRTIO_NET_F_MTU};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::features::{self, FeatureProblem};
 use super::frontend::{FrontendConfig, FrontendError, NetFrontend, PeerInfo};
 use super::model::{virtio_frontend_methods, NetModel, PeerStatus, PeerTap};
-use super::{format_mac, worker, NetStats, DEFAULT_QUEUE_SIZE, RX_QUEUE, TX_QUEUE};
+use super::worker::{switch_tap_queues, PairSwitch, Worker, WorkerJob};
+use super::{format_mac, NetStats, DEFAULT_QUEUE_SIZE};
 use crate::dirty_log::{DirtyLogError, DirtyTracking};
 use crate::net::{Tap, TapOffloads};
-use crate::virtio::pause::PauseError;
+use crate::virtio::pause::{PauseError, PauseGate};
 use crate::virtio::{
     feature, ActivateError, ActivateParams, Features, QueuePosition, VirtioDevice,
 };
@@ -75,6 +80,14 @@ pub enum NetError {
     MtuRange(u16),
     #[error(transparent)]
     Frontend(#[from] FrontendError),
+    #[error("a virtio-net device needs at least one TAP queue")]
+    NoTap,
+    #[error("cannot create the pause eventfd of queue pair {pair}: {source}")]
+    Gate {
+        pair: usize,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 fn join_problems(p: &[FeatureProblem]) -> String {
@@ -92,9 +105,14 @@ struct WorkerHandle {
 /// A virtio-net device on a TAP.
 pub struct VirtioNet {
     front: NetFrontend,
-    tap: Arc<Tap>,
+    /// One TAP queue per queue pair (the first is the TAP's handle for
+    /// offloads and queries).
+    taps: Vec<Arc<Tap>>,
     tap_caps: TapOffloads,
-    worker: Option<WorkerHandle>,
+    /// The datapath threads of an active device, one per pair in use.
+    workers: Vec<WorkerHandle>,
+    /// One pause gate per pair's thread; the first is the frontend's.
+    gates: Vec<Arc<PauseGate>>,
 }
 
 impl VirtioNet {
@@ -103,6 +121,17 @@ impl VirtioNet {
     /// to change, when a bit is unknown, not implemented by godwit, not
     /// supported by the TAP (probed here), or lacks a bit it depends on.
     pub fn new(tap: Tap, config: NetConfig) -> Result<Self, NetError> {
+        Self::with_queues(vec![tap], config)
+    }
+
+    /// Builds a device of one queue pair per TAP queue in `taps` (the
+    /// queues of one multi-queue TAP when more than one), as
+    /// [`VirtioNet::new`] does for one.
+    pub fn with_queues(taps: Vec<Tap>, config: NetConfig) -> Result<Self, NetError> {
+        let Some(tap) = taps.first() else {
+            return Err(NetError::NoTap);
+        };
+        let pairs = u16::try_from(taps.len()).unwrap_or(u16::MAX);
         let caps = tap.probe_offloads();
         let offered = config.features | features::always_offered();
         let problems = features::validate(offered, &caps, tap.name());
@@ -125,25 +154,38 @@ impl VirtioNet {
                 features: config.features,
                 mtu,
                 queue_size: config.queue_size,
+                queue_pairs: pairs,
             },
         )?;
         tracing::info!(
             tap = tap.name(),
             mac = %format_mac(&config.mac),
             features = %features::names(offered),
+            queue_pairs = pairs,
             "virtio-net device created"
         );
+        let mut gates = vec![front.gate().clone()];
+        for pair in 1..taps.len() {
+            let gate = PauseGate::new().map_err(|source| NetError::Gate { pair, source })?;
+            gates.push(Arc::new(gate));
+        }
         Ok(VirtioNet {
             front,
-            tap: Arc::new(tap),
+            taps: taps.into_iter().map(Arc::new).collect(),
             tap_caps: caps,
-            worker: None,
+            workers: Vec::new(),
+            gates,
         })
     }
 
-    /// The TAP peer.
+    /// The TAP peer (its first queue).
     pub fn tap(&self) -> &Arc<Tap> {
-        &self.tap
+        &self.taps[0]
+    }
+
+    /// The TAP queue of each queue pair.
+    pub fn tap_queues(&self) -> &[Arc<Tap>] {
+        &self.taps
     }
 
     /// What the TAP was probed to support.
@@ -161,56 +203,118 @@ impl VirtioNet {
     }
 
     fn stop_worker(&mut self) {
-        let Some(w) = self.worker.take() else { return };
-        if let Err(e) = w.stop.write(1) {
-            tracing::error!(
-                tap = self.tap.name(),
-                "cannot signal the datapath thread to stop: {e}"
-            );
-        }
-        // A parked datapath must wake to see the stop.
-        self.front.gate().release_for_stop();
-        if w.thread.join().is_err() {
-            tracing::error!(
-                tap = self.tap.name(),
-                "the virtio-net datapath thread panicked; the device was reset anyway"
-            );
+        let name = self.tap().name().to_string();
+        for (w, gate) in std::mem::take(&mut self.workers)
+            .into_iter()
+            .zip(&self.gates)
+        {
+            if let Err(e) = w.stop.write(1) {
+                tracing::error!(tap = %name, "cannot signal a datapath thread to stop: {e}");
+            }
+            // A parked datapath must wake to see the stop.
+            gate.release_for_stop();
+            if w.thread.join().is_err() {
+                tracing::error!(
+                    tap = %name,
+                    "a virtio-net datapath thread panicked; the device was reset anyway"
+                );
+            }
         }
     }
 
-    fn start_worker(&mut self, params: ActivateParams) -> Result<(), ActivateError> {
+    /// Starts one datapath thread per queue pair the driver set up; the
+    /// first also serves the control queue.
+    fn start_workers(&mut self, params: ActivateParams) -> Result<(), ActivateError> {
         let thread_err = |source| ActivateError::Thread {
             device: DEVICE_NAME,
             source,
         };
-        let stop = EventFd::new(EFD_NONBLOCK).map_err(thread_err)?;
-        let worker_stop = stop.try_clone().map_err(thread_err)?;
-        let gate = self.front.gate().clone();
-        let worker = worker::Worker::new(
-            params,
-            self.tap.clone(),
-            self.front.acked(),
-            self.front.shared().clone(),
-            worker_stop,
-            gate.clone(),
-        )
-        .map_err(thread_err)?;
-        let name: String = format!("gw-net-{}", self.tap.name())
+        let pairs = usize::from(self.front.shared().ready_pairs())
+            .min(self.front.pairs_in_use())
+            .min(self.taps.len());
+        let ctrl_index = self.front.ctrl_index();
+        let ctrl_acked = self.front.acked() & feature(VIRTIO_NET_F_CTRL_VQ) != 0;
+        let ActivateParams {
+            mem,
+            interrupt,
+            queues,
+        } = params;
+        let mut queues: Vec<Option<_>> = queues.into_iter().map(Some).collect();
+        let mut take = |i: usize| {
+            queues.get_mut(i).and_then(Option::take).ok_or_else(|| {
+                thread_err(std::io::Error::other(format!(
+                    "virtio-net has no queue {i} to serve"
+                )))
+            })
+        };
+        let ctrl = if ctrl_acked {
+            Some(take(ctrl_index)?)
+        } else {
+            None
+        };
+        let mut wakes = Vec::with_capacity(pairs);
+        for _ in 0..pairs {
+            wakes.push(EventFd::new(EFD_NONBLOCK).map_err(thread_err)?);
+        }
+        let switch = PairSwitch {
+            taps: self.taps.clone(),
+            wake: wakes
+                .iter()
+                .map(EventFd::try_clone)
+                .collect::<Result<_, _>>()
+                .map_err(thread_err)?,
+        };
+        let (mut ctrl, mut switch) = (ctrl, Some(switch));
+        let mut jobs = Vec::with_capacity(pairs);
+        for (pair, pairs_changed) in wakes.into_iter().enumerate() {
+            let stop = EventFd::new(EFD_NONBLOCK).map_err(thread_err)?;
+            let job = WorkerJob {
+                mem: mem.clone(),
+                interrupt: interrupt.clone(),
+                pair,
+                rx: take(2 * pair)?,
+                tx: take(2 * pair + 1)?,
+                ctrl: ctrl.take(),
+                ctrl_index,
+                tap: self.taps[pair].clone(),
+                acked: self.front.acked(),
+                shared: self.front.shared().clone(),
+                stop: stop.try_clone().map_err(thread_err)?,
+                gate: self.gates[pair].clone(),
+                pairs_changed,
+                switch: switch.take(),
+            };
+            jobs.push((Worker::start(job).map_err(thread_err)?, stop));
+        }
+        for (pair, (worker, stop)) in jobs.into_iter().enumerate() {
+            let name: String = if pair == 0 {
+                format!("gw-net-{}", self.tap().name())
+            } else {
+                format!("gw-net{pair}-{}", self.tap().name())
+            }
             .chars()
             .take(15)
             .collect();
-        gate.attach();
-        let thread = std::thread::Builder::new()
-            .name(name)
-            .spawn(move || {
-                crate::thread_hook::started(crate::thread_hook::DeviceThread::NetDatapath);
-                worker.run()
-            })
-            .map_err(|source| {
-                gate.detach();
-                thread_err(source)
-            })?;
-        self.worker = Some(WorkerHandle { stop, thread });
+            let gate = self.gates[pair].clone();
+            gate.attach();
+            let thread = std::thread::Builder::new()
+                .name(name)
+                .spawn(move || {
+                    crate::thread_hook::started(crate::thread_hook::DeviceThread::NetDatapath);
+                    worker.run()
+                })
+                .map_err(|source| {
+                    gate.detach();
+                    thread_err(source)
+                });
+            match thread {
+                Ok(thread) => self.workers.push(WorkerHandle { stop, thread }),
+                Err(e) => {
+                    self.stop_worker();
+                    return Err(e);
+                }
+            }
+        }
         Ok(())
     }
 }
@@ -222,23 +326,29 @@ impl VirtioDevice for VirtioNet {
         self.front.check_activate(&params)?;
         let acked = self.front.acked();
         let flags = features::tun_offloads_for_guest(acked);
-        let backend = |e: crate::net::TapError| ActivateError::Backend {
+        let backend_err = |e| ActivateError::Backend {
             device: DEVICE_NAME,
             source: Box::new(e),
         };
         // The header size first: the tunnel flags need the tunnel header.
-        self.tap
-            .set_vnet_hdr_len(features::hdr::len_for(acked))
-            .map_err(backend)?;
-        self.tap.set_offload(flags).map_err(backend)?;
+        for tap in &self.taps {
+            tap.set_vnet_hdr_len(features::hdr::len_for(acked))
+                .map_err(backend_err)?;
+        }
+        self.tap().set_offload(flags).map_err(backend_err)?;
+        // One pair after a reset; a restored device the pairs it had.
+        let active = self.front.shared().active_pairs();
+        switch_tap_queues(&self.taps, active).map_err(backend_err)?;
         self.front.record_acked_offloads();
         let interrupt = params.interrupt.clone();
-        self.start_worker(params)?;
+        self.start_workers(params)?;
         self.front.set_active(interrupt);
         tracing::info!(
-            tap = self.tap.name(),
+            tap = self.tap().name(),
             acked = %features::names(acked),
             tap_offloads = format_args!("{flags:#x}"),
+            queue_pairs = self.taps.len(),
+            active_queue_pairs = active,
             "virtio-net activated"
         );
         Ok(())
@@ -249,16 +359,19 @@ impl VirtioDevice for VirtioNet {
         self.front.reset();
         // Back to the 12-byte header a driver that negotiates no tunnel
         // feature expects (the next activation sets it again anyway).
-        if let Err(e) = self.tap.set_vnet_hdr_len(features::hdr::V1_LEN) {
-            tracing::warn!(tap = self.tap.name(), "{e}");
+        if let Err(e) = self.tap().set_vnet_hdr_len(features::hdr::V1_LEN) {
+            tracing::warn!(tap = self.tap().name(), "{e}");
         }
     }
 
     fn queue_positions(&self) -> Option<Vec<QueuePosition>> {
         let shared = self.front.shared();
         self.front.queue_positions(|| {
-            self.worker.as_ref()?;
-            Some(vec![shared.position(RX_QUEUE), shared.position(TX_QUEUE)])
+            if self.workers.is_empty() {
+                return None;
+            }
+            let rings = 2 * self.front.pairs_in_use();
+            Some((0..rings).map(|i| shared.position(i)).collect())
         })
     }
 }
@@ -269,28 +382,36 @@ impl NetModel for VirtioNet {
     }
 
     fn peer_info(&self) -> PeerInfo {
-        PeerInfo::of_tap(&self.tap, self.tap_caps)
+        PeerInfo::of_tap(self.tap(), self.tap_caps)
     }
 
     fn peer_status(&self) -> PeerStatus {
         PeerStatus::Tap {
-            vnet_hdr: self.tap.has_vnet_hdr(),
+            vnet_hdr: self.tap().has_vnet_hdr(),
             offloads: self.tap_caps,
         }
     }
 
     fn tap(&self) -> PeerTap {
-        PeerTap::of(&self.tap)
+        PeerTap::of(self.tap())
     }
 
-    /// Parks the datapath (if active) with everything it holds, so guest
-    /// memory and rings stay still until [`NetModel::resume_datapath`].
+    /// Parks every pair's datapath (if active) with everything it holds, so
+    /// guest memory and rings stay still until [`NetModel::resume_datapath`].
     fn pause_datapath(&self) -> Result<(), PauseError> {
-        self.front.gate().pause()
+        for gate in &self.gates {
+            if let Err(e) = gate.pause() {
+                self.resume_datapath();
+                return Err(e);
+            }
+        }
+        Ok(())
     }
 
     fn resume_datapath(&self) {
-        self.front.gate().resume();
+        for gate in &self.gates {
+            gate.resume();
+        }
     }
 }
 

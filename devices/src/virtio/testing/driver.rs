@@ -718,25 +718,46 @@ impl GuestDriver {
     /// Posts `count` receive buffers of `len` bytes each (one descriptor
     /// each) and kicks the receive queue.
     pub fn fill_rx(&mut self, count: usize, len: u32) -> Result<(), DriverError> {
+        self.fill_rx_on(RX_QUEUE, count, len)
+    }
+
+    /// As [`Self::fill_rx`], on receive queue `q` (2 * pair with MQ).
+    pub fn fill_rx_on(&mut self, q: usize, count: usize, len: u32) -> Result<(), DriverError> {
         for _ in 0..count {
             let buf = self.alloc(u64::from(len), 8)?;
-            self.add_chain(RX_QUEUE, &[Buf::write(buf, len)])?;
+            self.add_chain(q, &[Buf::write(buf, len)])?;
         }
-        self.kick(RX_QUEUE)
+        self.kick(q)
     }
 
     /// Reposts the buffers of reaped receive entries.
     pub fn refill_rx(&mut self, used: &[Used]) -> Result<(), DriverError> {
+        self.refill_rx_on(RX_QUEUE, used)
+    }
+
+    /// As [`Self::refill_rx`], on receive queue `q`.
+    pub fn refill_rx_on(&mut self, q: usize, used: &[Used]) -> Result<(), DriverError> {
         for u in used {
-            self.add_chain(RX_QUEUE, &u.bufs)?;
+            self.add_chain(q, &u.bufs)?;
         }
-        self.kick(RX_QUEUE)
+        self.kick(q)
     }
 
     /// Transmits `hdr` + `frame` as one chain (header and frame in separate
     /// descriptors when `split`) and kicks. Returns the head.
     /// `hdr` is as long as the negotiated header (12 or 24 bytes).
     pub fn send(&mut self, hdr: &[u8], frame: &[u8], split: bool) -> Result<u16, DriverError> {
+        self.send_on(TX_QUEUE, hdr, frame, split)
+    }
+
+    /// As [`Self::send`], on transmit queue `q` (2 * pair + 1 with MQ).
+    pub fn send_on(
+        &mut self,
+        q: usize,
+        hdr: &[u8],
+        frame: &[u8],
+        split: bool,
+    ) -> Result<u16, DriverError> {
         let total = (hdr.len() + frame.len()) as u64;
         let buf = self.alloc(total, 8)?;
         self.write_mem(buf, hdr)?;
@@ -750,8 +771,8 @@ impl GuestDriver {
         } else {
             vec![Buf::read(buf, total as u32)]
         };
-        let head = self.add_chain(TX_QUEUE, &bufs)?;
-        self.kick(TX_QUEUE)?;
+        let head = self.add_chain(q, &bufs)?;
+        self.kick(q)?;
         Ok(head)
     }
 
@@ -775,6 +796,16 @@ impl GuestDriver {
     /// rejected) are counted in `rx_rejected` and skipped.
     pub fn recv_frames(
         &mut self,
+        n: usize,
+        timeout: Duration,
+    ) -> Result<Vec<RxFrame>, DriverError> {
+        self.recv_frames_on(RX_QUEUE, n, timeout)
+    }
+
+    /// As [`Self::recv_frames`], on receive queue `q`.
+    pub fn recv_frames_on(
+        &mut self,
+        q: usize,
         n: usize,
         timeout: Duration,
     ) -> Result<Vec<RxFrame>, DriverError> {
@@ -818,7 +849,7 @@ impl GuestDriver {
             if left.is_zero() {
                 return Err(DriverError::Timeout(timeout, "received frames"));
             }
-            let got = self.reap(RX_QUEUE)?;
+            let got = self.reap(q)?;
             if got.is_empty() {
                 self.wait_irq(left.min(Duration::from_millis(50)))?;
             }

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use godwit_tests::godwit_bin;
 
 mod migration;
+mod mq;
 mod net;
 mod planner;
 mod snapshot;
@@ -211,6 +212,9 @@ fn main() {
     if all || which == "tunnel" {
         tunnel::bench_tunnel();
     }
+    if all || which == "mq" {
+        mq::bench_mq();
+    }
     if !all
         && ![
             "boot",
@@ -222,10 +226,11 @@ fn main() {
             "planner",
             "vhost-user",
             "tunnel",
+            "mq",
         ]
         .contains(&which.as_str())
     {
-        eprintln!("unknown benchmark '{which}': use boot, net, snapshot, restore, migration, migration-tls, planner, vhost-user, tunnel or all");
+        eprintln!("unknown benchmark '{which}': use boot, net, snapshot, restore, migration, migration-tls, planner, vhost-user, tunnel, mq or all");
         std::process::exit(2);
     }
 }

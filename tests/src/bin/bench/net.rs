@@ -140,7 +140,7 @@ enum Dir {
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum Kind {
+pub(crate) enum Kind {
     Small,
     Mtu,
     Gso,
@@ -266,7 +266,7 @@ fn clock_ns(clock: libc::clockid_t) -> Res<u64> {
 
 /// CPU time (user + system, ns) of thread `tid` of this process, through its
 /// per-thread CPU clock (MAKE_THREAD_CPUCLOCK(tid, CPUCLOCK_SCHED)).
-fn thread_cpu_ns(tid: i32) -> Res<u64> {
+pub(crate) fn thread_cpu_ns(tid: i32) -> Res<u64> {
     clock_ns(((!tid) << 3) | 6)
 }
 
@@ -458,7 +458,7 @@ fn tcp_frame(
 }
 
 /// The virtio-net header and frame the driver (or the raw baseline) sends.
-fn tx_frame(
+pub(crate) fn tx_frame(
     kind: Kind,
     src_mac: [u8; 6],
     dst_mac: [u8; 6],
@@ -541,19 +541,19 @@ fn l4_count(kind: Kind, s: &HashMap<String, i64>) -> u64 {
 /// the pages in godwit's dirty bitmap, whose words the device's own ring
 /// writes update too, so the harness would bounce that cache line between
 /// the two CPUs on every packet, a cost a real guest does not cause.
-struct Ring {
+pub(crate) struct Ring {
     q: usize,
     size: u16,
     event_idx: bool,
     /// Host addresses of the available and used rings.
     avail: *mut u8,
     used: *mut u8,
-    avail_idx: u16,
-    last_used: u16,
+    pub(crate) avail_idx: u16,
+    pub(crate) last_used: u16,
 }
 
 impl Ring {
-    fn new(d: &GuestDriver, mem: &GuestMemory, q: usize) -> Res<Ring> {
+    pub(crate) fn new(d: &GuestDriver, mem: &GuestMemory, q: usize) -> Res<Ring> {
         use vm_memory::GuestMemoryBackend;
         let dq = d.queue(q).ok_or("queue not set up")?;
         let size = u64::from(dq.size);
@@ -584,12 +584,12 @@ impl Ring {
         unsafe { AtomicU16::from_ptr(base.add(offset).cast()) }
     }
 
-    fn used_idx(&self) -> u16 {
+    pub(crate) fn used_idx(&self) -> u16 {
         u16::from_le(self.field(self.used, 2).load(Ordering::Acquire))
     }
 
     /// Head and length of used entry `idx`.
-    fn used_elem(&self, idx: u16) -> Res<(u16, u32)> {
+    pub(crate) fn used_elem(&self, idx: u16) -> Res<(u16, u32)> {
         let at = 4 + 8 * usize::from(idx % self.size);
         // SAFETY: a used-ring element inside the checked ring; 4-aligned.
         let (id, len) = unsafe {
@@ -603,7 +603,7 @@ impl Ring {
         Ok((id as u16, u32::from_le(len)))
     }
 
-    fn post(&mut self, head: u16) {
+    pub(crate) fn post(&mut self, head: u16) {
         let slot = usize::from(self.avail_idx % self.size);
         self.field(self.avail, 4 + 2 * slot)
             .store(head.to_le(), Ordering::Relaxed);
@@ -614,7 +614,7 @@ impl Ring {
 
     /// Kicks if the device asked for a notification for the entries
     /// published since `old` (avail_event, or the used ring's NO_NOTIFY).
-    fn kick_if_needed(&self, d: &GuestDriver, old: u16) -> Res<bool> {
+    pub(crate) fn kick_if_needed(&self, d: &GuestDriver, old: u16) -> Res<bool> {
         let new = self.avail_idx;
         if new == old {
             return Ok(false);
@@ -1109,12 +1109,12 @@ struct Bench {
     ns: NetNs,
 }
 
-fn ip(ns: &NetNs, args: &[&str]) -> Res<()> {
+pub(crate) fn ip(ns: &NetNs, args: &[&str]) -> Res<()> {
     ns.ip(args)?;
     Ok(())
 }
 
-fn mac_str(m: &[u8; 6]) -> String {
+pub(crate) fn mac_str(m: &[u8; 6]) -> String {
     m.iter()
         .map(|b| format!("{b:02x}"))
         .collect::<Vec<_>>()

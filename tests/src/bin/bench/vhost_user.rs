@@ -157,6 +157,7 @@ impl Harness {
                     features,
                     mtu: 1500,
                     queue_size: QUEUE_SIZE,
+                    queue_pairs: 1,
                 },
                 pin: None,
                 timeout: Duration::from_secs(5),
@@ -632,7 +633,7 @@ fn vm_cpu_row(vhost: bool) -> Res<(String, u64, f64, f64)> {
         None
     };
     let net = if vhost {
-        format!("vhost-user,socket={}", socket.display())
+        format!("vhost-user,socket={},queues=1", socket.display())
     } else {
         format!("tap,ifname={}", host.tap)
     };

@@ -33,6 +33,8 @@ pub struct DeviceConfig {
     pub mtu: u16,
     /// Maximum size of the receive and transmit rings.
     pub queue_size: u16,
+    /// Queue pairs (`max_virtqueue_pairs`).
+    pub queue_pairs: u16,
     /// The vhost-user interface version pinned, if any.
     pub pin: Option<String>,
     pub strict: bool,
@@ -46,6 +48,7 @@ impl DeviceConfig {
             features: self.features,
             mtu: self.mtu,
             queue_size: self.queue_size,
+            queue_pairs: self.queue_pairs,
         }
     }
 }
@@ -73,9 +76,12 @@ pub fn build_model(
 ) -> Result<Model, NetSetupError> {
     let device = || config.id.clone();
     match peer {
-        OpenedPeer::Tap(tap) => {
-            let dev = VirtioNet::new(
-                tap,
+        OpenedPeer::Tap(mut taps) => {
+            // A peer opened with more queues than decided (strict=off on a
+            // smaller count) keeps only those of the device's pairs.
+            taps.truncate(usize::from(config.queue_pairs.max(1)));
+            let dev = VirtioNet::with_queues(
+                taps,
                 NetConfig {
                     mac: config.mac,
                     features: config.features,
@@ -152,16 +158,24 @@ pub fn decide(
         features: 0,
         mtu: spec.mtu.unwrap_or(machine.net.mtu),
         queue_size: machine.net.queue_size,
+        queue_pairs: 1,
         pin: None,
         strict,
     };
     let decision = match opened {
-        OpenedPeer::Tap(_) | OpenedPeer::VhostNet(_) => {
-            strict::decide(id, &spec.text, machine, &spec.features, strict, peer)?
-        }
+        OpenedPeer::Tap(_) | OpenedPeer::VhostNet(_) => strict::decide(
+            id,
+            &spec.text,
+            machine,
+            &spec.features,
+            spec.queue_pairs(),
+            strict,
+            peer,
+        )?,
         OpenedPeer::VhostUser(p) => decide_interface(id, spec, p, peer, &mut config)?,
     };
     config.features = decision.offered;
+    config.queue_pairs = decision.queue_pairs;
     Ok((decision, config))
 }
 
@@ -193,7 +207,15 @@ fn decide_interface(
         }
         _ => Vec::new(),
     };
-    let mut decision = strict::decide(id, &spec.text, machine, &spec.features, strict, peer)?;
+    let mut decision = strict::decide(
+        id,
+        &spec.text,
+        machine,
+        &spec.features,
+        spec.queue_pairs(),
+        strict,
+        peer,
+    )?;
     let Some(name) = pin else {
         return Ok(decision);
     };

@@ -206,8 +206,11 @@ pub fn build_all(
             return Err(NetSetupError::DuplicateId(id));
         }
         // Configuration errors first: they need no peer.
-        strict::required_features(&id, machine, &spec.features).map_err(NetAbiError::from)?;
-        let (opened, peer) = open_peer(&id, spec, None)?;
+        let required =
+            strict::required_features(&id, machine, &spec.features).map_err(NetAbiError::from)?;
+        let pairs = strict::required_queue_pairs(&id, machine, required, spec.queue_pairs())
+            .map_err(NetAbiError::from)?;
+        let (opened, peer) = open_peer(&id, spec, None, pairs)?;
         let (decision, config) = decide(&id, index, spec, machine, &opened, &peer)?;
         if let Some(blocker) = &decision.blocker {
             tracing::warn!("migration blocker: {blocker}");
@@ -222,10 +225,11 @@ pub fn build_all(
         let (mmio_base, irq) = placement::slot(index);
         let transport = place(&id, transport, mmio_base, irq, vm, mmio)?;
         tracing::info!(
-            "{id}: {} on {}, offered {}",
+            "{id}: {} on {}, offered {}, {} queue pair(s)",
             format_mac(&config.mac),
             peer.name,
-            features::names(decision.offered)
+            features::names(decision.offered),
+            decision.queue_pairs
         );
         devices.push(NetDevice {
             id,

@@ -47,11 +47,27 @@ pub fn tap_support(tap_name: &str, caps: &TapOffloads) -> PeerSupport {
         };
         why_not.insert(f.bit, why);
     }
-    PeerSupport {
-        kind: "tap",
-        name: format!("TAP {tap_name}"),
-        supported,
-        why_not,
+    PeerSupport::new("tap", format!("TAP {tap_name}"), supported, why_not)
+}
+
+/// The queues of a TAP opened for a device, and what limits their number.
+pub struct OpenedTap {
+    pub queues: Vec<Tap>,
+    /// Set when the TAP carries no more queue pairs than were opened: the
+    /// count and why (a single-queue TAP, the descriptors given).
+    pub limit: Option<(u16, String)>,
+}
+
+impl OpenedTap {
+    /// What this TAP carries: its offloads (probed on its first queue) and
+    /// its queue pairs.
+    pub fn support(&self) -> PeerSupport {
+        let tap = &self.queues[0];
+        let support = tap_support(tap.name(), &tap.probe_offloads());
+        match &self.limit {
+            Some((pairs, why)) => support.with_queue_limit(*pairs, why.clone()),
+            None => support,
+        }
     }
 }
 
@@ -63,8 +79,9 @@ fn vnet_hdr_mode(v: Option<bool>) -> VnetHdr {
     }
 }
 
-/// Opens the TAP a spec names (or adopts its fd).
-pub fn open_tap(device: &str, spec: &NetSpec) -> Result<Tap, NetSetupError> {
+/// Opens the TAP a spec names with `pairs` queues (one, the only one, of
+/// a single-queue TAP: the limit says so), or adopts its descriptors.
+pub fn open_tap(device: &str, spec: &NetSpec, pairs: u16) -> Result<OpenedTap, NetSetupError> {
     let tap_err = |source| NetSetupError::Tap {
         device: device.to_string(),
         source,
@@ -74,24 +91,50 @@ pub fn open_tap(device: &str, spec: &NetSpec) -> Result<Tap, NetSetupError> {
             ifname: Some(name),
             vnet_hdr,
             ..
-        } => Tap::open(name, vnet_hdr_mode(*vnet_hdr)).map_err(tap_err),
-        PeerSpec::Tap {
-            fd: Some(fd),
-            vnet_hdr,
-            ..
         } => {
-            // SAFETY: the fd number was handed to godwit by its parent for
-            // this device; validity is checked (F_GETFD) before it is owned.
-            if unsafe { libc::fcntl(*fd, libc::F_GETFD) } < 0 {
-                return Err(tap_err(TapError::NotATap {
-                    fd: *fd,
-                    detail: "no such open file descriptor".into(),
-                }));
+            let mode = vnet_hdr_mode(*vnet_hdr);
+            match Tap::open_queues(name, mode, pairs.max(1)) {
+                Ok(queues) => Ok(OpenedTap {
+                    queues,
+                    limit: None,
+                }),
+                Err(TapError::SingleQueue { name, .. }) => Ok(OpenedTap {
+                    queues: vec![Tap::open(&name, mode).map_err(tap_err)?],
+                    limit: Some((
+                        1,
+                        format!(
+                            "TAP {name} is a single-queue TAP (created without multi_queue); a multi-queue TAP carries one pair per queue (ip tuntap add {name} mode tap multi_queue vnet_hdr)"
+                        ),
+                    )),
+                }),
+                Err(e) => Err(tap_err(e)),
             }
-            // SAFETY: checked open above; godwit takes ownership of it here,
-            // as the management layer that passed it intends.
-            let owned = unsafe { OwnedFd::from_raw_fd(*fd) };
-            Tap::from_fd(owned, vnet_hdr_mode(*vnet_hdr)).map_err(tap_err)
+        }
+        PeerSpec::Tap { fds, vnet_hdr, .. } if !fds.is_empty() => {
+            let mut owned = Vec::with_capacity(fds.len());
+            for fd in fds {
+                // SAFETY: the fd number was handed to godwit by its parent
+                // for this device; validity is checked (F_GETFD) before it
+                // is owned.
+                if unsafe { libc::fcntl(*fd, libc::F_GETFD) } < 0 {
+                    return Err(tap_err(TapError::NotATap {
+                        fd: *fd,
+                        detail: "no such open file descriptor".into(),
+                    }));
+                }
+                // SAFETY: checked open above; godwit takes ownership of it
+                // here, as the management layer that passed it intends.
+                owned.push(unsafe { OwnedFd::from_raw_fd(*fd) });
+            }
+            let queues = Tap::from_fds(owned, vnet_hdr_mode(*vnet_hdr)).map_err(tap_err)?;
+            let n = u16::try_from(queues.len()).unwrap_or(u16::MAX);
+            Ok(OpenedTap {
+                queues,
+                limit: Some((
+                    n,
+                    format!("{n} TAP descriptor(s) were handed in (fd=/fds=), one per queue pair"),
+                )),
+            })
         }
         PeerSpec::Tap { .. } => Err(NetSetupError::PeerUnavailable {
             device: device.to_string(),
@@ -123,7 +166,8 @@ pub const VHOST_USER_ACCEPT_WAIT: Duration = Duration::from_secs(30);
 /// yet (it may be starting too).
 pub const VHOST_USER_CONNECT_WAIT: Duration = Duration::from_secs(5);
 
-/// Why a vhost-user backend lacks the features it lacks.
+/// Why a vhost-user backend lacks the features it lacks, and how many
+/// queue pairs it carries.
 pub fn vhost_user_support(socket: &str, offer: &BackendOffer) -> PeerSupport {
     let queues = offer.queue_num.unwrap_or(2);
     let lacks = |f: &NetFeature| {
@@ -152,7 +196,10 @@ pub fn vhost_user_support(socket: &str, offer: &BackendOffer) -> PeerSupport {
             }),
     }
     };
-    support_by("vhost-user", format!("vhost-user backend {socket}"), lacks)
+    support_by("vhost-user", format!("vhost-user backend {socket}"), lacks).with_queue_limit(
+        1,
+        format!("godwit's vhost-user frontend serves one queue pair of backend {socket}"),
+    )
 }
 
 /// Why kernel vhost-net on a TAP lacks the features it lacks: ring features
@@ -181,7 +228,12 @@ pub fn vhost_net_support(tap_name: &str, caps: &TapOffloads, kernel: Features) -
         VhostNeed::Packet => tap.why_not.get(&f.bit).cloned(),
     }
     };
-    support_by("vhost-net", format!("vhost-net on TAP {tap_name}"), lacks)
+    support_by("vhost-net", format!("vhost-net on TAP {tap_name}"), lacks).with_queue_limit(
+        1,
+        format!(
+            "godwit's vhost-net device opens one /dev/vhost-net for TAP {tap_name}: one queue pair"
+        ),
+    )
 }
 
 /// A peer's support: every feature godwit implements that `lacks` finds
@@ -201,12 +253,7 @@ fn support_by(
             }
         }
     }
-    PeerSupport {
-        kind,
-        name,
-        supported,
-        why_not,
-    }
+    PeerSupport::new(kind, name, supported, why_not)
 }
 
 /// The values of the interface version `name` (godwit's table, else the
@@ -361,8 +408,8 @@ pub fn rechecker(
 
 /// A peer opened on this host, before its device is built.
 pub enum OpenedPeer {
-    /// A TAP godwit's own datapath serves.
-    Tap(Tap),
+    /// A TAP godwit's own datapath serves: one queue per queue pair.
+    Tap(Vec<Tap>),
     /// A TAP (with vnet header) kernel vhost-net serves; `/dev/vhost-net`
     /// is opened when the device is built, with the guest's memory.
     VhostNet(Tap),
@@ -370,19 +417,21 @@ pub enum OpenedPeer {
     VhostUser(VhostUserPeer),
 }
 
-/// Opens the peer a spec names and says what it carries. `interface` is
-/// the interface version to pin on a vhost-user backend when the spec
-/// names none (a restored or migrating device keeps the one it had).
+/// Opens the peer a spec names, for `pairs` queue pairs, and says what it
+/// carries. `interface` is the interface version to pin on a vhost-user
+/// backend when the spec names none (a restored or migrating device keeps
+/// the one it had).
 pub fn open_peer(
     device: &str,
     spec: &NetSpec,
     interface: Option<&str>,
+    pairs: u16,
 ) -> Result<(OpenedPeer, PeerSupport), NetSetupError> {
     match &spec.peer {
         PeerSpec::Tap { .. } => {
-            let tap = open_tap(device, spec)?;
-            let support = tap_support(tap.name(), &tap.probe_offloads());
-            Ok((OpenedPeer::Tap(tap), support))
+            let tap = open_tap(device, spec, pairs)?;
+            let support = tap.support();
+            Ok((OpenedPeer::Tap(tap.queues), support))
         }
         PeerSpec::VhostNet { ifname } => {
             if !std::path::Path::new(VHOST_NET_PATH).exists() {
@@ -480,6 +529,7 @@ mod tests {
             "vhost-user,socket=/s",
             m,
             &BTreeMap::new(),
+            None,
             false,
             &p,
         )

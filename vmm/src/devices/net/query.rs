@@ -8,9 +8,10 @@ use godwit_devices::vhost_user::session::TRANSPORT_BITS;
 use godwit_devices::virtio::net::features::{self, Features};
 use godwit_devices::virtio::net::PeerStatus;
 
-use super::peers::{open_tap, open_vhost_user, tap_support, vhost_user_support};
+use super::peers::{open_tap, open_vhost_user, vhost_user_support};
 use super::{NetDevice, NetSetupError};
 use crate::abi::strict;
+use crate::abi::strict::PeerSupport;
 use crate::config::net_spec::{NetSpec, PeerSpec};
 
 impl NetDevice {
@@ -24,6 +25,8 @@ impl NetDevice {
             "name": self.peer.name,
             "supported": set(self.peer.supported),
             "lacks": self.peer.why_not.iter().map(|(b, why)| json!({"name": features::name_of(*b), "bit": b, "why": why})).collect::<Vec<_>>(),
+            "max_queue_pairs": self.peer.max_queue_pairs,
+            "queue_limit": self.peer.queue_why,
         });
         let status = dev.peer_status();
         if let Value::Object(o) = &mut peer {
@@ -55,6 +58,12 @@ impl NetDevice {
             "mac": info.mac,
             "link": if info.link_up { "up" } else { "down" },
             "queue_max_sizes": queues,
+            "queue_pairs": {
+                "required": self.decision.required_queue_pairs,
+                "offered": info.queue_pairs,
+                "active": info.active_queue_pairs,
+                "stats": info.pair_stats,
+            },
             "mmio": {"base": format!("{:#x}", self.mmio_base), "irq": self.irq},
             "stats": info.stats,
         })
@@ -132,19 +141,30 @@ fn peer_fields(o: &mut Map<String, Value>, status: &PeerStatus) {
     }
 }
 
-/// Which machine types a peer that supports `supported` carries fully.
-fn machine_support(device: &str, spec: &NetSpec, supported: Features) -> Vec<Value> {
+/// Which machine types a peer carries fully (features and queue pairs),
+/// with the spec's properties.
+fn machine_support(device: &str, spec: &NetSpec, peer: &PeerSupport) -> Vec<Value> {
     crate::abi::machine_types::MACHINE_TYPES
         .iter()
         .rev()
         .map(|m| {
             let required = strict::required_features(device, m, &spec.features)
                 .unwrap_or_else(|_| m.net_features());
-            let missing = required & !supported;
-            json!({"name": m.name, "supported": missing == 0, "missing": name_list(missing)})
+            let pairs = strict::required_queue_pairs(device, m, required, spec.queue_pairs())
+                .unwrap_or(m.net.queue_pairs);
+            let missing = required & !peer.supported;
+            let mut lacks = name_list(missing);
+            if pairs > peer.max_queue_pairs {
+                lacks.push(format!("queue_pairs={pairs}"));
+            }
+            json!({"name": m.name, "supported": lacks.is_empty(), "queue_pairs": pairs, "missing": lacks})
         })
         .collect()
 }
+
+/// Queue pairs a probe opens on a TAP by name: two show whether it is a
+/// multi-queue TAP (which then carries as many as godwit allows).
+const PROBE_QUEUE_PAIRS: u16 = 2;
 
 /// `godwit probe --net SPEC`: what the peer carries, and which machine types
 /// it supports fully, without starting a VM.
@@ -158,15 +178,23 @@ pub fn probe_report(spec: &NetSpec) -> Result<Value, NetSetupError> {
     {
         return probe_vhost_user(&device, spec, socket, *server, interface.as_deref());
     }
-    let tap = open_tap(&device, spec)?;
+    let opened = open_tap(
+        &device,
+        spec,
+        spec.queue_pairs().unwrap_or(PROBE_QUEUE_PAIRS),
+    )?;
+    let peer = opened.support();
+    let tap = &opened.queues[0];
     let caps = tap.probe_offloads();
-    let peer = tap_support(tap.name(), &caps);
-    let machines = machine_support(&device, spec, peer.supported);
+    let machines = machine_support(&device, spec, &peer);
     Ok(json!({
         "kind": peer.kind,
         "name": peer.name,
         "vnet_hdr": tap.has_vnet_hdr(),
         "offloads": caps,
+        "multi_queue": tap.is_multi_queue(),
+        "max_queue_pairs": peer.max_queue_pairs,
+        "queue_limit": peer.queue_why,
         "supported": name_list(peer.supported),
         "lacks": peer.why_not.iter().map(|(b, why)| json!({"name": features::name_of(*b), "bit": b, "why": why})).collect::<Vec<_>>(),
         "machine_types": machines,
@@ -185,7 +213,7 @@ fn probe_vhost_user(
 ) -> Result<Value, NetSetupError> {
     let p = open_vhost_user(device, socket, server, pin)?;
     let peer = vhost_user_support(&p.socket, &p.session.offer);
-    let machines = machine_support(device, spec, peer.supported);
+    let machines = machine_support(device, spec, &peer);
     let offer = &p.session.offer;
     let report = json!({
         "kind": peer.kind,
@@ -194,6 +222,8 @@ fn probe_vhost_user(
         "protocol_features": format!("{:#x}", offer.protocol),
         "negotiated_protocol": protocol_names(offer.acked_protocol),
         "queue_num": offer.queue_num,
+        "max_queue_pairs": peer.max_queue_pairs,
+        "queue_limit": peer.queue_why,
         "interface_extension": offer.extension(),
         "interface": offer.record,
         "migratable": offer.logging().err().map_or_else(|| json!(true), |why| json!(why)),

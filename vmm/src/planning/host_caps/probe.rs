@@ -193,9 +193,19 @@ fn vhost_net_features() -> Result<Option<Features>, VhostNetProbeError> {
 /// deletes it).
 fn probe_tap(spec: Option<&NetSpec>, tun: Option<u32>) -> (PeerEntry, Option<TapOffloads>) {
     let tun_features = tun.map(|f| format!("{f:#x}"));
+    // Two queues show whether a TAP is a multi-queue TAP (a temporary one
+    // is, as the TAPs godwit creates for several pairs are).
     let opened = match spec {
-        Some(spec) => crate::devices::net::open_tap("host-caps", spec).map_err(|e| e.to_string()),
-        None => Tap::open("", VnetHdr::Auto).map_err(|e| e.to_string()),
+        Some(spec) => {
+            crate::devices::net::open_tap("host-caps", spec, spec.queue_pairs().unwrap_or(2))
+                .map_err(|e| e.to_string())
+        }
+        None => Tap::open_queues("", VnetHdr::Auto, 2)
+            .map(|queues| crate::devices::net::peers::OpenedTap {
+                queues,
+                limit: None,
+            })
+            .map_err(|e| e.to_string()),
     };
     let ifname = spec.and_then(|s| match &s.peer {
         PeerSpec::Tap { ifname, .. } => ifname.clone(),
@@ -203,9 +213,10 @@ fn probe_tap(spec: Option<&NetSpec>, tun: Option<u32>) -> (PeerEntry, Option<Tap
     });
     let text = spec.map(|s| s.text.clone());
     match opened {
-        Ok(tap) => {
+        Ok(opened) => {
+            let support = opened.support();
+            let tap = &opened.queues[0];
             let caps = tap.probe_offloads();
-            let support = crate::devices::net::tap_support(tap.name(), &caps);
             let probe = Probe::Tap(TapProbe {
                 temporary: spec.is_none(),
                 ifname: Some(tap.name().to_string()),
@@ -279,12 +290,13 @@ fn probe_vhost_net(
                 id: None,
                 peer: PeerSpec::Tap {
                     ifname: Some(ifname.clone()),
-                    fd: None,
+                    fds: Vec::new(),
                     vnet_hdr: Some(true),
                 },
                 mac: None,
                 mtu: None,
                 strict: None,
+                queues: None,
                 features: BTreeMap::new(),
             };
             let (entry, caps) = probe_tap(Some(&tap_spec), tun);

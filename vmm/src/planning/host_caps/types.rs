@@ -331,7 +331,18 @@ pub struct PeerEntry<P = Probe> {
     /// Which machine types' default ABI this peer carries.
     #[serde(default, deserialize_with = "nullable")]
     pub machine_types: Vec<MachineFit>,
+    /// The most queue pairs the peer carries (reports written before
+    /// multi-queue have none: 1, which is what their peers carried).
+    #[serde(default = "one_queue_pair")]
+    pub max_queue_pairs: u16,
+    /// Why it carries no more, when that limits it (a single-queue TAP).
+    #[serde(default)]
+    pub queue_why: Option<String>,
     pub probe: P,
+}
+
+fn one_queue_pair() -> u16 {
+    1
 }
 
 impl<P> PeerEntry<P> {
@@ -347,6 +358,8 @@ impl<P> PeerEntry<P> {
             lacks: self.lacks,
             migration_blocker: self.migration_blocker,
             machine_types: self.machine_types,
+            max_queue_pairs: self.max_queue_pairs,
+            queue_why: self.queue_why,
             probe,
         }
     }
@@ -360,11 +373,18 @@ impl PeerEntry {
         if self.status != PeerStatus::Ok {
             return None;
         }
-        Some(PeerSupport {
-            kind: self.kind.as_str(),
-            name: self.name.clone(),
+        let support = PeerSupport::new(
+            self.kind.as_str(),
+            self.name.clone(),
             supported,
-            why_not: self.lacks.iter().map(|l| (l.bit, l.why.clone())).collect(),
+            self.lacks.iter().map(|l| (l.bit, l.why.clone())).collect(),
+        );
+        Some(match &self.queue_why {
+            Some(why) => support.with_queue_limit(self.max_queue_pairs, why.clone()),
+            None => PeerSupport {
+                max_queue_pairs: self.max_queue_pairs,
+                ..support
+            },
         })
     }
 
@@ -392,7 +412,9 @@ impl PeerEntry {
                 })
                 .collect(),
             migration_blocker,
-            machine_types: machine_fits(support.supported),
+            machine_types: machine_fits(support),
+            max_queue_pairs: support.max_queue_pairs,
+            queue_why: support.queue_why.clone(),
             probe,
         }
     }
@@ -415,21 +437,28 @@ impl PeerEntry {
             lacks: Vec::new(),
             migration_blocker: None,
             machine_types: Vec::new(),
+            max_queue_pairs: 0,
+            queue_why: None,
             probe,
         }
     }
 }
 
-fn machine_fits(supported: Features) -> Vec<MachineFit> {
+fn machine_fits(support: &PeerSupport) -> Vec<MachineFit> {
     MACHINE_TYPES
         .iter()
         .rev()
         .map(|m| {
-            let missing = m.net_features() & !supported;
+            let missing = m.net_features() & !support.supported;
+            let mut names = name_list(missing);
+            let pairs_fit = m.net.queue_pairs <= support.max_queue_pairs;
+            if !pairs_fit {
+                names.push(format!("queue_pairs={}", m.net.queue_pairs));
+            }
             MachineFit {
                 name: m.name.to_string(),
-                supported: missing == 0,
-                missing: name_list(missing),
+                supported: missing == 0 && pairs_fit,
+                missing: names,
             }
         })
         .collect()

@@ -23,15 +23,23 @@ fn peer_props(spec: Option<&str>) -> Vec<(String, String)> {
     match parsed.map(|s| s.peer) {
         Some(PeerSpec::Tap {
             ifname,
-            fd,
+            fds,
             vnet_hdr,
         }) => {
             let mut v = Vec::new();
             if let Some(n) = ifname {
                 v.push(("ifname".into(), n));
             }
-            if let Some(fd) = fd {
-                v.push(("fd".into(), fd.to_string()));
+            match fds.as_slice() {
+                [] => {}
+                [fd] => v.push(("fd".into(), fd.to_string())),
+                many => v.push((
+                    "fds".into(),
+                    many.iter()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .join(":"),
+                )),
             }
             if let Some(h) = vnet_hdr {
                 v.push(("vnet_hdr".into(), onoff(h)));

@@ -66,6 +66,9 @@ pub struct DevicePlan {
     pub left_out: Vec<LeftOut>,
     /// The newest machine type every host carries without any override.
     pub no_override_machine: Option<String>,
+    /// The queue pairs the guest will be offered (the machine type's, or
+    /// fewer with `queues=` when a host's peer carries fewer).
+    pub queue_pairs: Option<u16>,
     pub blockers: Vec<Blocker>,
     pub peers: Vec<DevicePeer>,
     pub notes: Vec<String>,
@@ -232,6 +235,7 @@ fn plan_device(
         common: None,
         left_out: Vec::new(),
         no_override_machine: None,
+        queue_pairs: None,
         blockers: Vec::new(),
         peers: Vec::new(),
         notes: Vec::new(),
@@ -288,9 +292,14 @@ fn plan_device(
         .iter()
         .fold(Features::MAX, |acc, (_, _, s)| acc & s.supported);
     d.common = Some(FeatureSet::of(common));
+    let common_pairs = found
+        .iter()
+        .map(|(_, _, s)| s.max_queue_pairs)
+        .min()
+        .unwrap_or(1);
     d.no_override_machine = machines
         .iter()
-        .find(|m| m.net_features() & !common == 0)
+        .find(|m| m.net_features() & !common == 0 && m.net.queue_pairs <= common_pairs)
         .map(|m| m.name.to_string());
     let Some(machine) = machine else {
         return d;
@@ -394,6 +403,26 @@ fn plan_device(
     if let Some(i) = &d.interface {
         d.properties.push(format!("interface={i}"));
     }
+    // Queue pairs: the machine type's, or as many as every host carries.
+    let offered = d.offered.as_ref().map_or(0, FeatureSet::bits);
+    let pairs = strict::required_queue_pairs(id, machine, offered, None).unwrap_or(1);
+    if pairs > common_pairs {
+        for (h, p, s) in found.iter().filter(|(_, _, s)| s.max_queue_pairs < pairs) {
+            d.notes.push(format!(
+                "queues={common_pairs}: {} on {} carries {} queue pair(s), machine type {} has {pairs}{}",
+                p.name,
+                h.label(),
+                s.max_queue_pairs,
+                machine.name,
+                s.queue_why
+                    .as_deref()
+                    .map(|w| format!(" ({w})"))
+                    .unwrap_or_default()
+            ));
+        }
+        d.properties.push(format!("queues={common_pairs}"));
+    }
+    d.queue_pairs = Some(pairs.min(common_pairs));
     d.properties
         .extend(d.overrides.iter().map(|n| format!("{n}=off")));
     d.ok = true;

@@ -1,5 +1,10 @@
-//! The datapath of one active virtio-net device: a thread running an epoll
-//! loop over the queue notification eventfds, the TAP fd and a stop eventfd.
+//! The datapath of one queue pair of an active virtio-net device: a thread
+//! running an epoll loop over the pair's queue notification eventfds, its
+//! TAP queue's fd and a stop eventfd. The first pair's thread also serves
+//! the control queue, and with it VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET: it
+//! attaches the TAP queues of the pairs turned on, detaches the others (the
+//! kernel steers no frame to a detached queue) and tells their threads,
+//! which poll their TAP queue only while their pair is in use.
 //!
 //! TX: available chains are drained in batches; each chain's readable
 //! buffers are handed to the TAP with one `writev` straight from guest
@@ -43,14 +48,17 @@ use super::chain::{
     write_to_segs, Fatal, Seg, MAX_SEGS,
 };
 use super::ctrl::epoll_on;
+use super::ctrl::CtrlPeer;
 use super::features::{
     hdr, tun_offloads_for_guest, VIRTIO_NET_F_HOST_UDP_TUNNEL_GSO,
     VIRTIO_NET_F_HOST_UDP_TUNNEL_GSO_CSUM,
 };
 use super::{Fault, Shared, CTRL_QUEUE, RX_QUEUE, TX_QUEUE};
-use crate::net::Tap;
+use crate::net::{Tap, TapError};
 use crate::virtio::ratelimit::LogLimiter;
-use crate::virtio::{feature, ActivateParams, InterruptKind, VirtioInterrupt};
+#[cfg(feature = "fuzzing")]
+use crate::virtio::ActivateParams;
+use crate::virtio::{feature, InterruptKind, VirtioInterrupt};
 use crate::GuestMemory;
 
 /// Largest frame (virtio-net header included) the TAP can hand us: a 64 KiB
@@ -68,6 +76,7 @@ const TOKEN_TX: u64 = 2;
 const TOKEN_CTRL: u64 = 3;
 const TOKEN_TAP: u64 = 4;
 const TOKEN_PAUSE: u64 = 5;
+const TOKEN_PAIRS: u64 = 6;
 
 /// Log limiter slots.
 const LOG_RX: usize = 0; // + Fault
@@ -124,6 +133,81 @@ enum ReadStep {
     Empty,
 }
 
+/// The TAP queues of a device's pairs and the eventfds that tell each
+/// pair's thread the pairs in use changed.
+pub(crate) struct PairSwitch {
+    pub(crate) taps: Vec<Arc<Tap>>,
+    pub(crate) wake: Vec<EventFd>,
+}
+
+/// Attaches the TAP queues of the first `pairs` pairs and detaches the
+/// others (a single-queue TAP has nothing to switch). Attaches first, so
+/// that the TAP never has no queue.
+pub(crate) fn switch_tap_queues(taps: &[Arc<Tap>], pairs: u16) -> Result<(), TapError> {
+    let on = usize::from(pairs);
+    for tap in taps.iter().take(on) {
+        tap.set_queue_enabled(true)?;
+    }
+    for tap in taps.iter().skip(on) {
+        tap.set_queue_enabled(false)?;
+    }
+    Ok(())
+}
+
+impl PairSwitch {
+    /// Puts `pairs` pairs in use: the TAP queues, the shared count, then
+    /// every thread told.
+    fn apply(&self, shared: &Shared, pairs: u16, previous: u16) -> bool {
+        let done = match switch_tap_queues(&self.taps, pairs) {
+            Ok(()) => {
+                shared.active_pairs.store(pairs, Ordering::SeqCst);
+                true
+            }
+            Err(e) => {
+                tracing::warn!(
+                    "virtio-net: cannot put {pairs} queue pair(s) in use: {e}; staying at {previous}"
+                );
+                if let Err(e) = switch_tap_queues(&self.taps, previous) {
+                    tracing::error!("virtio-net: cannot return to {previous} queue pair(s): {e}");
+                }
+                false
+            }
+        };
+        for w in &self.wake {
+            if let Err(e) = w.write(1) {
+                tracing::error!(
+                    "virtio-net: cannot tell a datapath thread of the queue pairs in use: {e}"
+                );
+            }
+        }
+        done
+    }
+}
+
+/// The rings and fds one datapath thread serves.
+pub(crate) struct WorkerJob {
+    pub(crate) mem: GuestMemory,
+    pub(crate) interrupt: Arc<dyn VirtioInterrupt>,
+    /// The queue pair: its rings are queues 2 * pair and 2 * pair + 1.
+    pub(crate) pair: usize,
+    pub(crate) rx: (Queue, EventFd),
+    pub(crate) tx: (Queue, EventFd),
+    /// The control queue (the first pair's thread, when CTRL_VQ was acked)
+    /// and its index.
+    pub(crate) ctrl: Option<(Queue, EventFd)>,
+    pub(crate) ctrl_index: usize,
+    /// This pair's TAP queue.
+    pub(crate) tap: Arc<Tap>,
+    pub(crate) acked: Features,
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) stop: EventFd,
+    pub(crate) gate: Arc<PauseGate>,
+    /// Written when the pairs in use change.
+    pub(crate) pairs_changed: EventFd,
+    /// With the control queue: what VQ_PAIRS_SET switches.
+    pub(crate) switch: Option<PairSwitch>,
+}
+
 /// Queue `index` of a worker and its name for errors (`None`: a control
 /// queue the driver did not negotiate).
 fn queue_named<'a>(
@@ -157,6 +241,12 @@ pub(crate) struct Worker {
     /// super-frames, whose headers are checked before the TAP sees them.
     host_tunnel: bool,
     host_tunnel_csum: bool,
+    /// This thread's queue pair and whether it is in use.
+    pair: usize,
+    enabled: bool,
+    ctrl_index: usize,
+    pairs_changed: EventFd,
+    switch: Option<PairSwitch>,
     rx: Queue,
     rx_evt: EventFd,
     tx: Queue,
@@ -201,6 +291,8 @@ pub(crate) struct Worker {
 unsafe impl Send for Worker {}
 
 impl Worker {
+    /// The datapath of a device of one queue pair (the fuzz targets').
+    #[cfg(feature = "fuzzing")]
     pub(crate) fn new(
         params: ActivateParams,
         tap: Arc<Tap>,
@@ -215,7 +307,7 @@ impl Worker {
             queues,
         } = params;
         let mut queues = queues.into_iter();
-        let (Some((rx, rx_evt)), Some((tx, tx_evt))) = (queues.next(), queues.next()) else {
+        let (Some(rx), Some(tx)) = (queues.next(), queues.next()) else {
             return Err(io::Error::other(
                 "virtio-net needs a receive and a transmit queue",
             ));
@@ -223,17 +315,60 @@ impl Worker {
         let ctrl = queues
             .next()
             .filter(|_| acked & feature(VIRTIO_NET_F_CTRL_VQ) != 0);
+        Worker::start(WorkerJob {
+            mem,
+            interrupt,
+            pair: 0,
+            rx,
+            tx,
+            ctrl,
+            ctrl_index: CTRL_QUEUE,
+            switch: Some(PairSwitch {
+                taps: vec![tap.clone()],
+                wake: Vec::new(),
+            }),
+            tap,
+            acked,
+            shared,
+            stop,
+            gate,
+            pairs_changed: vmm_sys_util::eventfd::EventFd::new(
+                vmm_sys_util::eventfd::EFD_NONBLOCK,
+            )?,
+        })
+    }
+
+    /// The datapath of one queue pair.
+    pub(crate) fn start(job: WorkerJob) -> io::Result<Worker> {
+        let WorkerJob {
+            mem,
+            interrupt,
+            pair,
+            rx: (rx, rx_evt),
+            tx: (tx, tx_evt),
+            ctrl,
+            ctrl_index,
+            tap,
+            acked,
+            shared,
+            stop,
+            gate,
+            pairs_changed,
+            switch,
+        } = job;
         use std::os::fd::AsRawFd;
         let mut fds = vec![
             (stop.as_raw_fd(), TOKEN_STOP),
             (gate.wake_fd().as_raw_fd(), TOKEN_PAUSE),
             (rx_evt.as_raw_fd(), TOKEN_RX),
             (tx_evt.as_raw_fd(), TOKEN_TX),
+            (pairs_changed.as_raw_fd(), TOKEN_PAIRS),
         ];
         if let Some((_, evt)) = &ctrl {
             fds.push((evt.as_raw_fd(), TOKEN_CTRL));
         }
         let epoll = epoll_on(&fds)?;
+        let enabled = pair < usize::from(shared.active_pairs());
         let w = Worker {
             vnet_hdr: tap.has_vnet_hdr(),
             mrg_rxbuf: acked & feature(VIRTIO_NET_F_MRG_RXBUF) != 0,
@@ -244,6 +379,11 @@ impl Worker {
             mem,
             tap,
             acked,
+            pair,
+            enabled,
+            ctrl_index,
+            pairs_changed,
+            switch,
             rx,
             rx_evt,
             tx,
@@ -329,6 +469,10 @@ impl Worker {
                         self.process_ctrl()
                     }
                     TOKEN_TAP => self.tap_event(ev.event_set()),
+                    TOKEN_PAIRS => {
+                        let _ = self.pairs_changed.read();
+                        self.refresh_pairs()
+                    }
                     TOKEN_PAUSE => {
                         // Rings and positions are consistent between events.
                         self.release_held();
@@ -371,14 +515,57 @@ impl Worker {
         self.interrupt.signal_needs_reset();
     }
 
+    /// The transport's index of this worker's queue `local` (RX_QUEUE,
+    /// TX_QUEUE or CTRL_QUEUE).
+    fn queue_index(&self, local: usize) -> usize {
+        match local {
+            RX_QUEUE | TX_QUEUE => 2 * self.pair + local,
+            _ => self.ctrl_index,
+        }
+    }
+
     fn publish_positions(&self) {
         let held = u16::try_from(self.held.len()).unwrap_or(u16::MAX);
         self.shared
-            .publish_position_holding(RX_QUEUE, &self.rx, held);
-        self.shared.publish_position(TX_QUEUE, &self.tx);
+            .publish_position_holding(self.queue_index(RX_QUEUE), &self.rx, held);
+        self.shared
+            .publish_position(self.queue_index(TX_QUEUE), &self.tx);
         if let Some((q, _)) = &self.ctrl {
-            self.shared.publish_position(CTRL_QUEUE, q);
+            self.shared.publish_position(self.ctrl_index, q);
         }
+    }
+
+    /// The pairs in use changed: a pair turned on polls its TAP queue and
+    /// serves what waits; one turned off stops polling (its TAP queue is
+    /// detached and gets no frames).
+    fn refresh_pairs(&mut self) -> Result<(), Fatal> {
+        let enabled = self.pair < usize::from(self.shared.active_pairs());
+        if enabled == self.enabled {
+            return Ok(());
+        }
+        self.enabled = enabled;
+        tracing::debug!(
+            tap = self.tap.name(),
+            pair = self.pair,
+            enabled,
+            "virtio-net queue pair switched"
+        );
+        self.update_tap_interest();
+        if enabled {
+            self.process_tx()?;
+            self.process_rx()?;
+        }
+        Ok(())
+    }
+
+    /// Counts a frame received into this pair's ring.
+    fn count_rx(&self, bytes: usize) {
+        self.shared.count_rx(self.pair, bytes);
+    }
+
+    /// Counts a frame sent from this pair's ring.
+    fn count_tx(&self, bytes: usize) {
+        self.shared.count_tx(self.pair, bytes);
     }
 
     fn log_limited(&mut self, slot: usize, msg: std::fmt::Arguments<'_>) {
@@ -394,7 +581,7 @@ impl Worker {
 
     fn update_tap_interest(&mut self) {
         let mut want = EventSet::empty();
-        if !self.tap_gone {
+        if !self.tap_gone && self.enabled {
             if !self.rx_starved {
                 want |= EventSet::IN;
             }
@@ -422,6 +609,11 @@ impl Worker {
     }
 
     fn tap_event(&mut self, ev: EventSet) -> Result<(), Fatal> {
+        if !self.enabled {
+            // A queue detached before this thread heard of it reports an error.
+            self.update_tap_interest();
+            return Ok(());
+        }
         if ev.intersects(EventSet::ERROR | EventSet::HANG_UP) {
             self.log_limited(
                 LOG_TAP_GONE,
@@ -470,7 +662,8 @@ impl Worker {
                 new.wrapping_sub(event).wrapping_sub(1) < new.wrapping_sub(old)
             });
         if notify {
-            if let Err(e) = self.interrupt.trigger(InterruptKind::Queue(index as u16)) {
+            let vector = u16::try_from(self.queue_index(index)).unwrap_or(u16::MAX);
+            if let Err(e) = self.interrupt.trigger(InterruptKind::Queue(vector)) {
                 self.log_limited(LOG_IRQ, format_args!("cannot interrupt the guest: {e}"));
             }
         }
@@ -529,18 +722,13 @@ impl Worker {
         };
         let tap = &self.tap;
         let limiter = &mut self.log;
-        let mut applied = None;
-        let mut set_offloads =
-            |offloads: Features| match tap.set_offload(tun_offloads_for_guest(offloads)) {
-                Ok(()) => {
-                    applied = Some(offloads);
-                    true
-                }
-                Err(e) => {
-                    tracing::warn!(tap = tap.name(), "guest offload change refused: {e}");
-                    false
-                }
-            };
+        let mut peer = TapCtrl {
+            tap,
+            shared: &self.shared,
+            switch: self.switch.as_ref(),
+            active: self.shared.active_pairs(),
+            applied: None,
+        };
         let mut log = |msg: std::fmt::Arguments<'_>| {
             if let Some(suppressed) = limiter.check(LOG_CTRL) {
                 tracing::warn!(
@@ -557,13 +745,56 @@ impl Worker {
             &self.shared,
             self.acked,
             &mut self.segs,
-            &mut set_offloads,
+            &mut peer,
             &mut log,
         )?;
-        if let Some(offloads) = applied {
+        if let Some(offloads) = peer.applied {
             self.guest_csum = offloads & feature(VIRTIO_NET_F_GUEST_CSUM) != 0;
         }
         self.added[CTRL_QUEUE] += added;
         self.signal_used(CTRL_QUEUE)
+    }
+}
+
+/// What the control queue changes on a TAP: its offloads, and the queues
+/// of the pairs in use.
+struct TapCtrl<'a> {
+    tap: &'a Tap,
+    shared: &'a Shared,
+    switch: Option<&'a PairSwitch>,
+    /// The pairs in use before the command.
+    active: u16,
+    applied: Option<Features>,
+}
+
+impl CtrlPeer for TapCtrl<'_> {
+    fn set_guest_offloads(&mut self, offloads: Features) -> bool {
+        match self.tap.set_offload(tun_offloads_for_guest(offloads)) {
+            Ok(()) => {
+                self.applied = Some(offloads);
+                true
+            }
+            Err(e) => {
+                tracing::warn!(tap = self.tap.name(), "guest offload change refused: {e}");
+                false
+            }
+        }
+    }
+
+    fn set_queue_pairs(&mut self, pairs: u16) -> bool {
+        let Some(switch) = self.switch else {
+            return pairs == 1;
+        };
+        let previous = self.active;
+        let done = switch.apply(self.shared, pairs, previous);
+        if done {
+            self.active = pairs;
+            tracing::info!(
+                tap = self.tap.name(),
+                pairs,
+                "virtio-net: queue pairs in use changed"
+            );
+        }
+        done
     }
 }

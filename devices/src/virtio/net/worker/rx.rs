@@ -38,6 +38,12 @@ impl Worker {
     }
 
     pub(super) fn process_rx(&mut self) -> Result<(), Fatal> {
+        if self.pair != 0 {
+            // The first pair's thread serves the control queue, which may
+            // have switched the guest's checksum offload.
+            self.guest_csum =
+                self.shared.guest_offloads.load() & feature(VIRTIO_NET_F_GUEST_CSUM) != 0;
+        }
         let mut frames = 0;
         while frames < RX_BUDGET {
             if self.pending > 0 {
@@ -51,7 +57,7 @@ impl Worker {
                 }
                 continue;
             }
-            if self.tap_gone || self.rx_starved {
+            if self.tap_gone || self.rx_starved || !self.enabled {
                 break;
             }
             match self.read_frame()? {
@@ -248,7 +254,7 @@ impl Worker {
         self.held_iov.drain(..iovs);
         self.held_guards.drain(..guards);
         self.held_cap -= cap;
-        self.shared.counters.rx(n - self.hdr_len);
+        self.count_rx(n - self.hdr_len);
         Ok(Some(ReadStep::Delivered))
     }
 
@@ -376,7 +382,7 @@ impl Worker {
         if self.shared.tracking() {
             mark_dirty(&self.mem, segs, 0, len);
         }
-        self.shared.counters.rx(len - self.hdr_len);
+        self.count_rx(len - self.hdr_len);
         self.add_used(RX_QUEUE, chain.head, len as u32)?;
         Ok(ReadStep::Delivered)
     }
@@ -462,7 +468,7 @@ impl Worker {
             self.return_bad_rx(head, f)?;
         }
         self.pending = 0;
-        self.shared.counters.rx(len - self.hdr_len);
+        self.count_rx(len - self.hdr_len);
         Ok(Delivery::Done)
     }
 

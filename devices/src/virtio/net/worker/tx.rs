@@ -96,7 +96,7 @@ impl Worker {
         self.guards.clear();
         match res {
             Ok(_) => {
-                self.shared.counters.tx(total - self.hdr_len);
+                self.count_tx(total - self.hdr_len);
                 self.add_used(TX_QUEUE, head, 0)?;
                 Ok(true)
             }
