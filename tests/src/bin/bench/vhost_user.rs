@@ -643,7 +643,17 @@ fn vm_cpu_row(vhost: bool) -> Res<(String, u64, f64, f64)> {
     );
     let mut cmd = Command::new("ip");
     cmd.args(["netns", "exec", &host.ns]).arg(godwit_bin());
-    cmd.args(["run", "--net", &net, "--cmdline", &cmdline]);
+    // godwit-1.1 for both peers: the ABI godwit's vhost-user frontend
+    // carries (one queue pair, no feature bit above 63).
+    cmd.args([
+        "run",
+        "--machine",
+        "godwit-1.1",
+        "--net",
+        &net,
+        "--cmdline",
+        &cmdline,
+    ]);
     let mut child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
