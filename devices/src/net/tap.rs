@@ -187,6 +187,22 @@ pub struct TapOffloads {
 }
 
 impl TapOffloads {
+    /// A TAP with virtio-net headers whose kernel accepts every offload
+    /// group godwit knows (what a current kernel probes as).
+    pub const fn all() -> TapOffloads {
+        TapOffloads {
+            vnet_hdr: true,
+            csum: true,
+            tso4: true,
+            tso6: true,
+            tso_ecn: true,
+            ufo: true,
+            uso: true,
+            udp_tunnel: true,
+            udp_tunnel_csum: true,
+        }
+    }
+
     /// Whether every `TUN_F_*` flag in `flags` belongs to a group the TAP
     /// accepts (and the TAP has a vnet header). `0` needs only nothing.
     pub fn supports(&self, flags: u32) -> bool {
@@ -954,17 +970,7 @@ mod tests {
         assert!(none.supports(0));
         assert!(!none.supports(TUN_F_CSUM));
         assert_eq!(none.flags(), 0);
-        let all = TapOffloads {
-            vnet_hdr: true,
-            csum: true,
-            tso4: true,
-            tso6: true,
-            tso_ecn: true,
-            ufo: true,
-            uso: true,
-            udp_tunnel: true,
-            udp_tunnel_csum: true,
-        };
+        let all = TapOffloads::all();
         assert_eq!(all.flags(), TUN_F_ALL);
         assert!(all.supports(TUN_F_CSUM | TUN_F_USO4));
         let no_uso = TapOffloads { uso: false, ..all };

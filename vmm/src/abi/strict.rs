@@ -555,15 +555,9 @@ mod tests {
     #[test]
     fn a_tap_whose_kernel_lacks_tunnel_gso_refuses_godwit_1_2_with_remedies() {
         let caps = godwit_devices::net::TapOffloads {
-            vnet_hdr: true,
-            csum: true,
-            tso4: true,
-            tso6: true,
-            tso_ecn: true,
-            ufo: true,
-            uso: true,
             udp_tunnel: false,
             udp_tunnel_csum: false,
+            ..godwit_devices::net::TapOffloads::all()
         };
         let p = crate::devices::net::tap_support("t0", &caps);
         let m12 = resolve("godwit-1.2").unwrap();
@@ -632,11 +626,7 @@ mod tests {
         );
         assert!(off.blocker.is_some());
         // The kernel of this machine (6.18) takes them: nothing refused.
-        let new = godwit_devices::net::TapOffloads {
-            udp_tunnel: true,
-            udp_tunnel_csum: true,
-            ..caps
-        };
+        let new = godwit_devices::net::TapOffloads::all();
         let p = crate::devices::net::tap_support("t0", &new);
         let d = decide(
             "net0",

@@ -540,15 +540,8 @@ mod tests {
     #[test]
     fn vhost_net_support_takes_rings_from_the_kernel_and_packets_from_the_tap() {
         let caps = TapOffloads {
-            vnet_hdr: true,
-            csum: true,
-            tso4: true,
-            tso6: true,
-            tso_ecn: true,
-            ufo: true,
             uso: false,
-            udp_tunnel: true,
-            udp_tunnel_csum: true,
+            ..TapOffloads::all()
         };
         let kernel = bits_of(&["mrg_rxbuf", "version_1", "event_idx"]) | (1 << 26);
         let p = vhost_net_support("t0", &caps, kernel);

@@ -17,17 +17,7 @@ fn vhost_user_support(
 }
 
 fn full_tap() -> TapOffloads {
-    TapOffloads {
-        vnet_hdr: true,
-        csum: true,
-        tso4: true,
-        tso6: true,
-        tso_ecn: true,
-        ufo: true,
-        uso: true,
-        udp_tunnel: true,
-        udp_tunnel_csum: true,
-    }
+    TapOffloads::all()
 }
 
 fn sample() -> HostReport {
