@@ -332,9 +332,17 @@ fn mmio(out: &mut Vec<Seed>) {
         u64::from(status::ACKNOWLEDGE | status::DRIVER),
     );
     write(&mut ops, reg::DRIVER_FEATURES_SEL, 0);
-    write(&mut ops, reg::DRIVER_FEATURES, u64::from(feature_word(features, 0)));
+    write(
+        &mut ops,
+        reg::DRIVER_FEATURES,
+        u64::from(feature_word(features, 0)),
+    );
     write(&mut ops, reg::DRIVER_FEATURES_SEL, 1);
-    write(&mut ops, reg::DRIVER_FEATURES, u64::from(feature_word(features, 1)));
+    write(
+        &mut ops,
+        reg::DRIVER_FEATURES,
+        u64::from(feature_word(features, 1)),
+    );
     let ok = status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK;
     write(&mut ops, reg::STATUS, u64::from(ok));
     for q in 0..2u64 {
