@@ -7,6 +7,10 @@ use std::os::unix::net::UnixDatagram;
 use std::sync::Arc;
 
 use godwit_devices::net::Tap;
+use godwit_devices::virtio::net::features::{
+    VIRTIO_NET_F_GUEST_UDP_TUNNEL_GSO, VIRTIO_NET_F_GUEST_UDP_TUNNEL_GSO_CSUM,
+    VIRTIO_NET_F_HOST_UDP_TUNNEL_GSO, VIRTIO_NET_F_HOST_UDP_TUNNEL_GSO_CSUM,
+};
 use godwit_devices::virtio::net::fuzzing::Datapath;
 use godwit_devices::virtio::testing::guest_memory;
 use godwit_devices::virtio::{
@@ -16,7 +20,8 @@ use godwit_devices::virtio::{
 use godwit_devices::GuestMemory;
 use virtio_bindings::virtio_net::{
     VIRTIO_NET_F_CSUM, VIRTIO_NET_F_CTRL_RX, VIRTIO_NET_F_CTRL_VQ, VIRTIO_NET_F_GUEST_CSUM,
-    VIRTIO_NET_F_MRG_RXBUF,
+    VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_USO4, VIRTIO_NET_F_HOST_TSO4,
+    VIRTIO_NET_F_HOST_USO, VIRTIO_NET_F_MQ, VIRTIO_NET_F_MRG_RXBUF,
 };
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress};
@@ -88,7 +93,9 @@ fn write_queue(mem: &GuestMemory, q: u64, input: &mut Input<'_>) {
 }
 
 /// `features u8` (bits: MRG_RXBUF, CTRL_VQ, EVENT_IDX, INDIRECT_DESC,
-/// GUEST_CSUM, CSUM, vnet header on the TAP, CTRL_RX), the three queues
+/// GUEST_CSUM, CSUM, vnet header on the TAP, CTRL_RX), `offloads u8` (bits:
+/// HOST_TSO4, HOST_USO, GUEST_TSO4, GUEST_USO4, MQ, HOST_UDP_TUNNEL_GSO,
+/// GUEST_UDP_TUNNEL_GSO, both tunnel _CSUM bits), the three queues
 /// (see [`write_queue`]), buffer contents (`len u16`, bytes at 0x4000),
 /// then frames from the peer (`len u16`, bytes), served twice.
 pub fn virtio_net(data: &[u8]) {
@@ -110,6 +117,32 @@ pub fn virtio_net(data: &[u8]) {
     }
     if select & 0x80 != 0 {
         acked |= feature(VIRTIO_NET_F_CTRL_RX);
+    }
+    let offloads = input.u8();
+    let offload_bits = [
+        VIRTIO_NET_F_HOST_TSO4,
+        VIRTIO_NET_F_HOST_USO,
+        VIRTIO_NET_F_GUEST_TSO4,
+        VIRTIO_NET_F_GUEST_USO4,
+        VIRTIO_NET_F_MQ,
+    ];
+    for (i, bit) in offload_bits.iter().enumerate() {
+        if offloads & (1 << i) != 0 {
+            acked |= feature(*bit);
+        }
+    }
+    let tunnel = [
+        (0x20, VIRTIO_NET_F_HOST_UDP_TUNNEL_GSO),
+        (0x40, VIRTIO_NET_F_GUEST_UDP_TUNNEL_GSO),
+    ];
+    for (mask, bit) in tunnel {
+        if offloads & mask != 0 {
+            acked |= feature(bit);
+        }
+    }
+    if offloads & 0x80 != 0 {
+        acked |= feature(VIRTIO_NET_F_HOST_UDP_TUNNEL_GSO_CSUM)
+            | feature(VIRTIO_NET_F_GUEST_UDP_TUNNEL_GSO_CSUM);
     }
     let vnet_hdr = select & 0x40 != 0;
     let event_idx = acked & feature(VIRTIO_RING_F_EVENT_IDX) != 0;

@@ -7,11 +7,13 @@ use std::sync::Arc;
 
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use virtio_bindings::virtio_net::VIRTIO_NET_F_MQ;
+
 use super::worker::Worker;
 use super::Shared;
 use crate::net::Tap;
 use crate::virtio::pause::PauseGate;
-use crate::virtio::ActivateParams;
+use crate::virtio::{feature, ActivateParams};
 
 /// An activated virtio-net datapath over `tap`.
 pub struct Datapath {
@@ -20,18 +22,20 @@ pub struct Datapath {
 
 impl Datapath {
     /// What activation with `params` and the driver's `acked` features
-    /// would start, with the device's MAC `mac`.
+    /// would start, with the device's MAC `mac`: the first pair's thread
+    /// (of two pairs when MQ was acked, so that VQ_PAIRS_SET has a choice).
     pub fn new(
         params: ActivateParams,
         tap: Tap,
         acked: crate::virtio::Features,
         mac: [u8; 6],
     ) -> io::Result<Self> {
+        let mq = acked & feature(VIRTIO_NET_F_MQ) != 0;
         let worker = Worker::new(
             params,
             Arc::new(tap),
             acked,
-            Arc::new(Shared::new(mac, 1)),
+            Arc::new(Shared::new(mac, if mq { 2 } else { 1 })),
             EventFd::new(EFD_NONBLOCK)?,
             Arc::new(PauseGate::new()?),
         )?;
