@@ -349,7 +349,7 @@ impl<K: FeatureArray> Inner<K> {
         if let Some(r) = self.rings.as_mut() {
             r.running = true;
             r.stopped_at = None;
-            r.notify_after_start(DEVICE_NAME);
+            r.notify_after_start(DEVICE_NAME, DATA_RINGS);
         }
         Ok(())
     }

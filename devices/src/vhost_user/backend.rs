@@ -30,6 +30,15 @@
 //! One frontend at a time: [`serve`] serves a connection until the frontend
 //! disconnects, then waits for the next one (a restarted godwit, a
 //! migration destination) with fresh session state on the same TAP.
+//!
+//! Multi-queue: with N queues of a multi-queue TAP the backend has N queue
+//! pairs, rings 2p (receive) and 2p + 1 (transmit) served with TAP queue p,
+//! all on the crate's one vring thread. GET_QUEUE_NUM answers N (the relay
+//! turns the crate's ring count into pairs, as QEMU and DPDK count them). A
+//! TAP queue is attached while the frontend has its pair's receive ring
+//! enabled (SET_VRING_ENABLE, which QEMU and godwit send on VQ_PAIRS_SET),
+//! so that the kernel steers no flow to a pair the driver does not use; the
+//! first stays attached, so the TAP always has a queue.
 
 use std::io;
 use std::os::fd::AsRawFd;
@@ -69,18 +78,21 @@ type Mem = GuestMemoryMmap<BitmapMmapRegion>;
 type AtomicMem = GuestMemoryAtomic<Mem>;
 type Vring = VringRwLock<AtomicMem>;
 
-const RX: usize = 0;
-const TX: usize = 1;
-/// Event id of the TAP in the crate's epoll loop (ids up to the queue count
-/// are the crate's).
-const TAP_EVENT: u16 = 3;
+/// Event id of TAP queue `pair` in the crate's epoll loop with `pairs`
+/// pairs: ids up to the ring count are the crate's (the rings' kicks and
+/// its exit event).
+pub fn tap_event(pairs: usize, pair: usize) -> u16 {
+    u16::try_from(2 * pairs + 1 + pair).unwrap_or(u16::MAX)
+}
 /// A 64 KiB GSO frame, a VLAN tag and the header, with room to spare.
 const FRAME_MAX: usize = 68 * 1024;
 
 /// What `godwit net-backend` serves.
 pub struct BackendOptions {
     pub socket: PathBuf,
-    pub tap: Arc<Tap>,
+    /// The TAP's queues: one per queue pair served (several: a multi-queue
+    /// TAP).
+    pub taps: Vec<Arc<Tap>>,
     /// The version presented when the frontend does not pin one.
     pub default_interface: &'static InterfaceVersion,
     /// Connect to `socket` (the frontend listens: godwit `server=on`)
@@ -92,6 +104,12 @@ pub struct BackendOptions {
 pub enum BackendError {
     #[error("interface {name} is not one this backend supports; it supports {} (latest {})", super::interface::names().join(", "), latest().name)]
     UnknownInterface { name: String },
+    #[error("interface {name} has {needs} queue pairs, and this backend serves {queues}: start it with --queues {needs} (a multi-queue TAP), or use an interface of {queues} pair(s)")]
+    TooFewQueues {
+        name: &'static str,
+        needs: u16,
+        queues: usize,
+    },
     /// vhost-user-backend's error implements only Display, so its text is
     /// kept.
     #[error("cannot set up the vhost-user daemon: {0}")]
@@ -126,19 +144,24 @@ pub struct BackendCounters {
     pub sessions: AtomicU64,
 }
 
+/// One queue pair's TAP queue and frame buffers.
+struct Pair {
+    tap: Arc<Tap>,
+    rx_buf: Vec<u8>,
+    /// Length of a frame read from the TAP and not yet delivered.
+    rx_pending: usize,
+    tx_buf: Vec<u8>,
+}
+
 /// The state of one frontend's session.
 pub struct NetBackend {
-    tap: Arc<Tap>,
+    pairs: Vec<Pair>,
     default: &'static InterfaceVersion,
     pinned: Option<&'static InterfaceVersion>,
     features_set: bool,
     acked: u64,
     event_idx: bool,
     mem: Option<AtomicMem>,
-    rx_buf: Vec<u8>,
-    /// Length of a frame read from the TAP and not yet delivered.
-    rx_pending: usize,
-    tx_buf: Vec<u8>,
     counters: Arc<BackendCounters>,
     negotiated: Arc<Negotiated>,
     ring_limit_logged: bool,
@@ -146,23 +169,35 @@ pub struct NetBackend {
 }
 
 impl NetBackend {
+    /// A session on `taps` (one queue each pair; at least one): every TAP
+    /// queue but the first is detached until the frontend enables its pair.
     pub fn new(
-        tap: Arc<Tap>,
+        taps: Vec<Arc<Tap>>,
         default: &'static InterfaceVersion,
         counters: Arc<BackendCounters>,
         negotiated: Arc<Negotiated>,
     ) -> Self {
+        for tap in taps.iter().skip(1) {
+            if let Err(e) = tap.set_queue_enabled(false) {
+                tracing::warn!("cannot detach a TAP queue until its pair is enabled: {e}");
+            }
+        }
         NetBackend {
-            tap,
+            pairs: taps
+                .into_iter()
+                .map(|tap| Pair {
+                    tap,
+                    rx_buf: vec![0; FRAME_MAX],
+                    rx_pending: 0,
+                    tx_buf: vec![0; FRAME_MAX],
+                })
+                .collect(),
             default,
             pinned: None,
             features_set: false,
             acked: 0,
             event_idx: false,
             mem: None,
-            rx_buf: vec![0; FRAME_MAX],
-            rx_pending: 0,
-            tx_buf: vec![0; FRAME_MAX],
             counters,
             negotiated,
             ring_limit_logged: false,
@@ -181,13 +216,19 @@ impl NetBackend {
             active: active.name.to_string(),
             pinned: self.pinned.is_some(),
             latest: latest().name.to_string(),
-            supported: super::interface::names()
+            supported: INTERFACES
                 .iter()
-                .map(|s| s.to_string())
+                .filter(|i| self.serves(i))
+                .map(|i| i.name.to_string())
                 .collect(),
             truncated: false,
             values: active.values(),
         }
+    }
+
+    /// Whether this backend has the queue pairs of interface `i`.
+    fn serves(&self, i: &InterfaceVersion) -> bool {
+        usize::from(i.queue_pairs) <= self.pairs.len()
     }
 
     /// The frontend negotiated godwit's extension (bit 60): only then is
@@ -233,7 +274,7 @@ impl NetBackend {
         Ok(())
     }
 
-    fn process_tx(&mut self, vring: &Vring) -> io::Result<()> {
+    fn process_tx(&mut self, pair: usize, vring: &Vring) -> io::Result<()> {
         let Some(mem) = self.mem.as_ref().map(GuestAddressSpace::memory) else {
             return Ok(());
         };
@@ -255,8 +296,9 @@ impl NetBackend {
                     .pop_descriptor_chain(mem.clone());
                 let Some(chain) = chain else { break };
                 let head = chain.head_index();
-                match gather(&mem, chain, &mut self.tx_buf) {
-                    Some(len) if len > VNET_HDR_LEN => match self.tap.write(&self.tx_buf[..len]) {
+                let Pair { tap, tx_buf, .. } = &mut self.pairs[pair];
+                match gather(&mem, chain, tx_buf) {
+                    Some(len) if len > VNET_HDR_LEN => match tap.write(&tx_buf[..len]) {
                         Ok(_) => {
                             self.counters.tx_frames.fetch_add(1, Ordering::Relaxed);
                         }
@@ -299,7 +341,7 @@ impl NetBackend {
     /// Moves frames from the TAP into receive buffers until the TAP is
     /// empty or the guest has no buffers (the frame then waits, and the
     /// next receive kick resumes).
-    fn process_rx(&mut self, vring: &Vring) -> io::Result<()> {
+    fn process_rx(&mut self, pair: usize, vring: &Vring) -> io::Result<()> {
         let Some(mem) = self.mem.as_ref().map(GuestAddressSpace::memory) else {
             return Ok(());
         };
@@ -309,9 +351,15 @@ impl NetBackend {
         let mut delivered = 0;
         let mut short = 0;
         loop {
-            if self.rx_pending == 0 {
-                match self.tap.read(&mut self.rx_buf) {
-                    Ok(n) if n > VNET_HDR_LEN => self.rx_pending = n,
+            let Pair {
+                tap,
+                rx_buf,
+                rx_pending,
+                ..
+            } = &mut self.pairs[pair];
+            if *rx_pending == 0 {
+                match tap.read(rx_buf) {
+                    Ok(n) if n > VNET_HDR_LEN => *rx_pending = n,
                     Ok(_) => continue,
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -321,7 +369,7 @@ impl NetBackend {
                     }
                 }
             }
-            if self.deliver(&mem, vring)? {
+            if self.deliver(pair, &mem, vring)? {
                 delivered += 1;
                 short = 0;
                 continue;
@@ -347,19 +395,28 @@ impl NetBackend {
 
     /// Puts the pending frame into receive buffers; false when there are not
     /// enough.
-    fn deliver(&mut self, mem: &GuestMemoryLoadGuard<Mem>, vring: &Vring) -> io::Result<bool> {
-        let len = self.rx_pending;
-        if !self.guest_csum() {
+    fn deliver(
+        &mut self,
+        pair: usize,
+        mem: &GuestMemoryLoadGuard<Mem>,
+        vring: &Vring,
+    ) -> io::Result<bool> {
+        let (guest_csum, mergeable) = (self.guest_csum(), self.mergeable());
+        let Pair {
+            rx_buf, rx_pending, ..
+        } = &mut self.pairs[pair];
+        let len = *rx_pending;
+        if !guest_csum {
             // The TAP sets DATA_VALID whenever the host checked a checksum;
             // a driver without GUEST_CSUM must see flags 0.
-            self.rx_buf[0] = 0;
+            rx_buf[0] = 0;
         }
         let mut state = vring.get_mut();
         let q = state.get_queue_mut();
         let start = q.next_avail();
         let mut chains: Vec<(u16, Vec<(GuestAddress, usize)>)> = Vec::new();
         let mut cap = 0;
-        while cap < len && (self.mergeable() || chains.is_empty()) {
+        while cap < len && (mergeable || chains.is_empty()) {
             let Some(chain) = q.pop_descriptor_chain(mem.clone()) else {
                 q.set_next_avail(start);
                 return Ok(false);
@@ -375,7 +432,7 @@ impl NetBackend {
         }
         if cap < len {
             // One buffer without MRG_RXBUF, and the frame does not fit it.
-            self.rx_pending = 0;
+            *rx_pending = 0;
             self.counters.rx_dropped.fetch_add(1, Ordering::Relaxed);
             drop(state);
             for (head, _) in chains {
@@ -386,7 +443,7 @@ impl NetBackend {
         // A frame takes at most one chain per ring entry, and rings hold at
         // most 32768: the counts below fit 16 bits.
         let count = ring_count(chains.len())?;
-        self.rx_buf[10..12].copy_from_slice(&count.to_le_bytes());
+        rx_buf[10..12].copy_from_slice(&count.to_le_bytes());
         let mut offset = 0;
         let mut used = Vec::with_capacity(chains.len());
         for (head, segs) in &chains {
@@ -396,7 +453,7 @@ impl NetBackend {
                     break;
                 }
                 let n = (*seg_len).min(len - offset);
-                mem.write_slice(&self.rx_buf[offset..offset + n], *addr)
+                mem.write_slice(&rx_buf[offset..offset + n], *addr)
                     .map_err(io::Error::other)?;
                 offset += n;
                 written += n;
@@ -422,9 +479,29 @@ impl NetBackend {
         q.set_next_used(base.wrapping_add(ring_count(rest.len())?));
         q.add_used(&**mem, last.0, last.1)
             .map_err(io::Error::other)?;
-        self.rx_pending = 0;
+        *rx_pending = 0;
         self.counters.rx_frames.fetch_add(1, Ordering::Relaxed);
         Ok(true)
+    }
+}
+
+impl NetBackend {
+    /// Attaches the TAP queue of each pair whose receive ring the frontend
+    /// enabled and detaches the others (never the first). Checked on every
+    /// event: a frontend enables a pair before the driver uses it, and the
+    /// driver's first kick on it comes after.
+    fn follow_enabled_pairs(&mut self, vrings: &[Vring]) {
+        for (p, pair) in self.pairs.iter().enumerate().skip(1) {
+            let Some(rx) = vrings.get(2 * p) else { break };
+            let want = rx.get_ref().is_enabled();
+            if pair.tap.queue_enabled() == want {
+                continue;
+            }
+            match pair.tap.set_queue_enabled(want) {
+                Ok(()) => tracing::info!(pair = p, attached = want, "TAP queue follows its pair"),
+                Err(e) => tracing::warn!(pair = p, "cannot switch the TAP queue of a pair: {e}"),
+            }
+        }
     }
 }
 
@@ -458,7 +535,7 @@ impl VhostUserBackendMut for NetBackend {
     type Vring = Vring;
 
     fn num_queues(&self) -> usize {
-        2
+        2 * self.pairs.len()
     }
 
     fn max_queue_size(&self) -> usize {
@@ -484,11 +561,16 @@ impl VhostUserBackendMut for NetBackend {
         self.acked = features;
         self.features_set = true;
         let flags = features::tun_offloads_for_guest(Features::from(features));
-        if let Err(e) = self.tap.set_offload(flags) {
-            tracing::error!(
-                tap = self.tap.name(),
-                "cannot set the TAP's offloads to {flags:#x} for the acked features: {e}"
-            );
+        // The offloads are the TAP's, set through any queue; each queue's
+        // handle keeps what it set.
+        for pair in &self.pairs {
+            if let Err(e) = pair.tap.set_offload(flags) {
+                tracing::error!(
+                    tap = pair.tap.name(),
+                    "cannot set the TAP's offloads to {flags:#x} for the acked features: {e}"
+                );
+                break;
+            }
         }
     }
 
@@ -532,6 +614,18 @@ impl VhostUserBackendMut for NetBackend {
             return Err(io::Error::other("features already set"));
         }
         match by_interface_name(name).filter(|_| valid_name(name)) {
+            Some(i) if !self.serves(i) => {
+                tracing::warn!(
+                    "the frontend asked for interface {} of {} queue pairs; this backend serves {}",
+                    i.name,
+                    i.queue_pairs,
+                    self.pairs.len()
+                );
+                Err(io::Error::new(
+                    io::ErrorKind::NotFound,
+                    "too few queue pairs for the interface",
+                ))
+            }
             Some(i) => {
                 tracing::info!("the frontend pinned interface {}", i.name);
                 self.pinned = Some(i);
@@ -557,30 +651,39 @@ impl VhostUserBackendMut for NetBackend {
         vrings: &[Vring],
         _thread_id: usize,
     ) -> io::Result<()> {
-        if evset.intersects(EventSet::ERROR | EventSet::HANG_UP) && device_event == TAP_EVENT {
-            tracing::error!(tap = self.tap.name(), "the TAP reports an error or hang-up");
+        let pairs = self.pairs.len();
+        let first_tap = tap_event(pairs, 0);
+        let (pair, receive) = if device_event >= first_tap {
+            (usize::from(device_event - first_tap), true)
+        } else {
+            (usize::from(device_event / 2), device_event % 2 == 0)
+        };
+        let Some(tap_name) = self.pairs.get(pair).map(|p| p.tap.name().to_string()) else {
+            return Ok(());
+        };
+        if evset.intersects(EventSet::ERROR | EventSet::HANG_UP) && device_event >= first_tap {
+            tracing::error!(tap = %tap_name, pair, "the TAP reports an error or hang-up");
             return Ok(());
         }
-        let (Some(rx), Some(tx)) = (vrings.get(RX), vrings.get(TX)) else {
+        self.follow_enabled_pairs(vrings);
+        let (Some(rx), Some(tx)) = (vrings.get(2 * pair), vrings.get(2 * pair + 1)) else {
             return Ok(());
         };
         // Errors caused by the guest's rings (buffers outside memory, a
         // corrupt used ring) are logged; returning them would end the
         // crate's event loop and with it the session.
-        let res = match device_event {
-            0 | TAP_EVENT => {
-                if rx.get_ref().get_queue().ready() && rx.get_ref().is_enabled() {
-                    self.process_rx(rx)
-                } else {
-                    tracing::debug!(
-                        device_event,
-                        "receive event while the ring is stopped: served after the next start"
-                    );
-                    Ok(())
-                }
+        let res = if receive {
+            if rx.get_ref().get_queue().ready() && rx.get_ref().is_enabled() {
+                self.process_rx(pair, rx)
+            } else {
+                tracing::debug!(
+                    device_event,
+                    "receive event while the ring is stopped: served after the next start"
+                );
+                Ok(())
             }
-            1 => self.process_tx(tx),
-            _ => Ok(()),
+        } else {
+            self.process_tx(pair, tx)
         };
         if let Err(e) = res {
             if !self.ring_error_logged {
@@ -612,9 +715,11 @@ pub fn serve(
             })?,
         )
     };
+    let tap = opts.taps.first().map_or("", |t| t.name());
     tracing::info!(
         socket = %opts.socket.display(),
-        tap = opts.tap.name(),
+        tap,
+        queue_pairs = opts.taps.len(),
         interface = opts.default_interface.name,
         "vhost-user net backend ready"
     );
@@ -636,7 +741,7 @@ pub fn serve(
         };
         let negotiated = Arc::new(Negotiated::default());
         let backend = Arc::new(RwLock::new(NetBackend::new(
-            opts.tap.clone(),
+            opts.taps.clone(),
             opts.default_interface,
             counters.clone(),
             negotiated.clone(),
@@ -648,13 +753,15 @@ pub fn serve(
         )
         .map_err(|e| BackendError::Daemon(e.to_string()))?;
         for handler in daemon.get_epoll_handlers() {
-            handler
-                .register_listener(
-                    opts.tap.as_raw_fd(),
-                    EventSet::IN | EventSet::EDGE_TRIGGERED,
-                    u64::from(TAP_EVENT),
-                )
-                .map_err(BackendError::Register)?;
+            for (pair, tap) in opts.taps.iter().enumerate() {
+                handler
+                    .register_listener(
+                        tap.as_raw_fd(),
+                        EventSet::IN | EventSet::EDGE_TRIGGERED,
+                        u64::from(tap_event(opts.taps.len(), pair)),
+                    )
+                    .map_err(BackendError::Register)?;
+            }
         }
         let inner = attach(&mut daemon)?;
         let relay = Relay::spawn(frontend, inner, negotiated).map_err(BackendError::Relay)?;
@@ -729,12 +836,32 @@ fn connect_to_frontend(socket: &Path, stop: &AtomicBool) -> Option<UnixStream> {
     None
 }
 
-/// The interface a backend presents by default: `name`, or the latest.
-pub fn default_interface(name: Option<&str>) -> Result<&'static InterfaceVersion, BackendError> {
+/// The interface a backend of `queues` queue pairs presents by default:
+/// `name`, or the latest of at most `queues` pairs.
+pub fn default_interface(
+    name: Option<&str>,
+    queues: usize,
+) -> Result<&'static InterfaceVersion, BackendError> {
+    let fits = |i: &InterfaceVersion| usize::from(i.queue_pairs) <= queues;
     match name {
-        None => Ok(latest()),
-        Some(n) => by_interface_name(n).ok_or_else(|| BackendError::UnknownInterface {
-            name: n.to_string(),
-        }),
+        None => Ok(INTERFACES
+            .iter()
+            .rev()
+            .find(|i| fits(i))
+            .unwrap_or(&INTERFACES[0])),
+        Some(n) => {
+            let i = by_interface_name(n).ok_or_else(|| BackendError::UnknownInterface {
+                name: n.to_string(),
+            })?;
+            if fits(i) {
+                Ok(i)
+            } else {
+                Err(BackendError::TooFewQueues {
+                    name: i.name,
+                    needs: i.queue_pairs,
+                    queues,
+                })
+            }
+        }
     }
 }

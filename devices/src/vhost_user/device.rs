@@ -218,11 +218,11 @@ impl VirtioDevice for VhostUserNet {
         }
         self.front.record_acked_offloads();
         // No vhost-user message carries a guest offload change.
+        let link = self.inner.clone();
         let rings = self.front.activate_backend(
             params,
             Box::new(|_| false),
-            // One queue pair: VQ_PAIRS_SET only ever asks for 1.
-            Box::new(|pairs| pairs == 1),
+            Box::new(move |pairs| lock(&link).enable_pairs(pairs)),
         )?;
         let interrupt = rings.interrupt.clone();
         let bases = rings.bases();
@@ -263,7 +263,7 @@ impl VirtioDevice for VhostUserNet {
             let i = self.inner();
             let r = i.rings.as_ref()?;
             let mut out = Vec::new();
-            for (n, q) in r.queues.iter().enumerate() {
+            for (n, q) in r.queues.iter().take(i.data_rings()).enumerate() {
                 let used = read_used_idx(&r.mem, q).unwrap_or(0);
                 let avail = r
                     .stopped_at

@@ -68,6 +68,14 @@ pub static INTERFACES: &[InterfaceVersion] = &[
         mtu: 1500,
         queue_pairs: 1,
     },
+    InterfaceVersion {
+        name: "org.godwit.net.v3",
+        adds: "multi-queue (mq): 2 queue pairs, chosen by the driver with VQ_PAIRS_SET (served from a multi-queue TAP, net-backend --queues 2)",
+        features: &[groups::BASE, groups::USO, groups::MQ],
+        max_ring_size: 1024,
+        mtu: 1500,
+        queue_pairs: 2,
+    },
 ];
 
 /// The newest released version.
@@ -334,10 +342,14 @@ mod tests {
                 w[0].name
             );
         }
-        assert_eq!(latest().name, "org.godwit.net.v2");
+        assert_eq!(latest().name, "org.godwit.net.v3");
         assert_eq!(
             version_list().supported,
-            ["org.godwit.net.v1", "org.godwit.net.v2"]
+            [
+                "org.godwit.net.v1",
+                "org.godwit.net.v2",
+                "org.godwit.net.v3"
+            ]
         );
     }
 

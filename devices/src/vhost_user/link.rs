@@ -81,6 +81,8 @@ pub(crate) enum RingsError {
     NotInMemory { what: &'static str, gpa: u64 },
     #[error("the transport has no irqfd for the backend's call fd")]
     NoIrqfd,
+    #[error("{got} ring positions for {rings} rings")]
+    Bases { got: usize, rings: usize },
     #[error(transparent)]
     Protocol(#[from] VhostUserError),
 }
@@ -245,8 +247,52 @@ impl Inner {
         rings
             .queues
             .iter()
+            .take(self.data_rings())
             .map(|q| self.vring_addr(&rings.mem, q))
             .collect()
+    }
+
+    /// The data rings the backend serves: those of the pairs the driver
+    /// made ready (with MQ it may leave later pairs unconfigured), two
+    /// each.
+    pub(crate) fn data_rings(&self) -> usize {
+        self.rings.as_ref().map_or(0, |r| {
+            (DATA_RINGS * usize::from(self.shared.ready_pairs())).min(r.queues.len())
+        })
+    }
+
+    /// VQ_PAIRS_SET: the rings of the first `pairs` pairs enabled, the
+    /// others disabled (SET_VRING_ENABLE, as QEMU does); the backend then
+    /// serves, and steers its traffic to, only those. Without a backend, or
+    /// with the rings stopped, the next start applies it.
+    pub(crate) fn enable_pairs(&mut self, pairs: u16) -> bool {
+        let count = self.data_rings();
+        let running = self.rings.as_ref().is_some_and(|r| r.running);
+        let Some(session) = self.session.as_mut().filter(|_| running) else {
+            return true;
+        };
+        if session.offer.features & F_PROTOCOL_FEATURES == 0 {
+            // Without it every ring runs from its start: one pair only.
+            return pairs == 1;
+        }
+        let mut res = Ok(());
+        for i in 0..count {
+            let on = i / DATA_RINGS < usize::from(pairs);
+            res = session.conn.set_vring_enable(ring_index(i), on);
+            if res.is_err() {
+                break;
+            }
+        }
+        match self.check(res) {
+            Ok(()) => {
+                tracing::info!(backend = %self.name, pairs, "vhost-user queue pairs in use");
+                true
+            }
+            Err(e) => {
+                tracing::warn!(backend = %self.name, "cannot put {pairs} queue pair(s) in use: {e}");
+                false
+            }
+        }
     }
 
     /// Configures and starts the backend's rings at `bases`.
@@ -266,8 +312,16 @@ impl Inner {
             .irqfd()
             .ok_or(RingsError::NoIrqfd)?
             .as_raw_fd();
+        let count = self.data_rings();
+        let active = DATA_RINGS * usize::from(self.shared.active_pairs());
         let sizes: Vec<u16> = rings.queues.iter().map(|q| q.size()).collect();
         let kicks: Vec<i32> = rings.kicks.iter().map(|k| k.as_raw_fd()).collect();
+        if bases.len() < count {
+            return Err(RingsError::Bases {
+                got: bases.len(),
+                rings: count,
+            });
+        }
         let mtu = (rings.acked & feature(VIRTIO_NET_F_MTU) != 0).then_some(self.mtu);
         let log = self.log.as_ref().map(|l| (l.size(), l.file().as_raw_fd()));
         let has_log_shmfd = session.offer.has_protocol(P::LOG_SHMFD.bits());
@@ -286,7 +340,7 @@ impl Inner {
             if let (Some((size, fd)), true) = (log, has_log_shmfd) {
                 c.set_log_base(size, 0, fd)?;
             }
-            for i in 0..DATA_RINGS {
+            for i in 0..count {
                 let index = ring_index(i);
                 c.set_vring_num(index, sizes[i])?;
                 c.set_vring_base(index, bases[i])?;
@@ -295,8 +349,8 @@ impl Inner {
                 c.set_vring_call(index, irqfd)?;
             }
             if enable {
-                for i in 0..DATA_RINGS {
-                    c.set_vring_enable(ring_index(i), true)?;
+                for i in 0..count {
+                    c.set_vring_enable(ring_index(i), i < active)?;
                 }
             }
             Ok(())
@@ -305,7 +359,7 @@ impl Inner {
         if let Some(r) = self.rings.as_mut() {
             r.running = true;
             r.stopped_at = None;
-            r.notify_after_start(&self.name);
+            r.notify_after_start(&self.name, count);
         }
         tracing::info!(
             backend = %self.name,
@@ -323,11 +377,12 @@ impl Inner {
         if let Some(at) = self.rings.as_ref().and_then(|r| r.stopped_at.clone()) {
             return Ok(at);
         }
+        let count = self.data_rings();
         let Some(session) = self.session.as_mut().filter(|_| running) else {
             return Ok(self.used_bases());
         };
-        let mut bases = Vec::with_capacity(DATA_RINGS);
-        for i in 0..DATA_RINGS {
+        let mut bases = Vec::with_capacity(count);
+        for i in 0..count {
             bases.push(session.conn.get_vring_base(ring_index(i))?);
         }
         if let Some(r) = self.rings.as_mut() {
@@ -345,6 +400,7 @@ impl Inner {
             Some(r) => r
                 .queues
                 .iter()
+                .take(self.data_rings())
                 .map(|q| read_used_idx(&r.mem, q).unwrap_or(q.next_avail()))
                 .collect(),
             None => vec![0; DATA_RINGS],

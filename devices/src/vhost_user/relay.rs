@@ -15,6 +15,9 @@
 //!   keeps these states (acknowledging them itself when asked to), and gives
 //!   them to the crate right after the SET_FEATURES that acks bit 30; one
 //!   without bit 30 enables every ring anyway (the crate does that).
+//! - **GET_QUEUE_NUM counts queue pairs.** For virtio-net QEMU compares
+//!   its `queues=` (pairs) with the answer and DPDK answers its pairs; the
+//!   crate answers its ring count, two per pair. The relay halves it.
 //! - **Which protocol features the frontend set.** The crate does not tell
 //!   its backend; the relay records SET_PROTOCOL_FEATURES in
 //!   [`Negotiated`] so that godwit's extension answers only a frontend that
@@ -324,8 +327,13 @@ impl Relay {
             .name("gw-vu-relay-rep".into())
             .spawn(move || {
                 let res = (|| -> io::Result<()> {
-                    while let Some(msg) = read_message(&inner_r)? {
+                    while let Some(mut msg) = read_message(&inner_r)? {
                         tracing::debug!(request = %name(msg.code), size = msg.payload.len(), "backend reply");
+                        if msg.is(FrontendReq::GET_QUEUE_NUM) {
+                            if let Some(rings) = msg.u64_at(0) {
+                                msg.payload = (rings / 2).max(1).to_le_bytes().to_vec();
+                            }
+                        }
                         let sock = replies_to.lock().unwrap_or_else(|p| p.into_inner());
                         write_message(&sock, &msg)?;
                     }

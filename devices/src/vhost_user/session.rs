@@ -166,7 +166,7 @@ pub fn handshake(mut conn: Connection, pin: Option<&str>) -> Result<Session, Vho
             if n == 0 || n > 0x8000 {
                 return Err(protocol_err(
                     &conn,
-                    format!("GET_QUEUE_NUM says {n} queues; a backend has 1 to 32768"),
+                    format!("GET_QUEUE_NUM says {n} queue pairs; a backend has 1 to 32768"),
                 ));
             }
             offer.queue_num = Some(n);

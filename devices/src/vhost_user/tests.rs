@@ -15,7 +15,7 @@ use std::time::Duration;
 use vm_memory::{FileOffset, GuestAddress};
 
 use super::backend::{serve, BackendCounters, BackendOptions};
-use super::interface::{by_interface_name, INTERFACES};
+use super::interface::by_interface_name;
 use super::*;
 use crate::dirty_log::DirtyTracking;
 use crate::net::{Tap, VnetHdr};
@@ -43,6 +43,8 @@ fn memfd(name: &std::ffi::CStr, size: u64) -> File {
 /// guest 10.<subnet>.0.2), stopped on drop.
 struct TestBackend {
     ns: NetNs,
+    /// The TAP's MAC in the namespace.
+    host_mac: [u8; 6],
     socket: std::path::PathBuf,
     dir: std::path::PathBuf,
     stop: Arc<AtomicBool>,
@@ -51,11 +53,18 @@ struct TestBackend {
 
 impl TestBackend {
     fn start(tag: &str, tap_name: &str, subnet: u8) -> TestBackend {
+        Self::start_with_queues(tag, tap_name, subnet, 1)
+    }
+
+    /// The backend with `queues` queue pairs (a multi-queue TAP when more
+    /// than one), presenting the newest interface of that many pairs.
+    fn start_with_queues(tag: &str, tap_name: &str, subnet: u8, queues: u16) -> TestBackend {
         let ns = NetNs::new(tag).unwrap();
-        let tap = ns
-            .enter(|| Tap::open(tap_name, VnetHdr::On))
+        let taps = ns
+            .enter(|| Tap::open_queues(tap_name, VnetHdr::On, queues))
             .unwrap()
             .unwrap();
+        let host_mac = taps[0].host_mac().unwrap();
         ns.sysctl(&format!("net.ipv6.conf.{tap_name}.disable_ipv6"), "1")
             .unwrap();
         ns.ip(&[
@@ -83,8 +92,9 @@ impl TestBackend {
         let stop = Arc::new(AtomicBool::new(false));
         let opts = BackendOptions {
             socket: socket.clone(),
-            tap: Arc::new(tap),
-            default_interface: INTERFACES.last().unwrap(),
+            taps: taps.into_iter().map(Arc::new).collect(),
+            default_interface: super::backend::default_interface(None, usize::from(queues))
+                .unwrap(),
             client: false,
         };
         let backend_stop = stop.clone();
@@ -96,6 +106,7 @@ impl TestBackend {
         }
         TestBackend {
             ns,
+            host_mac,
             socket,
             dir,
             stop,
@@ -246,7 +257,11 @@ fn a_standard_frontend_enables_rings_before_set_features_and_never_sees_the_exte
     assert_eq!(protocol & standard, standard, "offered {protocol:#x}");
     conn.set_protocol_features(standard).unwrap();
     conn.set_reply_ack(true);
-    assert_eq!(conn.get_queue_num().unwrap(), 2);
+    assert_eq!(
+        conn.get_queue_num().unwrap(),
+        1,
+        "queue pairs, as QEMU reads it (the crate counts 2 rings)"
+    );
     conn.set_owner().unwrap();
     // Acknowledged (REPLY_ACK status 0), not the end of the session.
     conn.set_vring_enable(0, true).unwrap();
@@ -279,4 +294,178 @@ fn a_standard_frontend_enables_rings_before_set_features_and_never_sees_the_exte
     assert!(conn
         .set_config(interface::WINDOW_OFFSET, b"org.godwit.net.v1")
         .is_err());
+}
+
+/// Two queue pairs end to end: godwit's frontend (protocol MQ, GET_QUEUE_NUM
+/// read as pairs) on godwit's backend with a two-queue TAP, interface
+/// org.godwit.net.v3. One pair runs until VQ_PAIRS_SET; with both in use
+/// each pair carries frames both ways (the kernel spreads the namespace's
+/// flows over the TAP's queues, the backend serves each queue on its
+/// pair); back to one pair, the second receive ring gets nothing.
+#[test]
+fn two_queue_pairs_through_godwits_backend_after_vq_pairs_set() {
+    use crate::virtio::net::ctrl_queue_index;
+    use crate::virtio::testing::{udp_frame, UdpCsum};
+    use std::net::{Ipv4Addr, SocketAddrV4};
+    use virtio_bindings::virtio_net::{
+        VIRTIO_NET_CTRL_MQ, VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET, VIRTIO_NET_F_CTRL_VQ,
+        VIRTIO_NET_F_MAC, VIRTIO_NET_F_MQ, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_OK,
+    };
+    const TIMEOUT: Duration = Duration::from_secs(10);
+    const GUEST_MAC: [u8; 6] = [0x52, 0x54, 0, 0x12, 0x34, 0x56];
+    let (host_ip, guest_ip) = (Ipv4Addr::new(10, 133, 0, 1), Ipv4Addr::new(10, 133, 0, 2));
+    let backend = TestBackend::start_with_queues("vumq", "gwvumq0", 133, 2);
+    let (ns, socket) = (&backend.ns, backend.socket.clone());
+
+    let ram = memfd(c"gw-vumq-ram", MEM as u64);
+    let mem = GuestMemory::from_ranges_with_files([(
+        GuestAddress(0),
+        MEM,
+        Some(FileOffset::new(ram, 0)),
+    )])
+    .unwrap();
+    let conn = Connection::connect(socket.to_str().unwrap(), TIMEOUT).unwrap();
+    let session = handshake(conn, None).unwrap();
+    assert_eq!(session.offer.queue_num, Some(2), "GET_QUEUE_NUM in pairs");
+    let record = session.offer.record.clone().unwrap();
+    assert_eq!(
+        (record.active.as_str(), record.values.queue_pairs),
+        ("org.godwit.net.v3", 2)
+    );
+    let features = feature(VIRTIO_F_VERSION_1)
+        | feature(VIRTIO_NET_F_MRG_RXBUF)
+        | feature(VIRTIO_NET_F_MAC)
+        | feature(VIRTIO_NET_F_CTRL_VQ)
+        | feature(VIRTIO_NET_F_MQ);
+    let dev = VhostUserNet::new(
+        session,
+        Endpoint::client(&socket),
+        VhostUserNetConfig {
+            frontend: FrontendConfig {
+                mac: GUEST_MAC,
+                features,
+                mtu: 1500,
+                queue_size: 256,
+                queue_pairs: 2,
+            },
+            pin: None,
+            timeout: TIMEOUT,
+        },
+        Box::new(|_, _| Recheck::Accept),
+    )
+    .unwrap();
+    let device = Arc::new(Mutex::new(dev));
+    let as_virtio: Arc<Mutex<dyn VirtioDevice>> = device.clone();
+    let transport = Arc::new(Mutex::new(
+        MmioTransport::new(mem.clone(), as_virtio).unwrap(),
+    ));
+    let mut d = GuestDriver::new(mem.clone(), transport).unwrap();
+    let acked = d.init(features, 128).unwrap();
+    assert_eq!(acked & features, features);
+    assert_eq!(d.config(8, 2), 2u16.to_le_bytes(), "max_virtqueue_pairs");
+    let ctrl = ctrl_queue_index(2, true);
+    for rx in [0, 2] {
+        d.fill_rx_on(rx, 64, 2048).unwrap();
+    }
+
+    let host_mac = backend.host_mac;
+    let host_socket = |port: u16| {
+        let s = ns
+            .enter(|| UdpSocket::bind(SocketAddrV4::new(host_ip, port)))
+            .unwrap()
+            .unwrap();
+        s.set_read_timeout(Some(TIMEOUT)).unwrap();
+        s
+    };
+    let senders: Vec<UdpSocket> = (0..32).map(|i| host_socket(7100 + i)).collect();
+    // Host to guest on each receive ring in use, as (ring 0, ring 2).
+    let receive = |d: &mut GuestDriver, rounds: usize| {
+        let mut per_ring = [0usize; 2];
+        for _ in 0..rounds {
+            for s in &senders {
+                s.send_to(b"to the guest", SocketAddrV4::new(guest_ip, 6000))
+                    .unwrap();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+            for (i, q) in [0usize, 2].into_iter().enumerate() {
+                let used = d.reap(q).unwrap();
+                per_ring[i] += used.iter().filter(|u| u.len > 0).count();
+                d.refill_rx_on(q, &used).unwrap();
+            }
+        }
+        per_ring
+    };
+
+    // One pair until VQ_PAIRS_SET: the second TAP queue is detached.
+    let per_ring = receive(&mut d, 5);
+    assert!(
+        per_ring[0] > 0 && per_ring[1] == 0,
+        "one pair in use: {per_ring:?}"
+    );
+
+    let (mq, set) = (
+        VIRTIO_NET_CTRL_MQ as u8,
+        VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET as u8,
+    );
+    let ok = VIRTIO_NET_OK as u8;
+    assert_eq!(
+        d.ctrl_command(ctrl, mq, set, &2u16.to_le_bytes(), TIMEOUT)
+            .unwrap(),
+        ok
+    );
+    assert_eq!(device.lock().unwrap().info().active_queue_pairs, 2);
+
+    // Guest to host on each transmit ring.
+    let sink = host_socket(5000);
+    for pair in 0..2usize {
+        let payload = format!("from pair {pair}").into_bytes();
+        let frame = udp_frame(
+            GUEST_MAC,
+            host_mac,
+            guest_ip,
+            host_ip,
+            4000,
+            5000,
+            &payload,
+            UdpCsum::Full,
+        );
+        d.send_on(
+            2 * pair + 1,
+            &[0; crate::virtio::net::NET_HDR_LEN],
+            &frame,
+            false,
+        )
+        .unwrap();
+        let mut buf = [0u8; 2048];
+        let (n, _) = sink.recv_from(&mut buf).expect("the namespace receives it");
+        assert_eq!(&buf[..n], payload.as_slice());
+        d.wait_used(2 * pair + 1, 1, TIMEOUT).unwrap();
+    }
+    // Host to guest: both receive rings get frames.
+    let per_ring = receive(&mut d, 20);
+    assert!(
+        per_ring.iter().all(|n| *n > 0),
+        "frames per receive ring: {per_ring:?}"
+    );
+
+    // Back to one pair: the second ring gets nothing more.
+    assert_eq!(
+        d.ctrl_command(ctrl, mq, set, &1u16.to_le_bytes(), TIMEOUT)
+            .unwrap(),
+        ok
+    );
+    let per_ring = receive(&mut d, 5);
+    assert!(
+        per_ring[0] > 0 && per_ring[1] == 0,
+        "back to one pair: {per_ring:?}"
+    );
+
+    // Stopping and restarting the rings keeps every started ring's place.
+    let bases = device.lock().unwrap().stop_rings().unwrap();
+    assert_eq!(bases.len(), 4, "both pairs' rings: {bases:?}");
+    device.lock().unwrap().resume_datapath();
+    let per_ring = receive(&mut d, 3);
+    assert!(per_ring[0] > 0, "traffic after the restart: {per_ring:?}");
+    drop(d);
+    drop(device);
 }

@@ -8,7 +8,7 @@ use std::os::unix::net::UnixDatagram;
 use std::sync::Arc;
 
 use godwit_devices::net::Tap;
-use godwit_devices::vhost_user::backend::{BackendCounters, NetBackend};
+use godwit_devices::vhost_user::backend::{tap_event, BackendCounters, NetBackend};
 use godwit_devices::vhost_user::interface::{self, PROTOCOL_F_GODWIT_INTERFACE, WINDOW_OFFSET};
 use godwit_devices::vhost_user::relay::Negotiated;
 use vhost_user_backend::bitmap::BitmapMmapRegion;
@@ -22,8 +22,6 @@ type Mem = GuestMemoryMmap<BitmapMmapRegion>;
 
 /// Operations before the body stops, whatever the input's length.
 const MAX_OPS: usize = 256;
-/// The TAP's event id in the backend's loop.
-const TAP_EVENT: u16 = 3;
 
 /// A memory table: `count u8` (up to 3) regions of `gpa u16` (in pages)
 /// and `size u8` (in pages, up to 256).
@@ -63,7 +61,7 @@ pub fn vhost_user_backend(data: &[u8]) {
         return;
     };
     let mut backend = NetBackend::new(
-        Arc::new(tap),
+        vec![Arc::new(tap)],
         interface::latest(),
         Arc::new(BackendCounters::default()),
         Arc::new(Negotiated::with_protocol(protocol)),
@@ -124,7 +122,7 @@ pub fn vhost_user_backend(data: &[u8]) {
             6 | 7 => {
                 let which = input.u8();
                 let event = if which & 4 != 0 {
-                    TAP_EVENT
+                    tap_event(1, 0)
                 } else {
                     u16::from(which & 3)
                 };

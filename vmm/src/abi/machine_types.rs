@@ -78,7 +78,7 @@ pub static MACHINE_TYPES: &[MachineType] = &[
     // queues=1) is refused by strict with remedies (queues=1, godwit-1.1).
     MachineType {
         name: "godwit-1.2",
-        adds: "multi-queue: mq with 2 queue pairs (TAP peers must be multi-queue TAPs); UDP tunnel GSO (feature bits 65-68): guest_tunnel, guest_tunnel_csum, host_tunnel, host_tunnel_csum (TAP peers need Linux >= 6.17); vhost-user peers carry neither (one queue pair, no bits above 63): use godwit-1.1 or the pasted remedies",
+        adds: "multi-queue: mq with 2 queue pairs (TAP peers must be multi-queue TAPs); UDP tunnel GSO (feature bits 65-68): guest_tunnel, guest_tunnel_csum, host_tunnel, host_tunnel_csum (TAP peers need Linux >= 6.17); vhost-user peers carry mq with 2 queue pairs (DPDK queues=2, godwit net-backend --queues 2 with interface org.godwit.net.v3) but no bits above 63: use the pasted remedies (host_tunnel=off, ...) or godwit-1.1",
         net: NetAbi {
             features: &[BASE_FEATURES, USO_FEATURES, MQ_FEATURES, UDP_TUNNEL_FEATURES],
             queue_pairs: 2,

@@ -32,8 +32,12 @@ pub struct NetBackendArgs {
     /// virtio-net header so that offloads pass through).
     #[arg(long, value_name = "NAME", required_unless_present = "print_versions")]
     pub tap: Option<String>,
+    /// Queue pairs: as many queues of the TAP (several make it a
+    /// multi-queue TAP). An interface of more pairs cannot be presented.
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=i64::from(godwit_devices::virtio::net::MAX_QUEUE_PAIRS)))]
+    pub queues: u16,
     /// The interface version presented when a frontend does not pin one
-    /// (default: the latest).
+    /// (default: the latest of at most --queues pairs).
     #[arg(long, value_name = "NAME")]
     pub interface: Option<String>,
     /// Connect to the socket, where the frontend listens (godwit
@@ -86,23 +90,27 @@ pub fn run(args: NetBackendArgs) -> Result<(), super::Error> {
     let (Some(socket), Some(tap_name)) = (args.socket, args.tap) else {
         return Err(NetBackendError::Usage.into());
     };
-    let default = default_interface(args.interface.as_deref()).map_err(NetBackendError::from)?;
-    let tap = Tap::open(&tap_name, VnetHdr::On).map_err(|source| NetBackendError::Tap {
-        name: tap_name.clone(),
-        source,
+    let default = default_interface(args.interface.as_deref(), usize::from(args.queues))
+        .map_err(NetBackendError::from)?;
+    let taps = Tap::open_queues(&tap_name, VnetHdr::On, args.queues).map_err(|source| {
+        NetBackendError::Tap {
+            name: tap_name.clone(),
+            source,
+        }
     })?;
     let opts = BackendOptions {
         socket: socket.clone(),
-        tap: Arc::new(tap),
+        taps: taps.into_iter().map(Arc::new).collect(),
         default_interface: default,
         client: args.client,
     };
     // A daemon keeps serving when nobody reads its ready line.
     let _ = writeln!(
         std::io::stdout(),
-        "net-backend: ready socket={} tap={} interface={} mode={}",
+        "net-backend: ready socket={} tap={} queues={} interface={} mode={}",
         socket.display(),
         tap_name,
+        args.queues,
         default.name,
         if args.client { "client" } else { "server" }
     );

@@ -132,13 +132,13 @@ impl BackendRings {
     /// and the driver interrupted once, as spurious notifications; the
     /// virtio spec requires both sides to tolerate those, and a side with
     /// nothing to do finds its rings as it left them.
-    pub(crate) fn notify_after_start(&self, backend: &str) {
-        for (i, kick) in self.kicks.iter().enumerate() {
+    pub(crate) fn notify_after_start(&self, backend: &str, rings: usize) {
+        for (i, kick) in self.kicks.iter().take(rings).enumerate() {
             if let Err(e) = kick.write(1) {
                 tracing::warn!(%backend, ring = i, "cannot notify the backend after starting its rings: {e}");
             }
         }
-        for i in 0..self.kicks.len() {
+        for i in 0..rings.min(self.kicks.len()) {
             let queue = u16::try_from(i).unwrap_or(u16::MAX);
             if let Err(e) = self.interrupt.trigger(InterruptKind::Queue(queue)) {
                 tracing::warn!(%backend, ring = i, "cannot interrupt the guest after starting the backend's rings: {e}");

@@ -614,19 +614,9 @@ fn corrupt_ring_needs_reset_and_reset_recovers() {
 
 /// Sends one control command on control queue `q`; returns the device's ack.
 fn ctrl_cmd(r: &mut Rig, q: usize, class: u32, command: u32, data: &[u8]) -> u8 {
-    let mut bytes = vec![class as u8, command as u8];
-    bytes.extend_from_slice(data);
-    let out = r.driver.alloc(bytes.len() as u64, 8).unwrap();
-    r.driver.write_mem(out, &bytes).unwrap();
-    let ack = r.driver.alloc(1, 1).unwrap();
-    r.driver.write_mem(ack, &[0xee]).unwrap();
     r.driver
-        .add_chain(q, &[Buf::read(out, bytes.len() as u32), Buf::write(ack, 1)])
-        .unwrap();
-    r.driver.kick(q).unwrap();
-    let used = r.driver.wait_used(q, 1, TIMEOUT).unwrap();
-    assert_eq!(used[0].len, 1);
-    r.driver.read_mem(ack, 1).unwrap()[0]
+        .ctrl_command(q, class as u8, command as u8, data, TIMEOUT)
+        .unwrap()
 }
 
 /// Two queue pairs on a multi-queue TAP: the config space says 2, the

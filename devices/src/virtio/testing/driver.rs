@@ -715,6 +715,35 @@ impl GuestDriver {
         Ok(out)
     }
 
+    /// Sends one control command (`class`, `command`, `data`) on control
+    /// queue `q` and returns the device's ack byte (VIRTIO_NET_OK or _ERR).
+    pub fn ctrl_command(
+        &mut self,
+        q: usize,
+        class: u8,
+        command: u8,
+        data: &[u8],
+        timeout: Duration,
+    ) -> Result<u8, DriverError> {
+        let mut bytes = vec![class, command];
+        bytes.extend_from_slice(data);
+        let len = bytes.len() as u32;
+        let out = self.alloc(u64::from(len), 8)?;
+        self.write_mem(out, &bytes)?;
+        let ack = self.alloc(1, 1)?;
+        self.write_mem(ack, &[0xee])?;
+        self.add_chain(q, &[Buf::read(out, len), Buf::write(ack, 1)])?;
+        self.kick(q)?;
+        let used = self.wait_used(q, 1, timeout)?;
+        if used[0].len != 1 {
+            return Err(DriverError::Io(io::Error::other(format!(
+                "the control queue used {} bytes of the 1-byte ack",
+                used[0].len
+            ))));
+        }
+        Ok(self.read_mem(ack, 1)?[0])
+    }
+
     /// Posts `count` receive buffers of `len` bytes each (one descriptor
     /// each) and kicks the receive queue.
     pub fn fill_rx(&mut self, count: usize, len: u32) -> Result<(), DriverError> {

@@ -18,6 +18,7 @@ use godwit_devices::vhost_user::{
 };
 use godwit_devices::virtio::feature;
 use godwit_devices::virtio::net::features::{self, Features, NetFeature, VhostNeed, FEATURES};
+use godwit_devices::virtio::net::MAX_QUEUE_PAIRS;
 
 use super::NetSetupError;
 use crate::abi::machine_types::MachineType;
@@ -166,15 +167,36 @@ pub const VHOST_USER_ACCEPT_WAIT: Duration = Duration::from_secs(30);
 /// yet (it may be starting too).
 pub const VHOST_USER_CONNECT_WAIT: Duration = Duration::from_secs(5);
 
+/// Queue pairs a vhost-user backend carries: GET_QUEUE_NUM (virtio-net
+/// backends count pairs there: QEMU compares its `queues=` with it, DPDK
+/// answers its `queues=`), 1 without protocol feature MQ, and no more than
+/// its interface record has.
+pub fn vhost_user_pairs(offer: &BackendOffer) -> u16 {
+    let pairs = offer.queue_num.unwrap_or(1).min(u64::from(MAX_QUEUE_PAIRS));
+    let pairs = u16::try_from(pairs).unwrap_or(MAX_QUEUE_PAIRS).max(1);
+    match &offer.record {
+        Some(r) => pairs.min(r.values.queue_pairs.max(1)),
+        None => pairs,
+    }
+}
+
 /// Why a vhost-user backend lacks the features it lacks, and how many
 /// queue pairs it carries.
 pub fn vhost_user_support(socket: &str, offer: &BackendOffer) -> PeerSupport {
-    let queues = offer.queue_num.unwrap_or(2);
+    let pairs = vhost_user_pairs(offer);
+    let how_many = || match (&offer.record, offer.queue_num) {
+        (Some(r), Some(q)) if u64::from(r.values.queue_pairs) < q => format!(
+            "its interface {} has {} queue pair(s)",
+            r.active, r.values.queue_pairs
+        ),
+        (_, Some(q)) => format!("it has {q} queue pair(s) (GET_QUEUE_NUM)"),
+        (_, None) => "it lacks protocol feature MQ: one queue pair".to_string(),
+    };
     let lacks = |f: &NetFeature| {
         match f.vhost {
             VhostNeed::Frontend => None,
-            VhostNeed::QueuePairs => (queues < 2).then(|| {
-                format!("vhost-user backend {socket} has {queues} queue(s) (GET_QUEUE_NUM); a queue pair needs 2")
+            VhostNeed::QueuePairs => (pairs < 2).then(|| {
+                format!("vhost-user backend {socket}: {}", how_many())
             }),
             // GET_FEATURES is one 64-bit word: vhost-user has no standard
             // message for bits 64 and up, so no backend carries them.
@@ -197,8 +219,8 @@ pub fn vhost_user_support(socket: &str, offer: &BackendOffer) -> PeerSupport {
     }
     };
     support_by("vhost-user", format!("vhost-user backend {socket}"), lacks).with_queue_limit(
-        1,
-        format!("godwit's vhost-user frontend serves one queue pair of backend {socket}"),
+        pairs,
+        format!("vhost-user backend {socket}: {}", how_many()),
     )
 }
 
@@ -298,13 +320,17 @@ pub(super) fn interface_gaps(
             features::names(missing)
         ));
     }
-    if let Some(q) = offer.queue_num {
-        if q < 2 * u64::from(values.queue_pairs) {
-            gaps.push(format!(
-                "it has {q} queues (GET_QUEUE_NUM); interface {name} has {} queue pair(s)",
-                values.queue_pairs
-            ));
-        }
+    let pairs = offer.queue_num.unwrap_or(1);
+    if pairs < u64::from(values.queue_pairs) {
+        gaps.push(format!(
+            "it has {pairs} queue pair(s) (GET_QUEUE_NUM{}); interface {name} has {}",
+            if offer.queue_num.is_none() {
+                ": it lacks protocol feature MQ"
+            } else {
+                ""
+            },
+            values.queue_pairs
+        ));
     }
     Ok(gaps)
 }
@@ -518,10 +544,21 @@ mod tests {
             vhost_user_support("/s", &without).supported & frontend,
             frontend
         );
-        // A backend with one queue cannot carry a pair (mq).
+        // GET_QUEUE_NUM counts queue pairs: DPDK's 128 carry the most a
+        // device has; one pair cannot carry mq.
+        assert_eq!(p.max_queue_pairs, MAX_QUEUE_PAIRS);
         without.queue_num = Some(1);
         let mq = features::by_name("mq").unwrap().bit;
-        assert!(vhost_user_support("/s", &without).why_not[&mq].contains("GET_QUEUE_NUM"));
+        let one = vhost_user_support("/s", &without);
+        assert_eq!(one.max_queue_pairs, 1);
+        assert_eq!(
+            one.why_not[&mq],
+            "vhost-user backend /s: it has 1 queue pair(s) (GET_QUEUE_NUM)"
+        );
+        without.queue_num = None;
+        assert!(
+            vhost_user_support("/s", &without).why_not[&mq].contains("lacks protocol feature MQ")
+        );
         // godwit-1.0 against DPDK: only host TSO (and ECN with it) missing.
         let m = resolve("godwit-1.0").unwrap();
         let d = strict::decide(
@@ -608,8 +645,21 @@ mod tests {
         let mut few = dpdk_offer();
         few.features |= godwit_devices::virtio::low64(bits_of(&["host_tso4", "host_tso6"]));
         few.queue_num = Some(1);
+        // GET_QUEUE_NUM counts pairs: one is v1's, and too few for v3's two.
         let gaps = interface_gaps("org.godwit.net.v1", &few, "/s").unwrap();
-        assert!(gaps[0].contains("GET_QUEUE_NUM"), "{gaps:?}");
+        assert!(gaps.is_empty(), "{gaps:?}");
+        let gaps = interface_gaps("org.godwit.net.v3", &few, "/s").unwrap();
+        assert!(
+            gaps.iter().any(|g| g
+                .contains("1 queue pair(s) (GET_QUEUE_NUM); interface org.godwit.net.v3 has 2")),
+            "{gaps:?}"
+        );
+        few.queue_num = None;
+        let gaps = interface_gaps("org.godwit.net.v3", &few, "/s").unwrap();
+        assert!(
+            gaps.iter().any(|g| g.contains("lacks protocol feature MQ")),
+            "{gaps:?}"
+        );
     }
 
     #[test]

@@ -130,7 +130,7 @@ pub(super) fn would_change(f: &NetFeature, peer: &PeerEntry, hosts: &[HostInput]
             _ => format!("a godwit whose device model implements {}", f.name),
         },
         (Probe::VhostUser(_), _) => match f.vhost {
-            VhostNeed::QueuePairs => "a vhost-user backend with at least 2 queues".to_string(),
+            VhostNeed::QueuePairs => "a vhost-user backend with at least 2 queue pairs (GET_QUEUE_NUM: DPDK queues=2, godwit net-backend --queues 2)".to_string(),
             VhostNeed::Frontend => format!("a godwit whose frontend implements {}", f.name),
             VhostNeed::Ring | VhostNeed::Packet => {
                 // Another backend interface version that has it: godwit's
