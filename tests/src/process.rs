@@ -44,6 +44,18 @@ pub const TESTPMD_LACKS_OF_GODWIT_1_1: [&str; 6] = [
 /// to `socket` instead of listening. With a namespace it runs there and
 /// adds a `net_tap` port `dtap0` to forward to.
 pub fn testpmd_command(ns: Option<&str>, socket: &Path, client: bool) -> Command {
+    testpmd_command_with_queues(ns, socket, client, 1)
+}
+
+/// [`testpmd_command`] with `queues` queue pairs on the vhost-user port
+/// (`queues=N`, which its GET_QUEUE_NUM answers) and as many receive and
+/// transmit queues on each port, forwarded queue to queue.
+pub fn testpmd_command_with_queues(
+    ns: Option<&str>,
+    socket: &Path,
+    client: bool,
+    queues: u16,
+) -> Command {
     const BIN: &str = "dpdk-testpmd";
     let mut cmd = match ns {
         Some(ns) => {
@@ -57,7 +69,7 @@ pub fn testpmd_command(ns: Option<&str>, socket: &Path, client: bool) -> Command
     cmd.args([
         "--vdev",
         &format!(
-            "net_vhost0,iface={},queues=1{}",
+            "net_vhost0,iface={},queues={queues}{}",
             socket.display(),
             if client { ",client=1" } else { "" }
         ),
@@ -65,8 +77,11 @@ pub fn testpmd_command(ns: Option<&str>, socket: &Path, client: bool) -> Command
     if ns.is_some() {
         cmd.args(["--vdev", "net_tap0,iface=dtap0"]);
     }
+    cmd.arg("--");
+    if queues > 1 {
+        cmd.args([format!("--rxq={queues}"), format!("--txq={queues}")]);
+    }
     cmd.args([
-        "--",
         "--forward-mode=io",
         "--total-num-mbufs=2048",
         "--stats-period",

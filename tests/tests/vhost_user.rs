@@ -14,7 +14,7 @@ use serde_json::{json, Value};
 
 use godwit_tests::guest::spawn_serving;
 use godwit_tests::netns::wait_for_path;
-use godwit_tests::process::{stop_child, testpmd_command, TESTPMD_LACKS_OF_GODWIT_1_1};
+use godwit_tests::process::{stop_child, testpmd_command_with_queues, TESTPMD_LACKS_OF_GODWIT_1_1};
 use godwit_tests::udp::sizes_up_to_mtu;
 use godwit_tests::{
     godwit_command, hex_field, qmp_connect, remedy_line, run_godwit, serve_cmdline, sh, udp_echo,
@@ -50,11 +50,12 @@ struct Testpmd {
 
 impl Testpmd {
     fn start(socket: &Path, ns: Option<&str>) -> Testpmd {
-        Self::start_with(socket, ns, false)
+        Self::start_with(socket, ns, false, 1)
     }
 
     /// `client`: testpmd connects to `socket` (godwit listens, server=on).
-    fn start_with(socket: &Path, ns: Option<&str>, client: bool) -> Testpmd {
+    /// `queues`: queue pairs of its ports.
+    fn start_with(socket: &Path, ns: Option<&str>, client: bool, queues: u16) -> Testpmd {
         let lock = DPDK
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -68,7 +69,7 @@ impl Testpmd {
                 .success(),
             "{bin} is not installed: apt-get install -y dpdk-dev (.ci/run does)"
         );
-        let child = testpmd_command(ns, socket, client)
+        let child = testpmd_command_with_queues(ns, socket, client, queues)
             .spawn()
             .expect("spawn dpdk-testpmd");
         let t = Testpmd { child, _lock: lock };
@@ -156,6 +157,103 @@ fn guest_traffic_through_dpdk_testpmd_and_back() {
     // DPDK offers LOG_ALL and LOG_SHMFD: the device is migratable.
     assert_eq!(q["peer"]["migratable"], true, "{q:#}");
     assert_eq!(q["link"], "up");
+}
+
+/// godwit-1.1 with mq on and less what DPDK lacks of it, two queue pairs,
+/// over vhost-user at `socket`.
+fn two_pair_spec(socket: &Path) -> String {
+    let overrides = TESTPMD_LACKS_OF_GODWIT_1_1
+        .iter()
+        .map(|f| format!("{f}=off"))
+        .collect::<Vec<_>>()
+        .join(",");
+    format!(
+        "vhost-user,socket={},mq=on,queues=2,{overrides}",
+        socket.display()
+    )
+}
+
+/// Boots the test guest on `net` (two pairs) in the namespace `host`'s
+/// subnet `guest_ip`, and checks that its driver uses both pairs, that
+/// eight flows (a socket each: all on one queue has odds of 1 in 256) are
+/// all answered, and that query-net shows both pairs in use.
+fn guest_uses_two_pairs(host: &NetHost, net: &str, guest_ip: &str, gateway: &str, dir: &TempDir) {
+    let api = dir.join("api.sock");
+    let cmdline = serve_cmdline(1000, &format!("ip={guest_ip}::{gateway}:255.255.255.0"));
+    let mut vm = spawn_serving(None, &["--machine", M11], net, &cmdline, Some(&api));
+    let pairs = vm.wait_line("virtio-net0: queue pairs=", BOOT);
+    assert!(pairs.contains("queue pairs=2 of 2"), "{pairs}");
+    vm.wait_line("serve: ready", BOOT);
+    host.assert_ping(guest_ip, 3, "ping with two queue pairs");
+    let sizes = sizes_up_to_mtu(8);
+    let target = format!("{guest_ip}:7");
+    let echoed = host.run(move || {
+        (0..8)
+            .map(|_| udp_echo(&target, 8, &sizes, 4, Duration::from_secs(30)))
+            .sum::<usize>()
+    });
+    assert_eq!(echoed, 64, "UDP echo of eight flows on two pairs");
+    let q = query_net(&api);
+    assert_eq!(q["queue_pairs"]["offered"], 2, "{q:#}");
+    assert_eq!(q["queue_pairs"]["active"], 2, "{q:#}");
+    assert_eq!(q["peer"]["rings_running"], true, "{q:#}");
+}
+
+/// godwit's backend with one pair (GET_QUEUE_NUM 1) is refused by strict
+/// for a two-pair device, naming the count, with `queues=1` among the
+/// remedies; with `--queues 2` (a multi-queue TAP, interface
+/// org.godwit.net.v3) the guest's driver uses both pairs.
+#[test]
+fn two_queue_pairs_through_godwits_backend_and_one_pair_refused() {
+    let host = NetHost::new(true, 95);
+    let dir = TempDir::new("vu-mq");
+    let socket = dir.join("backend.sock");
+    let net = two_pair_spec(&socket);
+    {
+        let _backend = Backend::start(&host, &socket, &[]);
+        let out = run_godwit(&["run", "--machine", M11, "--net", &net], BOOT);
+        assert_eq!(out.code(), Some(4), "strict refusal: {out:?}");
+        for needle in ["1 queue pair(s) (GET_QUEUE_NUM)", "queues=1"] {
+            assert!(out.stderr.contains(needle), "{needle}: {}", out.stderr);
+        }
+    }
+    let _ = std::fs::remove_file(&socket);
+    let backend = Backend::start(&host, &socket, &["--queues", "2"]);
+    assert!(
+        backend.seen.iter().any(|l| l.contains("net-backend: ready")
+            && l.contains("queues=2 interface=org.godwit.net.v3")),
+        "{:?}",
+        backend.seen
+    );
+    guest_uses_two_pairs(&host, &net, &host.guest_ip(), &host.host_ip, &dir);
+}
+
+/// DPDK with two queue pairs (`queues=2`, its ports with two receive and
+/// transmit queues each) carries a two-pair device. (DPDK 22.11 answers
+/// GET_QUEUE_NUM with its library's maximum, 128, whatever `queues=` says,
+/// so neither godwit nor QEMU can tell its `queues=1` from `queues=2`.)
+#[test]
+fn two_queue_pairs_through_dpdk_testpmd() {
+    let host = NetHost::new(true, 93);
+    let dir = TempDir::new("vu-dpdk-mq");
+    let socket = dir.join("dpdk.sock");
+    let _tp = Testpmd::start_with(&socket, Some(&host.ns), false, 2);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !host.exec(&["ip", "link", "show", "dtap0"]).status.success() {
+        assert!(Instant::now() < deadline, "testpmd made no dtap0");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    sh(&format!(
+        "ip -n {ns} addr add 10.94.0.1/24 dev dtap0 && ip -n {ns} link set dtap0 up",
+        ns = host.ns
+    ));
+    guest_uses_two_pairs(
+        &host,
+        &two_pair_spec(&socket),
+        "10.94.0.2",
+        "10.94.0.1",
+        &dir,
+    );
 }
 
 /// The alias `godwit` is godwit-1.2, whose UDP tunnel GSO bits (65-68) no
@@ -848,7 +946,7 @@ fn dpdk_connects_to_godwit_in_server_mode() {
         "console=ttyS0 reboot=k godwit.mode=serve godwit.heartbeat_ms=300 godwit.poweroff_after=2",
     ]);
     wait_for_path(&socket, Duration::from_secs(20), "godwit does not listen");
-    let _tp = Testpmd::start_with(&socket, None, true);
+    let _tp = Testpmd::start_with(&socket, None, true, 1);
     let dev = vm.wait_line("virtio-net0: base=", BOOT);
     assert_eq!(
         hex_field(&dev, "offered"),

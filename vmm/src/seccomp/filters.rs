@@ -366,10 +366,13 @@ fn rules_of(kind: ThreadKind) -> Rules {
                 SYS_sendto,
             ])
             .ioctls(&[TUNSETOFFLOAD, TUNSETQUEUE]),
-        // Control queue: receive filters and offloads reach the TAP.
+        // Control queue: receive filters and offloads reach the TAP;
+        // VQ_PAIRS_SET reaches a vhost-user backend (SET_VRING_ENABLE on
+        // its connection, whose reply waits with a socket timeout).
         ThreadKind::NetCtrl => base()
             .with(&poll())
-            .allow(&[SYS_socket, SYS_fcntl])
+            .with(&sockets())
+            .allow(&[SYS_fcntl])
             .ioctls(&[TUNSETOFFLOAD, SIOCSIFFLAGS, SIOCGIFFLAGS]),
         ThreadKind::TapNamespace => base()
             .allow(&[SYS_setns, SYS_socket, SYS_fcntl])
@@ -453,6 +456,8 @@ fn rules_of(kind: ThreadKind) -> Rules {
                 TUNGETVNETHDRSZ,
                 TUNSETVNETLE,
                 FIONBIO,
+                // A multi-queue TAP's queues follow the pairs in use.
+                TUNSETQUEUE,
             ])
             .spawner(&[]),
         // An incoming migration runs here: with multifd its channel set-up
