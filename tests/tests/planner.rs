@@ -1046,8 +1046,9 @@ fn live_vhost_user_reports_plan_lines_that_start_on_each_backend() {
     assert!(u.interface.is_none());
 
     // godwit's backends: the newest version both list is pinned; of
-    // godwit-1.2 only the tunnel bits are left out (vhost-user carries no
-    // bit above 63), which leaves godwit-1.1's ABI.
+    // godwit-1.2 the tunnel bits are left out (vhost-user carries no bit
+    // above 63) and mq (these backends serve one queue pair), which leaves
+    // godwit-1.1's ABI.
     let (code, v) = plan_json(&[
         "--device",
         "vhost-user",
@@ -1059,13 +1060,15 @@ fn live_vhost_user_reports_plan_lines_that_start_on_each_backend() {
     assert_eq!(
         v["devices"][0]["overrides"],
         json!([
+            "mq",
             "guest_tunnel",
             "guest_tunnel_csum",
             "host_tunnel",
             "host_tunnel_csum"
         ])
     );
-    // With DPDK: no pin, host TSO and USO off.
+    // With DPDK: no pin, host TSO and USO off (and mq: a's backend serves
+    // one pair).
     let (code, vd) = plan_json(&[
         "--device",
         "vhost-user",
@@ -1080,6 +1083,7 @@ fn live_vhost_user_reports_plan_lines_that_start_on_each_backend() {
             "host_tso4",
             "host_tso6",
             "host_ecn",
+            "mq",
             "guest_uso4",
             "guest_uso6",
             "host_uso",

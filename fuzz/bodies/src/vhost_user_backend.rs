@@ -37,7 +37,8 @@ fn memory_table(input: &mut Input<'_>) -> Option<Mem> {
     Mem::from_ranges(&ranges).ok()
 }
 
-/// `flags u8` (bit 0: the TAP has a vnet header), then operations, each an
+/// `flags u8` (bit 0: the TAP has a vnet header; bit 2: two queue pairs,
+/// each on its own TAP queue), then operations, each an
 /// `op u8` and its arguments: set or get the interface window, ack
 /// features, event index, a new memory table, a ring's size and addresses,
 /// an event (a kick, or the TAP readable), bytes written to guest memory,
@@ -53,15 +54,22 @@ pub fn vhost_user_backend(data: &[u8]) {
     } else {
         0
     };
-    let Ok((ours, peer)) = UnixDatagram::pair() else {
-        return;
-    };
-    let _ = peer.set_nonblocking(true);
-    let Ok(tap) = Tap::from_socket_for_fuzzing(OwnedFd::from(ours), vnet_hdr) else {
-        return;
-    };
+    let pairs = if first & 4 != 0 { 2 } else { 1 };
+    let mut taps = Vec::new();
+    let mut peers = Vec::new();
+    for _ in 0..pairs {
+        let Ok((ours, peer)) = UnixDatagram::pair() else {
+            return;
+        };
+        let _ = peer.set_nonblocking(true);
+        let Ok(tap) = Tap::from_socket_for_fuzzing(OwnedFd::from(ours), vnet_hdr) else {
+            return;
+        };
+        taps.push(Arc::new(tap));
+        peers.push(peer);
+    }
     let mut backend = NetBackend::new(
-        vec![Arc::new(tap)],
+        taps,
         interface::latest(),
         Arc::new(BackendCounters::default()),
         Arc::new(Negotiated::with_protocol(protocol)),
@@ -121,10 +129,12 @@ pub fn vhost_user_backend(data: &[u8]) {
             }
             6 | 7 => {
                 let which = input.u8();
+                // Bit 4: the second pair (its rings, or its TAP queue).
+                let pair = usize::from(which >> 4 & 1) % pairs;
                 let event = if which & 4 != 0 {
-                    tap_event(1, 0)
+                    tap_event(pairs, pair)
                 } else {
-                    u16::from(which & 3)
+                    u16::from(which & 1) + 2 * u16::from(pair == 1) + u16::from(which & 2)
                 };
                 let set = if which & 8 != 0 {
                     EventSet::HANG_UP
@@ -132,7 +142,9 @@ pub fn vhost_user_backend(data: &[u8]) {
                     EventSet::IN
                 };
                 let _ = backend.handle_event(event, set, &vrings, 0);
-                while peer.recv(&mut sink).is_ok() {}
+                for peer in &peers {
+                    while peer.recv(&mut sink).is_ok() {}
+                }
             }
             8 => {
                 let addr = u64::from(input.u32());
@@ -142,8 +154,9 @@ pub fn vhost_user_backend(data: &[u8]) {
                     .write_slice(input.bytes(len), GuestAddress(addr));
             }
             _ => {
-                let len = usize::from(input.u16()) % 2048;
-                let _ = peer.send(input.bytes(len));
+                let len = usize::from(input.u16());
+                let peer = &peers[(len >> 15) % pairs];
+                let _ = peer.send(input.bytes(len % 2048));
             }
         }
     }
