@@ -426,20 +426,25 @@ fn cancel_and_non_convergence_leave_the_source_running() {
     src.qmp.execute("quit", Value::Null).unwrap();
 }
 
+/// Two queue pairs on godwit's backend (`--queues 2`) on both hosts: every
+/// ring's place moves with the guest (GET_VRING_BASE on the source,
+/// SET_VRING_BASE on the destination), and the pairs in use with it.
 #[test]
 fn migrates_a_vhost_user_guest_with_the_backends_dirty_log() {
     let hosts = TwoHosts::new(122, true, true);
     let dir = TempDir::new("migvu");
     let (sock_a, sock_b) = (dir.join("a.vu"), dir.join("b.vu"));
-    let _backend_a = NetBackend::start_in(&hosts.ns_a(), "gwtap0", &sock_a, &[]);
-    let _backend_b = NetBackend::start_in(&hosts.ns_b(), "gwtap0", &sock_b, &[]);
+    let two = ["--queues", "2"];
+    let _backend_a = NetBackend::start_in(&hosts.ns_a(), "gwtap0", &sock_a, &two);
+    let _backend_b = NetBackend::start_in(&hosts.ns_b(), "gwtap0", &sock_b, &two);
     let api = dir.join("a.sock");
     let cmdline = serve_cmdline(
         200,
         &format!("{} godwit.dirty=4M:1000", hosts.guest_ip_param()),
     );
-    let net_a = format!("vhost-user,socket={}", sock_a.display());
-    // vhost-user carries no feature bit above 63: godwit-1.1, not 1.2.
+    let net_a = format!("vhost-user,socket={},mq=on,queues=2", sock_a.display());
+    // vhost-user carries no feature bit above 63: godwit-1.1 (with mq), not
+    // 1.2.
     let mut src = spawn_serving(
         Some(&hosts.ns_a()),
         &["--machine", "godwit-1.1"],
@@ -451,6 +456,7 @@ fn migrates_a_vhost_user_guest_with_the_backends_dirty_log() {
     let mut qmp = qmp_connect(&api);
     let net0 = &qmp.execute("query-net", Value::Null).unwrap()[0];
     assert_eq!(net0["peer"]["kind"], "vhost-user", "{net0}");
+    assert_eq!(net0["queue_pairs"]["active"], 2, "{net0}");
     assert_eq!(
         qmp.execute("query-migrate", Value::Null).unwrap()["blocked-reasons"],
         json!([]),
@@ -458,7 +464,7 @@ fn migrates_a_vhost_user_guest_with_the_backends_dirty_log() {
     );
     let mut dst = start_destination(
         &hosts,
-        &format!("vhost-user,socket={},queues=1", sock_b.display()),
+        &format!("vhost-user,socket={},mq=on,queues=2", sock_b.display()),
     );
     let client = EchoClient::start(&hosts.ns_c(), hosts.guest_echo(), Duration::from_millis(20));
     std::thread::sleep(Duration::from_millis(500));
