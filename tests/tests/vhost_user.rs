@@ -53,6 +53,22 @@ impl Testpmd {
         Self::start_with(socket, ns, false, 1)
     }
 
+    /// testpmd of `queues` pairs in `host`'s namespace, forwarding to its
+    /// `dtap0`, which gets address `addr` once testpmd made it.
+    fn with_dtap0(socket: &Path, host: &NetHost, queues: u16, addr: &str) -> Testpmd {
+        let tp = Self::start_with(socket, Some(&host.ns), false, queues);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !host.exec(&["ip", "link", "show", "dtap0"]).status.success() {
+            assert!(Instant::now() < deadline, "testpmd made no dtap0");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        sh(&format!(
+            "ip -n {ns} addr add {addr} dev dtap0 && ip -n {ns} link set dtap0 up",
+            ns = host.ns
+        ));
+        tp
+    }
+
     /// `client`: testpmd connects to `socket` (godwit listens, server=on).
     /// `queues`: queue pairs of its ports.
     fn start_with(socket: &Path, ns: Option<&str>, client: bool, queues: u16) -> Testpmd {
@@ -102,16 +118,7 @@ fn guest_traffic_through_dpdk_testpmd_and_back() {
     let host = NetHost::new(true, 91);
     let dir = TempDir::new("vu-dpdk");
     let socket = dir.join("dpdk.sock");
-    let _tp = Testpmd::start(&socket, Some(&host.ns));
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !host.exec(&["ip", "link", "show", "dtap0"]).status.success() {
-        assert!(Instant::now() < deadline, "testpmd made no dtap0");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    sh(&format!(
-        "ip -n {ns} addr add 10.92.0.1/24 dev dtap0 && ip -n {ns} link set dtap0 up",
-        ns = host.ns
-    ));
+    let _tp = Testpmd::with_dtap0(&socket, &host, 1, "10.92.0.1/24");
     let api = dir.join("api.sock");
     let net = format!(
         "vhost-user,socket={},queues=1,{DPDK_OVERRIDES}",
@@ -237,16 +244,7 @@ fn two_queue_pairs_through_dpdk_testpmd() {
     let host = NetHost::new(true, 93);
     let dir = TempDir::new("vu-dpdk-mq");
     let socket = dir.join("dpdk.sock");
-    let _tp = Testpmd::start_with(&socket, Some(&host.ns), false, 2);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !host.exec(&["ip", "link", "show", "dtap0"]).status.success() {
-        assert!(Instant::now() < deadline, "testpmd made no dtap0");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    sh(&format!(
-        "ip -n {ns} addr add 10.94.0.1/24 dev dtap0 && ip -n {ns} link set dtap0 up",
-        ns = host.ns
-    ));
+    let _tp = Testpmd::with_dtap0(&socket, &host, 2, "10.94.0.1/24");
     guest_uses_two_pairs(
         &host,
         &two_pair_spec(&socket),

@@ -39,6 +39,48 @@ fn memfd(name: &std::ffi::CStr, size: u64) -> File {
     f
 }
 
+/// Guest RAM of [`MEM`] bytes on a memfd named `name` (a vhost-user
+/// backend maps it).
+fn shared_ram(name: &std::ffi::CStr) -> GuestMemory {
+    let ram = memfd(name, MEM as u64);
+    GuestMemory::from_ranges_with_files([(GuestAddress(0), MEM, Some(FileOffset::new(ram, 0)))])
+        .unwrap()
+}
+
+/// A vhost-user device on `session` (`frontend` its guest-visible side,
+/// `pin` its interface) behind a virtio-mmio transport on `mem`, with a
+/// driver that acked `frontend.features` for rings of `queue_size`.
+fn device_with_driver(
+    session: Session,
+    socket: &std::path::Path,
+    frontend: FrontendConfig,
+    pin: Option<&str>,
+    mem: &GuestMemory,
+    queue_size: u16,
+) -> (Arc<Mutex<VhostUserNet>>, GuestDriver) {
+    let features = frontend.features;
+    let dev = VhostUserNet::new(
+        session,
+        Endpoint::client(socket),
+        VhostUserNetConfig {
+            frontend,
+            pin: pin.map(str::to_string),
+            timeout: Duration::from_secs(5),
+        },
+        Box::new(|_, _| Recheck::Accept),
+    )
+    .unwrap();
+    let device = Arc::new(Mutex::new(dev));
+    let as_virtio: Arc<Mutex<dyn VirtioDevice>> = device.clone();
+    let transport = Arc::new(Mutex::new(
+        MmioTransport::new(mem.clone(), as_virtio).unwrap(),
+    ));
+    let mut d = GuestDriver::new(mem.clone(), transport).unwrap();
+    let acked = d.init(features, queue_size).unwrap();
+    assert_eq!(acked & features, features);
+    (device, d)
+}
+
 /// `serve` on a TAP in a namespace the test creates (host 10.<subnet>.0.1,
 /// guest 10.<subnet>.0.2), stopped on drop.
 struct TestBackend {
@@ -133,13 +175,7 @@ fn backend_writes_are_logged_and_rings_stop_and_restart_where_they_were() {
     let backend = TestBackend::start("vu", "gwvu0", 131);
     let (ns, socket) = (&backend.ns, backend.socket.clone());
 
-    let ram = memfd(c"gw-vu-ram", MEM as u64);
-    let mem = GuestMemory::from_ranges_with_files([(
-        GuestAddress(0),
-        MEM,
-        Some(FileOffset::new(ram, 0)),
-    )])
-    .unwrap();
+    let mem = shared_ram(c"gw-vu-ram");
     let conn = Connection::connect(socket.to_str().unwrap(), Duration::from_secs(5)).unwrap();
     let session = handshake(conn, Some("org.godwit.net.v1")).unwrap();
     let v1 = by_interface_name("org.godwit.net.v1").unwrap();
@@ -152,30 +188,21 @@ fn backend_writes_are_logged_and_rings_stop_and_restart_where_they_were() {
     let features = feature(VIRTIO_F_VERSION_1)
         | feature(virtio_bindings::virtio_net::VIRTIO_NET_F_MRG_RXBUF)
         | feature(virtio_bindings::virtio_net::VIRTIO_NET_F_MAC);
-    let dev = VhostUserNet::new(
+    let frontend = FrontendConfig {
+        mac: [0x52, 0x54, 0, 0x12, 0x34, 0x56],
+        features,
+        mtu: 1500,
+        queue_size: 256,
+        queue_pairs: 1,
+    };
+    let (device, mut d) = device_with_driver(
         session,
-        Endpoint::client(&socket),
-        VhostUserNetConfig {
-            frontend: FrontendConfig {
-                mac: [0x52, 0x54, 0, 0x12, 0x34, 0x56],
-                features,
-                mtu: 1500,
-                queue_size: 256,
-                queue_pairs: 1,
-            },
-            pin: Some("org.godwit.net.v1".into()),
-            timeout: Duration::from_secs(5),
-        },
-        Box::new(|_, _| Recheck::Accept),
-    )
-    .unwrap();
-    let device = Arc::new(Mutex::new(dev));
-    let as_virtio: Arc<Mutex<dyn VirtioDevice>> = device.clone();
-    let transport = Arc::new(Mutex::new(
-        MmioTransport::new(mem.clone(), as_virtio).unwrap(),
-    ));
-    let mut d = GuestDriver::new(mem.clone(), transport).unwrap();
-    d.init(features, 64).unwrap();
+        &socket,
+        frontend,
+        Some("org.godwit.net.v1"),
+        &mem,
+        64,
+    );
     d.fill_rx(32, 2048).unwrap();
 
     // Dirty logging: the backend marks the pages it writes in the device's log.
@@ -317,13 +344,7 @@ fn two_queue_pairs_through_godwits_backend_after_vq_pairs_set() {
     let backend = TestBackend::start_with_queues("vumq", "gwvumq0", 133, 2);
     let (ns, socket) = (&backend.ns, backend.socket.clone());
 
-    let ram = memfd(c"gw-vumq-ram", MEM as u64);
-    let mem = GuestMemory::from_ranges_with_files([(
-        GuestAddress(0),
-        MEM,
-        Some(FileOffset::new(ram, 0)),
-    )])
-    .unwrap();
+    let mem = shared_ram(c"gw-vumq-ram");
     let conn = Connection::connect(socket.to_str().unwrap(), TIMEOUT).unwrap();
     let session = handshake(conn, None).unwrap();
     assert_eq!(session.offer.queue_num, Some(2), "GET_QUEUE_NUM in pairs");
@@ -337,31 +358,14 @@ fn two_queue_pairs_through_godwits_backend_after_vq_pairs_set() {
         | feature(VIRTIO_NET_F_MAC)
         | feature(VIRTIO_NET_F_CTRL_VQ)
         | feature(VIRTIO_NET_F_MQ);
-    let dev = VhostUserNet::new(
-        session,
-        Endpoint::client(&socket),
-        VhostUserNetConfig {
-            frontend: FrontendConfig {
-                mac: GUEST_MAC,
-                features,
-                mtu: 1500,
-                queue_size: 256,
-                queue_pairs: 2,
-            },
-            pin: None,
-            timeout: TIMEOUT,
-        },
-        Box::new(|_, _| Recheck::Accept),
-    )
-    .unwrap();
-    let device = Arc::new(Mutex::new(dev));
-    let as_virtio: Arc<Mutex<dyn VirtioDevice>> = device.clone();
-    let transport = Arc::new(Mutex::new(
-        MmioTransport::new(mem.clone(), as_virtio).unwrap(),
-    ));
-    let mut d = GuestDriver::new(mem.clone(), transport).unwrap();
-    let acked = d.init(features, 128).unwrap();
-    assert_eq!(acked & features, features);
+    let frontend = FrontendConfig {
+        mac: GUEST_MAC,
+        features,
+        mtu: 1500,
+        queue_size: 256,
+        queue_pairs: 2,
+    };
+    let (device, mut d) = device_with_driver(session, &socket, frontend, None, &mem, 128);
     assert_eq!(d.config(8, 2), 2u16.to_le_bytes(), "max_virtqueue_pairs");
     let ctrl = ctrl_queue_index(2, true);
     for rx in [0, 2] {
