@@ -275,7 +275,8 @@ fn godwit_backend(active: &str, feats: Features, supported: &[&str]) -> PeerEntr
         &VhostUserOffer {
             features: feats | (1 << 26) | (1 << 30),
             protocol_features: 0x3 | (1 << 9) | (1 << 3),
-            queue_num: Some(2),
+            // Queue pairs (godwit's backend on one TAP queue).
+            queue_num: Some(1),
             interface: Some(InterfaceInfo {
                 active: active.into(),
                 features: Some(hex64(feats)),
