@@ -656,7 +656,10 @@ impl VhostUserBackendMut for NetBackend {
         let (pair, receive) = if device_event >= first_tap {
             (usize::from(device_event - first_tap), true)
         } else {
-            (usize::from(device_event / 2), device_event % 2 == 0)
+            (
+                usize::from(device_event / 2),
+                device_event.is_multiple_of(2),
+            )
         };
         let Some(tap_name) = self.pairs.get(pair).map(|p| p.tap.name().to_string()) else {
             return Ok(());
