@@ -102,7 +102,7 @@ fn fixtures_parse_and_agree_with_the_feature_model() {
                 Probe::VhostNet(v) => {
                     let f = features::parse_hex(v.features.as_ref().unwrap()).unwrap();
                     let tap = v.tap.as_ref().unwrap().offloads.unwrap();
-                    godwit_vmm::devices::net::vhost_net_support("t", &tap, f).supported
+                    godwit_vmm::devices::net::vhost_net_support("t", &tap, f, None).supported
                 }
             };
             assert_eq!(recorded, computed, "{name}: {}", p.name);

@@ -50,7 +50,8 @@ fn start_without_dev_vhost_net_fails_and_offers_tap() {
 
 /// The datapath in the kernel: ping and UDP echo between the namespace and
 /// the guest, the ABI decided from `/dev/vhost-net`'s ring features and the
-/// TAP's offloads.
+/// TAP's offloads; the default machine type's two queue pairs on the
+/// multi-queue TAP (one `/dev/vhost-net` per pair), both in use.
 #[test]
 fn ping_and_udp_echo_through_kernel_vhost_net() {
     if !have_vhost_net() {
@@ -71,6 +72,8 @@ fn ping_and_udp_echo_through_kernel_vhost_net() {
     let mut q = qmp_connect(&api);
     let netq = q.execute("query-net", json!({})).unwrap();
     assert_eq!(netq[0]["peer"]["kind"], "vhost-net", "{netq:#}");
+    assert_eq!(netq[0]["queue_pairs"]["offered"], 2, "{netq:#}");
+    assert_eq!(netq[0]["queue_pairs"]["active"], 2, "{netq:#}");
     let _ = q.execute("quit", json!({}));
     vm.wait_exit(Duration::from_secs(20));
 }

@@ -8,6 +8,14 @@
 //! the TAP's offloads from what the driver acked. Every ioctl goes through
 //! the `vhost` crate.
 //!
+//! Queue pairs: as QEMU's `-netdev tap,vhost=on,queues=N`, each pair has
+//! its own `/dev/vhost-net` handle (a vhost-net device serves one receive
+//! and one transmit ring, its rings 0 and 1) and its own queue of a
+//! multi-queue TAP as backend. The kernel serves the rings of every pair
+//! the driver made ready; VQ_PAIRS_SET attaches the TAP queues of the pairs
+//! in use and detaches the others (`TUNSETQUEUE`), so the TAP steers no
+//! frame to a pair the driver does not use.
+//!
 //! Which features need what (the feature table's vhost column): ring
 //! features must be offered by `/dev/vhost-net` (VHOST_GET_FEATURES); packet
 //! features (checksum, segmentation offloads) travel in the virtio-net
@@ -30,6 +38,7 @@ use vhost::vhost_kern::net::Net;
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryRegion};
+use vmm_sys_util::eventfd::EventFd;
 
 use crate::dirty_log::{take_pages, DirtyLogError, DirtyTracking, SharedDirtyLog};
 use crate::net::Tap;
@@ -38,7 +47,7 @@ use crate::virtio::net::frontend::{
     BackendRings, FrontendConfig, FrontendError, NetFrontend, PeerInfo, DATA_RINGS,
 };
 use crate::virtio::net::model::virtio_frontend_methods;
-use crate::virtio::net::{NetModel, PeerStatus, PeerTap};
+use crate::virtio::net::{set_tap_pairs, switch_tap_queues, NetModel, PeerStatus, PeerTap, Shared};
 use crate::virtio::pause::PauseError;
 use crate::virtio::{
     feature, low64, ActivateError, ActivateParams, Features, QueuePosition, VirtioDevice,
@@ -144,6 +153,16 @@ pub enum VhostNetError {
     },
     #[error("TAP {tap} carries no virtio-net header (vnet_hdr=off): vhost-net needs one; create it with vnet_hdr")]
     NoVnetHdr { tap: String },
+    #[error(
+        "vhost-net was given no TAP queue to serve: open the TAP with one queue per queue pair"
+    )]
+    NoTapQueue,
+    #[error("TAP {tap} was opened with {queues} queue(s) for {pairs} queue pairs: vhost-net serves each pair from its own queue of a multi-queue TAP; open one queue per pair (ip tuntap add {tap} mode tap multi_queue vnet_hdr), or use queues={queues}")]
+    TooFewQueues {
+        tap: String,
+        queues: usize,
+        pairs: u16,
+    },
     #[error(transparent)]
     Frontend(#[from] FrontendError),
     #[error("cannot duplicate the fd of TAP {tap} for vhost-net: {source}")]
@@ -194,34 +213,62 @@ pub fn probe_features() -> Result<Features, VhostNetError> {
     kernel_features(&net)
 }
 
-/// An opened `/dev/vhost-net` with its TAP, before it becomes a device.
-pub struct VhostNetPeer<K = KernelNet> {
+/// One queue pair's `/dev/vhost-net` handle and the TAP queue it moves
+/// the pair's frames through.
+pub struct VhostNetPair<K = KernelNet> {
     net: K,
     tap: Arc<Tap>,
+}
+
+/// The opened `/dev/vhost-net` handles, one per queue of the TAP (one per
+/// queue pair), before they become a device.
+pub struct VhostNetPeer<K = KernelNet> {
+    pairs: Vec<VhostNetPair<K>>,
     features: Features,
 }
 
 impl VhostNetPeer {
-    /// Opens `/dev/vhost-net` for `tap` and `mem`: SET_OWNER, GET_FEATURES.
-    pub fn open(tap: Tap, mem: &GuestMemory) -> Result<Self, VhostNetError> {
+    /// Opens `/dev/vhost-net` once per queue of `taps` (the queues of one
+    /// TAP, one per queue pair) for `mem`: SET_OWNER and GET_FEATURES on
+    /// each handle.
+    pub fn open(taps: Vec<Tap>, mem: &GuestMemory) -> Result<Self, VhostNetError> {
+        let first = taps.first().ok_or(VhostNetError::NoTapQueue)?;
         if !std::path::Path::new(VHOST_NET_PATH).exists() {
             return Err(VhostNetError::Missing {
-                tap: tap.name().to_string(),
+                tap: first.name().to_string(),
             });
         }
-        if !tap.has_vnet_hdr() {
+        if let Some(tap) = taps.iter().find(|t| !t.has_vnet_hdr()) {
             return Err(VhostNetError::NoVnetHdr {
                 tap: tap.name().to_string(),
             });
         }
-        let net = KernelNet::new(GuestMemoryAtomic::new(mem.clone()))
-            .map_err(|source| VhostNetError::Open { source })?;
-        net.set_owner().map_err(ioctl("VHOST_SET_OWNER"))?;
-        let features = kernel_features(&net)?;
+        let mut pairs = Vec::with_capacity(taps.len());
+        let mut features = None;
+        for tap in taps {
+            let net = KernelNet::new(GuestMemoryAtomic::new(mem.clone()))
+                .map_err(|source| VhostNetError::Open { source })?;
+            net.set_owner().map_err(ioctl("VHOST_SET_OWNER"))?;
+            // Every handle is the same kernel's: they offer the same, and
+            // the first one's stand for all.
+            let offered = kernel_features(&net)?;
+            match features {
+                None => features = Some(offered),
+                Some(first) if first != offered => tracing::warn!(
+                    tap = tap.name(),
+                    "{VHOST_NET_PATH} offered {offered:#x} on handle {} but {first:#x} on the first; using the first's",
+                    pairs.len()
+                ),
+                Some(_) => {}
+            }
+            pairs.push(VhostNetPair {
+                net,
+                tap: Arc::new(tap),
+            });
+        }
         Ok(VhostNetPeer {
-            net,
-            tap: Arc::new(tap),
-            features,
+            pairs,
+            features: features.unwrap_or_default(),
         })
     }
 }
@@ -232,8 +279,9 @@ impl<K: FeatureArray> VhostNetPeer<K> {
         self.features
     }
 
-    pub fn tap(&self) -> &Tap {
-        &self.tap
+    /// The queue pairs it serves: one handle and TAP queue each.
+    pub fn pairs(&self) -> usize {
+        self.pairs.len()
     }
 
     /// Whether the kernel can log its writes (LOG_ALL), else why not.
@@ -285,6 +333,7 @@ fn memory_regions(mem: &GuestMemory) -> Result<Vec<VhostUserMemoryRegionInfo>, V
 
 struct Inner<K> {
     peer: VhostNetPeer<K>,
+    shared: Arc<Shared>,
     rings: Option<BackendRings>,
     log: Option<SharedDirtyLog>,
 }
@@ -312,48 +361,103 @@ impl<K: FeatureArray> Inner<K> {
         }
     }
 
+    /// The pairs whose rings the kernel serves: those the driver made
+    /// ready (with MQ it may leave later pairs unconfigured), each on its
+    /// own handle.
+    fn ready_pairs(&self) -> usize {
+        self.rings.as_ref().map_or(0, |r| {
+            usize::from(self.shared.ready_pairs())
+                .min(r.queues.len() / DATA_RINGS)
+                .min(self.peer.pairs.len())
+        })
+    }
+
+    /// The handles of the ready pairs.
+    fn ready(&self) -> impl Iterator<Item = &VhostNetPair<K>> {
+        self.peer.pairs.iter().take(self.ready_pairs())
+    }
+
     fn start(&mut self, acked: Features, bases: &[u16]) -> Result<(), VhostNetError> {
         let Some(r) = self.rings.as_ref() else {
             return Ok(());
         };
-        let net = &self.peer.net;
-        set_kernel_features(net, self.backend_features(acked))?;
         // The TAP carries the header the kernel moves: the tunnel header
-        // with a tunnel feature acked.
-        self.peer
-            .tap
-            .set_vnet_hdr_len(features::hdr::len_for(acked))
-            .map_err(|source| VhostNetError::TapHeader { source })?;
-        net.set_mem_table(&memory_regions(&r.mem)?)
+        // with a tunnel feature acked. The size is the TAP's, but every
+        // queue's handle is told (each keeps what it set).
+        for pair in &self.peer.pairs {
+            pair.tap
+                .set_vnet_hdr_len(features::hdr::len_for(acked))
+                .map_err(|source| VhostNetError::TapHeader { source })?;
+        }
+        let regions = memory_regions(&r.mem)?;
+        let irqfd = r.interrupt.irqfd().ok_or(VhostNetError::NoIrqfd)?;
+        let pairs = self.ready_pairs();
+        for p in 0..pairs {
+            if let Err(e) = self.start_pair(r, p, acked, &regions, irqfd, bases) {
+                // The kernel must not go on moving frames for a device that
+                // did not start: withdraw the TAP queues from the rings
+                // handed over so far (best effort: the start failed
+                // already).
+                for pair in self.peer.pairs.iter().take(p + 1) {
+                    for j in 0..DATA_RINGS {
+                        let _ = pair.net.set_backend(j, None);
+                    }
+                }
+                return Err(e);
+            }
+        }
+        if let Some(r) = self.rings.as_mut() {
+            r.running = true;
+            r.stopped_at = None;
+            r.notify_after_start(DEVICE_NAME, DATA_RINGS * pairs);
+        }
+        Ok(())
+    }
+
+    /// Starts pair `p` on its handle: features, memory table, log, then
+    /// its receive and transmit ring as the handle's rings 0 and 1 (the
+    /// device's rings 2p and 2p + 1) with the pair's TAP queue as backend.
+    fn start_pair(
+        &self,
+        r: &BackendRings,
+        p: usize,
+        acked: Features,
+        regions: &[VhostUserMemoryRegionInfo],
+        irqfd: &EventFd,
+        bases: &[u16],
+    ) -> Result<(), VhostNetError> {
+        let pair = &self.peer.pairs[p];
+        let net = &pair.net;
+        set_kernel_features(net, self.backend_features(acked))?;
+        net.set_mem_table(regions)
             .map_err(ioctl("VHOST_SET_MEM_TABLE"))?;
         if let Some(log) = &self.log {
             net.set_log_base(log.user_addr(), None)
                 .map_err(ioctl("VHOST_SET_LOG_BASE"))?;
         }
-        let irqfd = r.interrupt.irqfd().ok_or(VhostNetError::NoIrqfd)?;
-        let tap = tap_file(&self.peer.tap)?;
-        for (i, q) in r.queues.iter().enumerate() {
-            net.set_vring_num(i, q.size())
+        let tap = tap_file(&pair.tap)?;
+        for j in 0..DATA_RINGS {
+            let i = DATA_RINGS * p + j;
+            let q = &r.queues[i];
+            net.set_vring_num(j, q.size())
                 .map_err(ioctl("VHOST_SET_VRING_NUM"))?;
-            net.set_vring_base(i, bases.get(i).copied().unwrap_or(0))
+            net.set_vring_base(j, bases.get(i).copied().unwrap_or(0))
                 .map_err(ioctl("VHOST_SET_VRING_BASE"))?;
-            net.set_vring_addr(i, &self.vring_config(q))
+            net.set_vring_addr(j, &self.vring_config(q))
                 .map_err(ioctl("VHOST_SET_VRING_ADDR"))?;
-            net.set_vring_kick(i, &r.kicks[i])
+            net.set_vring_kick(j, &r.kicks[i])
                 .map_err(ioctl("VHOST_SET_VRING_KICK"))?;
-            net.set_vring_call(i, irqfd)
+            net.set_vring_call(j, irqfd)
                 .map_err(ioctl("VHOST_SET_VRING_CALL"))?;
-            net.set_backend(i, Some(&tap))
+            net.set_backend(j, Some(&tap))
                 .map_err(ioctl("VHOST_NET_SET_BACKEND"))?;
-        }
-        if let Some(r) = self.rings.as_mut() {
-            r.running = true;
-            r.stopped_at = None;
-            r.notify_after_start(DEVICE_NAME, DATA_RINGS);
         }
         Ok(())
     }
 
+    /// Stops every started ring and returns where each stopped, in the
+    /// device's ring order (pair 0's receive and transmit ring, pair 1's,
+    /// ...).
     fn stop(&mut self) -> Result<Vec<u16>, VhostNetError> {
         let Some(r) = self.rings.as_ref() else {
             return Ok(vec![0; DATA_RINGS]);
@@ -361,23 +465,30 @@ impl<K: FeatureArray> Inner<K> {
         if let Some(at) = &r.stopped_at {
             return Ok(at.clone());
         }
+        let rings = DATA_RINGS * self.ready_pairs();
         if !r.running {
-            return Ok(r.queues.iter().map(|q| q.next_avail()).collect());
+            return Ok(r
+                .queues
+                .iter()
+                .take(rings)
+                .map(|q| q.next_avail())
+                .collect());
         }
-        let mut bases = Vec::new();
-        for i in 0..DATA_RINGS {
-            self.peer
-                .net
-                .set_backend(i, None)
-                .map_err(ioctl("VHOST_NET_SET_BACKEND"))?;
-            let b = self
-                .peer
-                .net
-                .get_vring_base(i)
-                .map_err(ioctl("VHOST_GET_VRING_BASE"))?;
-            bases.push(
-                u16::try_from(b).map_err(|_| VhostNetError::BadRingBase { ring: i, base: b })?,
-            );
+        let mut bases = Vec::with_capacity(rings);
+        for pair in self.ready() {
+            for j in 0..DATA_RINGS {
+                pair.net
+                    .set_backend(j, None)
+                    .map_err(ioctl("VHOST_NET_SET_BACKEND"))?;
+                let b = pair
+                    .net
+                    .get_vring_base(j)
+                    .map_err(ioctl("VHOST_GET_VRING_BASE"))?;
+                let ring = bases.len();
+                bases.push(
+                    u16::try_from(b).map_err(|_| VhostNetError::BadRingBase { ring, base: b })?,
+                );
+            }
         }
         if let Some(r) = self.rings.as_mut() {
             r.running = false;
@@ -387,40 +498,67 @@ impl<K: FeatureArray> Inner<K> {
     }
 
     /// Applies the current dirty-log setting to running rings: LOG_ALL in
-    /// the features, VHOST_VRING_F_LOG on each ring.
+    /// each handle's features, VHOST_VRING_F_LOG on each ring.
     fn apply_log(&mut self, acked: Features) -> Result<(), VhostNetError> {
         let Some(r) = self.rings.as_ref().filter(|r| r.running) else {
             return Ok(());
         };
-        set_kernel_features(&self.peer.net, self.backend_features(acked))?;
-        for (i, q) in r.queues.iter().enumerate() {
-            self.peer
-                .net
-                .set_vring_addr(i, &self.vring_config(q))
-                .map_err(ioctl("VHOST_SET_VRING_ADDR"))?;
+        let features = self.backend_features(acked);
+        for (pair, queues) in self.ready().zip(r.queues.chunks(DATA_RINGS)) {
+            set_kernel_features(&pair.net, features)?;
+            for (j, q) in queues.iter().enumerate() {
+                pair.net
+                    .set_vring_addr(j, &self.vring_config(q))
+                    .map_err(ioctl("VHOST_SET_VRING_ADDR"))?;
+            }
         }
         Ok(())
     }
+}
+
+/// Sets the offloads on every queue's handle of the TAP: the kernel keeps
+/// one set per TAP, each handle remembers what it set.
+fn set_offloads(taps: &[Arc<Tap>], acked: Features) -> Result<(), crate::net::TapError> {
+    let flags = features::tun_offloads_for_guest(acked);
+    taps.iter().try_for_each(|t| t.set_offload(flags))
 }
 
 /// A virtio-net device on kernel vhost-net.
 pub struct VhostKernelNet<K: FeatureArray + Send = KernelNet> {
     front: NetFrontend,
     inner: Mutex<Inner<K>>,
-    tap: Arc<Tap>,
+    /// The TAP's queues, one per pair (the same as the pairs' in `inner`,
+    /// for what needs no lock: the control queue's thread, query-net).
+    taps: Vec<Arc<Tap>>,
 }
 
 impl<K: FeatureArray + Send> VhostKernelNet<K> {
-    pub fn new(peer: VhostNetPeer<K>, config: VhostNetConfig) -> Result<Self, VhostNetError> {
-        let front = NetFrontend::new(peer.tap.name().to_string(), DEVICE_NAME, &config)?;
+    /// A device of `config.queue_pairs` pairs on the first as many of the
+    /// peer's handles (it must have one per pair).
+    pub fn new(mut peer: VhostNetPeer<K>, config: VhostNetConfig) -> Result<Self, VhostNetError> {
+        let name = peer
+            .pairs
+            .first()
+            .map(|p| p.tap.name().to_string())
+            .ok_or(VhostNetError::NoTapQueue)?;
+        if peer.pairs.len() < usize::from(config.queue_pairs) {
+            return Err(VhostNetError::TooFewQueues {
+                tap: name,
+                queues: peer.pairs.len(),
+                pairs: config.queue_pairs,
+            });
+        }
+        let front = NetFrontend::new(name, DEVICE_NAME, &config)?;
+        peer.pairs.truncate(usize::from(config.queue_pairs));
         Ok(VhostKernelNet {
-            front,
-            tap: peer.tap.clone(),
+            taps: peer.pairs.iter().map(|p| p.tap.clone()).collect(),
             inner: Mutex::new(Inner {
                 peer,
+                shared: front.shared().clone(),
                 rings: None,
                 log: None,
             }),
+            front,
         })
     }
 
@@ -430,11 +568,17 @@ impl<K: FeatureArray + Send> VhostKernelNet<K> {
 
     /// Names the device in errors and blockers.
     fn label(&self) -> String {
-        format!("vhost-net on TAP {}", self.tap.name())
+        format!("vhost-net on TAP {}", self.tap().name())
     }
 
+    /// The TAP (its first queue).
     pub fn tap(&self) -> &Tap {
-        &self.tap
+        &self.taps[0]
+    }
+
+    /// The TAP's queues, one per queue pair.
+    pub fn tap_queues(&self) -> &[Arc<Tap>] {
+        &self.taps
     }
 
     fn backend_error(&self, what: &'static str) -> impl Fn(VhostNetError) -> DirtyLogError + '_ {
@@ -457,19 +601,19 @@ impl<K: FeatureArray + Send> VirtioDevice for VhostKernelNet<K> {
                 source,
             };
         let acked = self.front.acked();
-        self.tap
-            .set_offload(features::tun_offloads_for_guest(acked))
-            .map_err(|e| backend_err(Box::new(e)))?;
+        set_offloads(&self.taps, acked).map_err(|e| backend_err(Box::new(e)))?;
         self.front.record_acked_offloads();
-        let tap = self.tap.clone();
+        // One pair after a reset; a restored device the pairs it had.
+        let shared = self.front.shared().clone();
+        switch_tap_queues(&self.taps, shared.active_pairs())
+            .map_err(|e| backend_err(Box::new(e)))?;
+        let (taps, pair_taps) = (self.taps.clone(), self.taps.clone());
         let rings = self.front.activate_backend(
             params,
-            Box::new(move |offloads| {
-                tap.set_offload(features::tun_offloads_for_guest(offloads))
-                    .is_ok()
-            }),
-            // One queue pair: VQ_PAIRS_SET only ever asks for 1.
-            Box::new(|pairs| pairs == 1),
+            Box::new(move |offloads| set_offloads(&taps, offloads).is_ok()),
+            // VQ_PAIRS_SET: the kernel serves every ready pair's rings
+            // anyway; the TAP steers frames to the pairs in use only.
+            Box::new(move |pairs| set_tap_pairs(&pair_taps, pairs, shared.active_pairs())),
         )?;
         let interrupt = rings.interrupt.clone();
         let bases = rings.bases();
@@ -491,7 +635,7 @@ impl<K: FeatureArray + Send> VirtioDevice for VhostKernelNet<K> {
         {
             let mut i = self.inner();
             if let Err(e) = i.stop() {
-                tracing::error!(tap = self.tap.name(), "stopping vhost-net failed: {e}");
+                tracing::error!(tap = self.tap().name(), "stopping vhost-net failed: {e}");
             }
             i.rings = None;
         }
@@ -505,6 +649,7 @@ impl<K: FeatureArray + Send> VirtioDevice for VhostKernelNet<K> {
             Some(
                 r.queues
                     .iter()
+                    .take(DATA_RINGS * i.ready_pairs())
                     .enumerate()
                     .map(|(n, q)| {
                         let at = r
@@ -534,27 +679,27 @@ impl<K: FeatureArray + Send> NetModel for VhostKernelNet<K> {
 
     /// Packet offloads are the TAP's; `/dev/vhost-net` probes nothing.
     fn peer_info(&self) -> PeerInfo {
-        PeerInfo::of_tap(&self.tap, Default::default())
+        PeerInfo::of_tap(self.tap(), Default::default())
     }
 
     fn peer_status(&self) -> PeerStatus {
         let i = self.inner();
         PeerStatus::VhostNet {
-            tap: self.tap.name().to_string(),
-            vnet_hdr: self.tap.has_vnet_hdr(),
+            tap: self.tap().name().to_string(),
+            vnet_hdr: self.tap().has_vnet_hdr(),
             kernel_features: i.peer.features,
             dirty_log: i.peer.logging(),
         }
     }
 
     fn tap(&self) -> PeerTap {
-        PeerTap::of(&self.tap)
+        PeerTap::of(&self.taps[0])
     }
 
     fn pause_datapath(&self) -> Result<(), PauseError> {
         self.front.gate().pause()?;
         if let Err(e) = self.inner().stop() {
-            tracing::error!(tap = self.tap.name(), "pausing vhost-net failed: {e}");
+            tracing::error!(tap = self.tap().name(), "pausing vhost-net failed: {e}");
         }
         Ok(())
     }
@@ -564,7 +709,7 @@ impl<K: FeatureArray + Send> NetModel for VhostKernelNet<K> {
             let mut i = self.inner();
             if let Some(bases) = i.rings.as_ref().and_then(|r| r.stopped_at.clone()) {
                 if let Err(e) = i.start(self.front.acked(), &bases) {
-                    tracing::error!(tap = self.tap.name(), "resuming vhost-net failed: {e}");
+                    tracing::error!(tap = self.tap().name(), "resuming vhost-net failed: {e}");
                 }
             }
         }
@@ -595,11 +740,14 @@ impl<K: FeatureArray + Send> DirtyTracking for VhostKernelNet<K> {
                 reason,
             })?;
         let log = SharedDirtyLog::new(&self.label(), memory_end)?;
-        i.peer
-            .net
-            .set_log_base(log.user_addr(), None)
-            .map_err(ioctl("VHOST_SET_LOG_BASE"))
-            .map_err(self.backend_error("starting the kernel's dirty log"))?;
+        // Every handle writes the same log: each pair's rings mark the
+        // pages they write.
+        for pair in &i.peer.pairs {
+            pair.net
+                .set_log_base(log.user_addr(), None)
+                .map_err(ioctl("VHOST_SET_LOG_BASE"))
+                .map_err(self.backend_error("starting the kernel's dirty log"))?;
+        }
         i.log = Some(log);
         i.apply_log(self.front.acked())
             .map_err(self.backend_error("starting the kernel's dirty log"))

@@ -368,12 +368,13 @@ fn rules_of(kind: ThreadKind) -> Rules {
             .ioctls(&[TUNSETOFFLOAD, TUNSETQUEUE]),
         // Control queue: receive filters and offloads reach the TAP;
         // VQ_PAIRS_SET reaches a vhost-user backend (SET_VRING_ENABLE on
-        // its connection, whose reply waits with a socket timeout).
+        // its connection, whose reply waits with a socket timeout), or
+        // the TAP queues of kernel vhost-net's pairs (TUNSETQUEUE).
         ThreadKind::NetCtrl => base()
             .with(&poll())
             .with(&sockets())
             .allow(&[SYS_fcntl])
-            .ioctls(&[TUNSETOFFLOAD, SIOCSIFFLAGS, SIOCGIFFLAGS]),
+            .ioctls(&[TUNSETOFFLOAD, TUNSETQUEUE, SIOCSIFFLAGS, SIOCGIFFLAGS]),
         ThreadKind::TapNamespace => base()
             .allow(&[SYS_setns, SYS_socket, SYS_fcntl])
             .with(&files()),

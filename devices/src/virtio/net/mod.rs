@@ -26,6 +26,8 @@ pub use tap::{NetConfig, NetError, VirtioNet};
 #[cfg(feature = "fuzzing")]
 pub mod fuzzing;
 mod worker;
+/// The TAP queues of the pairs in use, for kernel vhost-net too.
+pub(crate) use worker::{set_tap_pairs, switch_tap_queues};
 
 #[cfg(test)]
 mod tests;

@@ -67,6 +67,11 @@ fn model<D: NetModel + 'static>(dev: D) -> Model {
     }
 }
 
+/// The TAP queues a device uses: one per queue pair.
+fn device_pairs(config: &DeviceConfig) -> usize {
+    usize::from(config.queue_pairs.max(1))
+}
+
 /// Builds the model of `config` on `peer`. `memory` is the guest's RAM
 /// (kernel vhost-net maps it when `/dev/vhost-net` is opened).
 pub fn build_model(
@@ -79,7 +84,7 @@ pub fn build_model(
         OpenedPeer::Tap(mut taps) => {
             // A peer opened with more queues than decided (strict=off on a
             // smaller count) keeps only those of the device's pairs.
-            taps.truncate(usize::from(config.queue_pairs.max(1)));
+            taps.truncate(device_pairs(config));
             let dev = VirtioNet::with_queues(
                 taps,
                 NetConfig {
@@ -95,12 +100,14 @@ pub fn build_model(
             })?;
             Ok(model(dev))
         }
-        OpenedPeer::VhostNet(tap) => {
+        OpenedPeer::VhostNet(mut taps) => {
             let vhost_err = |source| NetSetupError::VhostNet {
                 device: device(),
                 source,
             };
-            let peer = VhostNetPeer::open(tap, memory).map_err(vhost_err)?;
+            // One /dev/vhost-net per pair of the device, each on its queue.
+            taps.truncate(device_pairs(config));
+            let peer = VhostNetPeer::open(taps, memory).map_err(vhost_err)?;
             let dev = VhostKernelNet::new(peer, config.frontend()).map_err(vhost_err)?;
             Ok(model(dev))
         }

@@ -64,11 +64,20 @@ impl OpenedTap {
     /// its queue pairs.
     pub fn support(&self) -> PeerSupport {
         let tap = &self.queues[0];
-        let support = tap_support(tap.name(), &tap.probe_offloads());
-        match &self.limit {
-            Some((pairs, why)) => support.with_queue_limit(*pairs, why.clone()),
-            None => support,
-        }
+        with_tap_limit(
+            tap_support(tap.name(), &tap.probe_offloads()),
+            self.limit.as_ref(),
+        )
+    }
+}
+
+/// `support` carrying no more queue pairs than its TAP has queues for
+/// (see [`OpenedTap::limit`]): a TAP peer's, or kernel vhost-net's, which
+/// serves each pair from its own TAP queue.
+fn with_tap_limit(support: PeerSupport, limit: Option<&(u16, String)>) -> PeerSupport {
+    match limit {
+        Some((pairs, why)) => support.with_queue_limit(*pairs, why.clone()),
+        None => support,
     }
 }
 
@@ -77,6 +86,36 @@ fn vnet_hdr_mode(v: Option<bool>) -> VnetHdr {
         Some(true) => VnetHdr::On,
         Some(false) => VnetHdr::Off,
         None => VnetHdr::Auto,
+    }
+}
+
+/// Opens `pairs` queues of TAP `name`, or the only one of a single-queue
+/// TAP (the limit says so, and strict then refuses naming the count).
+fn open_named_tap(
+    device: &str,
+    name: &str,
+    mode: VnetHdr,
+    pairs: u16,
+) -> Result<OpenedTap, NetSetupError> {
+    let tap_err = |source| NetSetupError::Tap {
+        device: device.to_string(),
+        source,
+    };
+    match Tap::open_queues(name, mode, pairs.max(1)) {
+        Ok(queues) => Ok(OpenedTap {
+            queues,
+            limit: None,
+        }),
+        Err(TapError::SingleQueue { name, .. }) => Ok(OpenedTap {
+            queues: vec![Tap::open(&name, mode).map_err(tap_err)?],
+            limit: Some((
+                1,
+                format!(
+                    "TAP {name} is a single-queue TAP (created without multi_queue); a multi-queue TAP carries one pair per queue (ip tuntap add {name} mode tap multi_queue vnet_hdr)"
+                ),
+            )),
+        }),
+        Err(e) => Err(tap_err(e)),
     }
 }
 
@@ -92,25 +131,7 @@ pub fn open_tap(device: &str, spec: &NetSpec, pairs: u16) -> Result<OpenedTap, N
             ifname: Some(name),
             vnet_hdr,
             ..
-        } => {
-            let mode = vnet_hdr_mode(*vnet_hdr);
-            match Tap::open_queues(name, mode, pairs.max(1)) {
-                Ok(queues) => Ok(OpenedTap {
-                    queues,
-                    limit: None,
-                }),
-                Err(TapError::SingleQueue { name, .. }) => Ok(OpenedTap {
-                    queues: vec![Tap::open(&name, mode).map_err(tap_err)?],
-                    limit: Some((
-                        1,
-                        format!(
-                            "TAP {name} is a single-queue TAP (created without multi_queue); a multi-queue TAP carries one pair per queue (ip tuntap add {name} mode tap multi_queue vnet_hdr)"
-                        ),
-                    )),
-                }),
-                Err(e) => Err(tap_err(e)),
-            }
-        }
+        } => open_named_tap(device, name, vnet_hdr_mode(*vnet_hdr), pairs),
         PeerSpec::Tap { fds, vnet_hdr, .. } if !fds.is_empty() => {
             let mut owned = Vec::with_capacity(fds.len());
             for fd in fds {
@@ -226,7 +247,15 @@ pub fn vhost_user_support(socket: &str, offer: &BackendOffer) -> PeerSupport {
 
 /// Why kernel vhost-net on a TAP lacks the features it lacks: ring features
 /// come from `/dev/vhost-net`, packet features from the TAP's offloads.
-pub fn vhost_net_support(tap_name: &str, caps: &TapOffloads, kernel: Features) -> PeerSupport {
+/// It carries as many queue pairs as the TAP has queues (one
+/// `/dev/vhost-net` per pair, each on its own TAP queue): `queue_limit` is
+/// the TAP's (see [`OpenedTap::limit`]).
+pub fn vhost_net_support(
+    tap_name: &str,
+    caps: &TapOffloads,
+    kernel: Features,
+    queue_limit: Option<&(u16, String)>,
+) -> PeerSupport {
     let tap = tap_support(tap_name, caps);
     let lacks = |f: &NetFeature| {
         match f.vhost {
@@ -250,11 +279,9 @@ pub fn vhost_net_support(tap_name: &str, caps: &TapOffloads, kernel: Features) -
         VhostNeed::Packet => tap.why_not.get(&f.bit).cloned(),
     }
     };
-    support_by("vhost-net", format!("vhost-net on TAP {tap_name}"), lacks).with_queue_limit(
-        1,
-        format!(
-            "godwit's vhost-net device opens one /dev/vhost-net for TAP {tap_name}: one queue pair"
-        ),
+    with_tap_limit(
+        support_by("vhost-net", format!("vhost-net on TAP {tap_name}"), lacks),
+        queue_limit,
     )
 }
 
@@ -436,11 +463,13 @@ pub fn rechecker(
 pub enum OpenedPeer {
     /// A TAP godwit's own datapath serves: one queue per queue pair.
     Tap(Vec<Tap>),
-    /// A TAP (with vnet header) kernel vhost-net serves; `/dev/vhost-net`
-    /// is opened when the device is built, with the guest's memory.
-    VhostNet(Tap),
-    /// A connected vhost-user backend.
-    VhostUser(VhostUserPeer),
+    /// A TAP (with vnet header) kernel vhost-net serves, one queue per
+    /// queue pair; `/dev/vhost-net` is opened (once per queue) when the
+    /// device is built, with the guest's memory.
+    VhostNet(Vec<Tap>),
+    /// A connected vhost-user backend (boxed: it is far larger than the
+    /// TAP queues of the other kinds).
+    VhostUser(Box<VhostUserPeer>),
 }
 
 /// Opens the peer a spec names, for `pairs` queue pairs, and says what it
@@ -466,18 +495,21 @@ pub fn open_peer(
                     ifname: ifname.clone(),
                 });
             }
-            let tap = Tap::open(ifname, VnetHdr::On).map_err(|source| NetSetupError::Tap {
-                device: device.to_string(),
-                source,
-            })?;
+            let tap = open_named_tap(device, ifname, VnetHdr::On, pairs)?;
             let kernel = godwit_devices::vhost_net::probe_features().map_err(|source| {
                 NetSetupError::VhostNet {
                     device: device.to_string(),
                     source,
                 }
             })?;
-            let support = vhost_net_support(tap.name(), &tap.probe_offloads(), kernel);
-            Ok((OpenedPeer::VhostNet(tap), support))
+            let first = &tap.queues[0];
+            let support = vhost_net_support(
+                first.name(),
+                &first.probe_offloads(),
+                kernel,
+                tap.limit.as_ref(),
+            );
+            Ok((OpenedPeer::VhostNet(tap.queues), support))
         }
         PeerSpec::VhostUser {
             socket,
@@ -487,7 +519,7 @@ pub fn open_peer(
             let pin = given.as_deref().or(interface);
             let peer = open_vhost_user(device, socket, *server, pin)?;
             let support = vhost_user_support(&peer.socket, &peer.session.offer);
-            Ok((OpenedPeer::VhostUser(peer), support))
+            Ok((OpenedPeer::VhostUser(Box::new(peer)), support))
         }
     }
 }
@@ -581,7 +613,7 @@ mod tests {
             ..TapOffloads::all()
         };
         let kernel = bits_of(&["mrg_rxbuf", "version_1", "event_idx"]) | (1 << 26);
-        let p = vhost_net_support("t0", &caps, kernel);
+        let p = vhost_net_support("t0", &caps, kernel, None);
         let has = |n: &str| p.supported & feature(features::by_name(n).unwrap().bit) != 0;
         assert!(has("mrg_rxbuf") && has("event_idx") && has("csum") && has("host_tso4"));
         assert!(has("ctrl_vq") && has("mac"));
@@ -605,8 +637,47 @@ mod tests {
             "host_tunnel",
             "host_tunnel_csum",
         ]);
-        let p = vhost_net_support("t0", &caps, kernel | tunnel);
+        let p = vhost_net_support("t0", &caps, kernel | tunnel, None);
         assert_eq!(p.supported & tunnel, tunnel);
+    }
+
+    /// vhost-net serves each pair from its own TAP queue: it carries as
+    /// many pairs as the TAP (a multi-queue TAP as many as a device has, a
+    /// single-queue TAP one, for the TAP's reason), and strict refuses more
+    /// naming the count.
+    #[test]
+    fn vhost_net_support_carries_the_taps_queue_limit() {
+        let kernel = bits_of(&["mrg_rxbuf", "version_1"]);
+        let multi = vhost_net_support("t0", &TapOffloads::all(), kernel, None);
+        assert_eq!(multi.max_queue_pairs, MAX_QUEUE_PAIRS);
+        assert_eq!(multi.queue_why, None);
+        let why = "TAP t0 is a single-queue TAP (created without multi_queue)".to_string();
+        let single = vhost_net_support("t0", &TapOffloads::all(), kernel, Some(&(1, why.clone())));
+        assert_eq!(single.max_queue_pairs, 1);
+        assert_eq!(single.queue_why.as_deref(), Some(why.as_str()));
+        // The same limit as the TAP peer's for the same TAP.
+        let tap = with_tap_limit(
+            tap_support("t0", &TapOffloads::all()),
+            Some(&(1, why.clone())),
+        );
+        assert_eq!(
+            (tap.max_queue_pairs, tap.queue_why),
+            (single.max_queue_pairs, single.queue_why.clone())
+        );
+        let m = resolve("godwit-1.2").unwrap();
+        let refusal = strict::decide(
+            "net0",
+            "vhost-net,ifname=t0,queues=2",
+            m,
+            &BTreeMap::new(),
+            Some(2),
+            true,
+            &single,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(refusal.contains("queues=1"), "{refusal}");
+        assert!(refusal.contains(&why), "{refusal}");
     }
 
     /// vhost-user's GET_FEATURES is 64 bits wide: no backend carries the

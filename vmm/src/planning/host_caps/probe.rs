@@ -282,8 +282,9 @@ fn probe_vhost_net(
         }
         Err(e) => return absent(e.to_string(), PeerStatus::Error),
     };
-    // The packet features ride on the TAP behind vhost-net.
-    let (tap_probe, offloads) = match spec.map(|s| &s.peer) {
+    // The packet features ride on the TAP behind vhost-net, and its queues
+    // bound the queue pairs (one per pair).
+    let (tap_probe, offloads, queue_limit) = match spec.map(|s| &s.peer) {
         Some(PeerSpec::VhostNet { ifname }) => {
             let tap_spec = NetSpec {
                 text: format!("tap,ifname={ifname}"),
@@ -300,8 +301,9 @@ fn probe_vhost_net(
                 features: BTreeMap::new(),
             };
             let (entry, caps) = probe_tap(Some(&tap_spec), tun);
+            let limit = entry.queue_why.map(|why| (entry.max_queue_pairs, why));
             match (entry.probe, caps) {
-                (Probe::Tap(p), Some(c)) => (Some(p), c),
+                (Probe::Tap(p), Some(c)) => (Some(p), c, limit),
                 _ => {
                     return absent(
                         format!(
@@ -322,6 +324,8 @@ fn probe_vhost_net(
                     offloads: Some(c),
                 }),
                 c,
+                // The temporary TAP is a multi-queue TAP.
+                None,
             ),
             None => {
                 return absent(
@@ -336,7 +340,12 @@ fn probe_vhost_net(
         .as_ref()
         .and_then(|t| t.ifname.clone())
         .unwrap_or_else(|| "(temporary)".into());
-    let mut support = crate::devices::net::vhost_net_support(&tap_name, &offloads, features);
+    let mut support = crate::devices::net::vhost_net_support(
+        &tap_name,
+        &offloads,
+        features,
+        queue_limit.as_ref(),
+    );
     support.name = name.clone();
     let blocker = (features & feature(VHOST_F_LOG_ALL) == 0).then(|| {
         "this kernel's vhost-net lacks LOG_ALL (bit 26): it cannot log its writes, so a VM on it cannot migrate".to_string()

@@ -123,14 +123,14 @@ fn vhost_net_takes_ring_bits_from_the_kernel_and_packets_from_the_tap() {
         uso: false,
         ..full_tap()
     };
-    let s = crate::devices::net::vhost_net_support("v", &no_uso, kernel);
+    let s = crate::devices::net::vhost_net_support("v", &no_uso, kernel, None);
     assert_ne!(
         s.supported & bits_of(&["mrg_rxbuf", "event_idx", "csum", "host_tso4"]),
         0
     );
     assert_eq!(s.supported & bits_of(&["host_uso"]), 0);
     assert!(s.why_not[&56].contains("USO"), "{}", s.why_not[&56]);
-    let s = crate::devices::net::vhost_net_support("v", &full_tap(), 0);
+    let s = crate::devices::net::vhost_net_support("v", &full_tap(), 0, None);
     assert!(s.why_not[&32].contains("VHOST_GET_FEATURES"));
 }
 

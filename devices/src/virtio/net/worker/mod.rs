@@ -154,25 +154,32 @@ pub(crate) fn switch_tap_queues(taps: &[Arc<Tap>], pairs: u16) -> Result<(), Tap
     Ok(())
 }
 
+/// VQ_PAIRS_SET on the TAP: [`switch_tap_queues`] to `pairs`, or, when
+/// that fails, back to the `previous` pairs' queues (the driver keeps
+/// using those). Whether `pairs` are in use now.
+pub(crate) fn set_tap_pairs(taps: &[Arc<Tap>], pairs: u16, previous: u16) -> bool {
+    match switch_tap_queues(taps, pairs) {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::warn!(
+                "virtio-net: cannot put {pairs} queue pair(s) in use: {e}; staying at {previous}"
+            );
+            if let Err(e) = switch_tap_queues(taps, previous) {
+                tracing::error!("virtio-net: cannot return to {previous} queue pair(s): {e}");
+            }
+            false
+        }
+    }
+}
+
 impl PairSwitch {
     /// Puts `pairs` pairs in use: the TAP queues, the shared count, then
     /// every thread told.
     fn apply(&self, shared: &Shared, pairs: u16, previous: u16) -> bool {
-        let done = match switch_tap_queues(&self.taps, pairs) {
-            Ok(()) => {
-                shared.active_pairs.store(pairs, Ordering::SeqCst);
-                true
-            }
-            Err(e) => {
-                tracing::warn!(
-                    "virtio-net: cannot put {pairs} queue pair(s) in use: {e}; staying at {previous}"
-                );
-                if let Err(e) = switch_tap_queues(&self.taps, previous) {
-                    tracing::error!("virtio-net: cannot return to {previous} queue pair(s): {e}");
-                }
-                false
-            }
-        };
+        let done = set_tap_pairs(&self.taps, pairs, previous);
+        if done {
+            shared.active_pairs.store(pairs, Ordering::SeqCst);
+        }
         for w in &self.wake {
             if let Err(e) = w.write(1) {
                 tracing::error!(
