@@ -269,7 +269,7 @@ fn tap_errors_are_clear_at_start() {
 /// query-net's per-pair counters show.
 #[test]
 fn the_test_guest_uses_both_queue_pairs() {
-    let host = NetHost::new(true, 63);
+    let host = NetHost::new(true, 67);
     let api = godwit_tests::TempDir::new("tap-mq");
     let api = api.join("api.sock");
     let cmdline = serve_cmdline(1000, &host.guest_ip_param());

@@ -212,7 +212,7 @@ fn guest_uses_two_pairs(host: &NetHost, net: &str, guest_ip: &str, gateway: &str
 /// org.godwit.net.v3) the guest's driver uses both pairs.
 #[test]
 fn two_queue_pairs_through_godwits_backend_and_one_pair_refused() {
-    let host = NetHost::new(true, 95);
+    let host = NetHost::new(true, 96);
     let dir = TempDir::new("vu-mq");
     let socket = dir.join("backend.sock");
     let net = two_pair_spec(&socket);
@@ -241,7 +241,7 @@ fn two_queue_pairs_through_godwits_backend_and_one_pair_refused() {
 /// so neither godwit nor QEMU can tell its `queues=1` from `queues=2`.)
 #[test]
 fn two_queue_pairs_through_dpdk_testpmd() {
-    let host = NetHost::new(true, 93);
+    let host = NetHost::new(true, 97);
     let dir = TempDir::new("vu-dpdk-mq");
     let socket = dir.join("dpdk.sock");
     let _tp = Testpmd::with_dtap0(&socket, &host, 2, "10.94.0.1/24");

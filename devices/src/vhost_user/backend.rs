@@ -65,8 +65,8 @@ use vmm_sys_util::event::{
 
 use super::conn::{F_LOG_ALL, F_PROTOCOL_FEATURES};
 use super::interface::{
-    by_interface_name, latest, valid_name, InterfaceRecord, InterfaceVersion, INTERFACES,
-    PROTOCOL_F_GODWIT_INTERFACE, WINDOW_OFFSET, WINDOW_SIZE,
+    by_interface_name, latest, served_versions, valid_name, version_list_for, InterfaceRecord,
+    InterfaceVersion, INTERFACES, PROTOCOL_F_GODWIT_INTERFACE, WINDOW_OFFSET, WINDOW_SIZE,
 };
 use super::relay::{Negotiated, Relay};
 use crate::net::tap::VNET_HDR_LEN;
@@ -212,15 +212,12 @@ impl NetBackend {
 
     fn record(&self) -> InterfaceRecord {
         let active = self.interface();
+        let served = version_list_for(self.pairs.len());
         InterfaceRecord {
             active: active.name.to_string(),
             pinned: self.pinned.is_some(),
-            latest: latest().name.to_string(),
-            supported: INTERFACES
-                .iter()
-                .filter(|i| self.serves(i))
-                .map(|i| i.name.to_string())
-                .collect(),
+            latest: served.latest,
+            supported: served.supported,
             truncated: false,
             values: active.values(),
         }
@@ -847,10 +844,9 @@ pub fn default_interface(
 ) -> Result<&'static InterfaceVersion, BackendError> {
     let fits = |i: &InterfaceVersion| usize::from(i.queue_pairs) <= queues;
     match name {
-        None => Ok(INTERFACES
-            .iter()
-            .rev()
-            .find(|i| fits(i))
+        None => Ok(served_versions(queues)
+            .last()
+            .copied()
             .unwrap_or(&INTERFACES[0])),
         Some(n) => {
             let i = by_interface_name(n).ok_or_else(|| BackendError::UnknownInterface {

@@ -148,10 +148,33 @@ pub struct VersionList {
     pub supported: Vec<String>,
 }
 
+/// Every released version, the newest as `latest`.
 pub fn version_list() -> VersionList {
     VersionList {
         latest: latest().name.to_string(),
         supported: names().iter().map(|s| s.to_string()).collect(),
+    }
+}
+
+/// The versions a backend of `queue_pairs` pairs presents (those of at
+/// most that many pairs), the newest of them as `latest`.
+pub fn served_versions(queue_pairs: usize) -> Vec<&'static InterfaceVersion> {
+    INTERFACES
+        .iter()
+        .filter(|i| usize::from(i.queue_pairs) <= queue_pairs)
+        .collect()
+}
+
+/// [`version_list`] of a backend of `queue_pairs` pairs (see
+/// [`served_versions`]).
+pub fn version_list_for(queue_pairs: usize) -> VersionList {
+    let served = served_versions(queue_pairs);
+    VersionList {
+        latest: served
+            .last()
+            .map_or(INTERFACES[0].name, |i| i.name)
+            .to_string(),
+        supported: served.iter().map(|i| i.name.to_string()).collect(),
     }
 }
 

@@ -19,7 +19,7 @@ use godwit_devices::net::tap::{Tap, TapError, VnetHdr};
 use godwit_devices::vhost_user::backend::{
     default_interface, serve, BackendCounters, BackendError, BackendOptions,
 };
-use godwit_devices::vhost_user::interface::{version_list, INTERFACES};
+use godwit_devices::vhost_user::interface::{served_versions, version_list_for};
 
 use crate::seccomp::{self, SeccompError, SeccompMode, ThreadKind};
 
@@ -44,8 +44,9 @@ pub struct NetBackendArgs {
     /// `--net vhost-user,...,server=on`), instead of listening on it.
     #[arg(long)]
     pub client: bool,
-    /// Print the supported interface versions as JSON ({latest, supported})
-    /// and exit; with --verbose, each version's values too.
+    /// Print the interface versions a backend of --queues pairs presents
+    /// as JSON ({latest, supported}) and exit; with --verbose, each
+    /// version's values too.
     #[arg(long)]
     pub print_versions: bool,
     /// With --print-versions: add each version's values.
@@ -75,12 +76,13 @@ pub enum NetBackendError {
 /// Runs the backend until killed (or prints the versions).
 pub fn run(args: NetBackendArgs) -> Result<(), super::Error> {
     if args.print_versions {
-        let list = version_list();
+        let queues = usize::from(args.queues);
+        let list = version_list_for(queues);
         let out = if args.verbose {
             json!({
                 "latest": list.latest,
                 "supported": list.supported,
-                "versions": INTERFACES.iter().map(|i| i.resolved()).collect::<Vec<_>>(),
+                "versions": served_versions(queues).iter().map(|i| i.resolved()).collect::<Vec<_>>(),
             })
         } else {
             json!(list)
