@@ -374,6 +374,13 @@ mod tests {
                 "org.godwit.net.v3"
             ]
         );
+        // A backend presents the versions of at most its queue pairs.
+        let one = version_list_for(1);
+        assert_eq!(
+            (one.latest.as_str(), one.supported.len()),
+            ("org.godwit.net.v2", 2)
+        );
+        assert_eq!(version_list_for(2), version_list());
     }
 
     /// Each released version is frozen in tests/golden/net-interfaces/. A
