@@ -81,7 +81,7 @@ pub(crate) enum RingsError {
     NotInMemory { what: &'static str, gpa: u64 },
     #[error("the transport has no irqfd for the backend's call fd")]
     NoIrqfd,
-    #[error("{got} ring positions for {rings} rings")]
+    #[error("godwit holds {got} ring positions for the {rings} rings the driver set up, so it cannot tell the backend where to start them (a godwit bug: please report it); the link stays down until the guest resets its NIC")]
     Bases { got: usize, rings: usize },
     #[error(transparent)]
     Protocol(#[from] VhostUserError),
