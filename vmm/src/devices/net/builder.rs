@@ -118,6 +118,7 @@ pub fn build_model(
                 p.socket.clone(),
                 config.pin.clone(),
                 config.strict,
+                config.queue_pairs,
             );
             let dev = VhostUserNet::new(
                 p.session,

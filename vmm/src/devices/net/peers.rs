@@ -411,16 +411,32 @@ fn bits_of_set(set: Features) -> impl Iterator<Item = u32> {
     features::bits(set)
 }
 
-/// Decides what a returning backend may do (see [`Recheck`]).
+/// Decides what a returning backend may do (see [`Recheck`]) for a device
+/// of `pairs` queue pairs: a backend with fewer pairs lacks `mq` as far as
+/// this device is concerned (without it the driver uses one pair).
 pub fn rechecker(
     id: String,
     machine: &'static MachineType,
     socket: String,
     pin: Option<String>,
     strict: bool,
+    pairs: u16,
 ) -> Rechecker {
     Box::new(move |offer: &BackendOffer, offered: Features| {
-        let peer = vhost_user_support(&socket, offer);
+        let mut peer = vhost_user_support(&socket, offer);
+        let mq = features::by_name("mq").map(|f| f.bit);
+        if let (Some(bit), true) = (mq, peer.max_queue_pairs < pairs) {
+            if peer.supported & feature(bit) != 0 {
+                peer.supported &= !feature(bit);
+                peer.why_not.insert(
+                    bit,
+                    format!(
+                        "the device has {pairs} queue pairs; {}",
+                        peer.queue_why.clone().unwrap_or_default()
+                    ),
+                );
+            }
+        }
         let missing = offered & !peer.supported;
         let mut lines: Vec<String> = bits_of_set(missing)
             .map(|b| {
@@ -741,7 +757,7 @@ mod tests {
             ..dpdk_offer()
         };
         let offered = m.net_features();
-        let mut strict = rechecker("net0".into(), m, "/s".into(), None, true);
+        let mut strict = rechecker("net0".into(), m, "/s".into(), None, true, 1);
         assert_eq!(strict(&full, offered), Recheck::Accept);
         let older = BackendOffer {
             features: full.features
@@ -761,7 +777,7 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        let mut lenient = rechecker("net0".into(), m, "/s".into(), None, false);
+        let mut lenient = rechecker("net0".into(), m, "/s".into(), None, false, 1);
         match lenient(&older, offered) {
             Recheck::Degrade {
                 offered: o,
@@ -773,6 +789,36 @@ mod tests {
                 );
                 assert!(blocker.contains("came back") && blocker.contains("godwit-1.1"));
             }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// A backend that comes back with fewer queue pairs than the device
+    /// has: strict=on keeps the link down naming the counts; strict=off
+    /// drops mq (the driver renegotiates and uses one pair).
+    #[test]
+    fn a_returning_backend_with_fewer_pairs_is_judged_by_strict() {
+        let m = resolve("godwit-1.1").unwrap();
+        let offered = m.net_features() | bits_of(&["mq"]);
+        let mut back = BackendOffer {
+            features: godwit_devices::virtio::low64(offered) | (1 << 30) | (1 << 26),
+            ..dpdk_offer()
+        };
+        back.queue_num = Some(4);
+        let mut strict = rechecker("net0".into(), m, "/s".into(), None, true, 4);
+        assert_eq!(strict(&back, offered), Recheck::Accept);
+        back.queue_num = Some(2);
+        match strict(&back, offered) {
+            Recheck::Refuse(why) => assert!(
+                why.contains("mq (bit 22): the device has 4 queue pairs")
+                    && why.contains("it has 2 queue pair(s) (GET_QUEUE_NUM)"),
+                "{why}"
+            ),
+            other => panic!("{other:?}"),
+        }
+        let mut lenient = rechecker("net0".into(), m, "/s".into(), None, false, 4);
+        match lenient(&back, offered) {
+            Recheck::Degrade { offered: o, .. } => assert_eq!(o, offered & !bits_of(&["mq"])),
             other => panic!("{other:?}"),
         }
     }
