@@ -312,7 +312,16 @@ pub fn start(
                     emit_status(&h, "postmigrate");
                 }
                 Err(e) => {
-                    let cancelled = matches!(e, MigrateError::Cancelled);
+                    // Whatever broke once migrate_cancel shut the stream
+                    // (a write outside the page sender, a read of the
+                    // destination's answer) was the cancel.
+                    let cancelled = matches!(e, MigrateError::Cancelled)
+                        || h.migration.cancel.load(Ordering::SeqCst);
+                    let e = if cancelled {
+                        MigrateError::Cancelled
+                    } else {
+                        e
+                    };
                     tracing::warn!("migration to {uri} failed: {e}; the guest keeps running here");
                     let _ = set_dirty_logging(&h, false);
                     h.migration.update(|i| i.error = Some(e.to_string()));
@@ -344,7 +353,22 @@ pub(super) fn run_source(
         .lock()
         .unwrap_or_else(PoisonError::into_inner)
         .clone();
-    let mut conn = connect(uri, &params)?;
+    // The Hello (its CPUID table costs a scratch VM, about 1.5 ms) is built
+    // while the connection and its TLS handshake are made.
+    let (mut conn, mut hello) = std::thread::scope(|scope| {
+        let hello = std::thread::Builder::new()
+            .name("migration-hello".into())
+            .spawn_scoped(scope, || hello_of(handle))
+            .map_err(MigrateError::io(
+                "cannot start the thread that describes the VM",
+            ))?;
+        let conn = connect(uri, &params);
+        let hello = hello.join().map_err(|_| MigrateError::Io {
+            what: "describing the VM for the destination".into(),
+            source: std::io::Error::other("the thread panicked"),
+        })?;
+        Ok::<_, MigrateError>((conn?, hello?))
+    })?;
     conn.set_timeout(Some(PEER_TIMEOUT));
     let breaker = conn.try_clone().map_err(MigrateError::io(
         "cannot duplicate the migration connection",
@@ -352,7 +376,6 @@ pub(super) fn run_source(
     handle
         .migration
         .set_breaker(Some(Box::new(move || breaker.shutdown())));
-    let mut hello = hello_of(handle)?;
     if params.multifd {
         hello.multifd = Some(protocol::MultifdHello {
             channels: params.multifd_channels,
@@ -360,6 +383,10 @@ pub(super) fn run_source(
         });
     }
     write_json(&mut conn, Kind::Hello, &hello)?;
+    // Logging starts while the destination checks the Hello and builds its
+    // VM (a memory-slot update takes about a millisecond); a refusal turns
+    // it off again, as every failure does.
+    set_dirty_logging(handle, true)?;
     let reply: HelloReply = expect(&mut conn, Kind::HelloReply, "HelloReply")?.json()?;
     if !reply.accept {
         return Err(MigrateError::Refused(reply.reasons));
@@ -409,7 +436,6 @@ pub(super) fn run_source(
         .migration
         .update(|i| i.setup_ms = Some(started.elapsed().as_secs_f64() * 1e3));
     emit_status(handle, "active");
-    set_dirty_logging(handle, true)?;
     start_device_logs(handle)?;
     let meter = Meter::new(params.max_bandwidth);
     let result = std::thread::scope(|scope| {
