@@ -33,7 +33,7 @@
 //! `ChannelEnd`; `State`, `Complete` and the handoff stay on the main
 //! stream.
 
-use std::io::{Read, Write};
+use std::io::{IoSlice, Read, Write};
 
 use serde::{Deserialize, Serialize};
 
@@ -158,21 +158,53 @@ impl Message {
 }
 
 pub fn write_message<W: Write>(w: &mut W, kind: Kind, payload: &[u8]) -> Result<(), ProtocolError> {
-    let len = u32::try_from(payload.len())
+    write_message_parts(w, kind, &[payload])
+}
+
+/// [`write_message`] of the payload `parts` in order, without joining them
+/// first: a page batch's run table and its megabyte of data go out as they
+/// lie, in one vectored write (one system call on a plain socket).
+pub fn write_message_parts<W: Write>(
+    w: &mut W,
+    kind: Kind,
+    parts: &[&[u8]],
+) -> Result<(), ProtocolError> {
+    let total = parts.iter().fold(0usize, |n, p| n.saturating_add(p.len()));
+    let len = u32::try_from(total)
         .ok()
         .filter(|len| *len <= MAX_PAYLOAD)
         .ok_or(ProtocolError::TooLong {
             kind,
-            len: bounded_u32(payload.len()),
+            len: bounded_u32(total),
         })?;
+    let checksum = parts
+        .iter()
+        .fold(0, |crc, part| crc32c::crc32c_append(crc, part));
     let mut header = [0u8; HEADER_LEN];
     header[0..4].copy_from_slice(&MAGIC);
     header[4..6].copy_from_slice(&PROTOCOL_VERSION.to_le_bytes());
     header[6..8].copy_from_slice(&(kind as u16).to_le_bytes());
     header[8..12].copy_from_slice(&len.to_le_bytes());
-    header[12..16].copy_from_slice(&crc32c::crc32c(payload).to_le_bytes());
-    w.write_all(&header)?;
-    w.write_all(payload)?;
+    header[12..16].copy_from_slice(&checksum.to_le_bytes());
+    let mut slices: Vec<IoSlice<'_>> = std::iter::once(&header[..])
+        .chain(parts.iter().copied())
+        .filter(|part| !part.is_empty())
+        .map(IoSlice::new)
+        .collect();
+    write_all_vectored(w, &mut slices)?;
+    Ok(())
+}
+
+/// `Write::write_all_vectored`, which std has not stabilised.
+fn write_all_vectored<W: Write>(w: &mut W, mut slices: &mut [IoSlice<'_>]) -> std::io::Result<()> {
+    while !slices.is_empty() {
+        match w.write_vectored(slices) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => IoSlice::advance_slices(&mut slices, n),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
     Ok(())
 }
 
@@ -270,13 +302,25 @@ pub struct PageRun {
 /// Encodes a page batch: `count u32`, `count × (gpa u64, pages u32)`, data.
 pub fn encode_runs(runs: &[PageRun], data: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(4 + runs.len() * 12 + data.len());
+    put_run_table(&mut out, runs);
+    out.extend_from_slice(data);
+    out
+}
+
+/// The head of a page batch, [`encode_runs`] without the data: sent with
+/// [`write_message_parts`] in front of data that then need not be copied.
+pub fn encode_run_table(runs: &[PageRun]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(4 + runs.len() * 12);
+    put_run_table(&mut out, runs);
+    out
+}
+
+fn put_run_table(out: &mut Vec<u8>, runs: &[PageRun]) {
     out.extend_from_slice(&bounded_u32(runs.len()).to_le_bytes());
     for r in runs {
         out.extend_from_slice(&r.gpa.to_le_bytes());
         out.extend_from_slice(&r.pages.to_le_bytes());
     }
-    out.extend_from_slice(data);
-    out
 }
 
 /// Decodes a batch; `with_data` checks the data length matches the runs.
@@ -451,6 +495,53 @@ pub struct Resumed {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A writer that takes at most `step` bytes per call, as a socket
+    /// under pressure does.
+    struct Trickle {
+        out: Vec<u8>,
+        step: usize,
+    }
+
+    impl Write for Trickle {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            let n = buf.len().min(self.step);
+            self.out.extend_from_slice(&buf[..n]);
+            Ok(n)
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_batch_written_in_parts_is_the_message_written_whole() {
+        let runs = [
+            PageRun {
+                gpa: 0x1000,
+                pages: 2,
+            },
+            PageRun {
+                gpa: 0x8000,
+                pages: 1,
+            },
+        ];
+        let data: Vec<u8> = (0..3 * PAGE_SIZE as usize).map(|i| i as u8).collect();
+        let mut whole = Vec::new();
+        write_message(&mut whole, Kind::Pages, &encode_runs(&runs, &data)).unwrap();
+        for step in [1, 7, 4096, usize::MAX] {
+            let mut parts = Trickle {
+                out: Vec::new(),
+                step,
+            };
+            let table = encode_run_table(&runs);
+            write_message_parts(&mut parts, Kind::Pages, &[&table, &[], &data]).unwrap();
+            assert_eq!(parts.out, whole, "written {step} bytes at a time");
+        }
+        let m = read_message(&mut &whole[..]).unwrap();
+        let (decoded, rest) = decode_runs(Kind::Pages, &m.payload, true).unwrap();
+        assert_eq!((decoded, rest), (runs.to_vec(), &data[..]));
+    }
 
     /// Runs whose byte total exceeds 2^64 once wrapped to the size of the
     /// data that follows, which let a hostile source past the length check

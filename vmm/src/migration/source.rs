@@ -45,8 +45,8 @@ use serde_json::json;
 use vm_memory::{GuestAddress, GuestMemoryBackend};
 
 use godwit_migration::protocol::{
-    self, encode_runs, expect, write_json, write_message, HelloReply, Kind, PageRun, ProtocolError,
-    Resumed, RoundEnd, PAGE_SIZE,
+    self, encode_run_table, expect, write_json, write_message, write_message_parts, HelloReply,
+    Kind, PageRun, ProtocolError, Resumed, RoundEnd, PAGE_SIZE,
 };
 
 use super::transport::{break_opening, Conn, Opening};
@@ -158,17 +158,22 @@ impl<'a> Sender<'a> {
     }
 
     pub(super) fn send(&mut self, kind: Kind, payload: &[u8]) -> Result<(), MigrateError> {
+        self.send_parts(kind, &[payload])
+    }
+
+    /// [`Sender::send`] of a payload in `parts` (a page batch's run table
+    /// and data), which are not joined first.
+    fn send_parts(&mut self, kind: Kind, parts: &[&[u8]]) -> Result<(), MigrateError> {
         self.check_cancel()?;
-        write_message(self.conn, kind, payload).map_err(|e| {
+        write_message_parts(self.conn, kind, parts).map_err(|e| {
             if self.state.cancel.load(Ordering::SeqCst) {
                 MigrateError::Cancelled
             } else {
                 e.into()
             }
         })?;
-        let bytes = self
-            .meter
-            .add((payload.len() + protocol::HEADER_LEN) as u64);
+        let payload_len: usize = parts.iter().map(|p| p.len()).sum();
+        let bytes = self.meter.add((payload_len + protocol::HEADER_LEN) as u64);
         let rate = self.meter.rate();
         self.state.update(|i| {
             i.transferred_bytes = i.transferred_bytes.max(bytes);
@@ -219,17 +224,17 @@ impl<'a> Sender<'a> {
                 data.resize(at + PAGE_SIZE as usize, 0);
                 slice.copy_to(&mut data[at..]);
                 if data.len() >= BATCH_PAGES * PAGE_SIZE as usize {
-                    self.send(Kind::Pages, &encode_runs(&runs, &data))?;
+                    self.send_parts(Kind::Pages, &[&encode_run_table(&runs), &data])?;
                     runs.clear();
                     data.clear();
                 }
             }
         }
         if !runs.is_empty() {
-            self.send(Kind::Pages, &encode_runs(&runs, &data))?;
+            self.send_parts(Kind::Pages, &[&encode_run_table(&runs), &data])?;
         }
         for chunk in zero_runs.chunks(4096) {
-            self.send(Kind::ZeroPages, &encode_runs(chunk, &[]))?;
+            self.send(Kind::ZeroPages, &encode_run_table(chunk))?;
         }
         let zero: u64 = zero_runs.iter().map(|r| u64::from(r.pages)).sum();
         self.state.update(|i| {

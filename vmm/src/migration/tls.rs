@@ -174,6 +174,18 @@ impl Write for TlsStream {
             TlsStream::Server(s) => s.write(buf),
         }
     }
+    /// Encrypts from every slice into records without joining them first
+    /// (`StreamOwned` itself writes only the first slice).
+    fn write_vectored(&mut self, bufs: &[std::io::IoSlice<'_>]) -> std::io::Result<usize> {
+        match self {
+            TlsStream::Client(s) => {
+                rustls::Stream::new(&mut s.conn, &mut s.sock).write_vectored(bufs)
+            }
+            TlsStream::Server(s) => {
+                rustls::Stream::new(&mut s.conn, &mut s.sock).write_vectored(bufs)
+            }
+        }
+    }
     fn flush(&mut self) -> std::io::Result<()> {
         match self {
             TlsStream::Client(s) => s.flush(),

@@ -94,6 +94,16 @@ impl Write for Conn {
                 .write(buf),
         }
     }
+    fn write_vectored(&mut self, bufs: &[std::io::IoSlice<'_>]) -> std::io::Result<usize> {
+        match self {
+            Conn::Tcp(s) => s.write_vectored(bufs),
+            Conn::Unix(s) => s.write_vectored(bufs),
+            Conn::Tls { stream, .. } => stream
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .write_vectored(bufs),
+        }
+    }
     fn flush(&mut self) -> std::io::Result<()> {
         match self {
             Conn::Tcp(s) => s.flush(),
