@@ -458,3 +458,96 @@ fn damaged_snapshots_are_refused_naming_section_and_reason() {
         );
     }
 }
+
+/// A VM describes to a migration destination the CPUID its vCPUs have, not
+/// its host's: restored from a snapshot whose vCPU lacks a feature this
+/// host has, it offers the snapshot's table, the one its restore checked
+/// and a destination must carry. Before, the source sent its host's table,
+/// so a guest that came from an older host was refused going back to it.
+#[test]
+fn a_restored_guest_offers_its_own_cpuid_to_a_migration_destination() {
+    use godwit_migration::protocol::{self, Hello, Kind};
+
+    let dir = TempDir::new("snapcpuid");
+    let snap = dir.join("snap");
+    take_snapshot(None, 1, &snap, &dir.join("api.sock"));
+    let state = std::fs::read(snap.join("state.gws")).unwrap();
+    let mut p = parse(&state).0;
+    let section = p
+        .sections
+        .iter_mut()
+        .find(|s| s.5 == "vcpu 0")
+        .expect("vCPU 0's section");
+    let mut vcpu: Value = serde_json::from_slice(&section.6).unwrap();
+    // CMPXCHG16B (leaf 1, ECX bit 13), which the test guest never uses:
+    // one of the bits KVM keeps cleared when asked to on this machine (its
+    // KVM puts some leaf-7 bits back whatever the VMM sets).
+    let leaf1 = vcpu["cpuid"]
+        .as_array_mut()
+        .expect("the vCPU's CPUID entries")
+        .iter_mut()
+        .find(|e| e["function"] == 1)
+        .expect("CPUID leaf 1");
+    let host_ecx = leaf1["ecx"].as_u64().unwrap();
+    const CX16: u64 = 1 << 13;
+    assert_ne!(
+        host_ecx & CX16,
+        0,
+        "this host's vCPUs lack CMPXCHG16B: nothing to take away"
+    );
+    let saved_ecx = host_ecx & !CX16;
+    leaf1["ecx"] = json!(saved_ecx);
+    section.6 = serde_json::to_vec(&vcpu).unwrap();
+    let edited = dir.join("edited");
+    std::fs::create_dir(&edited).unwrap();
+    std::fs::write(edited.join("state.gws"), serialize(&p)).unwrap();
+    std::fs::copy(snap.join("memory.gwm"), edited.join("memory.gwm")).unwrap();
+
+    let api = dir.join("restored.sock");
+    let mut restored = RunningVm::spawn(&[
+        "run",
+        "--restore",
+        edited.to_str().unwrap(),
+        "--api-socket",
+        api.to_str().unwrap(),
+    ]);
+    restored.wait_prefix("heartbeat ", Duration::from_secs(20));
+    // A destination that reads the Hello and hangs up.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let mut qmp = qmp_connect(&api);
+    qmp.execute("migrate", json!({"uri": format!("tcp:127.0.0.1:{port}")}))
+        .unwrap();
+    let (mut conn, _) = listener.accept().unwrap();
+    let hello: Hello = protocol::expect(&mut conn, Kind::Hello, "Hello")
+        .and_then(|m| m.json())
+        .unwrap();
+    let offered = hello
+        .cpuid
+        .iter()
+        .find(|e| e.function == 1)
+        .expect("leaf 1 in the Hello");
+    assert_eq!(
+        u64::from(offered.ecx),
+        saved_ecx,
+        "the Hello offers leaf 1 ECX {:#x}; the guest's vCPU has {saved_ecx:#x} (a new vCPU here {host_ecx:#x})",
+        offered.ecx
+    );
+    drop(conn);
+    // The migration fails with the destination gone; the guest stays here.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let info = qmp.execute("query-migrate", Value::Null).unwrap();
+        if info["status"] == "failed" {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{info}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    restored.wait_prefix("heartbeat ", Duration::from_secs(5));
+    qmp.execute("quit", Value::Null).unwrap();
+    assert_eq!(
+        restored.wait_exit(Duration::from_secs(10)).0.code(),
+        Some(0)
+    );
+}

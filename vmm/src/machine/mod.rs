@@ -11,6 +11,7 @@ use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
+use godwit_migration::cpu_compat::CpuidEntry;
 use serde_json::json;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -36,6 +37,7 @@ use crate::devices::net::{NetDevice, NetSetupError};
 use crate::vstate::events::VcpuExitError;
 use crate::vstate::events::VmEvent;
 use crate::vstate::memory::{GuestRam, MemoryError};
+use crate::vstate::state::vcpu::vcpu_cpuid;
 use crate::vstate::vcpu::{register_kick_signal, IoBuses, VcpuThreads};
 use crate::vstate::vm::{self, Vm, VmError};
 use services::{Events, Service};
@@ -66,6 +68,8 @@ pub enum BuildError {
         what: &'static str,
         source: std::io::Error,
     },
+    #[error("cannot read back the CPUID of vCPU 0: {0}")]
+    Cpuid(#[source] crate::vstate::state::StateError),
     #[error("device layout: {0}")]
     Bus(#[from] BusError),
     #[error(transparent)]
@@ -234,6 +238,10 @@ pub struct VmHandle {
     /// other and with stop/cont.
     pub(crate) operations: Arc<Operations>,
     pub(crate) migration: migration_status::MigrationState,
+    /// The CPUID the guest's vCPUs have (the table a boot gives them, or
+    /// the saved one after a restore or an incoming migration): what a
+    /// migration destination must carry.
+    pub(crate) guest_cpuid: Vec<CpuidEntry>,
 }
 
 impl VmHandle {
@@ -698,6 +706,11 @@ impl Machine {
             what: "the vCPU kick signal handler",
             source: std::io::Error::from_raw_os_error(e.errno()),
         })?;
+        // Read before the vCPU threads own the vCPUs; KVM keeps it as set.
+        let guest_cpuid = match built.vcpus.first() {
+            Some(first) => vcpu_cpuid(&first.fd).map_err(BuildError::Cpuid)?,
+            None => Vec::new(),
+        };
         // vCPU threads start parked so that the API can come up first.
         let threads = VcpuThreads::start(
             built.vcpus,
@@ -723,6 +736,7 @@ impl Machine {
             ram: built.ram,
             operations: Arc::default(),
             migration: migration_status::MigrationState::default(),
+            guest_cpuid,
         });
         if matches!(config.serial, SerialSpec::Stdio) {
             spawn_stdin_reader(built.serial);

@@ -7,11 +7,10 @@ use godwit_migration::cpu_compat::check_cpuid as cpuid_incompatibilities;
 use godwit_migration::format::FORMAT_VERSION;
 use godwit_migration::protocol::{DeviceOffer, Hello, HelloReply};
 
-use super::{MigrateError, KVM_CAPS_CHECKED};
+use super::KVM_CAPS_CHECKED;
 use crate::devices::net::NetDevice;
 use crate::machine::VmHandle;
 use crate::vstate::memory::ram_ranges;
-use crate::vstate::state::vcpu::host_cpuid;
 use crate::vstate::vm::Vm;
 
 pub(super) fn present_caps(vm: &Vm) -> Vec<String> {
@@ -36,10 +35,9 @@ pub(super) fn device_offer(net: &NetDevice) -> DeviceOffer {
     }
 }
 
-pub(super) fn hello_of(handle: &VmHandle) -> Result<Hello, MigrateError> {
+pub(super) fn hello_of(handle: &VmHandle) -> Hello {
     let vcpus = handle.vcpus.count() as u8;
-    let cpuid = host_cpuid(&handle.vm.kvm, vcpus).map_err(MigrateError::HostCpuid)?;
-    Ok(Hello {
+    Hello {
         godwit_version: env!("CARGO_PKG_VERSION").to_string(),
         format_version: FORMAT_VERSION,
         machine_type: handle.machine.name.to_string(),
@@ -50,10 +48,13 @@ pub(super) fn hello_of(handle: &VmHandle) -> Result<Hello, MigrateError> {
             .map(|r| (r.guest_addr, r.size))
             .collect(),
         devices: handle.nets.iter().map(device_offer).collect(),
-        cpuid,
+        // The guest's own table: after a restore or an incoming migration
+        // it is the one it came with, which may lack features this host
+        // has; a destination need carry only what the guest uses.
+        cpuid: handle.guest_cpuid.clone(),
         kvm_caps: present_caps(&handle.vm),
         multifd: None,
-    })
+    }
 }
 
 /// What the source checks of the destination's reply.

@@ -147,8 +147,6 @@ pub enum MigrateError {
     },
     #[error("capturing the VM's state: {0}")]
     Capture(#[source] crate::persist::snapshot::SnapshotError),
-    #[error("reading this host's CPUID for the handshake: {0}")]
-    HostCpuid(#[source] crate::vstate::state::StateError),
     #[error("{device}: {source}")]
     DeviceLog {
         device: String,

@@ -358,22 +358,7 @@ pub(super) fn run_source(
         .lock()
         .unwrap_or_else(PoisonError::into_inner)
         .clone();
-    // The Hello (its CPUID table costs a scratch VM, about 1.5 ms) is built
-    // while the connection and its TLS handshake are made.
-    let (mut conn, mut hello) = std::thread::scope(|scope| {
-        let hello = std::thread::Builder::new()
-            .name("migration-hello".into())
-            .spawn_scoped(scope, || hello_of(handle))
-            .map_err(MigrateError::io(
-                "cannot start the thread that describes the VM",
-            ))?;
-        let conn = connect(uri, &params);
-        let hello = hello.join().map_err(|_| MigrateError::Io {
-            what: "describing the VM for the destination".into(),
-            source: std::io::Error::other("the thread panicked"),
-        })?;
-        Ok::<_, MigrateError>((conn?, hello?))
-    })?;
+    let mut conn = connect(uri, &params)?;
     conn.set_timeout(Some(PEER_TIMEOUT));
     let breaker = conn.try_clone().map_err(MigrateError::io(
         "cannot duplicate the migration connection",
@@ -381,6 +366,7 @@ pub(super) fn run_source(
     handle
         .migration
         .set_breaker(Some(Box::new(move || breaker.shutdown())));
+    let mut hello = hello_of(handle);
     if params.multifd {
         hello.multifd = Some(protocol::MultifdHello {
             channels: params.multifd_channels,
