@@ -517,13 +517,14 @@ fn vm_view(handle: &VmHandle) -> VmView {
             }
         })
         .collect();
-    let vcpus = u8::try_from(handle.vcpus.count().clamp(1, 255)).unwrap_or(u8::MAX);
     VmView {
         source: "this VM".into(),
         machine: handle.machine.name.to_string(),
         devices,
         blockers: handle.blockers(),
-        cpuid: crate::vstate::state::vcpu::host_cpuid(&handle.vm.kvm, vcpus).ok(),
+        // What its vCPUs have, as a snapshot of it would record: after a
+        // restore or a migration, not necessarily this host's table.
+        cpuid: Some(handle.guest_cpuid.clone()).filter(|c| !c.is_empty()),
     }
 }
 
