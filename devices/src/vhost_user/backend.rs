@@ -41,6 +41,7 @@
 //! first stays attached, so the TAP always has a queue.
 
 use std::io;
+use std::ops::Deref;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::DirBuilderExt;
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -55,8 +56,8 @@ use vhost_user_backend::{VhostUserBackendMut, VhostUserDaemon, VringRwLock, Vrin
 use virtio_bindings::virtio_net::{VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_MRG_RXBUF};
 use virtio_queue::{DescriptorChain, QueueT};
 use vm_memory::{
-    Address, Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryLoadGuard,
-    GuestMemoryMmap,
+    Address, Bytes, GuestAddress, GuestAddressSpace, GuestMemory, GuestMemoryAtomic,
+    GuestMemoryLoadGuard, GuestMemoryMmap,
 };
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
@@ -294,7 +295,7 @@ impl NetBackend {
                 let Some(chain) = chain else { break };
                 let head = chain.head_index();
                 let Pair { tap, tx_buf, .. } = &mut self.pairs[pair];
-                match gather(&mem, chain, tx_buf) {
+                match gather(chain, tx_buf) {
                     Some(len) if len > VNET_HDR_LEN => match tap.write(&tx_buf[..len]) {
                         Ok(_) => {
                             self.counters.tx_frames.fetch_add(1, Ordering::Relaxed);
@@ -413,22 +414,25 @@ impl NetBackend {
         let start = q.next_avail();
         let mut chains: Vec<(u16, Vec<(GuestAddress, usize)>)> = Vec::new();
         let mut cap = 0;
+        let mut budget = MAX_FRAME_DESCRIPTORS;
+        let mut overlong = false;
         while cap < len && (mergeable || chains.is_empty()) {
             let Some(chain) = q.pop_descriptor_chain(mem.clone()) else {
                 q.set_next_avail(start);
                 return Ok(false);
             };
             let head = chain.head_index();
-            let segs: Vec<(GuestAddress, usize)> = chain
-                .writable()
-                .map(|d| (d.addr(), d.len() as usize))
-                .collect();
-            let c: usize = segs.iter().map(|s| s.1).sum();
-            cap += c;
+            let Some(segs) = writable_segments(chain, &mut budget) else {
+                chains.push((head, Vec::new()));
+                overlong = true;
+                break;
+            };
+            cap += segs.iter().map(|s| s.1).sum::<usize>();
             chains.push((head, segs));
         }
-        if cap < len {
-            // One buffer without MRG_RXBUF, and the frame does not fit it.
+        if overlong || cap < len {
+            // One buffer without MRG_RXBUF, and the frame does not fit it;
+            // or buffers of more descriptors than a frame may take.
             *rx_pending = 0;
             self.counters.rx_dropped.fetch_add(1, Ordering::Relaxed);
             drop(state);
@@ -510,13 +514,29 @@ fn ring_count(n: usize) -> io::Result<u16> {
 
 /// Copies a transmit chain's readable buffers into `buf`; `None` when it is
 /// malformed or larger than `buf`.
-fn gather(
-    mem: &GuestMemoryLoadGuard<Mem>,
-    chain: DescriptorChain<GuestMemoryLoadGuard<Mem>>,
-    buf: &mut [u8],
-) -> Option<usize> {
+/// The most descriptors one frame may take, across all its chains: the
+/// bound of godwit's own datapath (Linux's UIO_MAXIOV, which vhost-net
+/// keeps too). A hostile driver's chains of tens of thousands of empty
+/// descriptors would otherwise cost the backend seconds for each frame.
+const MAX_FRAME_DESCRIPTORS: usize = crate::virtio::net::chain::MAX_SEGS;
+
+/// Copies a transmit chain's readable descriptors into `buf`; None when
+/// they do not fit, cannot be read, or number more than
+/// [`MAX_FRAME_DESCRIPTORS`].
+fn gather<M>(chain: DescriptorChain<M>, buf: &mut [u8]) -> Option<usize>
+where
+    M: Deref + Clone,
+    M::Target: GuestMemory,
+{
+    let mem = chain.memory();
     let mut len = 0;
-    for d in chain.readable() {
+    for (walked, d) in chain.clone().enumerate() {
+        if walked >= MAX_FRAME_DESCRIPTORS {
+            return None;
+        }
+        if d.is_write_only() {
+            continue;
+        }
         let n = d.len() as usize;
         if len + n > buf.len() {
             return None;
@@ -525,6 +545,27 @@ fn gather(
         len += n;
     }
     Some(len)
+}
+
+/// A receive chain's writable segments, each descriptor walked taken from
+/// `budget` (what is left of [`MAX_FRAME_DESCRIPTORS`] for the frame);
+/// None once the budget runs out.
+fn writable_segments<M>(
+    chain: DescriptorChain<M>,
+    budget: &mut usize,
+) -> Option<Vec<(GuestAddress, usize)>>
+where
+    M: Deref,
+    M::Target: GuestMemory,
+{
+    let mut segments = Vec::new();
+    for d in chain {
+        *budget = budget.checked_sub(1)?;
+        if d.is_write_only() {
+            segments.push((d.addr(), d.len() as usize));
+        }
+    }
+    Some(segments)
 }
 
 impl VhostUserBackendMut for NetBackend {
@@ -862,5 +903,69 @@ pub fn default_interface(
                 })
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod frame_bounds {
+    use virtio_bindings::bindings::virtio_ring::VRING_DESC_F_WRITE;
+    use virtio_queue::desc::split::Descriptor as SplitDescriptor;
+    use virtio_queue::desc::RawDescriptor;
+    use virtio_queue::mock::MockSplitQueue;
+
+    use super::*;
+
+    const WRITE: u16 = VRING_DESC_F_WRITE as u16;
+
+    fn memory() -> GuestMemoryMmap<()> {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x40_0000)]).unwrap()
+    }
+
+    /// `n` descriptors of `len` bytes each (spread over one 4 KiB page).
+    fn descriptors(n: usize, len: u32, flags: u16) -> Vec<RawDescriptor> {
+        (0..n)
+            .map(|i| {
+                let addr = 0x20_0000 + (i as u64 % 16) * 0x100;
+                RawDescriptor::from(SplitDescriptor::new(addr, len, flags, 0))
+            })
+            .collect()
+    }
+
+    /// Empty descriptors never fill a buffer, so nothing else stopped the
+    /// walk: the fuzzer's `vhost_user_backend` found a frontend whose rings
+    /// kept the backend 9-12 s on one input.
+    #[test]
+    fn chains_of_more_descriptors_than_a_frame_may_take_are_refused() {
+        let mem = memory();
+        let ring = MockSplitQueue::new(&mem, 2048);
+        let over = MAX_FRAME_DESCRIPTORS + 1;
+        let rx = ring.build_desc_chain(&descriptors(over, 0, WRITE)).unwrap();
+        let mut budget = MAX_FRAME_DESCRIPTORS;
+        assert_eq!(writable_segments(rx, &mut budget), None);
+        let tx = ring.build_desc_chain(&descriptors(over, 0, 0)).unwrap();
+        assert_eq!(gather(tx, &mut [0u8; 64]), None);
+    }
+
+    #[test]
+    fn a_frame_takes_up_to_the_bound_across_its_chains() {
+        let mem = memory();
+        let ring = MockSplitQueue::new(&mem, 2048);
+        let tx = ring
+            .build_desc_chain(&descriptors(MAX_FRAME_DESCRIPTORS, 1, 0))
+            .unwrap();
+        assert_eq!(gather(tx, &mut [0u8; 2048]), Some(MAX_FRAME_DESCRIPTORS));
+        // Receive: the bound is the frame's, shared by its chains.
+        let half = MAX_FRAME_DESCRIPTORS / 2;
+        let mut budget = MAX_FRAME_DESCRIPTORS;
+        let first = ring.build_desc_chain(&descriptors(half, 1, WRITE)).unwrap();
+        let segments = writable_segments(first, &mut budget).unwrap();
+        assert_eq!(
+            (segments.len(), budget),
+            (half, MAX_FRAME_DESCRIPTORS - half)
+        );
+        let second = ring
+            .build_desc_chain(&descriptors(half + 1, 1, WRITE))
+            .unwrap();
+        assert_eq!(writable_segments(second, &mut budget), None);
     }
 }

@@ -10,7 +10,7 @@
 //! 5.1.2). With MQ the driver turns pairs on with
 //! VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET; one is in use after a reset.
 
-mod chain;
+pub(crate) mod chain;
 pub(crate) mod ctrl;
 pub mod features;
 pub mod frontend;
