@@ -24,7 +24,7 @@ use crate::persist::snapshot::RestoreError;
 use crate::persist::snapshot::{self, read_saved, KNOWN_SECTIONS};
 use crate::vstate::memory::{self, ram_ranges, GuestRam};
 use crate::vstate::state::vcpu::{host_cpuid, vcpu_cpuid};
-use crate::vstate::vm::{self, Vm};
+use crate::vstate::vm::{self, Vm, VmError};
 
 use crate::migration::multifd::{self, MainView};
 use crate::migration::transport::{accept, ChannelListener};
@@ -127,9 +127,28 @@ pub fn incoming(
     uri: &str,
     tls_dir: Option<&std::path::Path>,
 ) -> Result<Machine, IncomingError> {
+    // The VM is created while no source has connected yet: KVM_CREATE_VM
+    // and KVM's supported CPUID (about a millisecond here) then take no
+    // part in the migration's set-up.
+    let early = std::thread::Builder::new()
+        .name("vm-create".into())
+        .spawn(|| {
+            let vm = vm::open_kvm().and_then(Vm::create)?;
+            vm.supported_cpuid()?;
+            Ok::<_, VmError>(vm)
+        })
+        .map_err(MigrateError::io(
+            "cannot start the thread that creates the VM",
+        ))?;
     let (mut conn, listener) = accept(uri, tls_dir)?;
     conn.set_timeout(Some(main_stream_timeout()));
-    match receive(config, &mut conn, listener.as_ref()) {
+    let created = early.join().map_err(|_| {
+        MigrateError::io("creating the VM")(std::io::Error::other("the thread panicked"))
+    })?;
+    match created
+        .map_err(IncomingError::from)
+        .and_then(|vm| receive(config, &mut conn, listener.as_ref(), vm))
+    {
         Ok(machine) => Ok(machine),
         Err(e) => {
             let _ = write_message(&mut conn, Kind::Abort, e.to_string().as_bytes());
@@ -142,6 +161,7 @@ pub(super) fn receive(
     config: &VmConfig,
     conn: &mut Conn,
     listener: Option<&ChannelListener>,
+    vm: Vm,
 ) -> Result<Machine, IncomingError> {
     let hello: Hello = expect(conn, Kind::Hello, "Hello")
         .and_then(|m| m.json())
@@ -156,8 +176,8 @@ pub(super) fn receive(
     let size_ok = memory::check_size(hello.memory_size)
         .map_err(|e| reasons.push(e.to_string()))
         .is_ok();
-    let kvm = vm::open_kvm()?;
-    let vcpus_ok = vm::check_vcpus(&kvm, u32::from(hello.vcpus))
+    let kvm = &vm.kvm;
+    let vcpus_ok = vm::check_vcpus(kvm, u32::from(hello.vcpus))
         .map_err(|e| reasons.push(e.to_string()))
         .is_ok();
     for cap in &hello.kvm_caps {
@@ -176,19 +196,17 @@ pub(super) fn receive(
     // SRCU grace period (about 1.5 ms, all of it in the migration's setup).
     let built = if machine.is_some() && size_ok && vcpus_ok {
         let ram = GuestRam::new(hello.memory_size)?;
-        let vm = Vm::new(kvm, &ram.memory)?;
+        vm.finish(&ram.memory)?;
         // About half a millisecond per vCPU. The state's vCPU count is
         // checked against it.
         let vcpus = vm.create_vcpus(hello.vcpus)?;
-        Some((ram, vm, vcpus))
+        Some((ram, vcpus))
     } else {
         None
     };
     let host_cpuid: Vec<CpuidEntry> = match &built {
-        Some((_, _, vcpus)) => vcpus.first().and_then(|v| vcpu_cpuid(&v.fd).ok()),
-        None => vm::open_kvm()
-            .ok()
-            .and_then(|kvm| host_cpuid(&kvm, hello.vcpus.max(1)).ok()),
+        Some((_, vcpus)) => vcpus.first().and_then(|v| vcpu_cpuid(&v.fd).ok()),
+        None => host_cpuid(&vm.kvm, hello.vcpus.max(1)).ok(),
     }
     .unwrap_or_default();
     for inc in cpuid_incompatibilities(&hello.cpuid, &host_cpuid) {
@@ -256,7 +274,7 @@ pub(super) fn receive(
     };
     let proto = |e: ProtocolError| IncomingError::from(MigrateError::from(e));
     write_json(conn, Kind::HelloReply, &reply).map_err(proto)?;
-    let (Some(machine), Some((ram, vm, vcpus))) = (machine.filter(|_| reasons.is_empty()), built)
+    let (Some(machine), Some((ram, vcpus))) = (machine.filter(|_| reasons.is_empty()), built)
     else {
         return Err(IncomingError::Refused(reasons));
     };
