@@ -171,6 +171,10 @@ pub enum CommandError {
     /// `multifd-channels` outside 1..=MAX_CHANNELS.
     #[error("Parameter 'multifd-channels' expects a value from 1 to {max}, not {value}")]
     ChannelsRange { value: u16, max: u16 },
+    /// `tls-creds` names a directory whose source credentials cannot be
+    /// loaded.
+    #[error("Parameter 'tls-creds' is unusable: {0}")]
+    TlsCreds(#[source] crate::migration::TlsError),
     /// Capabilities change while a migration runs.
     #[error("migration capabilities cannot change while a migration runs")]
     CapabilitiesBusy,
@@ -404,6 +408,15 @@ fn set_migration_parameters(
     if let Some(value) = args.multifd_channels.filter(|v| !(1..=max).contains(v)) {
         return Err(CommandError::ChannelsRange { value, max });
     }
+    // Loaded before anything changes: a directory that cannot serve leaves
+    // the parameters as they were.
+    let tls_client = match args.tls_creds.as_deref() {
+        Some("") | None => None,
+        Some(dir) => Some(
+            crate::migration::ClientCreds::load(std::path::Path::new(dir))
+                .map_err(CommandError::TlsCreds)?,
+        ),
+    };
     let mut params = vm
         .migration
         .params
@@ -423,6 +436,7 @@ fn set_migration_parameters(
     }
     if let Some(dir) = &args.tls_creds {
         params.tls_creds.clone_from(dir);
+        params.tls_client = tls_client;
     }
     if let Some(name) = &args.tls_hostname {
         params.tls_hostname.clone_from(name);

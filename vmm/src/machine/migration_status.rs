@@ -28,6 +28,9 @@ pub struct MigrationParams {
     /// host.
     #[serde(rename = "tls-hostname")]
     pub tls_hostname: String,
+    /// `tls_creds` as loaded when it was set.
+    #[serde(skip)]
+    pub tls_client: Option<crate::migration::ClientCreds>,
     /// With auto-converge: the first throttle, in percent of vCPU time.
     #[serde(rename = "cpu-throttle-initial")]
     pub cpu_throttle_initial: u32,
@@ -53,6 +56,7 @@ impl Default for MigrationParams {
             max_rounds: 30,
             tls_creds: String::new(),
             tls_hostname: String::new(),
+            tls_client: None,
             cpu_throttle_initial: 20,
             cpu_throttle_increment: 10,
             multifd_channels: 2,

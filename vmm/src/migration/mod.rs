@@ -32,7 +32,7 @@ mod transport;
 pub use announce::announce;
 pub use destination::{incoming, IncomingError};
 pub use source::start;
-pub use tls::{Refusal, TlsError};
+pub use tls::{ClientCreds, Refusal, TlsError};
 pub use transport::Conn;
 
 use std::time::Duration;

@@ -126,7 +126,10 @@ pub(super) fn connect_channels(
                         channel,
                         token: multifd.token.clone(),
                     };
-                    write_json(&mut conn, Kind::ChannelHello, &hello).map_err(|e| on(e.into()))?;
+                    let sent = write_json(&mut conn, Kind::ChannelHello, &hello);
+                    conn.confirm_accepted(&format!("the destination {uri}"))
+                        .map_err(|e| on(e.into()))?;
+                    sent.map_err(|e| on(e.into()))?;
                     Ok(conn)
                 })
             })

@@ -373,11 +373,22 @@ pub(super) fn run_source(
             token: multifd::new_token()?,
         });
     }
-    write_json(&mut conn, Kind::Hello, &hello)?;
-    // Logging starts while the destination checks the Hello and builds its
-    // VM (a memory-slot update takes about a millisecond); a refusal turns
-    // it off again, as every failure does.
-    set_dirty_logging(handle, true)?;
+    // Over TLS the Hello follows the handshake's last flight without waiting
+    // for the destination's verdict on this side's certificate (a round
+    // trip); the destination reads it only once it accepted the certificate.
+    let sent = write_json(&mut conn, Kind::Hello, &hello);
+    if sent.is_ok() {
+        // Logging starts while the destination checks the Hello and builds
+        // its VM (a memory-slot update takes about a millisecond); a refusal
+        // turns it off again, as every failure does.
+        set_dirty_logging(handle, true)?;
+    }
+    // A refused certificate explains a failed write better than the write.
+    conn.confirm_accepted(&format!("the destination {uri}"))?;
+    sent?;
+    if matches!(conn, Conn::Tls { .. }) {
+        tracing::info!("migration to {uri}: TLS 1.3, both certificates verified");
+    }
     let reply: HelloReply = expect(&mut conn, Kind::HelloReply, "HelloReply")?.json()?;
     if !reply.accept {
         return Err(MigrateError::Refused(reply.reasons));

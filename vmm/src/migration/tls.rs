@@ -280,8 +280,70 @@ pub(super) fn client_config(dir: &Path) -> Result<Arc<ClientConfig>, TlsError> {
     Ok(Arc::new(config))
 }
 
-/// Runs the handshake as the source, then waits for the destination to
-/// accept this side's certificate.
+/// What a credential file was when it was read: a rewritten file (a renewed
+/// certificate) differs in one of these.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct FileStamp {
+    modified: Option<std::time::SystemTime>,
+    len: u64,
+    inode: u64,
+}
+
+fn stamps(dir: &Path) -> Vec<Option<FileStamp>> {
+    use std::os::unix::fs::MetadataExt;
+    [CA_CERT, CLIENT_CERT, CLIENT_KEY]
+        .iter()
+        .map(|name| {
+            std::fs::metadata(dir.join(name)).ok().map(|m| FileStamp {
+                modified: m.modified().ok(),
+                len: m.len(),
+                inode: m.ino(),
+            })
+        })
+        .collect()
+}
+
+/// The source's credentials, loaded when `migrate-set-parameters` names
+/// their directory (as QEMU loads a `tls-creds-x509` object when it is
+/// created): a directory that cannot serve is refused there, and a
+/// migration does not read and parse the files again (about 0.2 ms, once
+/// per connection) unless one of them changed since.
+#[derive(Clone, Debug)]
+pub struct ClientCreds {
+    dir: PathBuf,
+    stamps: Vec<Option<FileStamp>>,
+    config: Arc<ClientConfig>,
+}
+
+impl ClientCreds {
+    pub fn load(dir: &Path) -> Result<ClientCreds, TlsError> {
+        let stamps = stamps(dir);
+        Ok(ClientCreds {
+            dir: dir.to_path_buf(),
+            stamps,
+            config: client_config(dir)?,
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The configuration, read again from the directory if one of its
+    /// files changed since it was loaded.
+    pub(super) fn current(&self) -> Result<Arc<ClientConfig>, TlsError> {
+        if stamps(&self.dir) == self.stamps {
+            Ok(Arc::clone(&self.config))
+        } else {
+            client_config(&self.dir)
+        }
+    }
+}
+
+/// Runs the handshake as the source. The destination's verdict on this
+/// side's certificate is still to come: the caller may write its first
+/// message (the destination reads nothing before its verdict) and must then
+/// take the verdict with [`confirm_accepted`] before it reads anything.
 pub(super) fn connect(
     config: Arc<ClientConfig>,
     hostname: &str,
@@ -290,26 +352,41 @@ pub(super) fn connect(
 ) -> Result<TlsStream, TlsError> {
     let name = ServerName::try_from(hostname.to_string())
         .map_err(|_| TlsError::HostName(hostname.to_string()))?;
-    let failed = |source: std::io::Error| TlsError::Handshake {
+    let conn = ClientConnection::new(config, name)
+        .map_err(|e| handshake_failed(peer, std::io::Error::other(e)))?;
+    let mut stream = StreamOwned::new(conn, tcp);
+    while stream.conn.is_handshaking() {
+        stream
+            .conn
+            .complete_io(&mut stream.sock)
+            .map_err(|e| handshake_failed(peer, e))?;
+    }
+    Ok(TlsStream::Client(stream))
+}
+
+/// Reads the destination's verdict on this side's certificate: in TLS 1.3
+/// the client's handshake ends before the server has checked the client's
+/// certificate, so its acceptance (or its alert) comes as the first byte.
+pub(super) fn confirm_accepted(stream: &mut TlsStream, peer: &str) -> Result<(), TlsError> {
+    let mut accepted = [0u8; 1];
+    stream
+        .read_exact(&mut accepted)
+        .map_err(|e| handshake_failed(peer, e))?;
+    if accepted[0] != ACCEPTED {
+        return Err(handshake_failed(
+            peer,
+            std::io::Error::other("the destination's first byte is not the TLS acceptance"),
+        ));
+    }
+    Ok(())
+}
+
+fn handshake_failed(peer: &str, source: std::io::Error) -> TlsError {
+    TlsError::Handshake {
         peer: peer.to_string(),
         refusal: Refusal::of(&source),
         source,
-    };
-    let conn = ClientConnection::new(config, name).map_err(|e| failed(std::io::Error::other(e)))?;
-    let mut stream = StreamOwned::new(conn, tcp);
-    while stream.conn.is_handshaking() {
-        stream.conn.complete_io(&mut stream.sock).map_err(failed)?;
     }
-    // In TLS 1.3 the client's handshake ends before the server has checked
-    // the client's certificate; its verdict comes with the first byte.
-    let mut accepted = [0u8; 1];
-    stream.read_exact(&mut accepted).map_err(failed)?;
-    if accepted[0] != ACCEPTED {
-        return Err(failed(std::io::Error::other(
-            "the destination's first byte is not the TLS acceptance",
-        )));
-    }
-    Ok(TlsStream::Client(stream))
 }
 
 /// Runs the handshake as the destination; on success tells the source its
@@ -319,18 +396,23 @@ pub(super) fn accept(
     tcp: TcpStream,
     peer: &str,
 ) -> Result<TlsStream, TlsError> {
-    let failed = |source: std::io::Error| TlsError::Handshake {
-        peer: peer.to_string(),
-        refusal: Refusal::of(&source),
-        source,
-    };
-    let conn = ServerConnection::new(config).map_err(|e| failed(std::io::Error::other(e)))?;
+    let conn = ServerConnection::new(config)
+        .map_err(|e| handshake_failed(peer, std::io::Error::other(e)))?;
     let mut stream = StreamOwned::new(conn, tcp);
     while stream.conn.is_handshaking() {
-        stream.conn.complete_io(&mut stream.sock).map_err(failed)?;
+        if let Err(e) = stream.conn.complete_io(&mut stream.sock) {
+            // rustls has written its alert. The source may already have sent
+            // its first message after its own handshake: closing with that
+            // unread would reset the connection and could lose the alert, so
+            // what it sent is read and dropped until it closes.
+            super::transport::drain_then_close(stream.sock);
+            return Err(handshake_failed(peer, e));
+        }
     }
-    stream.write_all(&[ACCEPTED]).map_err(failed)?;
-    stream.flush().map_err(failed)?;
+    stream
+        .write_all(&[ACCEPTED])
+        .and_then(|()| stream.flush())
+        .map_err(|e| handshake_failed(peer, e))?;
     Ok(TlsStream::Server(stream))
 }
 
@@ -357,5 +439,30 @@ mod tests {
         ] {
             assert!(suites.contains(&other), "{other:?} missing from {suites:?}");
         }
+    }
+
+    #[test]
+    fn client_creds_are_read_again_when_a_file_changes() {
+        let dir = std::env::temp_dir().join(format!("godwit-tls-creds-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let ca = rcgen::CertificateParams::new(Vec::<String>::new())
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        std::fs::write(dir.join(CA_CERT), ca.pem()).unwrap();
+        std::fs::write(dir.join(CLIENT_CERT), ca.pem()).unwrap();
+        std::fs::write(dir.join(CLIENT_KEY), key.serialize_pem()).unwrap();
+        let creds = ClientCreds::load(&dir).unwrap();
+        let same = creds.current().unwrap();
+        assert!(
+            Arc::ptr_eq(&same, &creds.config),
+            "unchanged files are not read again"
+        );
+        // A renewed key that is no longer usable shows at once.
+        std::fs::write(dir.join(CLIENT_KEY), "not a key").unwrap();
+        let err = creds.current().unwrap_err();
+        assert!(err.to_string().contains(CLIENT_KEY), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -62,6 +62,18 @@ impl Conn {
             Conn::Unix(s) => s.set_read_timeout(t).and(s.set_write_timeout(t)),
         };
     }
+    /// For a TLS stream this side opened: the destination's verdict on this
+    /// side's certificate (see [`tls::confirm_accepted`]); nothing to wait
+    /// for on the others.
+    pub(super) fn confirm_accepted(&mut self, peer: &str) -> Result<(), tls::TlsError> {
+        match self {
+            Conn::Tls { stream, .. } => tls::confirm_accepted(
+                &mut stream.lock().unwrap_or_else(PoisonError::into_inner),
+                peer,
+            ),
+            Conn::Tcp(_) | Conn::Unix(_) => Ok(()),
+        }
+    }
     fn tls(stream: TlsStream, tcp: TcpStream) -> Conn {
         Conn::Tls {
             stream: Arc::new(Mutex::new(stream)),
@@ -172,6 +184,9 @@ fn host_of(addr: &str) -> &str {
         .unwrap_or(host)
 }
 
+/// Opens the main stream. Over `tls:` the destination's verdict on this
+/// side's certificate is still to come: write the first message, then take
+/// it with [`Conn::confirm_accepted`] before reading.
 pub(super) fn connect(uri: &str, params: &MigrationParams) -> Result<Conn, MigrateError> {
     connect_as(uri, params, None)
 }
@@ -228,7 +243,11 @@ fn connect_as(
             if params.tls_creds.is_empty() {
                 return Err(MigrateError::TlsCredsMissing(uri.to_string()));
             }
-            let config = tls::client_config(Path::new(&params.tls_creds))?;
+            let dir = Path::new(&params.tls_creds);
+            let config = match &params.tls_client {
+                Some(creds) if creds.dir() == dir => creds.current()?,
+                _ => tls::client_config(dir)?,
+            };
             let hostname = if params.tls_hostname.is_empty() {
                 host_of(&addr)
             } else {
@@ -243,9 +262,6 @@ fn connect_as(
             under.set_read_timeout(Some(PEER_TIMEOUT)).ok();
             under.set_write_timeout(Some(PEER_TIMEOUT)).ok();
             let stream = tls::connect(config, hostname, tcp, &format!("the destination {addr}"))?;
-            if main {
-                tracing::info!("migration to {uri}: TLS 1.3, both certificates verified");
-            }
             Ok(Conn::tls(stream, under))
         }
         Uri::Unix(path) => Ok(Conn::Unix(UnixStream::connect(path).map_err(|source| {
@@ -269,15 +285,23 @@ fn first_byte_is_tls(s: &TcpStream, wait: Duration) -> std::io::Result<Option<bo
 }
 
 /// Tells a peer that speaks the other language why it is refused, in a
-/// plaintext `Abort`. What it sent is read and dropped until it closes (or
-/// a second passes): closing with unread input would reset the connection
-/// and lose the message.
+/// plaintext `Abort`.
 fn refuse(mut s: TcpStream, why: &str) {
     let _ = write_message(&mut s, Kind::Abort, why.as_bytes());
+    drain_then_close(s);
+}
+
+/// The longest a refused peer is read from before its connection closes:
+/// a peer that keeps sending gets no longer than this.
+const DRAIN_WAIT: Duration = Duration::from_secs(2);
+
+/// Ends writing, then reads and drops what the peer still sends until it
+/// closes or DRAIN_WAIT passes: closing with unread input would reset the
+/// connection and could lose what this side wrote last (an `Abort`, a TLS
+/// alert) before the peer reads it.
+pub(super) fn drain_then_close(mut s: TcpStream) {
     let _ = s.shutdown(std::net::Shutdown::Write);
-    // Drained briefly so the peer reads the reason before a reset; a peer
-    // that keeps sending gets no longer than this.
-    let until = Instant::now() + Duration::from_secs(2);
+    let until = Instant::now() + DRAIN_WAIT;
     let mut sink = [0u8; 4096];
     loop {
         let left = until.saturating_duration_since(Instant::now());
