@@ -212,6 +212,25 @@ fn mutual_tls_refuses_each_bad_peer_and_then_migrates_with_nothing_lost() {
         |d: &Path, name: &str| json!({"tls-creds": d.display().to_string(), "tls-hostname": name});
     let mut src = start_source(&hosts, &dir);
 
+    // Credentials are loaded when they are set, as QEMU loads a
+    // tls-creds-x509 object: a directory that cannot serve is refused there,
+    // naming the file, and the parameters stay as they were.
+    let missing = dir.join("no-such-creds");
+    let refused = src
+        .qmp
+        .execute("migrate-set-parameters", creds(&missing, ""))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        refused.contains("Parameter 'tls-creds' is unusable") && refused.contains("ca-cert.pem"),
+        "{refused}"
+    );
+    let params = src
+        .qmp
+        .execute("query-migrate-parameters", json!({}))
+        .unwrap();
+    assert_eq!(params["tls-creds"], "", "{params}");
+
     // A plaintext source at a TLS destination.
     let dst = start_destination(&hosts, "tls", Some(&good));
     let info = migrate(&mut src, &hosts, "tcp", json!({}));
