@@ -236,6 +236,24 @@ pub fn read_message<R: Read>(r: &mut R) -> Result<Message, ProtocolError> {
 /// [`read_message`] refusing payloads over `max` bytes (at most
 /// [`MAX_PAYLOAD`]) before allocating anything for them.
 pub fn read_message_limited<R: Read>(r: &mut R, max: u32) -> Result<Message, ProtocolError> {
+    read_message_into(r, max, Vec::new())
+}
+
+/// [`read_message`] into `recycled`, the payload of a message read before:
+/// a receiver of page batches (1 MiB each) reuses one buffer instead of
+/// allocating and zeroing a new one per message.
+pub fn read_message_reusing<R: Read>(
+    r: &mut R,
+    recycled: Vec<u8>,
+) -> Result<Message, ProtocolError> {
+    read_message_into(r, MAX_PAYLOAD, recycled)
+}
+
+fn read_message_into<R: Read>(
+    r: &mut R,
+    max: u32,
+    mut payload: Vec<u8>,
+) -> Result<Message, ProtocolError> {
     let max = max.min(MAX_PAYLOAD);
     let mut header = [0u8; HEADER_LEN];
     read_exact_or_closed(r, &mut header)?;
@@ -257,7 +275,8 @@ pub fn read_message_limited<R: Read>(r: &mut R, max: u32) -> Result<Message, Pro
         return Err(ProtocolError::TooLong { kind, len });
     }
     let expected = u32::from_le_bytes(header[12..16].try_into().unwrap_or_default());
-    let mut payload = vec![0u8; len as usize];
+    // Only bytes beyond what the buffer held before are zeroed.
+    payload.resize(len as usize, 0);
     read_exact_or_closed(r, &mut payload)?;
     let actual = crc32c::crc32c(&payload);
     if actual != expected {

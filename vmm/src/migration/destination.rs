@@ -7,8 +7,8 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 use godwit_migration::cpu_compat::{check_cpuid as cpuid_incompatibilities, CpuidEntry};
 use godwit_migration::format::{Container, FORMAT_VERSION};
 use godwit_migration::protocol::{
-    decode_runs, expect, read_message, write_json, write_message, DevicePeer, Hello, HelloReply,
-    Kind, Message, ProtocolError, Resumed, RoundEnd, PAGE_SIZE,
+    decode_runs, expect, read_message_reusing, write_json, write_message, DevicePeer, Hello,
+    HelloReply, Kind, Message, ProtocolError, Resumed, RoundEnd, PAGE_SIZE,
 };
 
 use super::announce::announce;
@@ -360,11 +360,15 @@ fn receive_main(
     channels: Option<&MainView<'_>>,
 ) -> Result<Vec<u8>, IncomingError> {
     let proto = |e: ProtocolError| IncomingError::from(MigrateError::from(e));
+    let mut recycled = Vec::new();
     loop {
-        let m = read_message(conn).map_err(proto)?;
+        let m = read_message_reusing(conn, std::mem::take(&mut recycled)).map_err(proto)?;
         tally.message(&m);
         match m.kind {
-            Kind::Pages | Kind::ZeroPages if channels.is_none() => write_pages(ram, &m, tally)?,
+            Kind::Pages | Kind::ZeroPages if channels.is_none() => {
+                write_pages(ram, &m, tally)?;
+                recycled = m.payload;
+            }
             Kind::RoundEnd => {
                 let r: RoundEnd = m.json().map_err(proto)?;
                 tally.round();

@@ -36,7 +36,7 @@ use std::thread::Scope;
 use std::time::{Duration, Instant};
 
 use godwit_migration::protocol::{
-    read_message, read_message_limited, write_json, write_message, ChannelHello, Kind,
+    read_message_limited, read_message_reusing, write_json, write_message, ChannelHello, Kind,
     MultifdHello, ProtocolError, RoundEnd, MAX_CHANNELS, MAX_CHANNEL_HELLO,
 };
 
@@ -879,12 +879,14 @@ fn receive_channel(
     let proto = |e: ProtocolError| IncomingError::from(MigrateError::from(e));
     let mut tally = IncomingTally::new();
     let mut round = 0u32;
+    let mut recycled = Vec::new();
     loop {
-        let m = read_message(&mut conn).map_err(proto)?;
+        let m = read_message_reusing(&mut conn, std::mem::take(&mut recycled)).map_err(proto)?;
         tally.message(&m);
         match m.kind {
             Kind::Pages | Kind::ZeroPages => {
                 write_pages(ram, &m, &mut tally)?;
+                recycled = m.payload;
             }
             Kind::RoundEnd => {
                 let r: RoundEnd = m.json().map_err(proto)?;

@@ -154,8 +154,64 @@ impl Refusal {
 
 /// An established, mutually authenticated TLS stream.
 pub enum TlsStream {
-    Client(StreamOwned<ClientConnection, TcpStream>),
-    Server(StreamOwned<ServerConnection, TcpStream>),
+    Client(StreamOwned<ClientConnection, BufferedSocket>),
+    Server(StreamOwned<ServerConnection, BufferedSocket>),
+}
+
+/// How much of the stream one read from the socket may bring in.
+const READ_BUFFER: usize = 256 * 1024;
+
+/// The socket under a TLS session, read through a buffer: rustls asks for
+/// at most one record (16 KiB) per read, so a stream read straight from the
+/// socket costs a system call per record (21,000 for a 330 MiB migration,
+/// against 600 for the same stream over plain TCP); one read here brings in
+/// as much as the socket holds, up to READ_BUFFER. Writes go straight to
+/// the socket (rustls already writes many records per call).
+pub struct BufferedSocket {
+    tcp: TcpStream,
+    buf: Box<[u8]>,
+    start: usize,
+    end: usize,
+}
+
+impl BufferedSocket {
+    fn new(tcp: TcpStream) -> BufferedSocket {
+        BufferedSocket {
+            tcp,
+            buf: vec![0; READ_BUFFER].into_boxed_slice(),
+            start: 0,
+            end: 0,
+        }
+    }
+}
+
+impl Read for BufferedSocket {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        if self.start == self.end {
+            // Large reads need no staging.
+            if out.len() >= self.buf.len() {
+                return self.tcp.read(out);
+            }
+            self.end = self.tcp.read(&mut self.buf)?;
+            self.start = 0;
+        }
+        let n = out.len().min(self.end - self.start);
+        out[..n].copy_from_slice(&self.buf[self.start..self.start + n]);
+        self.start += n;
+        Ok(n)
+    }
+}
+
+impl Write for BufferedSocket {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.tcp.write(buf)
+    }
+    fn write_vectored(&mut self, bufs: &[std::io::IoSlice<'_>]) -> std::io::Result<usize> {
+        self.tcp.write_vectored(bufs)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.tcp.flush()
+    }
 }
 
 impl Read for TlsStream {
@@ -354,7 +410,7 @@ pub(super) fn connect(
         .map_err(|_| TlsError::HostName(hostname.to_string()))?;
     let conn = ClientConnection::new(config, name)
         .map_err(|e| handshake_failed(peer, std::io::Error::other(e)))?;
-    let mut stream = StreamOwned::new(conn, tcp);
+    let mut stream = StreamOwned::new(conn, BufferedSocket::new(tcp));
     while stream.conn.is_handshaking() {
         stream
             .conn
@@ -398,14 +454,14 @@ pub(super) fn accept(
 ) -> Result<TlsStream, TlsError> {
     let conn = ServerConnection::new(config)
         .map_err(|e| handshake_failed(peer, std::io::Error::other(e)))?;
-    let mut stream = StreamOwned::new(conn, tcp);
+    let mut stream = StreamOwned::new(conn, BufferedSocket::new(tcp));
     while stream.conn.is_handshaking() {
         if let Err(e) = stream.conn.complete_io(&mut stream.sock) {
             // rustls has written its alert. The source may already have sent
             // its first message after its own handshake: closing with that
             // unread would reset the connection and could lose the alert, so
             // what it sent is read and dropped until it closes.
-            super::transport::drain_then_close(stream.sock);
+            super::transport::drain_then_close(stream.sock.tcp);
             return Err(handshake_failed(peer, e));
         }
     }
