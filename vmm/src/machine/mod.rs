@@ -605,14 +605,31 @@ impl Machine {
         let ram = GuestRam::new(config.memory)?;
         let vm = Vm::create(kvm)?;
         // KVM's supported CPUID is asked on a thread meanwhile (see
-        // Vm::supported_cpuid), joined before the first vCPU is created.
+        // Vm::supported_cpuid), which then creates the PIT once the irqchip
+        // exists (see Vm::create_pit); it is joined before the first vCPU is
+        // created.
         let (buses, nets, blockers, serial, vcpus, event_tx, event_rx) =
             std::thread::scope(|scope| {
                 let vm = &vm;
+                let (irqchip_made, irqchip) = mpsc::channel::<()>();
                 let cpuid = std::thread::Builder::new()
                     .name("cpuid".into())
-                    .spawn_scoped(scope, move || vm.supported_cpuid().map(|_| ()));
-                vm.finish(&ram.memory)?;
+                    .spawn_scoped(scope, move || {
+                        vm.supported_cpuid()?;
+                        // No message: the irqchip failed, and so does the build.
+                        match irqchip.recv() {
+                            Ok(()) => vm.create_pit(),
+                            Err(_) => Ok(()),
+                        }
+                    });
+                vm.map_memory_and_create_irqchip(&ram.memory)?;
+                let pit_here = match &cpuid {
+                    Ok(_) => irqchip_made.send(()).is_err(),
+                    Err(_) => true,
+                };
+                if pit_here {
+                    vm.create_pit()?;
+                }
 
                 let mut buses = IoBuses::default();
                 // Every peer is probed and checked before the guest exists.
@@ -665,7 +682,7 @@ impl Machine {
 
                 match cpuid {
                     Ok(handle) => handle.join().map_err(|_| BuildError::Host {
-                        what: "the thread that reads KVM's supported CPUID",
+                        what: "the thread that reads KVM's supported CPUID and creates the PIT",
                         source: std::io::Error::other("it panicked"),
                     })??,
                     // No thread: ask here.
