@@ -604,32 +604,13 @@ impl Machine {
         }
         let ram = GuestRam::new(config.memory)?;
         let vm = Vm::create(kvm)?;
-        // KVM's supported CPUID is asked on a thread meanwhile (see
-        // Vm::supported_cpuid), which then creates the PIT once the irqchip
-        // exists (see Vm::create_pit); it is joined before the first vCPU is
-        // created.
+        // KVM's supported CPUID and the PIT on a helper thread meanwhile.
         let (buses, nets, blockers, serial, vcpus, event_tx, event_rx) =
             std::thread::scope(|scope| {
                 let vm = &vm;
-                let (irqchip_made, irqchip) = mpsc::channel::<()>();
-                let cpuid = std::thread::Builder::new()
-                    .name("cpuid".into())
-                    .spawn_scoped(scope, move || {
-                        vm.supported_cpuid()?;
-                        // No message: the irqchip failed, and so does the build.
-                        match irqchip.recv() {
-                            Ok(()) => vm.create_pit(),
-                            Err(_) => Ok(()),
-                        }
-                    });
+                let mut helper = vm::CpuidAndPit::start(scope, vm);
                 vm.map_memory_and_create_irqchip(&ram.memory)?;
-                let pit_here = match &cpuid {
-                    Ok(_) => irqchip_made.send(()).is_err(),
-                    Err(_) => true,
-                };
-                if pit_here {
-                    vm.create_pit()?;
-                }
+                helper.irqchip_created()?;
 
                 let mut buses = IoBuses::default();
                 // Every peer is probed and checked before the guest exists.
@@ -680,16 +661,7 @@ impl Machine {
                     config.debug_exit,
                 )?;
 
-                match cpuid {
-                    Ok(handle) => handle.join().map_err(|_| BuildError::Host {
-                        what: "the thread that reads KVM's supported CPUID and creates the PIT",
-                        source: std::io::Error::other("it panicked"),
-                    })??,
-                    // No thread: ask here.
-                    Err(_) => {
-                        vm.supported_cpuid()?;
-                    }
-                }
+                helper.join()?;
                 let vcpus = vm.create_vcpus(num_vcpus)?;
                 boot::regs::setup_boot_cpu(&vcpus[0].fd, &ram.memory, &boot_entry)?;
                 Ok::<_, BuildError>((buses, nets, blockers, serial, vcpus, event_tx, event_rx))

@@ -823,18 +823,10 @@ pub fn restore(config: &VmConfig, dir: &Path) -> Result<Machine, RestoreError> {
     }
     std::thread::scope(|scope| {
         let vm = &vm;
-        let cpuid = std::thread::Builder::new()
-            .name("cpuid".into())
-            .spawn_scoped(scope, move || vm.supported_cpuid().map(|_| ()));
-        let res = restore_memory_and_peers(config, &saved, &mem_info, &mem_path, mode, vm);
-        match cpuid {
-            Ok(handle) => handle.join().map_err(|_| {
-                RestoreError::VmThread(std::io::Error::other("the CPUID thread panicked"))
-            })??,
-            Err(_) => {
-                vm.supported_cpuid()?;
-            }
-        }
+        let mut helper = vm::CpuidAndPit::start(scope, vm);
+        let res =
+            restore_memory_and_peers(config, &saved, &mem_info, &mem_path, mode, vm, &mut helper);
+        helper.join()?;
         res
     })
     .and_then(|(ram, peers)| {
@@ -852,8 +844,8 @@ pub fn restore(config: &VmConfig, dir: &Path) -> Result<Machine, RestoreError> {
 }
 
 /// Guest memory from the memory file (mapped or copied), registered with
-/// the VM with its irqchip and PIT, and this host's peers opened and
-/// checked.
+/// the VM with its irqchip (`helper` then creates the PIT), and this host's
+/// peers opened and checked.
 fn restore_memory_and_peers(
     config: &VmConfig,
     saved: &SavedVm,
@@ -861,6 +853,7 @@ fn restore_memory_and_peers(
     mem_path: &Path,
     mode: RestoreMemory,
     vm: &Vm,
+    helper: &mut vm::CpuidAndPit<'_>,
 ) -> Result<(GuestRam, Vec<(net::OpenedPeer, PeerSupport)>), RestoreError> {
     let mem_err = |source| RestoreError::Memory {
         path: mem_path.to_path_buf(),
@@ -877,13 +870,15 @@ fn restore_memory_and_peers(
         mem_path.display(),
         mode
     );
-    let peers = open_peers(&saved.nets, config)?;
     let ram = GuestRam {
         memory: restored.memory,
         file: restored.file,
         size: saved.config.memory_size,
     };
-    vm.finish(&ram.memory).map_err(RestoreError::from)?;
+    vm.map_memory_and_create_irqchip(&ram.memory)?;
+    // The peers are opened while the helper creates the PIT.
+    helper.irqchip_created()?;
+    let peers = open_peers(&saved.nets, config)?;
     Ok((ram, peers))
 }
 /// A vCPU's or device's index as a section instance (a VM has a few

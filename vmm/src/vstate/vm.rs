@@ -1,7 +1,8 @@
 //! The KVM virtual machine: /dev/kvm, guest RAM slots, the in-kernel
 //! irqchip (PIC, IOAPIC, LAPICs) and PIT, and the vCPU file descriptors.
 
-use std::sync::OnceLock;
+use std::sync::{mpsc, OnceLock};
+use std::thread::{Scope, ScopedJoinHandle};
 
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Cap, Kvm, VmFd};
@@ -40,6 +41,8 @@ pub enum VmError {
         what: &'static str,
         source: kvm_ioctls::Error,
     },
+    #[error("the thread that reads KVM's supported CPUID and creates the PIT panicked")]
+    HelperPanicked,
 }
 
 fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
@@ -217,5 +220,65 @@ impl Vm {
         (0..num_vcpus)
             .map(|id| self.create_vcpu(id, num_vcpus))
             .collect()
+    }
+}
+
+/// KVM's supported CPUID (see [`Vm::supported_cpuid`]), then the PIT once
+/// the irqchip exists (see [`Vm::create_pit`]), on a helper thread while a
+/// boot or a restore sets up guest memory and the irqchip and goes on with
+/// its devices. Joined before the first vCPU is created. Where no thread can
+/// be started, the same work happens on the caller's thread.
+pub struct CpuidAndPit<'scope> {
+    vm: &'scope Vm,
+    helper: Option<ScopedJoinHandle<'scope, Result<(), VmError>>>,
+    irqchip_made: Option<mpsc::Sender<()>>,
+}
+
+impl<'scope> CpuidAndPit<'scope> {
+    pub fn start<'env>(scope: &'scope Scope<'scope, 'env>, vm: &'scope Vm) -> Self {
+        let (irqchip_made, irqchip) = mpsc::channel::<()>();
+        let helper = std::thread::Builder::new()
+            .name("cpuid".into())
+            .spawn_scoped(scope, move || {
+                vm.supported_cpuid()?;
+                // No message: the caller failed before its irqchip existed.
+                match irqchip.recv() {
+                    Ok(()) => vm.create_pit(),
+                    Err(_) => Ok(()),
+                }
+            })
+            .ok();
+        CpuidAndPit {
+            vm,
+            helper,
+            irqchip_made: Some(irqchip_made),
+        }
+    }
+
+    /// Call right after [`Vm::map_memory_and_create_irqchip`].
+    pub fn irqchip_created(&mut self) -> Result<(), VmError> {
+        let sent = self
+            .irqchip_made
+            .take()
+            .is_some_and(|tx| self.helper.is_some() && tx.send(()).is_ok());
+        if !sent {
+            self.vm.create_pit()?;
+        }
+        Ok(())
+    }
+
+    /// Waits for the helper; afterwards the VM has its PIT and
+    /// [`Vm::supported_cpuid`] answers at once.
+    pub fn join(mut self) -> Result<(), VmError> {
+        // A caller that failed before its irqchip existed never signalled:
+        // the helper then ends without a PIT instead of waiting.
+        drop(self.irqchip_made.take());
+        match self.helper.take() {
+            Some(handle) => handle.join().map_err(|_| VmError::HelperPanicked)??,
+            None => {
+                self.vm.supported_cpuid()?;
+            }
+        }
+        Ok(())
     }
 }
