@@ -78,29 +78,8 @@ pub fn remedy_line(stderr: &str, n: usize) -> Option<String> {
 }
 
 impl RunningVm {
-    /// The counter of the last heartbeat line seen so far.
+    /// The counter of the last heartbeat line printed whole so far.
     pub fn last_heartbeat(&self) -> u64 {
-        self.seen
-            .iter()
-            .rev()
-            .find(|l| l.starts_with("heartbeat "))
-            .map(|l| heartbeat(l))
-            .expect("a heartbeat line on the console")
-    }
-
-    /// For a paused guest: reads every line still on its way (until none
-    /// comes for `quiet`) and returns the counter of the last heartbeat,
-    /// the one the guest stopped at.
-    pub fn heartbeat_when_paused(&mut self, quiet: Duration) -> u64 {
-        let mut last = 0;
-        while let Some(l) = self.try_line(quiet) {
-            if l.starts_with("heartbeat ") {
-                last = heartbeat(&l);
-            }
-        }
-        if last == 0 {
-            last = self.last_heartbeat();
-        }
-        last
+        crate::migrate::last_complete_heartbeat(self.complete_lines())
     }
 }

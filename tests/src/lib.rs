@@ -164,9 +164,45 @@ pub fn wait_with_deadline(mut child: Child, deadline: Duration) -> Finished {
 /// A godwit process whose console is read line by line as it runs.
 pub struct RunningVm {
     child: Option<Child>,
-    lines: Receiver<String>,
+    lines: Receiver<ConsoleLine>,
     pub seen: Vec<String>,
+    /// Whether the last line in `seen` is one the console's output ended in
+    /// the middle of.
+    cut: bool,
     stderr: Receiver<String>,
+}
+
+/// A console line as the reader thread found it.
+struct ConsoleLine {
+    text: String,
+    /// False for output that ended before the line's newline.
+    terminated: bool,
+}
+
+/// Sends `output`'s lines, newline removed, until it ends. The last one is
+/// marked when output ends in the middle of it; bytes that are not UTF-8 are
+/// replaced, not the end of reading.
+fn read_console(output: impl Read, lines: mpsc::Sender<ConsoleLine>) {
+    let mut output = BufReader::new(output);
+    let mut buf = Vec::new();
+    loop {
+        buf.clear();
+        match output.read_until(b'\n', &mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+        let terminated = buf.last() == Some(&b'\n');
+        if terminated {
+            buf.pop();
+            if buf.last() == Some(&b'\r') {
+                buf.pop();
+            }
+        }
+        let text = String::from_utf8_lossy(&buf).into_owned();
+        if lines.send(ConsoleLine { text, terminated }).is_err() {
+            return;
+        }
+    }
 }
 
 impl RunningVm {
@@ -197,13 +233,7 @@ impl RunningVm {
         let stdout = child.stdout.take().expect("stdout");
         let stderr_pipe = child.stderr.take().expect("stderr");
         let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
+        std::thread::spawn(move || read_console(stdout, tx));
         let (etx, stderr) = mpsc::channel();
         std::thread::spawn(move || {
             let mut s = String::new();
@@ -214,8 +244,48 @@ impl RunningVm {
             child: Some(child),
             lines,
             seen: Vec::new(),
+            cut: false,
             stderr,
         }
+    }
+
+    /// Keeps a line the reader sent; returns its text.
+    fn record(&mut self, line: ConsoleLine) -> String {
+        self.cut = !line.terminated;
+        self.seen.push(line.text.clone());
+        line.text
+    }
+
+    /// Waits up to `timeout` for the console's output to end (the process
+    /// has exited or is about to); returns what it printed after its last
+    /// newline: the start of a line that a pause cut, which the VM going on
+    /// from this one completes. Empty when the output ended with a whole line.
+    pub fn cut_line(&mut self, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.record(line);
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                Err(mpsc::RecvTimeoutError::Timeout) => panic!(
+                    "the console's output did not end within {timeout:?}; console:\n{}",
+                    self.seen.join("\n")
+                ),
+            }
+        }
+        if self.cut {
+            self.seen.last().cloned().unwrap_or_default()
+        } else {
+            String::new()
+        }
+    }
+
+    /// The console lines printed whole so far: `seen` without a last line
+    /// that output ended in the middle of.
+    pub fn complete_lines(&self) -> &[String] {
+        &self.seen[..self.seen.len() - usize::from(self.cut)]
     }
 
     /// Waits for a console line that contains `needle`; returns it.
@@ -263,7 +333,7 @@ impl RunningVm {
                     self.seen.join("\n")
                 );
             };
-            self.seen.push(line.clone());
+            let line = self.record(line);
             if pick(&line) {
                 return line;
             }
@@ -273,8 +343,7 @@ impl RunningVm {
     /// The next console line, if one arrives within `timeout`.
     pub fn try_line(&mut self, timeout: Duration) -> Option<String> {
         let line = self.lines.recv_timeout(timeout).ok()?;
-        self.seen.push(line.clone());
-        Some(line)
+        Some(self.record(line))
     }
 
     pub fn pid(&self) -> u32 {
@@ -288,7 +357,7 @@ impl RunningVm {
         loop {
             if let Some(status) = child.try_wait().expect("try_wait") {
                 while let Ok(line) = self.lines.recv_timeout(Duration::from_millis(200)) {
-                    self.seen.push(line);
+                    self.record(line);
                 }
                 let err = self
                     .stderr

@@ -29,32 +29,43 @@ pub fn wait_migration(qmp: &mut QmpClient, timeout: Duration) -> Value {
     panic!("migration did not end within {timeout:?}: {last}");
 }
 
-/// The last complete heartbeat among a VM's console lines. A pause (stop,
-/// migration) can cut the line being printed: the console then ends with
-/// its start, e.g. `heartbeat 5` of `heartbeat 50`, which does not follow
-/// the heartbeat before it and is passed over.
-pub fn last_complete_heartbeat(seen: &[String]) -> u64 {
-    let mut beats = seen
+/// The last heartbeat among a VM's console lines printed whole (see
+/// [`RunningVm::complete_lines`]).
+pub fn last_complete_heartbeat(lines: &[String]) -> u64 {
+    lines
         .iter()
         .rev()
-        .filter(|l| l.starts_with("heartbeat "))
-        .filter_map(|l| l.trim().strip_prefix("heartbeat ")?.parse::<u64>().ok());
-    let last = beats.next().expect("a heartbeat line on the console");
-    match beats.next() {
-        Some(before) if last != before + 1 => before,
-        _ => last,
+        .find(|l| l.starts_with("heartbeat "))
+        .map(|l| heartbeat(l))
+        .expect("a heartbeat line on the console")
+}
+
+/// Where a VM that has ended left its console: the last heartbeat it
+/// printed whole, and the line its pause cut (see [`RunningVm::cut_line`]).
+pub struct ConsoleEnd {
+    pub last: u64,
+    pub cut: String,
+}
+
+/// Waits for `vm`'s output to end (it has exited or is exiting).
+pub fn console_end(vm: &mut RunningVm) -> ConsoleEnd {
+    let cut = vm.cut_line(Duration::from_secs(20));
+    ConsoleEnd {
+        last: last_complete_heartbeat(vm.complete_lines()),
+        cut,
     }
 }
 
 /// Checks that `next` (restored, or the migration destination) goes on
-/// from heartbeat `last`; returns its first complete heartbeat. When the
-/// pause cut `heartbeat {last + 1}` in two, `next` prints the rest of it
-/// first, and its first complete heartbeat is `last + 2`.
-pub fn assert_heartbeat_follows(last: u64, next: &mut RunningVm) -> u64 {
-    let cut = format!("heartbeat {}", last + 1);
+/// from `from`, character for character: its first line completes the cut
+/// one, and the heartbeats that follow count on by one. Returns the first
+/// heartbeat `next` printed whole.
+pub fn assert_heartbeat_follows(from: &ConsoleEnd, next: &mut RunningVm) -> u64 {
+    let ConsoleEnd { last, cut } = from;
+    let last = *last;
     let deadline = Instant::now() + Duration::from_secs(30);
+    let mut want = last + 1;
     let mut first_line = true;
-    let mut completed_cut = false;
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         let Some(line) = next.try_line(left) else {
@@ -63,23 +74,41 @@ pub fn assert_heartbeat_follows(last: u64, next: &mut RunningVm) -> u64 {
                 next.seen.join("\n")
             );
         };
-        if line.starts_with("heartbeat ") {
-            let n = heartbeat(&line);
-            let want = if completed_cut { last + 2 } else { last + 1 };
-            assert_eq!(n, want, "the heartbeat continues from {last}");
-            return n;
-        }
-        let rest = line.trim_end();
-        if first_line && !rest.is_empty() && rest.len() < cut.len() && cut.ends_with(rest) {
-            completed_cut = true;
-        }
+        let completes_cut = first_line && !cut.is_empty();
+        let line = if first_line {
+            format!("{cut}{line}")
+        } else {
+            line
+        };
         first_line = false;
+        if !line.starts_with("heartbeat ") {
+            continue;
+        }
+        let n = line
+            .trim()
+            .strip_prefix("heartbeat ")
+            .and_then(|n| n.parse::<u64>().ok());
+        assert_eq!(
+            n,
+            Some(want),
+            "the heartbeat does not go on from {last}: {line:?}{}; console after the pause:\n{}",
+            if completes_cut {
+                format!(" (the cut {cut:?} completed)")
+            } else {
+                String::new()
+            },
+            next.seen.join("\n")
+        );
+        if !completes_cut {
+            return want;
+        }
+        want += 1;
     }
 }
 
-/// After a completed migration from `src` (which has exited) to `dst`:
-/// the heartbeat counter goes on by one on `dst`. Returns its first value
-/// there.
-pub fn assert_heartbeat_continues(src: &RunningVm, dst: &mut RunningVm) -> u64 {
-    assert_heartbeat_follows(last_complete_heartbeat(&src.seen), dst)
+/// After a completed migration from `src` (which exits) to `dst`: the
+/// console goes on where the source's stopped. Returns the first heartbeat
+/// `dst` printed whole.
+pub fn assert_heartbeat_continues(src: &mut RunningVm, dst: &mut RunningVm) -> u64 {
+    assert_heartbeat_follows(&console_end(src), dst)
 }

@@ -9,7 +9,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 
 use godwit_migration::memory_file;
-use godwit_tests::migrate::{assert_heartbeat_follows, last_complete_heartbeat};
+use godwit_tests::migrate::{assert_heartbeat_follows, console_end, ConsoleEnd};
 use godwit_tests::net_backend::NetBackend;
 use godwit_tests::verify::{full_round_without_mismatch, next_verdict};
 use godwit_tests::{qmp_connect, udp_echo, EchoClient, NetHost, RunningVm, TempDir, TwoHosts};
@@ -503,26 +503,19 @@ fn a_save_killed_midway_leaves_a_restorable_snapshot_and_nothing_after_the_next(
     assert!(cut, "the save was killed before it completed");
 }
 
-/// The last complete heartbeat a VM printed (after draining what it still
-/// prints).
-fn last_heartbeat(vm: &mut RunningVm) -> u64 {
-    while vm.try_line(Duration::from_millis(300)).is_some() {}
-    last_complete_heartbeat(&vm.seen)
-}
-
 /// The next VM goes on where the previous one stopped.
-fn continues(vm: &mut RunningVm, last: u64, what: &str) {
-    assert_heartbeat_follows(last, vm);
+fn continues(vm: &mut RunningVm, from: &ConsoleEnd, what: &str) {
+    assert_heartbeat_follows(from, vm);
     full_round_without_mismatch(vm, what);
 }
 
-/// Stops the VM, snapshots it into `snap`, quits; returns its last heartbeat.
-fn stop_save_quit(vm: &mut RunningVm, api: &Path, snap: &Path) -> u64 {
+/// Stops the VM, snapshots it into `snap`, quits; returns where its
+/// console stopped.
+fn stop_save_quit(vm: &mut RunningVm, api: &Path, snap: &Path) -> ConsoleEnd {
     qmp_connect(api).execute("stop", Value::Null).unwrap();
-    let last = last_heartbeat(vm);
     save(api, snap);
     quit(vm, api);
-    last
+    console_end(vm)
 }
 
 /// Where a chain runs: on this host, or on two hosts with a TAP each and a
@@ -645,7 +638,7 @@ impl Place<'_> {
             .unwrap();
         let (status, stderr) = src.wait_exit(Duration::from_secs(120));
         assert_eq!(status.code(), Some(0), "{tag}: source: {stderr}");
-        continues(&mut dst, last_complete_heartbeat(&src.seen), tag);
+        continues(&mut dst, &console_end(src), tag);
         (dst, dst_api)
     }
 }
@@ -713,24 +706,24 @@ fn chain(vcpus: &str, hosts: Option<&TwoHosts>, vhost_user: bool) {
     let mut vm = place.boot(&api, vcpus);
     full_round_without_mismatch(&mut vm, "boot");
     live(&mut vm, "boot", &mut windows);
-    let last = stop_save_quit(&mut vm, &api, &dir.join("s1"));
+    let end = stop_save_quit(&mut vm, &api, &dir.join("s1"));
 
     let mut vm = place.restore(&dir.join("s1"), &api, "map");
-    continues(&mut vm, last, "restore (map)");
+    continues(&mut vm, &end, "restore (map)");
     live(&mut vm, "restore (map)", &mut windows);
-    let last = stop_save_quit(&mut vm, &api, &dir.join("s2"));
+    let end = stop_save_quit(&mut vm, &api, &dir.join("s2"));
 
     let mut vm = place.restore(&dir.join("s2"), &api, "copy");
-    continues(&mut vm, last, "restore (copy)");
+    continues(&mut vm, &end, "restore (copy)");
     live(&mut vm, "restore (copy)", &mut windows);
     let (mut b, b_api) = place.migrate(&mut vm, &api, dir.path(), "a-to-b", true);
     live(&mut b, "migrated to B", &mut windows);
     let (mut a, a_api) = place.migrate(&mut b, &b_api, dir.path(), "b-to-a", false);
     live(&mut a, "migrated back to A", &mut windows);
-    let last = stop_save_quit(&mut a, &a_api, &dir.join("s3"));
+    let end = stop_save_quit(&mut a, &a_api, &dir.join("s3"));
 
     let mut vm = place.restore(&dir.join("s3"), &api, "map");
-    continues(&mut vm, last, "the last restore");
+    continues(&mut vm, &end, "the last restore");
     live(&mut vm, "the last restore", &mut windows);
     quit(&mut vm, &api);
 

@@ -74,7 +74,7 @@ fn migrate_and_check(vcpus: u32, subnet: u8, cmdline_extra: &str) {
     assert_eq!(status.code(), Some(0), "source: {stderr}");
 
     // The counter continues on B.
-    let first_on_b = assert_heartbeat_continues(&src.vm, &mut dst);
+    let first_on_b = assert_heartbeat_continues(&mut src.vm, &mut dst);
     dst.wait_prefix(
         &format!("heartbeat {}", first_on_b + 2),
         Duration::from_secs(20),
@@ -478,7 +478,7 @@ fn migrates_a_vhost_user_guest_with_the_backends_dirty_log() {
     let migrated_at = Instant::now();
     let (status, stderr) = src.wait_exit(Duration::from_secs(20));
     assert_eq!(status.code(), Some(0), "source: {stderr}");
-    assert_heartbeat_continues(&src, &mut dst);
+    assert_heartbeat_continues(&mut src, &mut dst);
     std::thread::sleep(Duration::from_secs(1));
     let (sent, replies) = client.finish();
     let after = replies.iter().filter(|t| **t > migrated_at).count();

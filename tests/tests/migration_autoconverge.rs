@@ -119,6 +119,6 @@ fn auto_converge_throttles_a_guest_that_dirties_twice_the_link_until_it_moves() 
     let (status, stderr) = src.wait_exit(Duration::from_secs(20));
     assert_eq!(status.code(), Some(0), "source: {stderr}");
     // The guest runs on, unthrottled, on B.
-    let first = assert_heartbeat_continues(&src, &mut dst);
+    let first = assert_heartbeat_continues(&mut src, &mut dst);
     dst.wait_prefix(&format!("heartbeat {}", first + 5), Duration::from_secs(5));
 }

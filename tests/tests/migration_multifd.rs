@@ -170,7 +170,7 @@ fn the_verifying_guest_moves_intact_over_1_2_and_4_tcp_channels_and_2_tls_channe
             stderr.contains(&format!("{channels} multifd channel(s) connected")),
             "{what}: the source used its channels: {stderr}"
         );
-        assert_heartbeat_continues(&src.vm, &mut dst.vm);
+        assert_heartbeat_continues(&mut src.vm, &mut dst.vm);
         full_round_without_mismatch(&mut dst.vm, &what);
         let incoming = qmp_connect(&dst.api)
             .execute("query-migrate", Value::Null)
@@ -392,6 +392,6 @@ fn a_round_longer_than_the_main_streams_timeout_completes() {
     );
     let (status, stderr) = src.vm.wait_exit(Duration::from_secs(30));
     assert_eq!(status.code(), Some(0), "source: {stderr}");
-    assert_heartbeat_continues(&src.vm, &mut dst.vm);
+    assert_heartbeat_continues(&mut src.vm, &mut dst.vm);
     full_round_without_mismatch(&mut dst.vm, "after a slow multifd round");
 }

@@ -172,7 +172,7 @@ fn a_vhost_net_guest_migrates_with_the_pages_the_kernel_wrote() {
     assert_eq!(info["status"], "completed", "{info}");
     let (status, stderr) = src.wait_exit(Duration::from_secs(20));
     assert_eq!(status.code(), Some(0), "source: {stderr}");
-    assert_heartbeat_continues(&src, &mut dst);
+    assert_heartbeat_continues(&mut src, &mut dst);
     full_round_without_mismatch(&mut dst, "on the destination");
     let _ = traffic.join();
     let netq = qmp_connect(&dst_api)

@@ -59,6 +59,9 @@ pub const THROTTLE_MAX: u32 = 99;
 
 enum Step {
     Run,
+    /// A pause is asked for while the last exit's I/O instruction is not
+    /// yet retired: retire it, then ask again.
+    RetireIo,
     Exit,
 }
 
@@ -108,9 +111,15 @@ impl RunControl {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    fn next_step(&self) -> Step {
+    /// Parks while paused; `io_pending` (the last exit's I/O instruction not
+    /// yet retired) has the vCPU retire it first, so that a parked vCPU's
+    /// state is always whole.
+    fn next_step(&self, io_pending: bool) -> Step {
         let mut s = self.lock();
         if s.target == Target::Pause {
+            if io_pending {
+                return Step::RetireIo;
+            }
             s.parked += 1;
             self.changed.notify_all();
             while s.target == Target::Pause {
@@ -425,10 +434,19 @@ fn run_vcpu(
 /// Runs until told to exit (None) or until the guest ends the VM.
 fn vcpu_loop(id: u8, fd: &Mutex<VcpuFd>, control: &RunControl, buses: &IoBuses) -> Option<VmEvent> {
     let mut ran_since = Instant::now();
+    let mut io_pending = false;
     loop {
         control.throttle_wait(&mut ran_since);
-        if let Step::Exit = control.next_step() {
-            return None;
+        match control.next_step(io_pending) {
+            Step::Exit => return None,
+            Step::RetireIo => {
+                io_pending = false;
+                if let Some(event) = retire_pending_io(id, &mut lock_fd(fd), buses) {
+                    return Some(event);
+                }
+                continue;
+            }
+            Step::Run => {}
         }
         let mut guard = lock_fd(fd);
         let fd = &mut *guard;
@@ -439,77 +457,227 @@ fn vcpu_loop(id: u8, fd: &Mutex<VcpuFd>, control: &RunControl, buses: &IoBuses) 
         if control.lock().target != Target::Run {
             continue;
         }
-        let exit = match fd.run() {
-            Ok(exit) => exit,
-            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => continue,
-            Err(source) => {
-                return Some(VmEvent::VcpuFailed(VcpuExitError::Run { vcpu: id, source }))
-            }
-        };
-        match exit {
-            VcpuExit::IoIn(port, data) => {
-                if !buses.pio.read(u64::from(port), data) {
-                    data.fill(0xff);
-                }
-            }
-            VcpuExit::IoOut(port, data) => {
-                buses.pio.write(u64::from(port), data);
-            }
-            VcpuExit::MmioRead(addr, data) => {
-                if !buses.mmio.read(addr, data) {
-                    data.fill(0xff);
-                }
-            }
-            VcpuExit::MmioWrite(addr, data) => {
-                buses.mmio.write(addr, data);
-            }
-            // The in-kernel LAPIC handles HLT; should a host report it
-            // anyway, entering KVM_RUN again waits for the next interrupt.
-            VcpuExit::Hlt => {}
-            VcpuExit::Shutdown => {
-                let rip = rip_of(fd);
-                return Some(VmEvent::VcpuFailed(VcpuExitError::TripleFault {
-                    vcpu: id,
-                    rip,
-                }));
-            }
-            VcpuExit::SystemEvent(kind, _) => {
-                return Some(match kind {
-                    kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN
-                    | kvm_bindings::KVM_SYSTEM_EVENT_RESET => VmEvent::GuestReset,
-                    other => VmEvent::VcpuFailed(VcpuExitError::Unexpected {
-                        vcpu: id,
-                        exit: format!("system event {other}"),
-                        rip: rip_of(fd),
-                    }),
-                });
-            }
-            VcpuExit::InternalError => return Some(VmEvent::VcpuFailed(internal_error(id, fd))),
-            VcpuExit::FailEntry(reason, _cpu) => {
-                let rip = rip_of(fd);
-                return Some(VmEvent::VcpuFailed(VcpuExitError::FailEntry {
-                    vcpu: id,
-                    reason,
-                    rip,
-                }));
-            }
-            VcpuExit::Intr => {}
-            other => {
-                let exit = format!("{other:?}");
-                let rip = rip_of(fd);
-                return Some(VmEvent::VcpuFailed(VcpuExitError::Unexpected {
-                    vcpu: id,
-                    exit,
-                    rip,
-                }));
-            }
+        match run_once(id, fd, buses) {
+            RunOutcome::Interrupted => io_pending = false,
+            RunOutcome::Served { io } => io_pending = io,
+            RunOutcome::Ended(event) => return Some(event),
         }
     }
+}
+
+/// What one KVM_RUN came back with.
+enum RunOutcome {
+    /// No exit to serve: a kick or immediate_exit (any I/O instruction a
+    /// previous exit left is retired by now).
+    Interrupted,
+    /// An exit was served; `io` when it was a port or MMIO access, which
+    /// KVM retires only in the next KVM_RUN.
+    Served { io: bool },
+    /// The VM ends, or this vCPU failed.
+    Ended(VmEvent),
+}
+
+/// Enters KVM_RUN once and serves the exit.
+fn run_once(id: u8, fd: &mut VcpuFd, buses: &IoBuses) -> RunOutcome {
+    let exit = match fd.run() {
+        Ok(exit) => exit,
+        Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+            return RunOutcome::Interrupted
+        }
+        Err(source) => {
+            return RunOutcome::Ended(VmEvent::VcpuFailed(VcpuExitError::Run { vcpu: id, source }))
+        }
+    };
+    let failed = |error| RunOutcome::Ended(VmEvent::VcpuFailed(error));
+    match exit {
+        VcpuExit::IoIn(port, data) => {
+            if !buses.pio.read(u64::from(port), data) {
+                data.fill(0xff);
+            }
+        }
+        VcpuExit::IoOut(port, data) => {
+            buses.pio.write(u64::from(port), data);
+        }
+        VcpuExit::MmioRead(addr, data) => {
+            if !buses.mmio.read(addr, data) {
+                data.fill(0xff);
+            }
+        }
+        VcpuExit::MmioWrite(addr, data) => {
+            buses.mmio.write(addr, data);
+        }
+        // The in-kernel LAPIC handles HLT; should a host report it anyway,
+        // entering KVM_RUN again waits for the next interrupt.
+        VcpuExit::Hlt => return RunOutcome::Served { io: false },
+        VcpuExit::Intr => return RunOutcome::Interrupted,
+        VcpuExit::Shutdown => {
+            let rip = rip_of(fd);
+            return failed(VcpuExitError::TripleFault { vcpu: id, rip });
+        }
+        VcpuExit::SystemEvent(kind, _) => {
+            return match kind {
+                kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN | kvm_bindings::KVM_SYSTEM_EVENT_RESET => {
+                    RunOutcome::Ended(VmEvent::GuestReset)
+                }
+                other => failed(VcpuExitError::Unexpected {
+                    vcpu: id,
+                    exit: format!("system event {other}"),
+                    rip: rip_of(fd),
+                }),
+            };
+        }
+        VcpuExit::InternalError => return failed(internal_error(id, fd)),
+        VcpuExit::FailEntry(reason, _cpu) => {
+            let rip = rip_of(fd);
+            return failed(VcpuExitError::FailEntry {
+                vcpu: id,
+                reason,
+                rip,
+            });
+        }
+        other => {
+            let exit = format!("{other:?}");
+            let rip = rip_of(fd);
+            return failed(VcpuExitError::Unexpected {
+                vcpu: id,
+                exit,
+                rip,
+            });
+        }
+    }
+    RunOutcome::Served { io: true }
+}
+
+/// How many exits retiring one instruction may take: an MMIO access KVM
+/// splits in two (it crosses a page) exits once more for its second half.
+const RETIRE_ROUNDS: usize = 4;
+
+/// KVM retires a port or MMIO access (a read's value into its register,
+/// RIP past the instruction) only in the next KVM_RUN, as the KVM API
+/// requires before state is saved. This enters KVM_RUN with immediate_exit
+/// set: KVM retires the instruction and returns before the guest runs on.
+/// Without it, a snapshot or migration would hold RIP at the access, and
+/// the guest would execute it again wherever it resumes.
+fn retire_pending_io(id: u8, fd: &mut VcpuFd, buses: &IoBuses) -> Option<VmEvent> {
+    fd.set_kvm_immediate_exit(1);
+    for _ in 0..RETIRE_ROUNDS {
+        match run_once(id, fd, buses) {
+            RunOutcome::Interrupted => return None,
+            RunOutcome::Served { .. } => {}
+            RunOutcome::Ended(event) => return Some(event),
+        }
+    }
+    tracing::warn!(vcpu = id, "an I/O instruction was not retired after {RETIRE_ROUNDS} exits; its state is saved as it stands");
+    None
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use std::sync::mpsc;
+
+    use godwit_devices::bus::BusDevice;
+    use kvm_ioctls::Kvm;
+    use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+
+    /// A port whose read blocks until the test lets it answer, so that a
+    /// pause can be requested while a vCPU is inside the port read's exit.
+    struct HeldPort {
+        entered: mpsc::Sender<()>,
+        release: mpsc::Receiver<()>,
+    }
+
+    impl BusDevice for HeldPort {
+        fn read(&mut self, _offset: u64, data: &mut [u8]) {
+            let _ = self.entered.send(());
+            let _ = self.release.recv_timeout(Duration::from_secs(10));
+            data.fill(0x5a);
+        }
+        fn write(&mut self, _offset: u64, _data: &[u8]) {}
+    }
+
+    /// KVM retires a port read (the value into AL, RIP past the `in`) only
+    /// on the next KVM_RUN. A vCPU paused between the exit and that KVM_RUN
+    /// would leave state that, once saved, makes the restored guest execute
+    /// the read again (a UART's byte consumed twice) and lose this answer.
+    #[test]
+    fn a_vcpu_paused_inside_a_port_read_retires_it_before_parking() {
+        const CODE_GPA: u64 = 0x1000;
+        const PORT: u8 = 0x42;
+        register_kick_signal().unwrap();
+        let kvm = Kvm::new().unwrap();
+        let vm = kvm.create_vm().unwrap();
+        let memory: GuestMemoryMmap =
+            GuestMemoryMmap::from_ranges(&[(GuestAddress(CODE_GPA), 0x1000)]).unwrap();
+        // in al, PORT; hlt
+        memory
+            .write_slice(&[0xe4, PORT, 0xf4], GuestAddress(CODE_GPA))
+            .unwrap();
+        let region = memory.iter().next().unwrap();
+        let host = memory.get_host_address(GuestAddress(CODE_GPA)).unwrap();
+        let slot = kvm_bindings::kvm_userspace_memory_region {
+            slot: 0,
+            flags: 0,
+            guest_phys_addr: CODE_GPA,
+            memory_size: region.len(),
+            userspace_addr: host as u64,
+        };
+        // SAFETY: the region maps `memory`, which outlives the VM (both are
+        // dropped at the end of the test, the VM's vCPU threads first).
+        unsafe { vm.set_user_memory_region(slot).unwrap() };
+        let fd = vm.create_vcpu(0).unwrap();
+        let mut sregs = fd.get_sregs().unwrap();
+        sregs.cs.base = 0;
+        sregs.cs.selector = 0;
+        fd.set_sregs(&sregs).unwrap();
+        let regs = kvm_bindings::kvm_regs {
+            rip: CODE_GPA,
+            rflags: 2,
+            ..Default::default()
+        };
+        fd.set_regs(&regs).unwrap();
+
+        let (entered_tx, entered) = mpsc::channel();
+        let (release, release_rx) = mpsc::channel();
+        let mut buses = IoBuses::default();
+        let port = HeldPort {
+            entered: entered_tx,
+            release: release_rx,
+        };
+        buses
+            .pio
+            .insert(u64::from(PORT), 1, Arc::new(Mutex::new(port)))
+            .unwrap();
+        let (events, _events_rx) = mpsc::channel();
+        let threads = Arc::new(
+            VcpuThreads::start(vec![Vcpu { id: 0, fd }], Arc::new(buses), events, false).unwrap(),
+        );
+        entered
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the vCPU reads the port");
+        let pausing = {
+            let threads = threads.clone();
+            std::thread::spawn(move || threads.pause())
+        };
+        // The pause is asked for (and the vCPU kicked) while the read is held.
+        while !threads.is_paused() {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+        release.send(()).unwrap();
+        pausing.join().unwrap();
+
+        let fds = threads.paused_fds().expect("paused");
+        let regs = fds[0].get_regs().unwrap();
+        drop(fds);
+        threads.exit();
+        assert_eq!(
+            (regs.rip, regs.rax & 0xff),
+            (CODE_GPA + 2, 0x5a),
+            "the port read retired before the vCPU parked (RIP past `in`, AL = the answer)"
+        );
+    }
 
     #[test]
     fn instruction_bytes_start_after_the_length_byte() {
