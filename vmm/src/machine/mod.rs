@@ -34,6 +34,7 @@ use crate::abi::machine_types::{self, MachineType, MachineTypeError};
 use crate::boot::{self, BootConfig, BootError};
 use crate::config::{SerialSpec, VmConfig};
 use crate::devices::net::{NetDevice, NetSetupError};
+use crate::migration::announce::AnnounceRounds;
 use crate::vstate::events::VcpuExitError;
 use crate::vstate::events::VmEvent;
 use crate::vstate::memory::{GuestRam, MemoryError};
@@ -497,6 +498,9 @@ pub struct Machine {
     vm_events: Receiver<VmEvent>,
     services: Vec<Box<dyn Service>>,
     on_running: Option<OnRunning>,
+    /// Announce the guest's network devices once it runs (it arrived by
+    /// migration).
+    announce: bool,
     timeout: Option<Duration>,
 }
 
@@ -736,6 +740,7 @@ impl Machine {
             vm_events: built.event_rx,
             services: Vec::new(),
             on_running: None,
+            announce: false,
             timeout: config.timeout,
         })
     }
@@ -754,6 +759,53 @@ impl Machine {
     /// Sets what runs right after the guest is resumed by [`Machine::run`].
     pub fn on_running(&mut self, f: OnRunning) {
         self.on_running = Some(f);
+    }
+
+    /// Has [`Machine::run`] announce the guest on every network, right after
+    /// [`Machine::on_running`] and then in rounds (see [`AnnounceRounds`]).
+    pub fn announce_when_running(&mut self) {
+        self.announce = true;
+    }
+
+    /// Waits for the event that ends the VM, running announcement rounds as
+    /// they fall due; Err(Some(limit)) when `--timeout` passed first,
+    /// Err(None) when every event sender is gone.
+    fn wait_for_end(
+        &self,
+        mut announcing: Option<AnnounceRounds>,
+    ) -> Result<VmEvent, Option<Duration>> {
+        let deadline = self.timeout.map(|limit| (Instant::now() + limit, limit));
+        loop {
+            let wake = [
+                announcing.as_ref().and_then(AnnounceRounds::next_due),
+                deadline.map(|(at, _)| at),
+            ]
+            .into_iter()
+            .flatten()
+            .min();
+            let received = match wake {
+                None => self
+                    .vm_events
+                    .recv()
+                    .map_err(|_| mpsc::RecvTimeoutError::Disconnected),
+                Some(at) => self
+                    .vm_events
+                    .recv_timeout(at.saturating_duration_since(Instant::now())),
+            };
+            match received {
+                Ok(event) => return Ok(event),
+                Err(mpsc::RecvTimeoutError::Disconnected) => return Err(None),
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+            }
+            if let Some(rounds) = announcing.as_mut() {
+                rounds.poll(&self.handle.nets);
+            }
+            if let Some((at, limit)) = deadline {
+                if Instant::now() >= at {
+                    return Err(Some(limit));
+                }
+            }
+        }
     }
 
     /// Lets a snapshot or migration under way end (a migration is
@@ -780,14 +832,11 @@ impl Machine {
         if let Some(f) = self.on_running.take() {
             f(&self.handle);
         }
+        let announcing = self
+            .announce
+            .then(|| AnnounceRounds::start(&self.handle.nets));
         crate::seccomp::install_or_exit(crate::seccomp::ThreadKind::MainLoop);
-        let event = match self.timeout {
-            None => self.vm_events.recv().map_err(|_| None),
-            Some(limit) => self.vm_events.recv_timeout(limit).map_err(|e| match e {
-                mpsc::RecvTimeoutError::Timeout => Some(limit),
-                mpsc::RecvTimeoutError::Disconnected => None,
-            }),
-        };
+        let event = self.wait_for_end(announcing);
         let outcome = match event {
             Ok(VmEvent::GuestReset) => VmOutcome::GuestPoweroff,
             Ok(VmEvent::Quit) | Err(None) => match crate::signals::received() {

@@ -1,22 +1,81 @@
 //! Making the guest's new location known after a migration.
 
 use std::sync::PoisonError;
+use std::time::{Duration, Instant};
 
 use crate::devices::net::NetDevice;
 
+/// How many times the guest is announced after a migration, and when: QEMU's
+/// defaults (announce-rounds 5, -initial 50 ms, -step 100 ms, -max 550 ms),
+/// so that one lost frame or interrupt does not leave switches sending the
+/// guest's traffic to the host it left.
+pub const ROUNDS: u32 = 5;
+const FIRST_GAP: Duration = Duration::from_millis(50);
+const GAP_STEP: Duration = Duration::from_millis(100);
+const MAX_GAP: Duration = Duration::from_millis(550);
+
+/// The announcements of every network device after a migration: the first
+/// when the guest runs, the rest on the VMM's main loop as they fall due.
+pub struct AnnounceRounds {
+    done: u32,
+    next_due: Instant,
+}
+
+impl AnnounceRounds {
+    /// Announces every device once, now.
+    pub fn start(nets: &[NetDevice]) -> Self {
+        let mut rounds = AnnounceRounds {
+            done: 0,
+            next_due: Instant::now(),
+        };
+        rounds.run_round(nets);
+        rounds
+    }
+
+    /// When the next round is due; None once every round is done.
+    pub fn next_due(&self) -> Option<Instant> {
+        (self.done < ROUNDS).then_some(self.next_due)
+    }
+
+    /// Runs the next round if it is due.
+    pub fn poll(&mut self, nets: &[NetDevice]) {
+        if self.done < ROUNDS && Instant::now() >= self.next_due {
+            self.run_round(nets);
+        }
+    }
+
+    fn run_round(&mut self, nets: &[NetDevice]) {
+        self.done += 1;
+        for net in nets {
+            announce(net, self.done);
+        }
+        let gap = (FIRST_GAP + GAP_STEP * (self.done - 1)).min(MAX_GAP);
+        self.next_due = Instant::now() + gap;
+    }
+}
+
 /// Tells switches where the guest's MAC now lives: through the guest when
 /// it acked GUEST_ANNOUNCE (it sends gratuitous ARPs), else a RARP frame.
-pub fn announce(net: &NetDevice) {
+/// Only the first of the [`ROUNDS`] is logged at info level.
+fn announce(net: &NetDevice, round: u32) {
+    let level_info = round == 1;
+    let log = |what: std::fmt::Arguments<'_>| {
+        if level_info {
+            tracing::info!("{}: {what} (announcement {round} of {ROUNDS})", net.id);
+        } else {
+            tracing::debug!("{}: {what} (announcement {round} of {ROUNDS})", net.id);
+        }
+    };
     let mut dev = net.device.lock().unwrap_or_else(PoisonError::into_inner);
     if dev.announce() {
-        tracing::info!("{}: asked the guest to announce itself", net.id);
+        log(format_args!("asked the guest to announce itself"));
         return;
     }
     let tap = dev.tap();
     if tap.get().is_none() {
         // A vhost-user backend sends its frames itself; announce() above
         // already asked it to (SEND_RARP) where it could.
-        tracing::info!("{}: the backend announces the guest", net.id);
+        log(format_args!("the backend announces the guest"));
         return;
     }
     let mac = dev.mac();
@@ -37,11 +96,10 @@ pub fn announce(net: &NetDevice) {
     }
     buf.extend_from_slice(&frame);
     match tap.write(&buf) {
-        Ok(_) => tracing::info!(
-            "{}: sent a RARP announcement for {}",
-            net.id,
+        Ok(_) => log(format_args!(
+            "sent a RARP for {}",
             crate::config::net_spec::format_mac(&mac)
-        ),
+        )),
         Err(e) => tracing::warn!("{}: cannot send the RARP announcement: {e}", net.id),
     }
 }

@@ -11,7 +11,6 @@ use godwit_migration::protocol::{
     HelloReply, Kind, Message, ProtocolError, Resumed, RoundEnd, PAGE_SIZE,
 };
 
-use super::announce::announce;
 use super::status::IncomingTally;
 use super::transport::Conn;
 use super::{MigrateError, KVM_CAPS_CHECKED, PEER_TIMEOUT};
@@ -338,15 +337,14 @@ pub(super) fn receive(
     write_message(conn, Kind::Ready, &[]).map_err(IncomingError::NoGo)?;
     expect(conn, Kind::Go, "Go").map_err(IncomingError::NoGo)?;
     tracing::info!("incoming migration: the source committed; running the guest here");
-    m.on_running(Box::new(move |handle: &VmHandle| {
-        // The guest runs here now: tell the source, then the network.
+    m.on_running(Box::new(move |_: &VmHandle| {
+        // The guest runs here now: tell the source (the machine then
+        // tells the network).
         if let Err(e) = write_json(&mut confirm, Kind::Resumed, &Resumed { restore_ms }) {
             tracing::warn!("could not confirm the migration to the source: {e}");
         }
-        for net in &handle.nets {
-            announce(net);
-        }
     }));
+    m.announce_when_running();
     Ok(m)
 }
 

@@ -18,7 +18,7 @@
 //! own unless the destination said it will not run the guest, and an
 //! unknown outcome leaves the source paused in `postmigrate`.
 
-mod announce;
+pub mod announce;
 mod destination;
 mod dirty;
 mod handshake;
@@ -29,7 +29,6 @@ mod throttle;
 mod tls;
 mod transport;
 
-pub use announce::announce;
 pub use destination::{incoming, IncomingError};
 pub use source::start;
 pub use tls::{ClientCreds, Refusal, TlsError};
