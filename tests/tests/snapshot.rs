@@ -87,6 +87,8 @@ fn snapshot_and_restore(vcpus: u32, subnet: u8) {
         ],
     );
     let first = assert_heartbeat_follows(&end, &mut restored);
+    // Woken on a new TAP, the guest is asked to announce itself.
+    restored.wait_line("announce: gratuitous arp sent", Duration::from_secs(20));
     let target = host.guest_echo();
     let echoed =
         host.run(move || udp_echo(&target, 50, &[64, 512, 1400], 4, Duration::from_secs(30)));

@@ -499,7 +499,7 @@ pub struct Machine {
     services: Vec<Box<dyn Service>>,
     on_running: Option<OnRunning>,
     /// Announce the guest's network devices once it runs (it arrived by
-    /// migration).
+    /// migration or from a snapshot).
     announce: bool,
     timeout: Option<Duration>,
 }

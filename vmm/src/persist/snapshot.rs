@@ -833,7 +833,11 @@ pub fn restore(config: &VmConfig, dir: &Path) -> Result<Machine, RestoreError> {
         // After the irqchip (made with guest memory above): a vCPU created
         // before it would have no in-kernel local APIC.
         let vcpus = vm.create_vcpus(saved.config.vcpus)?;
-        let m = machine_from_saved(config, &saved, vm, vcpus, ram, peers)?;
+        let mut m = machine_from_saved(config, &saved, vm, vcpus, ram, peers)?;
+        // The guest may wake on another host or TAP than where it was saved:
+        // it is announced as after a migration (QEMU too announces a guest
+        // that acked GUEST_ANNOUNCE once its state is loaded).
+        m.announce_when_running();
         tracing::info!(
             "restored {} in {:.1} ms",
             dir.display(),
