@@ -6,7 +6,8 @@ use std::time::{Duration, Instant};
 use crate::devices::net::NetDevice;
 
 /// How many times the guest is announced after a migration, and when: QEMU's
-/// defaults (announce-rounds 5, -initial 50 ms, -step 100 ms, -max 550 ms),
+/// defaults (announce-rounds 5, -initial 50 ms, -step 100 ms, -max 550 ms:
+/// rounds at 0, 50, 200, 450 and 800 ms),
 /// so that one lost frame or interrupt does not leave switches sending the
 /// guest's traffic to the host it left.
 pub const ROUNDS: u32 = 5;
