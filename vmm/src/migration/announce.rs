@@ -104,3 +104,30 @@ fn announce(net: &NetDevice, round: u32) {
         Err(e) => tracing::warn!("{}: cannot send the RARP announcement: {e}", net.id),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rounds_follow_qemus_schedule_and_stop_after_the_fifth() {
+        let mut rounds = AnnounceRounds::start(&[]);
+        let mut gaps = Vec::new();
+        while let Some(due) = rounds.next_due() {
+            let before = Instant::now();
+            gaps.push(due.saturating_duration_since(before).as_millis());
+            rounds.next_due = before;
+            rounds.poll(&[]);
+        }
+        assert_eq!(rounds.done, ROUNDS);
+        // Each gap is measured a moment after it was set: at most that much under.
+        let want = [50, 150, 250, 350];
+        assert_eq!(gaps.len(), want.len());
+        for (gap, want) in gaps.iter().zip(want) {
+            assert!(
+                *gap <= want && *gap + 5 >= want,
+                "gaps {gaps:?}, want {want:?}"
+            );
+        }
+    }
+}
