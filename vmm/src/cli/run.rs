@@ -145,7 +145,7 @@ pub fn execute(args: RunArgs) -> Result<u8, super::Error> {
     // Timestamps for start-up profiling (GODWIT_LOG=debug): process start
     // to vCPUs released is measured against the floor in `godwit-bench boot`.
     tracing::debug!("run: command line parsed");
-    seccomp::init(args.seccomp, ThreadKind::Main).map_err(RunError::from)?;
+    seccomp::init(args.seccomp).map_err(RunError::from)?;
     crate::signals::start().map_err(RunError::Signals)?;
     // Before the snapshot or the migration stream is read.
     seccomp::install(ThreadKind::Main).map_err(RunError::from)?;

@@ -6,23 +6,35 @@
 //! raises SIGSYS (`SECCOMP_RET_TRAP`); the handler here names the thread and
 //! the call on stderr and ends godwit with [`EXIT_SECCOMP`]. `--seccomp log`
 //! lets the call through and has the kernel log it (audit `type=1326`),
-//! which is how the lists in [`filters`] are kept complete.
+//! which is how the lists in `filters.rs` are kept complete; `build.rs`
+//! compiles them into the binary.
 //!
 //! Filters stack: a thread is born with its parent's, so the list of a
-//! thread that starts others includes theirs (see [`filters`]).
+//! thread that starts others includes theirs (see `filters.rs`).
 //!
 //! Test hook: `GODWIT_SECCOMP_SELFTEST=KIND` (a [`ThreadKind::name`]) makes
 //! the first thread of that kind make a forbidden call right after its
 //! filter is installed, so the tests can see the handler at work.
 
-pub mod filters;
+#[cfg(test)]
+mod filters;
+mod kind;
+
+pub use kind::ThreadKind;
+
+/// Each thread kind's program, compiled by `build.rs` from `filters.rs`.
+mod precompiled {
+    use super::ThreadKind;
+    use seccompiler::sock_filter;
+
+    include!(concat!(env!("OUT_DIR"), "/seccomp_programs.rs"));
+}
 
 use std::cell::Cell;
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex, OnceLock, PoisonError};
+use std::sync::{Condvar, Mutex, OnceLock, PoisonError};
 
-use seccompiler::{BpfProgram, SeccompAction};
+use seccompiler::sock_filter;
 
 use godwit_devices::thread_hook::{self, DeviceThread};
 
@@ -49,71 +61,7 @@ pub enum SeccompMode {
     Log,
 }
 
-/// The kinds of thread godwit runs, one filter each.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum ThreadKind {
-    /// The main thread of `godwit run` while it builds, restores or receives
-    /// the VM (an incoming migration is read here).
-    Main,
-    /// The main thread once the VM runs: it waits for the end and tears down.
-    MainLoop,
-    Vcpu,
-    NetDatapath,
-    NetCtrl,
-    VhostUserMonitor,
-    Console,
-    TapNamespace,
-    SerialStdin,
-    ApiAccept,
-    ApiReader,
-    ApiWriter,
-    MigrationSource,
-    /// The thread that turns SIGTERM / SIGINT into an orderly shutdown.
-    Signals,
-    /// `godwit net-backend` (the vhost-user daemon's threads inherit it).
-    NetBackend,
-}
-
 impl ThreadKind {
-    pub const ALL: [ThreadKind; 15] = [
-        ThreadKind::Main,
-        ThreadKind::MainLoop,
-        ThreadKind::Vcpu,
-        ThreadKind::NetDatapath,
-        ThreadKind::NetCtrl,
-        ThreadKind::VhostUserMonitor,
-        ThreadKind::Console,
-        ThreadKind::TapNamespace,
-        ThreadKind::SerialStdin,
-        ThreadKind::ApiAccept,
-        ThreadKind::ApiReader,
-        ThreadKind::ApiWriter,
-        ThreadKind::MigrationSource,
-        ThreadKind::Signals,
-        ThreadKind::NetBackend,
-    ];
-
-    /// The name the SIGSYS message and the test hook use.
-    pub fn name(self) -> &'static str {
-        match self {
-            ThreadKind::Main => "main",
-            ThreadKind::MainLoop => "main-loop",
-            ThreadKind::Vcpu => "vcpu",
-            ThreadKind::NetDatapath => "net-datapath",
-            ThreadKind::NetCtrl => "net-ctrl",
-            ThreadKind::VhostUserMonitor => "vhost-user-monitor",
-            ThreadKind::Console => "console",
-            ThreadKind::TapNamespace => "tap-namespace",
-            ThreadKind::SerialStdin => "serial-stdin",
-            ThreadKind::ApiAccept => "api-accept",
-            ThreadKind::ApiReader => "api-reader",
-            ThreadKind::ApiWriter => "api-writer",
-            ThreadKind::MigrationSource => "migration-source",
-            ThreadKind::Signals => "signals",
-            ThreadKind::NetBackend => "net-backend",
-        }
-    }
-
     fn from_device(kind: DeviceThread) -> Self {
         match kind {
             DeviceThread::NetDatapath => ThreadKind::NetDatapath,
@@ -128,12 +76,6 @@ impl ThreadKind {
 /// Why the filters could not be set up.
 #[derive(Debug, thiserror::Error)]
 pub enum SeccompError {
-    #[error("cannot build the {kind} system-call filter: {source}")]
-    Build {
-        kind: &'static str,
-        #[source]
-        source: seccompiler::BackendError,
-    },
     #[error("cannot install the SIGSYS handler: {0}")]
     Handler(#[source] std::io::Error),
     #[error("cannot install the {kind} system-call filter (run with --seccomp off on a kernel without seccomp): {source}")]
@@ -144,13 +86,13 @@ pub enum SeccompError {
     },
 }
 
-/// The filters of this run: each kind's program is built the first time a
-/// thread of that kind installs it (a boot needs 4 or 5 of the 15; building
-/// all of them up front took 1.8 ms of the 6.5 ms from process start to the
-/// first guest instruction here), then kept for the next thread.
+/// The filters of this run. Their programs were compiled from
+/// `filters.rs` when godwit was built (`build.rs`): building them here cost
+/// 0.1-0.3 ms per thread kind, some of it before the first guest
+/// instruction.
 struct Filters {
-    mismatch: SeccompAction,
-    programs: Mutex<HashMap<ThreadKind, Arc<BpfProgram>>>,
+    /// `--seccomp log`: calls outside a list are logged, not stopped.
+    log: bool,
     selftest: Option<String>,
     /// Set once the allocator is primed (see [`prime_allocator`]): no filter
     /// is applied before.
@@ -158,20 +100,8 @@ struct Filters {
 }
 
 impl Filters {
-    fn program(&self, kind: ThreadKind) -> Result<Arc<BpfProgram>, SeccompError> {
-        let mut programs = self.programs.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(p) = programs.get(&kind) {
-            return Ok(Arc::clone(p));
-        }
-        let program = filters::program(kind, self.mismatch.clone()).map_err(|source| {
-            SeccompError::Build {
-                kind: kind.name(),
-                source,
-            }
-        })?;
-        let program = Arc::new(program);
-        programs.insert(kind, Arc::clone(&program));
-        Ok(program)
+    fn program(&self, kind: ThreadKind) -> &'static [sock_filter] {
+        precompiled::program(kind, self.log)
     }
 
     fn set_primed(&self) {
@@ -211,30 +141,22 @@ thread_local! {
     static THREAD_KIND: Cell<&'static str> = const { Cell::new("") };
 }
 
-/// Chooses the filters for `mode` (`Off`: none; each is built when a thread
-/// first installs it) and sets the hook the device threads call. Call once,
-/// before any thread starts. `next` is the kind the calling thread installs
-/// next: its program is built on the thread that primes the allocator while
-/// the caller goes on (about 0.35 ms, then the priming thread's start and
-/// end, off the path to the first guest instruction).
-pub fn init(mode: SeccompMode, next: ThreadKind) -> Result<(), SeccompError> {
+/// Chooses the filters for `mode` (`Off`: none) and sets the hook the
+/// device threads call. Call once, before any thread starts. The allocator
+/// is primed on a thread of its own while the caller goes on.
+pub fn init(mode: SeccompMode) -> Result<(), SeccompError> {
     if mode == SeccompMode::Off {
         return Ok(());
     }
-    let mismatch = match mode {
-        SeccompMode::Log => SeccompAction::Log,
-        _ => SeccompAction::Trap,
-    };
     install_sigsys_handler()?;
     let selftest = std::env::var(SELFTEST_ENV).ok();
     let _ = FILTERS.set(Filters {
-        mismatch,
-        programs: Mutex::default(),
+        log: mode == SeccompMode::Log,
         selftest,
         primed: (Mutex::new(false), Condvar::new()),
     });
     if let Some(filters) = FILTERS.get() {
-        start_priming(filters, next);
+        start_priming(filters);
     }
     thread_hook::set_hook(device_thread_started);
     Ok(())
@@ -248,20 +170,28 @@ pub fn init(mode: SeccompMode, next: ThreadKind) -> Result<(), SeccompError> {
 /// mmap threshold and frees them, so that the top of its heap crosses the
 /// trim threshold and the file is read (and the answer kept) here.
 fn prime_allocator() {
-    let blocks: Vec<Vec<u8>> = (0..64).map(|i| vec![i as u8; 8 << 10]).collect();
+    // Below the mmap threshold (128 KiB) each block comes from the arena;
+    // left unwritten, only their chunk headers' pages are touched (each
+    // page first touched costs a fault, which was most of the priming).
+    let blocks: Vec<Vec<u8>> = (0..PRIME_BLOCKS)
+        .map(|_| Vec::with_capacity(PRIME_BLOCK))
+        .collect();
     drop(std::hint::black_box(blocks));
 }
 
-/// Primes the allocator and builds `next`'s program on a thread of its own;
-/// every [`install`] waits for the priming before it applies a filter.
-fn start_priming(filters: &'static Filters, next: ThreadKind) {
+/// Together more than glibc's default trim threshold (128 KiB), so that
+/// freeing them makes the arena shrink.
+const PRIME_BLOCKS: usize = 3;
+const PRIME_BLOCK: usize = 96 << 10;
+
+/// Primes the allocator on a thread of its own; every [`install`] waits
+/// for the priming before it applies a filter.
+fn start_priming(filters: &'static Filters) {
     let spawned = std::thread::Builder::new()
         .name("alloc-prime".into())
         .spawn(move || {
             let _primed = PrimedOnDrop(filters);
             prime_allocator();
-            // A failure shows again, with its message, where `next` installs.
-            let _ = filters.program(next);
         });
     if spawned.is_err() {
         tracing::warn!(
@@ -277,10 +207,10 @@ pub fn install(kind: ThreadKind) -> Result<(), SeccompError> {
     let Some(filters) = FILTERS.get() else {
         return Ok(());
     };
-    let program = filters.program(kind)?;
+    let program = filters.program(kind);
     filters.wait_primed();
     remember_thread(kind);
-    seccompiler::apply_filter(&program).map_err(|source| SeccompError::Apply {
+    seccompiler::apply_filter(program).map_err(|source| SeccompError::Apply {
         kind: kind.name(),
         source,
     })?;
@@ -420,15 +350,22 @@ extern "C" fn sigsys_handler(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use seccompiler::SeccompAction;
 
+    /// The programs built into godwit are those `filters.rs` builds now.
     #[test]
-    fn every_filter_builds_in_every_mode() {
+    fn the_built_in_programs_are_the_lists_compiled() {
         for kind in ThreadKind::ALL {
-            for action in [SeccompAction::Trap, SeccompAction::Log] {
+            for (action, log) in [(SeccompAction::Trap, false), (SeccompAction::Log, true)] {
                 let program = filters::program(kind, action)
                     .unwrap_or_else(|e| panic!("{}: {e}", kind.name()));
                 // The kernel refuses programs over BPF_MAXINSNS.
                 assert!(program.len() <= 4096, "{}: {}", kind.name(), program.len());
+                assert!(
+                    program[..] == *precompiled::program(kind, log),
+                    "{} (log: {log}): build.rs compiled another program",
+                    kind.name()
+                );
             }
         }
     }
