@@ -28,6 +28,17 @@ fn main() {
 /// once logging them (`--seccomp log`), as static arrays and a lookup.
 fn write_seccomp_programs() {
     use std::fmt::Write as _;
+    // filters.rs takes system-call and ioctl numbers from the libc of the
+    // machine that builds, and compiles for x86_64: both must be x86_64 Linux.
+    let target = (
+        env::var("CARGO_CFG_TARGET_ARCH").unwrap_or_default(),
+        env::var("CARGO_CFG_TARGET_OS").unwrap_or_default(),
+    );
+    assert!(
+        cfg!(all(target_arch = "x86_64", target_os = "linux"))
+            && target == ("x86_64".to_string(), "linux".to_string()),
+        "godwit builds on and for x86_64 Linux only (target: {target:?})"
+    );
     println!("cargo:rerun-if-changed=src/seccomp/filters.rs");
     println!("cargo:rerun-if-changed=src/seccomp/kind.rs");
     let out_dir = PathBuf::from(env::var_os("OUT_DIR").expect("OUT_DIR"));

@@ -797,8 +797,15 @@ impl Machine {
                 Err(mpsc::RecvTimeoutError::Disconnected) => return Err(None),
                 Err(mpsc::RecvTimeoutError::Timeout) => {}
             }
-            if let Some(rounds) = announcing.as_mut() {
-                rounds.poll(&self.handle.nets);
+            match self.handle.run_state() {
+                // Handed over to another host, or ending: no more rounds.
+                RunState::PostMigrate | RunState::Shutdown => announcing = None,
+                state => {
+                    if let Some(rounds) = announcing.as_mut() {
+                        let runs = state == RunState::Running && !self.handle.vcpus.is_paused();
+                        rounds.poll(&self.handle.nets, runs);
+                    }
+                }
             }
             if let Some((at, limit)) = deadline {
                 if Instant::now() >= at {

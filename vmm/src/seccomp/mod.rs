@@ -179,9 +179,11 @@ fn prime_allocator() {
     drop(std::hint::black_box(blocks));
 }
 
-/// Together more than glibc's default trim threshold (128 KiB), so that
-/// freeing them makes the arena shrink.
-const PRIME_BLOCKS: usize = 3;
+/// Together far more than glibc's trim threshold (128 KiB by default,
+/// twice the largest mmapped block freed so far once one is) plus its top
+/// pad, so that freeing them makes the arena shrink; unwritten, they cost
+/// a page fault each at most.
+const PRIME_BLOCKS: usize = 16;
 const PRIME_BLOCK: usize = 96 << 10;
 
 /// Primes the allocator on a thread of its own; every [`install`] waits

@@ -623,8 +623,9 @@ mod tests {
             memory_size: region.len(),
             userspace_addr: host as u64,
         };
-        // SAFETY: the region maps `memory`, which outlives the VM (both are
-        // dropped at the end of the test, the VM's vCPU threads first).
+        // SAFETY: the region maps `memory`, which lives until the end of
+        // the test, after the vCPU threads (the only users of the slot) have
+        // ended in `threads.exit()`.
         unsafe { vm.set_user_memory_region(slot).unwrap() };
         let fd = vm.create_vcpu(0).unwrap();
         let mut sregs = fd.get_sregs().unwrap();
