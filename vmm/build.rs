@@ -78,6 +78,18 @@ fn write_seccomp_programs() {
         }
     }
     code.push_str("    }\n}\n\n");
+    let opening: Vec<String> = ThreadKind::ALL
+        .into_iter()
+        .filter(|&kind| filters::opens_files(kind))
+        .map(|kind| format!("ThreadKind::{kind:?}"))
+        .collect();
+    let _ = writeln!(
+        code,
+        "/// Whether a thread of `kind` may open and read files (`filters::opens_files`).\n\
+         pub(super) fn opens_files(kind: ThreadKind) -> bool {{\n\
+         \x20   matches!(kind, {})\n}}\n",
+        opening.join(" | ")
+    );
     code.push_str(&arrays);
     let path = out_dir.join("seccomp_programs.rs");
     std::fs::write(&path, code).unwrap_or_else(|e| panic!("cannot write {}: {e}", path.display()));

@@ -103,6 +103,18 @@ pub(super) fn program(
     rules_of(kind).into_filter(mismatch)?.try_into()
 }
 
+/// Whether a thread of `kind` may open, read and close a file. glibc's
+/// allocator does that once per process, the first time an arena gives
+/// memory back; a kind that may needs no primed allocator before its
+/// filter. A thread's list includes the lists of the kinds it starts, so
+/// its own list answers for the filters it inherits too.
+pub(super) fn opens_files(kind: ThreadKind) -> bool {
+    let rules = rules_of(kind);
+    [SYS_openat, SYS_read, SYS_close]
+        .iter()
+        .all(|nr| matches!(rules.0.get(nr), Some(None)))
+}
+
 /// `_IOC` of asm-generic/ioctl.h.
 const fn ioc(dir: u64, ty: u64, nr: u64, size: u64) -> u64 {
     (dir << 30) | (size << 16) | (ty << 8) | nr

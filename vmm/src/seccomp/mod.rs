@@ -95,7 +95,7 @@ struct Filters {
     log: bool,
     selftest: Option<String>,
     /// Set once the allocator is primed (see [`prime_allocator`]): no filter
-    /// is applied before.
+    /// that forbids reading files is applied before.
     primed: (Mutex<bool>, Condvar),
 }
 
@@ -186,8 +186,8 @@ fn prime_allocator() {
 const PRIME_BLOCKS: usize = 16;
 const PRIME_BLOCK: usize = 96 << 10;
 
-/// Primes the allocator on a thread of its own; every [`install`] waits
-/// for the priming before it applies a filter.
+/// Primes the allocator on a thread of its own; [`install`] waits for the
+/// priming before it applies a filter that forbids reading files.
 fn start_priming(filters: &'static Filters) {
     let spawned = std::thread::Builder::new()
         .name("alloc-prime".into())
@@ -210,7 +210,11 @@ pub fn install(kind: ThreadKind) -> Result<(), SeccompError> {
         return Ok(());
     };
     let program = filters.program(kind);
-    filters.wait_primed();
+    // A thread allowed to read files reads glibc's answer itself when it
+    // needs it: the main thread does not wait for the priming.
+    if !precompiled::opens_files(kind) {
+        filters.wait_primed();
+    }
     remember_thread(kind);
     seccompiler::apply_filter(program).map_err(|source| SeccompError::Apply {
         kind: kind.name(),
@@ -369,6 +373,12 @@ mod tests {
                     kind.name()
                 );
             }
+            assert_eq!(
+                precompiled::opens_files(kind),
+                filters::opens_files(kind),
+                "{}",
+                kind.name()
+            );
         }
     }
 
