@@ -6,9 +6,12 @@ use std::path::PathBuf;
 
 use crate::api::ApiError;
 use crate::config::{ConfigError, VmConfig};
+use crate::machine::early::{self, Early};
 use crate::machine::{BuildError, Machine};
 use crate::migration::IncomingError;
 use crate::persist::snapshot::RestoreError;
+use crate::vstate::memory::GuestRam;
+use crate::vstate::vm::Vm;
 
 /// Where the VM's state comes from.
 #[derive(Clone, Debug)]
@@ -53,16 +56,48 @@ impl StartError {
     }
 }
 
+/// A start whose KVM part runs already (see [`crate::machine::early`]).
+pub struct Prepared {
+    from: PreparedStart,
+}
+
+enum PreparedStart {
+    Boot(Early<(Vm, GuestRam)>),
+    Restore(PathBuf, Early<Vm>),
+    Incoming {
+        uri: String,
+        tls_dir: Option<PathBuf>,
+        vm: Early<Vm>,
+    },
+}
+
+/// Checks the configuration and starts creating the VM on a thread of its
+/// own; [`start`] goes on from there. Call once the termination signals
+/// are blocked, and before the main thread installs its filter, which then
+/// overlaps the VM's creation.
+pub fn prepare(config: &VmConfig, from: &Start) -> Result<Prepared, StartError> {
+    config.check()?;
+    let from = match from {
+        Start::Boot => PreparedStart::Boot(early::boot_vm(config.memory)),
+        Start::Restore(dir) => PreparedStart::Restore(dir.clone(), early::bare_vm(false)),
+        Start::Incoming { uri, tls_dir } => PreparedStart::Incoming {
+            uri: uri.clone(),
+            tls_dir: tls_dir.clone(),
+            vm: early::bare_vm(true),
+        },
+    };
+    Ok(Prepared { from })
+}
+
 /// Builds the VM and serves its API (with `--api-socket`), ready for
 /// [`Machine::run`]: the vCPUs are still parked, so a client can connect
 /// before the guest runs.
-pub fn start(config: &VmConfig, from: &Start) -> Result<Machine, StartError> {
-    config.check()?;
-    let mut machine = match from {
-        Start::Boot => Machine::build(config)?,
-        Start::Restore(dir) => crate::persist::snapshot::restore(config, dir)?,
-        Start::Incoming { uri, tls_dir } => {
-            crate::migration::incoming(config, uri, tls_dir.as_deref())?
+pub fn start(config: &VmConfig, prepared: Prepared) -> Result<Machine, StartError> {
+    let mut machine = match prepared.from {
+        PreparedStart::Boot(vm) => Machine::build(config, vm)?,
+        PreparedStart::Restore(dir, vm) => crate::persist::snapshot::restore(config, &dir, vm)?,
+        PreparedStart::Incoming { uri, tls_dir, vm } => {
+            crate::migration::incoming(config, &uri, tls_dir.as_deref(), vm)?
         }
     };
     if let Some(path) = &config.api_socket {

@@ -38,16 +38,25 @@ fn termination_set() -> libc::sigset_t {
     }
 }
 
-/// Blocks SIGTERM and SIGINT in the calling thread and starts the thread
-/// that takes them. Call before any other thread starts, so that all of
-/// them inherit the mask.
-pub fn start() -> std::io::Result<()> {
+/// Blocks SIGTERM and SIGINT in the calling thread; threads it starts
+/// afterwards inherit the mask.
+pub fn block_termination() -> std::io::Result<()> {
     let set = termination_set();
     // SAFETY: pthread_sigmask with a valid set changes only this thread's mask.
     let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
     if rc != 0 {
         return Err(std::io::Error::from_raw_os_error(rc));
     }
+    Ok(())
+}
+
+/// Blocks SIGTERM and SIGINT in the calling thread and starts the thread
+/// that takes them. Call before any other thread but the VM-creating one
+/// starts (which must block them first: [`block_termination`]), so that
+/// all of them inherit the mask.
+pub fn start() -> std::io::Result<()> {
+    block_termination()?;
+    let set = termination_set();
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {

@@ -13,7 +13,7 @@ use crate::config::{
     parse_duration, parse_size, RestoreMemory, SerialSpec, VmConfig, DEFAULT_CMDLINE,
 };
 use crate::machine::VmOutcome;
-use crate::run::{start, Start, StartError};
+use crate::run::{prepare, start, Start, StartError};
 use crate::seccomp::{self, SeccompError, SeccompMode, ThreadKind};
 
 #[derive(Args)]
@@ -145,12 +145,17 @@ pub fn execute(args: RunArgs) -> Result<u8, super::Error> {
     // Timestamps for start-up profiling (GODWIT_LOG=debug): process start
     // to vCPUs released is measured against the floor in `godwit-bench boot`.
     tracing::debug!("run: command line parsed");
-    seccomp::init(args.seccomp).map_err(RunError::from)?;
+    // The VM is created meanwhile, on a thread of its own that starts
+    // first (it then finds a core sooner) with the termination signals
+    // already blocked; it primes the allocator too.
+    crate::signals::block_termination().map_err(RunError::Signals)?;
+    let prepared = prepare(&config, &from).map_err(RunError::from)?;
+    seccomp::init(args.seccomp, seccomp::Priming::Caller).map_err(RunError::from)?;
     crate::signals::start().map_err(RunError::Signals)?;
     // Before the snapshot or the migration stream is read.
     seccomp::install(ThreadKind::Main).map_err(RunError::from)?;
     tracing::debug!("run: signal thread and filters set up");
-    let machine = start(&config, &from).map_err(RunError::from)?;
+    let machine = start(&config, prepared).map_err(RunError::from)?;
     match machine.run() {
         VmOutcome::GuestPoweroff | VmOutcome::Quit | VmOutcome::Migrated => Ok(super::EXIT_SUCCESS),
         VmOutcome::GuestFailed(e) => Err(super::Error::Guest(e)),

@@ -27,6 +27,7 @@ const CONSOLE_DRAIN_AT_EXIT: Duration = Duration::from_secs(2);
 /// How long a termination signal waits for a snapshot under way to end.
 const OPERATION_END_AT_SIGNAL: Duration = Duration::from_secs(10);
 
+pub mod early;
 pub mod migration_status;
 pub mod services;
 
@@ -595,10 +596,14 @@ pub(crate) fn platform_devices(
 impl Machine {
     /// Builds the VM: every check that can fail happens here, before any
     /// vCPU runs.
-    pub fn build(config: &VmConfig) -> Result<Self, BuildError> {
+    ///
+    /// `early` ([`early::boot_vm`] of `config.memory`) has created the VM
+    /// with its memory, irqchip and PIT meanwhile.
+    pub fn build(
+        config: &VmConfig,
+        early: early::Early<(Vm, GuestRam)>,
+    ) -> Result<Self, BuildError> {
         let started = Instant::now();
-        let kvm = vm::open_kvm()?;
-        let num_vcpus = vm::check_vcpus(&kvm, config.vcpus)?;
         let machine = machine_types::resolve(&config.machine)?;
         // Spec and feature-name errors need no VM: report them first.
         for (index, spec) in config.nets.iter().enumerate() {
@@ -606,70 +611,63 @@ impl Machine {
             crate::abi::strict::required_features(&id, machine, &spec.features)
                 .map_err(|e| NetSetupError::from(crate::abi::strict::NetAbiError::from(e)))?;
         }
-        let ram = GuestRam::new(config.memory)?;
-        let vm = Vm::create(kvm)?;
-        // KVM's supported CPUID and the PIT on a helper thread meanwhile.
-        let (buses, nets, blockers, serial, vcpus, event_tx, event_rx) =
-            std::thread::scope(|scope| {
-                let vm = &vm;
-                let mut helper = vm::CpuidAndPit::start(scope, vm);
-                vm.map_memory_and_create_irqchip(&ram.memory)?;
-                helper.irqchip_created()?;
+        let (vm, ram) = early.join()?;
+        let num_vcpus = vm::check_vcpus(&vm.kvm, config.vcpus)?;
+        let (buses, nets, blockers, serial, vcpus, event_tx, event_rx) = {
+            let vm = &vm;
+            let mut buses = IoBuses::default();
+            // Every peer is probed and checked before the guest exists.
+            let nets = crate::devices::net::build_all(
+                &config.nets,
+                machine,
+                &ram.memory,
+                &vm.fd,
+                &mut buses.mmio,
+            )?;
+            let mut cmdline = config.cmdline.clone();
+            for net in &nets {
+                cmdline.push(' ');
+                cmdline.push_str(&net.cmdline_fragment());
+            }
+            let blockers: Vec<String> = nets
+                .iter()
+                .filter_map(|n| n.decision.blocker.clone())
+                .collect();
 
-                let mut buses = IoBuses::default();
-                // Every peer is probed and checked before the guest exists.
-                let nets = crate::devices::net::build_all(
-                    &config.nets,
-                    machine,
-                    &ram.memory,
-                    &vm.fd,
-                    &mut buses.mmio,
-                )?;
-                let mut cmdline = config.cmdline.clone();
-                for net in &nets {
-                    cmdline.push(' ');
-                    cmdline.push_str(&net.cmdline_fragment());
-                }
-                let blockers: Vec<String> = nets
-                    .iter()
-                    .filter_map(|n| n.decision.blocker.clone())
-                    .collect();
+            let boot_entry = boot::load(
+                &ram.memory,
+                &BootConfig {
+                    kernel: &config.kernel,
+                    initrd: config.initrd.as_deref(),
+                    cmdline: &cmdline,
+                    memory_size: config.memory,
+                    acpi_rsdp: Some(boot::acpi::ACPI_START),
+                },
+            )?;
+            boot::mptable::setup(&ram.memory, num_vcpus)?;
+            let virtio: Vec<boot::acpi::VirtioMmioDevice> = nets
+                .iter()
+                .map(|n| boot::acpi::VirtioMmioDevice {
+                    base: n.mmio_base,
+                    irq: n.irq,
+                })
+                .collect();
+            boot::acpi::setup(&ram.memory, num_vcpus, &virtio)?;
 
-                let boot_entry = boot::load(
-                    &ram.memory,
-                    &BootConfig {
-                        kernel: &config.kernel,
-                        initrd: config.initrd.as_deref(),
-                        cmdline: &cmdline,
-                        memory_size: config.memory,
-                        acpi_rsdp: Some(boot::acpi::ACPI_START),
-                    },
-                )?;
-                boot::mptable::setup(&ram.memory, num_vcpus)?;
-                let virtio: Vec<boot::acpi::VirtioMmioDevice> = nets
-                    .iter()
-                    .map(|n| boot::acpi::VirtioMmioDevice {
-                        base: n.mmio_base,
-                        irq: n.irq,
-                    })
-                    .collect();
-                boot::acpi::setup(&ram.memory, num_vcpus, &virtio)?;
+            let (event_tx, event_rx) = mpsc::channel();
+            let serial = platform_devices(
+                vm,
+                &mut buses,
+                &config.serial,
+                None,
+                &event_tx,
+                config.debug_exit,
+            )?;
 
-                let (event_tx, event_rx) = mpsc::channel();
-                let serial = platform_devices(
-                    vm,
-                    &mut buses,
-                    &config.serial,
-                    None,
-                    &event_tx,
-                    config.debug_exit,
-                )?;
-
-                helper.join()?;
-                let vcpus = vm.create_vcpus(num_vcpus)?;
-                boot::regs::setup_boot_cpu(&vcpus[0].fd, &ram.memory, &boot_entry)?;
-                Ok::<_, BuildError>((buses, nets, blockers, serial, vcpus, event_tx, event_rx))
-            })?;
+            let vcpus = vm.create_vcpus(num_vcpus)?;
+            boot::regs::setup_boot_cpu(&vcpus[0].fd, &ram.memory, &boot_entry)?;
+            (buses, nets, blockers, serial, vcpus, event_tx, event_rx)
+        };
         let built = BuiltVm {
             machine,
             vm,

@@ -18,12 +18,13 @@ use crate::abi::machine_types;
 use crate::config::VmConfig;
 use std::os::fd::AsRawFd;
 
+use crate::machine::early;
 use crate::machine::{BuildError, Machine, VmHandle};
 use crate::persist::snapshot::RestoreError;
 use crate::persist::snapshot::{self, read_saved, KNOWN_SECTIONS};
 use crate::vstate::memory::{self, ram_ranges, GuestRam};
 use crate::vstate::state::vcpu::{host_cpuid, vcpu_cpuid};
-use crate::vstate::vm::{self, Vm, VmError};
+use crate::vstate::vm::{self, Vm};
 
 use crate::migration::multifd::{self, MainView};
 use crate::migration::transport::{accept, ChannelListener};
@@ -125,26 +126,16 @@ pub fn incoming(
     config: &VmConfig,
     uri: &str,
     tls_dir: Option<&std::path::Path>,
+    early: early::Early<Vm>,
 ) -> Result<Machine, IncomingError> {
-    // The VM is created while no source has connected yet: KVM_CREATE_VM
-    // and KVM's supported CPUID (about a millisecond here) then take no
-    // part in the migration's set-up.
-    let early = std::thread::Builder::new()
-        .name("vm-create".into())
-        .spawn(|| {
-            let vm = vm::open_kvm().and_then(Vm::create)?;
-            vm.supported_cpuid()?;
-            Ok::<_, VmError>(vm)
-        })
-        .map_err(MigrateError::io(
-            "cannot start the thread that creates the VM",
-        ))?;
+    // `early` ([`early::bare_vm`] with the CPUID) creates the VM while no
+    // source has connected yet: KVM_CREATE_VM and KVM's supported CPUID
+    // (about a millisecond here) then take no part in the migration's
+    // set-up.
     let (mut conn, listener) = accept(uri, tls_dir)?;
     conn.set_timeout(Some(main_stream_timeout()));
-    let created = early.join().map_err(|_| {
-        MigrateError::io("creating the VM")(std::io::Error::other("the thread panicked"))
-    })?;
-    match created
+    match early
+        .join()
         .map_err(IncomingError::from)
         .and_then(|vm| receive(config, &mut conn, listener.as_ref(), vm))
     {

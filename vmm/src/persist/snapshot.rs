@@ -24,7 +24,7 @@ use crate::abi::machine_types::{self, MachineType};
 use crate::abi::strict::{NetAbiDecision, PeerSupport};
 use crate::config::{RestoreMemory, VmConfig};
 use crate::devices::net::{self, NetDevice, NetSetupError};
-use crate::machine::{platform_devices, BuildError, BuiltVm, Machine, VmHandle};
+use crate::machine::{early, platform_devices, BuildError, BuiltVm, Machine, VmHandle};
 use crate::persist::staging::{Staging, StagingError};
 use crate::persist::{MEMORY_FILE, STATE_FILE};
 use crate::vstate::memory::{self, GuestRam};
@@ -343,8 +343,6 @@ pub fn save(handle: &VmHandle, dir: &Path) -> Result<SnapshotStats, SnapshotErro
 pub enum RestoreError {
     #[error("snapshot {}: {source}", path.display())]
     Format { path: PathBuf, source: FormatError },
-    #[error("cannot run the thread that creates the VM: {0}")]
-    VmThread(#[source] std::io::Error),
     #[error("snapshot {}: {source}", path.display())]
     Memory {
         path: PathBuf,
@@ -767,26 +765,24 @@ pub(crate) fn machine_from_saved(
 }
 
 /// `godwit run --restore DIR`: every check first, then the VM, paused.
-pub fn restore(config: &VmConfig, dir: &Path) -> Result<Machine, RestoreError> {
+/// `early` ([`early::bare_vm`]) creates the VM while the state file is read
+/// and parsed, as Firecracker does (the supported CPUID is asked on another
+/// thread while memory is set up); nothing of the snapshot reaches it
+/// before every check below.
+pub fn restore(
+    config: &VmConfig,
+    dir: &Path,
+    early: early::Early<Vm>,
+) -> Result<Machine, RestoreError> {
     let state_path = dir.join(STATE_FILE);
     let started = Instant::now();
-    // The VM is created (/dev/kvm, KVM_CREATE_VM) on a thread of its own
-    // while this one reads and parses the state file, as Firecracker does
-    // (the supported CPUID is asked on another while memory is set up);
-    // nothing of the snapshot reaches it before every check below.
-    let creating = std::thread::Builder::new()
-        .name("vm-create".into())
-        .spawn(|| vm::open_kvm().and_then(Vm::create))
-        .map_err(RestoreError::VmThread)?;
     let parsed = Container::read_file(&state_path, KNOWN_SECTIONS)
         .map_err(|source| RestoreError::Format {
             path: state_path.clone(),
             source,
         })
         .and_then(|container| read_saved(&container, &state_path));
-    let created = creating
-        .join()
-        .map_err(|_| RestoreError::VmThread(std::io::Error::other("the thread panicked")))?;
+    let created = early.join();
     let saved = parsed?;
     let vm = created?;
     let mem_info = saved

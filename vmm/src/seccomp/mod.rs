@@ -12,6 +12,11 @@
 //! Filters stack: a thread is born with its parent's, so the list of a
 //! thread that starts others includes theirs (see `filters.rs`).
 //!
+//! Two short threads run before any filter and end on their own: `godwit
+//! run`'s VM-creating thread (`machine::early`), which works only from the
+//! command line, and the allocator's priming ([`prime_allocator_here`]),
+//! which that thread does too when there is one.
+//!
 //! Test hook: `GODWIT_SECCOMP_SELFTEST=KIND` (a [`ThreadKind::name`]) makes
 //! the first thread of that kind make a forbidden call right after its
 //! filter is installed, so the tests can see the handler at work.
@@ -94,40 +99,40 @@ struct Filters {
     /// `--seccomp log`: calls outside a list are logged, not stopped.
     log: bool,
     selftest: Option<String>,
-    /// Set once the allocator is primed (see [`prime_allocator`]): no filter
-    /// that forbids reading files is applied before.
-    primed: (Mutex<bool>, Condvar),
 }
 
 impl Filters {
     fn program(&self, kind: ThreadKind) -> &'static [sock_filter] {
         precompiled::program(kind, self.log)
     }
+}
 
-    fn set_primed(&self) {
-        *self.primed.0.lock().unwrap_or_else(PoisonError::into_inner) = true;
-        self.primed.1.notify_all();
-    }
+/// Set once the allocator is primed (see [`prime_allocator_here`]): no
+/// filter that forbids reading files is applied before.
+static PRIMED: (Mutex<bool>, Condvar) = (Mutex::new(false), Condvar::new());
 
-    fn wait_primed(&self) {
-        let mut primed = self.primed.0.lock().unwrap_or_else(PoisonError::into_inner);
-        while !*primed {
-            primed = self
-                .primed
-                .1
-                .wait(primed)
-                .unwrap_or_else(PoisonError::into_inner);
-        }
+fn set_primed() {
+    *PRIMED.0.lock().unwrap_or_else(PoisonError::into_inner) = true;
+    PRIMED.1.notify_all();
+}
+
+fn wait_primed() {
+    let mut primed = PRIMED.0.lock().unwrap_or_else(PoisonError::into_inner);
+    while !*primed {
+        primed = PRIMED
+            .1
+            .wait(primed)
+            .unwrap_or_else(PoisonError::into_inner);
     }
 }
 
 /// Marks the allocator primed when dropped, so that a priming thread that
 /// panicked does not leave every thread waiting for its filter.
-struct PrimedOnDrop(&'static Filters);
+struct PrimedOnDrop;
 
 impl Drop for PrimedOnDrop {
     fn drop(&mut self) {
-        self.0.set_primed();
+        set_primed();
     }
 }
 
@@ -141,10 +146,22 @@ thread_local! {
     static THREAD_KIND: Cell<&'static str> = const { Cell::new("") };
 }
 
+/// Who primes the allocator (see [`prime_allocator_here`]) before the
+/// first filter that forbids reading files is applied.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Priming {
+    /// A thread [`init`] starts for it.
+    OwnThread,
+    /// A thread of the caller's that starts before any filter and calls
+    /// [`prime_allocator_here`] (or [`start_priming`] when it cannot
+    /// start): `godwit run`'s VM-creating thread, which saves starting one
+    /// more.
+    Caller,
+}
+
 /// Chooses the filters for `mode` (`Off`: none) and sets the hook the
-/// device threads call. Call once, before any thread starts. The allocator
-/// is primed on a thread of its own while the caller goes on.
-pub fn init(mode: SeccompMode) -> Result<(), SeccompError> {
+/// device threads call. Call once, before any thread starts.
+pub fn init(mode: SeccompMode, priming: Priming) -> Result<(), SeccompError> {
     if mode == SeccompMode::Off {
         return Ok(());
     }
@@ -153,10 +170,9 @@ pub fn init(mode: SeccompMode) -> Result<(), SeccompError> {
     let _ = FILTERS.set(Filters {
         log: mode == SeccompMode::Log,
         selftest,
-        primed: (Mutex::new(false), Condvar::new()),
     });
-    if let Some(filters) = FILTERS.get() {
-        start_priming(filters);
+    if priming == Priming::OwnThread {
+        start_priming();
     }
     thread_hook::set_hook(device_thread_started);
     Ok(())
@@ -166,10 +182,13 @@ pub fn init(mode: SeccompMode) -> Result<(), SeccompError> {
 /// no filter is installed. It reads it once, the first time a thread's
 /// arena gives memory back (`shrink_heap`), which may happen on any thread
 /// that frees much: a datapath thread ending after a reset or at quit frees
-/// its buffers. A short thread fills its own arena with blocks below the
-/// mmap threshold and frees them, so that the top of its heap crosses the
-/// trim threshold and the file is read (and the answer kept) here.
-fn prime_allocator() {
+/// its buffers. The calling thread (any but the main one, whose arena
+/// never shrinks this way; and before any filter) fills its own arena with
+/// blocks below the mmap threshold and frees them, so that the top of its
+/// heap crosses the trim threshold and the file is read (and the answer
+/// kept) here.
+pub fn prime_allocator_here() {
+    let _primed = PrimedOnDrop;
     // Below the mmap threshold (128 KiB) each block comes from the arena;
     // left unwritten, only their chunk headers' pages are touched (each
     // page first touched costs a fault, which was most of the priming).
@@ -177,6 +196,16 @@ fn prime_allocator() {
         .map(|_| Vec::with_capacity(PRIME_BLOCK))
         .collect();
     drop(std::hint::black_box(blocks));
+}
+
+/// Primes the allocator ([`prime_allocator_here`]) when dropped, also while
+/// its thread unwinds: no failure leaves the filters waiting.
+pub struct PrimeWhenDropped;
+
+impl Drop for PrimeWhenDropped {
+    fn drop(&mut self) {
+        prime_allocator_here();
+    }
 }
 
 /// Together far more than glibc's trim threshold (128 KiB by default,
@@ -188,18 +217,15 @@ const PRIME_BLOCK: usize = 96 << 10;
 
 /// Primes the allocator on a thread of its own; [`install`] waits for the
 /// priming before it applies a filter that forbids reading files.
-fn start_priming(filters: &'static Filters) {
+pub fn start_priming() {
     let spawned = std::thread::Builder::new()
         .name("alloc-prime".into())
-        .spawn(move || {
-            let _primed = PrimedOnDrop(filters);
-            prime_allocator();
-        });
+        .spawn(prime_allocator_here);
     if spawned.is_err() {
         tracing::warn!(
             "could not start a thread to prime the allocator before the system-call filters; a thread that frees much may be stopped by its filter"
         );
-        filters.set_primed();
+        set_primed();
     }
 }
 
@@ -213,7 +239,7 @@ pub fn install(kind: ThreadKind) -> Result<(), SeccompError> {
     // A thread allowed to read files reads glibc's answer itself when it
     // needs it: the main thread does not wait for the priming.
     if !precompiled::opens_files(kind) {
-        filters.wait_primed();
+        wait_primed();
     }
     remember_thread(kind);
     seccompiler::apply_filter(program).map_err(|source| SeccompError::Apply {

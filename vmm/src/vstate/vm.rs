@@ -43,6 +43,8 @@ pub enum VmError {
     },
     #[error("the thread that reads KVM's supported CPUID and creates the PIT panicked")]
     HelperPanicked,
+    #[error("the thread that creates the VM panicked")]
+    CreatorPanicked,
 }
 
 fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {

@@ -1,0 +1,102 @@
+//! KVM's part of a start, on a thread of its own from the moment the
+//! command line is checked.
+//!
+//! Opening /dev/kvm, KVM_CREATE_VM and, for a boot, registering guest RAM
+//! and creating the irqchip take about a millisecond here, most of it in
+//! the kernel. Meanwhile the main thread starts the signal thread and
+//! installs its system-call filter (0.3 ms of kernel time on its own), so a
+//! start no longer does the two one after the other. The thread works only
+//! from the command line: it reads no snapshot, stream or peer, so it runs
+//! before the main thread's filter (as the allocator priming does) and ends
+//! before any such input is read. It is started after the termination
+//! signals were blocked, so it never takes one.
+
+use std::sync::mpsc;
+
+use super::BuildError;
+use crate::seccomp;
+use crate::vstate::memory::GuestRam;
+use crate::vstate::vm::{self, Vm, VmError};
+
+type Job<T> = Box<dyn FnOnce() -> Result<T, BuildError> + Send>;
+
+/// Work started early; [`Early::join`] returns its outcome.
+pub struct Early<T> {
+    state: State<T>,
+}
+
+enum State<T> {
+    /// The thread sends its outcome, then primes the allocator: the caller
+    /// does not wait for that.
+    Running(mpsc::Receiver<Result<T, BuildError>>),
+    /// No thread could be started: the work happens at `join`.
+    Deferred(Job<T>),
+}
+
+impl<T: Send + 'static> Early<T> {
+    /// `job` is cloned into the thread, so that it is still at hand when no
+    /// thread can be started.
+    fn start<F>(job: F) -> Self
+    where
+        F: FnOnce() -> Result<T, BuildError> + Clone + Send + 'static,
+    {
+        let thread_job = job.clone();
+        let (tx, rx) = mpsc::sync_channel(1);
+        let state = match std::thread::Builder::new()
+            .name("vm-create".into())
+            .spawn(move || {
+                // A thread that starts before any filter, so it primes the
+                // allocator too (saving a thread of its own for that), once
+                // its outcome is sent, or while it unwinds from a panic.
+                let _prime = seccomp::PrimeWhenDropped;
+                let _ = tx.send(thread_job());
+            }) {
+            Ok(_) => State::Running(rx),
+            Err(e) => {
+                tracing::debug!("no thread for creating the VM ({e}): it is created in turn");
+                seccomp::start_priming();
+                State::Deferred(Box::new(job))
+            }
+        };
+        Early { state }
+    }
+
+    /// Waits for the work and returns what it made.
+    pub fn join(self) -> Result<T, BuildError> {
+        match self.state {
+            // Nothing sent: the job panicked.
+            State::Running(outcome) => outcome
+                .recv()
+                .map_err(|_| BuildError::from(VmError::CreatorPanicked))?,
+            State::Deferred(job) => job(),
+        }
+    }
+}
+
+/// A boot's VM, ready for its vCPUs: guest RAM of `memory` bytes
+/// registered, the in-kernel irqchip and PIT made (in that order: see
+/// [`Vm::map_memory_and_create_irqchip`]), and KVM's supported CPUID read.
+/// All of it on one thread: a second one found no free core sooner.
+pub fn boot_vm(memory: u64) -> Early<(Vm, GuestRam)> {
+    Early::start(move || {
+        let vm = vm::open_kvm().and_then(Vm::create)?;
+        let ram = GuestRam::new(memory)?;
+        vm.map_memory_and_create_irqchip(&ram.memory)?;
+        vm.supported_cpuid()?;
+        vm.create_pit()?;
+        Ok((vm, ram))
+    })
+}
+
+/// The VM alone, for a start whose guest memory comes from its input; with
+/// `cpuid`, KVM's supported CPUID is read too (an incoming migration has
+/// the time while it waits for its source).
+pub fn bare_vm(cpuid: bool) -> Early<Vm> {
+    Early::start(move || {
+        let vm = vm::open_kvm().and_then(Vm::create)?;
+        if cpuid {
+            vm.supported_cpuid()?;
+        }
+        Ok(vm)
+    })
+}
