@@ -88,12 +88,15 @@ pub fn boot_vm(memory: u64) -> Early<(Vm, GuestRam)> {
     })
 }
 
-/// The VM alone, for a start whose guest memory comes from its input; with
-/// `cpuid`, KVM's supported CPUID is read too (an incoming migration has
-/// the time while it waits for its source).
+/// The VM alone, for a start whose guest memory comes from its input, with
+/// the KVM capabilities restoring its state will ask for; with `cpuid`,
+/// KVM's supported CPUID is read too (an incoming migration has the time
+/// while it waits for its source).
 pub fn bare_vm(cpuid: bool) -> Early<Vm> {
     Early::start(move || {
         let vm = vm::open_kvm().and_then(Vm::create)?;
+        // A failure here is reported where the capabilities are needed.
+        let _ = vm.kvm_caps();
         if cpuid {
             vm.supported_cpuid()?;
         }

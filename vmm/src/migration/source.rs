@@ -300,6 +300,9 @@ pub fn start(
         .spawn(move || {
             crate::seccomp::install_or_exit(crate::seccomp::ThreadKind::MigrationSource);
             let started = Instant::now();
+            // Probed now rather than while the guest is stopped (state
+            // capture asks for them); a failure shows there.
+            let _ = h.vm.kvm_caps();
             emit_status(&h, "setup");
             let result = run_source(&h, &op, &uri, started);
             h.migration.set_breaker(None);

@@ -30,7 +30,7 @@ use crate::persist::{MEMORY_FILE, STATE_FILE};
 use crate::vstate::memory::{self, GuestRam};
 use crate::vstate::state::vcpu::{check_cpuid, vcpu_cpuid, VCPU_SECTION};
 use crate::vstate::state::vm::{ClockRestore, VM_SECTION};
-use crate::vstate::state::{KvmCaps, StateError, VcpuState, VmState};
+use crate::vstate::state::{StateError, VcpuState, VmState};
 use crate::vstate::vcpu::{IoBuses, Vcpu};
 use crate::vstate::vm::{self, Vm};
 
@@ -221,12 +221,14 @@ pub(crate) fn capture_state(handle: &VmHandle) -> Result<ContainerWriter, Snapsh
             what: "the vCPUs".into(),
             detail: "not every vCPU is parked".into(),
         })?;
-    let caps =
-        KvmCaps::probe(&handle.vm.kvm, &handle.vm.fd).map_err(state_err("KVM capabilities"))?;
+    let caps = handle
+        .vm
+        .kvm_caps()
+        .map_err(state_err("KVM capabilities"))?;
     let mut vcpu_states = Vec::with_capacity(fds.len());
     for (id, fd) in fds.iter().enumerate() {
         vcpu_states.push(
-            VcpuState::save(fd, index_u32(id), &caps).map_err(state_err(&format!("vCPU {id}")))?,
+            VcpuState::save(fd, index_u32(id), caps).map_err(state_err(&format!("vCPU {id}")))?,
         );
     }
     let mut needed: Vec<_> = vcpu_states.iter().flat_map(|v| v.needed_caps()).collect();
@@ -694,7 +696,7 @@ pub(crate) fn restore_vm_state(
             created: vcpus.len(),
         });
     }
-    let caps = KvmCaps::probe(&vm.kvm, &vm.fd).map_err(RestoreError::Host)?;
+    let caps = vm.kvm_caps().map_err(RestoreError::Host)?;
     saved
         .vm_state
         .check_host(&vm.fd)
@@ -710,10 +712,10 @@ pub(crate) fn restore_vm_state(
     }
     saved
         .vm_state
-        .restore(&vm.fd, &caps, ClockRestore::Continue)
+        .restore(&vm.fd, caps, ClockRestore::Continue)
         .map_err(RestoreError::Host)?;
     for (state, vcpu) in saved.vcpus.iter().zip(&vcpus) {
-        state.restore(&vcpu.fd, &caps).map_err(RestoreError::Host)?;
+        state.restore(&vcpu.fd, caps).map_err(RestoreError::Host)?;
     }
     Ok(vcpus)
 }

@@ -12,6 +12,7 @@ use godwit_devices::GuestMemory;
 
 use crate::vstate::cpuid::{self, HostCaps};
 use crate::vstate::layout::{KVM_IDENTITY_MAP_ADDR, KVM_TSS_ADDR, MAX_VCPUS};
+use crate::vstate::state::{KvmCaps, StateError};
 use crate::vstate::vcpu::Vcpu;
 
 #[derive(Debug, thiserror::Error)]
@@ -104,6 +105,9 @@ pub struct Vm {
     /// KVM_GET_SUPPORTED_CPUID, asked once per VM rather than per vCPU (a
     /// /dev/kvm ioctl of ~0.3 ms here).
     supported_cpuid: OnceLock<(CpuId, HostCaps)>,
+    /// What restoring saved state may use (two dozen ioctls, about 0.1 ms
+    /// here), asked once per VM.
+    kvm_caps: OnceLock<KvmCaps>,
 }
 
 impl Vm {
@@ -127,6 +131,7 @@ impl Vm {
             kvm,
             fd,
             supported_cpuid: OnceLock::new(),
+            kvm_caps: OnceLock::new(),
         })
     }
 
@@ -201,6 +206,15 @@ impl Vm {
             tsc_deadline_timer: self.kvm.check_extension(Cap::TscDeadlineTimer),
         };
         Ok(self.supported_cpuid.get_or_init(|| (cpuid, host)))
+    }
+
+    /// This VM's [`KvmCaps`], probed on the first call.
+    pub fn kvm_caps(&self) -> Result<&KvmCaps, StateError> {
+        if let Some(caps) = self.kvm_caps.get() {
+            return Ok(caps);
+        }
+        let caps = KvmCaps::probe(&self.kvm, &self.fd)?;
+        Ok(self.kvm_caps.get_or_init(|| caps))
     }
 
     /// Creates vCPU `id` of `num_vcpus` with its CPUID and reset-time state.
