@@ -88,7 +88,11 @@ fn write_seccomp_programs() {
         "/// Whether a thread of `kind` may open and read files (`filters::opens_files`).\n\
          pub(super) fn opens_files(kind: ThreadKind) -> bool {{\n\
          \x20   matches!(kind, {})\n}}\n",
-        opening.join(" | ")
+        if opening.is_empty() {
+            "_ if false".to_string()
+        } else {
+            opening.join(" | ")
+        }
     );
     code.push_str(&arrays);
     let path = out_dir.join("seccomp_programs.rs");

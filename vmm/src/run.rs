@@ -62,7 +62,7 @@ pub struct Prepared {
 }
 
 enum PreparedStart {
-    Boot(Early<(Vm, GuestRam)>),
+    Boot(Early<(Vm, GuestRam, u8)>),
     Restore(PathBuf, Early<Vm>),
     Incoming {
         uri: String,
@@ -78,7 +78,7 @@ enum PreparedStart {
 pub fn prepare(config: &VmConfig, from: &Start) -> Result<Prepared, StartError> {
     config.check()?;
     let from = match from {
-        Start::Boot => PreparedStart::Boot(early::boot_vm(config.memory)),
+        Start::Boot => PreparedStart::Boot(early::boot_vm(config.memory, config.vcpus)),
         Start::Restore(dir) => PreparedStart::Restore(dir.clone(), early::bare_vm(false)),
         Start::Incoming { uri, tls_dir } => PreparedStart::Incoming {
             uri: uri.clone(),

@@ -118,7 +118,8 @@ pub fn run(args: NetBackendArgs) -> Result<(), super::Error> {
     );
     let _ = std::io::stdout().flush();
     // The daemon's threads start from this one and inherit its filter.
-    seccomp::init(args.seccomp, seccomp::Priming::OwnThread).map_err(NetBackendError::from)?;
+    seccomp::init(args.seccomp).map_err(NetBackendError::from)?;
+    seccomp::prime_allocator_on_a_thread();
     seccomp::install(ThreadKind::NetBackend).map_err(NetBackendError::from)?;
     serve(
         &opts,

@@ -145,12 +145,12 @@ pub fn execute(args: RunArgs) -> Result<u8, super::Error> {
     // Timestamps for start-up profiling (GODWIT_LOG=debug): process start
     // to vCPUs released is measured against the floor in `godwit-bench boot`.
     tracing::debug!("run: command line parsed");
-    // The VM is created meanwhile, on a thread of its own that starts
-    // first (it then finds a core sooner) with the termination signals
-    // already blocked; it primes the allocator too.
+    // The VM is created meanwhile, on a thread of its own (under its own
+    // filter) that starts first, so that it finds a core sooner, with the
+    // termination signals already blocked; it primes the allocator too.
     crate::signals::block_termination().map_err(RunError::Signals)?;
+    seccomp::init(args.seccomp).map_err(RunError::from)?;
     let prepared = prepare(&config, &from).map_err(RunError::from)?;
-    seccomp::init(args.seccomp, seccomp::Priming::Caller).map_err(RunError::from)?;
     crate::signals::start().map_err(RunError::Signals)?;
     // Before the snapshot or the migration stream is read.
     seccomp::install(ThreadKind::Main).map_err(RunError::from)?;

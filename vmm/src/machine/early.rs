@@ -6,9 +6,11 @@
 //! the kernel. Meanwhile the main thread starts the signal thread and
 //! installs its system-call filter (0.3 ms of kernel time on its own), so a
 //! start no longer does the two one after the other. The thread works only
-//! from the command line: it reads no snapshot, stream or peer, so it runs
-//! before the main thread's filter (as the allocator priming does) and ends
-//! before any such input is read. It is started after the termination
+//! from the command line and reads no snapshot, stream or peer; it starts
+//! before the main thread's filter and may still run while the main thread
+//! reads those, so it installs a filter of its own first
+//! (`ThreadKind::VmCreate`). It also primes the allocator for the filters
+//! (`seccomp::PrimeWhenDropped`). It is started after the termination
 //! signals were blocked, so it never takes one.
 
 use std::sync::mpsc;
@@ -45,16 +47,17 @@ impl<T: Send + 'static> Early<T> {
         let state = match std::thread::Builder::new()
             .name("vm-create".into())
             .spawn(move || {
-                // A thread that starts before any filter, so it primes the
-                // allocator too (saving a thread of its own for that), once
-                // its outcome is sent, or while it unwinds from a panic.
+                seccomp::install_or_exit(seccomp::ThreadKind::VmCreate);
+                // The first thread started, so it primes the allocator too
+                // (saving a thread of its own for that), once its outcome is
+                // sent, or while it unwinds from a panic.
                 let _prime = seccomp::PrimeWhenDropped;
                 let _ = tx.send(thread_job());
             }) {
             Ok(_) => State::Running(rx),
             Err(e) => {
                 tracing::debug!("no thread for creating the VM ({e}): it is created in turn");
-                seccomp::start_priming();
+                seccomp::prime_allocator_on_a_thread();
                 State::Deferred(Box::new(job))
             }
         };
@@ -77,14 +80,18 @@ impl<T: Send + 'static> Early<T> {
 /// registered, the in-kernel irqchip and PIT made (in that order: see
 /// [`Vm::map_memory_and_create_irqchip`]), and KVM's supported CPUID read.
 /// All of it on one thread: a second one found no free core sooner.
-pub fn boot_vm(memory: u64) -> Early<(Vm, GuestRam)> {
+/// `vcpus` is checked against KVM's limit first (and returned as checked),
+/// as a boot reports it before the memory size.
+pub fn boot_vm(memory: u64, vcpus: u32) -> Early<(Vm, GuestRam, u8)> {
     Early::start(move || {
-        let vm = vm::open_kvm().and_then(Vm::create)?;
+        let kvm = vm::open_kvm()?;
+        let num_vcpus = vm::check_vcpus(&kvm, vcpus)?;
+        let vm = Vm::create(kvm)?;
         let ram = GuestRam::new(memory)?;
         vm.map_memory_and_create_irqchip(&ram.memory)?;
         vm.supported_cpuid()?;
         vm.create_pit()?;
-        Ok((vm, ram))
+        Ok((vm, ram, num_vcpus))
     })
 }
 

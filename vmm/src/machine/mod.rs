@@ -41,7 +41,7 @@ use crate::vstate::events::VmEvent;
 use crate::vstate::memory::{GuestRam, MemoryError};
 use crate::vstate::state::vcpu::vcpu_cpuid;
 use crate::vstate::vcpu::{register_kick_signal, IoBuses, VcpuThreads};
-use crate::vstate::vm::{self, Vm, VmError};
+use crate::vstate::vm::{Vm, VmError};
 use services::{Events, Service};
 
 /// Why a VM could not be built (boot, and the parts restore and incoming
@@ -597,11 +597,11 @@ impl Machine {
     /// Builds the VM: every check that can fail happens here, before any
     /// vCPU runs.
     ///
-    /// `early` ([`early::boot_vm`] of `config.memory`) has created the VM
-    /// with its memory, irqchip and PIT meanwhile.
+    /// `early` ([`early::boot_vm`] of `config.memory` and `config.vcpus`)
+    /// has created the VM with its memory, irqchip and PIT meanwhile.
     pub fn build(
         config: &VmConfig,
-        early: early::Early<(Vm, GuestRam)>,
+        early: early::Early<(Vm, GuestRam, u8)>,
     ) -> Result<Self, BuildError> {
         let started = Instant::now();
         let machine = machine_types::resolve(&config.machine)?;
@@ -611,8 +611,7 @@ impl Machine {
             crate::abi::strict::required_features(&id, machine, &spec.features)
                 .map_err(|e| NetSetupError::from(crate::abi::strict::NetAbiError::from(e)))?;
         }
-        let (vm, ram) = early.join()?;
-        let num_vcpus = vm::check_vcpus(&vm.kvm, config.vcpus)?;
+        let (vm, ram, num_vcpus) = early.join()?;
         let (buses, nets, blockers, serial, vcpus, event_tx, event_rx) = {
             let vm = &vm;
             let mut buses = IoBuses::default();

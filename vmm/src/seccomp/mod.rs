@@ -116,21 +116,28 @@ fn set_primed() {
     PRIMED.1.notify_all();
 }
 
+/// The longest a filter waits for the priming (which takes well under a
+/// millisecond): a start that never arranged it must not hang its threads.
+const PRIMING_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 fn wait_primed() {
-    let mut primed = PRIMED.0.lock().unwrap_or_else(PoisonError::into_inner);
-    while !*primed {
-        primed = PRIMED
-            .1
-            .wait(primed)
-            .unwrap_or_else(PoisonError::into_inner);
+    let primed = PRIMED.0.lock().unwrap_or_else(PoisonError::into_inner);
+    let (primed, _) = PRIMED
+        .1
+        .wait_timeout_while(primed, PRIMING_WAIT, |primed| !*primed)
+        .unwrap_or_else(PoisonError::into_inner);
+    if !*primed {
+        tracing::warn!(
+            "the allocator was not primed before the system-call filters (a bug in godwit: please report it): a thread that frees much may be stopped by its filter"
+        );
     }
 }
 
 /// Marks the allocator primed when dropped, so that a priming thread that
 /// panicked does not leave every thread waiting for its filter.
-struct PrimedOnDrop;
+struct MarkPrimedOnDrop;
 
-impl Drop for PrimedOnDrop {
+impl Drop for MarkPrimedOnDrop {
     fn drop(&mut self) {
         set_primed();
     }
@@ -146,22 +153,13 @@ thread_local! {
     static THREAD_KIND: Cell<&'static str> = const { Cell::new("") };
 }
 
-/// Who primes the allocator (see [`prime_allocator_here`]) before the
-/// first filter that forbids reading files is applied.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Priming {
-    /// A thread [`init`] starts for it.
-    OwnThread,
-    /// A thread of the caller's that starts before any filter and calls
-    /// [`prime_allocator_here`] (or [`start_priming`] when it cannot
-    /// start): `godwit run`'s VM-creating thread, which saves starting one
-    /// more.
-    Caller,
-}
-
 /// Chooses the filters for `mode` (`Off`: none) and sets the hook the
-/// device threads call. Call once, before any thread starts.
-pub fn init(mode: SeccompMode, priming: Priming) -> Result<(), SeccompError> {
+/// device threads call. Call once, before any thread starts. The caller
+/// then has the allocator primed before the first filter that forbids
+/// reading files is applied: on the first thread it starts
+/// ([`PrimeWhenDropped`], `godwit run`'s VM-creating thread) or with
+/// [`prime_allocator_on_a_thread`].
+pub fn init(mode: SeccompMode) -> Result<(), SeccompError> {
     if mode == SeccompMode::Off {
         return Ok(());
     }
@@ -171,24 +169,21 @@ pub fn init(mode: SeccompMode, priming: Priming) -> Result<(), SeccompError> {
         log: mode == SeccompMode::Log,
         selftest,
     });
-    if priming == Priming::OwnThread {
-        start_priming();
-    }
     thread_hook::set_hook(device_thread_started);
     Ok(())
 }
 
 /// Has glibc's allocator read `/proc/sys/vm/overcommit_memory` now, while
-/// no filter is installed. It reads it once, the first time a thread's
-/// arena gives memory back (`shrink_heap`), which may happen on any thread
-/// that frees much: a datapath thread ending after a reset or at quit frees
-/// its buffers. The calling thread (any but the main one, whose arena
-/// never shrinks this way; and before any filter) fills its own arena with
-/// blocks below the mmap threshold and frees them, so that the top of its
-/// heap crosses the trim threshold and the file is read (and the answer
-/// kept) here.
-pub fn prime_allocator_here() {
-    let _primed = PrimedOnDrop;
+/// the calling thread may still read files. glibc reads it once, the first
+/// time a thread's arena gives memory back (`shrink_heap`), which may
+/// happen on any thread that frees much: a datapath thread ending after a
+/// reset or at quit frees its buffers, and its filter forbids opening
+/// files. The calling thread (any but the main one, whose arena never
+/// shrinks this way) fills its own arena with blocks below the mmap
+/// threshold and frees them, so that the top of its heap crosses the trim
+/// threshold and the file is read (and the answer kept) here.
+fn prime_allocator_here() {
+    let _primed = MarkPrimedOnDrop;
     // Below the mmap threshold (128 KiB) each block comes from the arena;
     // left unwritten, only their chunk headers' pages are touched (each
     // page first touched costs a fault, which was most of the priming).
@@ -215,15 +210,19 @@ impl Drop for PrimeWhenDropped {
 const PRIME_BLOCKS: usize = 16;
 const PRIME_BLOCK: usize = 96 << 10;
 
-/// Primes the allocator on a thread of its own; [`install`] waits for the
-/// priming before it applies a filter that forbids reading files.
-pub fn start_priming() {
-    let spawned = std::thread::Builder::new()
+/// Primes the allocator on a thread of its own and waits for it: nothing
+/// runs unconfined once the caller goes on to read its input.
+pub fn prime_allocator_on_a_thread() {
+    if FILTERS.get().is_none() {
+        return;
+    }
+    let primed = std::thread::Builder::new()
         .name("alloc-prime".into())
-        .spawn(prime_allocator_here);
-    if spawned.is_err() {
+        .spawn(prime_allocator_here)
+        .map(|t| t.join().is_ok());
+    if !matches!(primed, Ok(true)) {
         tracing::warn!(
-            "could not start a thread to prime the allocator before the system-call filters; a thread that frees much may be stopped by its filter"
+            "could not prime the allocator before the system-call filters; a thread that frees much may be stopped by its filter"
         );
         set_primed();
     }
@@ -406,6 +405,14 @@ mod tests {
                 kind.name()
             );
         }
+    }
+
+    /// The VM-creating thread primes the allocator itself, under its own
+    /// filter: that filter must let it read files, and so not wait for the
+    /// priming.
+    #[test]
+    fn the_vm_creating_thread_may_read_files() {
+        assert!(precompiled::opens_files(ThreadKind::VmCreate));
     }
 
     #[test]

@@ -42,9 +42,9 @@ pub enum VmError {
         what: &'static str,
         source: kvm_ioctls::Error,
     },
-    #[error("the thread that reads KVM's supported CPUID and creates the PIT panicked")]
+    #[error("the thread that reads KVM's supported CPUID and creates the PIT panicked (a bug in godwit: please report it with the output of GODWIT_LOG=debug)")]
     HelperPanicked,
-    #[error("the thread that creates the VM panicked")]
+    #[error("the thread that creates the VM panicked (a bug in godwit: please report it with the output of GODWIT_LOG=debug)")]
     CreatorPanicked,
 }
 
@@ -241,8 +241,8 @@ impl Vm {
 
 /// KVM's supported CPUID (see [`Vm::supported_cpuid`]), then the PIT once
 /// the irqchip exists (see [`Vm::create_pit`]), on a helper thread while a
-/// boot or a restore sets up guest memory and the irqchip and goes on with
-/// its devices. Joined before the first vCPU is created. Where no thread can
+/// restore sets up guest memory and the irqchip and goes on with its
+/// devices (a boot has all of it done by its VM-creating thread). Joined before the first vCPU is created. Where no thread can
 /// be started, the same work happens on the caller's thread.
 pub struct CpuidAndPit<'scope> {
     vm: &'scope Vm,
