@@ -152,7 +152,6 @@ fn a_forbidden_call_stops_godwit_naming_the_thread_and_the_call() {
         ("console", "console", false),
         ("serial-stdin", "serial-stdin", false),
         ("main", "main", false),
-        ("vm-create", "vm-create", false),
         ("main-loop", "main", false),
         ("signals", "signals", false),
         ("api-accept", "api-accept", false),

@@ -6,14 +6,14 @@
 //! the kernel. Meanwhile the main thread starts the signal thread and
 //! installs its system-call filter (0.3 ms of kernel time on its own), so a
 //! start no longer does the two one after the other. The thread works only
-//! from the command line and reads no snapshot, stream or peer; it starts
-//! before the main thread's filter and may still run while the main thread
-//! reads those, so it installs a filter of its own first
-//! (`ThreadKind::VmCreate`). It also primes the allocator for the filters
-//! (`seccomp::PrimeWhenDropped`). It is started after the termination
-//! signals were blocked, so it never takes one.
+//! from the command line and reads no snapshot, stream or peer, so it runs
+//! without a filter, like the allocator priming it also does
+//! (`seccomp::PrimeWhenDropped`); [`Early::join`] waits until it has ended,
+//! and every start joins it before it reads any such input: no unconfined
+//! thread is alive by then. It is started after the termination signals
+//! were blocked, so it never takes one.
 
-use std::sync::mpsc;
+use std::thread::JoinHandle;
 
 use super::BuildError;
 use crate::seccomp;
@@ -28,9 +28,7 @@ pub struct Early<T> {
 }
 
 enum State<T> {
-    /// The thread sends its outcome, then primes the allocator: the caller
-    /// does not wait for that.
-    Running(mpsc::Receiver<Result<T, BuildError>>),
+    Running(JoinHandle<Result<T, BuildError>>),
     /// No thread could be started: the work happens at `join`.
     Deferred(Job<T>),
 }
@@ -43,18 +41,16 @@ impl<T: Send + 'static> Early<T> {
         F: FnOnce() -> Result<T, BuildError> + Clone + Send + 'static,
     {
         let thread_job = job.clone();
-        let (tx, rx) = mpsc::sync_channel(1);
         let state = match std::thread::Builder::new()
             .name("vm-create".into())
             .spawn(move || {
-                seccomp::install_or_exit(seccomp::ThreadKind::VmCreate);
                 // The first thread started, so it primes the allocator too
-                // (saving a thread of its own for that), once its outcome is
-                // sent, or while it unwinds from a panic.
+                // (saving a thread of its own for that), once its job is done
+                // or while it unwinds from a panic.
                 let _prime = seccomp::PrimeWhenDropped;
-                let _ = tx.send(thread_job());
+                thread_job()
             }) {
-            Ok(_) => State::Running(rx),
+            Ok(handle) => State::Running(handle),
             Err(e) => {
                 tracing::debug!("no thread for creating the VM ({e}): it is created in turn");
                 seccomp::prime_allocator_on_a_thread();
@@ -64,12 +60,12 @@ impl<T: Send + 'static> Early<T> {
         Early { state }
     }
 
-    /// Waits for the work and returns what it made.
+    /// Waits for the work, and for its thread to end, and returns what it
+    /// made.
     pub fn join(self) -> Result<T, BuildError> {
         match self.state {
-            // Nothing sent: the job panicked.
-            State::Running(outcome) => outcome
-                .recv()
+            State::Running(handle) => handle
+                .join()
                 .map_err(|_| BuildError::from(VmError::CreatorPanicked))?,
             State::Deferred(job) => job(),
         }

@@ -128,14 +128,15 @@ pub fn incoming(
     tls_dir: Option<&std::path::Path>,
     early: early::Early<Vm>,
 ) -> Result<Machine, IncomingError> {
-    // `early` ([`early::bare_vm`] with the CPUID) creates the VM while no
-    // source has connected yet: KVM_CREATE_VM and KVM's supported CPUID
+    // `early` ([`early::bare_vm`] with the CPUID) has created the VM while
+    // the main thread set up: KVM_CREATE_VM and KVM's supported CPUID
     // (about a millisecond here) then take no part in the migration's
-    // set-up.
+    // set-up. Its thread has no filter, so it is joined before a source
+    // can connect.
+    let created = early.join();
     let (mut conn, listener) = accept(uri, tls_dir)?;
     conn.set_timeout(Some(main_stream_timeout()));
-    match early
-        .join()
+    match created
         .map_err(IncomingError::from)
         .and_then(|vm| receive(config, &mut conn, listener.as_ref(), vm))
     {

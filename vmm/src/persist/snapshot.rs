@@ -767,10 +767,10 @@ pub(crate) fn machine_from_saved(
 }
 
 /// `godwit run --restore DIR`: every check first, then the VM, paused.
-/// `early` ([`early::bare_vm`]) creates the VM while the state file is read
-/// and parsed, as Firecracker does (the supported CPUID is asked on another
-/// thread while memory is set up); nothing of the snapshot reaches it
-/// before every check below.
+/// `early` ([`early::bare_vm`]) has created the VM while the main thread
+/// installed its filter; it is joined before the state file is read (its
+/// thread has no filter). The supported CPUID is asked on another thread
+/// while memory is set up.
 pub fn restore(
     config: &VmConfig,
     dir: &Path,
@@ -778,15 +778,14 @@ pub fn restore(
 ) -> Result<Machine, RestoreError> {
     let state_path = dir.join(STATE_FILE);
     let started = Instant::now();
-    let parsed = Container::read_file(&state_path, KNOWN_SECTIONS)
-        .map_err(|source| RestoreError::Format {
+    let vm = early.join()?;
+    let container = Container::read_file(&state_path, KNOWN_SECTIONS).map_err(|source| {
+        RestoreError::Format {
             path: state_path.clone(),
             source,
-        })
-        .and_then(|container| read_saved(&container, &state_path));
-    let created = early.join();
-    let saved = parsed?;
-    let vm = created?;
+        }
+    })?;
+    let saved = read_saved(&container, &state_path)?;
     let mem_info = saved
         .memory
         .clone()

@@ -473,16 +473,6 @@ fn rules_of(kind: ThreadKind) -> Rules {
                 TUNSETQUEUE,
             ])
             .spawner(&[]),
-        // Opens /dev/kvm, creates the VM and guest RAM (a memfd), asks KVM
-        // for its capabilities, reads the memory limits it checks against,
-        // and primes the allocator (glibc reads a file under /proc).
-        ThreadKind::VmCreate => base().with(&descriptors()).with(&files()).allow(&[
-            SYS_ioctl,
-            SYS_sched_getaffinity,
-            SYS_prlimit64,
-            SYS_getrlimit,
-            SYS_sysinfo,
-        ]),
         // An incoming migration runs here: with multifd its channel set-up
         // and receiver threads (one per channel) run under this filter too; accepting
         // the channels needs accept4 (listening()), a non-blocking

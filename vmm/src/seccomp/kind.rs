@@ -24,13 +24,10 @@ pub enum ThreadKind {
     Signals,
     /// `godwit net-backend` (the vhost-user daemon's threads inherit it).
     NetBackend,
-    /// `godwit run`'s thread that creates the VM from the command line
-    /// while the main thread sets up (`machine::early`).
-    VmCreate,
 }
 
 impl ThreadKind {
-    pub const ALL: [ThreadKind; 16] = [
+    pub const ALL: [ThreadKind; 15] = [
         ThreadKind::Main,
         ThreadKind::MainLoop,
         ThreadKind::Vcpu,
@@ -46,7 +43,6 @@ impl ThreadKind {
         ThreadKind::MigrationSource,
         ThreadKind::Signals,
         ThreadKind::NetBackend,
-        ThreadKind::VmCreate,
     ];
 
     /// The name the SIGSYS message and the test hook use.
@@ -67,7 +63,6 @@ impl ThreadKind {
             ThreadKind::MigrationSource => "migration-source",
             ThreadKind::Signals => "signals",
             ThreadKind::NetBackend => "net-backend",
-            ThreadKind::VmCreate => "vm-create",
         }
     }
 }

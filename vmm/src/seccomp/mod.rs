@@ -407,14 +407,6 @@ mod tests {
         }
     }
 
-    /// The VM-creating thread primes the allocator itself, under its own
-    /// filter: that filter must let it read files, and so not wait for the
-    /// priming.
-    #[test]
-    fn the_vm_creating_thread_may_read_files() {
-        assert!(precompiled::opens_files(ThreadKind::VmCreate));
-    }
-
     #[test]
     fn the_message_buffer_formats_numbers_and_stops_at_its_end() {
         let mut m = Message {
