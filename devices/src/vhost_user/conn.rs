@@ -539,10 +539,13 @@ impl Connection {
     }
 
     /// Asks the backend to broadcast a RARP for `mac` (protocol RARP).
+    /// Without asking for an acknowledgement, as QEMU sends it: the guest
+    /// announcement it serves is best effort and repeated, and waiting would
+    /// let a backend that stalls hold the caller for the socket timeout.
     pub fn send_rarp(&mut self, mac: [u8; 6]) -> Result<()> {
         let mut p = [0u8; 8];
         p[..6].copy_from_slice(&mac);
-        self.request_ack(FrontendReq::SEND_RARP, &p, &[])
+        self.send(FrontendReq::SEND_RARP, &p, &[], false)
     }
 
     /// Tells the backend the guest's MTU (protocol MTU).
@@ -664,6 +667,28 @@ mod tests {
         m.extend_from_slice(&(payload.len() as u32).to_le_bytes());
         m.extend_from_slice(payload);
         b.write_all(&m).unwrap();
+    }
+
+    /// SEND_RARP asks for no reply even with REPLY_ACK negotiated, as QEMU
+    /// sends it: a backend that never answers it cannot hold the caller
+    /// (the main loop's announcement rounds, and a `quit` behind them) for
+    /// the socket timeout.
+    #[test]
+    fn send_rarp_does_not_wait_for_an_acknowledgement() {
+        let (mut c, mut b) = pair();
+        c.set_reply_ack(true);
+        let mac = [0x52, 0x54, 0, 0x12, 0x34, 0x56];
+        let started = Instant::now();
+        c.send_rarp(mac).expect("SEND_RARP to a silent backend");
+        assert!(
+            started.elapsed() < Duration::from_millis(500),
+            "waited {:?} for a backend that never answers",
+            started.elapsed()
+        );
+        let (code, flags, p) = read_request(&mut b);
+        assert_eq!(code, u32::from(FrontendReq::SEND_RARP));
+        assert_eq!(flags & FLAG_NEED_REPLY, 0, "flags {flags:#x}");
+        assert_eq!(&p[..6], &mac);
     }
 
     #[test]
