@@ -145,9 +145,10 @@ pub fn execute(args: RunArgs) -> Result<u8, super::Error> {
     // Timestamps for start-up profiling (GODWIT_LOG=debug): process start
     // to vCPUs released is measured against the floor in `godwit-bench boot`.
     tracing::debug!("run: command line parsed");
-    // The VM is created meanwhile, on a thread of its own (under its own
-    // filter) that starts first, so that it finds a core sooner, with the
-    // termination signals already blocked; it primes the allocator too.
+    // The VM is created meanwhile, on a thread of its own that starts
+    // first, so that it finds a core sooner, with the termination signals
+    // already blocked; it primes the allocator too, and has ended before
+    // `start` reads any input (it has no filter: see `machine::early`).
     crate::signals::block_termination().map_err(RunError::Signals)?;
     seccomp::init(args.seccomp).map_err(RunError::from)?;
     let prepared = prepare(&config, &from).map_err(RunError::from)?;
