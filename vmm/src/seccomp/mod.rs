@@ -12,10 +12,11 @@
 //! Filters stack: a thread is born with its parent's, so the list of a
 //! thread that starts others includes theirs (see `filters.rs`).
 //!
-//! Two short threads run before any filter and end on their own: `godwit
-//! run`'s VM-creating thread (`machine::early`), which works only from the
-//! command line, and the allocator's priming ([`prime_allocator_here`]),
-//! which that thread does too when there is one.
+//! Two short threads run without a filter and have ended before godwit
+//! reads any input (their starters join them first): `godwit run`'s
+//! VM-creating thread (`machine::early`), which works only from the command
+//! line, and the allocator's priming ([`prime_allocator_here`]), which that
+//! thread does too when there is one.
 //!
 //! Test hook: `GODWIT_SECCOMP_SELFTEST=KIND` (a [`ThreadKind::name`]) makes
 //! the first thread of that kind make a forbidden call right after its

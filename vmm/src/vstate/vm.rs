@@ -119,8 +119,8 @@ impl Vm {
     }
 
     /// The first half of [`Vm::new`], which needs no guest memory yet (a
-    /// restore does it while it reads the snapshot): the VM, its TSS and
-    /// identity-map addresses.
+    /// restore or an incoming migration does it before it knows the memory
+    /// size): the VM, its TSS and identity-map addresses.
     pub fn create(kvm: Kvm) -> Result<Self, VmError> {
         let fd = kvm.create_vm().map_err(kvm_err("creating a VM"))?;
         fd.set_tss_address(KVM_TSS_ADDR as usize)
